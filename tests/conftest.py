@@ -1,0 +1,32 @@
+"""Shared test fixtures: the location of ../shared and small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("DINOBLOOM_SHARED", REPO_ROOT.parent / "shared"))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (set DINOBLOOM_SHARED to the shared/ folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def conformance_dir() -> Path:
+    """The reference DINOv2 / DinoBloom outputs in ../shared/conformance."""
+    return _require(SHARED_DIR / "conformance", "conformance fixtures")
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The real labelled blood-cell images in ../shared/data."""
+    return _require(SHARED_DIR / "data", "real blood-cell images")
