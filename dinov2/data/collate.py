@@ -1,0 +1,92 @@
+"""Batch collation for self-supervised training: stack the crops and draw the iBOT patch masks."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from dinov2.data.masking import MaskingGenerator, RandomSource
+
+__all__ = ["collate_data_and_cast"]
+
+
+def _stack_crops(samples_list: Sequence[Any], key: str) -> torch.Tensor | None:
+    """Stack crop ``i`` of every sample, crop-major: [crop0 of all images, crop1 of all images, ...]."""
+    per_sample: list[Sequence[torch.Tensor]] = []
+    for index, sample in enumerate(samples_list):
+        crops_dict = sample[0]
+        if not isinstance(crops_dict, Mapping) or key not in crops_dict:
+            raise KeyError(f"collate: sample {index} has no '{key}' entry in its crops dict")
+        per_sample.append(crops_dict[key])
+    n_crops = len(per_sample[0])
+    if any(len(crops) != n_crops for crops in per_sample):
+        raise ValueError(f"collate: samples have different numbers of '{key}': {[len(c) for c in per_sample]}")
+    if n_crops == 0:
+        return None
+    return torch.stack([crops[i] for i in range(n_crops) for crops in per_sample])
+
+
+def collate_data_and_cast(
+    samples_list: Sequence[Any],
+    mask_ratio_tuple: tuple[float, float],
+    mask_probability: float,
+    dtype: torch.dtype,
+    n_tokens: int | None = None,
+    mask_generator: MaskingGenerator | None = None,
+    rng: random.Random | None = None,
+) -> dict[str, Any]:
+    """Collate ``(crops_dict, target)`` samples into a training batch with iBOT masks for the global crops.
+
+    A fraction ``mask_probability`` of the global crops gets masks whose ratios are spread over
+    ``mask_ratio_tuple`` (evenly spaced bins, one per masked crop, each ratio drawn uniformly within its bin),
+    the others get none; the list is then shuffled. Random numbers come from the module-level ``random``
+    unless ``rng`` is given. ``collated_local_crops`` is None when the samples carry no local crops.
+    """
+    if not samples_list:
+        raise ValueError("collate: empty samples_list")
+    if mask_generator is None:
+        raise ValueError("collate: a MaskingGenerator is required (mask_generator=None)")
+    grid_tokens = mask_generator.num_patches
+    if n_tokens is None:
+        n_tokens = grid_tokens
+    if n_tokens != grid_tokens:
+        raise ValueError(f"collate: n_tokens={n_tokens} but the mask generator's grid has {grid_tokens} patches")
+    source: RandomSource = random if rng is None else rng
+
+    collated_global_crops = _stack_crops(samples_list, "global_crops")
+    if collated_global_crops is None:
+        raise ValueError("collate: samples have no global crops")
+    collated_local_crops = _stack_crops(samples_list, "local_crops")
+
+    n_crops = collated_global_crops.shape[0]
+    n_masked_crops = int(n_crops * mask_probability)
+    # Float32 bin edges and float32 ratio arithmetic reproduce the reference masks and upper bound exactly.
+    edges = torch.linspace(mask_ratio_tuple[0], mask_ratio_tuple[1], n_masked_crops + 1)
+    masks: list[np.ndarray] = []
+    upperbound = 0
+    for i in range(n_masked_crops):
+        low, high = edges[i], edges[i + 1]
+        ratio = low + (high - low) * source.random()
+        masks.append(mask_generator(int(n_tokens * ratio), rng=rng))
+        upperbound += int(n_tokens * high)
+    masks.extend(mask_generator(0, rng=rng) for _ in range(n_masked_crops, n_crops))
+    source.shuffle(masks)
+
+    collated_masks = torch.from_numpy(np.stack(masks)).flatten(1)
+    mask_indices_list = collated_masks.flatten().nonzero().flatten()
+    per_crop_weight = 1.0 / collated_masks.sum(dim=-1, dtype=torch.float32).clamp(min=1.0)
+    masks_weight = per_crop_weight.unsqueeze(-1).expand_as(collated_masks)[collated_masks]
+
+    return {
+        "collated_global_crops": collated_global_crops.to(dtype),
+        "collated_local_crops": None if collated_local_crops is None else collated_local_crops.to(dtype),
+        "collated_masks": collated_masks,
+        "mask_indices_list": mask_indices_list,
+        "masks_weight": masks_weight,
+        "upperbound": upperbound,
+        "n_masked_patches": torch.tensor([mask_indices_list.shape[0]], dtype=torch.long),
+    }

@@ -1,0 +1,153 @@
+"""DINO loss on the class token: teacher centering (EMA softmax or Sinkhorn-Knopp) and cross-entropy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DINOLoss", "dino_loss_term_scales", "sinkhorn_knopp"]
+
+
+def _dist_ready() -> bool:
+    """True when a process group exists, so collectives may be called."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half precision to float32; float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _world_size() -> int:
+    """Number of processes taking part in the collectives (1 without a process group)."""
+    return dist.get_world_size() if _dist_ready() else 1
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    teacher_output: torch.Tensor,
+    teacher_temp: float,
+    n_samples: int | torch.Tensor,
+    n_iterations: int = 3,
+) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher targets: (B, K) logits -> (B, K) probabilities whose rows sum to 1.
+
+    ``n_samples`` is the number of rows over all processes; per-prototype sums are all-reduced when a
+    process group is initialised. Each prototype's maximum logit (over all processes) is subtracted before
+    ``exp``. The first per-prototype normalisation cancels that factor, and the reference's initial division
+    by the total sum too, so the result equals the reference ``exp(t / T)`` version up to rounding (2e-8 on
+    the conformance fixture), but it cannot overflow, nor turn a prototype into 0/0, for large ``t / T``.
+    """
+    if n_iterations < 1:
+        raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
+    logits = _at_least_float32(teacher_output) / teacher_temp
+    if logits.shape[0] > 0:
+        shift = logits.max(dim=0, keepdim=True).values
+    else:  # an empty shard (no masked patch on this rank) contributes -inf to the all-reduced maximum
+        shift = logits.new_full((1, logits.shape[1]), float("-inf"))
+    if _dist_ready():
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    q = torch.exp(logits - shift).t()  # (K, B): prototypes x samples
+    n_prototypes = q.shape[0]
+    for _ in range(n_iterations):
+        # each prototype gets total mass 1/K, then each sample total mass 1/B
+        row_sums = q.sum(dim=1, keepdim=True)
+        if _dist_ready():
+            dist.all_reduce(row_sums)
+        q /= row_sums
+        q /= n_prototypes
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n_samples
+    q *= n_samples
+    return q.t()
+
+
+def dino_loss_term_scales(n_global_crops: int, n_local_crops: int) -> tuple[float, float]:
+    """Factors the trainer applies to the raw DINO losses: ``(global_scale, local_scale)``.
+
+    The global crops are processed together, so their raw loss (one student/teacher pair over
+    ``2 * B`` rows) is multiplied by 2; both terms are divided by the number of crop pairs,
+    ``n_global_terms + n_local_terms`` with ``n_global_terms = 2`` and
+    ``n_local_terms = max(2 * n_local_crops, 1)``. As in DinoBloom, a local term exists only for
+    ``n_local_crops > 1`` (``local_crops_number: 1`` means "no local crops"); ``local_scale`` is then 0.0,
+    yet the pair count still includes the phantom local crop, giving a global factor of 2 / 4.
+    """
+    if n_global_crops != 2:
+        raise ValueError(f"the DINO loss is defined for exactly 2 global crops, got n_global_crops={n_global_crops}")
+    if n_local_crops < 0:
+        raise ValueError(f"n_local_crops must be >= 0, got {n_local_crops}")
+    n_global_terms = (n_global_crops - 1) * n_global_crops
+    n_local_terms = max(n_local_crops * n_global_crops, 1)
+    n_terms = n_global_terms + n_local_terms
+    global_scale = n_global_crops / n_terms
+    local_scale = 1.0 / n_terms if n_local_crops > 1 else 0.0
+    return global_scale, local_scale
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the sharpened, centred teacher distribution and the student on class tokens."""
+
+    center: torch.Tensor
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self._pending_sum: torch.Tensor | None = None
+        self._pending_count = 0
+        self._pending_handle: dist.Work | None = None
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Apply any queued center update, then return ``softmax((t - center) / teacher_temp)``."""
+        self.apply_center_update()
+        return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(
+        self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+    ) -> torch.Tensor:
+        """Sinkhorn-Knopp targets for (B, K) teacher logits; B is counted over all processes."""
+        n_samples = teacher_output.shape[0] * _world_size()
+        return sinkhorn_knopp(teacher_output, teacher_temp, n_samples, n_iterations)
+
+    def forward(
+        self,
+        student_output_list: Iterable[torch.Tensor],
+        teacher_out_softmaxed_centered_list: Iterable[torch.Tensor],
+    ) -> torch.Tensor:
+        """Sum over all (student, teacher) pairs of the row-averaged cross-entropy ``-sum_k t log softmax(s/T)``."""
+        teachers = list(teacher_out_softmaxed_centered_list)
+        total: torch.Tensor | None = None
+        for student in student_output_list:
+            log_probs = F.log_softmax(student / self.student_temp, dim=-1)
+            for teacher in teachers:
+                term = torch.sum(teacher * log_probs, dim=-1).mean()
+                total = -term if total is None else total - term
+        if total is None:
+            raise ValueError("DINOLoss.forward needs at least one student and one teacher tensor")
+        return total
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """Queue a center update with the batch mean of ``teacher_output`` (all-reduced asynchronously)."""
+        self._pending_sum = _at_least_float32(teacher_output).sum(dim=0, keepdim=True)
+        self._pending_count = teacher_output.shape[0]
+        self._pending_handle = dist.all_reduce(self._pending_sum, async_op=True) if _dist_ready() else None
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        """Fold the queued batch mean into the center: ``center = m * center + (1 - m) * mean``."""
+        if self._pending_sum is None:
+            return
+        if self._pending_handle is not None:
+            self._pending_handle.wait()
+        batch_mean = self._pending_sum / (self._pending_count * _world_size())
+        self.center.copy_(self.center * self.center_momentum + batch_mean * (1 - self.center_momentum))
+        self._pending_sum = None
+        self._pending_handle = None
