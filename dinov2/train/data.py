@@ -1,0 +1,121 @@
+"""The training input pipeline: dataset, multi-crop augmentation, seeded masks and the resumable loader."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from dinov2.data.augmentations import DataAugmentationDINO
+from dinov2.data.collate import collate_data_and_cast
+from dinov2.data.datasets import FileListDataset, make_dataset
+from dinov2.data.loaders import make_data_loader
+from dinov2.data.masking import MaskingGenerator
+from dinov2.data.samplers import InfiniteSampler, SampleKey, derive_seed
+
+logger = logging.getLogger(__name__)
+
+
+def effective_local_crops(cfg: DictConfig) -> int:
+    """Local crops that are drawn and enter the loss.
+
+    DinoBloom's release set ``crops.local_crops_number: 1`` and only computed the local DINO term for more
+    than one local crop, so its single local crop never reached the loss: here 0 and 1 both mean no local
+    crops (1 keeps DinoBloom's normalisation of the global term, see ``dino_loss_term_scales``).
+    """
+    n = int(cfg.crops.local_crops_number)
+    return n if n > 1 else 0
+
+
+class KeyedSamples(Dataset):
+    """Pass the sampler's key through with each sample, so the collate can seed the batch's masks."""
+
+    def __init__(self, dataset: FileListDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: SampleKey) -> tuple[Any, SampleKey]:
+        return self.dataset[key], key
+
+
+@dataclass
+class TrainCollate:
+    """Drop unreadable images, stack the crops and draw the iBOT masks from a per-batch seed."""
+
+    mask_generator: MaskingGenerator
+    mask_ratio_tuple: tuple[float, float]
+    mask_probability: float
+    seed: int
+
+    def __call__(self, items: list[tuple[Any, SampleKey]]) -> dict[str, Any]:
+        samples = [sample for sample, _ in items if sample is not None]
+        if not samples:
+            raise RuntimeError(f"all {len(items)} images of a batch are unreadable; see the warnings above")
+        first = items[0][1]
+        # The batch's first draw is unique within a run, so the masks depend only on (seed, batch).
+        rng = random.Random(derive_seed(self.seed, first.index, first.epoch))
+        batch = collate_data_and_cast(
+            samples,
+            mask_ratio_tuple=self.mask_ratio_tuple,
+            mask_probability=self.mask_probability,
+            dtype=torch.float32,
+            mask_generator=self.mask_generator,
+            rng=rng,
+        )
+        batch["n_images"] = len(items)
+        batch["n_bad_images"] = len(items) - len(samples)
+        return batch
+
+
+def build_train_dataset(cfg: DictConfig) -> FileListDataset:
+    """The training images of ``train.dataset_path`` with the configured multi-crop augmentation.
+
+    Raises before any model is built when the path is missing, a list is empty or no image is found.
+    """
+    if not cfg.train.dataset_path:
+        raise ValueError("train.dataset_path is empty: name a folder of .txt image lists (or one .txt list)")
+    augmentation = DataAugmentationDINO(
+        global_crops_scale=tuple(cfg.crops.global_crops_scale),
+        local_crops_scale=tuple(cfg.crops.local_crops_scale),
+        local_crops_number=effective_local_crops(cfg),
+        global_crops_size=cfg.crops.global_crops_size,
+        local_crops_size=cfg.crops.local_crops_size,
+        hematology=cfg.train.augmentation == "hematology",
+    )
+    return make_dataset(str(cfg.train.dataset_path), transform=augmentation, seed=cfg.train.seed)
+
+
+def build_train_loader(
+    cfg: DictConfig, dataset: FileListDataset, *, start: int, rank: int, world_size: int
+) -> tuple[DataLoader, InfiniteSampler]:
+    """An endless loader for this rank that starts at global draw ``start`` (a resumed run's position)."""
+    patch = int(cfg.student.patch_size)
+    grid = cfg.crops.global_crops_size // patch
+    batch_size = int(cfg.train.batch_size_per_gpu)
+    sampler = InfiniteSampler(
+        len(dataset), shuffle=True, seed=cfg.train.seed, start=start, rank=rank, world_size=world_size,
+        batch_size=batch_size,
+    )
+    collate = TrainCollate(
+        mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid),
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=float(cfg.ibot.mask_sample_probability),
+        seed=int(cfg.train.seed),
+    )
+    loader = make_data_loader(
+        KeyedSamples(dataset),
+        batch_size=batch_size,
+        num_workers=int(cfg.train.num_workers),
+        sampler=sampler,
+        collate_fn=collate,
+        seed=derive_seed(cfg.train.seed, rank),
+        skip_bad_samples=False,
+    )
+    return loader, sampler

@@ -1,0 +1,107 @@
+"""A 20-NN score of the teacher on a labelled image folder, at initialisation and at the end of training."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from dinov2.distributed import is_main_process
+from dinov2.eval.extract_features import ImageList, embed_images, list_images
+from dinov2.eval.knn import knn_probabilities
+from dinov2.eval.protocol import run_protocol
+
+logger = logging.getLogger(__name__)
+
+K = 20
+
+
+def stratified_subset(image_list: ImageList, max_images: int, seed: int = 0) -> ImageList:
+    """At most ``max_images`` images, the same share of each class, drawn reproducibly."""
+    if max_images <= 0 or len(image_list.paths) <= max_images:
+        return image_list
+    labels = np.asarray(image_list.labels)
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    share = max_images / labels.size
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = max(int(round(share * members.size)), min(members.size, 5))
+        keep.extend(rng.choice(members, size=n, replace=False).tolist())
+    keep.sort()
+    return replace(
+        image_list, paths=[image_list.paths[i] for i in keep], labels=[image_list.labels[i] for i in keep]
+    )
+
+
+@dataclass
+class KnnMonitor:
+    """Scores a backbone with 20-NN (Euclidean, uniform votes) under 5-fold stratified cross-validation."""
+
+    images: ImageList
+    img_size: int
+    device: torch.device
+    output_file: Path
+    scores: list[dict[str, float | int | str]] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, output_dir: Path, device: torch.device) -> KnnMonitor | None:
+        """The monitor of ``evaluation.knn_data``, or None when no labelled set is configured."""
+        if not cfg.evaluation.knn_data:
+            return None
+        images = list_images(cfg.evaluation.knn_data)
+        if any(label < 0 for label in images.labels) or len(images.class_names) < 2:
+            raise ValueError(
+                f"evaluation.knn_data={cfg.evaluation.knn_data} must be a folder with one sub-folder per class "
+                f"(found classes {images.class_names})"
+            )
+        images = stratified_subset(images, int(cfg.evaluation.knn_max_images), seed=int(cfg.train.seed))
+        logger.info("kNN monitor: %d images of %d classes from %s", len(images.paths), len(images.class_names), cfg.evaluation.knn_data)
+        output_file = output_dir / "knn_monitor.json"
+        earlier = json.loads(output_file.read_text()) if output_file.exists() else []  # a resumed run keeps them
+        return cls(images, int(cfg.crops.global_crops_size), device, output_file, earlier)
+
+    @torch.no_grad()
+    def evaluate(self, backbone: nn.Module, stage: str, iteration: int) -> float:
+        """Balanced accuracy of 20-NN on ``backbone``'s features; every rank must call it (sharded models)."""
+        was_training = backbone.training
+        features, kept = embed_images(backbone, self.images, batch_size=64, img_size=self.img_size, device=self.device)
+        backbone.train(was_training)
+        labels = np.asarray(self.images.labels)[kept]
+        k = min(K, labels.size * 4 // 5)  # k may not exceed a training fold
+
+        def predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+            return {f"knn_{k}": knn_probabilities(train_x, train_y, test_x, ks=(k,), num_classes=n_classes)[k]}
+
+        result = run_protocol(features, labels, self.images.class_names, predict).results[f"knn_{k}"]
+        record = {
+            "stage": stage,
+            "iteration": iteration,
+            "k": k,
+            "balanced_accuracy": result["balanced_accuracy"]["mean"],
+            "accuracy": result["accuracy"]["mean"],
+            "weighted_f1": result["weighted_f1"]["mean"],
+        }
+        self.scores.append(record)
+        if is_main_process():
+            logger.info(
+                "%d-NN on %d images (%s, iteration %d): balanced accuracy %.4f, accuracy %.4f, weighted F1 %.4f",
+                k, len(kept), stage, iteration, record["balanced_accuracy"], record["accuracy"], record["weighted_f1"],
+            )
+            self.output_file.write_text(json.dumps(self.scores, indent=2) + "\n")
+        return float(record["balanced_accuracy"])
+
+    def log_summary(self) -> None:
+        """One line comparing the first and the last score."""
+        if len(self.scores) >= 2 and is_main_process():
+            first, last = self.scores[0], self.scores[-1]
+            logger.info(
+                "kNN balanced accuracy: %.4f (%s) -> %.4f (%s, iteration %d)",
+                first["balanced_accuracy"], first["stage"], last["balanced_accuracy"], last["stage"], last["iteration"],
+            )

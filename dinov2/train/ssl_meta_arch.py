@@ -1,0 +1,219 @@
+"""Student/teacher pair and the DINO + iBOT + KoLeo objective of one training step."""
+
+from __future__ import annotations
+
+import logging
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from dinov2.hub.loader import load_backbone_weights
+from dinov2.layers.dino_head import DINOHead
+from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinov2.loss.dino_clstoken_loss import dino_loss_term_scales
+from dinov2.configs import resolve_arch
+from dinov2.models import DinoVisionTransformer
+from dinov2.train.data import effective_local_crops
+
+logger = logging.getLogger(__name__)
+
+
+def build_backbone_from_cfg(cfg: DictConfig, *, teacher: bool) -> DinoVisionTransformer:
+    """Build the student or teacher ViT of the config (the teacher has no stochastic depth)."""
+    kwargs = dict(resolve_arch(cfg).kwargs)
+    if teacher:
+        kwargs["drop_path_rate"] = 0.0
+    return DinoVisionTransformer(**kwargs)
+
+
+class SSLMetaArch(nn.Module):
+    """DINOv2's self-distillation set-up: student and EMA teacher, each a backbone with heads."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        student = {"backbone": build_backbone_from_cfg(cfg, teacher=False)}
+        teacher = {"backbone": build_backbone_from_cfg(cfg, teacher=True)}
+        embed_dim = student["backbone"].embed_dim
+        self.embed_dim = embed_dim
+
+        self.do_dino = cfg.dino.loss_weight > 0
+        self.do_koleo = cfg.dino.koleo_loss_weight > 0
+        self.do_ibot = cfg.ibot.loss_weight > 0
+        self.ibot_separate_head = bool(cfg.ibot.separate_head)
+
+        def dino_head() -> DINOHead:
+            return DINOHead(
+                in_dim=embed_dim,
+                out_dim=cfg.dino.head_n_prototypes,
+                hidden_dim=cfg.dino.head_hidden_dim,
+                bottleneck_dim=cfg.dino.head_bottleneck_dim,
+                nlayers=cfg.dino.head_nlayers,
+            )
+
+        def ibot_head() -> DINOHead:
+            return DINOHead(
+                in_dim=embed_dim,
+                out_dim=cfg.ibot.head_n_prototypes,
+                hidden_dim=cfg.ibot.head_hidden_dim,
+                bottleneck_dim=cfg.ibot.head_bottleneck_dim,
+                nlayers=cfg.ibot.head_nlayers,
+            )
+
+        student["dino_head"], teacher["dino_head"] = dino_head(), dino_head()
+        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
+        if self.do_koleo:
+            self.koleo_loss = KoLeoLoss()
+        if self.do_ibot:
+            self.ibot_patch_loss = iBOTPatchLoss(
+                cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
+            )
+            if self.ibot_separate_head:
+                student["ibot_head"], teacher["ibot_head"] = ibot_head(), ibot_head()
+
+        self.student = nn.ModuleDict(student)
+        self.teacher = nn.ModuleDict(teacher)
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise the student (randomly, then from pretrained weights if given) and copy it to the teacher."""
+        self.student.backbone.init_weights()
+        for name in ("dino_head", "ibot_head"):
+            if name in self.student:
+                self.student[name].init_weights()
+        weights = self.cfg.student.pretrained_weights
+        if weights:
+            logger.info("Starting the backbone from %s", weights)
+            load_backbone_weights(self.student.backbone, weights)
+        self.teacher.load_state_dict(self.student.state_dict())
+
+    @torch.no_grad()
+    def _teacher_targets(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[Tensor, Tensor | None]:
+        """Teacher probabilities for the student's global CLS tokens and masked patch tokens."""
+        global_crops = batch["collated_global_crops"]
+        mask_indices = batch["mask_indices_list"]
+        out = self.teacher.backbone(global_crops, is_training=True)
+        cls_a, cls_b = out["x_norm_clstoken"].chunk(2)
+        # Swapped so that the teacher's view A is the target of the student's view B and vice versa.
+        cls_tokens = torch.cat((cls_b, cls_a))
+        patch_tokens = out["x_norm_patchtokens"].flatten(0, 1)
+
+        masked_patch_logits = None
+        if self.do_ibot:
+            masked_tokens = torch.index_select(patch_tokens, 0, mask_indices)
+            if self.ibot_separate_head:
+                cls_logits = self.teacher.dino_head(cls_tokens)
+                masked_patch_logits = self.teacher.ibot_head(masked_tokens)
+            else:
+                logits = self.teacher.dino_head(torch.cat((cls_tokens, masked_tokens)))
+                cls_logits, masked_patch_logits = logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0] :]
+        else:
+            cls_logits = self.teacher.dino_head(cls_tokens)
+
+        centering = self.cfg.train.centering
+        if centering == "centering":
+            cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp=teacher_temp)
+            self.dino_loss.update_center(cls_logits)
+            patch_probs = None
+            if self.do_ibot:
+                patch_probs = self.ibot_patch_loss.softmax_center_teacher(
+                    masked_patch_logits.unsqueeze(0), teacher_temp=teacher_temp
+                ).squeeze(0)
+                self.ibot_patch_loss.update_center(masked_patch_logits.unsqueeze(0))
+        elif centering == "sinkhorn_knopp":
+            cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp=teacher_temp)
+            patch_probs = None
+            if self.do_ibot:
+                patch_probs = self.ibot_patch_loss.sinkhorn_knopp_teacher(
+                    masked_patch_logits,
+                    teacher_temp=teacher_temp,
+                    n_masked_patches_tensor=batch["n_masked_patches"].clone(),
+                )
+        else:
+            raise ValueError(f"train.centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
+        return cls_probs, patch_probs
+
+    def forward_loss(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss of one step and its detached terms, as DINOv2/DinoBloom normalise them."""
+        n_local = effective_local_crops(self.cfg)
+        global_scale, local_scale = dino_loss_term_scales(2, int(self.cfg.crops.local_crops_number))
+        cls_probs, patch_probs = self._teacher_targets(batch, teacher_temp)
+
+        global_crops = batch["collated_global_crops"]
+        masks = batch["collated_masks"]
+        student_global = self.student.backbone(global_crops, masks=masks, is_training=True)
+        loss_terms: dict[str, Tensor] = {}
+        total = global_crops.new_zeros(())
+
+        cls_tokens = student_global["x_norm_clstoken"]
+        if self.do_ibot and not self.ibot_separate_head:
+            # One head call for CLS and masked patch tokens, as the shared-head recipe does.
+            masked = torch.index_select(
+                student_global["x_norm_patchtokens"].flatten(0, 1), 0, batch["mask_indices_list"]
+            )
+            logits = self.student.dino_head(torch.cat((cls_tokens, masked)))
+            cls_logits, masked_logits = logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0] :]
+        else:
+            cls_logits = self.student.dino_head(cls_tokens)
+            if self.do_ibot:
+                masked = torch.index_select(
+                    student_global["x_norm_patchtokens"].flatten(0, 1), 0, batch["mask_indices_list"]
+                )
+                masked_logits = self.student.ibot_head(masked)
+
+        if n_local > 0 and self.do_dino:
+            local_out = self.student.backbone(batch["collated_local_crops"], is_training=True)
+            local_logits = self.student.dino_head(local_out["x_norm_clstoken"])
+            local_loss = local_scale * self.dino_loss(local_logits.chunk(n_local), list(cls_probs.chunk(2)))
+            loss_terms["dino_local_crops_loss"] = local_loss
+            total = total + self.cfg.dino.loss_weight * local_loss
+
+        if self.do_dino:
+            global_loss = global_scale * self.dino_loss([cls_logits], [cls_probs])
+            loss_terms["dino_global_crops_loss"] = global_loss
+            total = total + self.cfg.dino.loss_weight * global_loss
+            if self.do_koleo:
+                koleo = self.cfg.dino.koleo_loss_weight * sum(self.koleo_loss(c) for c in cls_tokens.chunk(2))
+                loss_terms["koleo_loss"] = koleo / 2
+                total = total + koleo
+
+        if self.do_ibot:
+            ibot = self.ibot_patch_loss.forward_masked(
+                masked_logits,
+                patch_probs,
+                student_masks_flat=masks,
+                n_masked_patches=batch["mask_indices_list"].shape[0],
+                masks_weight=batch["masks_weight"],
+            )
+            loss_terms["ibot_loss"] = ibot / 2
+            total = total + self.cfg.ibot.loss_weight * ibot
+
+        loss_terms = {k: v.detach() for k, v in loss_terms.items()}
+        loss_terms["total_loss"] = total.detach()
+        return total, loss_terms
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA of the student into the teacher: t = m * t + (1 - m) * s, fused over all tensors."""
+        teacher_params, student_params = [], []
+        for name in self.teacher:
+            for t, s in zip(self.teacher[name].parameters(), self.student[name].parameters(), strict=True):
+                teacher_params.append(_local(t))
+                student_params.append(_local(s))
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+    def apply_center_updates(self) -> None:
+        """Finish the lazily reduced centre updates of the softmax-centering losses."""
+        if self.cfg.train.centering == "centering":
+            self.dino_loss.apply_center_update()
+            if self.do_ibot:
+                self.ibot_patch_loss.apply_center_update()
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2 parameter), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
