@@ -1,0 +1,1 @@
+"""Job launchers: ``python -m dinov2.run.submit`` runs training on SLURM (or locally) through submitit."""

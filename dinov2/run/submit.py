@@ -1,0 +1,307 @@
+"""Launch DinoBloom training on SLURM, or on this machine, through submitit.
+
+Example (two machines with eight GPUs each):
+
+    python -m dinov2.run.submit --nodes 2 --ngpus 8 --partition gpu \\
+        --config-file dinov2/configs/train/custom.yaml --output-dir /scratch/dinobloom/run1 \\
+        train.batch_size_per_gpu=64
+
+Launcher flags (``--nodes``, ``--partition``, ...) default to ``configs/slurm/default.yaml``;
+``--config-file``, ``--output-dir``, ``--no-resume`` and the ``key=value`` overrides go to
+``dinov2.train.train.main`` exactly as ``train.py`` takes them. Each task of the job runs one
+training process; ``TrainingJob`` turns submitit's job environment into the torchrun variables
+that ``train.py`` reads.
+
+Preemption and time limits: SLURM sends SIGUSR1 ``signal_delay_s`` seconds before the time
+limit. ``train.py`` saves a checkpoint at the next iteration boundary, then hands the signal to
+submitit, which calls ``TrainingJob.checkpoint`` and requeues the job; the requeued job runs the
+same command, and ``train.py`` resumes from the last checkpoint in the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from omegaconf import OmegaConf
+
+try:
+    import submitit
+    from submitit.helpers import Checkpointable, DelayedSubmission
+except ModuleNotFoundError as error:
+    raise ModuleNotFoundError(
+        "dinov2.run.submit needs submitit to launch jobs: pip install submitit"
+    ) from error
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SLURM_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "slurm" / "default.yaml"
+# train.py saves a checkpoint on SIGUSR1 before handing the signal over to submitit's own handler.
+# submitit's default is SIGUSR2, so the signal is pinned both in the sbatch file and in the job.
+PREEMPT_SIGNAL = "USR1"
+MASTER_PORT_RANGE = (20_000, 60_000)
+
+# Launcher settings: name -> type; each one is a key of the SLURM yaml and a flag (dashes for underscores).
+SETTINGS: dict[str, type] = {
+    "nodes": int,
+    "ngpus": int,
+    "partition": str,
+    "account": str,
+    "qos": str,
+    "constraint": str,
+    "comment": str,
+    "exclude": str,
+    "timeout": int,
+    "cpus_per_task": int,
+    "mem_gb": int,
+    "signal_delay_s": int,
+    "max_num_timeout": int,
+}
+SETTING_HELP = {
+    "nodes": "machines per job",
+    "ngpus": "GPUs per machine (one training process per GPU)",
+    "partition": "SLURM partition",
+    "account": "SLURM account",
+    "qos": "SLURM quality of service",
+    "constraint": "SLURM node features, e.g. a100",
+    "comment": "SLURM job comment",
+    "exclude": "nodes to avoid, e.g. gpu[01-03]",
+    "timeout": "wall time per job in minutes",
+    "cpus_per_task": "CPU cores per training process",
+    "mem_gb": "memory per machine in GB (0 = all of it)",
+    "signal_delay_s": "seconds before the time limit at which SIGUSR1 asks for a checkpoint",
+    "max_num_timeout": "how many times a job that hit its time limit is requeued",
+}
+
+
+class LaunchError(RuntimeError):
+    """A launch request that cannot be submitted, with the reason."""
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """Everything needed to submit one training job."""
+
+    settings: dict[str, Any]
+    train_argv: list[str]
+    output_dir: Path
+    job_dir: Path
+    local: bool
+
+
+class JobEnvironmentLike(Protocol):
+    """The part of ``submitit.JobEnvironment`` that the launcher reads."""
+
+    job_id: str
+    global_rank: int
+    local_rank: int
+    num_tasks: int
+    num_nodes: int
+    hostnames: Sequence[str]
+
+
+def strip_no_resume(argv: Sequence[str]) -> list[str]:
+    """Return the training arguments without ``--no-resume``, so that a requeued job resumes."""
+    return [arg for arg in argv if arg != "--no-resume"]
+
+
+def master_port(job_id: str) -> int:
+    """Return a port derived from the job id, identical on every task (unlike the salted ``hash``)."""
+    low, high = MASTER_PORT_RANGE
+    return low + zlib.crc32(job_id.encode()) % (high - low)
+
+
+def torchrun_env(job_env: JobEnvironmentLike) -> dict[str, str]:
+    """Return the torchrun variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*) for one task."""
+    return {
+        "RANK": str(job_env.global_rank),
+        "LOCAL_RANK": str(job_env.local_rank),
+        "WORLD_SIZE": str(job_env.num_tasks),
+        "LOCAL_WORLD_SIZE": str(job_env.num_tasks // job_env.num_nodes),
+        "MASTER_ADDR": job_env.hostnames[0],
+        "MASTER_PORT": str(master_port(job_env.job_id)),
+    }
+
+
+class TrainingJob(Checkpointable):
+    """One task of a submitted training job: sets up torchrun variables, then runs train.py."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        """Run ``dinov2.train.train.main`` with this task's rank; return its exit status (0)."""
+        from dinov2.train.train import main as train_main
+
+        job_env = submitit.JobEnvironment()
+        os.environ.update(torchrun_env(job_env))
+        argv = list(self.argv)
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
+            # SLURM requeued the job by itself (preemption, node failure): resume rather than start over.
+            argv = strip_no_resume(argv)
+        logger.info("%s runs: train.py %s", job_env, " ".join(argv))
+        status = train_main(argv)
+        if status != 0:
+            raise RuntimeError(f"training ended with exit status {status} (arguments: {argv})")
+        return status
+
+    def checkpoint(self) -> DelayedSubmission:
+        """Requeue the same training; train.py resumes from the last checkpoint in its output dir."""
+        return DelayedSubmission(TrainingJob(strip_no_resume(self.argv)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser: launcher flags plus the training arguments of train.py."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dinov2.run.submit",
+        description="Submit DinoBloom training to SLURM (or run it here with --local) through submitit.",
+    )
+    launcher = parser.add_argument_group("launcher (defaults from --slurm-config)")
+    for name, kind in SETTINGS.items():
+        launcher.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=SETTING_HELP[name])
+    launcher.add_argument(
+        "--slurm-config",
+        type=Path,
+        default=None,
+        help=f"yaml with the launcher defaults (default: {DEFAULT_SLURM_CONFIG})",
+    )
+    launcher.add_argument("--job-dir", type=Path, default=None, help="submitit logs (default: OUTPUT_DIR/slurm/%%j)")
+    launcher.add_argument("--local", action="store_true", help="run on this machine (no SLURM), one node")
+    training = parser.add_argument_group("training (passed to dinov2/train/train.py)")
+    training.add_argument("--config-file", required=True, help="training config yaml")
+    training.add_argument("--output-dir", default=None, help="checkpoints and logs (default: train.output_dir)")
+    training.add_argument("--no-resume", action="store_true", help="start afresh (the requeued job resumes)")
+    training.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser
+
+
+def load_slurm_settings(path: Path) -> dict[str, Any]:
+    """Read launcher defaults from a SLURM yaml; unknown keys and wrong types are errors naming the file."""
+    if not path.is_file():
+        raise LaunchError(f"SLURM config {path} not found (pass --slurm-config FILE)")
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise LaunchError(f"SLURM config {path}: expected a mapping of settings, got {type(raw).__name__}")
+    settings: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in SETTINGS:
+            close = difflib.get_close_matches(str(key), SETTINGS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(SETTINGS)}"
+            raise LaunchError(f"SLURM config {path}: unknown key '{key}'{hint}")
+        kind = SETTINGS[key]
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise LaunchError(f"SLURM config {path}: '{key}' must be {kind.__name__} or null, got {value!r}")
+        settings[key] = value
+    return settings
+
+
+def _validate_training_args(args: argparse.Namespace) -> Path:
+    """Check the config file and overrides now rather than in the queue; return the output dir."""
+    from dinov2.configs import ConfigError, load_config
+
+    config_file = Path(args.config_file)
+    if not config_file.is_file():
+        raise LaunchError(f"--config-file {config_file}: no such file")
+    malformed = [item for item in args.overrides if "=" not in item]
+    if malformed:
+        raise LaunchError(f"overrides must be key=value, got: {' '.join(malformed)}")
+    try:
+        cfg = load_config(str(config_file), list(args.overrides))
+    except ConfigError as error:
+        raise LaunchError(f"--config-file {config_file}: {error}") from error
+    return Path(args.output_dir if args.output_dir is not None else cfg.train.output_dir)
+
+
+def parse_request(argv: Sequence[str] | None = None) -> LaunchRequest:
+    """Parse the command line into a ``LaunchRequest`` (launcher settings and training argv)."""
+    args = build_parser().parse_intermixed_args(argv)
+    settings = load_slurm_settings(args.slurm_config or DEFAULT_SLURM_CONFIG)
+    for name in SETTINGS:
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    for name in ("nodes", "ngpus", "timeout", "signal_delay_s"):
+        value = settings.get(name)
+        if not isinstance(value, int) or value < 1:
+            flag = name.replace("_", "-")
+            raise LaunchError(f"{name} must be a positive integer (--{flag} or the SLURM yaml), got {value!r}")
+    if args.local and settings["nodes"] != 1:
+        raise LaunchError(f"--local runs on this machine only: --nodes must be 1, got {settings['nodes']}")
+    output_dir = _validate_training_args(args)
+    train_argv = ["--config-file", args.config_file]
+    if args.output_dir is not None:
+        train_argv += ["--output-dir", args.output_dir]
+    if args.no_resume:
+        train_argv.append("--no-resume")
+    train_argv += args.overrides
+    job_dir = args.job_dir if args.job_dir is not None else output_dir / "slurm" / "%j"
+    return LaunchRequest(settings, train_argv, output_dir, job_dir, args.local)
+
+
+def executor_parameters(request: LaunchRequest) -> dict[str, Any]:
+    """Return the ``AutoExecutor.update_parameters`` arguments for a request."""
+    s = request.settings
+    delay = s["signal_delay_s"]
+    params: dict[str, Any] = {
+        "name": f"dinobloom-{Path(request.train_argv[1]).stem}",
+        "nodes": s["nodes"],
+        "tasks_per_node": s["ngpus"],
+        "gpus_per_node": s["ngpus"],
+        "timeout_min": s["timeout"],
+        "slurm_signal_delay_s": delay,
+        # Pinned here because submitit writes its own default signal (USR2) into the sbatch file.
+        "slurm_additional_parameters": {"signal": f"{PREEMPT_SIGNAL}@{delay}"},
+        "slurm_setup": [f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}"],
+    }
+    if s.get("cpus_per_task") is not None:
+        params["cpus_per_task"] = s["cpus_per_task"]
+    if s.get("mem_gb") is not None:
+        params["mem_gb"] = s["mem_gb"]  # 0 becomes --mem=0GB: all the memory of the machine
+    for name in ("partition", "account", "qos", "constraint", "comment", "exclude"):
+        if s.get(name) is not None:
+            params[f"slurm_{name}"] = s[name]
+    return params
+
+
+def submit(argv: Sequence[str] | None = None) -> submitit.Job:
+    """Submit the training described by the command line; return the submitit job."""
+    request = parse_request(argv)
+    cluster = "local" if request.local else "slurm"
+    max_num_timeout = request.settings.get("max_num_timeout")
+    extra = {f"{cluster}_max_num_timeout": max_num_timeout} if max_num_timeout is not None else {}
+    try:
+        executor = submitit.AutoExecutor(folder=request.job_dir, cluster=cluster, **extra)
+    except RuntimeError as error:
+        raise LaunchError(f"cannot submit to SLURM here ({error}); pass --local to run on this machine") from error
+    executor.update_parameters(**executor_parameters(request))
+    # Inherited by the local controller and, through sbatch's environment export, by SLURM tasks.
+    os.environ["SUBMITIT_PREEMPT_SIGNAL"] = PREEMPT_SIGNAL
+    job = executor.submit(TrainingJob(request.train_argv))
+    logger.info("submitted %s job %s: train.py %s", cluster, job.job_id, " ".join(request.train_argv))
+    return job
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: submit the job and print its id and log files."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        job = submit(argv)
+    except LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Submitted job {job.job_id}")
+    print(f"  stdout: {job.paths.stdout}")
+    print(f"  stderr: {job.paths.stderr}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+#!/bin/bash
+# DinoBloom training with plain sbatch + srun + torchrun, for clusters without submitit.
+#
+#   cd /path/to/dinobloom      # the repository; jobs start in the directory sbatch was called from
+#   sbatch scripts/sbatch_train.sh CONFIG OUTPUT_DIR [key=value ...]
+#   sbatch --nodes=4 --partition=gpu scripts/sbatch_train.sh dinov2/configs/train/custom.yaml /scratch/run1
+#
+# Command-line sbatch flags override the #SBATCH lines below. 120 s before the time limit SLURM
+# sends SIGUSR1 to this script; it forwards the signal to the training, which saves a checkpoint
+# and exits, then requeues the job. The requeued job runs this script again with the same
+# arguments, and train.py resumes from the last checkpoint in OUTPUT_DIR.
+# The SIGUSR1 forwarding needs torchrun's --signals-to-handle (PyTorch >= 2.9).
+
+# Job name shown by squeue and used in the log file name.
+#SBATCH --job-name=dinobloom
+# Number of machines.
+#SBATCH --nodes=1
+# One task per machine: it runs torchrun, which starts one training process per GPU.
+#SBATCH --ntasks-per-node=1
+# GPUs per machine; torchrun starts this many training processes on each machine.
+#SBATCH --gpus-per-node=8
+# CPU cores per machine, shared by its 8 training processes and their data-loading workers.
+#SBATCH --cpus-per-task=80
+# Memory per machine; 0 = all of it.
+#SBATCH --mem=0
+# Wall time of one job (2 days); a requeued job gets the same again.
+#SBATCH --time=2-00:00:00
+# 120 s before the time limit, send SIGUSR1 to this batch script (B:), whose trap handles it.
+#SBATCH --signal=B:USR1@120
+# Allow requeueing (by the trap below, or by SLURM after a node failure or a preemption).
+#SBATCH --requeue
+# Append to the same log file after a requeue instead of overwriting it.
+#SBATCH --open-mode=append
+# Log file of the batch script and of all tasks (%x = job name, %j = job id).
+#SBATCH --output=%x-%j.out
+
+set -euo pipefail
+
+if [[ $# -lt 2 ]]; then
+    echo "usage: sbatch $0 CONFIG OUTPUT_DIR [key=value ...]" >&2
+    exit 2
+fi
+CONFIG=$1
+OUTPUT_DIR=$2
+shift 2
+
+# Activate the environment that has dinobloom installed, e.g.:
+# source /path/to/venv/bin/activate
+export PYTHONPATH="${SLURM_SUBMIT_DIR:-$PWD}${PYTHONPATH:+:$PYTHONPATH}"
+
+GPUS=${SLURM_GPUS_ON_NODE:-8}
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+RDZV_PORT=29500
+# torchrun waits this long for the training processes to save their checkpoint after SIGUSR1.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
+
+checkpoint_and_requeue() {
+    echo "$(date '+%F %T') SIGUSR1: near the time limit; asking the training to save a checkpoint"
+    # srun forwards the signal to torchrun on every machine, torchrun to every training process;
+    # train.py saves a checkpoint at the next iteration boundary and exits.
+    kill -USR1 "$SRUN_PID" || true
+    wait "$SRUN_PID" || true
+    # Requeue only now: requeueing a running job kills it, which would cut the checkpoint short.
+    echo "$(date '+%F %T') requeueing job $SLURM_JOB_ID; it resumes from the last checkpoint in $OUTPUT_DIR"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+}
+trap checkpoint_and_requeue USR1
+
+echo "$(date '+%F %T') job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}):" \
+    "$SLURM_NNODES x $GPUS processes, rendezvous $MASTER_ADDR:$RDZV_PORT"
+# In the background so that bash runs the trap as soon as SIGUSR1 arrives (it waits for foreground commands).
+srun --kill-on-bad-exit=1 torchrun \
+    --nnodes "$SLURM_NNODES" \
+    --nproc_per_node "$GPUS" \
+    --rdzv_id "$SLURM_JOB_ID" \
+    --rdzv_backend c10d \
+    --rdzv_endpoint "$MASTER_ADDR:$RDZV_PORT" \
+    --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    dinov2/train/train.py --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" "$@" &
+SRUN_PID=$!
+wait "$SRUN_PID"

@@ -1,0 +1,390 @@
+"""Tests of the submitit launcher (dinov2/run/submit.py) and the plain sbatch example."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import submitit
+
+from dinov2.configs import load_config
+from dinov2.run import submit as launcher
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "dinov2" / "configs" / "train" / "demo.yaml"
+SBATCH_SCRIPT = REPO_ROOT / "scripts" / "sbatch_train.sh"
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _write_executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------- unit tests
+
+
+def test_training_arguments_are_split_from_launcher_flags(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    request = launcher.parse_request(
+        [
+            "--nodes", "2",
+            "--config-file", str(DEMO_CONFIG),
+            "optim.epochs=2",
+            "--ngpus", "4",
+            "--output-dir", str(out),
+            "--partition", "gpu",
+            "--no-resume",
+            "train.seed=7",
+            "--timeout", "30",
+        ]
+    )  # fmt: skip
+    assert request.train_argv == [
+        "--config-file", str(DEMO_CONFIG), "--output-dir", str(out), "--no-resume", "optim.epochs=2", "train.seed=7",
+    ]  # fmt: skip
+    assert request.settings["nodes"] == 2 and request.settings["ngpus"] == 4
+    assert request.settings["partition"] == "gpu" and request.settings["timeout"] == 30
+    # untouched keys keep the values of configs/slurm/default.yaml
+    assert request.settings["cpus_per_task"] == 10 and request.settings["mem_gb"] == 0
+    assert request.job_dir == out / "slurm" / "%j"
+    assert request.local is False
+
+    # without --output-dir, train.py uses the config's train.output_dir; the launcher puts its logs there too
+    request = launcher.parse_request(["--local", "--ngpus", "1", "--config-file", str(DEMO_CONFIG), "train.seed=7"])
+    assert request.train_argv == ["--config-file", str(DEMO_CONFIG), "train.seed=7"]
+    assert request.output_dir == Path(load_config(DEMO_CONFIG).train.output_dir)
+    assert request.job_dir == request.output_dir / "slurm" / "%j"
+    assert request.local is True
+
+
+def test_executor_parameters_map_gpus_to_tasks_and_pin_the_signal(tmp_path: Path) -> None:
+    request = launcher.parse_request(
+        ["--nodes", "3", "--ngpus", "2", "--qos", "high",
+         "--config-file", str(DEMO_CONFIG), "--output-dir", str(tmp_path)]  # fmt: skip
+    )
+    params = launcher.executor_parameters(request)
+    assert params["nodes"] == 3 and params["tasks_per_node"] == 2 and params["gpus_per_node"] == 2
+    assert params["timeout_min"] == 2880 and params["slurm_signal_delay_s"] == 120
+    assert params["slurm_additional_parameters"] == {"signal": "USR1@120"}
+    assert params["slurm_qos"] == "high"
+    assert "slurm_partition" not in params  # null in the yaml: the cluster's default partition
+
+
+def test_requeued_job_drops_no_resume() -> None:
+    argv = ["--config-file", "c.yaml", "--output-dir", "out", "--no-resume", "optim.epochs=3"]
+    job = launcher.TrainingJob(argv)
+    delayed = job.checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert isinstance(delayed.function, launcher.TrainingJob)
+    assert delayed.function.argv == ["--config-file", "c.yaml", "--output-dir", "out", "optim.epochs=3"]
+    assert delayed.args == () and delayed.kwargs == {}
+    assert job.argv == argv  # the running job keeps its own arguments
+
+
+def test_torchrun_env_from_job_environment() -> None:
+    def fake_env(job_id: str, rank: int, local_rank: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            job_id=job_id, global_rank=rank, local_rank=local_rank, num_tasks=8, num_nodes=2,
+            hostnames=["gpu-a17", "gpu-b03"],
+        )  # fmt: skip
+
+    env = launcher.torchrun_env(fake_env("4242", 5, 1))
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "gpu-a17",
+    }  # fmt: skip
+    port = int(env["MASTER_PORT"])
+    assert launcher.MASTER_PORT_RANGE[0] <= port < launcher.MASTER_PORT_RANGE[1]
+    # every task of a job agrees on the port (it must not depend on the rank or on Python's hash seed)
+    assert launcher.torchrun_env(fake_env("4242", 0, 0))["MASTER_PORT"] == env["MASTER_PORT"]
+    other = subprocess.run(
+        [sys.executable, "-c", "from dinov2.run.submit import master_port; print(master_port('4242'))"],
+        capture_output=True, text=True, check=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert int(other.stdout) == port
+    assert launcher.torchrun_env(fake_env("4243", 0, 0))["MASTER_PORT"] != env["MASTER_PORT"]
+
+
+def test_training_job_sets_env_then_calls_train_main(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+
+    def fake_main(argv: list[str]) -> int:
+        seen["argv"] = argv
+        seen["env"] = {k: os.environ.get(k) for k in TORCHRUN_VARS}
+        return 0
+
+    for name in TORCHRUN_VARS:  # set, then delete: monkeypatch removes what the job sets at teardown
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    fake_module = ModuleType("dinov2.train.train")
+    fake_module.main = fake_main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "dinov2.train.train", fake_module)
+    job_env = SimpleNamespace(job_id="99", global_rank=3, local_rank=3, num_tasks=4, num_nodes=1, hostnames=["node7"])
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: job_env)
+
+    assert launcher.TrainingJob(["--config-file", "c.yaml", "a.b=1"])() == 0
+    assert seen["argv"] == ["--config-file", "c.yaml", "a.b=1"]
+    assert seen["env"] == {
+        "RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "node7",
+        "MASTER_PORT": str(launcher.master_port("99")),
+    }  # fmt: skip
+
+    # a job that SLURM requeued by itself must resume, not start over
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    launcher.TrainingJob(["--config-file", "c.yaml", "--no-resume", "a.b=1"])()
+    assert seen["argv"] == ["--config-file", "c.yaml", "a.b=1"]
+
+    fake_module.main = lambda argv: 1  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="exit status 1"):
+        launcher.TrainingJob(["--config-file", "c.yaml"])()
+
+
+def test_slurm_submission_writes_the_expected_sbatch_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_executable(bin_dir / "srun", "#!/bin/sh\nexit 0\n")
+    sbatch = f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n'
+    _write_executable(bin_dir / "sbatch", sbatch)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "run"
+
+    status = launcher.main(
+        ["--nodes", "2", "--ngpus", "8", "--partition", "gpu", "--account", "hema",
+         "--config-file", str(DEMO_CONFIG), "--output-dir", str(out), "--no-resume", "optim.epochs=2"]
+    )  # fmt: skip
+
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "Submitted job 4242" in printed and str(out / "slurm" / "4242") in printed
+    sbatch = (tmp_path / "submitted.sh").read_text()
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=hema",
+        "#SBATCH --time=2880",
+        "#SBATCH --cpus-per-task=10",
+        "#SBATCH --mem=0GB",
+        "#SBATCH --signal=USR1@120",
+        "export SUBMITIT_PREEMPT_SIGNAL=USR1",
+        f"#SBATCH --output={out}/slurm/%j/%j_0_log.out",
+    ):
+        assert line in sbatch.splitlines(), f"missing {line!r} in\n{sbatch}"
+    assert sbatch.count("--signal=") == 1
+    delayed = submitit.helpers.DelayedSubmission.load(out / "slurm" / "4242" / "4242_submitted.pkl")
+    assert delayed.function.argv == [
+        "--config-file", str(DEMO_CONFIG), "--output-dir", str(out), "--no-resume", "optim.epochs=2",
+    ]  # fmt: skip
+
+
+def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert launcher.main(["--config-file", str(missing), "--output-dir", str(tmp_path)]) == 2
+    assert f"--config-file {missing}: no such file" in capsys.readouterr().err
+
+    slurm_yaml = tmp_path / "cluster.yaml"
+    slurm_yaml.write_text("partition: gpu\ncpus_per_tsk: 8\n")
+    expected = r"cluster.yaml: unknown key 'cpus_per_tsk'; did you mean 'cpus_per_task'"
+    with pytest.raises(launcher.LaunchError, match=expected):
+        launcher.parse_request(["--slurm-config", str(slurm_yaml), "--config-file", str(DEMO_CONFIG)])
+    slurm_yaml.write_text("timeout: two days\n")
+    with pytest.raises(launcher.LaunchError, match=r"'timeout' must be int or null, got 'two days'"):
+        launcher.parse_request(["--slurm-config", str(slurm_yaml), "--config-file", str(DEMO_CONFIG)])
+
+    with pytest.raises(launcher.LaunchError, match="--local runs on this machine only: --nodes must be 1, got 2"):
+        launcher.parse_request(["--local", "--nodes", "2", "--config-file", str(DEMO_CONFIG), "--output-dir", "o"])
+    with pytest.raises(launcher.LaunchError, match="overrides must be key=value, got: optim.epochs"):
+        launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "o", "optim.epochs"])
+    with pytest.raises(launcher.LaunchError, match=r"--config-file .*demo.yaml: .*optim\.epochz"):
+        launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "o", "optim.epochz=3"])
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun: not a SLURM cluster
+    with pytest.raises(launcher.LaunchError, match="pass --local to run on this machine"):
+        launcher.submit(["--config-file", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "run")])
+
+
+def test_missing_submitit_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "submitit" or m.startswith("submitit.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "dinov2.run.submit")
+    with pytest.raises(ModuleNotFoundError, match="pip install submitit"):
+        importlib.import_module("dinov2.run.submit")
+
+
+def test_sbatch_script_checkpoints_before_requeue(tmp_path: Path) -> None:
+    log = tmp_path / "events.log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_executable(bin_dir / "srun", '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    _write_executable(
+        bin_dir / "scontrol",
+        f'#!/bin/bash\nif [[ $1 == show ]]; then echo node1; echo node2; else echo "scontrol $*" >> {log}; fi\n',
+    )
+    # Stands in for torchrun + train.py: saves a "checkpoint" on SIGUSR1, then exits non-zero as train.py does.
+    _write_executable(
+        bin_dir / "torchrun",
+        f'#!/bin/bash\necho "torchrun $*" >> {log}\n'
+        f'trap \'echo checkpoint saved >> {log}; exit 1\' USR1\necho started >> {log}\n'
+        "while true; do sleep 0.05; done\n",
+    )
+    env = dict(
+        os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="77",
+        SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=str(REPO_ROOT),
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        ["bash", str(SBATCH_SCRIPT), "cfg.yaml", "/scratch/run1", "optim.epochs=2"],
+        env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: log.exists() and "started" in log.read_text(), 10, "the fake training to start")
+        proc.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    events = log.read_text().splitlines()
+    assert events[0] == (
+        "torchrun --nnodes 2 --nproc_per_node 4 --rdzv_id 77 --rdzv_backend c10d --rdzv_endpoint node1:29500 "
+        "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "
+        "dinov2/train/train.py --config-file cfg.yaml --output-dir /scratch/run1 optim.epochs=2"
+    )
+    assert events[1:] == ["started", "checkpoint saved", "scontrol requeue 77"]
+    assert "requeueing job 77" in output
+
+
+# ----------------------------------------------------------------------------- end to end, submitit's LocalExecutor
+
+
+@pytest.fixture(scope="module")
+def demo_lists(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic blood-smear dataset; returns the folder of file lists that training reads."""
+    from dinov2.data.demo import generate_demo_dataset
+
+    dataset = generate_demo_dataset(tmp_path_factory.mktemp("demo"), images_per_class=6, image_size=64, num_workers=0)
+    return dataset.lists_dir
+
+
+def _tiny_demo_overrides(lists_dir: Path, epoch_length: int, epochs: int) -> list[str]:
+    """demo.yaml shrunk further so that two CPU processes train a few iterations per second."""
+    return [
+        f"train.dataset_path={lists_dir}",
+        f"train.OFFICIAL_EPOCH_LENGTH={epoch_length}",
+        f"optim.epochs={epochs}",
+        "optim.warmup_epochs=1",
+        "teacher.warmup_teacher_temp_epochs=1",
+        "train.batch_size_per_gpu=4",
+        "train.num_workers=0",
+        "train.log_period=1",
+        f"train.checkpoint_period={epoch_length}",
+        "crops.global_crops_size=28",
+        "student.depth=2",
+        "dino.head_n_prototypes=64",
+        "dino.head_hidden_dim=32",
+        "dino.head_bottleneck_dim=16",
+        "ibot.head_n_prototypes=64",
+        "ibot.head_hidden_dim=32",
+        "ibot.head_bottleneck_dim=16",
+        "evaluation.eval_period_iterations=0",
+        "evaluation.knn_data=''",
+    ]
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    path = output_dir / "training_metrics.json"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _child_pids(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _job_logs(job: submitit.Job) -> str:
+    """stdout and stderr of every task (training logs go to stdout, submitit's to stderr)."""
+    return f"{job.stdout() or ''}\n{job.stderr() or ''}"
+
+
+@pytest.mark.slow
+def test_local_job_trains_to_the_end_on_two_ranks(tmp_path: Path, demo_lists: Path) -> None:
+    out = tmp_path / "run"
+    job = launcher.submit(
+        ["--local", "--ngpus", "2", "--timeout", "10", "--config-file", str(DEMO_CONFIG), "--output-dir", str(out),
+         *_tiny_demo_overrides(demo_lists, epoch_length=3, epochs=2)]
+    )  # fmt: skip
+    try:
+        assert job.results() == [0, 0], _job_logs(job)
+    finally:
+        job.cancel()
+    logs = _job_logs(job)
+    # two ranks formed one process group from the variables TrainingJob set (torchrun's names)
+    assert "rank 0/2 on cpu (torchrun)" in logs
+    iterations = [record["iteration"] for record in _metrics(out)]
+    assert iterations == list(range(6))
+    assert (out / "checkpoints" / "000000005").is_dir()
+    assert (out / "slurm").is_dir() and any((out / "slurm").glob("*/*_0_log.out"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the job's task processes through /proc")
+def test_local_job_preempted_is_requeued_and_resumes(tmp_path: Path, demo_lists: Path) -> None:
+    out = tmp_path / "run"
+    epoch_length, epochs = 10, 2
+    job = launcher.submit(
+        ["--local", "--ngpus", "2", "--timeout", "10", "--config-file", str(DEMO_CONFIG), "--output-dir", str(out),
+         "--no-resume", *_tiny_demo_overrides(demo_lists, epoch_length, epochs)]
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: any(r["iteration"] >= 1 for r in _metrics(out)), 150, "the first training iterations")
+        # What SLURM does before a time limit or a preemption: SIGUSR1 to every task of the job.
+        tasks = _child_pids(job._process.pid)
+        assert len(tasks) == 2, f"expected the controller {job._process.pid} to run 2 tasks, found {tasks}"
+        for pid in tasks:
+            os.kill(pid, signal.SIGUSR1)
+        assert job.results() == [0, 0], _job_logs(job)
+    finally:
+        job.cancel()
+    logs = _job_logs(job)
+    assert "Requeued job" in logs, logs
+    stopped = re.search(r"stopping after the checkpoint of iteration (\d+)", logs)
+    assert stopped, logs
+    stop_iteration = int(stopped.group(1))
+    assert stop_iteration < epoch_length * epochs - 1, "the signal arrived after training had finished"
+    # the requeued job dropped --no-resume and continued from the checkpoint written on the signal
+    resumed = re.search(r"resuming at iteration (\d+) from (\S+)", logs)
+    assert resumed, logs
+    assert int(resumed.group(1)) == stop_iteration + 1
+    assert resumed.group(2).endswith(f"{stop_iteration:09d}")
+    assert f"training iterations {stop_iteration + 1} -> {epoch_length * epochs}" in logs
+    assert logs.count("training iterations 0 ->") == 1
+    iterations = [record["iteration"] for record in _metrics(out)]
+    assert iterations == list(range(epoch_length * epochs))
