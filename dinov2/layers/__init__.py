@@ -1,0 +1,26 @@
+"""Building blocks of the DINOv2 backbone and heads."""
+
+from .attention import Attention, xformers_attention
+from .block import Block, BlockChunk
+from .dino_head import DINOHead
+from .drop_path import DropPath, drop_path
+from .layer_scale import LayerScale
+from .mlp import Mlp
+from .patch_embed import PatchEmbed
+from .swiglu_ffn import SwiGLUFFN, SwiGLUFFNFused, swiglu_hidden_features
+
+__all__ = [
+    "Attention",
+    "Block",
+    "BlockChunk",
+    "DINOHead",
+    "DropPath",
+    "LayerScale",
+    "Mlp",
+    "PatchEmbed",
+    "SwiGLUFFN",
+    "SwiGLUFFNFused",
+    "drop_path",
+    "swiglu_hidden_features",
+    "xformers_attention",
+]

@@ -1,0 +1,274 @@
+"""Extract L2-normalised CLS features of a backbone for a folder or list of images into a features file.
+
+    python -m dinov2.eval.extract_features --model dinobloom_s --weights DinoBloom-S.pth \\
+        --data cells/ --output features.h5
+
+`--data` is one of:
+
+* a folder, searched recursively; the first folder level is the label (`<class>/.../<image>`), deeper
+  levels are kept in the stored relative paths (e.g. `<label>/<patient>/<cell>.jpg`); images directly in
+  the folder are unlabelled (-1); hidden files and folders (".name") are skipped;
+* a `.txt` file with one image path per line (relative to the file's folder, or absolute): unlabelled;
+* a `.csv` file with a `path` column and an optional `label` column (class names; empty = unlabelled).
+
+Preprocessing is DinoBloom's: Resize((img_size, img_size)) bilinear with antialias, ToTensor, ImageNet
+normalisation. On CUDA the backbone runs under bf16 autocast, elsewhere in float32; the stored features
+are float32. Images that cannot be read are logged by path and skipped, with a count at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dinov2.data.transforms import load_image, make_eval_transform
+from dinov2.eval.features_io import FeatureSet, save_features
+from dinov2.hub import DINOBLOOM_URLS, DINOV2_URLS, load_backbone
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"})
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_ARCH_BY_DIM = {384: "vit_small", 768: "vit_base", 1024: "vit_large", 1536: "vit_giant2"}
+
+
+@dataclass
+class ImageList:
+    """Images to embed: paths relative to `root` (or absolute), labels (-1 = none) and class names."""
+
+    root: Path
+    paths: list[str]
+    labels: list[int]
+    class_names: list[str]
+
+
+def _labelled(root: Path, paths: list[str], names: list[str | None]) -> ImageList:
+    class_names = sorted({n for n in names if n})
+    index = {n: i for i, n in enumerate(class_names)}
+    return ImageList(root, paths, [index[n] if n else -1 for n in names], class_names)
+
+
+def list_images(data: str | os.PathLike[str]) -> ImageList:
+    """Collect the images of a folder, `.txt` list or `.csv` list (see the module docstring for labels)."""
+    data = Path(data)
+    if data.is_dir():
+        rel = sorted(
+            p.relative_to(data)
+            for p in data.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(data).parts)
+        )
+        labels = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
+        image_list = _labelled(data, [r.as_posix() for r in rel], labels)
+    elif data.suffix.lower() == ".txt" and data.is_file():
+        lines = (line.strip() for line in data.read_text(encoding="utf-8").splitlines())
+        paths = [line for line in lines if line and not line.startswith("#")]
+        image_list = ImageList(data.parent, paths, [-1] * len(paths), [])
+    elif data.suffix.lower() == ".csv" and data.is_file():
+        with data.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise ValueError(f"{data}: a CSV image list needs a 'path' column (found {reader.fieldnames})")
+            rows = [row for row in reader if (row.get("path") or "").strip()]
+        paths = [row["path"].strip() for row in rows]
+        image_list = _labelled(data.parent, paths, [(row.get("label") or "").strip() or None for row in rows])
+    elif not data.exists():
+        raise FileNotFoundError(f"--data not found: {data}")
+    else:
+        raise ValueError(f"--data must be a folder, a .txt or a .csv list of images, got {data}")
+    if not image_list.paths:
+        raise ValueError(f"no images found in {data} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return image_list
+
+
+class _ImageDataset(Dataset):
+    """Decoded, preprocessed images; an unreadable file yields (index, None, reason) instead of failing."""
+
+    def __init__(self, image_list: ImageList, img_size: int) -> None:
+        self.image_list = image_list
+        self.transform = make_eval_transform(img_size)
+
+    def __len__(self) -> int:
+        return len(self.image_list.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = load_image(self.image_list.root / self.image_list.paths[index])
+            return index, self.transform(image), None
+        except _UNREADABLE as err:
+            return index, None, f"{type(err).__name__}: {err}"
+
+
+def _collate(
+    items: list[tuple[int, torch.Tensor | None, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    ok = [(i, x) for i, x, _ in items if x is not None]
+    failed = [(i, reason) for i, x, reason in items if x is None]
+    images = torch.stack([x for _, x in ok]) if ok else None
+    return [i for i, _ in ok], images, failed
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` = CUDA if available, else CPU; anything else is passed to `torch.device`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def release_weights(model: str) -> str:
+    """The published weights URL of a hub entry name (DinoBloom on Zenodo, DINOv2 on dl.fbaipublicfiles)."""
+    urls = {**DINOBLOOM_URLS, **DINOV2_URLS}
+    if model not in urls:
+        raise ValueError(f"no released weights known for {model!r}; pass --weights (known: {', '.join(urls)})")
+    return urls[model]
+
+
+@torch.inference_mode()
+def embed_images(
+    model: nn.Module,
+    image_list: ImageList,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    img_size: int = 224,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, list[int]]:
+    """L2-normalised `model(x)` features (N_ok, D) and the indices of the images that could be read."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    loader = DataLoader(
+        _ImageDataset(image_list, img_size),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    chunks, kept, n_failed = [], [], 0
+    with tqdm(total=len(image_list.paths), desc="extracting features", unit="img") as bar:
+        for indices, images, failed in loader:
+            for index, reason in failed:
+                logger.warning("skipping unreadable image %s (%s)", image_list.root / image_list.paths[index], reason)
+            n_failed += len(failed)
+            if images is not None:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    cls = model(images.to(device, non_blocking=True))
+                chunks.append(F.normalize(cls.float(), dim=-1).cpu().numpy())
+                kept.extend(indices)
+            bar.update(len(indices) + len(failed))
+    if not kept:
+        raise RuntimeError(f"none of the {len(image_list.paths)} images could be read (see the warnings above)")
+    if n_failed:
+        logger.warning("skipped %d of %d images that could not be read", n_failed, len(image_list.paths))
+    return np.concatenate(chunks), kept
+
+
+def extract_features(
+    data: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    model: str | nn.Module | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    img_size: int = 224,
+    device: str | torch.device = "auto",
+) -> FeatureSet:
+    """Embed every image of `data` and return (and, with `output`, write) the feature set.
+
+    `model` is a hub name (`dinobloom_s`, `dinov2_vitb14`, ...), a module, or None to infer the
+    architecture from `weights`; for a hub name without `weights` the released weights are downloaded.
+    """
+    image_list = list_images(data)
+    if isinstance(model, nn.Module):
+        if weights is not None:
+            raise ValueError("pass either a model module or weights, not both")
+        backbone, model_name = model, type(model).__name__
+    else:
+        if model is None and weights is None:
+            raise ValueError("give --model, --weights, or both")
+        if weights is None:
+            weights = release_weights(model)
+        backbone = load_backbone(model, weights)
+        model_name = model or f"inferred:{_ARCH_BY_DIM.get(backbone.embed_dim, 'vit')}"
+    device = resolve_device(str(device))
+    logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)
+    features, kept = embed_images(backbone, image_list, batch_size, num_workers, img_size, device)
+    result = FeatureSet(
+        features=features,
+        labels=np.asarray([image_list.labels[i] for i in kept], dtype=np.int64),
+        paths=[image_list.paths[i] for i in kept],
+        class_names=image_list.class_names,
+        meta={
+            "model": model_name,
+            "weights": "" if weights is None else str(weights),
+            "embed_dim": int(features.shape[1]),
+            "img_size": img_size,
+            "data": str(data),
+            "n_skipped": len(image_list.paths) - len(kept),
+        },
+    )
+    if output is not None:
+        save_features(output, result.features, result.labels, result.paths, result.class_names, result.meta)
+        logger.info("wrote %d features of dimension %d to %s", len(result), features.shape[1], output)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        description="Extract L2-normalised CLS features of a DinoBloom / DINOv2 backbone into a .h5 or .npz file.",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub entry (dinobloom_s/b/l/g, dinov2_vits14...); omit to infer the architecture from --weights",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="checkpoint path or URL (DinoBloom release, DINOv2 hub file, teacher_checkpoint.pth of a run); "
+        "omit to download the released weights of --model",
+    )
+    parser.add_argument(
+        "--data", required=True, help="image folder (<label>/.../<image>), .txt list or .csv (path,label)"
+    )
+    parser.add_argument("--output", required=True, help="features file to write (.h5 or .npz)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--img-size", type=int, default=224, help="images are resized to this square size")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> FeatureSet:
+    """Run the CLI; returns the feature set."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = extract_features(
+        args.data,
+        args.output,
+        model=args.model,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        img_size=args.img_size,
+        device=args.device,
+    )
+    print(f"wrote {len(result)} features (dim {result.features.shape[1]}) to {args.output}; "
+          f"skipped {result.meta['n_skipped']} unreadable images")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Read and write features files: `.h5` (HDF5) or `.npz`, chosen by the file suffix.
+
+Layout (both formats): `features` float32 (N, D), `labels` int64 (N,) with -1 for unlabelled samples,
+`paths` (N,) utf-8 strings relative to the data root, `class_names` (list of str; a JSON attribute in
+HDF5, a str array in npz), and metadata such as `model`, `weights` and `embed_dim` (HDF5 attributes,
+0-d arrays in npz).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ARRAY_NAMES = ("features", "labels", "paths")
+_RESERVED = (*ARRAY_NAMES, "class_names")
+_SUFFIXES = (".h5", ".hdf5", ".npz")
+
+
+@dataclass
+class FeatureSet:
+    """Features of N images with their labels, relative paths, class names and extraction metadata."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    class_names: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+def _check_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise ValueError(f"{path}: unsupported features file type {suffix!r}; use one of {', '.join(_SUFFIXES)}")
+    return suffix
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars / bytes to plain Python values."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def save_features(
+    path: str | os.PathLike[str],
+    features: np.ndarray,
+    labels: np.ndarray | Sequence[int],
+    paths: Sequence[str],
+    class_names: Sequence[str],
+    meta: Mapping[str, str | int | float | bool] | None = None,
+) -> Path:
+    """Write a features file (format from the suffix), atomically via a temporary file; returns the path."""
+    path = Path(path)
+    suffix = _check_suffix(path)
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    paths = [str(p) for p in paths]
+    class_names = [str(c) for c in class_names]
+    meta = dict(meta or {})
+    if features.ndim != 2:
+        raise ValueError(f"features must be 2-D (N, D), got shape {features.shape}")
+    n = features.shape[0]
+    if labels.shape != (n,) or len(paths) != n:
+        raise ValueError(f"{n} feature rows but labels of shape {labels.shape} and {len(paths)} paths")
+    if n and (labels.min() < -1 or labels.max() >= len(class_names)):
+        raise ValueError(f"labels must lie in [-1, {len(class_names) - 1}] for {len(class_names)} class names")
+    clashes = sorted(set(meta) & set(_RESERVED))
+    if clashes:
+        raise ValueError(f"metadata keys {clashes} clash with the array names {_RESERVED}")
+    bad = sorted(k for k, v in meta.items() if not isinstance(v, (str, int, float, bool, np.generic)))
+    if bad:
+        raise TypeError(f"metadata values must be str/int/float/bool; not so for {bad}")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+    try:
+        if suffix == ".npz":
+            arrays = {name: np.asarray(value) for name, value in meta.items()}
+            np.savez(
+                tmp,
+                features=features,
+                labels=labels,
+                paths=np.asarray(paths, dtype=np.str_),
+                class_names=np.asarray(class_names, dtype=np.str_),
+                **arrays,
+            )
+        else:
+            import h5py
+
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("features", data=features)
+                f.create_dataset("labels", data=labels)
+                f.create_dataset("paths", data=paths, dtype=h5py.string_dtype("utf-8"))
+                f.attrs["class_names"] = json.dumps(class_names)
+                for key, value in meta.items():
+                    f.attrs[key] = value
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_features(path: str | os.PathLike[str]) -> FeatureSet:
+    """Read a features file written by `save_features` (or any file with the same layout)."""
+    path = Path(path)
+    suffix = _check_suffix(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"features file not found: {path}")
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in _RESERVED if k not in data.files]
+            if missing:
+                raise ValueError(f"{path}: missing arrays {missing} (found {data.files})")
+            features, labels = data["features"], data["labels"]
+            paths, class_names = data["paths"].tolist(), data["class_names"].tolist()
+            meta = {k: _plain(data[k]) for k in data.files if k not in _RESERVED}
+    else:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ARRAY_NAMES if k not in f]
+            if missing:
+                raise ValueError(f"{path}: missing datasets {missing} (found {sorted(f)})")
+            if "class_names" not in f.attrs:
+                raise ValueError(f"{path}: missing the 'class_names' attribute")
+            features, labels = f["features"][()], f["labels"][()]
+            paths = [str(p) for p in f["paths"].asstr()[()]]
+            class_names = json.loads(_plain(f.attrs["class_names"]))
+            meta = {k: _plain(v) for k, v in f.attrs.items() if k != "class_names"}
+    features = np.asarray(features, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    if features.ndim != 2 or labels.shape != (features.shape[0],) or len(paths) != features.shape[0]:
+        raise ValueError(
+            f"{path}: inconsistent sizes: features {features.shape}, labels {labels.shape}, {len(paths)} paths"
+        )
+    return FeatureSet(features, labels, [str(p) for p in paths], [str(c) for c in class_names], meta)
+
+
+__all__ = ["FeatureSet", "load_features", "save_features"]

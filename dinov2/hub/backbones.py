@@ -1,0 +1,162 @@
+"""Hub entry points (`dinobloom_s/b/l/g`, `dinov2_vit{s,b,l,g}14[_reg]`) and `load_backbone`.
+
+Nothing is downloaded unless `weights` is a URL; the release URLs are listed below.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from dinov2.models import HUB_MODELS, DinoVisionTransformer, build_model
+
+from .loader import CheckpointError, infer_backbone_config, load_backbone_state, load_pretrained_backbone_state
+
+_ZENODO = "https://zenodo.org/records/10908163/files"
+_DINOV2 = "https://dl.fbaipublicfiles.com/dinov2"
+
+#: The released DinoBloom teacher checkpoints (Koch et al., MICCAI 2024), `{"teacher": ...}` files.
+DINOBLOOM_URLS: dict[str, str] = {
+    "dinobloom_s": f"{_ZENODO}/DinoBloom-S.pth",
+    "dinobloom_b": f"{_ZENODO}/DinoBloom-B.pth",
+    "dinobloom_l": f"{_ZENODO}/DinoBloom-L.pth",
+    "dinobloom_g": f"{_ZENODO}/DinoBloom-G.pth",
+}
+
+#: The original DINOv2 LVD-142M backbones (plain state dicts, 518 px position embedding).
+DINOV2_URLS: dict[str, str] = {
+    **{f"dinov2_vit{s}14": f"{_DINOV2}/dinov2_vit{s}14/dinov2_vit{s}14_pretrain.pth" for s in "sblg"},
+    **{f"dinov2_vit{s}14_reg": f"{_DINOV2}/dinov2_vit{s}14/dinov2_vit{s}14_reg4_pretrain.pth" for s in "sblg"},
+}
+
+WeightsArg = str | os.PathLike[str] | None
+
+
+def load_backbone(
+    name: str | None, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any
+) -> DinoVisionTransformer:
+    """Build a backbone by hub name (or infer it from `weights` when `name` is None), load weights, eval mode.
+
+    `weights` is a path or URL of any layout the strict loader accepts; None gives a random init.
+    `img_size=None` keeps the checkpoint's position embedding as it is (e.g. 224 px for DinoBloom files,
+    also inside a `dinov2_*` model, as DinoBloom's own loader does) or, without weights, the entry's
+    default; an explicit `img_size` resizes the position embedding bicubically once, at load time.
+    `kwargs` override constructor arguments.
+    """
+    state = load_pretrained_backbone_state(weights) if weights is not None else None
+    if name is None:
+        if state is None:
+            raise ValueError("load_backbone needs a model name, or weights to infer the architecture from")
+        config = infer_backbone_config(state)
+        if img_size is not None:
+            config["img_size"] = img_size
+        model = DinoVisionTransformer(**{**config, **kwargs})
+    else:
+        if name not in HUB_MODELS:
+            raise ValueError(f"unknown backbone {name!r}; expected one of: {', '.join(HUB_MODELS)}")
+        if img_size is None and state is not None and "pos_embed" in state:
+            patch_size = kwargs.get("patch_size", HUB_MODELS[name][1]["patch_size"])
+            img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * patch_size
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        model = build_model(name, **kwargs)
+    if state is not None:
+        load_backbone_state(model, state, source=str(weights))
+    return model.eval()
+
+
+def dinobloom_s(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+    """DinoBloom-S: ViT-S/14 (384-d features, 22M parameters) for single blood-cell images at 224 px.
+
+    weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_s"] =
+    https://zenodo.org/records/10908163/files/DinoBloom-S.pth); None = random init.
+    img_size: resize the position embedding to this input size (default: the checkpoint's, else 224).
+    Returns the model in eval mode; `model(x)` gives the normalised CLS embedding.
+    """
+    return load_backbone("dinobloom_s", weights, img_size, **kwargs)
+
+
+def dinobloom_b(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+    """DinoBloom-B: ViT-B/14 (768-d features, 86M parameters) for single blood-cell images at 224 px.
+
+    weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_b"] =
+    https://zenodo.org/records/10908163/files/DinoBloom-B.pth); None = random init.
+    img_size: resize the position embedding to this input size (default: the checkpoint's, else 224).
+    Returns the model in eval mode; `model(x)` gives the normalised CLS embedding.
+    """
+    return load_backbone("dinobloom_b", weights, img_size, **kwargs)
+
+
+def dinobloom_l(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+    """DinoBloom-L: ViT-L/14 (1024-d features, 303M parameters) for single blood-cell images at 224 px.
+
+    weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_l"] =
+    https://zenodo.org/records/10908163/files/DinoBloom-L.pth); None = random init.
+    img_size: resize the position embedding to this input size (default: the checkpoint's, else 224).
+    Returns the model in eval mode; `model(x)` gives the normalised CLS embedding.
+    """
+    return load_backbone("dinobloom_l", weights, img_size, **kwargs)
+
+
+def dinobloom_g(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+    """DinoBloom-G: ViT-g/14 with SwiGLU (1536-d features, 1.1B parameters) for blood cells at 224 px.
+
+    weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_g"] =
+    https://zenodo.org/records/10908163/files/DinoBloom-G.pth); None = random init.
+    img_size: resize the position embedding to this input size (default: the checkpoint's, else 224).
+    Returns the model in eval mode; `model(x)` gives the normalised CLS embedding.
+    """
+    return load_backbone("dinobloom_g", weights, img_size, **kwargs)
+
+
+def dinov2_vits14(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+    """DINOv2 ViT-S/14 as built by DINOv2's torch.hub (518 px position embedding, LayerScale 1.0).
+
+    weights: path or URL (original weights: DINOV2_URLS["dinov2_vits14"]), or a DinoBloom-S file;
+    None = random init. img_size: resize the position embedding (default: the checkpoint's, else 518).
+    """
+    return load_backbone("dinov2_vits14", weights, img_size, **kwargs)
+
+
+def dinov2_vitb14(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+    """DINOv2 ViT-B/14 as built by DINOv2's torch.hub (518 px position embedding, LayerScale 1.0).
+
+    weights: path or URL (original weights: DINOV2_URLS["dinov2_vitb14"]), or a DinoBloom-B file;
+    None = random init. img_size: resize the position embedding (default: the checkpoint's, else 518).
+    """
+    return load_backbone("dinov2_vitb14", weights, img_size, **kwargs)
+
+
+def dinov2_vitl14(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+    """DINOv2 ViT-L/14 as built by DINOv2's torch.hub (518 px position embedding, LayerScale 1.0).
+
+    weights: path or URL (original weights: DINOV2_URLS["dinov2_vitl14"]), or a DinoBloom-L file;
+    None = random init. img_size: resize the position embedding (default: the checkpoint's, else 518).
+    """
+    return load_backbone("dinov2_vitl14", weights, img_size, **kwargs)
+
+
+def dinov2_vitg14(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+    """DINOv2 ViT-g/14 (SwiGLU FFN) as built by DINOv2's torch.hub (518 px position embedding).
+
+    weights: path or URL (original weights: DINOV2_URLS["dinov2_vitg14"]), or a DinoBloom-G file;
+    None = random init. img_size: resize the position embedding (default: the checkpoint's, else 518).
+    """
+    return load_backbone("dinov2_vitg14", weights, img_size, **kwargs)
+
+
+__all__ = [
+    "DINOBLOOM_URLS",
+    "DINOV2_URLS",
+    "CheckpointError",
+    "dinobloom_b",
+    "dinobloom_g",
+    "dinobloom_l",
+    "dinobloom_s",
+    "dinov2_vitb14",
+    "dinov2_vitg14",
+    "dinov2_vitl14",
+    "dinov2_vits14",
+    "load_backbone",
+]

@@ -1,0 +1,270 @@
+"""The one strict loader for backbone weights: DinoBloom releases, DINOv2 hub files, our own checkpoints.
+
+Accepted layouts (after `torch.load(weights_only=True)` or safetensors):
+
+* `{"teacher": {...}}` (DinoBloom / our training runs): `dino_head.*` and `ibot_head.*` are dropped,
+  `backbone.` is stripped;
+* `{"model": {...}}` or `{"state_dict": {...}}` wrappers; inside them, `teacher.backbone.*` keys of a
+  full DINOv2 training checkpoint are selected;
+* a plain backbone state dict (DINOv2 hub files, `.safetensors` files with DINOv2 key names);
+* DDP's leading `module.` and torch.compile's `_orig_mod.` (at any depth) are removed;
+* DINOv2's chunked block keys `blocks.{chunk}.{i}.` are mapped to flat `blocks.{i}.`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+HEAD_PREFIXES = ("dino_head.", "ibot_head.")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6
+_PICKLE_MAGIC = b"\x80"  # legacy torch.save: a pickle, protocol 2+
+_CHUNKED_KEY = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
+_FLAT_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_HEADS_BY_DIM = {384: 6, 768: 12, 1024: 16, 1536: 24}
+
+
+class CheckpointError(RuntimeError):
+    """A weights file that cannot be loaded: unreadable, not a checkpoint, or not matching the model."""
+
+
+def _is_url(path_or_url: str | os.PathLike[str]) -> bool:
+    return urlparse(str(path_or_url)).scheme in ("http", "https", "ftp")
+
+
+def _download(url: str) -> Path:
+    """Download `url` once into torch.hub's checkpoint cache and return the local path."""
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("downloading %s to %s", url, target)
+        torch.hub.download_url_to_file(url, str(target), progress=True)
+    return target
+
+
+def _read_file(path: Path) -> Any:
+    """Read a `.safetensors` or `torch.save` file without executing any pickled code."""
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path} is not a valid safetensors file: {err}") from err
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(_ZIP_MAGIC) or magic.startswith(_PICKLE_MAGIC)):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (it starts with {magic!r}, neither a torch.save zip archive "
+            "nor a pickle); expected a .pth/.pt file from torch.save or a .safetensors file"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+            raise CheckpointError(
+                f"{path} contains pickled Python objects other than tensors and plain containers, which "
+                "weights_only=True refuses to load; if you trust the file, re-save its state dict with "
+                "torch.save(state_dict, new_path)"
+            ) from err
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({err})") from err
+    except Exception as err:  # torch.load reports corrupt files with many exception types
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {err})") from err
+
+
+def _strip_wrappers(key: str) -> str:
+    """Remove DDP's leading `module.` and torch.compile's `_orig_mod.` (which may sit at any depth)."""
+    key = key.replace("_orig_mod.", "")
+    while key.startswith("module."):
+        key = key[len("module.") :]
+    return key
+
+
+def extract_backbone_state(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Reduce a loaded checkpoint of any accepted layout to a plain backbone state dict with flat keys."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
+    for wrapper in ("teacher", "model", "state_dict"):
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    state = {_strip_wrappers(str(k)): v for k, v in obj.items()}
+    if any(k.startswith("teacher.backbone.") for k in state):
+        state = {k[len("teacher.") :]: v for k, v in state.items() if k.startswith("teacher.")}
+    state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items()}
+    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointError(f"{source}: entries that are not tensors: {', '.join(not_tensors[:10])}")
+    if not state:
+        raise CheckpointError(f"{source}: no backbone weights found (empty state dict)")
+    return flatten_block_chunks(state)
+
+
+def flatten_block_chunks(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map DINOv2's chunked `blocks.{chunk}.{i}.` keys to flat `blocks.{i}.` keys (others unchanged)."""
+    out = {}
+    for key, value in state.items():
+        match = _CHUNKED_KEY.match(key)
+        out[f"blocks.{match.group(2)}.{match.group(3)}" if match else key] = value
+    return out
+
+
+def load_pretrained_backbone_state(path_or_url: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a weights file or URL and return its backbone state dict with plain, flat DINOv2 keys."""
+    path = _download(str(path_or_url)) if _is_url(path_or_url) else Path(path_or_url).expanduser()
+    return extract_backbone_state(_read_file(path), str(path_or_url))
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, num_tokens: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resample a (1, prefix + M*M, D) position embedding to `num_tokens` tokens, as DinoBloom did.
+
+    The square patch grid is resized with bicubic `F.interpolate(size=...)` in float32 (no antialias,
+    align_corners=False); the prefix (cls) rows are kept as they are.
+    """
+    old_grid = pos_embed.shape[1] - num_prefix_tokens
+    new_grid = num_tokens - num_prefix_tokens
+    old_side, new_side = math.isqrt(old_grid), math.isqrt(new_grid)
+    if old_side * old_side != old_grid or new_side * new_side != new_grid:
+        raise CheckpointError(
+            f"cannot resize pos_embed from {pos_embed.shape[1]} to {num_tokens} tokens: not square patch grids"
+        )
+    dim = pos_embed.shape[-1]
+    grid = pos_embed[:, num_prefix_tokens:].float().reshape(1, old_side, old_side, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid, dim).to(pos_embed.dtype)
+    return torch.cat((pos_embed[:, :num_prefix_tokens], grid), dim=1)
+
+
+def _chunk_keys_for(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename flat block keys to the model's chunked `blocks.{chunk}.{i}.` keys when the model is chunked."""
+    chunk_of_block = {}
+    for key in model.state_dict():
+        match = _CHUNKED_KEY.match(key)
+        if match:
+            chunk_of_block[match.group(2)] = match.group(1)
+    if not chunk_of_block:
+        return dict(state)
+    out = {}
+    for key, value in state.items():
+        match = _FLAT_BLOCK_KEY.match(key)
+        if match and match.group(1) in chunk_of_block:
+            key = f"blocks.{chunk_of_block[match.group(1)]}.{match.group(1)}.{match.group(2)}"
+        out[key] = value
+    return out
+
+
+def _format_keys(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_backbone_weights(model: nn.Module, path_or_url: str | os.PathLike[str]) -> nn.Module:
+    """Strictly load backbone weights into `model`; resize `pos_embed` bicubically if its token count differs.
+
+    Raises `CheckpointError` naming every missing, unexpected and mis-shaped key; nothing is loaded then.
+    """
+    return load_backbone_state(model, load_pretrained_backbone_state(path_or_url), source=str(path_or_url))
+
+
+def load_backbone_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> nn.Module:
+    """`load_backbone_weights` for a plain backbone state dict (flat or chunked block keys)."""
+    state = _chunk_keys_for(model, flatten_block_chunks(state))
+    expected = model.state_dict()
+    pos = state.get("pos_embed")
+    if pos is not None and "pos_embed" in expected and pos.shape != expected["pos_embed"].shape:
+        target = expected["pos_embed"].shape
+        if pos.ndim == 3 and pos.shape[0] == 1 and pos.shape[2] == target[2]:
+            logger.info("resizing pos_embed from %d to %d tokens (bicubic)", pos.shape[1], target[1])
+            state["pos_embed"] = resize_pos_embed(pos, target[1])
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mis_shaped = [
+        f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {_format_keys(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_format_keys(unexpected)}")
+        if mis_shaped:
+            problems.append(f"mis-shaped keys: {_format_keys(mis_shaped)}")
+        raise CheckpointError(f"{source} does not match the model; " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def infer_backbone_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Constructor arguments of `DinoVisionTransformer` inferred from the shapes of a flat backbone state dict.
+
+    Heads follow DINOv2 (head dim 64); registers imply the hub `_reg` interpolation settings.
+    """
+    required = ("cls_token", "pos_embed", "patch_embed.proj.weight")
+    absent = [k for k in required if k not in state]
+    if absent:
+        raise CheckpointError(f"cannot infer the architecture: no {', '.join(absent)} in the checkpoint")
+    embed_dim = state["cls_token"].shape[-1]
+    patch_weight = state["patch_embed.proj.weight"]
+    patch_size = patch_weight.shape[-1]
+    block_ids = {int(m.group(1)) for k in state if (m := _FLAT_BLOCK_KEY.match(k))}
+    depth = max(block_ids) + 1 if block_ids else 0
+    n_registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
+    side = math.isqrt(state["pos_embed"].shape[1] - 1)
+    config: dict[str, Any] = dict(
+        img_size=side * patch_size,
+        patch_size=patch_size,
+        in_chans=patch_weight.shape[1],
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=_HEADS_BY_DIM.get(embed_dim, max(embed_dim // 64, 1)),
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        proj_bias="blocks.0.attn.proj.bias" in state,
+        init_values=1.0 if "blocks.0.ls1.gamma" in state else None,
+        num_register_tokens=n_registers,
+        interpolate_antialias=bool(n_registers),
+        interpolate_offset=0.0 if n_registers else 0.1,
+    )
+    if "blocks.0.mlp.w12.weight" in state:
+        hidden = state["blocks.0.mlp.w12.weight"].shape[0] // 2
+        config.update(ffn_layer="swiglufused", ffn_bias="blocks.0.mlp.w12.bias" in state)
+        config["mlp_ratio"] = _swiglu_mlp_ratio(embed_dim, hidden)
+    elif "blocks.0.mlp.fc1.weight" in state:
+        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+        ratio = hidden / embed_dim
+        if int(embed_dim * ratio) != hidden:  # guard against a float ratio that truncates one below
+            ratio = math.nextafter(ratio, math.inf)
+        config.update(ffn_layer="mlp", ffn_bias="blocks.0.mlp.fc1.bias" in state, mlp_ratio=ratio)
+    elif depth:
+        config["ffn_layer"] = "identity"
+    return config
+
+
+def _swiglu_mlp_ratio(embed_dim: int, hidden: int) -> float:
+    """An mlp_ratio for which DINOv2's SwiGLU rule `(int(int(D*r)*2/3)+7)//8*8` gives `hidden`."""
+    from dinov2.layers import swiglu_hidden_features
+
+    for ratio in (4.0, hidden * 1.5 / embed_dim):
+        if swiglu_hidden_features(int(embed_dim * ratio)) == hidden:
+            return ratio
+    raise CheckpointError(f"SwiGLU hidden width {hidden} (embed dim {embed_dim}) fits no mlp_ratio")

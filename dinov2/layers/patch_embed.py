@@ -1,0 +1,58 @@
+"""Image to patch-token embedding with a strided convolution."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class PatchEmbed(nn.Module):
+    """Split (B, C, H, W) images into non-overlapping patches and project each to `embed_dim`.
+
+    The output is (B, H/p * W/p, D) in row-major patch order, or (B, H/p, W/p, D) with
+    `flatten_embedding=False`.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        flatten_embedding: bool = True,
+    ) -> None:
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        self.patches_resolution = (
+            self.img_size[0] // self.patch_size[0],
+            self.img_size[1] // self.patch_size[1],
+        )
+        self.num_patches = self.patches_resolution[0] * self.patches_resolution[1]
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.flatten_embedding = flatten_embedding
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed the patches of `x`."""
+        height, width = x.shape[-2:]
+        patch_h, patch_w = self.patch_size
+        if height % patch_h or width % patch_w:
+            raise ValueError(
+                f"input size {height}x{width} is not a multiple of the patch size {patch_h}x{patch_w}"
+            )
+        x = self.proj(x)
+        grid_h, grid_w = x.shape[-2:]
+        x = self.norm(x.flatten(2).transpose(1, 2))
+        if not self.flatten_embedding:
+            x = x.reshape(-1, grid_h, grid_w, self.embed_dim)
+        return x

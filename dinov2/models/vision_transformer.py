@@ -1,0 +1,331 @@
+"""The DINOv2 Vision Transformer, parameter-for-parameter and numerically identical to the reference.
+
+State-dict keys, shapes and forward semantics follow facebookresearch/dinov2 (see
+../shared/conformance/README.md), so DinoBloom and DINOv2 checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dinov2.layers import Block, BlockChunk, LayerScale, Mlp, PatchEmbed, SwiGLUFFNFused
+
+logger = logging.getLogger(__name__)
+
+FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
+
+
+def _identity_ffn(*args: object, **kwargs: object) -> nn.Module:
+    return nn.Identity()
+
+
+def _ffn_factory(ffn_layer: str) -> Callable[..., nn.Module]:
+    if ffn_layer == "mlp":
+        return Mlp
+    if ffn_layer in ("swiglu", "swiglufused"):
+        return SwiGLUFFNFused
+    if ffn_layer == "identity":
+        return _identity_ffn
+    raise ValueError(f"unknown ffn_layer {ffn_layer!r}; expected one of {', '.join(FFN_LAYERS)}")
+
+
+def _init_linear_trunc_normal(module: nn.Module) -> None:
+    """timm's ViT init: truncated-normal (std 0.02) linear weights and zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class DinoVisionTransformer(nn.Module):
+    """DINOv2's ViT: patch embedding, cls (+ register) tokens, interpolated position embedding, blocks, norm."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 14,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        ffn_bias: bool = True,
+        proj_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
+        init_values: float | None = None,
+        embed_layer: Callable[..., nn.Module] = PatchEmbed,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        block_fn: Callable[..., nn.Module] = Block,
+        ffn_layer: str = "mlp",
+        block_chunks: int = 0,
+        num_register_tokens: int = 0,
+        interpolate_antialias: bool = False,
+        interpolate_offset: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+        self.num_features = self.embed_dim = embed_dim
+        self.num_tokens = 1
+        self.n_blocks = depth
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_antialias = interpolate_antialias
+        self.interpolate_offset = interpolate_offset
+
+        self.patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_tokens, embed_dim))
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
+
+        if drop_path_uniform:
+            drop_path_rates = [drop_path_rate] * depth
+        else:
+            drop_path_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        ffn = _ffn_factory(ffn_layer)
+        blocks = [
+            block_fn(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_bias=proj_bias,
+                ffn_bias=ffn_bias,
+                drop_path=drop_path_rates[i],
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                ffn_layer=ffn,
+                init_values=init_values,
+            )
+            for i in range(depth)
+        ]
+        self.chunked_blocks = block_chunks > 0
+        if self.chunked_blocks:
+            # DINOv2 pads chunk c with Identity modules in front, so chunk c keeps the global block indices
+            # (`blocks.{c}.{i}.`) and checkpoints of chunked configs load unchanged.
+            chunk_size = depth // block_chunks
+            self.blocks = nn.ModuleList(
+                BlockChunk([nn.Identity()] * start + blocks[start : start + chunk_size])
+                for start in range(0, depth, chunk_size)
+            )
+        else:
+            self.blocks = nn.ModuleList(blocks)
+
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Identity()
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter as DINOv2 does; works after `to_empty()` from the meta device."""
+        for module in self.modules():
+            if isinstance(module, (nn.LayerNorm, nn.Conv2d, LayerScale)):
+                module.reset_parameters()
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        nn.init.zeros_(self.mask_token)
+        self.apply(_init_linear_trunc_normal)
+
+    def iter_blocks(self) -> Iterator[nn.Module]:
+        """The transformer blocks in order, skipping the Identity padding of chunked layouts."""
+        for module in self.blocks:
+            if isinstance(module, BlockChunk):
+                yield from (block for block in module if not isinstance(block, nn.Identity))
+            else:
+                yield module
+
+    def interpolate_pos_encoding(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Position embedding for tokens `x` (cls + patches) of an image of `height` x `width` pixels.
+
+        The stored embedding is used as-is only for the training grid size and square images; otherwise
+        the patch grid is resampled bicubically in float32 (the cls row is kept).
+        """
+        n_patches = x.shape[1] - 1
+        n_stored = self.pos_embed.shape[1] - 1
+        if n_patches == n_stored and height == width:
+            return self.pos_embed
+        pos_embed = self.pos_embed.float()
+        cls_pos = pos_embed[:, :1]
+        side = int(math.sqrt(n_stored))
+        if side * side != n_stored:
+            raise ValueError(f"pos_embed has {n_stored} patch positions, which is not a square grid")
+        grid_h, grid_w = height // self.patch_size, width // self.patch_size
+        dim = pos_embed.shape[-1]
+        if self.interpolate_offset:
+            # DINOv2 passes scale_factor (not size): PyTorch then maps coordinates with this exact scale.
+            resize = {
+                "scale_factor": (
+                    float(grid_h + self.interpolate_offset) / side,
+                    float(grid_w + self.interpolate_offset) / side,
+                )
+            }
+        else:
+            resize = {"size": (grid_h, grid_w)}
+        patch_pos = F.interpolate(
+            pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2),
+            mode="bicubic",
+            antialias=self.interpolate_antialias,
+            **resize,
+        )
+        if patch_pos.shape[-2:] != (grid_h, grid_w):
+            raise RuntimeError(f"interpolated grid {tuple(patch_pos.shape[-2:])} != expected {(grid_h, grid_w)}")
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
+        return torch.cat((cls_pos, patch_pos), dim=1).to(x.dtype)
+
+    def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch-embed images (B, C, H, W), replace masked patches by `mask_token`, add cls/pos/registers."""
+        height, width = x.shape[-2:]
+        x = self.patch_embed(x)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = x + self.interpolate_pos_encoding(x, height, width)
+        if self.register_tokens is not None:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
+        return x
+
+    def _split_outputs(self, x: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        x_norm = self.norm(x)
+        first_patch = 1 + self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1:first_patch],
+            "x_norm_patchtokens": x_norm[:, first_patch:],
+            "x_prenorm": x,
+            "masks": masks,
+        }
+
+    def forward_features(
+        self,
+        x: torch.Tensor | list[torch.Tensor],
+        masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    ) -> dict[str, torch.Tensor | None] | list[dict[str, torch.Tensor | None]]:
+        """Normalised cls / register / patch tokens and the pre-norm sequence.
+
+        `x` is a batch (B, C, H, W) or a list of batches (one dict each, each at its own size); `masks`
+        is boolean (B, n_patches), True for patches to replace with the mask token, or a list of those.
+        """
+        if isinstance(x, (list, tuple)):
+            masks_list = [None] * len(x) if masks is None else list(masks)
+            if len(masks_list) != len(x):
+                raise ValueError(f"got {len(x)} image batches but {len(masks_list)} masks")
+            return [self.forward_features(xi, mi) for xi, mi in zip(x, masks_list)]
+        tokens = self.prepare_tokens_with_masks(x, masks)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self._split_outputs(tokens, masks)
+
+    def _intermediate_outputs(self, x: torch.Tensor, n: int | Sequence[int]) -> list[torch.Tensor]:
+        tokens = self.prepare_tokens_with_masks(x)
+        take = set(range(self.n_blocks - n, self.n_blocks) if isinstance(n, int) else n)
+        outputs = []
+        for index, block in enumerate(self.iter_blocks()):
+            tokens = block(tokens)
+            if index in take:
+                outputs.append(tokens)
+        if len(outputs) != len(take):
+            raise ValueError(f"requested blocks {sorted(take)} but the model has {self.n_blocks} blocks")
+        return outputs
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple[torch.Tensor, ...] | tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Patch tokens (and optionally cls tokens) of the last `n` blocks, or of the block indices in `n`.
+
+        Outputs are shallow first; `norm` applies the final LayerNorm; `reshape` returns (B, D, h, w) maps.
+        """
+        outputs = self._intermediate_outputs(x, n)
+        if norm:
+            outputs = [self.norm(out) for out in outputs]
+        class_tokens = [out[:, 0] for out in outputs]
+        patches = [out[:, 1 + self.num_register_tokens :] for out in outputs]
+        if reshape:
+            batch = x.shape[0]
+            grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+            patches = [
+                out.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for out in patches
+            ]
+        if return_class_token:
+            return tuple(zip(patches, class_tokens))
+        return tuple(patches)
+
+    def forward(self, *args: object, is_training: bool = False, **kwargs: object) -> object:
+        """The normalised cls token (B, D); with `is_training=True` the full `forward_features` output."""
+        features = self.forward_features(*args, **kwargs)
+        if is_training:
+            return features
+        return self.head(features["x_norm_clstoken"])
+
+
+def vit_small(patch_size: int = 14, num_register_tokens: int = 0, **kwargs: object) -> DinoVisionTransformer:
+    """ViT-S: 384 wide, 12 blocks, 6 heads (21M parameters)."""
+    return DinoVisionTransformer(
+        patch_size=patch_size,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        mlp_ratio=4,
+        num_register_tokens=num_register_tokens,
+        **kwargs,
+    )
+
+
+def vit_base(patch_size: int = 14, num_register_tokens: int = 0, **kwargs: object) -> DinoVisionTransformer:
+    """ViT-B: 768 wide, 12 blocks, 12 heads (86M parameters)."""
+    return DinoVisionTransformer(
+        patch_size=patch_size,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4,
+        num_register_tokens=num_register_tokens,
+        **kwargs,
+    )
+
+
+def vit_large(patch_size: int = 14, num_register_tokens: int = 0, **kwargs: object) -> DinoVisionTransformer:
+    """ViT-L: 1024 wide, 24 blocks, 16 heads (303M parameters)."""
+    return DinoVisionTransformer(
+        patch_size=patch_size,
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        mlp_ratio=4,
+        num_register_tokens=num_register_tokens,
+        **kwargs,
+    )
+
+
+def vit_giant2(patch_size: int = 14, num_register_tokens: int = 0, **kwargs: object) -> DinoVisionTransformer:
+    """ViT-g/2: 1536 wide, 40 blocks, 24 heads (1.1B parameters); use with `ffn_layer="swiglufused"`."""
+    return DinoVisionTransformer(
+        patch_size=patch_size,
+        embed_dim=1536,
+        depth=40,
+        num_heads=24,
+        mlp_ratio=4,
+        num_register_tokens=num_register_tokens,
+        **kwargs,
+    )

@@ -1,0 +1,103 @@
+"""Feature-extraction throughput of our ViT-S/14 next to timm's `vit_small_patch14_dinov2`, same weights.
+
+    python scripts/benchmark_features.py [--weights DinoBloom-S.pth] [--batch-size 32] [--iters 10]
+
+Both models run in one process on the same input, interleaved (alternating order) so that both see the
+same machine state; after a warm-up, the median time per batch over `--iters` iterations is reported.
+Defaults: 224 px, batch 32, float32 on CPU under `torch.inference_mode()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a file from a checkout: make `dinov2` and export_timm importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from export_timm import timm_model_config, timm_state_dict  # noqa: E402
+
+from dinov2.hub import load_backbone  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def _time_once(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """Wall time of one call; waits for queued GPU work so that the kernels are timed, not their launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def benchmark(
+    weights: str | None = None,
+    batch_size: int = 32,
+    img_size: int = 224,
+    iters: int = 10,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Median seconds per batch of our backbone and of timm's, after checking they agree to 2e-5."""
+    import timm
+
+    device = torch.device(device)
+    ours = load_backbone("dinobloom_s", weights, img_size=img_size).to(device)
+    name, kwargs = timm_model_config(ours)
+    reference = timm.create_model(name, pretrained=False, **kwargs).eval().to(device)
+    reference.load_state_dict(timm_state_dict(ours), strict=True)
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
+    runners = {"dinov2 (ours)": lambda: ours(x), f"timm {name}": lambda: reference.forward_features(x)[:, 0]}
+    with torch.inference_mode():
+        max_diff = (runners["dinov2 (ours)"]() - runners[f"timm {name}"]()).abs().max().item()
+        if max_diff > 2e-5:
+            raise RuntimeError(f"our features and timm's differ by {max_diff:.2e}; the comparison is meaningless")
+        times: dict[str, list[float]] = {label: [] for label in runners}
+        labels = list(runners)
+        for step in range(warmup + iters):
+            order = labels if step % 2 == 0 else labels[::-1]
+            for label in order:
+                elapsed = _time_once(runners[label], device)
+                if step >= warmup:
+                    times[label].append(elapsed)
+    logger.info("max |ours - timm| = %.2e", max_diff)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Run the benchmark and print a table."""
+    parser = argparse.ArgumentParser(description="ViT-S/14 feature-extraction throughput: ours vs timm.")
+    parser.add_argument("--weights", default=None, help="checkpoint (any layout the loader accepts); default random")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = benchmark(args.weights, args.batch_size, args.img_size, args.iters, args.warmup, args.device)
+    baseline = max(results.values())
+    print(f"ViT-S/14, {args.img_size} px, batch {args.batch_size}, float32, {args.device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.iters}")
+    print(f"{'implementation':<36} {'ms / batch':>11} {'images / s':>11} {'speed-up':>9}")
+    for label, seconds in results.items():
+        print(f"{label:<36} {seconds * 1e3:>11.1f} {args.batch_size / seconds:>11.1f} {baseline / seconds:>8.2f}x")
+    return results
+
+
+if __name__ == "__main__":
+    main()

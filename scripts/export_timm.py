@@ -1,0 +1,138 @@
+"""Export a DinoBloom / DINOv2 backbone to a `.safetensors` file in timm's ViT layout.
+
+    python scripts/export_timm.py --weights DinoBloom-S.pth --output dinobloom_s_timm.safetensors
+
+then, in timm (the exported file records the model name and keyword arguments in its metadata):
+
+    model = timm.create_model("vit_small_patch14_dinov2", img_size=224, num_classes=0,
+                              pretrained=True, pretrained_cfg_overlay=dict(file="dinobloom_s_timm.safetensors"))
+
+Key mapping (what timm's own DINOv2 converter does): `mask_token` is dropped; SwiGLU `mlp.w12`/`mlp.w3`
+become `mlp.fc1`/`mlp.fc2` (timm's packed SwiGLU); with registers, `register_tokens` becomes `reg_token`,
+the cls row of `pos_embed` is folded into `cls_token` and `pos_embed` keeps only the patch rows (timm's
+`no_embed_class` models). Everything else keeps its name. timm interpolates position embeddings
+differently, so outputs match ours at the exported image size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a file from a checkout: make `dinov2` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dinov2.hub import load_backbone  # noqa: E402
+from dinov2.hub.loader import flatten_block_chunks  # noqa: E402
+from dinov2.models import DinoVisionTransformer  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+# timm's DINOv2 models by width: (size name, heads, depth); SwiGLU backbones map to the giant model.
+_TIMM_SIZES = {384: ("small", 6, 12), 768: ("base", 12, 12), 1024: ("large", 16, 24), 1536: ("giant", 24, 40)}
+_TIMM_SWIGLU_RATIO = 2.66667 * 2  # timm's vit_giant_patch14_dinov2 default (packed w12 width / dim)
+
+
+def _ratio_for(hidden: int, dim: int) -> float:
+    """An mlp_ratio with int(dim * ratio) == hidden."""
+    ratio = hidden / dim
+    return ratio if int(dim * ratio) == hidden else math.nextafter(ratio, math.inf)
+
+
+def timm_model_config(model: DinoVisionTransformer) -> tuple[str, dict[str, Any]]:
+    """The timm model name and the `timm.create_model` keyword arguments that rebuild `model`'s layout."""
+    dim, swiglu, registers = model.embed_dim, _is_swiglu(model), model.num_register_tokens
+    size, heads, depth = _TIMM_SIZES[1536] if swiglu else _TIMM_SIZES.get(dim, _TIMM_SIZES[384])
+    default_dim = {"small": 384, "base": 768, "large": 1024, "giant": 1536}[size]
+    name = f"vit_{size}_patch14{'_reg4' if registers else ''}_dinov2"
+    kwargs: dict[str, Any] = {"img_size": model.patch_embed.img_size[0], "num_classes": 0}
+    for key, value, default in (
+        ("patch_size", model.patch_size, 14),
+        ("embed_dim", dim, default_dim),
+        ("num_heads", model.num_heads, heads),
+        ("depth", model.n_blocks, depth),
+        ("reg_tokens", registers, 4 if registers else 0),
+    ):
+        if value != default:
+            kwargs[key] = value
+    hidden = _ffn_hidden(model)
+    if swiglu and int(dim * _TIMM_SWIGLU_RATIO) != 2 * hidden:
+        kwargs["mlp_ratio"] = _ratio_for(2 * hidden, dim)  # timm's packed SwiGLU counts both halves
+    elif not swiglu and hidden != int(dim * 4):
+        kwargs["mlp_ratio"] = _ratio_for(hidden, dim)
+    return name, kwargs
+
+
+def _first_block(model: DinoVisionTransformer) -> torch.nn.Module:
+    return next(model.iter_blocks())
+
+
+def _is_swiglu(model: DinoVisionTransformer) -> bool:
+    return hasattr(_first_block(model).mlp, "w12")
+
+
+def _ffn_hidden(model: DinoVisionTransformer) -> int:
+    mlp = _first_block(model).mlp
+    return mlp.w3.in_features if hasattr(mlp, "w3") else mlp.fc1.out_features
+
+
+def timm_state_dict(model: DinoVisionTransformer) -> dict[str, torch.Tensor]:
+    """`model`'s weights renamed to timm's VisionTransformer keys (see the module docstring)."""
+    state = flatten_block_chunks(model.state_dict())
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key == "mask_token":
+            continue
+        key = key.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")
+        out[key] = value.detach().clone().contiguous()
+    if model.num_register_tokens:
+        out["reg_token"] = out.pop("register_tokens")
+        pos_embed = out["pos_embed"]
+        out["cls_token"] = out["cls_token"] + pos_embed[:, :1]
+        out["pos_embed"] = pos_embed[:, 1:].contiguous()
+    return out
+
+
+def export_timm(
+    weights: str | Path, output: str | Path, model: str | None = None, img_size: int | None = None
+) -> tuple[Path, str, dict[str, Any]]:
+    """Load `weights` (any layout the strict loader accepts) and write the timm `.safetensors` export."""
+    from safetensors.torch import save_file
+
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ValueError(f"the export must be a .safetensors file, got {output}")
+    backbone = load_backbone(model, weights, img_size)
+    name, kwargs = timm_model_config(backbone)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs), "source": str(weights)}
+    save_file(timm_state_dict(backbone), str(output), metadata=metadata)
+    return output, name, kwargs
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description="Export a DinoBloom / DINOv2 backbone to timm's safetensors layout.")
+    parser.add_argument("--weights", required=True, help="checkpoint path or URL (any layout the loader accepts)")
+    parser.add_argument("--output", required=True, help="the .safetensors file to write")
+    parser.add_argument("--model", default=None, help="hub entry name; omit to infer it from the weights")
+    parser.add_argument("--img-size", type=int, default=None, help="resize the position embedding first")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    output, name, kwargs = export_timm(args.weights, args.output, args.model, args.img_size)
+    call = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in kwargs.items())])
+    print(f"wrote {output}; load it with timm.create_model({call}, pretrained=True, "
+          f"pretrained_cfg_overlay=dict(file={str(output)!r}))")
+    return output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Feature extraction CLI and the features file format."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinov2.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dinov2.eval import extract_features as ef
+from dinov2.eval.features_io import FeatureSet, load_features, save_features
+from dinov2.models import DinoVisionTransformer
+
+IMG = 28  # 2x2 patches of 14 px: a tiny, fast model
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DinoVisionTransformer]:
+    torch.manual_seed(0)
+    model = DinoVisionTransformer(img_size=IMG, embed_dim=64, depth=1, num_heads=1, init_values=1.0).eval()
+    path = tmp_path_factory.mktemp("weights") / "teacher_checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path, model
+
+
+def _image(path: Path, seed: int, size: tuple[int, int] = (40, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "cells"
+    _image(root / "neutrophil" / "patient1" / "a.jpg", 0)
+    _image(root / "neutrophil" / "b.png", 1)
+    _image(root / "basophil" / "c.JPG", 2)
+    _image(root / "loose.png", 3)
+    (root / "basophil" / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "basophil" / "notes.txt").write_text("ignored: not an image")
+    _image(root / ".thumbnails" / "hidden.png", 4)  # hidden folders are not data
+    (root / "neutrophil" / "._b.png").write_bytes(b"macOS resource fork")
+    return root
+
+
+def _expected_feature(model: DinoVisionTransformer, path: Path) -> np.ndarray:
+    """DinoBloom's preprocessing written out independently: torchvision's Resize((s, s)) on a PIL image is
+    PIL's bilinear resize; then ToTensor and the ImageNet normalisation."""
+    image = Image.open(path).convert("RGB").resize((IMG, IMG), Image.Resampling.BILINEAR)
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255)[None]
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        cls = model(x)
+    return torch.nn.functional.normalize(cls, dim=-1)[0].numpy()
+
+
+def test_folder_extraction_cli(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    weights, model = tiny_weights
+    output = tmp_path / "features.h5"
+    with caplog.at_level(logging.WARNING):
+        ef.main(["--weights", str(weights), "--data", str(image_folder), "--output", str(output),
+                 "--img-size", str(IMG), "--num-workers", "0", "--batch-size", "2", "--device", "cpu"])
+    assert f"skipping unreadable image {image_folder / 'basophil' / 'broken.jpg'}" in caplog.text
+    assert "skipped 1 of 5 images" in caplog.text
+
+    result = load_features(output)
+    assert result.paths == ["basophil/c.JPG", "loose.png", "neutrophil/b.png", "neutrophil/patient1/a.jpg"]
+    assert result.class_names == ["basophil", "neutrophil"]
+    assert result.labels.tolist() == [0, -1, 1, 1]
+    assert result.features.dtype == np.float32 and result.features.shape == (4, 64)
+    np.testing.assert_allclose(np.linalg.norm(result.features, axis=1), 1.0, rtol=1e-6)
+    for row, rel in zip(result.features, result.paths):
+        np.testing.assert_allclose(row, _expected_feature(model, image_folder / rel), atol=1e-5)
+    assert result.meta["model"] == "inferred:vit"
+    assert result.meta["weights"] == str(weights)
+    assert result.meta["embed_dim"] == 64 and result.meta["n_skipped"] == 1
+
+    # the HDF5 layout the evaluation code reads
+    with h5py.File(output) as f:
+        assert f["features"].dtype == np.float32 and f["labels"].dtype == np.int64
+        assert f["paths"].asstr()[0] == "basophil/c.JPG"
+        assert f.attrs["class_names"] == '["basophil", "neutrophil"]'
+
+
+def test_txt_and_csv_lists_and_worker_loading(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path
+) -> None:
+    weights, _ = tiny_weights
+    txt = image_folder / "list.txt"
+    txt.write_text("# cells to embed\nneutrophil/b.png\n\n" + str(image_folder / "basophil" / "c.JPG") + "\n")
+    from_txt = ef.extract_features(txt, tmp_path / "txt.npz", weights=weights, img_size=IMG, device="cpu")
+    assert from_txt.paths == ["neutrophil/b.png", str(image_folder / "basophil" / "c.JPG")]
+    assert from_txt.labels.tolist() == [-1, -1] and from_txt.class_names == []
+
+    csv_path = image_folder / "list.csv"
+    csv_path.write_text("path,label\nneutrophil/b.png,neutrophil\nbasophil/c.JPG,basophil\nloose.png,\n")
+    from_csv = ef.extract_features(csv_path, tmp_path / "csv.npz", weights=weights, img_size=IMG,
+                                   device="cpu", num_workers=1, batch_size=2)
+    assert from_csv.class_names == ["basophil", "neutrophil"]
+    assert from_csv.labels.tolist() == [1, 0, -1]
+    np.testing.assert_allclose(from_csv.features[0], from_txt.features[0], atol=1e-6)
+
+    reloaded = load_features(tmp_path / "csv.npz")
+    np.testing.assert_array_equal(reloaded.features, from_csv.features)
+    assert reloaded.paths == from_csv.paths and reloaded.class_names == from_csv.class_names
+    assert reloaded.meta["embed_dim"] == 64 and reloaded.meta["model"] == "inferred:vit"
+
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("file,label\na.jpg,x\n")
+    with pytest.raises(ValueError, match="needs a 'path' column"):
+        ef.list_images(bad_csv)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        ef.list_images(tmp_path / "empty_dir")
+    with pytest.raises(FileNotFoundError, match="--data not found"):
+        ef.list_images(tmp_path / "nowhere")
+
+
+def test_no_readable_image_is_an_error(tmp_path: Path, tiny_weights: tuple[Path, DinoVisionTransformer]) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="none of the 1 images could be read"):
+        ef.extract_features(tmp_path, weights=tiny_weights[0], img_size=IMG, device="cpu")
+
+
+def test_hub_name_without_weights_fetches_the_release(monkeypatch: pytest.MonkeyPatch, image_folder: Path) -> None:
+    requested = []
+
+    def fake_load_backbone(name: str | None, weights: str) -> DinoVisionTransformer:
+        requested.append((name, weights))
+        return DinoVisionTransformer(img_size=IMG, embed_dim=64, depth=1, num_heads=1)
+
+    monkeypatch.setattr(ef, "load_backbone", fake_load_backbone)
+    result = ef.extract_features(image_folder, model="dinobloom_b", img_size=IMG, device="cpu")
+    assert requested == [("dinobloom_b", "https://zenodo.org/records/10908163/files/DinoBloom-B.pth")]
+    assert result.meta["model"] == "dinobloom_b"
+    with pytest.raises(ValueError, match="no released weights known for 'vit_small'"):
+        ef.release_weights("vit_small")
+    with pytest.raises(ValueError, match="give --model, --weights, or both"):
+        ef.extract_features(image_folder)
+
+
+def test_features_io_validation(tmp_path: Path) -> None:
+    features = np.eye(3, 4, dtype=np.float32)
+    for suffix in (".h5", ".npz"):
+        path = save_features(tmp_path / f"f{suffix}", features, [0, 1, -1], ["a", "b", "c"], ["x", "y"],
+                             {"model": "m", "weights": "w.pth", "embed_dim": 4})
+        loaded = load_features(path)
+        assert isinstance(loaded, FeatureSet) and len(loaded) == 3
+        np.testing.assert_array_equal(loaded.features, features)
+        assert loaded.labels.dtype == np.int64 and loaded.labels.tolist() == [0, 1, -1]
+        assert loaded.meta == {"model": "m", "weights": "w.pth", "embed_dim": 4}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5", "f.npz"]  # no temporary files left
+    with pytest.raises(ValueError, match="unsupported features file type '.pt'"):
+        save_features(tmp_path / "f.pt", features, [0, 1, 0], ["a", "b", "c"], ["x", "y"])
+    with pytest.raises(ValueError, match="3 feature rows but labels of shape"):
+        save_features(tmp_path / "g.h5", features, [0, 1], ["a", "b", "c"], ["x", "y"])
+    with pytest.raises(ValueError, match=r"labels must lie in \[-1, 1\]"):
+        save_features(tmp_path / "g.h5", features, [0, 2, 0], ["a", "b", "c"], ["x", "y"])
+    with pytest.raises(ValueError, match="clash with the array names"):
+        save_features(tmp_path / "g.h5", features, [0, 1, 0], ["a", "b", "c"], ["x", "y"], {"labels": "no"})
+    with h5py.File(tmp_path / "partial.h5", "w") as f:
+        f.create_dataset("features", data=features)
+    with pytest.raises(ValueError, match=r"partial\.h5: missing datasets \['labels', 'paths'\]"):
+        load_features(tmp_path / "partial.h5")
+    with pytest.raises(FileNotFoundError, match="features file not found"):
+        load_features(tmp_path / "absent.npz")
+
+
+def test_real_blood_cell_images(shared_data_dir: Path, tiny_weights: tuple[Path, DinoVisionTransformer],
+                                tmp_path: Path) -> None:
+    """Real PBC jpgs decode and keep their class from the folder name."""
+    dev = shared_data_dir / "dev"
+    classes = sorted(p.name for p in dev.iterdir() if p.is_dir())[:2]
+    rows = [f"{(dev / c / f.name).as_posix()},{c}" for c in classes for f in sorted((dev / c).glob("*.jpg"))[:3]]
+    csv_path = tmp_path / "cells.csv"
+    csv_path.write_text("path,label\n" + "\n".join(rows) + "\n")
+    result = ef.extract_features(csv_path, tmp_path / "f.h5", weights=tiny_weights[0], img_size=IMG, device="cpu")
+    assert result.class_names == classes and result.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert result.meta["n_skipped"] == 0 and np.isfinite(result.features).all()

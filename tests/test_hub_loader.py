@@ -1,0 +1,338 @@
+"""The strict weight loader, architecture inference, hub entry points and the timm export."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinov2.hub import (
+    CheckpointError,
+    infer_backbone_config,
+    load_backbone,
+    load_backbone_weights,
+    load_pretrained_backbone_state,
+    resize_pos_embed,
+)
+from dinov2.models import DinoVisionTransformer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(**kwargs: Any) -> DinoVisionTransformer:
+    """A small randomly initialised backbone (head dim 64, so the head count is inferable)."""
+    torch.manual_seed(0)
+    defaults = dict(img_size=56, embed_dim=128, depth=2, num_heads=2, init_values=1.0)
+    model = DinoVisionTransformer(**{**defaults, **kwargs}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)  # nothing left at its init value, so a skipped key would show
+    return model
+
+
+def teacher_checkpoint(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """The DinoBloom release layout: backbone + DINO/iBOT heads under "teacher"."""
+    heads = {f"{h}.mlp.0.weight": torch.zeros(4, model.embed_dim) for h in ("dino_head", "ibot_head")}
+    heads.update({f"{h}.last_layer.weight_g": torch.ones(8, 1) for h in ("dino_head", "ibot_head")})
+    return {"teacher": {**{f"backbone.{k}": v for k, v in model.state_dict().items()}, **heads}}
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["plain", "teacher", "model", "state_dict", "module_prefix", "orig_mod_prefix", "chunked", "full_training"],
+)
+def test_accepted_layouts_load_identically(tmp_path: Path, layout: str) -> None:
+    source = tiny_model()
+    state = source.state_dict()
+    if layout == "plain":
+        obj: Any = state
+    elif layout == "teacher":
+        obj = teacher_checkpoint(source)
+    elif layout in ("model", "state_dict"):
+        obj = {layout: state, "iteration": 12}
+    elif layout == "module_prefix":
+        obj = {"teacher": {f"module.{k}": v for k, v in teacher_checkpoint(source)["teacher"].items()}}
+    elif layout == "orig_mod_prefix":
+        obj = {f"_orig_mod.{k}": v for k, v in state.items()}
+    elif layout == "chunked":
+        obj = tiny_model(block_chunks=2).state_dict()
+        assert "blocks.1.1.attn.qkv.weight" in obj
+    else:  # DINOv2's full training checkpoint: student and teacher side by side
+        obj = {"model": {**{f"student.backbone.{k}": v * 0 for k, v in state.items()},
+                         **{f"teacher.backbone.{k}": v for k, v in state.items()}}}
+    path = tmp_path / "weights.pth"
+    torch.save(obj, path)
+    target = DinoVisionTransformer(img_size=56, embed_dim=128, depth=2, num_heads=2, init_values=1.0)
+    load_backbone_weights(target, path)
+    assert_same_weights(target, source)
+
+
+def test_safetensors_and_chunked_target(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    source = tiny_model()
+    path = tmp_path / "weights.safetensors"
+    save_file(source.state_dict(), str(path))
+    state = load_pretrained_backbone_state(path)
+    assert sorted(state) == sorted(source.state_dict())  # safetensors stores keys sorted
+    chunked = tiny_model(block_chunks=2)
+    load_backbone_weights(chunked, path)  # flat file into DINOv2's chunked layout
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x), source(x), rtol=0, atol=0)
+
+
+def _save(tmp_path: Path, state: dict[str, torch.Tensor]) -> Path:
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path: Path) -> None:
+    source = tiny_model()
+    target = tiny_model()
+    with torch.no_grad():
+        target.cls_token.fill_(3.0)
+    state = source.state_dict()
+    del state["blocks.1.ls2.gamma"]
+    state["blocks.0.attn.extra.weight"] = torch.zeros(2)
+    state["norm.weight"] = torch.zeros(64)
+    with pytest.raises(CheckpointError) as info:
+        load_backbone_weights(target, _save(tmp_path, state))
+    message = str(info.value)
+    assert "bad.pth" in message
+    assert "missing keys: blocks.1.ls2.gamma" in message
+    assert "unexpected keys: blocks.0.attn.extra.weight" in message
+    assert "mis-shaped keys: norm.weight (checkpoint (64,), model (128,))" in message
+    assert torch.all(target.cls_token == 3.0)  # nothing was loaded
+    assert issubclass(CheckpointError, RuntimeError)
+
+
+def test_a_classifier_head_is_unexpected(tmp_path: Path) -> None:
+    state = {**tiny_model().state_dict(), "head.weight": torch.zeros(10, 128)}
+    with pytest.raises(CheckpointError, match="unexpected keys: head.weight"):
+        load_backbone_weights(tiny_model(), _save(tmp_path, state))
+
+
+class NotATensor:
+    """A class that weights_only unpickling refuses."""
+
+
+def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights\n")
+    with pytest.raises(CheckpointError, match=r"notes\.pth is not a PyTorch checkpoint"):
+        load_pretrained_backbone_state(text)
+
+    image = tmp_path / "cell.pth"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image, format="PNG")
+    with pytest.raises(CheckpointError, match=r"cell\.pth is not a PyTorch checkpoint"):
+        load_pretrained_backbone_state(image)
+
+    pickled = tmp_path / "object.pth"
+    torch.save({"teacher": NotATensor()}, pickled)
+    with pytest.raises(CheckpointError, match=r"object\.pth contains pickled Python objects.*weights_only"):
+        load_pretrained_backbone_state(pickled)
+
+    fake_st = tmp_path / "fake.safetensors"
+    fake_st.write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match=r"fake\.safetensors is not a valid safetensors file"):
+        load_pretrained_backbone_state(fake_st)
+
+    with pytest.raises(CheckpointError, match="weights file not found"):
+        load_pretrained_backbone_state(tmp_path / "absent.pth")
+
+    torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 4), "backbone.note": "x"}}, pickled)
+    with pytest.raises(CheckpointError, match="entries that are not tensors: note"):
+        load_pretrained_backbone_state(pickled)
+
+    torch.save([torch.zeros(2)], pickled)
+    with pytest.raises(CheckpointError, match="expected a dict of tensors, found list"):
+        load_pretrained_backbone_state(pickled)
+
+
+def test_hub_sized_pos_embed_is_resized_on_load(tmp_path: Path) -> None:
+    """A DINOv2 hub file (37x37 grid, 1370 tokens) loads into a 224 px model: bicubic to 16x16, cls kept."""
+    hub = tiny_model(img_size=518)
+    assert hub.pos_embed.shape[1] == 1370
+    path = tmp_path / "hub.pth"
+    torch.save(hub.state_dict(), path)
+    model = load_backbone(None, path, img_size=224)
+    assert model.pos_embed.shape == (1, 257, 128)
+    grid = hub.pos_embed[:, 1:].reshape(1, 37, 37, 128).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(16, 16), mode="bicubic").permute(0, 2, 3, 1)
+    torch.testing.assert_close(model.pos_embed[:, 1:], expected.reshape(1, 256, 128), rtol=0, atol=0)
+    assert torch.equal(model.pos_embed[:, 0], hub.pos_embed[:, 0])
+    with pytest.raises(CheckpointError, match="not square patch grids"):
+        resize_pos_embed(torch.zeros(1, 1 + 12, 8), 257)
+
+
+def test_architecture_inference() -> None:
+    cases = [
+        (dict(), dict(ffn_layer="mlp", mlp_ratio=4.0, num_register_tokens=0, interpolate_offset=0.1)),
+        (dict(ffn_layer="swiglufused", depth=3), dict(ffn_layer="swiglufused", depth=3)),
+        (dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0),
+         dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)),
+        (dict(mlp_ratio=3.0, init_values=None, qkv_bias=False), dict(mlp_ratio=3.0, init_values=None, qkv_bias=False)),
+        (dict(img_size=98, patch_size=7), dict(img_size=98, patch_size=7)),
+    ]
+    for kwargs, expected in cases:
+        source = tiny_model(**kwargs)
+        config = infer_backbone_config(source.state_dict())
+        assert {k: config[k] for k in expected} == expected, kwargs
+        assert (config["embed_dim"], config["num_heads"]) == (128, 2)
+        rebuilt = DinoVisionTransformer(**config)
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+            k: v.shape for k, v in source.state_dict().items()
+        }
+    with pytest.raises(CheckpointError, match="no cls_token, pos_embed"):
+        infer_backbone_config({"patch_embed.proj.weight": torch.zeros(4, 3, 14, 14)})
+
+
+def test_load_backbone_by_name_and_inferred(tmp_path: Path) -> None:
+    source = tiny_model(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save(teacher_checkpoint(source), path)
+    model = load_backbone(None, path)
+    assert not model.training
+    assert_same_weights(model, source)
+    x = torch.randn(1, 3, 70, 42)  # non-square: exercises the registers' interpolation settings
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown backbone 'dinobloom_xl'"):
+        load_backbone("dinobloom_xl", path)
+    with pytest.raises(ValueError, match="needs a model name, or weights"):
+        load_backbone(None, None)
+    with pytest.raises(CheckpointError, match="mis-shaped keys: cls_token"):
+        load_backbone("dinobloom_s", path)
+
+
+def test_weights_url_is_downloaded_once_into_the_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tiny_model()
+    served = tmp_path / "served.pth"
+    torch.save(teacher_checkpoint(source), served)
+    calls: list[str] = []
+
+    def fake_download(url: str, dst: str, progress: bool = True) -> None:
+        calls.append(url)
+        shutil.copy(served, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    previous_dir = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        url = "https://zenodo.org/records/10908163/files/DinoBloom-T.pth"
+        for _ in range(2):
+            state = load_pretrained_backbone_state(url)
+        assert calls == [url]
+        assert (tmp_path / "hub" / "checkpoints" / "DinoBloom-T.pth").is_file()
+        assert torch.equal(state["cls_token"], source.cls_token)
+    finally:
+        torch.hub.set_dir(previous_dir)
+
+
+def test_torch_hub_load_offline(tmp_path: Path) -> None:
+    """`torch.hub.load(repo, "dinobloom_s", source="local", weights=...)` on a random ViT-S checkpoint."""
+    source = load_backbone("dinobloom_s")
+    path = tmp_path / "DinoBloom-S.pth"
+    torch.save(teacher_checkpoint(source), path)
+    model = torch.hub.load(str(REPO_ROOT), "dinobloom_s", source="local", weights=str(path))
+    assert not model.training and model.pos_embed.shape == (1, 257, 384)
+    assert_same_weights(model, source)
+    # DinoBloom's recipe: a DinoBloom file inside the dinov2_vits14 hub model keeps its 257 tokens
+    as_dinov2 = torch.hub.load(str(REPO_ROOT), "dinov2_vits14", source="local", weights=str(path))
+    assert_same_weights(as_dinov2, source)
+    import hubconf
+
+    assert hubconf.dependencies == ["torch"]
+    assert {"dinobloom_s", "dinobloom_b", "dinobloom_l", "dinobloom_g", "dinov2_vitg14"} <= set(hubconf.__all__)
+    assert "zenodo.org/records/10908163/files/DinoBloom-S.pth" in hubconf.dinobloom_s.__doc__
+
+
+# ----------------------------------------------------------------------------------------- timm interop
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "timm_name"),
+    [
+        (dict(img_size=224, embed_dim=384, depth=2, num_heads=6), "vit_small_patch14_dinov2"),
+        (dict(img_size=224, embed_dim=384, depth=2, num_heads=6, num_register_tokens=4,
+              interpolate_antialias=True, interpolate_offset=0.0), "vit_small_patch14_reg4_dinov2"),
+        (dict(img_size=28, embed_dim=128, depth=1, num_heads=2, ffn_layer="swiglufused"), "vit_giant_patch14_dinov2"),
+    ],
+    ids=["vits14", "vits14_reg4", "swiglu"],
+)
+def test_timm_export_loads_into_timm(tmp_path: Path, kwargs: dict[str, Any], timm_name: str) -> None:
+    timm = pytest.importorskip("timm")
+    from safetensors import safe_open
+
+    export_timm = _script("export_timm")
+    source = tiny_model(**kwargs)
+    weights = tmp_path / "teacher_checkpoint.pth"
+    torch.save(teacher_checkpoint(source), weights)
+    output = tmp_path / "export.safetensors"
+    export_timm.main(["--weights", str(weights), "--output", str(output)])
+    with safe_open(str(output), "pt") as f:
+        name, timm_kwargs = f.metadata()["timm_model"], json.loads(f.metadata()["timm_kwargs"])
+    assert name == timm_name
+    timm_model = timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay=dict(file=str(output)), **timm_kwargs
+    ).eval()
+    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
+    with torch.no_grad():
+        ours = source(x)
+        theirs = timm_model.forward_features(x)[:, 0]
+    assert (ours - theirs).abs().max().item() <= 2e-5
+
+
+def test_timm_export_of_the_vit_small_layout() -> None:
+    """Every timm vit_small_patch14_dinov2 key (depth 2) is produced, with the same shape."""
+    timm = pytest.importorskip("timm")
+    export_timm = _script("export_timm")
+    source = tiny_model(img_size=224, embed_dim=384, depth=2, num_heads=6)
+    name, kwargs = export_timm.timm_model_config(source)
+    assert (name, kwargs) == ("vit_small_patch14_dinov2", {"img_size": 224, "num_classes": 0, "depth": 2})
+    expected = timm.create_model(name, pretrained=False, **kwargs).state_dict()
+    exported = export_timm.timm_state_dict(source)
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in expected.items()}
+    with pytest.raises(ValueError, match="must be a .safetensors file"):
+        export_timm.export_timm("w.pth", "out.pt")
+
+
+def test_benchmark_runs_and_checks_agreement(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("timm")
+    benchmark = _script("benchmark_features")
+    results = benchmark.main(["--batch-size", "1", "--img-size", "28", "--iters", "1", "--warmup", "0"])
+    assert len(results) == 2 and all(math.isfinite(t) and t > 0 for t in results.values())
+    table = capsys.readouterr().out
+    assert "dinov2 (ours)" in table and "timm vit_small_patch14_dinov2" in table and "images / s" in table
+
+
+def test_script_clis_have_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for name, flag in (("export_timm", "--weights"), ("benchmark_features", "--batch-size")):
+        with pytest.raises(SystemExit) as info:
+            _script(name).main(["--help"])
+        assert info.value.code == 0 and flag in capsys.readouterr().out
