@@ -1,0 +1,211 @@
+"""Multi-crop augmentation of DINOv2 and its hematology variant used by DinoBloom.
+
+All random numbers come from torch's default CPU generator, so running the augmentation under a fixed
+seed (as :class:`dinov2.data.datasets.FileListDataset` does per sample) makes it reproducible; all
+arithmetic is element-wise (see :mod:`dinov2.data.transforms`), so results do not depend on the number of
+threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from dinov2.data.transforms import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    gaussian_blur,
+    normalize_,
+    rgb_to_grayscale,
+    to_float_tensor,
+)
+
+__all__ = ["ColorJitter", "CropView", "DataAugmentationDINO"]
+
+logger = logging.getLogger(__name__)
+
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_BLUR_SIGMA = (0.1, 2.0)
+_BLUR_KERNEL = 9
+_SOLARIZE_THRESHOLD = 128.0 / 255.0
+
+
+def _coin(p: float) -> bool:
+    """True with probability ``p``; always draws one number so the random stream does not depend on ``p``."""
+    return bool(torch.rand(()) < p)
+
+
+def _uniform(low: float, high: float) -> float:
+    """One uniform draw in [low, high) from torch's generator."""
+    return float(torch.empty(()).uniform_(low, high))
+
+
+@dataclass(frozen=True)
+class ColorJitter:
+    """torchvision's ``ColorJitter(brightness, contrast, saturation, hue)`` on float (3, H, W) tensors.
+
+    Same factor ranges, same random order of the four operations, same clamping after each; the hue step
+    is the exact HSV rotation computed in RGB (``transforms.adjust_hue``), several times faster than
+    torchvision's HSV round trip.
+    """
+
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the four adjustments in a random order with random factors."""
+        factors = (
+            _uniform(1.0 - self.brightness, 1.0 + self.brightness),
+            _uniform(1.0 - self.contrast, 1.0 + self.contrast),
+            _uniform(1.0 - self.saturation, 1.0 + self.saturation),
+            _uniform(-self.hue, self.hue),
+        )
+        for op in torch.randperm(4).tolist():
+            if op == 0:
+                x = adjust_brightness(x, factors[0])
+            elif op == 1:
+                x = adjust_contrast(x, factors[1])
+            elif op == 2:
+                x = adjust_saturation(x, factors[2])
+            else:
+                x = adjust_hue(x, factors[3])
+        return x
+
+
+@dataclass(frozen=True)
+class CropView:
+    """One kind of view: random resized crop, flips/rotations, colour, blur and solarisation probabilities."""
+
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float = 0.0
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    dihedral: bool = False
+
+    def __call__(self, image: torch.Tensor, jitter: ColorJitter) -> torch.Tensor:
+        """Draw one normalised float (3, size, size) view of a uint8 (3, H, W) image."""
+        top, left, height, width = RandomResizedCrop.get_params(image, list(self.scale), list(_RATIO))
+        crop = F.resized_crop(
+            image,
+            top,
+            left,
+            height,
+            width,
+            [self.size, self.size],
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
+        )
+        if _coin(0.5):
+            crop = crop.flip(-1)
+        if self.dihedral:
+            if _coin(0.5):
+                crop = crop.flip(-2)
+            if _coin(0.5):
+                crop = torch.rot90(crop, 1, (-2, -1))
+        x = to_float_tensor(crop.contiguous())
+        if _coin(self.color_jitter_p):
+            x = jitter(x)
+        if _coin(self.grayscale_p):
+            x = rgb_to_grayscale(x).expand(3, -1, -1).contiguous()
+        if _coin(self.blur_p):
+            x = gaussian_blur(x, _uniform(*_BLUR_SIGMA), _BLUR_KERNEL)
+        if _coin(self.solarize_p):
+            x = torch.where(x >= _SOLARIZE_THRESHOLD, 1.0 - x, x)
+        return normalize_(x)
+
+
+class DataAugmentationDINO:
+    """DINOv2 multi-crop augmentation: two global views (student and teacher) and ``local_crops_number`` local ones.
+
+    Common to both recipes: ``RandomResizedCrop`` (bicubic, antialiased, aspect ratio 3/4..4/3),
+    horizontal flip p=0.5, ``ColorJitter(0.4, 0.4, 0.2, 0.1)`` p=0.8, Gaussian blur (kernel 9,
+    sigma 0.1..2) and ImageNet normalisation; local views are blurred with p=0.5.
+
+    ``hematology=False`` is DINOv2's recipe: grayscale p=0.2; blur p=1.0 on the first global view and
+    p=0.1 on the second, which is also solarised (threshold 128) with p=0.2.
+
+    ``hematology=True`` is DinoBloom's recipe (its ``augmentations.py``): cells have no canonical
+    orientation, so vertical flip p=0.5 and a 90 degree rotation p=0.5 are added (with the horizontal flip
+    this draws uniformly from the 8 symmetries of the square); stain colour carries information, so there is
+    no grayscale and no solarisation; both global views are blurred with p=0.1 only, since fine chromatin
+    and granule texture matter. The colour jitter keeps DINOv2's strengths and p=0.8: DinoBloom's history
+    also has a revision with an HED stain jitter (p=0.5) and jitter p=0.5, which its later revision commented
+    out; we follow the later one.
+
+    The output dict is what ``collate_data_and_cast`` consumes: ``global_crops`` (2 tensors),
+    ``global_crops_teacher`` (the same 2 tensors), ``local_crops`` (``local_crops_number`` tensors, possibly
+    none), ``offsets`` (empty).
+    """
+
+    def __init__(
+        self,
+        global_crops_scale: tuple[float, float],
+        local_crops_scale: tuple[float, float],
+        local_crops_number: int,
+        global_crops_size: int = 224,
+        local_crops_size: int = 96,
+        hematology: bool = True,
+    ) -> None:
+        for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
+            low, high = (float(s) for s in scale)
+            if not 0.0 < low <= high <= 1.0:
+                raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+        if local_crops_number < 0:
+            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
+        self.local_crops_number = int(local_crops_number)
+        self.hematology = hematology
+        self.jitter = ColorJitter(0.4, 0.4, 0.2, 0.1)
+        common: dict[str, Any] = {"grayscale_p": 0.0 if hematology else 0.2, "dihedral": hematology}
+        global_scale = (float(global_crops_scale[0]), float(global_crops_scale[1]))
+        self.global_view1 = CropView(global_crops_size, global_scale, blur_p=0.1 if hematology else 1.0, **common)
+        self.global_view2 = CropView(
+            global_crops_size, global_scale, blur_p=0.1, solarize_p=0.0 if hematology else 0.2, **common
+        )
+        local_scale = (float(local_crops_scale[0]), float(local_crops_scale[1]))
+        self.local_view = CropView(local_crops_size, local_scale, blur_p=0.5, **common)
+        logger.info(
+            "augmentation: %s recipe, global %d px scale %s, %d local crops %d px scale %s",
+            "hematology (DinoBloom)" if hematology else "DINOv2",
+            global_crops_size,
+            global_scale,
+            self.local_crops_number,
+            local_crops_size,
+            local_scale,
+        )
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> dict[str, Any]:
+        """Draw all views of one PIL image or uint8 (3, H, W) tensor."""
+        pixels = F.pil_to_tensor(image) if isinstance(image, Image.Image) else image
+        if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[0] != 3:
+            raise TypeError(
+                f"expected an RGB PIL image or a uint8 (3, H, W) tensor, got {pixels.dtype} {tuple(pixels.shape)}"
+            )
+        global1 = self.global_view1(pixels, self.jitter)
+        global2 = self.global_view2(pixels, self.jitter)
+        local = [self.local_view(pixels, self.jitter) for _ in range(self.local_crops_number)]
+        return {
+            "global_crops": [global1, global2],
+            "global_crops_teacher": [global1, global2],
+            "local_crops": local,
+            "offsets": (),
+        }
+
+    def __repr__(self) -> str:
+        recipe = "hematology" if self.hematology else "dinov2"
+        return (
+            f"DataAugmentationDINO({recipe}, global {self.global_view1.size}px {self.global_view1.scale}, "
+            f"{self.local_crops_number} x local {self.local_view.size}px {self.local_view.scale})"
+        )

@@ -1,0 +1,366 @@
+"""The image dataset: file lists (DinoBloom's ``HemaStandardDataset``) or image folders.
+
+``FileListDataset(root)`` accepts
+
+* a folder of ``.txt`` file lists (every ``*.txt`` directly inside it, in name order), as DinoBloom's
+  ``HemaStandardDataset``: one image path per line, absolute or relative to the list's folder; blank lines
+  and lines starting with ``#`` are ignored;
+* a single ``.txt`` file list;
+* an image folder, searched recursively for ``.jpg .jpeg .png .tif .tiff .bmp`` files (name order).
+
+``dataset[SampleKey(index, epoch)]`` (what :class:`dinov2.data.samplers.InfiniteSampler` yields) runs the
+transform with torch's CPU generator, Python's ``random`` and NumPy's global generator all seeded from
+``derive_seed(seed, index, epoch)`` and restores them afterwards, so a sample's augmentation is the same
+in every run, in every worker and after a resume. ``dataset[index]`` runs it with whatever state the
+generators are in.
+
+An image that cannot be read is logged once (with its path), counted, and returned as ``None``;
+:class:`SkipBadSamples` removes those from a batch before collation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dinov2.data.samplers import SampleKey, derive_seed
+from dinov2.data.transforms import load_image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "FileListDataset",
+    "SkipBadSamples",
+    "drop_bad_samples",
+    "find_images",
+    "make_dataset",
+    "seeded_rng",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+# What PIL raises for missing, unreadable, truncated or oversized files.
+_LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_DATASET_NAMES = ("HemaStandardDataset", "FileListDataset")
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator, ``random`` and NumPy's global generator; restore all three on exit."""
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """Run torch ops single-threaded for a while, as in a DataLoader worker.
+
+    The augmentation is many small element-wise ops; split over threads they gain little, and on a busy
+    machine (threads waiting for each other) they run ten times slower or worse. This only matters in the
+    main process (``num_workers=0``): workers already have one thread.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _read_file_list(list_file: Path) -> list[str]:
+    """Image paths of one ``.txt`` list, relative entries resolved against the list's folder."""
+    base = list_file.parent
+    paths: list[str] = []
+    with open(list_file, encoding="utf-8") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if os.path.splitext(line)[1].lower() not in IMAGE_EXTENSIONS:
+                raise ValueError(
+                    f"{list_file}:{line_number}: {line!r} is not an image path "
+                    f"(expected one path per line ending in one of {', '.join(IMAGE_EXTENSIONS)})"
+                )
+            path = os.path.expanduser(line)
+            paths.append(path if os.path.isabs(path) else os.path.join(base, path))
+    if not paths:
+        raise ValueError(f"file list {list_file} is empty (no image paths, only blank or # lines)")
+    return paths
+
+
+def find_images(folder: Path) -> list[str]:
+    """All image files under ``folder``, recursively, sorted."""
+    found = []
+    for directory, _, files in os.walk(folder, followlinks=True):
+        found.extend(
+            os.path.join(directory, name) for name in files if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        )
+    return sorted(found)
+
+
+class _StringTable:
+    """Strings packed in one NumPy buffer: no per-item Python objects whose reference counts would make
+    forked DataLoader workers copy the whole list (the copy-on-read memory growth of large datasets)."""
+
+    def __init__(self, strings: Sequence[str]) -> None:
+        encoded = [s.encode("utf-8") for s in strings]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        return self._buffer[self._offsets[index] : self._offsets[index + 1]].tobytes().decode("utf-8")
+
+
+class FileListDataset(torch.utils.data.Dataset):
+    """Images from file lists or an image folder, with class targets where the layout gives them.
+
+    Targets: for an image folder whose images all sit in sub-folders, the index of the top-level
+    sub-folder (ImageFolder semantics); for file lists, the index of each image's parent-folder name.
+    Otherwise every target is 0 and ``classes`` is empty. Items are ``(transform(image), target)``, or
+    ``None`` when the image cannot be read.
+
+    Args:
+        root: folder of ``.txt`` lists, one ``.txt`` list, or image folder.
+        transform: applied to the RGB PIL image (e.g. :class:`DataAugmentationDINO`).
+        target_transform: applied to the integer target.
+        resize: if set, images are first resized to ``resize`` x ``resize`` (Lanczos), as DinoBloom did (224).
+        seed: base seed of the per-sample augmentation seeds.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[[Image.Image], Any] | None = None,
+        target_transform: Callable[[int], Any] | None = None,
+        resize: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        if resize is not None and resize <= 0:
+            raise ValueError(f"resize must be a positive size in pixels or None, got {resize}")
+        self.transform = transform
+        self.target_transform = target_transform
+        self.resize = resize
+        self.seed = int(seed)
+        paths, class_of = self._discover()
+        names = [class_of(p) for p in paths]
+        if any(name is None for name in names):
+            self.classes: list[str] = []
+            targets = np.zeros(len(paths), dtype=np.int64)
+        else:
+            self.classes = sorted(set(names))
+            lookup = {name: i for i, name in enumerate(self.classes)}
+            targets = np.array([lookup[name] for name in names], dtype=np.int64)
+        self._paths = _StringTable(paths)
+        self._targets = targets
+        self.bad_sample_count = 0
+        self._reported_bad: set[int] = set()
+        logger.info("dataset %s: %d images, %d classes", self.root, len(paths), len(self.classes))
+
+    def _discover(self) -> tuple[list[str], Callable[[str], str | None]]:
+        """Image paths and the rule that names each image's class."""
+        root = self.root
+        if not root.exists():
+            raise FileNotFoundError(f"dataset root {root} does not exist")
+        if root.is_file():
+            if root.suffix.lower() != ".txt":
+                raise ValueError(f"dataset root {root} is a file but not a .txt file list")
+            return _read_file_list(root), _parent_name
+        lists = sorted(p for p in root.glob("*.txt") if p.is_file())
+        if lists:
+            paths = [path for list_file in lists for path in _read_file_list(list_file)]
+            return paths, _parent_name
+        paths = find_images(root)
+        if not paths:
+            raise ValueError(
+                f"no .txt file lists and no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}"
+            )
+        root_str = str(root)
+
+        def top_folder(path: str) -> str | None:
+            parts = Path(os.path.relpath(path, root_str)).parts
+            return parts[0] if len(parts) > 1 else None
+
+        return paths, top_folder
+
+    @property
+    def image_root(self) -> Path:
+        """The folder image paths are reported relative to: the root folder, or a single list's folder."""
+        return self.root.parent if self.root.is_file() else self.root
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def path(self, index: int) -> str:
+        """The image path of sample ``index``."""
+        return self._paths[index]
+
+    def relative_path(self, index: int) -> str:
+        """The image path of sample ``index`` relative to :attr:`image_root`, with ``/`` separators."""
+        return Path(os.path.relpath(self._paths[index], self.image_root)).as_posix()
+
+    def target(self, index: int) -> int:
+        """The class index of sample ``index`` (0 when unlabelled)."""
+        return int(self._targets[index])
+
+    @property
+    def targets(self) -> list[int]:
+        """Class index of every sample."""
+        return self._targets.tolist()
+
+    def __getitem__(self, key: int | SampleKey | tuple[int, int]) -> tuple[Any, Any] | None:
+        """Load and transform one sample; ``key`` is an index or ``(index, epoch)`` for a seeded transform."""
+        if isinstance(key, tuple):
+            if len(key) != 2:
+                raise TypeError(f"dataset key must be an index or (index, epoch), got {key!r}")
+            index, epoch = operator.index(key[0]), operator.index(key[1])
+        else:
+            index, epoch = operator.index(key), None
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range for a dataset of {len(self)} images")
+        path = self._paths[index]
+        try:
+            image = load_image(path, self.resize)
+        except _LOAD_ERRORS as error:
+            self._report_bad(index, path, error)
+            return None
+        with _one_intra_op_thread():
+            if epoch is None:
+                return self._apply_transforms(image, index)
+            with seeded_rng(derive_seed(self.seed, index, epoch)):
+                return self._apply_transforms(image, index)
+
+    def _apply_transforms(self, image: Image.Image, index: int) -> tuple[Any, Any]:
+        """``(transform(image), target_transform(target))``."""
+        sample = image if self.transform is None else self.transform(image)
+        target: Any = int(self._targets[index])
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+    def _report_bad(self, index: int, path: str, error: BaseException) -> None:
+        """Count an unreadable sample and log it the first time this process meets it."""
+        self.bad_sample_count += 1
+        if index not in self._reported_bad:
+            self._reported_bad.add(index)
+            logger.warning("skipping unreadable image %s (sample %d): %s", path, index, error)
+
+    def __repr__(self) -> str:
+        return (
+            f"FileListDataset(root={str(self.root)!r}, {len(self)} images, {len(self.classes)} classes, "
+            f"resize={self.resize}, transform={self.transform!r})"
+        )
+
+
+def _parent_name(path: str) -> str:
+    """Name of the folder an image sits in."""
+    return os.path.basename(os.path.dirname(path))
+
+
+def drop_bad_samples(batch: Sequence[Any]) -> tuple[list[Any], int]:
+    """Remove the ``None`` items (unreadable images) from a batch; returns the kept items and the number dropped."""
+    kept = [item for item in batch if item is not None]
+    return kept, len(batch) - len(kept)
+
+
+class SkipBadSamples:
+    """Collate wrapper that drops unreadable samples (``None``), logs how many, and collates the rest."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, batch: Sequence[Any]) -> Any:
+        """Collate the readable samples of ``batch``."""
+        kept, dropped = drop_bad_samples(batch)
+        if dropped:
+            if not kept:
+                raise RuntimeError(
+                    f"all {dropped} images of a batch were unreadable; see the 'skipping unreadable image' warnings"
+                )
+            logger.warning("dropped %d unreadable image(s) from a batch of %d", dropped, len(batch))
+        return self.collate_fn(kept)
+
+
+def _parse_dataset_spec(dataset_str: str) -> tuple[str, dict[str, str]]:
+    """Split ``Name:key=value:...`` into the name and its options."""
+    name, *tokens = dataset_str.split(":")
+    options: dict[str, str] = {}
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if not sep or not key:
+            raise ValueError(f"dataset string {dataset_str!r}: expected key=value, got {token!r}")
+        options[key] = value
+    return name, options
+
+
+def make_dataset(
+    dataset_str: str,
+    transform: Callable[[Image.Image], Any] | None = None,
+    target_transform: Callable[[int], Any] | None = None,
+    *,
+    resize: int | None = None,
+    seed: int = 0,
+) -> FileListDataset:
+    """Build the dataset named by a path or by DinoBloom's ``HemaStandardDataset:root=<dir>[:shuffle=1]``.
+
+    The spelled form accepts ``root`` (required), ``resize`` (pixels, or ``none``), ``shuffle`` (accepted and
+    ignored: the sampler shuffles) and ``split`` (ignored with a warning: lists are not split). With the
+    ``HemaStandardDataset`` name images are resized to 224 like DinoBloom's dataset unless ``resize`` says
+    otherwise; ``FileListDataset:...`` and plain paths do not resize by default. A ``resize`` argument
+    overrides the default but must agree with a ``resize=`` in the string.
+    """
+    head = dataset_str.split(":", 1)[0]
+    if ":" not in dataset_str or "/" in head or os.sep in head or "." in head:
+        return FileListDataset(dataset_str, transform, target_transform, resize=resize, seed=seed)
+    name, options = _parse_dataset_spec(dataset_str)
+    if name not in _DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r} in {dataset_str!r}; expected one of {_DATASET_NAMES} or a path")
+    unknown = set(options) - {"root", "resize", "shuffle", "split"}
+    if unknown:
+        raise ValueError(
+            f"dataset string {dataset_str!r}: unknown option(s) {sorted(unknown)}; valid: root, resize, shuffle, split"
+        )
+    if not options.get("root"):
+        raise ValueError(f"dataset string {dataset_str!r} has no root=<folder of .txt lists>")
+    if "split" in options:
+        logger.warning(
+            "dataset string %r: split=%s is ignored (file lists are used whole)", dataset_str, options["split"]
+        )
+    spec_resize: int | None = 224 if name == "HemaStandardDataset" else None
+    if "resize" in options:
+        value = options["resize"].strip().lower()
+        try:
+            spec_resize = None if value in ("", "none", "0") else int(value)
+        except ValueError:
+            raise ValueError(f"dataset string {dataset_str!r}: resize must be an integer or none") from None
+        if resize is not None and resize != spec_resize:
+            raise ValueError(f"dataset string {dataset_str!r} says resize={value} but resize={resize} was passed")
+    if resize is not None:
+        spec_resize = resize
+    return FileListDataset(options["root"], transform, target_transform, resize=spec_resize, seed=seed)

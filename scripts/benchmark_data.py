@@ -1,0 +1,163 @@
+"""Throughput of the training input pipeline: decode, multi-crop augmentation, masking collate, loader.
+
+    python scripts/benchmark_data.py --data /path/to/lists_or_images [--workers 0 2 --batch-size 32]
+    python scripts/benchmark_data.py --demo /tmp/demo          # generate (once) and use the demo set
+
+Recipes: ``dinobloom`` (hematology augmentation, 2 global crops of 224, no local crops, as DinoBloom
+trained) and ``dinov2`` (DINOv2's augmentation, 2 global 224 + 8 local 98). "per worker" rows run in
+this process with one thread, as one DataLoader worker would; "loader" rows run the real DataLoader with
+the infinite sampler and the masking collate. The last line is ``images_per_s=<x>``: the loader
+throughput of the first recipe given (dinobloom by default) with the largest worker count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Lets the script run from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dinov2.data import (  # noqa: E402
+    DataAugmentationDINO,
+    InfiniteSampler,
+    make_data_loader,
+    make_dataset,
+)
+from dinov2.data.transforms import load_image  # noqa: E402
+
+logger = logging.getLogger("benchmark_data")
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "dinobloom": {"local_crops_number": 0, "hematology": True},
+    "dinov2": {"local_crops_number": 8, "hematology": False},
+}
+
+
+def make_augmentation(recipe: str) -> DataAugmentationDINO:
+    """The augmentation of a named recipe (global scale 0.32..1, local 0.05..0.32, local size 98)."""
+    return DataAugmentationDINO(
+        (0.32, 1.0), (0.05, 0.32), global_crops_size=224, local_crops_size=98, **RECIPES[recipe]
+    )
+
+
+def make_collate() -> tuple[Callable[[list[Any]], Any], str]:
+    """The trainer's masking collate when the loss helper's modules exist, else a plain crop stack."""
+    try:
+        from dinov2.data.collate import collate_data_and_cast
+        from dinov2.data.masking import MaskingGenerator
+    except ImportError as error:
+        logger.warning("masking collate unavailable (%s); timing a plain stack of the crops instead", error)
+
+        def stack(samples: list[Any]) -> torch.Tensor:
+            return torch.stack([crop for crops, _ in samples for crop in crops["global_crops"]])
+
+        return stack, "stack (no masking)"
+    grid = 224 // 14
+    generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
+    collate = functools.partial(
+        collate_data_and_cast,
+        mask_ratio_tuple=(0.1, 0.5),
+        mask_probability=0.5,
+        dtype=torch.float16,
+        n_tokens=grid * grid,
+        mask_generator=generator,
+    )
+    return collate, "masking collate"
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("inf")
+
+
+def time_per_worker(
+    dataset: Any, recipe: str, count: int, collate: Callable[[list[Any]], Any], batch: int
+) -> dict[str, float]:
+    """Images/s of decode, decode + augmentation and collate in this process with one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        paths = [dataset.path(i % len(dataset)) for i in range(count)]
+        start = time.perf_counter()
+        images = [load_image(p, dataset.resize) for p in paths]
+        decode = _rate(count, time.perf_counter() - start)
+        augmentation = make_augmentation(recipe)
+        start = time.perf_counter()
+        samples = [(augmentation(image), 0) for image in images]
+        augment = _rate(count, time.perf_counter() - start)
+        batches = [samples[i : i + batch] for i in range(0, count - batch + 1, batch)] or [samples]
+        start = time.perf_counter()
+        for chunk in batches:
+            collate(chunk)
+        collated = _rate(sum(len(c) for c in batches), time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    end_to_end = 1.0 / (1.0 / decode + 1.0 / augment + 1.0 / collated)
+    return {"decode": decode, "augment": augment, "collate": collated, "decode+augment+collate": end_to_end}
+
+
+def time_loader(dataset: Any, recipe: str, workers: int, batch: int, batches: int, collate: Callable) -> float:
+    """Images/s of the DataLoader after one warm-up batch per worker."""
+    dataset.transform = make_augmentation(recipe)
+    sampler = InfiniteSampler(len(dataset), seed=0, batch_size=batch)
+    loader = make_data_loader(dataset, batch, workers, sampler, collate_fn=collate, pin_memory=False)
+    iterator = iter(loader)
+    for _ in range(max(1, workers)):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in itertools.islice(iterator, batches):
+        pass
+    seconds = time.perf_counter() - start
+    del iterator
+    return _rate(batches * batch, seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="dataset: folder of .txt lists, a .txt list, an image folder or Name:root=...")
+    source.add_argument("--demo", type=Path, help="generate the demo dataset here (if needed) and use it")
+    parser.add_argument("--resize", type=int, default=224, help="resize images first (0: keep the size)")
+    parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
+    parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=8, help="timed batches per loader measurement")
+    parser.add_argument("--per-worker-images", type=int, default=128)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.demo is not None:
+        from dinov2.data.demo import generate_demo_dataset
+
+        data = str(generate_demo_dataset(args.demo, images_per_class=64).lists_dir)
+    else:
+        data = args.data
+    dataset = make_dataset(data, resize=args.resize or None)
+    collate, collate_name = make_collate()
+    print(f"data: {data} ({len(dataset)} images, resize {dataset.resize}); collate: {collate_name}")
+    print(f"{'recipe':<10} {'stage':<24} {'workers':>7} {'images/s':>10}")
+    headline = 0.0
+    for recipe in args.recipes:
+        for stage, rate in time_per_worker(dataset, recipe, args.per_worker_images, collate, args.batch_size).items():
+            print(f"{recipe:<10} {stage:<24} {'1 (per)':>7} {rate:>10.1f}")
+        for workers in sorted(args.workers):
+            rate = time_loader(dataset, recipe, workers, args.batch_size, args.batches, collate)
+            print(f"{recipe:<10} {'loader':<24} {workers:>7} {rate:>10.1f}")
+            if recipe == args.recipes[0]:
+                headline = rate
+    print(f"images_per_s={headline:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

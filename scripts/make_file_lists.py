@@ -1,0 +1,84 @@
+"""Write DinoBloom training file lists: one ``<name>.txt`` per source image folder, one image path per line.
+
+    python scripts/make_file_lists.py /data/pbc /data/bone_marrow --output lists/ [--relative] [--verify]
+
+The output folder is what ``train.dataset_path`` points at (every ``.txt`` in it is read). Paths are
+absolute unless ``--relative``, which writes them relative to the output folder so the whole tree can be
+moved. ``--verify`` opens every image and leaves out (and reports) the ones that cannot be decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+# Lets the script run from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dinov2.data.datasets import IMAGE_EXTENSIONS, find_images  # noqa: E402
+
+logger = logging.getLogger("make_file_lists")
+
+
+def _readable(path: str) -> bool:
+    """Whether PIL can fully decode the image."""
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        logger.warning("leaving out unreadable image %s: %s", path, error)
+        return False
+    return True
+
+
+def make_file_lists(
+    sources: list[Path], output: Path, relative: bool = False, verify: bool = False
+) -> dict[Path, int]:
+    """Write one list per source folder into ``output``; returns the number of images in each list."""
+    names: dict[str, Path] = {}
+    for source in sources:
+        if not source.is_dir():
+            raise FileNotFoundError(f"source folder {source} does not exist or is not a folder")
+        name = source.resolve().name
+        if name in names:
+            raise ValueError(f"sources {names[name]} and {source} would both write {name}.txt; rename one folder")
+        names[name] = source
+    output.mkdir(parents=True, exist_ok=True)
+    counts: dict[Path, int] = {}
+    for name, source in names.items():
+        images = find_images(source.resolve())
+        if verify:
+            images = [p for p in tqdm(images, desc=f"verify {name}", unit="img") if _readable(p)]
+        if not images:
+            raise ValueError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
+        base = output.resolve()
+        lines = [os.path.relpath(p, base) if relative else p for p in images]
+        list_file = output / f"{name}.txt"
+        list_file.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        counts[list_file] = len(lines)
+        logger.info("%s: %d images", list_file, len(lines))
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sources", nargs="+", type=Path, help="image folders, searched recursively")
+    parser.add_argument("--output", required=True, type=Path, help="folder to write the .txt lists into")
+    parser.add_argument("--relative", action="store_true", help="write paths relative to --output")
+    parser.add_argument("--verify", action="store_true", help="decode every image and leave out broken ones")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    counts = make_file_lists(args.sources, args.output, relative=args.relative, verify=args.verify)
+    print(f"wrote {len(counts)} list(s) with {sum(counts.values())} images to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

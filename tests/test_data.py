@@ -1,0 +1,469 @@
+"""Tests of the data pipeline: datasets, augmentations, sampler, loaders and the data scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import random
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as tv1
+from torchvision.transforms.v2 import functional as tvf
+
+from dinov2.data import (
+    DataAugmentationDINO,
+    FileListDataset,
+    InfiniteSampler,
+    SampleKey,
+    SkipBadSamples,
+    derive_seed,
+    drop_bad_samples,
+    make_data_loader,
+    make_dataset,
+    make_eval_transform,
+    seeded_rng,
+)
+from dinov2.data import transforms as T
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_image(path: Path, seed: int, size: tuple[int, int] = (40, 36)) -> Path:
+    """A small random RGB image (PNG or JPEG by suffix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture()
+def image_tree(tmp_path: Path) -> Path:
+    """``tree/<class>/<file>``: two classes, mixed formats."""
+    root = tmp_path / "tree"
+    for i in range(3):
+        _write_image(root / "lymphocyte" / f"l{i}.png", i)
+        _write_image(root / "neutrophil" / f"n{i}.jpg", 10 + i)
+    return root
+
+
+def _load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _small_augmentation(local: int = 2, hematology: bool = True) -> DataAugmentationDINO:
+    return DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), local, global_crops_size=32, local_crops_size=16,
+                                hematology=hematology)
+
+
+# --------------------------------------------------------------------------- construction errors
+
+
+def test_missing_root_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_folder"
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        FileListDataset(missing)
+
+
+def test_empty_list_names_the_file(tmp_path: Path) -> None:
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "empty_source.txt").write_text("# only a comment\n\n")
+    with pytest.raises(ValueError, match=r"empty_source\.txt.*empty"):
+        FileListDataset(lists)
+
+
+def test_folder_without_images_or_lists(tmp_path: Path) -> None:
+    (tmp_path / "notes.md").write_text("no images here")
+    with pytest.raises(ValueError, match="no .txt file lists and no images"):
+        FileListDataset(tmp_path)
+
+
+def test_bad_line_names_file_and_line(tmp_path: Path) -> None:
+    list_file = tmp_path / "cells.txt"
+    list_file.write_text("/data/a.jpg\n/data/b.jpg 3\n")
+    with pytest.raises(ValueError, match=r"cells\.txt:2: '/data/b\.jpg 3' is not an image path"):
+        FileListDataset(list_file)
+
+
+def test_non_list_file_root(tmp_path: Path) -> None:
+    image = _write_image(tmp_path / "x.png", 0)
+    with pytest.raises(ValueError, match="not a .txt file list"):
+        FileListDataset(image)
+
+
+# --------------------------------------------------------------------------- layouts and targets
+
+
+def test_relative_and_absolute_list_entries(tmp_path: Path, image_tree: Path) -> None:
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "a.txt").write_text(
+        "# relative to this file's folder\n../tree/lymphocyte/l0.png\n\n../tree/neutrophil/n1.jpg\n"
+    )
+    (lists / "b.txt").write_text(f"{image_tree / 'neutrophil' / 'n2.jpg'}\n")
+    dataset = FileListDataset(lists)
+    assert len(dataset) == 3
+    assert [Path(dataset.path(i)).resolve() for i in range(3)] == [
+        (image_tree / "lymphocyte" / "l0.png").resolve(),
+        (image_tree / "neutrophil" / "n1.jpg").resolve(),
+        (image_tree / "neutrophil" / "n2.jpg").resolve(),
+    ]
+    assert dataset.classes == ["lymphocyte", "neutrophil"]
+    assert dataset.targets == [0, 1, 1]
+    image, target = dataset[1]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (40, 36)
+    assert target == 1
+
+
+def test_image_folder_is_read_like_imagefolder(image_tree: Path) -> None:
+    (image_tree / "lymphocyte" / "readme.txt.bak").write_text("ignored")
+    dataset = FileListDataset(image_tree)
+    assert len(dataset) == 6
+    assert dataset.classes == ["lymphocyte", "neutrophil"]
+    assert dataset.targets == [0, 0, 0, 1, 1, 1]
+    assert dataset.relative_path(4) == "neutrophil/n1.jpg"
+
+
+def test_images_at_top_level_are_unlabelled(tmp_path: Path) -> None:
+    _write_image(tmp_path / "top.png", 0)
+    _write_image(tmp_path / "sub" / "deep.png", 1)
+    dataset = FileListDataset(tmp_path)
+    assert dataset.classes == []
+    assert dataset.targets == [0, 0]
+
+
+def test_resize_option(image_tree: Path) -> None:
+    dataset = FileListDataset(image_tree, resize=24)
+    image, _ = dataset[0]
+    assert image.size == (24, 24)
+    with pytest.raises(ValueError, match="resize"):
+        FileListDataset(image_tree, resize=0)
+
+
+def test_hema_standard_dataset_spelling(tmp_path: Path, image_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "pbc.txt").write_text("".join(f"{p}\n" for p in sorted(image_tree.rglob("*.*"))))
+    dataset = make_dataset(f"HemaStandardDataset:root={lists}:shuffle=1")
+    assert len(dataset) == 6 and dataset.resize == 224  # DinoBloom resized every cell to 224
+    assert make_dataset(f"FileListDataset:root={lists}").resize is None
+    assert make_dataset(str(lists), resize=112).resize == 112
+    assert make_dataset(f"HemaStandardDataset:root={lists}:resize=none").resize is None
+    with caplog.at_level(logging.WARNING):
+        make_dataset(f"HemaStandardDataset:root={lists}:split=TRAIN")
+    assert "split=TRAIN is ignored" in caplog.text
+    with pytest.raises(ValueError, match="unknown dataset 'ImageNet'"):
+        make_dataset(f"ImageNet:root={lists}")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['colour'\]"):
+        make_dataset(f"HemaStandardDataset:root={lists}:colour=1")
+    with pytest.raises(ValueError, match="no root"):
+        make_dataset("HemaStandardDataset:shuffle=1")
+    with pytest.raises(ValueError, match="says resize=96 but resize=224"):
+        make_dataset(f"HemaStandardDataset:root={lists}:resize=96", resize=224)
+
+
+# --------------------------------------------------------------------------- unreadable images
+
+
+def test_unreadable_images_are_logged_once_counted_and_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = _write_image(tmp_path / "good.jpg", 0, size=(64, 64))
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not a png")
+    missing = tmp_path / "missing.jpg"
+    list_file = tmp_path / "cells.txt"
+    list_file.write_text(f"{good}\n{truncated}\n{garbage}\n{missing}\n")
+    dataset = FileListDataset(list_file, transform=tvf.pil_to_tensor)
+    with caplog.at_level(logging.WARNING, logger="dinov2.data.datasets"):
+        batch = [dataset[i] for i in range(4)] + [dataset[SampleKey(1, 5)]]
+    assert batch[0] is not None and all(item is None for item in batch[1:])
+    assert dataset.bad_sample_count == 4
+    messages = [r.getMessage() for r in caplog.records]
+    for bad in (truncated, garbage, missing):
+        assert sum(str(bad) in m for m in messages) == 1  # logged once, even when drawn twice
+
+    kept, dropped = drop_bad_samples(batch)
+    assert dropped == 4 and len(kept) == 1
+    collate = SkipBadSamples(torch.utils.data.default_collate)
+    with caplog.at_level(logging.WARNING, logger="dinov2.data.datasets"):
+        images, targets = collate(batch)
+    assert images.shape == (1, 3, 64, 64) and targets.tolist() == [0]
+    assert "dropped 4 unreadable image(s) from a batch of 5" in caplog.text
+    with pytest.raises(RuntimeError, match="all 2 images of a batch were unreadable"):
+        collate([None, None])
+
+
+def test_index_protocol_errors(image_tree: Path) -> None:
+    dataset = FileListDataset(image_tree)
+    with pytest.raises(IndexError, match="out of range"):
+        dataset[6]
+    with pytest.raises(TypeError, match=r"\(index, epoch\)"):
+        dataset[(1, 2, 3)]
+
+
+# --------------------------------------------------------------------------- transforms and augmentations
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_colour_primitives_match_torchvision(seed: int) -> None:
+    x = torch.rand(3, 37, 41, generator=torch.Generator().manual_seed(seed))
+    x[:, :4, :4] = 0.5  # grey pixels: hue undefined
+    for shift in (-0.1, 0.03, 0.5):
+        torch.testing.assert_close(T.adjust_hue(x.clone(), shift), tvf.adjust_hue(x, shift), atol=2e-6, rtol=0)
+    torch.testing.assert_close(T.adjust_saturation(x.clone(), 1.2), tvf.adjust_saturation(x, 1.2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(T.adjust_contrast(x.clone(), 0.7), tvf.adjust_contrast(x, 0.7), atol=1e-6, rtol=0)
+    torch.testing.assert_close(T.adjust_brightness(x.clone(), 1.3), tvf.adjust_brightness(x, 1.3), atol=0, rtol=0)
+    for sigma in (0.1, 1.0, 2.0):
+        torch.testing.assert_close(T.gaussian_blur(x, sigma, 9), tvf.gaussian_blur(x, [9, 9], [sigma, sigma]),
+                                   atol=2e-6, rtol=0)
+    torch.testing.assert_close(T.rgb_to_grayscale(x), tvf.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+
+
+def test_eval_transform_is_dinobloom_recipe(image_tree: Path) -> None:
+    image = Image.open(image_tree / "neutrophil" / "n0.jpg").convert("RGB")
+    reference = tv1.Compose([tv1.Resize((224, 224)), tv1.ToTensor(),
+                             tv1.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+    torch.testing.assert_close(make_eval_transform(224)(image), reference(image), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("hematology", "local", "local_size"), [(True, 0, 98), (False, 8, 96), (True, 1, 98)]
+)
+def test_crop_shapes(hematology: bool, local: int, local_size: int) -> None:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 254, 3), dtype=np.uint8))
+    augmentation = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), local, 224, local_size, hematology=hematology)
+    out = augmentation(image)
+    assert set(out) == {"global_crops", "global_crops_teacher", "local_crops", "offsets"}
+    assert [tuple(c.shape) for c in out["global_crops"]] == [(3, 224, 224)] * 2
+    assert all(t is s for t, s in zip(out["global_crops_teacher"], out["global_crops"]))
+    assert [tuple(c.shape) for c in out["local_crops"]] == [(3, local_size, local_size)] * local
+    assert out["offsets"] == ()
+    for crop in out["global_crops"] + out["local_crops"]:
+        assert crop.dtype == torch.float32 and torch.isfinite(crop).all()
+        # ImageNet normalisation maps [0, 1] into [-2.12, 2.64]
+        assert crop.min() >= -2.2 and crop.max() <= 2.7
+
+
+def test_augmentation_argument_errors() -> None:
+    with pytest.raises(ValueError, match="global_crops_scale"):
+        DataAugmentationDINO((0.0, 1.0), (0.05, 0.32), 0)
+    with pytest.raises(ValueError, match="local_crops_number"):
+        DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), -1)
+
+
+def _denormalise(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.tensor(T.IMAGENET_STD).view(3, 1, 1) + torch.tensor(T.IMAGENET_MEAN).view(3, 1, 1)
+
+
+def test_recipes_differ_in_geometry_and_grayscale() -> None:
+    """Hematology: all 8 square symmetries, never grayscale; DINOv2: horizontal flips only, some grayscale."""
+    pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels[:32, :32] = 255  # a white top-left quadrant on black
+    image = Image.fromarray(pixels)
+    for hematology, expected_corners in ((True, {0, 1, 2, 3}), (False, {0, 1})):
+        augmentation = DataAugmentationDINO((1.0, 1.0), (0.5, 0.5), 0, 32, 16, hematology=hematology)
+        corners, gray = set(), 0
+        red = tvf.pil_to_tensor(Image.new("RGB", (8, 8), (200, 40, 40)))
+        for seed in range(60):
+            with seeded_rng(seed):
+                crop = _denormalise(augmentation(image)["global_crops"][0])
+                # a colourful image stays colourful unless the view was turned to grayscale
+                channels = _denormalise(augmentation.global_view1(red, augmentation.jitter))
+            quadrants = [crop[:, :16, :16], crop[:, :16, 16:], crop[:, 16:, :16], crop[:, 16:, 16:]]
+            corners.add(int(torch.stack([q.mean() for q in quadrants]).argmax()))
+            gray += int(torch.allclose(channels[0], channels[1], atol=1e-5))
+        assert corners == expected_corners
+        assert (gray > 0) == (not hematology)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_seeded_rng_restores_global_state() -> None:
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    with seeded_rng(7):
+        inside = (torch.rand(3), random.random(), np.random.rand())
+    after = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(after[0], expected[0]) and after[1:] == expected[1:]
+    assert not torch.equal(inside[0], expected[0])
+
+
+def test_derive_seed() -> None:
+    assert derive_seed(0, 1, 2) == derive_seed(0, 1, 2)
+    assert len({derive_seed(0, 1, 2), derive_seed(0, 2, 1), derive_seed(1, 1, 2), derive_seed(0, 1)}) == 4
+    assert 0 <= derive_seed(5, 6, 7) < 2**63
+    with pytest.raises(ValueError, match="non-negative"):
+        derive_seed(0, -1)
+
+
+def test_augmentation_is_a_function_of_seed_index_epoch(image_tree: Path) -> None:
+    first = FileListDataset(image_tree, transform=_small_augmentation(), seed=11)
+    second = FileListDataset(image_tree, transform=_small_augmentation(), seed=11)
+
+    def crops(dataset: FileListDataset, key: SampleKey) -> list[torch.Tensor]:
+        out, _ = dataset[key]
+        return out["global_crops"] + out["local_crops"]
+
+    torch.manual_seed(0)
+    a = crops(first, SampleKey(2, 3))
+    torch.manual_seed(999)  # ambient state must not matter
+    b = crops(second, SampleKey(2, 3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], crops(first, SampleKey(2, 4))[0])  # another epoch
+    other_seed = FileListDataset(image_tree, transform=_small_augmentation(), seed=12)
+    assert not torch.equal(a[0], crops(other_seed, SampleKey(2, 3))[0])
+
+
+def _loader_batches(dataset: FileListDataset, workers: int, start: int, steps: int) -> list[torch.Tensor]:
+    sampler = InfiniteSampler(len(dataset), seed=4, start=start, batch_size=2)
+
+    def collate(samples: list) -> torch.Tensor:
+        return torch.stack([torch.cat([c.flatten() for c in s["global_crops"] + s["local_crops"]]) for s, _ in samples])
+
+    loader = make_data_loader(dataset, 2, workers, sampler, collate_fn=collate, seed=0)
+    return list(itertools.islice(iter(loader), steps))
+
+
+def test_loader_is_bitwise_identical_across_worker_counts_and_resume(image_tree: Path) -> None:
+    dataset = FileListDataset(image_tree, transform=_small_augmentation(), seed=3)
+    in_process = _loader_batches(dataset, workers=0, start=0, steps=5)  # 10 draws: crosses an epoch boundary
+    with_workers = _loader_batches(dataset, workers=2, start=0, steps=5)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers, strict=True))
+    resumed = _loader_batches(dataset, workers=2, start=3 * 2, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(in_process[3:], resumed, strict=True))
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def _take(sampler: InfiniteSampler, count: int) -> list[SampleKey]:
+    return list(itertools.islice(iter(sampler), count))
+
+
+def test_sampler_epochs_are_permutations() -> None:
+    keys = _take(InfiniteSampler(7, seed=1), 21)
+    for epoch in range(3):
+        block = keys[7 * epoch : 7 * (epoch + 1)]
+        assert sorted(k.index for k in block) == list(range(7))
+        assert {k.epoch for k in block} == {epoch}
+    orders = [[k.index for k in keys[7 * e : 7 * (e + 1)]] for e in range(3)]
+    assert len({tuple(o) for o in orders}) > 1  # reshuffled per epoch
+    assert [k.index for k in _take(InfiniteSampler(7, shuffle=False), 9)] == [0, 1, 2, 3, 4, 5, 6, 0, 1]
+    assert _take(InfiniteSampler(7, seed=1), 7) != _take(InfiniteSampler(7, seed=2), 7)
+
+
+def test_two_ranks_equal_one_rank_with_double_batch() -> None:
+    batch, steps = 3, 6
+    single = _take(InfiniteSampler(10, seed=5, batch_size=2 * batch), 2 * batch * steps)
+    ranks = [_take(InfiniteSampler(10, seed=5, rank=r, world_size=2, batch_size=batch), batch * steps) for r in (0, 1)]
+    for step in range(steps):
+        one_rank_batch = single[2 * batch * step : 2 * batch * (step + 1)]
+        per_rank = [ranks[r][batch * step : batch * (step + 1)] for r in (0, 1)]
+        assert one_rank_batch == per_rank[0] + per_rank[1]
+
+
+def test_batch_size_one_is_strided_sharding() -> None:
+    everything = _take(InfiniteSampler(9, seed=2), 12)
+    for rank in range(3):
+        assert _take(InfiniteSampler(9, seed=2, rank=rank, world_size=3), 4) == everything[rank::3]
+
+
+def test_sampler_resume_and_state_dict() -> None:
+    full = _take(InfiniteSampler(10, seed=8, rank=1, world_size=2, batch_size=2), 20)
+    sampler = InfiniteSampler(10, seed=8, rank=1, world_size=2, batch_size=2)
+    state = sampler.state_dict(steps=4)
+    assert state == {"sample_count": 10, "shuffle": True, "seed": 8, "position": 16}
+    resumed = InfiniteSampler.from_state_dict(state, 10, rank=1, world_size=2, batch_size=2)
+    assert _take(resumed, 12) == full[8:]
+    # same global batch on one rank: continues the same global stream
+    one_rank = InfiniteSampler.from_state_dict(state, 10, batch_size=4)
+    assert _take(one_rank, 4)[2:] == full[8:10]
+    with pytest.raises(ValueError, match="saved for 10 samples but the dataset now has 11"):
+        InfiniteSampler.from_state_dict(state, 11)
+    with pytest.raises(ValueError, match="multiple of world_size \\* batch_size = 4"):
+        InfiniteSampler(10, start=6, world_size=2, batch_size=2)
+    with pytest.raises(ValueError, match="rank"):
+        InfiniteSampler(10, rank=2, world_size=2)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def test_make_data_loader_defaults(image_tree: Path) -> None:
+    dataset = FileListDataset(image_tree, transform=lambda image: tvf.pil_to_tensor(image.resize((8, 8))))
+    loader = make_data_loader(dataset, batch_size=4, num_workers=0, drop_last=False)
+    assert not loader.persistent_workers
+    assert loader.pin_memory == torch.cuda.is_available()
+    assert isinstance(loader.collate_fn, SkipBadSamples)
+    batches = list(loader)
+    assert [b[0].shape[0] for b in batches] == [4, 2]
+    assert torch.cat([b[1] for b in batches]).tolist() == dataset.targets
+    with pytest.raises(ValueError, match="batch_size"):
+        make_data_loader(dataset, batch_size=0, num_workers=0)
+
+
+# --------------------------------------------------------------------------- scripts
+
+
+def test_make_file_lists_script(tmp_path: Path, image_tree: Path, capsys: pytest.CaptureFixture) -> None:
+    script = _load_script("make_file_lists")
+    other = tmp_path / "other_source"
+    _write_image(other / "x" / "a.png", 1)
+    (other / "broken.jpg").write_bytes(b"garbage")
+    out = tmp_path / "lists"
+    assert script.main([str(image_tree), str(other), "--output", str(out), "--relative", "--verify"]) == 0
+    assert "wrote 2 list(s) with 7 images" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["other_source.txt", "tree.txt"]
+    lines = (out / "tree.txt").read_text().splitlines()
+    assert len(lines) == 6 and all(line.startswith("../tree/") for line in lines)
+    dataset = FileListDataset(out)
+    assert len(dataset) == 7 and dataset[6] is not None
+    with pytest.raises(ValueError, match="would both write tree.txt"):
+        script.main([str(image_tree), str(image_tree), "--output", str(out)])
+
+
+def test_benchmark_script_smoke(image_tree: Path, capsys: pytest.CaptureFixture) -> None:
+    script = _load_script("benchmark_data")
+    args = ["--data", str(image_tree), "--resize", "64", "--recipes", "dinobloom", "--workers", "0",
+            "--batch-size", "2", "--batches", "1", "--per-worker-images", "2"]
+    assert script.main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any("dinobloom" in line and "loader" in line for line in lines)
+    assert lines[-1].startswith("images_per_s=") and float(lines[-1].split("=")[1]) > 0
+
+
+# --------------------------------------------------------------------------- real images
+
+
+def test_real_blood_cells_smoke(shared_data_dir: Path) -> None:
+    dev = shared_data_dir / "dev"
+    dataset = FileListDataset(dev, transform=DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 1, 224, 98), resize=224)
+    folders = sorted(p.name for p in dev.iterdir() if p.is_dir())
+    assert dataset.classes == folders
+    assert len(dataset) == sum(1 for p in dev.rglob("*.jpg"))
+    for key in (SampleKey(0, 0), SampleKey(len(dataset) - 1, 2)):
+        crops, target = dataset[key]
+        assert target == dataset.target(key.index)
+        assert [tuple(c.shape) for c in crops["global_crops"]] == [(3, 224, 224)] * 2
+        assert tuple(crops["local_crops"][0].shape) == (3, 98, 98)
+    evaluation = FileListDataset(dev, transform=make_eval_transform(224))
+    tensor, target = evaluation[5]
+    assert tensor.shape == (3, 224, 224) and evaluation.classes[target] == Path(evaluation.path(5)).parent.name
