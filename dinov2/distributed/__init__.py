@@ -1,0 +1,237 @@
+"""Process-group set-up from torchrun or SLURM (or none for a single process), and small rank helpers.
+
+`enable_distributed` reads, in this order:
+
+1. torchrun's environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+   ``MASTER_PORT``);
+2. SLURM's, for tasks started by ``srun`` (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_STEP_NUM_TASKS`` or
+   ``SLURM_NTASKS``, the first host of ``SLURM_STEP_NODELIST``/``SLURM_JOB_NODELIST`` as master, a port derived from
+   ``SLURM_JOB_ID``; ``MASTER_ADDR``/``MASTER_PORT`` win when set). Run one task per GPU; a batch script that
+   runs python directly with ``--ntasks`` > 1 would wait for tasks that never start;
+3. otherwise a single process.
+
+With a world size of 1 no process group is created; every helper here works with or without one. The backend is
+NCCL when the device is CUDA and gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: ranks, world size, launcher, device and backend (None without a process group)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+    device: torch.device
+    backend: str | None
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when a process group with more than one rank exists."""
+        return self.backend is not None
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on global rank 0."""
+        return self.rank == 0
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Host names of a SLURM node list in compact syntax, e.g. ``gpu[01-03,07],cpu5`` or ``r[1-2]-n[3-4]``."""
+    hosts: list[str] = []
+    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+        pieces: list[list[str]] = []
+        for text, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            if text:
+                pieces.append([text])
+            if ranges:
+                pieces.append(_expand_ranges(ranges, nodelist))
+        hosts += ["".join(parts) for parts in itertools.product(*pieces)]
+    return hosts
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    values: list[str] = []
+    for part in ranges.split(","):
+        bounds = part.split("-")
+        if len(bounds) == 1 and bounds[0].isdigit():
+            values.append(bounds[0])
+        elif len(bounds) == 2 and bounds[0].isdigit() and bounds[1].isdigit():
+            width = len(bounds[0])  # zero padding follows the lower bound, as SLURM writes it
+            values += [str(i).zfill(width) for i in range(int(bounds[0]), int(bounds[1]) + 1)]
+        else:
+            raise ValueError(f"cannot parse the range {part!r} in the SLURM node list {nodelist!r}")
+    return values
+
+
+def _slurm_master_port(job_id: str) -> int:
+    """A port in [20000, 40000) that every task of a job derives alike."""
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        if default is None:
+            raise RuntimeError(f"environment variable {name} is not set")
+        return default
+    try:
+        return int(value)
+    except ValueError as err:
+        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from err
+
+
+def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | None]:
+    """(launcher, rank, local_rank, world_size, local_world_size, master_addr, master_port) from the environment."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        world = _env_int("WORLD_SIZE")
+        port = os.environ.get("MASTER_PORT")
+        return (
+            "torchrun",
+            _env_int("RANK"),
+            _env_int("LOCAL_RANK", 0),
+            world,
+            _env_int("LOCAL_WORLD_SIZE", world),
+            os.environ.get("MASTER_ADDR"),
+            int(port) if port else None,
+        )
+    if "SLURM_PROCID" in os.environ:
+        world = _env_int("SLURM_STEP_NUM_TASKS", _env_int("SLURM_NTASKS", 1))
+        if world > 1:
+            nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+            addr = os.environ.get("MASTER_ADDR") or (expand_nodelist(nodelist)[0] if nodelist else None)
+            if addr is None:
+                raise RuntimeError("SLURM job with several tasks but no SLURM_JOB_NODELIST or MASTER_ADDR")
+            port_env = os.environ.get("MASTER_PORT")
+            port = int(port_env) if port_env else _slurm_master_port(os.environ.get("SLURM_JOB_ID", "0"))
+            n_nodes = _env_int("SLURM_STEP_NUM_NODES", _env_int("SLURM_NNODES", 1))
+            return (
+                "slurm",
+                _env_int("SLURM_PROCID"),
+                _env_int("SLURM_LOCALID", 0),
+                world,
+                max(world // max(n_nodes, 1), 1),
+                addr,
+                port,
+            )
+    return "single", 0, 0, 1, 1, None, None
+
+
+def get_device(preference: str = "auto", local_rank: int | None = None) -> torch.device:
+    """The device of this process: auto = cuda:LOCAL_RANK if CUDA is available, else mps (single process), else cpu."""
+    if preference not in DEVICE_CHOICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {preference!r}")
+    if local_rank is None:
+        local_rank = _env_int("LOCAL_RANK", _env_int("SLURM_LOCALID", 0))
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was requested but CUDA is not available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if preference == "mps" or (preference == "auto" and get_world_size() == 1 and _mps_available()):
+        if not _mps_available():
+            raise RuntimeError("device 'mps' was requested but MPS is not available")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def enable_distributed(*, device: str = "auto", timeout: timedelta = timedelta(minutes=30)) -> DistInfo:
+    """Create the process group described by the environment (none for one process) and pick this rank's device."""
+    launcher, rank, local_rank, world, local_world, addr, port = _read_launcher_env()
+    if world > 1 and device == "mps":
+        raise RuntimeError("MPS does not support multi-process training; use device cpu or cuda")
+    if world > 1 and device == "auto" and not torch.cuda.is_available():
+        device = "cpu"
+    dev = get_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = None
+    if world > 1:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dist.is_initialized():
+            backend = dist.get_backend()
+        else:
+            if addr is None or port is None:
+                raise RuntimeError(f"{launcher}: world size {world} but MASTER_ADDR/MASTER_PORT are unknown")
+            # Other libraries (and torch's env:// rendezvous) read these.
+            os.environ.update(
+                MASTER_ADDR=addr,
+                MASTER_PORT=str(port),
+                RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(local_rank),
+            )
+            dist.init_process_group(
+                backend=backend,
+                init_method="env://",
+                rank=rank,
+                world_size=world,
+                timeout=timeout,
+                device_id=dev if dev.type == "cuda" else None,
+            )
+    info = DistInfo(rank, local_rank, world, local_world, launcher, dev, backend, addr, port)
+    logger.info(
+        "%s: rank %d/%d (local %d), device %s, backend %s", launcher, rank, world, local_rank, dev, backend or "none"
+    )
+    return info
+
+
+def get_rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and in a single process)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over ranks, as a new floating-point tensor (a copy without a process group)."""
+    result = tensor.detach().clone()
+    if not result.is_floating_point():
+        result = result.double()
+    if get_world_size() > 1:
+        dist.all_reduce(result)
+        result /= get_world_size()
+    return result
+
+
+def destroy() -> None:
+    """Destroy the process group if there is one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,314 @@
+"""Resumable training checkpoints (torch.distributed.checkpoint) and the release-format teacher export.
+
+Layout of `ckpt_dir` (normally `<output_dir>/checkpoints`)::
+
+    000001500/              one complete checkpoint per saved iteration (9-digit folder name)
+        .metadata, *.distcp     model and optimizer state, written by DCP: each rank writes its own shards, and any
+                                number of ranks can load them (DCP reshards)
+        extra_state.pt          rank 0's `extra_state` (must be the same on every rank) and the iteration
+        rng_rank00000.pt ...    each rank's RNG states (python, numpy, torch, and the current CUDA device's)
+    latest                  the name of the newest checkpoint folder, for people and scripts
+
+A checkpoint is written to `tmp-<iteration>` and renamed to its final name by rank 0 only after every rank has
+finished, so a numbered folder is always complete: a process killed while saving leaves a `tmp-*` folder that
+`find_latest_checkpoint` ignores and the next save removes. Old checkpoints are deleted the same way (renamed to
+`trash-*` first), so an interrupted deletion never leaves a half-deleted numbered folder behind.
+
+Everything works with FSDP2-sharded and plain modules, with or without a process group.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from dinov2.distributed import barrier, get_rank, get_world_size
+
+logger = logging.getLogger(__name__)
+
+EXTRA_STATE_FILE = "extra_state.pt"
+LATEST_FILE = "latest"
+TEACHER_PARTS = ("backbone", "dino_head", "ibot_head")
+_CHECKPOINT_NAME = re.compile(r"^\d{9}$")
+# Optimizer options that describe the kernel of this run, not the training state; kept when loading.
+_RUNTIME_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the model; the message says which file and keys."""
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """Silence DCP's warning that it saves/loads in one process: without a process group that is the plan."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank:05d}.pt"
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / ".metadata").is_file() and (folder / EXTRA_STATE_FILE).is_file()
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and _CHECKPOINT_NAME.match(p.name) and _is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a folder by renaming it to trash-* first (atomic), then removing it."""
+    trash = folder.with_name(f"trash-{folder.name}-{os.getpid()}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states, as tensors and plain containers (loadable with weights_only=True)."""
+    algorithm, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (algorithm, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    algorithm, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((algorithm, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _check_loadable(extra_state: Mapping[str, Any]) -> None:
+    """Fail at save time, on every rank alike, if `extra_state` could not be loaded with weights_only=True."""
+    buffer = io.BytesIO()
+    torch.save(dict(extra_state), buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise TypeError(f"extra_state must hold only containers, numbers, strings and tensors: {err}") from None
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    iteration: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    extra_state: Mapping[str, Any] | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Save model, optimizer, `extra_state` and RNG states to `ckpt_dir/<iteration:09d>`; call on every rank.
+
+    `extra_state` holds plain containers, numbers, strings and tensors (schedule and sampler positions, the grad
+    scaler's state_dict, ...) and must be the same on every rank (rank 0's is stored). Keeps this checkpoint and the
+    newest `keep_last - 1` others. Returns the checkpoint folder.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    _check_loadable(extra_state or {})
+    ckpt_dir = Path(ckpt_dir)
+    name = f"{iteration:09d}"
+    final, tmp = ckpt_dir / name, ckpt_dir / f"tmp-{name}"
+    rank = get_rank()
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+    with _single_process_is_intended():
+        dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
+    torch.save(_rng_state(), tmp / _rng_file(rank))
+    if rank == 0:
+        record = {"iteration": iteration, "world_size": get_world_size(), "extra_state": dict(extra_state or {})}
+        torch.save(record, tmp / EXTRA_STATE_FILE)
+    barrier()
+    if rank == 0:
+        if final.exists():  # saving the same iteration again, e.g. right after a resume
+            _remove(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        _atomic_write_text(ckpt_dir / LATEST_FILE, name + "\n")
+        others = [p for p in _checkpoints(ckpt_dir) if p != final]  # the new one is kept even if not the highest
+        for old in others[: max(len(others) - (keep_last - 1), 0)]:
+            _remove(old)
+        for leftover in ckpt_dir.glob("*-*"):  # tmp-* of killed saves, trash-* of interrupted deletions
+            if leftover.is_dir() and leftover.name.split("-", 1)[0] in ("tmp", "trash"):
+                shutil.rmtree(leftover)
+        logger.info("saved checkpoint %s", final)
+    barrier()
+    return final
+
+
+def find_latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder in `ckpt_dir`, or None; unfinished `tmp-*` folders are ignored."""
+    found = _checkpoints(Path(ckpt_dir))
+    return found[-1] if found else None
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint folder into `model` (and `optimizer`) on any number of ranks; return its `extra_state`.
+
+    The returned dict is the saved `extra_state` plus `iteration`. Loading is strict: a model key missing from the
+    checkpoint, an unexpected one, or a shape mismatch raises `CheckpointError`. With `restore_rng`, each rank
+    restores the RNG states saved by the same rank (when the number of ranks changed, ranks without a saved state
+    keep theirs). Call on every rank.
+    """
+    path = Path(path)
+    if not _is_complete(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint (expected .metadata and {EXTRA_STATE_FILE})")
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+    _check_model_keys(path, state["model"])
+    # Optimizer.load_state_dict replaces the groups, kernel options included; this run's options are put back.
+    runtime = [{k: g[k] for k in _RUNTIME_OPTIONS if k in g} for g in (optimizer.param_groups if optimizer else [])]
+    try:
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
+    except CheckpointException as err:
+        causes = "; ".join(f"rank {rank}: {failure}" for rank, failure in err.failures.items())
+        raise CheckpointError(f"{path}: cannot load into this model/optimizer: {causes}") from None
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        for group, options in zip(optimizer.param_groups, runtime):
+            group.update(options)
+    record = torch.load(path / EXTRA_STATE_FILE, weights_only=True)
+    if restore_rng:
+        rng_file = path / _rng_file(get_rank())
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        else:
+            logger.warning("%s has no RNG state for rank %d (saved by %d ranks)", path, get_rank(), record["world_size"])
+    logger.info("loaded %s (iteration %d, saved by %d ranks)", path, record["iteration"], record["world_size"])
+    return {**record["extra_state"], "iteration": record["iteration"]}
+
+
+def _check_model_keys(path: Path, model_state: Mapping[str, Any]) -> None:
+    """Raise CheckpointError naming missing, unexpected and mis-shaped model keys."""
+    saved = {
+        key[len("model.") :]: meta
+        for key, meta in FileSystemReader(path).read_metadata().state_dict_metadata.items()
+        if key.startswith("model.")
+    }
+    problems = []
+    missing = sorted(set(model_state) - set(saved))
+    if missing:
+        problems.append(f"missing from the checkpoint: {missing[:10]}")
+    unexpected = sorted(set(saved) - set(model_state))
+    if unexpected:
+        problems.append(f"not in this model: {unexpected[:10]}")
+    mis_shaped = [
+        f"{key} {tuple(saved[key].size)} in the checkpoint vs {tuple(value.shape)} here"
+        for key, value in model_state.items()
+        if key in saved and isinstance(value, torch.Tensor) and hasattr(saved[key], "size")
+        and tuple(saved[key].size) != tuple(value.shape)
+    ]
+    if mis_shaped:
+        problems.append(f"different shapes: {mis_shaped[:10]}")
+    if problems:
+        raise CheckpointError(f"{path} does not fit this model; model keys " + "; ".join(problems))
+
+
+def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
+    """Write the teacher as DinoBloom's release file `{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}`.
+
+    Full float32 tensors on CPU, keys ordered backbone, dino_head, ibot_head; rank 0 writes the file atomically.
+    Call on every rank (the full tensors are gathered from all of them). Returns the path on rank 0, None elsewhere.
+    """
+    path = Path(path)
+    state = get_model_state_dict(teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    written = None
+    if get_rank() == 0:
+        stray = [key for key in state if key.split(".", 1)[0] not in TEACHER_PARTS]
+        if stray:
+            raise ValueError(f"the teacher must hold only {', '.join(TEACHER_PARTS)}; unexpected keys {stray[:10]}")
+        ordered = {
+            key: (value.detach().to("cpu", torch.float32) if value.is_floating_point() else value.detach().cpu())
+            for part in TEACHER_PARTS
+            for key, value in state.items()
+            if key.split(".", 1)[0] == part
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save({"teacher": ordered}, tmp)
+        os.replace(tmp, path)
+        written = path
+        logger.info("exported the teacher (%d tensors) to %s", len(ordered), path)
+    barrier()
+    return written

@@ -1,0 +1,415 @@
+"""Training configuration: strict loading (defaults, then a file, then `key=value` overrides) and helpers.
+
+`load_config` merges, in this order, `ssl_default_config.yaml`, a run config (e.g. `train/custom.yaml`) and
+dotted command-line overrides. Every key must exist in the defaults; a value must have the default's type.
+Mistakes raise `ConfigError` naming the source, the dotted key and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG_FILE = CONFIG_DIR / "ssl_default_config.yaml"
+TRAIN_CONFIG_DIR = CONFIG_DIR / "train"
+
+# Keys that earlier configs set without effect. They are accepted, dropped and reported. The value is where the
+# setting lives now (or None).
+IGNORED_KEYS: dict[str, str | None] = {
+    # DinoBloom's custom.yaml placed these under train:, where neither DINOv2 nor DinoBloom read them (its hub-built
+    # backbones never looked at the config either).
+    "train.ffn_layer": "student.ffn_layer",
+    "train.block_chunks": "student.block_chunks",
+    "train.num_register_tokens": "student.num_register_tokens",
+    "train.drop_path_rate": "student.drop_path_rate",
+    # Present in DINOv2's defaults but never read by its trainer.
+    "train.cache_dataset": None,
+    "train.saveckp_freq": "train.checkpoint_period",
+}
+# DinoBloom's experimental smooth-rank loss; its released config switched it off ("doesnt help").
+ZERO_ONLY_KEYS = ("dino.smooth_rank_loss_weight",)
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.centering": ("centering", "sinkhorn_knopp"),
+    "train.augmentation": ("hematology", "dinov2"),
+    "train.device": ("auto", "cuda", "mps", "cpu"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "student.ffn_layer": ("mlp", "swiglu", "swiglufused", "identity"),
+    "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256"),
+}
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+ROLES = ("student", "teacher")
+PARTS = ("backbone", "dino_head", "ibot_head")
+
+# Width, depth and heads of the architectures DINOv2 defines (all with mlp_ratio 4).
+ARCH_SIZES: dict[str, tuple[int, int, int]] = {
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_giant2": (1536, 40, 24),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and what is wrong."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The resolved student architecture: canonical name, hub name if any, and `DinoVisionTransformer` kwargs."""
+
+    name: str
+    hub_name: str | None
+    kwargs: dict[str, Any]
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the backbone (its feature dimension)."""
+        return int(self.kwargs["embed_dim"])
+
+    @property
+    def patch_size(self) -> int:
+        """Patch size in pixels."""
+        return int(self.kwargs["patch_size"])
+
+
+def default_config() -> DictConfig:
+    """The defaults of every key (`ssl_default_config.yaml`)."""
+    return OmegaConf.load(DEFAULT_CONFIG_FILE)
+
+
+def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults, then `config_file` (if given), then dotted `key=value` overrides; strict and type-checked."""
+    defaults = default_config()
+    default_tree = OmegaConf.to_container(defaults, resolve=False)
+    valid_keys = _dotted_keys(default_tree)
+    layers: list[Any] = [defaults]
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except (OmegaConfBaseException, OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot parse the YAML: {err}") from err
+        if not isinstance(file_cfg, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got a list")
+        layers.append(_checked_layer(file_cfg, default_tree, valid_keys, str(path)))
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"command-line override {item!r} is not of the form key=value")
+        try:
+            override_cfg = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"cannot parse the command-line overrides {list(overrides)}: {err}") from err
+        layers.append(_checked_layer(override_cfg, default_tree, valid_keys, "command line"))
+    cfg = OmegaConf.merge(*layers)
+    assert isinstance(cfg, DictConfig)
+    _check_values(cfg)
+    return cfg
+
+
+def _checked_layer(layer: DictConfig, default_tree: dict, valid_keys: list[str], source: str) -> DictConfig:
+    """Reject unknown keys and mistyped values of one layer, drop the ignored legacy keys."""
+    tree = OmegaConf.to_container(layer, resolve=False)
+    assert isinstance(tree, dict)
+    for key in IGNORED_KEYS:
+        section, name = key.split(".")
+        if isinstance(tree.get(section), dict) and name in tree[section]:
+            tree[section].pop(name)
+            target = IGNORED_KEYS[key]
+            where = f"; set {target} to change this setting" if target else ""
+            logger.warning("%s: %s is ignored, as it was in DINOv2/DinoBloom%s", source, key, where)
+    for key in ZERO_ONLY_KEYS:
+        section, name = key.split(".")
+        if isinstance(tree.get(section), dict) and name in tree[section]:
+            value = tree[section].pop(name)
+            if value not in (0, 0.0):
+                raise ConfigError(f"{source}: {key}={value!r} is not supported (only 0, as in DinoBloom's release)")
+            logger.warning("%s: %s=0 is ignored (the smooth-rank loss was off in DinoBloom's release)", source, key)
+    errors: list[str] = []
+    checked = _check_tree(tree, default_tree, "", source, valid_keys, errors)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return OmegaConf.create(checked)
+
+
+def _check_tree(tree: dict, default: dict, prefix: str, source: str, valid: list[str], errors: list[str]) -> dict:
+    out: dict[str, Any] = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if name not in default:
+            for leaf in _dotted_keys(value, key) if isinstance(value, dict) and value else [key]:
+                errors.append(f"{source}: unknown key {leaf!r}{_suggestion(leaf, valid)}")
+            continue
+        expected = default[name]
+        if isinstance(expected, dict):
+            if value is None:  # an empty section in YAML
+                continue
+            if not isinstance(value, dict):
+                errors.append(f"{source}: {key} is a section (keys {sorted(expected)}), got {value!r}")
+                continue
+            out[name] = _check_tree(value, expected, key + ".", source, valid, errors)
+        else:
+            try:
+                out[name] = _coerce(value, expected, key)
+            except ConfigError as err:
+                errors.append(f"{source}: {err}")
+    return out
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    """`value` converted to the type of `default`, or ConfigError."""
+    if isinstance(value, str) and value.startswith("${"):  # interpolations are resolved later
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # e.g. output_dir=2024 on the CLI
+            return str(value)
+    elif isinstance(default, list):
+        if isinstance(value, list):
+            if default and isinstance(default[0], (int, float)):
+                return [_coerce(v, default[0], f"{key}[{i}]") for i, v in enumerate(value)]
+            return value
+    else:
+        return value
+    raise ConfigError(f"{key} must be {_type_name(default)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(default: Any) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, str):
+        return "a string"
+    return "a list"
+
+
+def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
+    """All leaf keys of a nested mapping, dotted."""
+    if not isinstance(tree, Mapping):
+        return [prefix]
+    keys: list[str] = []
+    for name, value in tree.items():
+        keys += _dotted_keys(value, f"{prefix}.{name}" if prefix else str(name))
+    return keys
+
+
+def closest_key(key: str, valid_keys: Sequence[str]) -> str | None:
+    """The valid key `key` most likely meant: the same leaf name in another section, else the closest spelling."""
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in valid_keys if k.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0)[0]
+    match = difflib.get_close_matches(key, valid_keys, n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in valid_keys}
+    match = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+    return leaves[match[0]] if match else None
+
+
+def _suggestion(key: str, valid_keys: Sequence[str]) -> str:
+    best = closest_key(key, valid_keys)
+    return f"; did you mean {best}?" if best else ""
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """Value checks that types alone cannot express (choices, ranges, architecture)."""
+    problems: list[str] = []
+    for key, options in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in options:
+            problems.append(f"{key}={value!r} is not one of {', '.join(options)}")
+    for role in ROLES:
+        for part in PARTS:
+            section = cfg.compute_precision[role][part]
+            prefix = f"compute_precision.{role}.{part}"
+            if section.sharding_strategy not in SHARDING_STRATEGIES:
+                problems.append(
+                    f"{prefix}.sharding_strategy={section.sharding_strategy!r} is not one of "
+                    f"{', '.join(SHARDING_STRATEGIES)}"
+                )
+            for name, value in section.mixed_precision.items():
+                if value not in DTYPE_NAMES:
+                    problems.append(f"{prefix}.mixed_precision.{name}={value!r} is not one of {', '.join(DTYPE_NAMES)}")
+            if section.mixed_precision.buffer_dtype != "fp32":
+                problems.append(f"{prefix}.mixed_precision.buffer_dtype must be fp32 (FSDP2 keeps buffers as they are)")
+    for part in PARTS:
+        student_replicated = cfg.compute_precision.student[part].sharding_strategy == "NO_SHARD"
+        teacher_replicated = cfg.compute_precision.teacher[part].sharding_strategy == "NO_SHARD"
+        if student_replicated != teacher_replicated:
+            problems.append(
+                f"compute_precision.student.{part} and compute_precision.teacher.{part} must both be NO_SHARD or both "
+                "be sharded: the teacher's EMA update needs parameters laid out alike"
+            )
+    for key in ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max"):
+        value = list(OmegaConf.select(cfg, key))
+        if len(value) != 2 or not 0 <= value[0] <= value[1] <= 1:
+            problems.append(f"{key}={value} must be [low, high] with 0 <= low <= high <= 1")
+    positive = ("train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "optim.epochs", "train.log_period",
+                "train.checkpoint_period", "train.keep_last_checkpoints", "crops.global_crops_size")
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            problems.append(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    if not 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs:
+        problems.append(
+            f"optim.warmup_epochs={cfg.optim.warmup_epochs} must lie in [0, optim.epochs={cfg.optim.epochs}]"
+        )
+    if not 0 <= cfg.train.max_bad_image_fraction <= 1:
+        problems.append(f"train.max_bad_image_fraction={cfg.train.max_bad_image_fraction} must lie in [0, 1]")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    resolve_arch(cfg)
+
+
+def resolve_arch(cfg: DictConfig) -> ArchSpec:
+    """The student backbone described by `cfg.student` (and `cfg.crops.global_crops_size` as image size).
+
+    A DINOv2 hub name (`dinov2_vitb14`, ...) is built exactly as DinoBloom's `torch.hub.load` built it: the hub's
+    patch size, FFN, registers, interpolation, LayerScale init and no drop path; student.* values that differ from
+    those are ignored with a warning. Architecture names (`vit_base`, ...) take every setting from `cfg.student`;
+    `student.embed_dim/depth/num_heads` > 0 replace the architecture's size.
+    """
+    from dinov2.models import HUB_MODELS  # deferred: importing the models imports torch
+
+    student = cfg.student
+    arch = str(student.arch)
+    hub_name = arch if arch.startswith("dinov2_") else None
+    if hub_name is not None:
+        if hub_name not in HUB_MODELS:
+            hub_names = ", ".join(name for name in HUB_MODELS if name.startswith("dinov2_"))
+            raise ConfigError(f"student.arch={arch!r} is not a DINOv2 hub model; expected one of {hub_names}")
+        name, hub_settings = HUB_MODELS[hub_name]
+    elif arch in ARCH_SIZES:
+        name, hub_settings = arch, {}
+    else:
+        known = ", ".join([*ARCH_SIZES, *(n for n in HUB_MODELS if n.startswith("dinov2_"))])
+        raise ConfigError(f"student.arch={arch!r} is unknown; expected one of {known}")
+
+    embed_dim, depth, num_heads = ARCH_SIZES[name]
+    custom = {"embed_dim": student.embed_dim, "depth": student.depth, "num_heads": student.num_heads}
+    for key, value in custom.items():
+        if value < 0:
+            raise ConfigError(f"student.{key} must be >= 0 (0 = the architecture's value), got {value}")
+        if value and hub_name is not None:
+            raise ConfigError(f"student.{key}={value} cannot change the size of the hub architecture {hub_name}")
+    embed_dim = student.embed_dim or embed_dim
+    depth = student.depth or depth
+    num_heads = student.num_heads or num_heads
+    if embed_dim % num_heads:
+        raise ConfigError(f"student.embed_dim={embed_dim} is not divisible by student.num_heads={num_heads}")
+
+    kwargs: dict[str, Any] = dict(
+        img_size=int(cfg.crops.global_crops_size),
+        patch_size=int(student.patch_size),
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=4.0,
+        qkv_bias=bool(student.qkv_bias),
+        proj_bias=bool(student.proj_bias),
+        ffn_bias=bool(student.ffn_bias),
+        drop_path_rate=float(student.drop_path_rate),
+        drop_path_uniform=bool(student.drop_path_uniform),
+        init_values=float(student.layerscale) if student.layerscale else None,
+        ffn_layer=str(student.ffn_layer),
+        block_chunks=int(student.block_chunks),
+        num_register_tokens=int(student.num_register_tokens),
+        interpolate_antialias=bool(student.interpolate_antialias),
+        interpolate_offset=float(student.interpolate_offset),
+    )
+    if hub_name is not None:
+        if int(student.patch_size) != hub_settings["patch_size"]:
+            raise ConfigError(
+                f"student.patch_size={student.patch_size} contradicts student.arch={hub_name} "
+                f"(patch {hub_settings['patch_size']})"
+            )
+        # The hub builder's settings, plus the DinoVisionTransformer defaults it relied on.
+        forced = {key: value for key, value in hub_settings.items() if key in kwargs and key != "img_size"}
+        forced.update(drop_path_rate=0.0, qkv_bias=True, proj_bias=True, ffn_bias=True)
+        cfg_names = {"init_values": "layerscale"}
+        for key, value in forced.items():
+            if kwargs[key] != value:
+                logger.warning(
+                    "student.%s=%r is ignored: student.arch=%s builds the hub model, which uses %r",
+                    cfg_names.get(key, key), kwargs[key], hub_name, value,
+                )
+            kwargs[key] = value
+    patch = kwargs["patch_size"]
+    sizes = {"global_crops_size": cfg.crops.global_crops_size}
+    if cfg.crops.local_crops_number > 1:  # 1 means no local crops (DinoBloom)
+        sizes["local_crops_size"] = cfg.crops.local_crops_size
+    for key, size in sizes.items():
+        if size % patch:
+            raise ConfigError(f"crops.{key}={size} is not a multiple of the patch size {patch}")
+    if kwargs["block_chunks"] and depth % kwargs["block_chunks"]:
+        raise ConfigError(f"student.block_chunks={kwargs['block_chunks']} does not divide the depth {depth}")
+    return ArchSpec(name=name, hub_name=hub_name, kwargs=kwargs)
+
+
+def apply_scaling_rules_to_cfg(cfg: DictConfig, world_size: int) -> DictConfig:
+    """Set `optim.lr` from `optim.base_lr` and the total batch size (in place; also returned)."""
+    total_batch = cfg.train.batch_size_per_gpu * world_size
+    rule = cfg.optim.scaling_rule
+    if rule == "sqrt_wrt_1024":
+        cfg.optim.lr = cfg.optim.base_lr * math.sqrt(total_batch / 1024.0)
+    elif rule == "linear_wrt_256":
+        cfg.optim.lr = cfg.optim.base_lr * total_batch / 256.0
+    else:
+        raise ConfigError(f"optim.scaling_rule={rule!r} is not one of {', '.join(CHOICES['optim.scaling_rule'])}")
+    logger.info("%s: base lr %.3g, total batch %d -> lr %.3g", rule, cfg.optim.base_lr, total_batch, cfg.optim.lr)
+    return cfg
+
+
+def write_config(cfg: DictConfig, output_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved configuration to `output_dir/name` (atomically) and return the path."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / name
+    tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = [
+    "ArchSpec",
+    "ConfigError",
+    "DEFAULT_CONFIG_FILE",
+    "TRAIN_CONFIG_DIR",
+    "apply_scaling_rules_to_cfg",
+    "closest_key",
+    "default_config",
+    "load_config",
+    "resolve_arch",
+    "write_config",
+]

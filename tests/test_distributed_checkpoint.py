@@ -1,0 +1,448 @@
+"""Process groups, FSDP2 equivalence, and DCP checkpoints across rank counts (gloo, 2 CPU processes).
+
+The multi-process tests start 2 ranks with `torch.multiprocessing.spawn`; a failed assertion in a rank fails the test
+with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import signal
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.tensor import DTensor
+
+import dinov2.checkpoint as checkpoint_module
+from dinov2 import distributed
+from dinov2.checkpoint import (
+    CheckpointError,
+    export_teacher,
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from dinov2.configs import load_config
+from dinov2.distributed import enable_distributed, expand_nodelist
+from dinov2.layers import DINOHead
+from dinov2.models import DinoVisionTransformer
+from dinov2.parallel import (
+    autocast_dtype,
+    build_grad_scaler,
+    clip_grad_norm,
+    is_sharded,
+    parallelize_from_config,
+    parallelize_model,
+)
+from dinov2.train.optim import apply_optim_scheduler, build_optimizer, build_param_groups
+
+WORLD = 2
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                 "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST",
+                 "SLURM_JOB_ID", "SLURM_NNODES", "SLURM_STEP_NUM_NODES")
+FP32 = ["train.precision=fp32", "optim.layerwise_decay=0.9", "ibot.separate_head=true"]
+
+
+def _free_port(low: int = 20000, high: int = 40000) -> int:
+    """A free TCP port in [low, high) (the range SLURM job ids map to)."""
+    for _ in range(200):
+        port = random.randrange(low, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def _set_env(variables: dict[str, str]) -> None:
+    for name in LAUNCHER_VARS:
+        os.environ.pop(name, None)
+    os.environ.update(variables)
+
+
+def _torchrun_env(rank: int, port: int) -> dict[str, str]:
+    return {"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def _slurm_env(rank: int, port: int) -> dict[str, str]:
+    # The first host of the node list is the master; the port comes from the job id (20000 + id % 20000).
+    return {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(WORLD),
+            "SLURM_JOB_NODELIST": "127.0.0.[1-2]", "SLURM_JOB_ID": str(port - 20000 + 20000 * 7), "SLURM_NNODES": "1"}
+
+
+def _parts(seed: int, with_ibot: bool = True) -> nn.ModuleDict:
+    """A tiny student or teacher: ViT (2 blocks, LayerScale) with DINO and iBOT heads."""
+    torch.manual_seed(seed)
+    parts = {
+        "backbone": DinoVisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, init_values=0.5),
+        "dino_head": DINOHead(32, 24, hidden_dim=16, bottleneck_dim=8),
+    }
+    if with_ibot:
+        parts["ibot_head"] = DINOHead(32, 20, hidden_dim=16, bottleneck_dim=8)
+    return nn.ModuleDict(parts)
+
+
+def _loss(student: nn.ModuleDict, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stand-in objective touching every part; returns (loss, cls tokens)."""
+    features = student["backbone"].forward_features(images)
+    cls, patches = features["x_norm_clstoken"], features["x_norm_patchtokens"]
+    loss = student["dino_head"](cls).logsumexp(-1).mean() + student["ibot_head"](patches).square().mean()
+    return loss, cls
+
+
+def _images(step: int) -> torch.Tensor:
+    return torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(100 + step))
+
+
+def _train_step(student: nn.ModuleDict, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> tuple[torch.Tensor, list]:
+    apply_optim_scheduler(optimizer, lr=1e-2, wd=0.04, last_layer_lr=5e-3)
+    optimizer.zero_grad(set_to_none=True)
+    loss, cls = _loss(student, images)
+    loss.backward()
+    norms = [clip_grad_norm(part.parameters(), 0.05) for part in student.values()]
+    optimizer.step()
+    return cls.detach(), norms
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _fsdp_worker(rank: int, port: int, strategy: str) -> None:
+    _set_env(_torchrun_env(rank, port))
+    info = enable_distributed(device="cpu")
+    try:
+        assert (info.launcher, info.rank, info.world_size, info.backend) == ("torchrun", rank, WORLD, "gloo")
+        assert distributed.get_world_size() == WORLD and distributed.is_main_process() == (rank == 0)
+        assert distributed.all_reduce_mean(torch.tensor([float(rank)])).item() == 0.5
+        cfg = load_config(None, FP32)
+        student, reference = _parts(seed=0), _parts(seed=0)
+        names = [name for name, _ in student.named_parameters()]
+        parallelize_model(student, sharding_strategy=strategy, activation_checkpointing=True)
+        assert is_sharded(student) and not is_sharded(reference)
+        assert [name for name, _ in student.named_parameters()] == names  # keys unchanged by FSDP2 and checkpointing
+        assert all(isinstance(p, DTensor) for p in student.parameters())
+        optimizer = build_optimizer(build_param_groups(student, cfg), cfg)
+        ref_optimizer = build_optimizer(build_param_groups(reference, cfg), cfg)
+        for step in range(2):
+            images = _images(step)
+            # Each rank sees half the batch; FSDP2 averages gradients, which equals the full-batch mean.
+            cls, norms = _train_step(student, optimizer, images.chunk(WORLD)[rank])
+            ref_cls, ref_norms = _train_step(reference, ref_optimizer, images)
+            torch.testing.assert_close(cls, ref_cls.chunk(WORLD)[rank], atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.stack(norms), torch.stack(ref_norms), atol=1e-5, rtol=1e-5)
+            for (name, p), q in zip(student.named_parameters(), reference.parameters()):
+                torch.testing.assert_close(_full(p), q, atol=2e-6, rtol=1e-5, msg=f"step {step}: {name}")
+        # A teacher (forward only) is laid out like the student after its forward, so the EMA update applies.
+        teacher, ref_teacher = _parts(seed=1), _parts(seed=1)
+        parallelize_model(teacher, sharding_strategy=strategy, reshard_after_forward=True)
+        with torch.no_grad():
+            teacher["backbone"].forward_features(_images(0).chunk(WORLD)[rank])
+            assert [p.placements for p in teacher.parameters()] == [p.placements for p in student.parameters()]
+            for ema, source in ((teacher, student), (ref_teacher, reference)):
+                torch._foreach_mul_(list(ema.parameters()), 0.99)
+                torch._foreach_add_(list(ema.parameters()), list(source.parameters()), alpha=0.01)
+        for (name, p), q in zip(teacher.named_parameters(), ref_teacher.parameters()):
+            torch.testing.assert_close(_full(p), q, atol=2e-6, rtol=1e-5, msg=f"EMA: {name}")
+    finally:
+        distributed.destroy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["SHARD_GRAD_OP", "NO_SHARD"])
+def test_fsdp2_two_ranks_match_one(strategy: str) -> None:
+    """Forward, gradient norms and optimizer steps of 2 FSDP2 ranks equal the unsharded model on the full batch."""
+    mp.spawn(_fsdp_worker, args=(_free_port(), strategy), nprocs=WORLD)
+
+
+def _model(seed: int) -> nn.ModuleDict:
+    """What a trainer checkpoints: student, teacher and a loss module with a centre buffer."""
+    loss = nn.Module()
+    loss.register_buffer("center", torch.zeros(1, 24))
+    return nn.ModuleDict({"student": _parts(seed), "teacher": _parts(seed + 1000), "dino_loss": loss})
+
+
+def _build(cfg, seed: int) -> tuple[nn.ModuleDict, torch.optim.Optimizer]:
+    model = _model(seed)
+    for p in model["teacher"].parameters():
+        p.requires_grad_(False)
+    device = torch.device("cpu")
+    parallelize_from_config(model["student"], cfg, "student", device)
+    parallelize_from_config(model["teacher"], cfg, "teacher", device)
+    return model, build_optimizer(build_param_groups(model["student"], cfg), cfg)
+
+
+def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    options = StateDictOptions(full_state_dict=True)
+    state = {"model": get_model_state_dict(model, options=options)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=options)["state"]
+    return state
+
+
+def _checkpoint_worker(rank: int, port: int, ckpt_dir: str) -> None:
+    _set_env(_slurm_env(rank, port))
+    info = enable_distributed(device="cpu")
+    try:
+        assert (info.launcher, info.master_addr, info.master_port) == ("slurm", "127.0.0.1", port)
+        cfg = load_config(None, FP32)
+        model, optimizer = _build(cfg, seed=0)
+        _train_step(model["student"], optimizer, _images(0).chunk(WORLD)[rank])
+        model["dino_loss"].center.fill_(0.25)
+        saved = save_checkpoint(ckpt_dir, 7, model, optimizer, {"sampler": {"position": 840}}, keep_last=2)
+        draws = torch.rand(3)  # what this rank's RNG gives right after saving
+        export_teacher(Path(ckpt_dir) / "teacher.pth", model["teacher"])
+        expected = _full_state(model, optimizer)
+        if rank == 0:
+            torch.save({"state": expected["model"], "draws": draws}, Path(ckpt_dir) / "expected.pt")
+
+        # Load on 2 ranks into a differently initialised model: identical tensors, RNG and optimizer state.
+        torch.manual_seed(12345)
+        loaded_model, loaded_optimizer = _build(cfg, seed=1)
+        extra = load_checkpoint(saved, loaded_model, loaded_optimizer)
+        assert extra == {"sampler": {"position": 840}, "iteration": 7}
+        torch.testing.assert_close(torch.rand(3), draws, atol=0, rtol=0)
+        loaded = _full_state(loaded_model, loaded_optimizer)
+        torch.testing.assert_close(loaded, expected, atol=0, rtol=0)
+        # A resumed step equals the uninterrupted one.
+        _train_step(model["student"], optimizer, _images(1).chunk(WORLD)[rank])
+        _train_step(loaded_model["student"], loaded_optimizer, _images(1).chunk(WORLD)[rank])
+        torch.testing.assert_close(_full_state(loaded_model)["model"], _full_state(model)["model"], atol=0, rtol=0)
+    finally:
+        distributed.destroy()
+
+
+@pytest.fixture(scope="module")
+def two_rank_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint written by 2 FSDP2 ranks (the ranks also check that it loads back on 2 ranks)."""
+    ckpt_dir = tmp_path_factory.mktemp("ckpt")
+    mp.spawn(_checkpoint_worker, args=(_free_port(), str(ckpt_dir)), nprocs=WORLD)
+    return ckpt_dir
+
+
+@pytest.mark.slow
+def test_two_rank_checkpoint_loads_on_two_ranks(two_rank_checkpoint: Path) -> None:
+    assert (two_rank_checkpoint / "000000007" / "rng_rank00001.pt").is_file()
+    assert (two_rank_checkpoint / "latest").read_text().strip() == "000000007"
+
+
+@pytest.mark.slow
+def test_two_rank_checkpoint_loads_on_one_rank(two_rank_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    expected = torch.load(two_rank_checkpoint / "expected.pt", weights_only=True)
+    model, optimizer = _build(load_config(None, FP32), seed=3)
+    extra = load_checkpoint(find_latest_checkpoint(two_rank_checkpoint), model, optimizer)
+    assert extra["iteration"] == 7 and extra["sampler"] == {"position": 840}
+    torch.testing.assert_close(_full_state(model)["model"], expected["state"], atol=0, rtol=0)
+    torch.testing.assert_close(torch.rand(3), expected["draws"], atol=0, rtol=0)  # rank 0's RNG
+    # The model alone (no optimizer), as evaluation would load it.
+    plain = _model(seed=4)
+    load_checkpoint(two_rank_checkpoint / "000000007", plain, restore_rng=False)
+    assert torch.equal(plain["dino_loss"].center, torch.full((1, 24), 0.25))
+
+
+@pytest.mark.slow
+def test_export_from_two_ranks_is_the_release_format(two_rank_checkpoint: Path) -> None:
+    exported = torch.load(two_rank_checkpoint / "teacher.pth", weights_only=True)
+    expected = {k[len("teacher."):]: v for k, v in
+                torch.load(two_rank_checkpoint / "expected.pt", weights_only=True)["state"].items() if k.startswith("teacher.")}
+    assert list(exported) == ["teacher"]
+    teacher = exported["teacher"]
+    prefixes = [key.split(".", 1)[0] for key in teacher]
+    assert prefixes == sorted(prefixes, key=["backbone", "dino_head", "ibot_head"].index)  # grouped in this order
+    assert set(prefixes) == {"backbone", "dino_head", "ibot_head"}
+    assert teacher.keys() == expected.keys()
+    assert all(v.dtype == torch.float32 and not isinstance(v, DTensor) for v in teacher.values())
+    torch.testing.assert_close(teacher, expected, atol=0, rtol=0)
+    assert teacher["dino_head.last_layer.weight_g"].shape == (24, 1)
+
+
+def test_single_process_has_no_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    info = enable_distributed(device="cpu")
+    assert (info.launcher, info.world_size, info.backend, info.is_distributed) == ("single", 1, None, False)
+    assert distributed.get_rank() == 0 and distributed.get_world_size() == 1 and distributed.is_main_process()
+    distributed.barrier()
+    value = torch.tensor([3, 5])
+    mean = distributed.all_reduce_mean(value)
+    assert mean.dtype == torch.float64 and torch.equal(mean, torch.tensor([3.0, 5.0], dtype=torch.float64))
+    assert distributed.get_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be one of"):
+        distributed.get_device("tpu")
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+        ("gpu5,cpu[9-10]", ["gpu5", "cpu9", "cpu10"]),
+        ("r[1-2]-n[3-4]", ["r1-n3", "r1-n4", "r2-n3", "r2-n4"]),
+        ("single", ["single"]),
+    ],
+)
+def test_expand_slurm_nodelist(nodelist: str, hosts: list[str]) -> None:
+    assert expand_nodelist(nodelist) == hosts
+
+
+def test_bad_nodelist_is_named() -> None:
+    with pytest.raises(ValueError, match=r"'a-b' in the SLURM node list 'n\[a-b\]'"):
+        expand_nodelist("n[a-b]")
+
+
+def test_single_process_parallelize_keeps_the_plain_model() -> None:
+    model, reference = _parts(seed=0), _parts(seed=0)
+    keys = list(model.state_dict())
+    parallelize_model(model, sharding_strategy="FULL_SHARD", activation_checkpointing=True, compile=True)
+    assert not is_sharded(model) and list(model.state_dict()) == keys
+    assert all(block._compiled_call_impl is not None for block in model["backbone"].blocks)
+    # Checkpointed blocks give the same gradients (compile is checked on the GPU only: it is slow on 2 CPU cores).
+    for block in model["backbone"].blocks:
+        block._compiled_call_impl = None
+    for m in (model, reference):
+        _loss(m, _images(0))[0].backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="unknown sharding_strategy"):
+        parallelize_model(_parts(seed=0), sharding_strategy="HYBRID")
+
+
+def test_precision_settings() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    recipe = load_config(Path(__file__).parents[1] / "dinov2/configs/train/custom.yaml")
+    assert autocast_dtype(recipe, cpu) == torch.float32  # auto: fp32 off CUDA
+    assert autocast_dtype(recipe, cuda) == torch.float16  # auto on CUDA: the recipe's fp16
+    assert autocast_dtype(load_config(None, ["train.precision=bf16"]), cpu) == torch.bfloat16
+    assert build_grad_scaler(recipe, cpu) is None
+
+
+def _ckpt_model() -> tuple[nn.ModuleDict, torch.optim.Optimizer]:
+    cfg = load_config(None, FP32)
+    model = _parts(seed=0, with_ibot=False)
+    return model, build_optimizer(build_param_groups(model, cfg), cfg)
+
+
+def test_keep_last_and_latest_pointer(tmp_path: Path) -> None:
+    model, optimizer = _ckpt_model()
+    for iteration in (5, 10, 15, 20, 25):
+        save_checkpoint(tmp_path, iteration, model, optimizer, {"i": iteration}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000020", "000000025", "latest"]
+    assert (tmp_path / "latest").read_text() == "000000025\n"
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "000000025"
+    assert find_latest_checkpoint(tmp_path / "nothing") is None
+    # A run restarted from scratch in the same folder: its new (lower) checkpoint is never the one deleted.
+    save_checkpoint(tmp_path, 3, model, optimizer, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000003", "000000025", "latest"]
+
+
+def test_extra_state_must_load_safely(tmp_path: Path) -> None:
+    model, optimizer = _ckpt_model()
+    with pytest.raises(TypeError, match="extra_state must hold only"):
+        save_checkpoint(tmp_path, 1, model, optimizer, {"position": np.int64(3)})
+    assert find_latest_checkpoint(tmp_path) is None
+
+
+def test_unfinished_saves_are_ignored(tmp_path: Path) -> None:
+    model, optimizer = _ckpt_model()
+    save_checkpoint(tmp_path, 10, model, optimizer)
+    (tmp_path / "tmp-000000030").mkdir()  # an interrupted save of a newer iteration
+    (tmp_path / "tmp-000000030" / "__0_0.distcp").write_bytes(b"junk")
+    (tmp_path / "000000040").mkdir()  # a numbered folder without DCP metadata is not a checkpoint either
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "000000010"
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        load_checkpoint(tmp_path / "000000040", model)
+    save_checkpoint(tmp_path, 50, model, optimizer)
+    assert not (tmp_path / "tmp-000000030").exists()  # the next save removes the leftovers
+
+
+def _killed_saver(ckpt_dir: str) -> None:
+    """Save iteration 10, then die by SIGKILL in the middle of saving iteration 20 (all files written, no rename)."""
+    for name in LAUNCHER_VARS:
+        os.environ.pop(name, None)
+    model, optimizer = _ckpt_model()
+    save_checkpoint(ckpt_dir, 10, model, optimizer, {"tag": "first"})
+    barriers = iter(range(100))
+
+    def barrier_then_die() -> None:
+        if next(barriers) == 1:  # the barrier after every rank has written its files
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint_module.barrier = barrier_then_die
+    optimizer.step()
+    save_checkpoint(ckpt_dir, 20, model, optimizer, {"tag": "second"})
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    process = mp.get_context("spawn").Process(target=_killed_saver, args=(str(tmp_path),))
+    process.start()
+    process.join(timeout=120)
+    assert process.exitcode == -signal.SIGKILL
+    assert (tmp_path / "tmp-000000020" / ".metadata").is_file()  # the killed save had written everything
+    latest = find_latest_checkpoint(tmp_path)
+    assert latest == tmp_path / "000000010" and (tmp_path / "latest").read_text().strip() == "000000010"
+    model, _ = _ckpt_model()
+    assert load_checkpoint(latest, model, restore_rng=False)["tag"] == "first"
+
+
+def test_load_names_mismatched_keys(tmp_path: Path) -> None:
+    model, optimizer = _ckpt_model()
+    path = save_checkpoint(tmp_path, 1, model, optimizer)
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: \['ibot_head"):
+        load_checkpoint(path, _parts(seed=0), restore_rng=False)
+    with pytest.raises(CheckpointError, match=r"not in this model: \['dino_head"):
+        load_checkpoint(path, nn.ModuleDict({"backbone": _parts(seed=0)["backbone"]}), restore_rng=False)
+    wider = nn.ModuleDict({"backbone": _parts(seed=0)["backbone"], "dino_head": DINOHead(32, 30, hidden_dim=16, bottleneck_dim=8)})
+    with pytest.raises(CheckpointError, match=r"dino_head.last_layer.weight_g \(24, 1\) in the checkpoint vs \(30, 1\)"):
+        load_checkpoint(path, wider, restore_rng=False)
+
+
+def test_export_orders_parts_and_casts_to_float32(tmp_path: Path) -> None:
+    teacher = _parts(seed=0)
+    reordered = nn.ModuleDict({"ibot_head": teacher["ibot_head"], "backbone": teacher["backbone"],
+                               "dino_head": teacher["dino_head"]}).half()
+    path = export_teacher(tmp_path / "eval" / "teacher_checkpoint.pth", reordered)
+    exported = torch.load(path, weights_only=True)["teacher"]
+    expected = {f"{part}.{k}": v.float() for part in ("backbone", "dino_head", "ibot_head")
+                for k, v in reordered[part].state_dict().items()}
+    assert list(exported) == list(expected)
+    torch.testing.assert_close(exported, expected, atol=0, rtol=0)
+    assert not list(tmp_path.glob("eval/.*"))  # no temporary file left behind
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra.weight'"):
+        export_teacher(tmp_path / "bad.pth", nn.ModuleDict({"backbone": nn.Linear(2, 2), "extra": nn.Linear(2, 2)}))
+
+
+def test_checkpoint_of_a_copy_is_independent(tmp_path: Path) -> None:
+    """Activation checkpointing rebinds forward per module, so a deep copy runs its own parameters."""
+    model = _parts(seed=0)
+    parallelize_model(model, activation_checkpointing=True)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(1.0)
+    out, out_clone = _loss(model, _images(0))[1], _loss(clone, _images(0))[1]
+    assert not torch.allclose(out, out_clone)
+
+
+def test_loading_keeps_this_runs_optimizer_kernel(tmp_path: Path) -> None:
+    """A checkpoint from a fused (GPU) run loads into a foreach (CPU) optimizer without switching its kernel."""
+    model, optimizer = _ckpt_model()
+    for group in optimizer.param_groups:
+        group["foreach"], group["fused"] = False, True  # as saved by build_optimizer on CUDA
+    path = save_checkpoint(tmp_path, 1, model, optimizer)
+    fresh, fresh_optimizer = _ckpt_model()
+    load_checkpoint(path, fresh, fresh_optimizer, restore_rng=False)
+    assert all(g["foreach"] is True and not g["fused"] for g in fresh_optimizer.param_groups)
+    assert all(g["lr_multiplier"] == h["lr_multiplier"] for g, h in zip(fresh_optimizer.param_groups, optimizer.param_groups))
