@@ -1,0 +1,157 @@
+"""Evaluate every teacher checkpoint of a training run, in iteration order.
+
+    python -m dinov2.eval.checkpoints --run-dir RUN --data cells/ --output-dir RUN/eval_curve
+
+For each ``RUN/eval/training_<iter>/teacher_checkpoint.pth`` the features of ``--data``
+are extracted (architecture inferred from the checkpoint) and scored with the kNN
+protocol (k = 1, 20 by default; 5-fold stratified CV) and, with ``--methods knn logreg``, the
+linear probe. Writes checkpoints.json, checkpoints.md and checkpoints.png (balanced
+accuracy against iteration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinov2.eval import knn, linear, metrics, protocol, reports
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINT = re.compile(r"^training_(\d+)$")
+METHODS = ("knn", "logreg")
+
+
+def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(iteration, path)`` of every ``eval/training_<iter>/teacher_checkpoint.pth``, by iteration."""
+    eval_dir = Path(run_dir) / "eval"
+    found = []
+    if eval_dir.is_dir():
+        for child in eval_dir.iterdir():
+            match = _CHECKPOINT.match(child.name)
+            if match and (child / "teacher_checkpoint.pth").is_file():
+                found.append((int(match.group(1)), child / "teacher_checkpoint.pth"))
+    if not found:
+        raise FileNotFoundError(f"no eval/training_<iteration>/teacher_checkpoint.pth under {run_dir}")
+    return sorted(found)
+
+
+def score_features(
+    features: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    methods: list[str],
+    n_splits: int,
+    device: Any,
+    ks: tuple[int, ...] = (1, 20),
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Summary scores (mean/std over folds) of each method on one feature set."""
+
+    def predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int) -> dict:
+        scores: dict[str, np.ndarray] = {}
+        if "knn" in methods:
+            probabilities = knn.knn_probabilities(train_x, train_y, test_x, ks, num_classes, device=device)
+            scores.update({f"knn_{k}": p for k, p in probabilities.items()})
+        if "logreg" in methods:
+            scores["logreg"] = linear.logreg_sklearn(train_x, train_y, test_x, num_classes)
+        return scores
+
+    output = protocol.run_protocol(features, labels, class_names, predict, n_splits)
+    return {
+        method: {name: result[name] for name in metrics.SUMMARY_METRICS} for method, result in output.results.items()
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of ``python -m dinov2.eval.checkpoints``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dinov2.eval.checkpoints",
+        description="Score every eval/training_<iter>/teacher_checkpoint.pth of a run with kNN (and logreg).",
+    )
+    parser.add_argument("--run-dir", required=True, help="training output directory")
+    parser.add_argument("--data", required=True, help="labelled images: <class>/<image> folder or .csv (path,label)")
+    parser.add_argument("--output-dir", required=True, help="folder for checkpoints.json/.md/.png")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["knn"], help="default: knn")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 20], help="kNN neighbour counts (default: 1 20)")
+    parser.add_argument("--n-splits", type=int, default=5, help="folds of the stratified CV (default 5)")
+    parser.add_argument("--img-size", type=int, default=224, help="input size for feature extraction")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    parser.add_argument("--keep-features", action="store_true", help="also write features/training_<iter>.h5")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Extract and score the features of each checkpoint; write the table and plot."""
+    from dinov2.eval.extract_features import extract_features
+
+    args = build_parser().parse_args(argv)
+    protocol.setup_logging()
+    device = protocol.resolve_device(args.device)
+    output_dir = Path(args.output_dir)
+    checkpoints = find_checkpoints(args.run_dir)
+    logger.info("evaluating %d checkpoints of %s", len(checkpoints), args.run_dir)
+    rows = []
+    for iteration, path in checkpoints:
+        target = output_dir / "features" / f"training_{iteration}.h5" if args.keep_features else None
+        feature_set = extract_features(
+            args.data, target, model=None, weights=path, batch_size=args.batch_size, img_size=args.img_size,
+            device=device,
+        )
+        protocol.check_labelled(feature_set, args.data)
+        scores = score_features(
+            feature_set.features, feature_set.labels, feature_set.class_names, args.methods, args.n_splits, device,
+            tuple(args.k),
+        )
+        rows.append({"iteration": iteration, "checkpoint": str(path), "results": scores})
+        logger.info(
+            "iteration %d: %s", iteration,
+            ", ".join(f"{m} {s['balanced_accuracy']['mean']:.4f}" for m, s in scores.items()),
+        )
+    summary = {
+        "meta": {
+            "run_dir": str(args.run_dir),
+            "data": str(args.data),
+            "protocol": "stratified_kfold",
+            "n_splits": args.n_splits,
+            "methods": sorted({m for row in rows for m in row["results"]}),
+            "std": "population standard deviation over folds (numpy ddof=0)",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "checkpoints": rows,
+    }
+    reports.write_json(output_dir / "checkpoints.json", summary)
+    (output_dir / "checkpoints.md").write_text(markdown_table(rows))
+    methods = summary["meta"]["methods"]
+    reports.plot_scores_vs_iteration(
+        [row["iteration"] for row in rows],
+        {m: [row["results"][m]["balanced_accuracy"]["mean"] for row in rows] for m in methods},
+        output_dir / "checkpoints.png",
+        ylabel="balanced accuracy (mean over folds)",
+    )
+    print(output_dir / "checkpoints.json")
+    return summary
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Iteration x method table of balanced accuracy and weighted F1 (mean ± std over folds)."""
+    methods = sorted({m for row in rows for m in row["results"]})
+    header = "| iteration | " + " | ".join(f"{m} bal. acc. | {m} weighted F1" for m in methods) + " |"
+    lines = ["# Scores per checkpoint", "", header, "|---|" + "---|---|" * len(methods)]
+    for row in rows:
+        cells = []
+        for m in methods:
+            r = row["results"][m]
+            cells += [f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in ("balanced_accuracy", "weighted_f1")]
+        lines.append(f"| {row['iteration']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""``python -m dinov2.eval.mil``: patient-level attention-MIL cross-validation on a features file.
+
+    python -m dinov2.eval.mil --features mil.h5 --output-dir results/mil [--bags bags.csv]
+
+Writes results.json (key ``abmil``), results.md, predictions.csv (one row per patient),
+attention.json / attention.csv (every cell of every test patient with its attention
+weight, highest first) and confusion_abmil.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinov2.eval import protocol, reports
+from dinov2.eval.features_io import load_features
+from dinov2.eval.mil.data import bags_from_csv, bags_from_paths
+from dinov2.eval.mil.train import MILConfig, cross_validate
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options; the MILConfig fields are options with the same names."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dinov2.eval.mil",
+        description="Gated-attention MIL over patient bags of cell features, k-fold CV over patients.",
+    )
+    parser.add_argument("--config", help="YAML file of option values (keys = option names); flags override it")
+    parser.add_argument("--features", required=True, help="features file of the cells (.h5/.npz)")
+    parser.add_argument("--output-dir", required=True, help="folder for results.json, attention.csv, ...")
+    parser.add_argument("--bags", help="CSV with columns patient,label,path (default: paths <label>/<patient>/<cell>)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    parser.add_argument("--no-figures", action="store_true", help="skip the confusion-matrix PNG")
+    for field in dataclasses.fields(MILConfig):
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=type(field.default),
+            default=field.default,
+            help=f"default {field.default}",
+        )
+    return parser
+
+
+def write_attention(output_dir: Path, records: list[dict[str, Any]]) -> None:
+    """attention.json (nested per patient) and attention.csv (one row per cell)."""
+    reports.write_json(output_dir / "attention.json", records)
+    class_names = list(records[0]["probabilities"]) if records else []
+    with (output_dir / "attention.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patient", "label", "prediction", "fold", *[f"p_{c}" for c in class_names], "path", "attention"])
+        for record in records:
+            probs = [f"{record['probabilities'][c]:.6f}" for c in class_names]
+            for cell in record["cells"]:
+                writer.writerow(
+                    [record["patient"], record["label"], record["prediction"], record["fold"], *probs,
+                     cell["path"], f"{cell['attention']:.6f}"]
+                )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the MIL evaluation and write its reports to --output-dir."""
+    parser = build_parser()
+    args = protocol.parse_args_with_config(parser, argv)
+    protocol.setup_logging()
+    device = protocol.resolve_device(args.device)
+    config = MILConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MILConfig)})
+    feature_set = load_features(args.features)
+    if args.bags:
+        bag_set = bags_from_csv(feature_set, args.bags)
+        source = str(args.bags)
+    else:
+        bag_set = bags_from_paths(feature_set, str(args.features))
+        source = str(args.features)
+    logger.info(
+        "%d patients (%s), %d cells", len(bag_set.bags),
+        ", ".join(f"{n}: {c}" for n, c in zip(bag_set.class_names, np.bincount(bag_set.labels))),
+        sum(b.features.shape[0] for b in bag_set.bags),
+    )
+    result, records, predictions = cross_validate(bag_set, config, device, source, progress=True)
+    from dinov2 import __version__
+
+    results = {
+        "meta": {
+            "features": str(args.features),
+            "bags": str(args.bags) if args.bags else "paths <label>/<patient>/<cell>",
+            "model": feature_set.meta.get("model"),
+            "weights": feature_set.meta.get("weights"),
+            "embed_dim": int(feature_set.features.shape[1]),
+            "n_samples": int(sum(b.features.shape[0] for b in bag_set.bags)),
+            "n_patients": len(bag_set.bags),
+            "classes": bag_set.class_names,
+            "protocol": "patient_stratified_kfold (shuffled, seeded); validation split of the training patients",
+            "n_splits": config.n_splits,
+            "std": "population standard deviation over folds (numpy ddof=0)",
+            "auroc": "binary: probability of the second class; multi-class: macro one-vs-rest",
+            "dinobloom_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "abmil": result,
+    }
+    output_dir = Path(args.output_dir)
+    reports.write_report(
+        output_dir,
+        results,
+        predictions={"abmil": predictions},
+        paths=[bag.patient for bag in bag_set.bags],
+        labels=bag_set.labels,
+        figures=not args.no_figures,
+        id_column="patient",
+    )
+    write_attention(output_dir, records)
+    print(output_dir / "results.json")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Patient bags of cell features for multiple-instance learning.
+
+A bag is one patient: the features of its cells and the patient's label. Bags come from
+the stored paths ``<label>/<patient>/<cell>`` of a features file (as extracted from a
+folder such as ``mil/APL/Patient_00/000.jpg``), or from a CSV with the columns
+``patient,label,path`` whose paths name the cells of the features file.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from dinov2.eval.features_io import FeatureSet
+
+CSV_COLUMNS = ("patient", "label", "path")
+
+
+@dataclass
+class Bag:
+    """One patient: cell features (n, D), the cells' paths and the class index of the patient."""
+
+    patient: str
+    label: int
+    features: np.ndarray
+    paths: list[str]
+
+
+@dataclass
+class BagSet:
+    """All patients with the class names their labels index."""
+
+    bags: list[Bag]
+    class_names: list[str]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Patient labels (n_patients,)."""
+        return np.asarray([bag.label for bag in self.bags], dtype=np.int64)
+
+
+def _assemble(
+    feature_set: FeatureSet, rows: Sequence[tuple[str, str, int]], source: str
+) -> BagSet:
+    """Group (patient, label name, feature row) triples into bags, checking one label per patient."""
+    class_names = sorted({label for _, label, _ in rows})
+    patient_label: dict[str, str] = {}
+    members: dict[str, list[int]] = {}
+    for patient, label, row in rows:
+        if patient_label.setdefault(patient, label) != label:
+            raise ValueError(f"{source}: patient {patient!r} has cells labelled both {patient_label[patient]!r} and {label!r}")
+        members.setdefault(patient, []).append(row)
+    bags = [
+        Bag(
+            patient=patient,
+            label=class_names.index(patient_label[patient]),
+            features=feature_set.features[index],
+            paths=[feature_set.paths[i] for i in index],
+        )
+        for patient, index in sorted(members.items())
+    ]
+    return BagSet(bags, class_names)
+
+
+def bags_from_paths(feature_set: FeatureSet, source: str = "features file") -> BagSet:
+    """Bags from paths ``.../<label>/<patient>/<cell>`` (the last three path components)."""
+    rows = []
+    for row, path in enumerate(feature_set.paths):
+        parts = PurePosixPath(path.replace("\\", "/")).parts
+        if len(parts) < 3:
+            raise ValueError(
+                f"{source}: path {path!r} is not <label>/<patient>/<cell>; extract the features from a folder "
+                "laid out that way, or pass --bags CSV with columns patient,label,path"
+            )
+        rows.append((parts[-2], parts[-3], row))
+    return _assemble(feature_set, rows, source)
+
+
+def _suffixes(path: str) -> list[str]:
+    """The path and each of its shorter trailing component sequences (``a/b/c``, ``b/c``, ``c``)."""
+    parts = PurePosixPath(path.replace("\\", "/")).parts
+    return ["/".join(parts[i:]) for i in range(len(parts))]
+
+
+def bags_from_csv(feature_set: FeatureSet, csv_path: str | Path) -> BagSet:
+    """Bags from a CSV (columns patient,label,path); a path matches the feature path with the longest common tail."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"bags CSV not found: {csv_path}")
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path}: missing columns {missing} (found {reader.fieldnames}; need {list(CSV_COLUMNS)})")
+        entries = [(r["patient"].strip(), r["label"].strip(), r["path"].strip()) for r in reader]
+    if not entries:
+        raise ValueError(f"{csv_path}: no rows")
+    by_suffix: dict[str, list[int]] = {}
+    for row, path in enumerate(feature_set.paths):
+        for suffix in _suffixes(path):
+            by_suffix.setdefault(suffix, []).append(row)
+    rows, unmatched = [], []
+    for patient, label, path in entries:
+        match = next((by_suffix[s] for s in _suffixes(path) if len(by_suffix.get(s, ())) == 1), None)
+        if match is None:
+            unmatched.append(path)
+        else:
+            rows.append((patient, label, match[0]))
+    if unmatched:
+        raise ValueError(
+            f"{csv_path}: {len(unmatched)} of {len(entries)} cell paths match no single path of the features file, "
+            f"e.g. {unmatched[:3]}"
+        )
+    return _assemble(feature_set, rows, str(csv_path))
+
+
+def check_bags(bag_set: BagSet, n_splits: int, source: str) -> None:
+    """Raise unless there are two classes and every class has at least ``n_splits`` patients."""
+    counts = np.bincount(bag_set.labels, minlength=len(bag_set.class_names))
+    if len(bag_set.class_names) < 2:
+        only = bag_set.class_names[0] if bag_set.class_names else "none"
+        raise ValueError(f"{source}: MIL needs at least 2 classes, found only {only!r}")
+    small = [f"{name!r} ({count})" for name, count in zip(bag_set.class_names, counts) if count < n_splits]
+    if small:
+        raise ValueError(f"{source}: {n_splits}-fold CV over patients needs {n_splits} patients per class; too few in {', '.join(small)}")
+
+
+def collate(bags: Sequence[Bag], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad bags to (B, n_max, D) with a boolean mask of real cells; returns (x, mask, labels)."""
+    n_max = max(bag.features.shape[0] for bag in bags)
+    dim = bags[0].features.shape[1]
+    x = torch.zeros(len(bags), n_max, dim, dtype=torch.float32)
+    mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
+    for i, bag in enumerate(bags):
+        n = bag.features.shape[0]
+        x[i, :n] = torch.from_numpy(np.asarray(bag.features, dtype=np.float32))
+        mask[i, :n] = True
+    labels = torch.as_tensor([bag.label for bag in bags], dtype=torch.int64)
+    return x.to(device), mask.to(device), labels.to(device)

@@ -1,0 +1,297 @@
+"""The evaluation protocol shared by kNN and the linear probe: folds, scoring, config and CLI plumbing.
+
+DinoBloom scored frozen features with ``StratifiedKFold(n_splits=5)`` (unshuffled) over
+one labelled set; ``--test-features`` instead trains on one file and tests on another.
+Per-fold accuracy, balanced accuracy and weighted F1 are summarised as mean and
+population standard deviation (ddof=0); per-class scores and the confusion matrix are
+pooled over the out-of-fold predictions (every sample is tested exactly once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import difflib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from dinov2.eval import metrics
+from dinov2.eval.features_io import FeatureSet, load_features
+
+logger = logging.getLogger(__name__)
+
+#: ``predict(train_x, train_y, test_x, num_classes) -> {method name: class scores (n_test, num_classes)}``
+Predictor = Callable[[np.ndarray, np.ndarray, np.ndarray, int], dict[str, np.ndarray]]
+
+
+@dataclass
+class Fold:
+    """One train/test split: indices into the training set and into the evaluated set."""
+
+    train_index: np.ndarray
+    test_index: np.ndarray
+
+
+@dataclass
+class ProtocolOutput:
+    """Scores per method, and the out-of-fold predictions (index into class_names) per method."""
+
+    results: dict[str, dict[str, Any]]
+    predictions: dict[str, np.ndarray]
+
+
+def setup_logging() -> None:
+    """Log INFO and above to stderr with timestamps (CLIs call this once)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` means CUDA when available, else CPU; any other name is used as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_labelled(feature_set: FeatureSet, path: str | Path) -> None:
+    """Raise if the set is empty, has no class names, or holds unlabelled (-1) samples."""
+    labels = np.asarray(feature_set.labels)
+    if labels.size == 0:
+        raise ValueError(f"{path}: the features file holds no samples")
+    if not feature_set.class_names:
+        raise ValueError(f"{path}: the class list (attribute 'class_names') is empty")
+    unlabelled = int((labels < 0).sum())
+    if unlabelled:
+        raise ValueError(
+            f"{path}: {unlabelled} of {labels.size} samples are unlabelled (label -1); "
+            "evaluation needs labelled features, extracted from a <class>/<image> folder"
+        )
+    if labels.max() >= len(feature_set.class_names):
+        raise ValueError(
+            f"{path}: label {int(labels.max())} has no class name ({len(feature_set.class_names)} classes)"
+        )
+
+
+def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str | Path, test_path: str | Path) -> np.ndarray:
+    """Check that the test file fits the training file; return its labels in the training class order."""
+    train_dim, test_dim = train_set.features.shape[1], test_set.features.shape[1]
+    if train_dim != test_dim:
+        raise ValueError(f"{test_path}: feature dim {test_dim} differs from {train_path} ({train_dim})")
+    train_model, test_model = train_set.meta.get("model"), test_set.meta.get("model")
+    if train_model is not None and test_model is not None and train_model != test_model:
+        raise ValueError(f"{test_path}: model {test_model!r} differs from {train_path} ({train_model!r})")
+    unknown = sorted(set(test_set.class_names) - set(train_set.class_names))
+    if unknown:
+        raise ValueError(f"{test_path}: classes {unknown} do not occur in {train_path} ({train_set.class_names})")
+    mapping = np.array([train_set.class_names.index(name) for name in test_set.class_names], dtype=np.int64)
+    return mapping[np.asarray(test_set.labels, dtype=np.int64)]
+
+
+def stratified_folds(labels: np.ndarray, class_names: Sequence[str], n_splits: int = 5) -> list[Fold]:
+    """DinoBloom's ``StratifiedKFold(n_splits)`` without shuffling, with a clear error for small classes."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels, dtype=np.int64)
+    if n_splits < 2:
+        raise ValueError(f"n_splits must be at least 2, got {n_splits}")
+    counts = np.bincount(labels, minlength=len(class_names))
+    present = np.flatnonzero(counts)
+    if present.size < 2:
+        only = class_names[present[0]] if present.size else "none"
+        raise ValueError(f"classification needs at least 2 classes, found only {only!r}")
+    small = [f"{class_names[c]!r} ({counts[c]})" for c in present if counts[c] < n_splits]
+    if small:
+        raise ValueError(
+            f"{n_splits}-fold stratified CV needs at least {n_splits} samples per class; "
+            f"too few in: {', '.join(small)}"
+        )
+    splitter = StratifiedKFold(n_splits=n_splits)
+    return [Fold(train, test) for train, test in splitter.split(np.zeros(labels.size), labels)]
+
+
+def score_folds(
+    y_true_per_fold: Sequence[np.ndarray],
+    y_pred_per_fold: Sequence[np.ndarray],
+    class_names: Sequence[str],
+    n_train_per_fold: Sequence[int],
+) -> dict[str, Any]:
+    """Mean/std of the summary metrics over folds, plus pooled per-class scores and confusion matrix."""
+    num_classes = len(class_names)
+    per_fold = []
+    pooled = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for fold, (y_true, y_pred, n_train) in enumerate(zip(y_true_per_fold, y_pred_per_fold, n_train_per_fold)):
+        cm = metrics.confusion_matrix(y_true, y_pred, num_classes)
+        pooled += cm
+        per_fold.append({"fold": fold, "n_train": int(n_train), "n_test": int(cm.sum()), **metrics.summary_from_confusion(cm)})
+    result: dict[str, Any] = {name: metrics.mean_std([f[name] for f in per_fold]) for name in metrics.SUMMARY_METRICS}
+    scores = metrics.per_class_scores(pooled)
+    result["per_class"] = {
+        name: {
+            "precision": float(scores["precision"][c]),
+            "recall": float(scores["recall"][c]),
+            "f1": float(scores["f1"][c]),
+            "support": int(scores["support"][c]),
+        }
+        for c, name in enumerate(class_names)
+    }
+    result["per_fold"] = per_fold
+    result["confusion_matrix"] = pooled.tolist()
+    return result
+
+
+def run_protocol(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    class_names: Sequence[str],
+    predict: Predictor,
+    n_splits: int = 5,
+    test_x: np.ndarray | None = None,
+    test_y: np.ndarray | None = None,
+    progress: bool = False,
+) -> ProtocolOutput:
+    """Run ``predict`` on every fold (or on the fixed split when ``test_x`` is given) and score it."""
+    num_classes = len(class_names)
+    if test_x is None:
+        folds = stratified_folds(train_y, class_names, n_splits)
+        eval_x, eval_y = train_x, train_y
+    else:
+        if test_y is None:
+            raise ValueError("test_y is required with test_x")
+        folds = [Fold(np.arange(train_y.size), np.arange(test_y.size))]
+        eval_x, eval_y = test_x, test_y
+    truths: list[np.ndarray] = []
+    preds: dict[str, list[np.ndarray]] = {}
+    pooled: dict[str, np.ndarray] = {}
+    for fold in tqdm(folds, desc="folds", disable=not progress or len(folds) == 1):
+        scores = predict(train_x[fold.train_index], train_y[fold.train_index], eval_x[fold.test_index], num_classes)
+        truths.append(eval_y[fold.test_index])
+        for method, method_scores in scores.items():
+            prediction = np.argmax(method_scores, axis=1)
+            preds.setdefault(method, []).append(prediction)
+            pooled.setdefault(method, np.full(eval_y.size, -1, dtype=np.int64))[fold.test_index] = prediction
+    n_train = [fold.train_index.size for fold in folds]
+    results = {method: score_folds(truths, method_preds, class_names, n_train) for method, method_preds in preds.items()}
+    return ProtocolOutput(results, pooled)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the kNN and linear-probe CLIs."""
+    parser.add_argument("--config", help="YAML file of option values (keys = option names); flags override it")
+    parser.add_argument("--features", required=True, help="features file (.h5/.npz) from dinov2.eval.extract_features")
+    parser.add_argument("--test-features", help="evaluate on this file instead of cross-validating --features")
+    parser.add_argument("--output-dir", required=True, help="folder for results.json, results.md and figures")
+    parser.add_argument("--n-splits", type=int, default=5, help="folds of the stratified CV (default 5)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--no-figures", action="store_true", help="write results.json and results.md only")
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config FILE`` become defaults that explicit flags override."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            parser.error(f"config file not found: {path}")
+        config = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(config, dict):
+            parser.error(f"{path}: expected a mapping of option names to values")
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        defaults = {}
+        for key, value in config.items():
+            dest = str(key).replace("-", "_")
+            if dest not in actions:
+                close = difflib.get_close_matches(dest, list(actions), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                parser.error(f"{path}: unknown key {key!r}{hint} (valid: {sorted(actions)})")
+            action = actions[dest]
+            if action.choices is not None and value not in action.choices:
+                parser.error(f"{path}: {key}={value!r} is not one of {list(action.choices)}")
+            action.required = False
+            defaults[dest] = value
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def build_meta(
+    args: argparse.Namespace,
+    train_set: FeatureSet,
+    test_set: FeatureSet | None,
+    n_evaluated: int,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``meta`` block of results.json: inputs, protocol and settings."""
+    from dinov2 import __version__
+
+    fixed = test_set is not None
+    return {
+        "features": str(args.features),
+        "test_features": str(args.test_features) if fixed else None,
+        "model": train_set.meta.get("model"),
+        "weights": train_set.meta.get("weights"),
+        "embed_dim": int(train_set.features.shape[1]),
+        "n_samples": int(train_set.labels.size),
+        "n_test_samples": int(n_evaluated) if fixed else None,
+        "classes": list(train_set.class_names),
+        "protocol": "train_test" if fixed else "stratified_kfold",
+        "n_splits": None if fixed else int(args.n_splits),
+        "std": "population standard deviation over folds (numpy ddof=0)",
+        "pooled": "per_class and confusion_matrix pool the out-of-fold predictions (rows: true class)",
+        "settings": settings,
+        "dinobloom_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_cli_protocol(args: argparse.Namespace, predict: Predictor, settings: dict[str, Any]) -> dict[str, Any]:
+    """Load the features named by the CLI, run the protocol, write the reports; return the results dict."""
+    from dinov2.eval import reports
+
+    train_set = load_features(args.features)
+    check_labelled(train_set, args.features)
+    train_x = np.ascontiguousarray(train_set.features)
+    train_y = np.asarray(train_set.labels, dtype=np.int64)
+    test_set = None
+    test_x = test_y = None
+    if args.test_features:
+        test_set = load_features(args.test_features)
+        check_labelled(test_set, args.test_features)
+        test_y = align_test_set(train_set, test_set, args.features, args.test_features)
+        test_x = np.ascontiguousarray(test_set.features)
+    logger.info("evaluating %s: %d samples, %d classes", args.features, train_y.size, len(train_set.class_names))
+    output = run_protocol(
+        train_x, train_y, train_set.class_names, predict, args.n_splits, test_x, test_y, progress=True
+    )
+    evaluated = test_set if test_set is not None else train_set
+    evaluated_y = test_y if test_y is not None else train_y
+    results = {
+        "meta": build_meta(args, train_set, test_set, evaluated_y.size, settings),
+        **output.results,
+    }
+    reports.write_report(
+        args.output_dir,
+        results,
+        predictions=output.predictions,
+        paths=list(evaluated.paths),
+        labels=evaluated_y,
+        embedding_features=None if args.no_figures else evaluated.features,
+        figures=not args.no_figures,
+    )
+    for method, result in output.results.items():
+        logger.info(
+            "%s: balanced accuracy %.4f ± %.4f, weighted F1 %.4f ± %.4f",
+            method,
+            result["balanced_accuracy"]["mean"],
+            result["balanced_accuracy"]["std"],
+            result["weighted_f1"]["mean"],
+            result["weighted_f1"]["std"],
+        )
+    return results

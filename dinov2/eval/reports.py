@@ -1,0 +1,249 @@
+"""Evaluation reports: results.json, a Markdown summary, predictions.csv and PNG figures.
+
+Figures use matplotlib's Agg backend (no display needed): one row-normalised confusion
+matrix per method, and a 2-D embedding of the features coloured by class (UMAP when
+``umap-learn`` is installed, else PCA; the title says which).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_MAX_EMBEDDING_POINTS = 5000
+_METRIC_TITLES = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "weighted_f1": "weighted F1",
+    "auroc": "AUROC",
+}
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _json_ready(value: Any) -> Any:
+    """Convert numpy scalars/arrays and NaN (to null) so that the result is strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_ready(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented strict JSON (NaN becomes null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_json_ready(payload), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def method_names(results: Mapping[str, Any]) -> list[str]:
+    """The method entries of a results dict (every top-level key except ``meta``)."""
+    return [key for key in results if key != "meta"]
+
+
+def _format(score: Mapping[str, float] | None) -> str:
+    """'mean ± std' with four decimals, or '-' when absent/undefined."""
+    if not score or score.get("mean") is None or not math.isfinite(score["mean"]):
+        return "-"
+    return f"{score['mean']:.4f} ± {score['std']:.4f}"
+
+
+def markdown_summary(results: Mapping[str, Any]) -> str:
+    """A Markdown report: inputs, the summary table (mean ± std over folds) and per-class scores."""
+    meta = results.get("meta", {})
+    methods = method_names(results)
+    columns = [m for m in _METRIC_TITLES if any(m in results[name] for name in methods)]
+    lines = ["# Evaluation results", ""]
+    for key in ("features", "test_features", "bags", "model", "weights", "embed_dim", "n_samples", "n_test_samples",
+                "n_patients", "protocol", "n_splits"):
+        if meta.get(key) not in (None, ""):
+            lines.append(f"- {key.replace('_', ' ')}: `{meta[key]}`")
+    if meta.get("classes"):
+        lines.append(f"- classes: {', '.join(meta['classes'])}")
+    if meta.get("std"):
+        lines.append(f"- ± is the {meta['std']}")
+    lines += ["", "| method | " + " | ".join(_METRIC_TITLES[c] for c in columns) + " |"]
+    lines.append("|---|" + "---|" * len(columns))
+    for name in methods:
+        lines.append(f"| {name} | " + " | ".join(_format(results[name].get(c)) for c in columns) + " |")
+    for name in methods:
+        per_class = results[name].get("per_class")
+        if not per_class:
+            continue
+        lines += ["", f"## {name}: per class (pooled over folds)", "", "| class | precision | recall | F1 | support |",
+                  "|---|---|---|---|---|"]
+        for cls, s in per_class.items():
+            lines.append(f"| {cls} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {s['support']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], title: str, path: str | Path) -> Path:
+    """Save a confusion matrix (colour: row-normalised recall, text: counts) as a PNG."""
+    plt = _pyplot()
+    counts = np.asarray(matrix, dtype=np.int64)
+    rows = counts.sum(axis=1, keepdims=True)
+    fraction = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=np.float64), where=rows > 0)
+    size = max(4.0, 0.6 * len(class_names) + 2.0)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(class_names)), labels=class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), labels=class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            colour = "white" if fraction[i, j] > 0.5 else "black"
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", color=colour, fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write a figure to PNG and close it."""
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def embed_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates of the rows of ``features``: UMAP when ``umap-learn`` is importable, else PCA."""
+    try:
+        import umap
+    except ImportError:
+        centred = np.asarray(features, dtype=np.float64) - features.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        return centred @ vt[:2].T, "PCA"
+    return umap.UMAP(n_components=2, random_state=seed).fit_transform(features), "UMAP"
+
+
+def plot_embedding(
+    features: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    path: str | Path,
+    title: str = "features",
+    seed: int = 0,
+    max_points: int = _MAX_EMBEDDING_POINTS,
+) -> Path:
+    """Scatter a 2-D embedding of the features coloured by class (a seeded subset above max_points)."""
+    plt = _pyplot()
+    features = np.asarray(features)
+    labels = np.asarray(labels)
+    if features.shape[0] > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(features.shape[0], max_points, replace=False))
+        features, labels = features[keep], labels[keep]
+    coords, method = embed_2d(features, seed)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab20" if len(class_names) > 10 else "tab10")
+    for c, name in enumerate(class_names):
+        mask = labels == c
+        if mask.any():
+            ax.scatter(coords[mask, 0], coords[mask, 1], s=6, color=cmap(c % cmap.N), label=name, alpha=0.8)
+    ax.set_title(f"{method} of {title} ({features.shape[0]} samples)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(markerscale=3, fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_scores_vs_iteration(
+    iterations: Sequence[int], scores: Mapping[str, Sequence[float]], path: str | Path, ylabel: str
+) -> Path:
+    """Line plot of one score per method against the training iteration."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, values in scores.items():
+        ax.plot(iterations, values, marker="o", label=name)
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_predictions_csv(
+    path: str | Path,
+    paths: Sequence[str],
+    labels: np.ndarray,
+    predictions: Mapping[str, np.ndarray],
+    class_names: Sequence[str],
+    id_column: str = "path",
+) -> Path:
+    """One row per evaluated sample (or patient): its id, true class and each method's predicted class."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    methods = list(predictions)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([id_column, "label", *methods])
+        for i, sample in enumerate(paths):
+            writer.writerow([sample, class_names[labels[i]], *(class_names[predictions[m][i]] for m in methods)])
+    return path
+
+
+def write_report(
+    output_dir: str | Path,
+    results: Mapping[str, Any],
+    predictions: Mapping[str, np.ndarray] | None = None,
+    paths: Sequence[str] | None = None,
+    labels: np.ndarray | None = None,
+    embedding_features: np.ndarray | None = None,
+    figures: bool = True,
+    id_column: str = "path",
+) -> dict[str, Path]:
+    """Write results.json, results.md, predictions.csv (when given) and the figures; return their paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    class_names = results["meta"]["classes"]
+    written = {"json": write_json(output_dir / "results.json", results)}
+    written["markdown"] = output_dir / "results.md"
+    written["markdown"].write_text(markdown_summary(results))
+    if predictions is not None and paths is not None and labels is not None:
+        written["predictions"] = write_predictions_csv(
+            output_dir / "predictions.csv", paths, labels, predictions, class_names, id_column
+        )
+    if figures:
+        for name in method_names(results):
+            title = f"{name}: balanced accuracy {_format(results[name]['balanced_accuracy'])}"
+            written[f"confusion_{name}"] = plot_confusion(
+                results[name]["confusion_matrix"], class_names, title, output_dir / f"confusion_{name}.png"
+            )
+        if embedding_features is not None and labels is not None:
+            model = results["meta"].get("model") or "features"
+            written["embedding"] = plot_embedding(
+                embedding_features, labels, class_names, output_dir / "embedding.png", title=str(model)
+            )
+    logger.info("wrote %s", ", ".join(str(p) for p in written.values()))
+    return written

@@ -1,0 +1,303 @@
+"""kNN and linear probe against scikit-learn, the fold protocol, metrics and input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+from sklearn.model_selection import StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
+from threadpoolctl import threadpool_limits
+
+from dinov2.eval import knn, linear, metrics, protocol
+from dinov2.eval.features_io import FeatureSet, save_features
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _clusters(n: int, dim: int, classes: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised float32 features around random class centres, like CLS embeddings."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim))
+    y = rng.integers(0, classes, n)
+    x = centres[y] + spread * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+def _sklearn_knn(train_x, train_y, test_x, k, metric="minkowski"):
+    return KNeighborsClassifier(n_neighbors=k, metric=metric).fit(train_x, train_y).predict(test_x)
+
+
+def _our_knn(train_x, train_y, test_x, ks, **kwargs):
+    scores = knn.knn_probabilities(train_x, train_y, test_x, ks=ks, num_classes=int(train_y.max()) + 1, **kwargs)
+    return {k: s.argmax(axis=1) for k, s in scores.items()}
+
+
+@pytest.mark.parametrize("n_test", [60, 700])  # fewer / more queries than training samples
+def test_knn_equals_sklearn_on_random_features(n_test: int) -> None:
+    x, y = _clusters(400 + n_test, 24, 5, spread=2.0, seed=0)
+    ours = _our_knn(x[:400], y[:400], x[400:], (1, 20))
+    for k in (1, 20):
+        np.testing.assert_array_equal(ours[k], _sklearn_knn(x[:400], y[:400], x[400:], k))
+    proba = KNeighborsClassifier(n_neighbors=20).fit(x[:400], y[:400]).predict_proba(x[400:])
+    ours_proba = knn.knn_probabilities(x[:400], y[:400], x[400:], ks=(20,), num_classes=5)[20]
+    np.testing.assert_allclose(ours_proba, proba, atol=1e-12)
+
+
+def _tied_data(seed: int, n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Small-integer features (exact in float64): many equal distances and equal vote counts."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(-1, 2, size=(n_train // 4, 20)).astype(np.float32)
+    train = np.repeat(base, 4, axis=0)[rng.permutation(n_train // 4 * 4)]
+    labels = rng.integers(0, 4, train.shape[0])
+    test = rng.integers(-1, 2, size=(n_test, 20)).astype(np.float32)
+    return train, labels, test
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n_test", [50, 900])
+def test_knn_equals_sklearn_with_distance_and_vote_ties(threads: int, n_test: int) -> None:
+    train, labels, test = _tied_data(seed=threads + n_test, n_train=600, n_test=n_test)
+    sq = ((test[:, None, :].astype(np.float64) - train[None]) ** 2).sum(-1)
+    kth = np.sort(sq, axis=1)
+    # the data really tie across the k-th neighbour, for k = 1 and 20
+    assert (kth[:, 0] == kth[:, 1]).mean() > 0.3 and (kth[:, 19] == kth[:, 20]).mean() > 0.3
+    with threadpool_limits(threads, user_api="openmp"):
+        ours = _our_knn(train, labels, test, (1, 20))
+        for k in (1, 20):
+            np.testing.assert_array_equal(ours[k], _sklearn_knn(train, labels, test, k), err_msg=f"k={k}")
+    counts = np.stack([np.bincount(r, minlength=4) for r in labels[np.argsort(sq, axis=1, kind="stable")[:, :20]]])
+    assert ((counts == counts.max(1, keepdims=True)).sum(1) > 1).any(), "no vote ties exercised"
+
+
+def test_knn_equals_sklearn_through_the_fold_protocol() -> None:
+    x, y = _clusters(500, 48, 6, spread=3.0, seed=3)
+    output = protocol.run_protocol(
+        x, y, [f"c{i}" for i in range(6)], lambda a, b, c, n: {"knn_20": knn.knn_probabilities(a, b, c, (20,), n)[20]}
+    )
+    expected = np.empty_like(y)
+    for train, test in StratifiedKFold(n_splits=5).split(x, y):
+        expected[test] = _sklearn_knn(x[train], y[train], x[test], 20)
+    np.testing.assert_array_equal(output.predictions["knn_20"], expected)
+
+
+def test_knn_cosine_equals_sklearn() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(500, 16)).astype(np.float32) * rng.uniform(0.5, 3.0, size=(500, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 500)
+    ours = _our_knn(x[:400], y[:400], x[400:], (1, 20), metric="cosine")
+    for k in (1, 20):
+        np.testing.assert_array_equal(ours[k], _sklearn_knn(x[:400], y[:400], x[400:], k, metric="cosine"))
+
+
+def test_knn_temperature_weighting_is_dinov2_vote() -> None:
+    x, y = _clusters(300, 16, 4, spread=2.0, seed=5)
+    train, train_y, test = x[:250], y[:250], x[250:]
+    scores = knn.knn_probabilities(train, train_y, test, (10,), 4, metric="cosine", weighting="temperature")[10]
+    unit = [a.astype(np.float64) / np.linalg.norm(a.astype(np.float64), axis=1, keepdims=True) for a in (test, train)]
+    sims = unit[0] @ unit[1].T
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :10]
+    weights = np.exp(np.take_along_axis(sims, top, 1) / 0.07)
+    weights /= weights.sum(1, keepdims=True)
+    expected = np.zeros((50, 4))
+    for c in range(4):
+        expected[:, c] = (weights * (train_y[top] == c)).sum(1)
+    np.testing.assert_allclose(scores, expected, atol=1e-9)
+
+
+def test_knn_chunking_does_not_change_predictions() -> None:
+    x, y = _clusters(300, 16, 3, spread=2.0, seed=6)
+    small = knn.knn_probabilities(x[:200], y[:200], x[200:], (1, 20), 3, batch_size=7)
+    large = knn.knn_probabilities(x[:200], y[:200], x[200:], (1, 20), 3, batch_size=1000)
+    for k in (1, 20):
+        np.testing.assert_array_equal(small[k], large[k])
+
+
+def test_knn_rejects_k_above_training_size() -> None:
+    x, y = _clusters(30, 8, 2, spread=1.0, seed=7)
+    with pytest.raises(ValueError, match=r"k must lie in \[1, 20\]"):
+        knn.knn_probabilities(x[:20], y[:20], x[20:], (1, 25), 2)
+
+
+def test_logreg_sklearn_backend_is_dinobloom_logistic_regression() -> None:
+    x, y = _clusters(300, 32, 4, spread=3.0, seed=8)
+    ours = linear.logreg_sklearn(x[:240], y[:240], x[240:], 4)
+    reference = LogisticRegression(C=32 * 4 / 100, max_iter=1000).fit(x[:240], y[:240])
+    np.testing.assert_array_equal(ours.argmax(1), reference.predict(x[240:]))
+    np.testing.assert_allclose(ours, reference.predict_proba(x[240:]), atol=1e-12)
+
+
+@pytest.mark.parametrize("classes", [2, 5])
+def test_logreg_torch_backend_agrees_with_sklearn(classes: int) -> None:
+    x, y = _clusters(600, 32, classes, spread=4.0, seed=9 + classes)
+    sk = linear.logreg_sklearn(x[:450], y[:450], x[450:], classes)
+    tc = linear.logreg_torch(x[:450], y[:450], x[450:], classes)
+    assert (sk.argmax(1) == tc.argmax(1)).mean() >= 0.99
+    bal = [balanced_accuracy_score(y[450:], p.argmax(1)) for p in (sk, tc)]
+    assert abs(bal[0] - bal[1]) <= 0.01
+    np.testing.assert_allclose(tc, sk, atol=0.02)
+
+
+def _objective(x: np.ndarray, y: np.ndarray, weight, bias, C: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mean CE + ||W||^2 / (2 C N) and its gradients, at the given parameters."""
+    weight = torch.tensor(np.asarray(weight), dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(np.asarray(bias), dtype=torch.float64, requires_grad=True)
+    logits = torch.as_tensor(x, dtype=torch.float64) @ weight.T + bias
+    loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)) + weight.square().sum() / (2 * C * len(y))
+    loss.backward()
+    return loss.detach(), weight.grad, bias.grad
+
+
+def test_logreg_torch_objective_is_sklearns() -> None:
+    """sklearn's solution is a stationary point of the torch objective, and the torch fit reaches it."""
+    x, y = _clusters(200, 12, 3, spread=3.0, seed=11)
+    C = 0.7
+    reference = LogisticRegression(C=C, max_iter=10000, tol=1e-12).fit(x, y)
+    sk_loss, grad_w, grad_b = _objective(x, y, reference.coef_, reference.intercept_, C)
+    # a wrong penalty scale (e.g. 1/(C N) instead of 1/(2 C N)) would leave gradients near 1e-3
+    assert grad_w.abs().max() < 1e-4 and grad_b.abs().max() < 1e-4
+    fitted_w, fitted_b = linear.fit_logreg_torch(x, y, C, max_iter=1000, tol=1e-9)
+    torch_loss, _, _ = _objective(x, y, fitted_w.numpy(), fitted_b.numpy(), C)
+    assert torch_loss <= sk_loss + 1e-10
+    np.testing.assert_allclose(fitted_w.numpy(), reference.coef_, atol=1e-3)
+
+
+def test_folds_are_unshuffled_stratified_kfold() -> None:
+    y = np.random.default_rng(12).integers(0, 3, 97)
+    ours = protocol.stratified_folds(y, ["a", "b", "c"], 5)
+    theirs = list(StratifiedKFold(n_splits=5).split(np.zeros(97), y))
+    assert len(ours) == 5
+    for fold, (train, test) in zip(ours, theirs):
+        np.testing.assert_array_equal(fold.train_index, train)
+        np.testing.assert_array_equal(fold.test_index, test)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_metrics_equal_sklearn_metrics() -> None:
+    rng = np.random.default_rng(13)
+    y_true = rng.integers(0, 5, 200)
+    y_true[y_true == 4] = 3  # class 4 never occurs in y_true
+    y_pred = np.where(rng.random(200) < 0.6, y_true, rng.integers(0, 5, 200))
+    cm = metrics.confusion_matrix(y_true, y_pred, 5)
+    np.testing.assert_array_equal(cm, confusion_matrix(y_true, y_pred, labels=range(5)))
+    summary = metrics.summary_from_confusion(cm)
+    assert summary["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
+    assert summary["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred), abs=1e-12)
+    assert summary["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted", zero_division=0), abs=1e-12)
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=range(5), zero_division=0)
+    per_class = metrics.per_class_scores(cm)
+    for ours, theirs in zip((per_class["precision"], per_class["recall"], per_class["f1"], per_class["support"]), (p, r, f, s)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-12)
+    assert metrics.mean_std([0.5, 0.7, 0.9]) == pytest.approx({"mean": 0.7, "std": np.std([0.5, 0.7, 0.9])})
+
+
+def test_auroc_equals_sklearn() -> None:
+    rng = np.random.default_rng(14)
+    y = rng.integers(0, 2, 100)
+    p1 = np.round(np.clip(0.3 * y + rng.random(100) * 0.7, 0, 1), 1)  # rounded: tied scores
+    binary = np.stack([1 - p1, p1], axis=1)
+    assert metrics.auroc(y, binary) == pytest.approx(roc_auc_score(y, p1), abs=1e-12)
+    y3 = rng.integers(0, 3, 150)
+    logits = rng.normal(size=(150, 3)) + 1.5 * np.eye(3)[y3]
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    expected = roc_auc_score(y3, proba, multi_class="ovr", average="macro")
+    assert metrics.auroc(y3, proba) == pytest.approx(expected, abs=1e-12)
+
+
+def _feature_set(n_per_class: list[int], dim: int = 8, seed: int = 0, model: str = "toy") -> FeatureSet:
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(n_per_class)]).astype(np.int64)
+    features = rng.normal(size=(labels.size, dim)).astype(np.float32)
+    names = [f"class{c}" for c in range(len(n_per_class))]
+    paths = [f"{names[l]}/{i}.jpg" for i, l in enumerate(labels)]
+    return FeatureSet(features, labels, paths, names, {"model": model, "embed_dim": dim})
+
+
+def test_small_class_error_names_class_and_count() -> None:
+    fs = _feature_set([10, 3, 8])
+    with pytest.raises(ValueError, match=r"'class1' \(3\)"):
+        protocol.stratified_folds(fs.labels, fs.class_names, 5)
+
+
+def test_labelled_checks() -> None:
+    fs = _feature_set([6, 6])
+    fs.labels[2] = -1
+    with pytest.raises(ValueError, match=r"f\.h5: 1 of 12 samples are unlabelled"):
+        protocol.check_labelled(fs, "f.h5")
+    empty = FeatureSet(fs.features, np.zeros(12, dtype=np.int64), fs.paths, [], {})
+    with pytest.raises(ValueError, match="class list .* is empty"):
+        protocol.check_labelled(empty, "f.h5")
+
+
+def test_test_file_must_match_train_file() -> None:
+    train = _feature_set([6, 6], dim=8)
+    with pytest.raises(ValueError, match=r"test\.h5: feature dim 16 differs from train\.h5 \(8\)"):
+        protocol.align_test_set(train, _feature_set([3, 3], dim=16), "train.h5", "test.h5")
+    with pytest.raises(ValueError, match="model 'other' differs"):
+        protocol.align_test_set(train, _feature_set([3, 3], model="other"), "train.h5", "test.h5")
+    subset = _feature_set([4], dim=8)
+    subset.class_names = ["class1"]
+    np.testing.assert_array_equal(protocol.align_test_set(train, subset, "train.h5", "test.h5"), np.ones(4))
+
+
+def _write(fs: FeatureSet, path: Path) -> Path:
+    return save_features(path, fs.features, fs.labels, fs.paths, fs.class_names, fs.meta)
+
+
+def test_knn_cli_fixed_split_and_config_override(tmp_path: Path) -> None:
+    x, y = _clusters(160, 16, 4, spread=2.0, seed=15)
+    names = [f"c{i}" for i in range(4)]
+    train = _write(FeatureSet(x[:120], y[:120], [f"a/{i}" for i in range(120)], names, {"model": "toy"}), tmp_path / "train.h5")
+    test = _write(FeatureSet(x[120:], y[120:], [f"b/{i}" for i in range(40)], names, {"model": "toy"}), tmp_path / "test.h5")
+    config = tmp_path / "knn.yaml"
+    config.write_text("k: [3]\nmetric: cosine\nbatch_size: 8\n")
+    results = knn.main(
+        ["--config", str(config), "--features", str(train), "--test-features", str(test),
+         "--output-dir", str(tmp_path / "out"), "--metric", "euclidean", "--no-figures"]
+    )
+    assert set(results) == {"meta", "knn_3"}
+    assert results["meta"]["protocol"] == "train_test" and results["meta"]["settings"]["metric"] == "euclidean"
+    expected = _sklearn_knn(x[:120], y[:120], x[120:], 3)
+    assert results["knn_3"]["accuracy"]["mean"] == pytest.approx(accuracy_score(y[120:], expected))
+    assert results["knn_3"]["accuracy"]["std"] == 0.0
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["knn_3"]["confusion_matrix"] == confusion_matrix(y[120:], expected, labels=range(4)).tolist()
+
+
+def test_config_unknown_key_names_closest(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("metrc: cosine\n")
+    with pytest.raises(SystemExit):
+        knn.main(["--config", str(config), "--features", "x.h5", "--output-dir", str(tmp_path)])
+    assert "unknown key 'metrc'; did you mean 'metric'?" in capsys.readouterr().err
+
+
+def test_linear_cli_cross_validation_schema(tmp_path: Path) -> None:
+    x, y = _clusters(100, 16, 3, spread=2.0, seed=16)
+    path = _write(FeatureSet(x, y, [f"c{l}/{i}.jpg" for i, l in enumerate(y)], ["a", "b", "c"], {"model": "toy"}), tmp_path / "f.h5")
+    results = linear.main(["--features", str(path), "--output-dir", str(tmp_path / "out"), "--no-figures"])
+    logreg = results["logreg"]
+    assert set(logreg) == {"accuracy", "balanced_accuracy", "weighted_f1", "per_class", "per_fold", "confusion_matrix"}
+    assert len(logreg["per_fold"]) == 5 and sum(f["n_test"] for f in logreg["per_fold"]) == 100
+    folds = [f["balanced_accuracy"] for f in logreg["per_fold"]]
+    assert logreg["balanced_accuracy"] == pytest.approx({"mean": np.mean(folds), "std": np.std(folds)})
+    assert results["meta"]["n_samples"] == 100 and results["meta"]["classes"] == ["a", "b", "c"]

@@ -1,0 +1,170 @@
+"""Attention MIL: model structure, bag building, learning a planted signal, determinism, errors, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dinov2.eval.features_io import FeatureSet, save_features
+from dinov2.eval.mil import AttentionMIL, Bag, BagSet, MILConfig, bags_from_csv, bags_from_paths, cross_validate, train_fold
+from dinov2.eval.mil.__main__ import main as mil_main
+
+FAST = dict(hidden_dim=32, attention_dim=16, dropout=0.0, lr=0.05, epochs=40, patience=20, batch_size=4, n_splits=3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _planted(n_patients: int = 24, dim: int = 16, seed: int = 0) -> BagSet:
+    """Bags of background cells; a bag is positive iff it holds 1-2 cells from a distinct cluster."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(4, dim))
+    planted = 3.0 * rng.normal(size=dim)
+    bags = []
+    for p in range(n_patients):
+        label = p % 2
+        n = int(rng.integers(8, 14))
+        x = centres[rng.integers(0, 4, n)] + 0.5 * rng.normal(size=(n, dim))
+        kinds = ["bg"] * n
+        if label:
+            for i in rng.choice(n, int(rng.integers(1, 3)), replace=False):
+                x[i] = planted + 0.5 * rng.normal(size=dim)
+                kinds[i] = "planted"
+        name = ["neg", "pos"][label]
+        paths = [f"{name}/P{p:02d}/{kind}_{i}.jpg" for i, kind in enumerate(kinds)]
+        bags.append(Bag(f"P{p:02d}", label, x.astype(np.float32), paths))
+    return BagSet(bags, ["neg", "pos"])
+
+
+def test_gated_attention_follows_clam_structure() -> None:
+    model = AttentionMIL(in_dim=384, num_classes=2)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["embed.0.weight"] == (512, 384)
+    assert shapes["attention.attention_a.0.weight"] == (256, 512)
+    assert shapes["attention.attention_b.0.weight"] == (256, 512)
+    assert shapes["attention.attention_c.weight"] == (1, 256)
+    assert shapes["classifier.weight"] == (2, 512)
+    assert isinstance(model.attention.attention_a[1], torch.nn.Tanh)
+    assert isinstance(model.attention.attention_b[1], torch.nn.Sigmoid)
+
+
+def test_padding_is_ignored() -> None:
+    torch.manual_seed(0)
+    model = AttentionMIL(in_dim=8, num_classes=3, hidden_dim=16, attention_dim=8).eval()
+    x = torch.randn(1, 5, 8)
+    logits, attention = model(x)
+    padded = torch.cat([x, 100 * torch.randn(1, 3, 8)], dim=1)
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    padded_logits, padded_attention = model(padded, mask)
+    torch.testing.assert_close(padded_logits, logits)
+    torch.testing.assert_close(padded_attention[:, :5], attention)
+    assert padded_attention[:, 5:].abs().max() == 0 and attention.sum().item() == pytest.approx(1.0)
+
+
+def test_mil_learns_planted_signal_and_attends_to_it() -> None:
+    bag_set = _planted()
+    result, records, predictions = cross_validate(bag_set, MILConfig(**FAST))
+    assert result["balanced_accuracy"]["mean"] >= 0.95
+    assert result["auroc"]["mean"] >= 0.95
+    np.testing.assert_array_equal(predictions >= 0, True)
+    positives = [r for r in records if r["label"] == "pos"]
+    assert len(records) == 24 and len(positives) == 12
+    masses = []
+    for record in positives:
+        cells = record["cells"]
+        assert sum(c["attention"] for c in cells) == pytest.approx(1.0, abs=1e-5)
+        masses.append(sum(c["attention"] for c in cells if "planted" in c["path"]))
+        planted_share = sum("planted" in c["path"] for c in cells) / len(cells)
+        # attention concentrates on the planted cells: well above their share of the bag (~0.1)
+        assert masses[-1] >= 2 * planted_share
+        assert "planted" in cells[0]["path"]  # records list cells by attention, highest first
+    assert np.mean(masses) >= 0.5
+
+
+def test_training_is_deterministic_on_cpu() -> None:
+    bags = _planted(12).bags
+    config = MILConfig(**{**FAST, "dropout": 0.25, "epochs": 5})
+    first = train_fold(bags[:8], bags[8:], 2, config, seed=3).model.state_dict()
+    second = train_fold(bags[:8], bags[8:], 2, config, seed=3).model.state_dict()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+
+
+def test_one_class_data_fails_clearly() -> None:
+    bags = [Bag(f"P{i}", 0, np.zeros((3, 4), np.float32), ["a"] * 3) for i in range(6)]
+    with pytest.raises(ValueError, match="needs at least 2 classes, found only 'AML'"):
+        cross_validate(BagSet(bags, ["AML"]), MILConfig(**FAST))
+
+
+def test_too_few_patients_per_class_fails_clearly() -> None:
+    bags = [Bag(f"P{i}", int(i < 2), np.zeros((3, 4), np.float32), ["a"] * 3) for i in range(8)]
+    with pytest.raises(ValueError, match=r"needs 3 patients per class; too few in 'APL' \(2\)"):
+        cross_validate(BagSet(bags, ["AML", "APL"]), MILConfig(**FAST))
+
+
+def _feature_set(paths: list[str], dim: int = 4) -> FeatureSet:
+    features = np.arange(len(paths) * dim, dtype=np.float32).reshape(len(paths), dim)
+    return FeatureSet(features, np.full(len(paths), -1), paths, [], {"model": "toy"})
+
+
+def test_bags_from_paths_groups_cells_by_patient() -> None:
+    fs = _feature_set(["APL/P1/a.jpg", "AML/P2/b.jpg", "APL/P1/c.jpg", "AML/P3/d.jpg"])
+    bag_set = bags_from_paths(fs)
+    assert bag_set.class_names == ["AML", "APL"]
+    assert [(b.patient, b.label, b.paths) for b in bag_set.bags] == [
+        ("P1", 1, ["APL/P1/a.jpg", "APL/P1/c.jpg"]),
+        ("P2", 0, ["AML/P2/b.jpg"]),
+        ("P3", 0, ["AML/P3/d.jpg"]),
+    ]
+    np.testing.assert_array_equal(bag_set.bags[0].features, fs.features[[0, 2]])
+    with pytest.raises(ValueError, match="has cells labelled both"):
+        bags_from_paths(_feature_set(["APL/P1/a.jpg", "AML/P1/b.jpg"]))
+    with pytest.raises(ValueError, match=r"'flat\.jpg' is not <label>/<patient>/<cell>"):
+        bags_from_paths(_feature_set(["flat.jpg"]))
+
+
+def test_bags_from_csv_matches_paths_by_tail(tmp_path: Path) -> None:
+    fs = _feature_set(["APL/P1/a.jpg", "AML/P2/b.jpg", "APL/P1/c.jpg"])
+    table = tmp_path / "bags.csv"
+    table.write_text("patient,label,path\nX,pos,mil/APL/P1/a.jpg\nX,pos,mil/APL/P1/c.jpg\nY,neg,AML/P2/b.jpg\n")
+    bag_set = bags_from_csv(fs, table)
+    assert bag_set.class_names == ["neg", "pos"]
+    assert [(b.patient, b.label, len(b.paths)) for b in bag_set.bags] == [("X", 1, 2), ("Y", 0, 1)]
+    table.write_text("patient,label,path\nX,pos,APL/P9/zzz.jpg\n")
+    with pytest.raises(ValueError, match=r"1 of 1 cell paths match no single path"):
+        bags_from_csv(fs, table)
+    table.write_text("bag_id,bag_label,file\nX,pos,a.jpg\n")
+    with pytest.raises(ValueError, match=r"missing columns \['patient', 'label', 'path'\]"):
+        bags_from_csv(fs, table)
+
+
+def test_mil_cli_writes_results_and_attention(tmp_path: Path) -> None:
+    bag_set = _planted(18, dim=8, seed=1)
+    features = np.concatenate([b.features for b in bag_set.bags])
+    paths = [p for b in bag_set.bags for p in b.paths]
+    path = save_features(tmp_path / "mil.h5", features, np.full(len(paths), -1), paths, [], {"model": "toy"})
+    args = ["--features", str(path), "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
+    results = mil_main(args)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(saved) == {"meta", "abmil"}
+    for key in ("accuracy", "balanced_accuracy", "weighted_f1", "auroc"):
+        assert set(saved["abmil"][key]) == {"mean", "std"}
+    assert saved["meta"]["n_patients"] == 18 and saved["meta"]["classes"] == ["neg", "pos"]
+    assert len(saved["abmil"]["per_fold"]) == 3 and results["abmil"]["config"]["lr"] == FAST["lr"]
+    with (tmp_path / "out" / "attention.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(paths) and {r["path"] for r in rows} == set(paths)
+    assert set(rows[0]) == {"patient", "label", "prediction", "fold", "p_neg", "p_pos", "path", "attention"}
+    assert (tmp_path / "out" / "confusion_abmil.png").stat().st_size > 1000

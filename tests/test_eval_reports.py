@@ -1,0 +1,169 @@
+"""Reports (JSON, Markdown, PNG), the patch-PCA figure and the per-checkpoint evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dinov2.eval import checkpoints, knn, linear, pca, protocol, reports
+from dinov2.eval.mil import __main__ as mil_cli
+from dinov2.eval.features_io import save_features
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 2000, f"{path} is not a non-trivial PNG"
+
+
+def test_knn_cli_writes_json_markdown_and_figures(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = (np.eye(3, 12)[y] * 2 + rng.normal(size=(60, 12))).astype(np.float32)
+    names = ["basophil", "eosinophil", "lymphocyte"]
+    features = save_features(tmp_path / "f.h5", x, y, [f"{names[l]}/{i}.jpg" for i, l in enumerate(y)], names,
+                             {"model": "vit_small", "weights": "w.pth"})
+    out = tmp_path / "out"
+    knn.main(["--features", str(features), "--output-dir", str(out), "--device", "cpu"])
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"meta", "knn_1", "knn_20"}
+    meta = results["meta"]
+    assert (meta["features"], meta["n_samples"], meta["classes"], meta["protocol"], meta["n_splits"]) == (
+        str(features), 60, names, "stratified_kfold", 5)
+    for method in ("knn_1", "knn_20"):
+        entry = results[method]
+        assert set(entry) == {"accuracy", "balanced_accuracy", "weighted_f1", "per_class", "per_fold", "confusion_matrix"}
+        assert set(entry["per_class"]) == set(names)
+        assert set(entry["per_class"]["basophil"]) == {"precision", "recall", "f1", "support"}
+        assert np.asarray(entry["confusion_matrix"]).sum() == 60
+        assert [f["fold"] for f in entry["per_fold"]] == list(range(5))
+    markdown = (out / "results.md").read_text()
+    assert "| knn_20 |" in markdown and "balanced accuracy" in markdown and "ddof=0" in markdown
+    predictions = (out / "predictions.csv").read_text().splitlines()
+    assert predictions[0] == "path,label,knn_1,knn_20" and len(predictions) == 61
+    for name in ("confusion_knn_1.png", "confusion_knn_20.png", "embedding.png"):
+        _assert_png(out / name)
+
+
+def test_json_is_strict_with_nan_as_null(tmp_path: Path) -> None:
+    path = reports.write_json(tmp_path / "r.json", {"a": float("nan"), "b": np.float32(0.5), "c": np.arange(2)})
+    assert json.loads(path.read_text()) == {"a": None, "b": 0.5, "c": [0, 1]}
+
+
+def test_embedding_falls_back_to_pca_and_says_so() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 6)) * np.array([5, 3, 0.1, 0.1, 0.1, 0.1])
+    coords, method = reports.embed_2d(x)
+    try:
+        import umap  # noqa: F401
+    except ImportError:
+        assert method == "PCA"
+        # PCA: the two coordinates carry the two largest variances, uncorrelated
+        assert np.var(coords[:, 0]) > np.var(coords[:, 1]) > np.var(x[:, 2:], axis=0).max()
+        assert abs(np.corrcoef(coords.T)[0, 1]) < 1e-8
+    else:
+        assert method == "UMAP"
+
+
+def _token_grid(seed: int, flip: bool) -> np.ndarray:
+    """Patch tokens (2, 8, 8, 16): a central 'cell' with varying texture on a flat background."""
+    rng = np.random.default_rng(seed)
+    tokens = 0.05 * rng.normal(size=(2, 8, 8, 16))
+    direction = rng.normal(size=16) * (-1 if flip else 1)
+    tokens[:, 2:6, 2:6] += 3 * direction + rng.normal(size=(2, 4, 4, 16))
+    return tokens
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_patch_pca_separates_cell_from_background(flip: bool) -> None:
+    rgb, mask = pca.patch_pca_rgb(_token_grid(2, flip), threshold=0.5, foreground="auto")
+    expected = np.zeros((2, 8, 8), dtype=bool)
+    expected[:, 2:6, 2:6] = True
+    np.testing.assert_array_equal(mask, expected)
+    assert rgb.shape == (2, 8, 8, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    assert np.all(rgb[~mask] == 0) and rgb[mask].std() > 0.1
+    with pytest.raises(ValueError, match="foreground mode"):
+        pca.patch_pca_rgb(_token_grid(2, flip), foreground="inside")
+
+
+def _tiny_vit_state(seed: int) -> dict[str, torch.Tensor]:
+    from dinov2.models.vision_transformer import DinoVisionTransformer
+
+    torch.manual_seed(seed)
+    model = DinoVisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2)
+    model.init_weights()
+    return model.state_dict()
+
+
+def _images(root: Path, per_class: int) -> list[Path]:
+    rng = np.random.default_rng(3)
+    paths = []
+    for c, name in enumerate(["neutrophil", "platelet"]):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, size=(28, 28, 3)) + 150 * c
+            path = root / name / f"{i}.png"
+            Image.fromarray(pixels.astype(np.uint8)).save(path)
+            paths.append(path)
+    return paths
+
+
+def test_pca_cli_writes_side_by_side_png(tmp_path: Path) -> None:
+    weights = tmp_path / "tiny.pth"
+    torch.save(_tiny_vit_state(0), weights)
+    images = _images(tmp_path / "cells", 1)
+    output = pca.main(["--weights", str(weights), "--image", *map(str, images), "--output", str(tmp_path / "pca.png"),
+                       "--img-size", "56", "--device", "cpu"])
+    _assert_png(output)
+    width, height = Image.open(output).size
+    assert height == width * len(images) / 2  # one row per image, two square panels per row
+
+
+def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for iteration in (10, 2):  # numeric order, not lexicographic
+        target = run / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth"
+        target.parent.mkdir(parents=True)
+        state = {f"backbone.{k}": v for k, v in _tiny_vit_state(iteration).items()}
+        torch.save({"teacher": state}, target)
+    (run / "eval" / "training_5").mkdir()  # no checkpoint inside: ignored
+    _images(tmp_path / "data", 6)
+    out = tmp_path / "curve"
+    summary = checkpoints.main(["--run-dir", str(run), "--data", str(tmp_path / "data"), "--output-dir", str(out),
+                                "--img-size", "28", "--n-splits", "3", "--k", "1", "3", "--device", "cpu"])
+    assert [row["iteration"] for row in summary["checkpoints"]] == [2, 10]
+    saved = json.loads((out / "checkpoints.json").read_text())
+    assert saved["checkpoints"][0]["checkpoint"].endswith("training_2/teacher_checkpoint.pth")
+    assert set(saved["checkpoints"][0]["results"]) == {"knn_1", "knn_3"}
+    assert "| 2 |" in (out / "checkpoints.md").read_text()
+    _assert_png(out / "checkpoints.png")
+    with pytest.raises(FileNotFoundError, match="no eval/training_<iteration>/teacher_checkpoint.pth"):
+        checkpoints.find_checkpoints(tmp_path / "data")
+
+
+@pytest.mark.parametrize("name", ["knn", "linear", "mil", "pca"])
+def test_shipped_configs_parse_with_their_cli(name: str) -> None:
+    parser = {"knn": knn.build_parser, "linear": linear.build_parser, "mil": mil_cli.build_parser,
+              "pca": pca.build_parser}[name]()
+    config = Path(__file__).resolve().parents[1] / "configs" / "eval" / f"{name}.yaml"
+    required = {"knn": ["--features", "f.h5", "--output-dir", "o"], "linear": ["--features", "f.h5", "--output-dir", "o"],
+                "mil": ["--features", "f.h5", "--output-dir", "o"], "pca": ["--image", "a.png", "--output", "p.png"]}[name]
+    args = protocol.parse_args_with_config(parser, ["--config", str(config), *required])
+    for key, value in yaml.safe_load(config.read_text()).items():
+        assert getattr(args, key) == value, key
