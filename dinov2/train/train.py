@@ -139,19 +139,62 @@ class MetricsWriter:
                 f.write(json.dumps(record) + "\n")
 
 
-def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.DistInfo) -> dict[str, Any]:
-    """Run (or resume) the training described by ``cfg``; returns the last logged metrics."""
-    device = info.device
-    dataset = build_train_dataset(cfg)  # fails on bad paths before any model is built
+def training_step(
+    model: SSLMetaArch,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    autocast: Any,
+    batch: dict[str, Any],
+    teacher_temp: float,
+    momentum: float,
+    clip_grad: float,
+) -> dict[str, torch.Tensor]:
+    """Forward-backward, gradient clipping, optimiser step and teacher EMA; returns the detached loss terms."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        loss, terms = model.forward_loss(batch, teacher_temp=teacher_temp)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if clip_grad:
+        for part in model.student.values():
+            clip_grad_norm(part.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    model.update_teacher(momentum)
+    return terms
 
+
+def make_autocast(cfg: DictConfig, device: torch.device) -> Any:
+    """The autocast context of the configured compute dtype (a null context for fp32)."""
+    dtype = autocast_dtype(cfg, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def build_training_state(
+    cfg: DictConfig, device: torch.device
+) -> tuple[SSLMetaArch, torch.optim.Optimizer, torch.amp.GradScaler | None]:
+    """The initialised, sharded student/teacher, its AdamW optimiser and the fp16 loss scaler (if any)."""
     model = SSLMetaArch(cfg)
     model.init_weights()
     model.to(device)
     parallelize_from_config(model.student, cfg, "student", device)
     parallelize_from_config(model.teacher, cfg, "teacher", device)
-
     optimizer = build_optimizer(build_param_groups(model.student, cfg), cfg)
-    scaler = build_grad_scaler(cfg, device)
+    return model, optimizer, build_grad_scaler(cfg, device)
+
+
+def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.DistInfo) -> dict[str, Any]:
+    """Run (or resume) the training described by ``cfg``; returns the last logged metrics."""
+    device = info.device
+    dataset = build_train_dataset(cfg)  # fails on bad paths before any model is built
+
+    model, optimizer, scaler = build_training_state(cfg, device)
     schedules = build_schedulers(cfg)
     max_iter = total_iterations(cfg)
     batch_per_rank = int(cfg.train.batch_size_per_gpu)
@@ -178,10 +221,7 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
     loader, _ = build_train_loader(
         cfg, dataset, start=start_iter * global_batch, rank=info.rank, world_size=info.world_size
     )
-    compute_dtype = autocast_dtype(cfg, device)
-    autocast = (
-        torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32 else nullcontext()
-    )
+    autocast = make_autocast(cfg, device)
     metrics = MetricsWriter(output_dir / "training_metrics.json", info.is_main_process, start_iter)
     preemption = PreemptionHandler()
     preemption.install()
@@ -203,23 +243,7 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
         momentum, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
         apply_optim_scheduler(optimizer, lr, wd, schedules["last_layer_lr"][iteration])
 
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss, terms = model.forward_loss(batch, teacher_temp=teacher_temp)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if cfg.optim.clip_grad:
-            for part in model.student.values():
-                clip_grad_norm(part.parameters(), cfg.optim.clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        model.update_teacher(momentum)
+        terms = training_step(model, optimizer, scaler, autocast, batch, teacher_temp, momentum, cfg.optim.clip_grad)
 
         images_seen += global_batch
         window_images += global_batch

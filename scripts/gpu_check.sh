@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One prepared GPU check (under 8 minutes on one H100): the CUDA/NCCL training path, the ViT-L/G memory
+# check, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in bf16, the data
+# pipeline with 16 workers, and feature extraction. Every figure goes to stdout and to $LOG_DIR/*.log.
+#
+#   bash scripts/gpu_check.sh [LOG_DIR]
+#
+# Record the printed figures in docs/benchmarks.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR=${1:-${OUT:-gpu_check_logs}}
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run one check, keep going if it fails
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s) ==="
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.log" | grep -vE '^\s*$|it/s\]|img/s\]' | tail -n 25
+  echo "=== $name: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s ==="
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+# Heads as released (65,536 prototypes, hidden 2048, bottleneck 256), 224 px global crops only (DinoBloom).
+HEADS="--heads 65536,2048,256 --crops dinobloom"
+# The NCCL path: torchrun with one process per GPU (here one) initialises NCCL and trains.
+step vits14_nccl_bf16 90 torchrun --standalone --nproc_per_node=1 scripts/benchmark_train.py \
+  --arch vit_small --batch-size 128 $HEADS --iters 10
+step vits14_bf16_compile 120 $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS --compile --iters 10
+step vitl14_bf16 120 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --iters 8
+step vitl14_bf16_compile 150 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --compile --iters 8
+# Memory: ViT-g/14 with SwiGLU, one GPU, activation checkpointing, DinoBloom crops.
+step vitg14_bf16_ckpt 120 $PY scripts/benchmark_train.py --arch vit_giant2 --batch-size 32 $HEADS \
+  --activation-checkpointing --warmup 2 --iters 4
+step data_pipeline 90 $PY scripts/benchmark_data.py --demo /tmp/demo_data --recipes dinobloom dinov2 \
+  --workers 1 8 16 --batch-size 64 --batches 10
+step features_vits14 45 $PY scripts/benchmark_features.py --device cuda --batch-size 256 --iters 20
+echo "gpu_check done"
