@@ -30,3 +30,12 @@ def conformance_dir() -> Path:
 def shared_data_dir() -> Path:
     """The real labelled blood-cell images in ../shared/data."""
     return _require(SHARED_DIR / "data", "real blood-cell images")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -17,13 +17,7 @@ from dinov2.eval.mil.__main__ import main as mil_main
 FAST = dict(hidden_dim=32, attention_dim=16, dropout=0.0, lr=0.05, epochs=40, patience=20, batch_size=4, n_splits=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _planted(n_patients: int = 24, dim: int = 16, seed: int = 0) -> BagSet:
