@@ -111,7 +111,8 @@ def parallelize_model(
     applied over `device_mesh` when one is given, else when a process group with more than one rank exists (over all
     ranks; a (world, 1) mesh for NO_SHARD). `reshard_after_forward` overrides the strategy's choice (True for a model
     that only runs forward, so its parameters are DTensors again after each forward). The model must already be on
-    its device.
+    its device, or on the meta device: then `to_empty(device=...)` it afterwards and load its weights (the trainer
+    does so, see `SSLMetaArch.init_weights`), so that only rank 0 ever holds a full copy, while initialising.
     """
     if sharding_strategy not in SHARDING_STRATEGIES:
         raise ValueError(f"unknown sharding_strategy {sharding_strategy!r}; expected one of {SHARDING_STRATEGIES}")

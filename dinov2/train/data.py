@@ -77,10 +77,15 @@ class TrainCollate:
 def build_train_dataset(cfg: DictConfig) -> FileListDataset:
     """The training images of ``train.dataset_path`` with the configured multi-crop augmentation.
 
-    Raises before any model is built when the path is missing, a list is empty or no image is found.
+    ``train.image_resize`` > 0 resizes every image to that square size before the augmentation (DinoBloom: 224);
+    0 keeps the images as they are, except that DinoBloom's spelling ``HemaStandardDataset:root=...`` resizes to 224
+    unless it says ``:resize=none``. Raises before any model is built when the path is missing, a list is empty or
+    no image is found.
     """
     if not cfg.train.dataset_path:
         raise ValueError("train.dataset_path is empty: name a folder of .txt image lists (or one .txt list)")
+    if cfg.train.image_resize < 0:
+        raise ValueError(f"train.image_resize must be >= 0 (0 = keep the image size), got {cfg.train.image_resize}")
     augmentation = DataAugmentationDINO(
         global_crops_scale=tuple(cfg.crops.global_crops_scale),
         local_crops_scale=tuple(cfg.crops.local_crops_scale),
@@ -89,7 +94,8 @@ def build_train_dataset(cfg: DictConfig) -> FileListDataset:
         local_crops_size=cfg.crops.local_crops_size,
         hematology=cfg.train.augmentation == "hematology",
     )
-    return make_dataset(str(cfg.train.dataset_path), transform=augmentation, seed=cfg.train.seed)
+    resize = int(cfg.train.image_resize) or None
+    return make_dataset(str(cfg.train.dataset_path), transform=augmentation, resize=resize, seed=cfg.train.seed)
 
 
 def build_train_loader(

@@ -40,6 +40,24 @@ def stratified_subset(image_list: ImageList, max_images: int, seed: int = 0) -> 
     )
 
 
+class _NoGradForward(nn.Module):
+    """Calls a backbone (plain or FSDP-sharded) under no_grad, hidden from the caller's ``.to()``/``.eval()``.
+
+    ``embed_images`` runs under inference mode and moves the model it is given. A sharded backbone must not be
+    moved there (FSDP2 cannot swap parameters in inference mode), nor run there: its gathered parameters would become
+    inference tensors, which the next training step's in-place all-gather may not write.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "backbone", backbone)  # not a submodule: .to() and .eval() leave it alone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's normalised CLS token of ``x``."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self.backbone(x)
+
+
 @dataclass
 class KnnMonitor:
     """Scores a backbone with 20-NN (Euclidean, uniform votes) under 5-fold stratified cross-validation."""
@@ -71,8 +89,13 @@ class KnnMonitor:
     def evaluate(self, backbone: nn.Module, stage: str, iteration: int) -> float:
         """Balanced accuracy of 20-NN on ``backbone``'s features; every rank must call it (sharded models)."""
         was_training = backbone.training
-        features, kept = embed_images(backbone, self.images, batch_size=64, img_size=self.img_size, device=self.device)
-        backbone.train(was_training)
+        backbone.eval()
+        try:
+            features, kept = embed_images(
+                _NoGradForward(backbone), self.images, batch_size=64, img_size=self.img_size, device=self.device
+            )
+        finally:
+            backbone.train(was_training)
         labels = np.asarray(self.images.labels)[kept]
         k = min(K, labels.size * 4 // 5)  # k may not exceed a training fold
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+from dinov2.configs import resolve_arch
 from dinov2.hub.loader import load_backbone_weights
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.loss.dino_clstoken_loss import dino_loss_term_scales
-from dinov2.configs import resolve_arch
 from dinov2.models import DinoVisionTransformer
 from dinov2.train.data import effective_local_crops
 
@@ -26,41 +29,60 @@ def build_backbone_from_cfg(cfg: DictConfig, *, teacher: bool) -> DinoVisionTran
     return DinoVisionTransformer(**kwargs)
 
 
+def build_parts(cfg: DictConfig, *, teacher: bool) -> nn.ModuleDict:
+    """The student's or teacher's networks: ``backbone``, ``dino_head`` and (separate iBOT head) ``ibot_head``."""
+    parts: dict[str, nn.Module] = {"backbone": build_backbone_from_cfg(cfg, teacher=teacher)}
+    embed_dim = parts["backbone"].embed_dim
+    heads = {"dino_head": cfg.dino}
+    if cfg.ibot.loss_weight > 0 and cfg.ibot.separate_head:
+        heads["ibot_head"] = cfg.ibot
+    for name, head in heads.items():
+        parts[name] = DINOHead(
+            in_dim=embed_dim,
+            out_dim=head.head_n_prototypes,
+            hidden_dim=head.head_hidden_dim,
+            bottleneck_dim=head.head_bottleneck_dim,
+            nlayers=head.head_nlayers,
+        )
+    return nn.ModuleDict(parts)
+
+
+def initial_student_state(cfg: DictConfig) -> dict[str, Tensor]:
+    """The student's initial weights on CPU: random from ``train.seed``, then ``student.pretrained_weights`` if set.
+
+    They depend on the config only (not on the global random state, the rank or the number of ranks), so every
+    run of a config starts from the same weights.
+    """
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(int(cfg.train.seed))
+        parts = build_parts(cfg, teacher=False)  # the constructors initialise every parameter
+        weights = cfg.student.pretrained_weights
+        if weights:
+            logger.info("starting the backbone from %s", weights)
+            load_backbone_weights(parts.backbone, weights)
+    return parts.state_dict()
+
+
 class SSLMetaArch(nn.Module):
-    """DINOv2's self-distillation set-up: student and EMA teacher, each a backbone with heads."""
+    """DINOv2's self-distillation set-up: student and EMA teacher, each a backbone with heads.
+
+    Build it on the meta device, shard it (``dinov2.parallel``), ``to_empty`` it onto its device and call
+    :meth:`init_weights`: no process then holds more than its shards, except rank 0 during initialisation.
+    """
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        student = {"backbone": build_backbone_from_cfg(cfg, teacher=False)}
-        teacher = {"backbone": build_backbone_from_cfg(cfg, teacher=True)}
-        embed_dim = student["backbone"].embed_dim
-        self.embed_dim = embed_dim
+        self.student = build_parts(cfg, teacher=False)
+        self.teacher = build_parts(cfg, teacher=True)
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        self.embed_dim = self.student.backbone.embed_dim
 
         self.do_dino = cfg.dino.loss_weight > 0
         self.do_koleo = cfg.dino.koleo_loss_weight > 0
         self.do_ibot = cfg.ibot.loss_weight > 0
         self.ibot_separate_head = bool(cfg.ibot.separate_head)
-
-        def dino_head() -> DINOHead:
-            return DINOHead(
-                in_dim=embed_dim,
-                out_dim=cfg.dino.head_n_prototypes,
-                hidden_dim=cfg.dino.head_hidden_dim,
-                bottleneck_dim=cfg.dino.head_bottleneck_dim,
-                nlayers=cfg.dino.head_nlayers,
-            )
-
-        def ibot_head() -> DINOHead:
-            return DINOHead(
-                in_dim=embed_dim,
-                out_dim=cfg.ibot.head_n_prototypes,
-                hidden_dim=cfg.ibot.head_hidden_dim,
-                bottleneck_dim=cfg.ibot.head_bottleneck_dim,
-                nlayers=cfg.ibot.head_nlayers,
-            )
-
-        student["dino_head"], teacher["dino_head"] = dino_head(), dino_head()
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
         if self.do_koleo:
             self.koleo_loss = KoLeoLoss()
@@ -68,26 +90,21 @@ class SSLMetaArch(nn.Module):
             self.ibot_patch_loss = iBOTPatchLoss(
                 cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
             )
-            if self.ibot_separate_head:
-                student["ibot_head"], teacher["ibot_head"] = ibot_head(), ibot_head()
-
-        self.student = nn.ModuleDict(student)
-        self.teacher = nn.ModuleDict(teacher)
-        for p in self.teacher.parameters():
-            p.requires_grad = False
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise the student (randomly, then from pretrained weights if given) and copy it to the teacher."""
-        self.student.backbone.init_weights()
-        for name in ("dino_head", "ibot_head"):
-            if name in self.student:
-                self.student[name].init_weights()
-        weights = self.cfg.student.pretrained_weights
-        if weights:
-            logger.info("Starting the backbone from %s", weights)
-            load_backbone_weights(self.student.backbone, weights)
-        self.teacher.load_state_dict(self.student.state_dict())
+        """Load :func:`initial_student_state` into the student and the teacher (on every rank) and zero the centres.
+
+        With several ranks only rank 0 builds the full weights; they are broadcast into every rank's shards.
+        """
+        broadcast = dist.is_initialized() and dist.get_world_size() > 1
+        state = initial_student_state(self.cfg) if not broadcast or dist.get_rank() == 0 else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
+        for parts in (self.student, self.teacher):
+            set_model_state_dict(parts, dict(state), options=options)
+        self.dino_loss.center.zero_()
+        if self.do_ibot:
+            self.ibot_patch_loss.center.zero_()
 
     @torch.no_grad()
     def _teacher_targets(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[Tensor, Tensor | None]:

@@ -18,9 +18,9 @@ import argparse
 import json
 import logging
 import math
-import os
 import signal
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -55,14 +55,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(output_dir: Path, is_main: bool) -> None:
-    """Rank 0 logs INFO to stdout and to ``output_dir/log.txt``; other ranks log warnings only."""
+def _prints_to_console(handler: logging.Handler) -> bool:
+    """Whether ``handler`` writes to the process's stdout or stderr."""
+    consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return isinstance(handler, logging.StreamHandler) and any(handler.stream is c for c in consoles)
+
+
+class _NotPrintedElsewhere(logging.Filter):
+    """Drop records that a console handler of their own logger already prints (submitit's logger has one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False when a logger between the record's and the root has a console handler."""
+        current: logging.Logger | None = logging.getLogger(record.name)
+        while current is not None and current is not logging.root:
+            if any(_prints_to_console(h) for h in current.handlers):
+                return False
+            current = current.parent if current.propagate else None
+        return True
+
+
+def setup_logging(output_dir: Path, is_main: bool) -> list[logging.Handler]:
+    """Rank 0 logs INFO to stdout and to ``output_dir/log.txt``; other ranks log warnings only.
+
+    The stdout handler is left out when the root logger already prints to the console (a launcher configured it),
+    and skips records that their own logger prints already, so that no line appears twice. Returns the handlers
+    added, for the caller to remove.
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_dinov2", False):
             root.removeHandler(handler)
+            handler.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    handlers: list[logging.Handler] = []
+    if not any(_prints_to_console(h) for h in root.handlers):
+        console = logging.StreamHandler(sys.stdout)
+        console.addFilter(_NotPrintedElsewhere())
+        handlers.append(console)
     if is_main:
         handlers.append(logging.FileHandler(output_dir / "log.txt"))
     for handler in handlers:
@@ -70,6 +99,7 @@ def setup_logging(output_dir: Path, is_main: bool) -> None:
         handler._dinov2 = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.INFO if is_main else logging.WARNING)
+    return handlers
 
 
 class PreemptionHandler:
@@ -100,16 +130,21 @@ class PreemptionHandler:
         logger.warning("received %s: checkpointing at the end of this iteration", signal.Signals(signum).name)
         self.received = signum
 
-    def should_stop(self, device: torch.device) -> bool:
-        """Whether any rank was signalled (all ranks agree, so they checkpoint together)."""
-        flag = self.received is not None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([int(flag)], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-            if flag and self.received is None:
-                self.received = int(signal.SIGTERM)
-        return flag
+    def vote(self) -> list[int]:
+        """This rank's vote per signal of ``SIGNALS`` (1 if it received it), to be summed over ranks."""
+        return [int(self.received == sig) for sig in self.SIGNALS]
+
+    def agree(self, votes: Sequence[int]) -> bool:
+        """Whether to stop, from the votes summed over ranks, so that all ranks decide alike.
+
+        The decision rests on the votes only (a signal arriving meanwhile counts at the next step); a rank that
+        received nothing adopts the signal of another rank.
+        """
+        stop = any(votes)
+        for sig, count in zip(self.SIGNALS, votes):
+            if count and self.received is None:
+                self.received = int(sig)
+        return stop
 
     def forward_signal(self, frame: Any = None) -> None:
         """Hand the signal to the previous handler, or exit with 128 + signal number."""
@@ -179,26 +214,55 @@ def make_autocast(cfg: DictConfig, device: torch.device) -> Any:
 def build_training_state(
     cfg: DictConfig, device: torch.device
 ) -> tuple[SSLMetaArch, torch.optim.Optimizer, torch.amp.GradScaler | None]:
-    """The initialised, sharded student/teacher, its AdamW optimiser and the fp16 loss scaler (if any)."""
-    model = SSLMetaArch(cfg)
-    model.init_weights()
-    model.to(device)
+    """The initialised, sharded student/teacher, its AdamW optimiser and the fp16 loss scaler (if any).
+
+    The model is built on the meta device and sharded before it holds any weight; ``init_weights`` then fills each
+    rank's shards (rank 0 builds the full initial weights, pretrained backbone included, and broadcasts them).
+    """
+    with torch.device("meta"):
+        model = SSLMetaArch(cfg)
     parallelize_from_config(model.student, cfg, "student", device)
     parallelize_from_config(model.teacher, cfg, "teacher", device)
+    model.to_empty(device=device)
+    model.init_weights()
     optimizer = build_optimizer(build_param_groups(model.student, cfg), cfg)
     return model, optimizer, build_grad_scaler(cfg, device)
+
+
+def sum_over_ranks(values: Sequence[int], device: torch.device) -> list[int]:
+    """Element-wise sums of ``values`` over all ranks (the values themselves in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [int(v) for v in values]
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
+def check_bad_images(bad_images: int, images_seen: int, dataset_size: int, max_fraction: float) -> None:
+    """Raise when more than ``max_fraction`` of the images read so far were unreadable.
+
+    Until ``min(dataset_size, 1000)`` images have been read the fraction is taken of that many, so that one bad image
+    in the first batch does not stop a run.
+    """
+    if bad_images > max_fraction * max(images_seen, min(dataset_size, 1000)):
+        raise RuntimeError(
+            f"{bad_images} of the {images_seen} images read so far were unreadable, more than "
+            f"train.max_bad_image_fraction={max_fraction} allows; the 'skipping unreadable image' warnings in "
+            "log.txt name them: fix or remove those files, or raise the limit"
+        )
 
 
 def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.DistInfo) -> dict[str, Any]:
     """Run (or resume) the training described by ``cfg``; returns the last logged metrics."""
     device = info.device
-    dataset = build_train_dataset(cfg)  # fails on bad paths before any model is built
+    # Data and kNN set first: a wrong path fails here, before any model is built.
+    dataset = build_train_dataset(cfg)
+    monitor = KnnMonitor.from_config(cfg, output_dir, device)
 
     model, optimizer, scaler = build_training_state(cfg, device)
     schedules = build_schedulers(cfg)
     max_iter = total_iterations(cfg)
-    batch_per_rank = int(cfg.train.batch_size_per_gpu)
-    global_batch = batch_per_rank * info.world_size
+    global_batch = int(cfg.train.batch_size_per_gpu) * info.world_size
 
     ckpt_dir = output_dir / "checkpoints"
     start_iter, images_seen, bad_images = 0, 0, 0
@@ -210,11 +274,18 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
         state = load_checkpoint(latest, model, optimizer)
         start_iter = state["iteration"] + 1
         images_seen, bad_images = state["images_seen"], state["bad_images"]
+        if images_seen != start_iter * global_batch:
+            logger.warning(
+                "%s saw %d images in %d steps; this run takes %d per step, so its data order and learning rate "
+                "differ from those of an uninterrupted run", latest, images_seen, start_iter, global_batch,
+            )
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         logger.info("resuming at iteration %d from %s", start_iter, latest)
+    if start_iter >= max_iter:
+        logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", latest, max_iter)
+        return {}
 
-    monitor = KnnMonitor.from_config(cfg, output_dir, device)
     if monitor is not None and start_iter == 0:
         monitor.evaluate(model.teacher.backbone, "initialisation", 0)
 
@@ -223,8 +294,6 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
     )
     autocast = make_autocast(cfg, device)
     metrics = MetricsWriter(output_dir / "training_metrics.json", info.is_main_process, start_iter)
-    preemption = PreemptionHandler()
-    preemption.install()
 
     def checkpoint(iteration: int) -> None:
         model.apply_center_updates()
@@ -233,66 +302,68 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
             extra["grad_scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_dir, iteration, model, optimizer, extra, keep_last=cfg.train.keep_last_checkpoints)
 
-    logger.info("training iterations %d -> %d, %d images per step on %d rank(s)", start_iter, max_iter, global_batch, info.world_size)
+    logger.info(
+        "training iterations %d -> %d, %d images per step on %d rank(s)", start_iter, max_iter, global_batch,
+        info.world_size,
+    )
     last: dict[str, Any] = {}
     iteration = start_iter
     window_start, window_images = time.perf_counter(), 0
-    for iteration, batch in zip(range(start_iter, max_iter), loader):
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
-        momentum, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
-        apply_optim_scheduler(optimizer, lr, wd, schedules["last_layer_lr"][iteration])
+    preemption = PreemptionHandler()
+    preemption.install()
+    try:
+        for iteration, batch in zip(range(start_iter, max_iter), loader):
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
+            momentum, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
+            apply_optim_scheduler(optimizer, lr, wd, schedules["last_layer_lr"][iteration])
 
-        terms = training_step(model, optimizer, scaler, autocast, batch, teacher_temp, momentum, cfg.optim.clip_grad)
+            terms = training_step(model, optimizer, scaler, autocast, batch, teacher_temp, momentum, cfg.optim.clip_grad)
 
-        images_seen += global_batch
-        window_images += global_batch
-        bad_images += batch["n_bad_images"]  # this rank's count, against this rank's share of the images
-        rank_images = images_seen // info.world_size
-        # Until a rank has read min(len(dataset), 1000) images the limit applies to that many, so that one bad
-        # image in the first batch does not stop a run.
-        if bad_images > cfg.train.max_bad_image_fraction * max(rank_images, min(len(dataset), 1000)):
-            raise RuntimeError(
-                f"rank {info.rank}: {bad_images} of {rank_images} images were unreadable, more than "
-                f"train.max_bad_image_fraction={cfg.train.max_bad_image_fraction}; see the warnings above"
-            )
+            # One collective per step: stop signals and unreadable images, summed over the ranks.
+            *votes, new_bad = sum_over_ranks([*preemption.vote(), batch["n_bad_images"]], device)
+            stop = preemption.agree(votes)
+            images_seen += global_batch
+            window_images += global_batch
+            bad_images += new_bad
+            check_bad_images(bad_images, images_seen, len(dataset), cfg.train.max_bad_image_fraction)
 
-        is_last = iteration == max_iter - 1
-        if (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == start_iter:
-            values = {k: v.float() for k, v in terms.items()}
-            if info.is_distributed:
-                stacked = torch.stack(list(values.values()))
-                dist.all_reduce(stacked, op=dist.ReduceOp.AVG)
-                values = dict(zip(values, stacked))
-            elapsed = time.perf_counter() - window_start
-            last = {
-                "iteration": iteration,
-                **{k: float(v) for k, v in values.items()},
-                "lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": teacher_temp,
-                "images_per_s": window_images / max(elapsed, 1e-9),
-                "bad_images": bad_images,
-            }
-            if not math.isfinite(last["total_loss"]):
-                raise FloatingPointError(f"the loss is {last['total_loss']} at iteration {iteration}; stopping")
-            metrics.write(last)
-            logger.info(
-                "it %d/%d  loss %.4f (%s)  lr %.2e  %.1f img/s",
-                iteration, max_iter, last["total_loss"],
-                ", ".join(f"{k.removesuffix('_loss')} {v:.4f}" for k, v in last.items() if k.endswith("_loss") and k != "total_loss"),
-                lr, last["images_per_s"],
-            )
-            window_start, window_images = time.perf_counter(), 0
+            is_last = iteration == max_iter - 1
+            if (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == start_iter:
+                values = torch.stack([v.float() for v in terms.values()])
+                if info.is_distributed:
+                    dist.all_reduce(values)
+                    values /= info.world_size
+                elapsed = time.perf_counter() - window_start
+                last = {
+                    "iteration": iteration,
+                    **{k: float(v) for k, v in zip(terms, values)},
+                    "lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": teacher_temp,
+                    "images_per_s": window_images / max(elapsed, 1e-9),
+                    "bad_images": bad_images,
+                }
+                if not math.isfinite(last["total_loss"]):
+                    raise FloatingPointError(f"the loss is {last['total_loss']} at iteration {iteration}; stopping")
+                metrics.write(last)
+                logger.info(
+                    "it %d/%d  loss %.4f (%s)  lr %.2e  %.1f img/s",
+                    iteration, max_iter, last["total_loss"],
+                    ", ".join(f"{k.removesuffix('_loss')} {v:.4f}" for k, v in last.items()
+                              if k.endswith("_loss") and k != "total_loss"),
+                    lr, last["images_per_s"],
+                )
+                window_start, window_images = time.perf_counter(), 0
 
-        period = cfg.evaluation.eval_period_iterations
-        if period and ((iteration + 1) % period == 0 or is_last):
-            export_teacher(output_dir / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth", model.teacher)
-        stop = preemption.should_stop(device)
-        if (iteration + 1) % cfg.train.checkpoint_period == 0 or is_last or stop:
-            checkpoint(iteration)
-        if stop:
-            logger.warning("stopping after the checkpoint of iteration %d; re-run the command to resume", iteration)
-            preemption.forward_signal()
-    preemption.uninstall()
+            period = cfg.evaluation.eval_period_iterations
+            if period and ((iteration + 1) % period == 0 or is_last):
+                export_teacher(output_dir / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth", model.teacher)
+            if (iteration + 1) % cfg.train.checkpoint_period == 0 or is_last or stop:
+                checkpoint(iteration)
+            if stop:
+                logger.warning("stopping after the checkpoint of iteration %d; re-run the command to resume", iteration)
+                preemption.forward_signal()
+    finally:
+        preemption.uninstall()
 
     if monitor is not None:
         monitor.evaluate(model.teacher.backbone, "end of training", iteration + 1)
@@ -307,11 +378,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_dir = Path(args.output_dir or cfg.train.output_dir).expanduser().resolve()
     cfg.train.output_dir = str(output_dir)
     info = distributed.enable_distributed(device=cfg.train.device)
+    # FSDP2 warns that the backbone returns views (its CLS and patch tokens); the loss never modifies them in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    handlers: list[logging.Handler] = []
     try:
         if info.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
-        setup_logging(output_dir, info.is_main_process)
+        handlers = setup_logging(output_dir, info.is_main_process)
         apply_scaling_rules_to_cfg(cfg, info.world_size)
         if info.is_main_process:
             write_config(cfg, output_dir)
@@ -320,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         train(cfg, output_dir, resume=cfg.train.resume and not args.no_resume, info=info)
     finally:
         distributed.destroy()
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     return 0
 
 

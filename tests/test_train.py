@@ -1,0 +1,366 @@
+"""The trainer end to end on CPU: outputs, learning, exact resume, unreadable images, early errors, kNN monitor.
+
+Every run is demo.yaml shrunk further (ViT 64-d, 2 blocks, 56 px crops, heads of 256 prototypes) on a synthetic
+dataset of 48 images, in this process through ``dinov2.train.train.main``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from dinov2.configs import TRAIN_CONFIG_DIR, ConfigError, load_config, resolve_arch
+from dinov2.data.samplers import InfiniteSampler
+from dinov2.hub import load_backbone
+from dinov2.models import DinoVisionTransformer
+from dinov2.train import train as train_module
+from dinov2.train.data import build_train_dataset
+from dinov2.train.train import main, setup_logging
+
+DEMO_CONFIG = TRAIN_CONFIG_DIR / "demo.yaml"
+# Head dim 64 (one head), so that load_backbone infers exactly this architecture from an exported file.
+TINY = [
+    "train.num_workers=0",
+    "train.batch_size_per_gpu=8",
+    "train.log_period=1",
+    "crops.global_crops_size=56",
+    "student.embed_dim=64",
+    "student.depth=2",
+    "student.num_heads=1",
+    "dino.head_n_prototypes=256",
+    "dino.head_hidden_dim=64",
+    "dino.head_bottleneck_dim=32",
+    "ibot.head_n_prototypes=256",
+    "ibot.head_hidden_dim=64",
+    "ibot.head_bottleneck_dim=32",
+    "evaluation.knn_data=''",
+    "evaluation.eval_period_iterations=0",
+]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory):
+    """48 synthetic 64 px blood-cell images of 8 classes (images/<class>/..., lists/train.txt)."""
+    from dinov2.data.demo import generate_demo_dataset
+
+    return generate_demo_dataset(tmp_path_factory.mktemp("demo"), images_per_class=6, image_size=64, num_workers=0)
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Single-process runs on one thread, whatever the environment (threads only wait for each other on a busy
+    machine at this size)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(output_dir: Path, dataset: Path | str, *overrides: str, epochs: int = 2, epoch_length: int = 5) -> int:
+    return main(
+        ["--config-file", str(DEMO_CONFIG), "--output-dir", str(output_dir), f"train.dataset_path={dataset}", *TINY,
+         f"optim.epochs={epochs}", f"train.OFFICIAL_EPOCH_LENGTH={epoch_length}", *overrides]
+    )  # fmt: skip
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "training_metrics.json").read_text().splitlines()]
+
+
+def _losses(records: list[dict]) -> list[dict]:
+    """The records without the wall-clock throughput."""
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
+
+
+def _checkpoint_tensors(ckpt: Path, tmp_path: Path) -> dict:
+    """Every tensor of a DCP checkpoint folder (model and optimizer), flattened to dotted keys."""
+    target = tmp_path / f"{ckpt.parent.parent.name}-{ckpt.name}.pt"
+    dcp_to_torch_save(ckpt, target)
+    flat: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{prefix}{i}.")
+        elif torch.is_tensor(node):
+            flat[prefix[:-1]] = node
+
+    walk(torch.load(target, weights_only=False), "")
+    return flat
+
+
+def test_demo_run_writes_its_outputs_and_learns(tmp_path: Path, demo) -> None:
+    out = tmp_path / "run"
+    epochs, epoch_length = 4, 10
+    export = ["evaluation.eval_period_iterations=20"]
+    assert _train(out, demo.lists_dir, *export, epochs=epochs, epoch_length=epoch_length) == 0
+    n_iter = epochs * epoch_length
+
+    config = load_config(out / "config.yaml")  # resolved, and still a valid config
+    assert config.train.output_dir == str(out) and config.optim.lr > 0 and config.student.embed_dim == 64
+
+    records = _metrics(out)
+    assert [r["iteration"] for r in records] == list(range(n_iter))
+    expected_keys = {"iteration", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "total_loss", "lr", "wd",
+                     "momentum", "teacher_temp", "images_per_s", "bad_images"}  # fmt: skip
+    assert all(set(r) == expected_keys for r in records)
+    assert all(np.isfinite([v for k, v in r.items()]).all() for r in records)
+    assert records[0]["lr"] == 0.0 and max(r["lr"] for r in records) == pytest.approx(config.optim.lr)
+    assert records[0]["teacher_temp"] == pytest.approx(config.teacher.warmup_teacher_temp)
+    assert records[-1]["teacher_temp"] == pytest.approx(config.teacher.teacher_temp)
+    assert records[-1]["momentum"] > records[0]["momentum"] and records[-1]["wd"] > records[0]["wd"]
+    total = [r["total_loss"] for r in records]
+    first, last = np.mean(total[:5]), np.mean(total[-5:])
+    assert last < first - 0.3, f"the loss did not fall: {first:.4f} -> {last:.4f}"
+    dino = [r["dino_global_crops_loss"] for r in records]
+    assert np.mean(dino[-5:]) < np.mean(dino[:5])
+
+    log = (out / "log.txt").read_text()
+    assert f"training iterations 0 -> {n_iter}" in log and f"it {n_iter - 1}/{n_iter}" in log
+    assert (out / "checkpoints" / f"{n_iter - 1:09d}").is_dir()
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"{n_iter - 1:09d}"
+    # The same command again finds the run finished and changes nothing.
+    before = (out / "training_metrics.json").read_text()
+    assert _train(out, demo.lists_dir, *export, epochs=epochs, epoch_length=epoch_length) == 0
+    assert (out / "training_metrics.json").read_text() == before
+    assert "nothing to do" in (out / "log.txt").read_text()
+
+    exports = sorted((out / "eval").iterdir())
+    assert [p.name for p in exports] == ["training_19", "training_39"]
+    release = out / "eval" / "training_39" / "teacher_checkpoint.pth"
+    teacher = torch.load(release, weights_only=True)["teacher"]
+    assert {key.split(".", 1)[0] for key in teacher} == {"backbone", "dino_head", "ibot_head"}
+    backbone = load_backbone(None, release)  # architecture inferred from the shapes, loaded strictly
+    assert (backbone.embed_dim, backbone.n_blocks, backbone.patch_size) == (64, 2, 14)
+    assert backbone.pos_embed.shape[1] == (56 // 14) ** 2 + 1
+    # The inferred model computes what the trained architecture computes.
+    trained = DinoVisionTransformer(**resolve_arch(config).kwargs).eval()
+    trained.load_state_dict({k.removeprefix("backbone."): v for k, v in teacher.items() if k.startswith("backbone.")})
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), trained(x), rtol=0, atol=1e-6)
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, call: int, how: str) -> None:
+    """Make training step number ``call`` (counted from 0 in this run) be preempted by SIGUSR1 or crash."""
+    original = train_module.training_step
+    calls = iter(range(10**6))
+
+    def step(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if next(calls) == call:
+            if how == "preempted":
+                os.kill(os.getpid(), signal.SIGUSR1)
+            else:
+                raise RuntimeError("simulated crash")
+        return result
+
+    monkeypatch.setattr(train_module, "training_step", step)
+
+
+@pytest.mark.parametrize("how", ["preempted", "crashed"])
+def test_resume_is_bitwise_exact(tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """N iterations in one go equal N/2 (interrupted), then a re-run of the same command, tensor for tensor.
+
+    Stochastic depth is on, so the restored random state matters too. "crashed" dies 3 iterations after the last
+    periodic checkpoint, so the metrics file holds records that the resumed run must replace, not duplicate.
+    """
+    args = ("student.drop_path_rate=0.2", "evaluation.eval_period_iterations=12", "train.checkpoint_period=4",
+            "train.keep_last_checkpoints=5")  # fmt: skip
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _train(whole, demo.lists_dir, *args, epochs=2, epoch_length=6)
+
+    stop_after = 5 if how == "preempted" else 6  # preempted: checkpoint at 5; crashed: last checkpoint at 3
+    _interrupt_at(monkeypatch, stop_after, how)
+    if how == "preempted":
+        with pytest.raises(SystemExit) as exit_info:
+            _train(parts, demo.lists_dir, *args, epochs=2, epoch_length=6)
+        assert exit_info.value.code == 128 + signal.SIGUSR1
+        resumed_from = 5
+    else:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            _train(parts, demo.lists_dir, *args, epochs=2, epoch_length=6)
+        resumed_from = 3
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the trainer restored the handlers
+    logged = stop_after + 1 if how == "preempted" else stop_after  # a crash inside a step logs nothing for it
+    assert [r["iteration"] for r in _metrics(parts)] == list(range(logged))
+    monkeypatch.undo()
+    _train(parts, demo.lists_dir, *args, epochs=2, epoch_length=6)
+
+    assert f"resuming at iteration {resumed_from + 1}" in (parts / "log.txt").read_text()
+    assert _losses(_metrics(parts)) == _losses(_metrics(whole))  # one record per iteration, equal values
+    final_whole = _checkpoint_tensors(whole / "checkpoints" / "000000011", tmp_path)
+    final_parts = _checkpoint_tensors(parts / "checkpoints" / "000000011", tmp_path)
+    assert final_whole.keys() == final_parts.keys()
+    assert any(k.startswith("model.student.") for k in final_whole)
+    assert any(k.startswith("optimizer.state.") for k in final_whole)
+    unequal = [k for k in final_whole if not torch.equal(final_whole[k], final_parts[k])]
+    assert not unequal, unequal[:10]
+    exported = [torch.load(run / "eval" / "training_11" / "teacher_checkpoint.pth")["teacher"]
+                for run in (whole, parts)]  # fmt: skip
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
+
+
+def _damaged_list(tmp_path: Path, demo) -> tuple[Path, list[str]]:
+    """The demo list plus a file of random bytes, a PNG cut in half and a path that does not exist."""
+    images = sorted((demo.images_dir).rglob("*.png"))
+    corrupt = tmp_path / "bad" / "corrupt.png"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(np.random.default_rng(0).bytes(3000))
+    truncated = tmp_path / "bad" / "truncated.png"
+    data = images[0].read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    missing = tmp_path / "bad" / "missing.png"
+    paths = [str(p) for p in images]
+    for position, bad in ((5, corrupt), (20, truncated), (40, missing)):
+        paths.insert(position, str(bad))
+    list_file = tmp_path / "damaged.txt"
+    list_file.write_text("\n".join(paths) + "\n")
+    return list_file, [str(corrupt), str(truncated), str(missing)]
+
+
+def test_unreadable_images_are_skipped_counted_and_named(tmp_path: Path, demo) -> None:
+    list_file, bad = _damaged_list(tmp_path, demo)
+    out = tmp_path / "run"
+    _train(out, list_file, "train.max_bad_image_fraction=0.2", epochs=1, epoch_length=8)
+    # The images drawn in 8 steps of 8, as the sampler (seed 0) orders the 51 entries.
+    sampler = InfiniteSampler(51, shuffle=True, seed=0, batch_size=8)
+    bad_positions = {5, 20, 40}
+    drawn_bad = sum(sampler.key(d).index in bad_positions for d in range(8 * 8))
+    assert drawn_bad >= 3  # the whole first epoch was read
+    records = _metrics(out)
+    assert records[-1]["bad_images"] == drawn_bad
+    assert all(np.isfinite(r["total_loss"]) for r in records)
+    warnings = [line for line in (out / "log.txt").read_text().splitlines() if "skipping unreadable image" in line]
+    for path in bad:
+        assert any(path in line for line in warnings), f"{path} is not named in the log"
+
+
+def test_too_many_unreadable_images_stop_the_run(tmp_path: Path, demo) -> None:
+    list_file, _ = _damaged_list(tmp_path, demo)
+    with pytest.raises(RuntimeError, match=r"train\.max_bad_image_fraction=0\.01"):
+        _train(tmp_path / "run", list_file, "train.max_bad_image_fraction=0.01", epochs=1, epoch_length=8)
+
+
+@pytest.mark.parametrize(
+    ("where", "override", "message"),
+    [
+        ("command line", "train.bach_size_per_gpu=4", r"did you mean train\.batch_size_per_gpu"),
+        ("command line", "batch_size_per_gpu=4", r"did you mean train\.batch_size_per_gpu"),
+        ("file", "optim:\n  base_lrr: 0.1\n", r"did you mean optim\.base_lr"),
+    ],
+)
+def test_config_typo_fails_before_anything(tmp_path: Path, demo, where: str, override: str, message: str) -> None:
+    out = tmp_path / "run"
+    args = ["--output-dir", str(out), f"train.dataset_path={demo.lists_dir}"]
+    if where == "file":
+        config = tmp_path / "typo.yaml"
+        config.write_text(override)
+        argv = ["--config-file", str(config), *args]
+    else:
+        argv = ["--config-file", str(DEMO_CONFIG), *args, override]
+    with pytest.raises(ConfigError, match=message):
+        main(argv)
+    assert not out.exists()
+
+
+class _NoModel:
+    def __init__(self, *args, **kwargs) -> None:
+        raise AssertionError("a model was built before the input was checked")
+
+
+@pytest.mark.parametrize(
+    ("setting", "error", "message"),
+    [
+        ("empty_list", ValueError, "is empty"),
+        ("missing_dataset", FileNotFoundError, "does not exist"),
+        ("missing_knn_data", FileNotFoundError, "not found"),
+    ],
+)
+def test_bad_data_paths_fail_before_any_model_is_built(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch, setting: str, error: type, message: str
+) -> None:
+    monkeypatch.setattr(train_module, "SSLMetaArch", _NoModel)
+    empty = tmp_path / "lists"
+    empty.mkdir()
+    (empty / "train.txt").write_text("# nothing here\n\n")
+    dataset, extra = {
+        "empty_list": (empty, []),
+        "missing_dataset": (tmp_path / "nowhere", []),
+        "missing_knn_data": (demo.lists_dir, [f"evaluation.knn_data={tmp_path / 'no_images'}"]),
+    }[setting]
+    out = tmp_path / "run"
+    with pytest.raises(error, match=message):
+        _train(out, dataset, *extra)
+    assert not (out / "checkpoints").exists() and not (out / "training_metrics.json").exists()
+
+
+def test_knn_monitor_scores_initialisation_and_end(tmp_path: Path, demo) -> None:
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, f"evaluation.knn_data={demo.images_dir}", "evaluation.knn_max_images=0",
+           epochs=1, epoch_length=3)  # fmt: skip
+    records = json.loads((out / "knn_monitor.json").read_text())
+    assert [(r["stage"], r["iteration"]) for r in records] == [("initialisation", 0), ("end of training", 3)]
+    for record in records:
+        assert 0.0 <= record["balanced_accuracy"] <= 1.0 and record["k"] == 20
+    assert "kNN balanced accuracy" in (out / "log.txt").read_text()
+
+
+def test_image_resize_reaches_the_dataset(demo) -> None:
+    base = [f"train.dataset_path={demo.lists_dir}"]
+    assert build_train_dataset(load_config(DEMO_CONFIG, base)).resize is None
+    assert build_train_dataset(load_config(DEMO_CONFIG, [*base, "train.image_resize=224"])).resize == 224
+    hema = [f"train.dataset_path=HemaStandardDataset:root={demo.lists_dir}:shuffle=1"]
+    assert build_train_dataset(load_config(DEMO_CONFIG, hema)).resize == 224  # DinoBloom's spelling resizes
+    assert build_train_dataset(load_config(DEMO_CONFIG, [*hema, "train.image_resize=112"])).resize == 112
+    for name in ("custom", "vitb14"):
+        assert load_config(TRAIN_CONFIG_DIR / f"{name}.yaml").train.image_resize == 224
+    with pytest.raises(ValueError, match="train.image_resize must be >= 0"):
+        build_train_dataset(load_config(DEMO_CONFIG, [*base, "train.image_resize=-1"]))
+
+
+def test_logging_prints_each_line_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A launcher's logger with its own console handler (submitit's) is not printed a second time."""
+    launcher = logging.getLogger("launcher_with_own_handler")
+    own = logging.StreamHandler(sys.stdout)
+    launcher.addHandler(own)
+    root = logging.getLogger()
+    handlers = setup_logging(tmp_path, is_main=True)
+    try:
+        launcher.info("from the launcher")
+        logging.getLogger("dinov2.somewhere").info("from the trainer")
+        printed = capsys.readouterr().out
+        assert printed.count("from the launcher") == 1 and printed.count("from the trainer") == 1
+        logged = (tmp_path / "log.txt").read_text()
+        assert "from the launcher" in logged and "from the trainer" in logged
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        launcher.removeHandler(own)
+    # A root logger that already prints (a launcher configured it) gets only the log file.
+    console = logging.StreamHandler(sys.stderr)
+    root.addHandler(console)
+    try:
+        handlers = setup_logging(tmp_path, is_main=True)
+        assert [type(h) for h in handlers] == [logging.FileHandler]
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.removeHandler(console)
