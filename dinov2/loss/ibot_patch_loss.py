@@ -7,7 +7,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dinov2.loss.dino_clstoken_loss import _at_least_float32, _dist_ready, _world_size, sinkhorn_knopp
+from dinov2.loss.dino_clstoken_loss import (
+    _at_least_float32,
+    _dist_ready,
+    _float32_div,
+    _world_size,
+    sinkhorn_knopp,
+)
 
 __all__ = ["iBOTPatchLoss"]
 
@@ -22,8 +28,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (DINOv2's public name)
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
-        self._pending_sum: torch.Tensor | None = None
-        self._pending_count = 0
+        self._pending_sum: torch.Tensor | None = None  # (1, K + 1): token sum and token count
         self._pending_handle: dist.Work | None = None
 
     @torch.no_grad()
@@ -64,7 +69,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (DINOv2's public name)
         ``1 / #masked(crop)`` per masked token and is derived from the masks when None. Crops without masked
         tokens count in the mean with a zero loss.
         """
-        log_probs = F.log_softmax(_at_least_float32(student_patch_tokens_masked) / self.student_temp, dim=-1)
+        log_probs = F.log_softmax(_float32_div(student_patch_tokens_masked, self.student_temp), dim=-1)
         loss = torch.sum(_at_least_float32(teacher_patch_tokens_masked) * log_probs, dim=-1)
         if masks_weight is None:
             counts = student_masks_flat.sum(dim=-1, dtype=torch.float32).clamp(min=1.0)
@@ -79,9 +84,16 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (DINOv2's public name)
 
     @torch.no_grad()
     def update_center(self, teacher_patch_tokens: torch.Tensor) -> None:
-        """Queue a center update from (n, T, K) teacher tokens: token means summed over n, divided by n."""
-        self._pending_sum = _at_least_float32(teacher_patch_tokens).mean(dim=1).sum(dim=0, keepdim=True)
-        self._pending_count = teacher_patch_tokens.shape[0]
+        """Queue a center update from (n, T, K) teacher tokens: the mean over all tokens of all processes.
+
+        With one process and n = 1, as the trainer calls it, this is the reference's token mean. Across processes the
+        tokens are pooled (the reference averaged per-process means), so a process without masked tokens neither
+        spoils the center with a 0/0 nor biases it; when no process has any token the center stays as it is.
+        """
+        tokens = _at_least_float32(teacher_patch_tokens).flatten(0, -2)
+        count = torch.full((1, 1), tokens.shape[0], dtype=tokens.dtype, device=tokens.device)
+        # Sum and count travel in one all-reduce.
+        self._pending_sum = torch.cat((tokens.sum(dim=0, keepdim=True), count), dim=1)
         self._pending_handle = dist.all_reduce(self._pending_sum, async_op=True) if _dist_ready() else None
 
     @torch.no_grad()
@@ -91,7 +103,9 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (DINOv2's public name)
             return
         if self._pending_handle is not None:
             self._pending_handle.wait()
-        batch_mean = self._pending_sum / (self._pending_count * _world_size())
-        self.center.copy_(self.center * self.center_momentum + batch_mean * (1 - self.center_momentum))
+        token_sum, count = self._pending_sum[:, :-1], self._pending_sum[:, -1:]
+        batch_mean = (token_sum / count.clamp(min=1)).view_as(self.center)
+        updated = self.center * self.center_momentum + batch_mean * (1 - self.center_momentum)
+        self.center.copy_(torch.where(count.view(1, 1, 1) > 0, updated, self.center))
         self._pending_sum = None
         self._pending_handle = None
