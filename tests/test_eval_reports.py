@@ -131,19 +131,21 @@ def test_pca_cli_writes_side_by_side_png(tmp_path: Path) -> None:
 
 def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    for iteration in (10, 2):  # numeric order, not lexicographic
-        target = run / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth"
+    for seed, name in enumerate(("training_9", "training_1", "training_init")):  # numeric order, not lexicographic
+        target = run / "eval" / name / "teacher_checkpoint.pth"
         target.parent.mkdir(parents=True)
-        state = {f"backbone.{k}": v for k, v in _tiny_vit_state(iteration).items()}
+        state = {f"backbone.{k}": v for k, v in _tiny_vit_state(seed).items()}
         torch.save({"teacher": state}, target)
     (run / "eval" / "training_5").mkdir()  # no checkpoint inside: ignored
     _images(tmp_path / "data", 6)
     out = tmp_path / "curve"
     summary = checkpoints.main(["--run-dir", str(run), "--data", str(tmp_path / "data"), "--output-dir", str(out),
                                 "--img-size", "28", "--n-splits", "3", "--k", "1", "3", "--device", "cpu"])
-    assert [row["iteration"] for row in summary["checkpoints"]] == [2, 10]
+    # Steps completed: the initial teacher, then training_<i> after step i (counted from 0).
+    assert [row["iteration"] for row in summary["checkpoints"]] == [0, 2, 10]
     saved = json.loads((out / "checkpoints.json").read_text())
-    assert saved["checkpoints"][0]["checkpoint"].endswith("training_2/teacher_checkpoint.pth")
+    assert saved["checkpoints"][0]["checkpoint"].endswith("training_init/teacher_checkpoint.pth")
+    assert saved["checkpoints"][1]["checkpoint"].endswith("training_1/teacher_checkpoint.pth")
     assert set(saved["checkpoints"][0]["results"]) == {"knn_1", "knn_3"}
     assert "| 2 |" in (out / "checkpoints.md").read_text()
     _assert_png(out / "checkpoints.png")

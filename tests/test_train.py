@@ -28,7 +28,8 @@ from dinov2.train.data import build_train_dataset
 from dinov2.train.train import main, setup_logging
 
 DEMO_CONFIG = TRAIN_CONFIG_DIR / "demo.yaml"
-# Head dim 64 (one head), so that load_backbone infers exactly this architecture from an exported file.
+# Two heads of 32 dimensions: the shapes alone would suggest one head of 64, so loading an exported file with
+# load_backbone(None, ...) must take the head count from the run's config.yaml.
 TINY = [
     "train.num_workers=0",
     "train.batch_size_per_gpu=8",
@@ -36,7 +37,7 @@ TINY = [
     "crops.global_crops_size=56",
     "student.embed_dim=64",
     "student.depth=2",
-    "student.num_heads=1",
+    "student.num_heads=2",
     "dino.head_n_prototypes=256",
     "dino.head_hidden_dim=64",
     "dino.head_bottleneck_dim=32",
@@ -141,12 +142,13 @@ def test_demo_run_writes_its_outputs_and_learns(tmp_path: Path, demo) -> None:
     assert "nothing to do" in (out / "log.txt").read_text()
 
     exports = sorted((out / "eval").iterdir())
-    assert [p.name for p in exports] == ["training_19", "training_39"]
+    assert [p.name for p in exports] == ["training_19", "training_39", "training_init"]
     release = out / "eval" / "training_39" / "teacher_checkpoint.pth"
     teacher = torch.load(release, weights_only=True)["teacher"]
     assert {key.split(".", 1)[0] for key in teacher} == {"backbone", "dino_head", "ibot_head"}
-    backbone = load_backbone(None, release)  # architecture inferred from the shapes, loaded strictly
+    backbone = load_backbone(None, release)  # architecture inferred, loaded strictly
     assert (backbone.embed_dim, backbone.n_blocks, backbone.patch_size) == (64, 2, 14)
+    assert backbone.num_heads == 2  # from the run's config.yaml
     assert backbone.pos_embed.shape[1] == (56 // 14) ** 2 + 1
     # The inferred model computes what the trained architecture computes.
     trained = DinoVisionTransformer(**resolve_arch(config).kwargs).eval()

@@ -2,11 +2,12 @@
 
     python -m dinov2.eval.checkpoints --run-dir RUN --data cells/ --output-dir RUN/eval_curve
 
-For each ``RUN/eval/training_<iter>/teacher_checkpoint.pth`` the features of ``--data``
-are extracted (architecture inferred from the checkpoint) and scored with the kNN
+For each ``RUN/eval/training_<iter>/teacher_checkpoint.pth`` (and ``RUN/eval/training_init/``, the teacher
+before the first step) the features of ``--data`` are extracted (architecture inferred from the checkpoint) and scored with the kNN
 protocol (k = 1, 20 by default; 5-fold stratified CV) and, with ``--methods knn logreg``, the
 linear probe. Writes checkpoints.json, checkpoints.md and checkpoints.png (balanced
-accuracy against iteration).
+accuracy against iteration). Iterations are counted as steps completed: ``training_<i>`` was exported after
+step ``i`` (counted from 0), so it is reported as iteration ``i + 1``, and ``training_init`` as iteration 0.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ from dinov2.eval import knn, linear, metrics, protocol, reports
 
 logger = logging.getLogger(__name__)
 
-_CHECKPOINT = re.compile(r"^training_(\d+)$")
+_CHECKPOINT = re.compile(r"^training_(\d+|init)$")
 METHODS = ("knn", "logreg")
 
 
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(iteration, path)`` of every ``eval/training_<iter>/teacher_checkpoint.pth``, by iteration."""
+    """``(steps completed, path)`` of every ``eval/training_<iter|init>/teacher_checkpoint.pth``, in order."""
     eval_dir = Path(run_dir) / "eval"
     found = []
     if eval_dir.is_dir():
         for child in eval_dir.iterdir():
             match = _CHECKPOINT.match(child.name)
             if match and (child / "teacher_checkpoint.pth").is_file():
-                found.append((int(match.group(1)), child / "teacher_checkpoint.pth"))
+                step = 0 if match.group(1) == "init" else int(match.group(1)) + 1
+                found.append((step, child / "teacher_checkpoint.pth"))
     if not found:
         raise FileNotFoundError(f"no eval/training_<iteration>/teacher_checkpoint.pth under {run_dir}")
     return sorted(found)

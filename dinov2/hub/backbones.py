@@ -5,13 +5,24 @@ Nothing is downloaded unless `weights` is a URL; the release URLs are listed bel
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from dinov2.models import HUB_MODELS, DinoVisionTransformer, build_model
 
-from .loader import CheckpointError, infer_backbone_config, load_backbone_state, load_pretrained_backbone_state
+from .loader import (
+    CheckpointError,
+    is_url,
+    infer_backbone_config,
+    load_backbone_state,
+    load_pretrained_backbone_state,
+)
+
+logger = logging.getLogger(__name__)
 
 _ZENODO = "https://zenodo.org/records/10908163/files"
 _DINOV2 = "https://dl.fbaipublicfiles.com/dinov2"
@@ -33,6 +44,33 @@ DINOV2_URLS: dict[str, str] = {
 WeightsArg = str | os.PathLike[str] | None
 
 
+def run_config_settings(weights: Path, inferred: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings that weight shapes cannot tell (heads, interpolation), from the training run a file belongs to.
+
+    A training export lives at ``<run>/eval/training_<it>/teacher_checkpoint.pth`` next to ``<run>/config.yaml``;
+    when that config describes a backbone of the same width and depth, its head count and position-embedding
+    interpolation settings are used instead of DINOv2's conventions (head dimension 64).
+    """
+    for folder in list(weights.resolve().parents)[:3]:
+        config_file = folder / "config.yaml"
+        if config_file.is_file():
+            break
+    else:
+        return {}
+    from dinov2.configs import load_config, resolve_arch  # deferred: configs import the models
+
+    try:
+        arch = resolve_arch(load_config(config_file)).kwargs
+    except (ValueError, OSError) as err:  # a config of another tool or version: fall back to the shapes
+        logger.warning("ignoring %s while loading %s: %s", config_file, weights, err)
+        return {}
+    if (arch["embed_dim"], arch["depth"]) != (inferred["embed_dim"], inferred["depth"]):
+        return {}
+    settings = {key: arch[key] for key in ("num_heads", "interpolate_antialias", "interpolate_offset")}
+    logger.info("architecture of %s completed from its run's %s: %s", weights, config_file, settings)
+    return settings
+
+
 def load_backbone(
     name: str | None, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any
 ) -> DinoVisionTransformer:
@@ -49,6 +87,8 @@ def load_backbone(
         if state is None:
             raise ValueError("load_backbone needs a model name, or weights to infer the architecture from")
         config = infer_backbone_config(state)
+        if not is_url(weights):
+            config.update(run_config_settings(Path(weights), config))
         if img_size is not None:
             config["img_size"] = img_size
         model = DinoVisionTransformer(**{**config, **kwargs})

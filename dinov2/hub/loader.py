@@ -41,7 +41,7 @@ class CheckpointError(RuntimeError):
     """A weights file that cannot be loaded: unreadable, not a checkpoint, or not matching the model."""
 
 
-def _is_url(path_or_url: str | os.PathLike[str]) -> bool:
+def is_url(path_or_url: str | os.PathLike[str]) -> bool:
     return urlparse(str(path_or_url)).scheme in ("http", "https", "ftp")
 
 
@@ -128,7 +128,7 @@ def flatten_block_chunks(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 def load_pretrained_backbone_state(path_or_url: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a weights file or URL and return its backbone state dict with plain, flat DINOv2 keys."""
-    path = _download(str(path_or_url)) if _is_url(path_or_url) else Path(path_or_url).expanduser()
+    path = _download(str(path_or_url)) if is_url(path_or_url) else Path(path_or_url).expanduser()
     return extract_backbone_state(_read_file(path), str(path_or_url))
 
 

@@ -86,6 +86,11 @@ def build_train_dataset(cfg: DictConfig) -> FileListDataset:
         raise ValueError("train.dataset_path is empty: name a folder of .txt image lists (or one .txt list)")
     if cfg.train.image_resize < 0:
         raise ValueError(f"train.image_resize must be >= 0 (0 = keep the image size), got {cfg.train.image_resize}")
+    if cfg.crops.local_crops_number == 1:
+        logger.info(
+            "crops.local_crops_number=1 is DinoBloom's setting for 'no local crops': none are drawn and the global "
+            "DINO term keeps DinoBloom's 2/(2+2) scale; use 0 for DINOv2's 2/3 or > 1 for multi-crop"
+        )
     augmentation = DataAugmentationDINO(
         global_crops_scale=tuple(cfg.crops.global_crops_scale),
         local_crops_scale=tuple(cfg.crops.local_crops_scale),

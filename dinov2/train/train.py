@@ -286,8 +286,11 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
         logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", latest, max_iter)
         return {}
 
-    if monitor is not None and start_iter == 0:
-        monitor.evaluate(model.teacher.backbone, "initialisation", 0)
+    if start_iter == 0:
+        if cfg.evaluation.eval_period_iterations:  # the starting point of the run's score-against-iteration curve
+            export_teacher(output_dir / "eval" / "training_init" / "teacher_checkpoint.pth", model.teacher)
+        if monitor is not None:
+            monitor.evaluate(model.teacher.backbone, "initialisation", 0)
 
     loader, _ = build_train_loader(
         cfg, dataset, start=start_iter * global_batch, rank=info.rank, world_size=info.world_size
