@@ -543,3 +543,16 @@ def test_sinkhorn_knopp_inside_single_process_gloo_group(ref: dict[str, Any], tm
     assert n_masked.item() == ibot_fx["n_masked"]
     torch.testing.assert_close(dino.center, dino_fx["center1_after_step1"], atol=1e-8, rtol=1e-6)
     torch.testing.assert_close(ibot.center, ibot_fx["center1_after_update"], atol=1e-8, rtol=1e-6)
+
+
+def test_ibot_center_ignores_a_step_without_masked_tokens() -> None:
+    """No masked patch anywhere: the centre keeps its value instead of becoming 0/0 = NaN."""
+    loss = iBOTPatchLoss(8)
+    loss.center.fill_(0.25)
+    loss.update_center(torch.zeros(1, 0, 8))
+    loss.apply_center_update()
+    assert torch.equal(loss.center, torch.full((1, 1, 8), 0.25))
+    tokens = torch.arange(16.0).view(1, 2, 8)
+    loss.update_center(tokens)
+    loss.apply_center_update()
+    torch.testing.assert_close(loss.center, 0.9 * 0.25 + 0.1 * tokens.mean(dim=1, keepdim=True), rtol=0, atol=1e-6)
