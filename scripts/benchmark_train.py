@@ -6,9 +6,13 @@
 
 Times full training steps (forward and backward of the student on every crop, teacher forward, clipping,
 AdamW, EMA) on synthetic images after a warm-up, and reports the median. FLOPs of one step are counted
-with ``torch.utils.flop_counter``; MFU is achieved FLOP/s over the dense matrix-multiply rate that this
-script measures on the same device (fp32 on CPU, bf16 on GPU). The last line reads
-``images_per_s=<x> mfu=<fraction> peak_mem_gb=<z>``.
+with ``torch.utils.flop_counter``, attention included (PyTorch's table has no entry for the CPU flash-attention
+kernels, so they are added here, and xFormers is switched off while counting). MFU is achieved FLOP/s over the
+dense matrix-multiply rate that this script measures on the same device, dtype and thread count (fp32 on CPU,
+bf16 on GPU): the best of several square sizes, each warmed up, measured before and after the timed steps. On a
+CPU shared with other busy processes both rates drop and the MFU is unreliable; a warning says so. The last line
+reads ``images_per_s=<x> mfu=<fraction> peak_mem_gb=<z>``. ``--profile FILE`` writes the per-operator
+table of one more step (with CUDA kernel times on a GPU) and a Chrome trace next to it.
 """
 
 from __future__ import annotations
@@ -20,17 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import logging
+import os
 import random
 import statistics
 import time
+from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from dinov2 import distributed
 from dinov2.configs import apply_scaling_rules_to_cfg, load_config
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.masking import MaskingGenerator
+from dinov2.layers.attention import XFORMERS_DISABLED_ENV, xformers_attention
 from dinov2.train.data import effective_local_crops
 from dinov2.train.train import build_training_state, make_autocast, training_step
 
@@ -45,21 +53,80 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
-    """Best measured FLOP/s of a square dense matrix multiply on ``device``."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(5):
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], repeats: int) -> float:
+    """Best measured FLOP/s of square dense matrix multiplies of the given sizes on ``device``.
+
+    Each size is warmed up first; every repeat times a few products back to back, and the fastest repeat of the
+    fastest size counts (the rate the hardware reaches, as the step's FLOPs are compared with it).
+    """
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        products = max(1, int(2e10 // (2 * size**3))) if device.type == "cpu" else 10
+        for _ in range(2):
             a @ b
         synchronize(device)
-        best = min(best, (time.perf_counter() - start) / 5)
-    return 2 * size**3 / best
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(products):
+                a @ b
+            synchronize(device)
+            best = max(best, 2 * size**3 * products / (time.perf_counter() - start))
+    return best
+
+
+def _cpu_flash_attention_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_attention_backward_flops(
+    grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch.utils.flop_counter knows the CUDA attention kernels but not the CPU ones (checked with PyTorch 2.14): without
+# these entries attention would count as zero FLOPs on CPU and the MFU would come out too low.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops,
+}
+
+
+def count_step_flops(step: Any) -> tuple[int, int]:
+    """FLOPs of one call of ``step`` and the attention part of them.
+
+    xFormers kernels are not in the FLOP table either, so the counted step runs attention through SDPA (the same
+    arithmetic); the setting is restored afterwards.
+    """
+    previous = os.environ.get(XFORMERS_DISABLED_ENV)
+    os.environ[XFORMERS_DISABLED_ENV] = "1"
+    xformers_attention.cache_clear()
+    try:
+        counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+        with counter:
+            step()
+    finally:
+        if previous is None:
+            del os.environ[XFORMERS_DISABLED_ENV]
+        else:
+            os.environ[XFORMERS_DISABLED_ENV] = previous
+        xformers_attention.cache_clear()
+    counts = counter.get_flop_counts()["Global"]
+    attention = sum(v for op, v in counts.items() if "attention" in str(op))
+    return counter.get_total_flops(), attention
+
+
+def cpu_busy_warning(threads: int) -> str | None:
+    """A warning when other processes keep the CPU busy (1-minute load above what this process's threads explain)."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    if load > threads + 0.75:
+        return (f"1-minute load average {load:.1f} on {os.cpu_count()} cores while this benchmark runs {threads} "
+                "threads: other processes compete for the CPU, so the step and matmul rates (and the MFU) are unreliable")
+    return None
 
 
 def synthetic_batch(cfg, batch_size: int, seed: int) -> dict:
@@ -102,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--iters", type=int, default=10, help="timed steps")
     p.add_argument("--heads", default=None, help="prototypes,hidden,bottleneck of both heads, e.g. 65536,2048,256")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the step and the matmul rate (default: torch's)")
+    p.add_argument("--profile", default=None, help="write the operator table of one more step to this file (+ .json trace)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="further key=value config overrides")
     return p
 
@@ -111,6 +180,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     info = distributed.enable_distributed()
     device = info.device
     precision = args.precision
@@ -154,10 +227,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         step()
     synchronize(device)
     # FLOPs of one step, counted on the eager graph (compiled code runs the same matmuls).
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    flops_per_step = counter.get_total_flops()
+    flops_per_step, attention_flops = count_step_flops(step)
+    matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    sizes, repeats = ((4096, 8192), 10) if device.type == "cuda" else ((1024, 2048, 3072), 3)
+    peak = matmul_peak_flops(device, matmul_dtype, sizes, repeats)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -169,10 +242,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     peak_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    peak = max(peak, matmul_peak_flops(device, matmul_dtype, sizes, repeats))  # and once more after the steps
+    if args.profile:
+        write_profile(step, device, Path(args.profile))
 
-    matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    size, repeats = (8192, 20) if device.type == "cuda" else (2048, 5)
-    peak = matmul_peak_flops(device, matmul_dtype, size, repeats)
     images_per_s = args.batch_size * info.world_size / seconds
     achieved = flops_per_step * info.world_size / seconds  # each rank counts its own share
     mfu = achieved / (peak * info.world_size)
@@ -180,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "images_per_s": images_per_s,
         "s_per_iter": seconds,
         "tflops_per_step": flops_per_step / 1e12,
+        "attention_flop_share": attention_flops / max(flops_per_step, 1),
         "achieved_tflops_per_rank": achieved / info.world_size / 1e12,
         "matmul_peak_tflops": peak / 1e12,
         "mfu": mfu,
@@ -187,6 +261,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     if info.is_main_process:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        busy = cpu_busy_warning(torch.get_num_threads()) if device.type == "cpu" else None
+        if busy:
+            logger.warning(busy)
         print(f"device: {name}; ranks: {info.world_size}; precision: {precision}; compile: {args.compile}; "
               f"activation checkpointing: {args.activation_checkpointing}")
         print(f"model: {cfg.student.arch} ({n_params / 1e6:.1f} M backbone params), crops {args.crops} "
@@ -197,6 +274,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"images_per_s={images_per_s:.2f} mfu={mfu:.3f} peak_mem_gb={peak_mem_gb:.2f}")
     distributed.destroy()
     return result
+
+
+def write_profile(step: Any, device: torch.device, path: Path) -> None:
+    """Profile one call of ``step``: the operator table sorted by self time to ``path``, a Chrome trace beside it."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        step()
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        prof.key_averages().table(sort_by=sort_by, row_limit=60) + "\n"
+        + prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=60)
+    )
+    prof.export_chrome_trace(str(path.with_suffix(".json")))
+    logger.info("profile of one step written to %s (trace %s)", path, path.with_suffix(".json"))
 
 
 if __name__ == "__main__":

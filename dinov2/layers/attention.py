@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layer_scale import scaled_linear
+
 logger = logging.getLogger(__name__)
 
 XFORMERS_DISABLED_ENV = "XFORMERS_DISABLED"
@@ -56,10 +58,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Attend over the tokens of `x` (B, N, D)."""
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend over the tokens of `x` (B, N, D); `out_scale` (D,) multiplies the output (a folded LayerScale)."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         dropout = self.attn_drop if self.training else 0.0
@@ -71,4 +73,4 @@ class Attention(nn.Module):
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim)
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
             out = out.transpose(1, 2)
-        return self.proj_drop(self.proj(out.reshape(batch, tokens, dim)))
+        return self.proj_drop(scaled_linear(out.reshape(batch, tokens, dim), self.proj, out_scale))

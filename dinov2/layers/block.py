@@ -11,6 +11,7 @@ from .attention import Attention
 from .drop_path import DropPath
 from .layer_scale import LayerScale
 from .mlp import Mlp
+from .swiglu_ffn import SwiGLUFFN
 
 
 def drop_add_residual_batch_subset(
@@ -66,10 +67,16 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.sample_drop_ratio = drop_path
 
+    # A LayerScale after our own attention / FFN is folded into their output projection (`scaled_linear`):
+    # same result, without a separate multiply over every token and its saved input.
     def _attn_residual(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.ls1, LayerScale) and isinstance(self.attn, Attention):
+            return self.attn(self.norm1(x), out_scale=self.ls1.gamma)
         return self.ls1(self.attn(self.norm1(x)))
 
     def _ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.ls2, LayerScale) and isinstance(self.mlp, (Mlp, SwiGLUFFN)):
+            return self.mlp(self.norm2(x), out_scale=self.ls2.gamma)
         return self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layer_scale import scaled_linear
+
 
 def swiglu_hidden_features(hidden_features: int) -> int:
     """DINOv2's SwiGLU width rule: two thirds of the MLP width, rounded up to a multiple of 8."""
@@ -34,10 +36,10 @@ class SwiGLUFFN(nn.Module):
         self.w12 = nn.Linear(in_features, 2 * hidden_features, bias=bias)
         self.w3 = nn.Linear(hidden_features, out_features, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the gated feed-forward network to the last dimension of `x`."""
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the gated feed-forward network to the last dimension of `x`; `out_scale` multiplies the output."""
         x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(x1) * x2)
+        return scaled_linear(F.silu(x1) * x2, self.w3, out_scale)
 
 
 class SwiGLUFFNFused(SwiGLUFFN):

@@ -22,6 +22,16 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _float32_div(x: torch.Tensor, temp: float) -> torch.Tensor:
+    """``x / temp`` computed in (at least) float32, as a new tensor; half-precision ``x`` is divided in its copy.
+
+    Dividing before the upcast would round ``x / temp`` to half precision (bf16 keeps 8 bits); dividing the
+    upcast copy in place spares the second (B, K) float32 buffer that ``x.float() / temp`` allocates.
+    """
+    y = _at_least_float32(x)
+    return y / temp if y is x else y.div_(temp)
+
+
 def _world_size() -> int:
     """Number of processes taking part in the collectives (1 without a process group)."""
     return dist.get_world_size() if _dist_ready() else 1
@@ -41,29 +51,35 @@ def sinkhorn_knopp(
     ``exp``. The first per-prototype normalisation cancels that factor, and the reference's initial division
     by the total sum too, so the result equals the reference ``exp(t / T)`` version up to rounding (2e-8 on
     the conformance fixture), but it cannot overflow, nor turn a prototype into 0/0, for large ``t / T``.
+
+    The alternating normalisations are carried by two scaling vectors, ``u`` per sample and ``v`` per
+    prototype, with the current matrix ``diag(u) Q diag(v)`` never written out: an iteration reads ``Q``
+    twice (two matrix-vector products) instead of rewriting it four times, and the result is
+    ``n_samples * diag(u) Q diag(v)`` after the last one, i.e. the rows of ``Q diag(v)`` normalised to 1.
     """
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
-    logits = _at_least_float32(teacher_output) / teacher_temp
-    if logits.shape[0] > 0:
-        shift = logits.max(dim=0, keepdim=True).values
+    q = _float32_div(teacher_output, teacher_temp)  # a buffer of our own, updated in place below
+    if q.shape[0] > 0:
+        shift = q.amax(dim=0, keepdim=True)
     else:  # an empty shard (no masked patch on this rank) contributes -inf to the all-reduced maximum
-        shift = logits.new_full((1, logits.shape[1]), float("-inf"))
+        shift = q.new_full((1, q.shape[1]), float("-inf"))
     if _dist_ready():
         dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-    q = torch.exp(logits - shift).t()  # (K, B): prototypes x samples
-    n_prototypes = q.shape[0]
+    q.sub_(shift).exp_()  # Q: (B, K) samples x prototypes
+    n_prototypes = q.shape[1]
+    sample_mass: torch.Tensor | None = None
     for _ in range(n_iterations):
-        # each prototype gets total mass 1/K, then each sample total mass 1/B
-        row_sums = q.sum(dim=1, keepdim=True)
+        # each prototype gets total mass 1/K (v), then each sample total mass 1/B (u = 1 / (B * sample_mass))
+        if sample_mass is None:
+            prototype_mass = q.sum(dim=0)
+        else:
+            prototype_mass = torch.mv(q.t(), 1.0 / (sample_mass * n_samples))
         if _dist_ready():
-            dist.all_reduce(row_sums)
-        q /= row_sums
-        q /= n_prototypes
-        q /= q.sum(dim=0, keepdim=True)
-        q /= n_samples
-    q *= n_samples
-    return q.t()
+            dist.all_reduce(prototype_mass)
+        v = 1.0 / (prototype_mass * n_prototypes)
+        sample_mass = torch.mv(q, v)
+    return q.mul_(v).div_(sample_mass.unsqueeze(1))
 
 
 def dino_loss_term_scales(n_global_crops: int, n_local_crops: int) -> tuple[float, float]:
@@ -125,7 +141,7 @@ class DINOLoss(nn.Module):
         teachers = list(teacher_out_softmaxed_centered_list)
         total: torch.Tensor | None = None
         for student in student_output_list:
-            log_probs = F.log_softmax(student / self.student_temp, dim=-1)
+            log_probs = F.log_softmax(_float32_div(student, self.student_temp), dim=-1)
             for teacher in teachers:
                 term = torch.sum(teacher * log_probs, dim=-1).mean()
                 total = -term if total is None else total - term
