@@ -437,12 +437,13 @@ def test_checkpoint_of_a_copy_is_independent(tmp_path: Path) -> None:
 
 
 def test_loading_keeps_this_runs_optimizer_kernel(tmp_path: Path) -> None:
-    """A checkpoint from a fused (GPU) run loads into a foreach (CPU) optimizer without switching its kernel."""
+    """A checkpoint saved with the other AdamW kernel (fused on GPU, foreach when sharded) keeps this run's kernel."""
     model, optimizer = _ckpt_model()
-    for group in optimizer.param_groups:
-        group["foreach"], group["fused"] = False, True  # as saved by build_optimizer on CUDA
-    path = save_checkpoint(tmp_path, 1, model, optimizer)
     fresh, fresh_optimizer = _ckpt_model()
+    kernel = [(g["foreach"], g["fused"]) for g in fresh_optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["foreach"], group["fused"] = not group["foreach"], not group["fused"]  # the other kernel
+    path = save_checkpoint(tmp_path, 1, model, optimizer)
     load_checkpoint(path, fresh, fresh_optimizer, restore_rng=False)
-    assert all(g["foreach"] is True and not g["fused"] for g in fresh_optimizer.param_groups)
+    assert [(g["foreach"], g["fused"]) for g in fresh_optimizer.param_groups] == kernel
     assert all(g["lr_multiplier"] == h["lr_multiplier"] for g, h in zip(fresh_optimizer.param_groups, optimizer.param_groups))

@@ -133,7 +133,8 @@ def test_optimizer_groups_get_scheduled_values() -> None:
     student = _tiny_student()
     cfg = load_config(None, ["optim.layerwise_decay=0.5", "optim.adamw_beta2=0.99"])
     optimizer = build_optimizer(build_param_groups(student, cfg), cfg)
-    assert optimizer.defaults["betas"] == (0.9, 0.99) and optimizer.defaults["foreach"] is True
+    # Unsharded CPU parameters get the fused kernel (several times faster than foreach on CPU).
+    assert optimizer.defaults["betas"] == (0.9, 0.99) and optimizer.defaults["fused"] is True
     apply_optim_scheduler(optimizer, lr=1e-3, wd=0.05, last_layer_lr=0.0)
     for group in optimizer.param_groups:
         expected_lr = 0.0 if group["is_last_layer"] else 1e-3 * group["lr_multiplier"]
@@ -150,7 +151,8 @@ def test_initialised_state_steps_like_lazy_adamw() -> None:
     apply_optim_scheduler(optimizer, lr=1e-2, wd=0.04, last_layer_lr=1e-2)
     lazy = torch.optim.AdamW(
         [{"params": g["params"], "lr": 1e-2 * g["lr_multiplier"], "weight_decay": 0.04 * g["wd_multiplier"]}
-         for g in build_param_groups(reference, cfg)]
+         for g in build_param_groups(reference, cfg)],
+        fused=optimizer.defaults["fused"],
     )
     for _ in range(3):
         x = torch.randn(2, 3, 28, 28)

@@ -115,7 +115,11 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: DictConfig) -> torc
         or (cfg.train.precision == "auto" and cfg.compute_precision.student.backbone.mixed_precision.param_dtype == "fp16")
     )
     sharded = any(isinstance(p, DTensor) for p in params)
-    kernel = {"fused": True} if on_cuda and not (sharded and scaled_fp16) else {"foreach": True}
+    # The fused kernel also runs on CPU (about 4x faster than foreach there); sharded CPU parameters (gloo FSDP2)
+    # keep foreach.
+    on_cpu = bool(params) and all(p.device.type == "cpu" for p in params)
+    fused = (on_cuda and not (sharded and scaled_fp16)) or (on_cpu and not sharded)
+    kernel = {"fused": True} if fused else {"foreach": True}
     optimizer = torch.optim.AdamW(
         param_groups, lr=0.0, weight_decay=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), **kernel
     )

@@ -219,8 +219,8 @@ class SSLMetaArch(nn.Module):
             for t, s in zip(self.teacher[name].parameters(), self.student[name].parameters(), strict=True):
                 teacher_params.append(_local(t))
                 student_params.append(_local(s))
-        torch._foreach_mul_(teacher_params, momentum)
-        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+        # t + (1 - m) (s - t): one pass over the teacher instead of a multiply and an add.
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
     def apply_center_updates(self) -> None:
         """Finish the lazily reduced centre updates of the softmax-centering losses."""

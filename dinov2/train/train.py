@@ -229,12 +229,16 @@ def build_training_state(
     return model, optimizer, build_grad_scaler(cfg, device)
 
 
-def sum_over_ranks(values: Sequence[int], device: torch.device) -> list[int]:
-    """Element-wise sums of ``values`` over all ranks (the values themselves in a single process)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+def sum_over_ranks(values: Sequence[int], group: dist.ProcessGroup | None) -> list[int]:
+    """Element-wise sums of ``values`` over the ranks of ``group``, a gloo group (the values themselves without one).
+
+    The sum runs on CPU tensors: reading back an NCCL all-reduce with ``.tolist()`` would make the host wait for all
+    of the step's queued GPU work every iteration.
+    """
+    if group is None:
         return [int(v) for v in values]
-    t = torch.tensor(values, dtype=torch.int64, device=device)
-    dist.all_reduce(t)
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, group=group)
     return [int(v) for v in t.tolist()]
 
 
@@ -313,6 +317,8 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
     iteration = start_iter
     window_start, window_images = time.perf_counter(), 0
     preemption = PreemptionHandler()
+    # Small per-step host values (stop votes, bad-image counts) travel over gloo, never through the GPU.
+    host_group = dist.new_group(backend="gloo") if info.is_distributed else None
     preemption.install()
     try:
         for iteration, batch in zip(range(start_iter, max_iter), loader):
@@ -324,7 +330,7 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
             terms = training_step(model, optimizer, scaler, autocast, batch, teacher_temp, momentum, cfg.optim.clip_grad)
 
             # One collective per step: stop signals and unreadable images, summed over the ranks.
-            *votes, new_bad = sum_over_ranks([*preemption.vote(), batch["n_bad_images"]], device)
+            *votes, new_bad = sum_over_ranks([*preemption.vote(), batch["n_bad_images"]], host_group)
             stop = preemption.agree(votes)
             images_seen += global_batch
             window_images += global_batch
