@@ -16,3 +16,14 @@ from dinov2.hub.backbones import (  # noqa: E402  (torch.hub reads `dependencies
     dinov2_vitl14,
     dinov2_vits14,
 )
+
+__all__ = [
+    "dinobloom_b",
+    "dinobloom_g",
+    "dinobloom_l",
+    "dinobloom_s",
+    "dinov2_vitb14",
+    "dinov2_vitg14",
+    "dinov2_vitl14",
+    "dinov2_vits14",
+]

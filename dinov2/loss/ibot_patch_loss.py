@@ -11,7 +11,6 @@ from dinov2.loss.dino_clstoken_loss import (
     _at_least_float32,
     _dist_ready,
     _float32_div,
-    _world_size,
     sinkhorn_knopp,
 )
 
