@@ -7,19 +7,10 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+
+from dinov2.loss.centering import SoftmaxCentering, _at_least_float32, _dist_ready
 
 __all__ = ["DINOLoss", "dino_loss_term_scales", "sinkhorn_knopp"]
-
-
-def _dist_ready() -> bool:
-    """True when a process group exists, so collectives may be called."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """Upcast half precision to float32; float32 and float64 stay as they are."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _float32_div(x: torch.Tensor, temp: float) -> torch.Tensor:
@@ -104,25 +95,12 @@ def dino_loss_term_scales(n_global_crops: int, n_local_crops: int) -> tuple[floa
     return global_scale, local_scale
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(SoftmaxCentering):
     """Cross-entropy between the sharpened, centred teacher distribution and the student on class tokens."""
 
-    center: torch.Tensor
-
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
+        super().__init__((1, out_dim), center_momentum)
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self._pending_sum: torch.Tensor | None = None
-        self._pending_count = 0
-        self._pending_handle: dist.Work | None = None
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """Apply any queued center update, then return ``softmax((t - center) / teacher_temp)``."""
-        self.apply_center_update()
-        return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -148,22 +126,3 @@ class DINOLoss(nn.Module):
         if total is None:
             raise ValueError("DINOLoss.forward needs at least one student and one teacher tensor")
         return total
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        """Queue a center update with the batch mean of ``teacher_output`` (all-reduced asynchronously)."""
-        self._pending_sum = _at_least_float32(teacher_output).sum(dim=0, keepdim=True)
-        self._pending_count = teacher_output.shape[0]
-        self._pending_handle = dist.all_reduce(self._pending_sum, async_op=True) if _dist_ready() else None
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        """Fold the queued batch mean into the center: ``center = m * center + (1 - m) * mean``."""
-        if self._pending_sum is None:
-            return
-        if self._pending_handle is not None:
-            self._pending_handle.wait()
-        batch_mean = self._pending_sum / (self._pending_count * _world_size())
-        self.center.copy_(self.center * self.center_momentum + batch_mean * (1 - self.center_momentum))
-        self._pending_sum = None
-        self._pending_handle = None

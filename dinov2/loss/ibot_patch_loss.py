@@ -5,36 +5,19 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
-from dinov2.loss.dino_clstoken_loss import (
-    _at_least_float32,
-    _dist_ready,
-    _float32_div,
-    sinkhorn_knopp,
-)
+from dinov2.loss.centering import SoftmaxCentering, _at_least_float32, _dist_ready
+from dinov2.loss.dino_clstoken_loss import _float32_div, sinkhorn_knopp
 
 __all__ = ["iBOTPatchLoss"]
 
 
-class iBOTPatchLoss(nn.Module):  # noqa: N801 (DINOv2's public name)
+class iBOTPatchLoss(SoftmaxCentering):  # noqa: N801 (DINOv2's public name)
     """Masked-image-modelling loss of iBOT on the prototype scores of masked patch tokens."""
 
-    center: torch.Tensor
-
     def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
+        super().__init__((1, 1, patch_out_dim), center_momentum)
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
-        self._pending_sum: torch.Tensor | None = None  # (1, K + 1): token sum and token count
-        self._pending_handle: dist.Work | None = None
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_patch_tokens: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """Apply any queued center update, then return ``softmax((t - center) / teacher_temp)``."""
-        self.apply_center_update()
-        return F.softmax((teacher_patch_tokens - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -80,31 +63,3 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (DINOv2's public name)
                 f"iBOT forward_masked: {loss.shape[0]} masked-token rows but {masks_weight.shape[0]} mask weights"
             )
         return -(loss * masks_weight).sum() / student_masks_flat.shape[0]
-
-    @torch.no_grad()
-    def update_center(self, teacher_patch_tokens: torch.Tensor) -> None:
-        """Queue a center update from (n, T, K) teacher tokens: the mean over all tokens of all processes.
-
-        With one process and n = 1, as the trainer calls it, this is the reference's token mean. Across processes the
-        tokens are pooled (the reference averaged per-process means), so a process without masked tokens neither
-        spoils the center with a 0/0 nor biases it; when no process has any token the center stays as it is.
-        """
-        tokens = _at_least_float32(teacher_patch_tokens).flatten(0, -2)
-        count = torch.full((1, 1), tokens.shape[0], dtype=tokens.dtype, device=tokens.device)
-        # Sum and count travel in one all-reduce.
-        self._pending_sum = torch.cat((tokens.sum(dim=0, keepdim=True), count), dim=1)
-        self._pending_handle = dist.all_reduce(self._pending_sum, async_op=True) if _dist_ready() else None
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        """Fold the queued mean into the center: ``center = m * center + (1 - m) * mean``."""
-        if self._pending_sum is None:
-            return
-        if self._pending_handle is not None:
-            self._pending_handle.wait()
-        token_sum, count = self._pending_sum[:, :-1], self._pending_sum[:, -1:]
-        batch_mean = (token_sum / count.clamp(min=1)).view_as(self.center)
-        updated = self.center * self.center_momentum + batch_mean * (1 - self.center_momentum)
-        self.center.copy_(torch.where(count.view(1, 1, 1) > 0, updated, self.center))
-        self._pending_sum = None
-        self._pending_handle = None
