@@ -27,7 +27,21 @@ def _stack_crops(samples_list: Sequence[Any], key: str) -> torch.Tensor | None:
         raise ValueError(f"collate: samples have different numbers of '{key}': {[len(c) for c in per_sample]}")
     if n_crops == 0:
         return None
-    return torch.stack([crops[i] for i in range(n_crops) for crops in per_sample])
+    tensors = [crops[i] for i in range(n_crops) for crops in per_sample]
+    return torch.stack(tensors, out=_worker_output(tensors))
+
+
+def _worker_output(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """In a DataLoader worker, a shared-memory tensor to stack into (as ``default_collate`` does).
+
+    The batch then crosses to the main process without the extra copy into shared memory that sending a
+    private tensor costs. Outside workers: None (a normal allocation).
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return None
+    first = tensors[0]
+    storage = first.untyped_storage()._new_shared(len(tensors) * first.nbytes, device=first.device)
+    return first.new_empty(0).set_(storage).view(len(tensors), *first.shape)
 
 
 def collate_data_and_cast(

@@ -37,6 +37,7 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 # ITU-R 601-2 luma, the weights torchvision and PIL use for grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def load_image(path: str | Path, resize: int | None = None) -> Image.Image:
@@ -113,27 +114,35 @@ def adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
 
     Same result as HSV conversion, shift and back conversion, computed without leaving RGB: value (max)
     and chroma (max - min) are unchanged by a hue rotation, and each channel is
-    ``max - chroma * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 h) mod 6`` for n = 5, 3, 1.
+    ``max - chroma * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 h) mod 6`` for n = 5, 3, 1, where
+    ``clamp(min(k, 4 - k), 0, 1)`` is ``clamp(2 - d, 0, 1)`` with ``d`` the distance of ``k - 2`` to the
+    nearest multiple of 6. Written with float arithmetic only (no boolean masks, no ``remainder``) and
+    mostly in place: this is the costliest step of the augmentation, and both are several times slower.
     """
     r, g, b = x[0], x[1], x[2]
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    minc = torch.minimum(torch.minimum(r, g), b)
-    chroma = maxc - minc
-    safe = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
-    rc = (maxc - r).div_(safe)
-    gc = (maxc - g).div_(safe)
-    bc = (maxc - b).div_(safe)
-    is_r = maxc == r
-    is_g = (maxc == g) & ~is_r
-    is_b = ~(is_r | is_g)
-    hue6 = (bc - gc).mul_(is_r) + (rc - bc).add_(2.0).mul_(is_g) + (gc - rc).add_(4.0).mul_(is_b)
-    # hue in sixths of a turn, shifted, wrapped into [0, 6)
-    hue6 = hue6.add_(6.0 * shift).remainder_(6.0)
+    maxc = torch.maximum(r, g)
+    torch.maximum(maxc, b, out=maxc)
+    chroma = torch.minimum(r, g)
+    torch.minimum(chroma, b, out=chroma)
+    chroma.neg_().add_(maxc)
+    # Which channel holds the maximum, as 0/1 floats, with torchvision's priority red > green > blue.
+    not_r = torch.sub(maxc, r).sign_()
+    not_g = torch.sub(maxc, g).sign_()
+    is_b = not_r * not_g
+    is_g = not_r.sub_(is_b)
+    is_r = not_g.fill_(1.0).sub_(is_g).sub_(is_b)
+    # Hue in sixths of a turn, in [-1, 5]; grey pixels (chroma 0) get 0, and their output is max anyway.
+    hue6 = torch.sub(g, b).mul_(is_r)
+    hue6.addcmul_(torch.sub(b, r), is_g).addcmul_(torch.sub(r, g), is_b).div_(chroma.clamp_min(_TINY))
+    hue6.add_(is_g, alpha=2.0).add_(is_b, alpha=4.0)
     out = torch.empty_like(x)
+    ramp = torch.empty_like(r)
+    periods = torch.empty_like(r)
     for channel, n in enumerate((5.0, 3.0, 1.0)):
-        k = (hue6 + n).remainder_(6.0)
-        ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-        torch.sub(maxc, chroma * ramp, out=out[channel])
+        torch.add(hue6, 6.0 * shift + n - 2.0, out=ramp)
+        torch.mul(ramp, 1.0 / 6.0, out=periods).round_()
+        ramp.sub_(periods, alpha=6.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
+        torch.sub(maxc, ramp.mul_(chroma), out=out[channel])
     return out
 
 
