@@ -6,21 +6,11 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from dinov2.loss.centering import SoftmaxCentering, _at_least_float32, _dist_ready
+from dinov2.loss.centering import SoftmaxCentering, _dist_ready
+from dinov2.loss.cross_entropy import SoftCrossEntropy, _float32_div
 
 __all__ = ["DINOLoss", "dino_loss_term_scales", "sinkhorn_knopp"]
-
-
-def _float32_div(x: torch.Tensor, temp: float) -> torch.Tensor:
-    """``x / temp`` computed in (at least) float32, as a new tensor; half-precision ``x`` is divided in its copy.
-
-    Dividing before the upcast would round ``x / temp`` to half precision (bf16 keeps 8 bits); dividing the
-    upcast copy in place spares the second (B, K) float32 buffer that ``x.float() / temp`` allocates.
-    """
-    y = _at_least_float32(x)
-    return y / temp if y is x else y.div_(temp)
 
 
 def _world_size() -> int:
@@ -101,6 +91,7 @@ class DINOLoss(SoftmaxCentering):
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__((1, out_dim), center_momentum)
         self.student_temp = student_temp
+        self.cross_entropy = SoftCrossEntropy()
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -119,9 +110,8 @@ class DINOLoss(SoftmaxCentering):
         teachers = list(teacher_out_softmaxed_centered_list)
         total: torch.Tensor | None = None
         for student in student_output_list:
-            log_probs = F.log_softmax(_float32_div(student, self.student_temp), dim=-1)
             for teacher in teachers:
-                term = torch.sum(teacher * log_probs, dim=-1).mean()
+                term = self.cross_entropy(student, teacher, self.student_temp).mean()
                 total = -term if total is None else total - term
         if total is None:
             raise ValueError("DINOLoss.forward needs at least one student and one teacher tensor")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from dinov2.loss.centering import SoftmaxCentering, _at_least_float32, _dist_ready
-from dinov2.loss.dino_clstoken_loss import _float32_div, sinkhorn_knopp
+from dinov2.loss.centering import SoftmaxCentering, _dist_ready
+from dinov2.loss.cross_entropy import SoftCrossEntropy
+from dinov2.loss.dino_clstoken_loss import sinkhorn_knopp
 
 __all__ = ["iBOTPatchLoss"]
 
@@ -18,6 +18,7 @@ class iBOTPatchLoss(SoftmaxCentering):  # noqa: N801 (DINOv2's public name)
     def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__((1, 1, patch_out_dim), center_momentum)
         self.student_temp = student_temp
+        self.cross_entropy = SoftCrossEntropy()
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -51,8 +52,7 @@ class iBOTPatchLoss(SoftmaxCentering):  # noqa: N801 (DINOv2's public name)
         ``1 / #masked(crop)`` per masked token and is derived from the masks when None. Crops without masked
         tokens count in the mean with a zero loss.
         """
-        log_probs = F.log_softmax(_float32_div(student_patch_tokens_masked, self.student_temp), dim=-1)
-        loss = torch.sum(_at_least_float32(teacher_patch_tokens_masked) * log_probs, dim=-1)
+        loss = self.cross_entropy(student_patch_tokens_masked, teacher_patch_tokens_masked, self.student_temp)
         if masks_weight is None:
             counts = student_masks_flat.sum(dim=-1, dtype=torch.float32).clamp(min=1.0)
             masks_weight = (1.0 / counts).unsqueeze(-1).expand_as(student_masks_flat)[student_masks_flat]

@@ -106,6 +106,12 @@ class SSLMetaArch(nn.Module):
         if self.do_ibot:
             self.ibot_patch_loss.center.zero_()
 
+    def compile_losses(self) -> None:
+        """``torch.compile`` the student-side cross-entropies (``train.compile``); row counts are dynamic."""
+        losses = [self.dino_loss] + ([self.ibot_patch_loss] if self.do_ibot else [])
+        for loss in losses:
+            loss.cross_entropy.compile(dynamic=True)
+
     @torch.no_grad()
     def _teacher_targets(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[Tensor, Tensor | None]:
         """Teacher probabilities for the student's global CLS tokens and masked patch tokens."""

@@ -223,6 +223,8 @@ def build_training_state(
         model = SSLMetaArch(cfg)
     parallelize_from_config(model.student, cfg, "student", device)
     parallelize_from_config(model.teacher, cfg, "teacher", device)
+    if cfg.train.compile:
+        model.compile_losses()
     model.to_empty(device=device)
     model.init_weights()
     optimizer = build_optimizer(build_param_groups(model.student, cfg), cfg)
