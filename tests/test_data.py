@@ -443,7 +443,7 @@ def test_make_file_lists_script(tmp_path: Path, image_tree: Path, capsys: pytest
 def test_benchmark_script_smoke(image_tree: Path, capsys: pytest.CaptureFixture) -> None:
     script = _load_script("benchmark_data")
     args = ["--data", str(image_tree), "--resize", "64", "--recipes", "dinobloom", "--workers", "0",
-            "--batch-size", "2", "--batches", "1", "--per-worker-images", "2"]
+            "--batch-size", "2", "--batches", "1", "--per-worker-images", "2", "--repeats", "2"]
     assert script.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert any("dinobloom" in line and "loader" in line for line in lines)
