@@ -256,9 +256,10 @@ def test_sbatch_script_checkpoints_before_requeue(tmp_path: Path) -> None:
         env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        _wait_for(lambda: log.exists() and "started" in log.read_text(), 10, "the fake training to start")
+        # Generous limits: they only matter on a machine too busy to start a few shell processes promptly.
+        _wait_for(lambda: log.exists() and "started" in log.read_text(), 60, "the fake training to start")
         proc.send_signal(signal.SIGUSR1)
-        output, _ = proc.communicate(timeout=10)
+        output, _ = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 0, output

@@ -218,6 +218,59 @@ def test_resume_is_bitwise_exact(tmp_path: Path, demo, monkeypatch: pytest.Monke
     assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
 
 
+def test_starting_over_sets_the_earlier_run_aside(tmp_path: Path, demo) -> None:
+    """--no-resume in a used folder: the new run neither prunes, nor later resumes from, the earlier run's files."""
+    out = tmp_path / "run"
+    args = ("train.checkpoint_period=2", "train.keep_last_checkpoints=2", "evaluation.eval_period_iterations=3")
+    _train(out, demo.lists_dir, *args, epochs=2, epoch_length=3)  # iterations 0-5
+    earlier = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert earlier == ["000000003", "000000005", "latest"]
+
+    main(["--config-file", str(DEMO_CONFIG), "--output-dir", str(out), "--no-resume",
+          f"train.dataset_path={demo.lists_dir}", *TINY, "optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=3", *args])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000001", "000000002", "latest"]
+    assert [r["iteration"] for r in _metrics(out)] == [0, 1, 2]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["training_2", "training_init"]
+    (previous,) = (out / "previous_runs").iterdir()
+    assert sorted(p.name for p in (previous / "checkpoints").iterdir()) == earlier
+    assert [r["iteration"] for r in _metrics(previous)] == list(range(6))
+    assert "training_5" in {p.name for p in (previous / "eval").iterdir()}
+
+    _train(out, demo.lists_dir, *args, epochs=1, epoch_length=3)  # the new run's own command resumes the new run
+    assert "nothing to do: the checkpoint" in (out / "log.txt").read_text().splitlines()[-1]
+    assert "000000002" in (out / "log.txt").read_text().splitlines()[-1]
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_is_saved(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Iteration 3 is not logged (log period 10) but checkpointed: its NaN loss must stop the run unsaved."""
+    original = train_module.training_step
+    calls = iter(range(10**6))
+
+    def step(*args, **kwargs):
+        terms = original(*args, **kwargs)
+        if next(calls) == 3:
+            terms = {**terms, "total_loss": torch.tensor(float("nan"))}
+        return terms
+
+    monkeypatch.setattr(train_module, "training_step", step)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="the loss is nan at iteration 3"):
+        _train(out, demo.lists_dir, "train.log_period=10", "train.checkpoint_period=2", epochs=1, epoch_length=6)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000001", "latest"]
+
+
+def test_a_metrics_line_cut_short_does_not_block_resume(tmp_path: Path, demo) -> None:
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, "train.checkpoint_period=2", epochs=1, epoch_length=2)
+    with (out / "training_metrics.json").open("a") as f:
+        f.write('{"iteration": 2, "total_lo')  # a write killed half-way
+    _train(out, demo.lists_dir, "train.checkpoint_period=2", epochs=2, epoch_length=2)
+    assert [r["iteration"] for r in _metrics(out)] == [0, 1, 2, 3]
+    assert "dropping an unreadable line" in (out / "log.txt").read_text()
+
+
 def _damaged_list(tmp_path: Path, demo) -> tuple[Path, list[str]]:
     """The demo list plus a file of random bytes, a PNG cut in half and a path that does not exist."""
     images = sorted((demo.images_dir).rglob("*.png"))
@@ -291,7 +344,7 @@ class _NoModel:
     [
         ("empty_list", ValueError, "is empty"),
         ("missing_dataset", FileNotFoundError, "does not exist"),
-        ("missing_knn_data", FileNotFoundError, "not found"),
+        ("missing_knn_data", FileNotFoundError, "evaluation.knn_data=.* does not exist"),
     ],
 )
 def test_bad_data_paths_fail_before_any_model_is_built(

@@ -286,6 +286,8 @@ def _check_values(cfg: DictConfig) -> None:
         )
     if not 0 <= cfg.train.max_bad_image_fraction <= 1:
         problems.append(f"train.max_bad_image_fraction={cfg.train.max_bad_image_fraction} must lie in [0, 1]")
+    if cfg.dino.loss_weight <= 0 and cfg.ibot.loss_weight <= 0:
+        problems.append("dino.loss_weight and ibot.loss_weight are both 0: nothing would be trained")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     resolve_arch(cfg)

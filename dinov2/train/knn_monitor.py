@@ -69,10 +69,20 @@ class KnnMonitor:
     scores: list[dict[str, float | int | str]] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, output_dir: Path, device: torch.device) -> KnnMonitor | None:
-        """The monitor of ``evaluation.knn_data``, or None when no labelled set is configured."""
+    def from_config(
+        cls, cfg: DictConfig, output_dir: Path, device: torch.device, resume: bool = False
+    ) -> KnnMonitor | None:
+        """The monitor of ``evaluation.knn_data``, or None when no labelled set is configured.
+
+        ``resume``: a resumed run keeps the scores already in ``knn_monitor.json``.
+        """
         if not cfg.evaluation.knn_data:
             return None
+        if not Path(cfg.evaluation.knn_data).expanduser().exists():
+            raise FileNotFoundError(
+                f"evaluation.knn_data={cfg.evaluation.knn_data} does not exist (relative paths are taken from the "
+                f"current directory, {Path.cwd()}); set it to a labelled image folder, or to '' for no kNN monitor"
+            )
         images = list_images(cfg.evaluation.knn_data)
         if any(label < 0 for label in images.labels) or len(images.class_names) < 2:
             raise ValueError(
@@ -82,7 +92,7 @@ class KnnMonitor:
         images = stratified_subset(images, int(cfg.evaluation.knn_max_images), seed=int(cfg.train.seed))
         logger.info("kNN monitor: %d images of %d classes from %s", len(images.paths), len(images.class_names), cfg.evaluation.knn_data)
         output_file = output_dir / "knn_monitor.json"
-        earlier = json.loads(output_file.read_text()) if output_file.exists() else []  # a resumed run keeps them
+        earlier = json.loads(output_file.read_text()) if resume and output_file.exists() else []
         return cls(images, int(cfg.crops.global_crops_size), device, output_file, earlier)
 
     @torch.no_grad()

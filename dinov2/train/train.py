@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import time
 import warnings
@@ -156,6 +157,38 @@ class PreemptionHandler:
         raise SystemExit(128 + self.received)
 
 
+def _iteration_of(line: str, path: Path) -> float:
+    """The iteration of one line of ``training_metrics.json``; inf for a blank or unreadable line (a killed write)."""
+    try:
+        return json.loads(line)["iteration"] if line.strip() else math.inf
+    except (json.JSONDecodeError, KeyError, TypeError):
+        logger.warning("%s: dropping an unreadable line (a write cut short?): %.80r", path, line)
+        return math.inf
+
+
+PREVIOUS_RUN_OUTPUTS = ("checkpoints", "eval", "training_metrics.json", "knn_monitor.json")
+
+
+def set_aside_previous_run(output_dir: Path) -> Path | None:
+    """Move an earlier run's outputs in ``output_dir`` into ``previous_runs/<date-time>/``; return that folder.
+
+    A run that starts over (``--no-resume``, or a folder without checkpoints) must not resume from, prune, or mix its
+    records with another run's checkpoints, exports and metrics later on; they are kept, not deleted.
+    """
+    found = [output_dir / name for name in PREVIOUS_RUN_OUTPUTS if (output_dir / name).exists()]
+    if not found:
+        return None
+    base = output_dir / "previous_runs" / time.strftime("%Y%m%d-%H%M%S")
+    target, n = base, 1
+    while target.exists():
+        target, n = base.with_name(f"{base.name}-{n}"), n + 1
+    target.mkdir(parents=True)
+    for path in found:
+        os.replace(path, target / path.name)
+    logger.warning("starting over: moved the earlier run's %s to %s", ", ".join(p.name for p in found), target)
+    return target
+
+
 class MetricsWriter:
     """One JSON line per logged iteration in ``training_metrics.json`` (rank 0 only)."""
 
@@ -164,7 +197,7 @@ class MetricsWriter:
         self.enabled = enabled
         if enabled and path.exists():
             # Drop records past the checkpoint being resumed, so the file tells one consistent story.
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] < start_iteration]
+            kept = [line for line in path.read_text().splitlines() if _iteration_of(line, path) < start_iteration]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -261,18 +294,19 @@ def check_bad_images(bad_images: int, images_seen: int, dataset_size: int, max_f
 def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.DistInfo) -> dict[str, Any]:
     """Run (or resume) the training described by ``cfg``; returns the last logged metrics."""
     device = info.device
+    ckpt_dir = output_dir / "checkpoints"
+    latest = find_latest_checkpoint(ckpt_dir) if resume else None
     # Data and kNN set first: a wrong path fails here, before any model is built.
     dataset = build_train_dataset(cfg)
-    monitor = KnnMonitor.from_config(cfg, output_dir, device)
+    monitor = KnnMonitor.from_config(cfg, output_dir, device, resume=latest is not None)
 
     model, optimizer, scaler = build_training_state(cfg, device)
     schedules = build_schedulers(cfg)
     max_iter = total_iterations(cfg)
     global_batch = int(cfg.train.batch_size_per_gpu) * info.world_size
 
-    ckpt_dir = output_dir / "checkpoints"
     start_iter, images_seen, bad_images = 0, 0, 0
-    latest = find_latest_checkpoint(ckpt_dir) if resume else None
+    resuming = latest is not None
     if latest is None and cfg.MODEL.WEIGHTS:
         latest = Path(cfg.MODEL.WEIGHTS)
         logger.info("starting from the training checkpoint MODEL.WEIGHTS=%s", latest)
@@ -288,6 +322,10 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         logger.info("resuming at iteration %d from %s", start_iter, latest)
+    if not resuming:  # after loading MODEL.WEIGHTS, which may lie in this folder's checkpoints
+        if info.is_main_process:
+            set_aside_previous_run(output_dir)
+        distributed.barrier()
     if start_iter >= max_iter:
         logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", latest, max_iter)
         return {}
@@ -340,21 +378,30 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
             check_bad_images(bad_images, images_seen, len(dataset), cfg.train.max_bad_image_fraction)
 
             is_last = iteration == max_iter - 1
-            if (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == start_iter:
+            period = cfg.evaluation.eval_period_iterations
+            export_now = bool(period) and ((iteration + 1) % period == 0 or is_last)
+            save_now = (iteration + 1) % cfg.train.checkpoint_period == 0 or is_last or stop
+            log_now = (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == start_iter
+            if log_now or export_now or save_now:  # the loss is checked before anything is written
                 values = torch.stack([v.float() for v in terms.values()])
                 if info.is_distributed:
                     dist.all_reduce(values)
                     values /= info.world_size
+                losses = dict(zip(terms, values.tolist()))
+                if not math.isfinite(losses["total_loss"]):
+                    raise FloatingPointError(
+                        f"the loss is {losses['total_loss']} at iteration {iteration}; stopping without saving "
+                        "(the last checkpoint was written before this); lower optim.base_lr or use bf16/fp32"
+                    )
+            if log_now:
                 elapsed = time.perf_counter() - window_start
                 last = {
                     "iteration": iteration,
-                    **{k: float(v) for k, v in zip(terms, values)},
+                    **losses,
                     "lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": teacher_temp,
                     "images_per_s": window_images / max(elapsed, 1e-9),
                     "bad_images": bad_images,
                 }
-                if not math.isfinite(last["total_loss"]):
-                    raise FloatingPointError(f"the loss is {last['total_loss']} at iteration {iteration}; stopping")
                 metrics.write(last)
                 logger.info(
                     "it %d/%d  loss %.4f (%s)  lr %.2e  %.1f img/s",
@@ -365,10 +412,9 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
                 )
                 window_start, window_images = time.perf_counter(), 0
 
-            period = cfg.evaluation.eval_period_iterations
-            if period and ((iteration + 1) % period == 0 or is_last):
+            if export_now:
                 export_teacher(output_dir / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth", model.teacher)
-            if (iteration + 1) % cfg.train.checkpoint_period == 0 or is_last or stop:
+            if save_now:
                 checkpoint(iteration)
             if stop:
                 logger.warning("stopping after the checkpoint of iteration %d; re-run the command to resume", iteration)
