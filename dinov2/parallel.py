@@ -86,9 +86,13 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
 
 
-def _device_mesh(sharding_strategy: str) -> DeviceMesh:
-    """A 1-D mesh over all ranks (sharding), or (world, 1) for NO_SHARD (replicate, shard over size 1)."""
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+def _device_mesh(sharding_strategy: str, device_type: str | None = None) -> DeviceMesh:
+    """A 1-D mesh over all ranks (sharding), or (world, 1) for NO_SHARD (replicate, shard over size 1).
+
+    Without ``device_type``, CUDA when the process group has an NCCL backend (also "cpu:gloo,cuda:nccl"), else CPU.
+    """
+    if device_type is None:
+        device_type = "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
     world = dist.get_world_size()
     if sharding_strategy == "NO_SHARD":
         return init_device_mesh(device_type, (world, 1), mesh_dim_names=("replicate", "shard"))
@@ -170,7 +174,7 @@ def parallelize_from_config(parts: nn.ModuleDict, cfg: DictConfig, role: str, de
         strategy = settings.sharding_strategy
         replicate = strategy == "NO_SHARD"
         if shard and replicate not in meshes:
-            meshes[replicate] = _device_mesh(strategy)
+            meshes[replicate] = _device_mesh(strategy, device.type)
         if compute == torch.float32:
             param_dtype, reduce_dtype = "fp32", "fp32"
         elif cfg.train.precision == "auto":

@@ -262,15 +262,6 @@ def test_dino_head_init_and_layouts() -> None:
         DINOHead(8, 10, nlayers=0)
 
 
-def test_dino_head_cancel_last_layer_gradients() -> None:
-    head = DINOHead(8, 10, hidden_dim=6, bottleneck_dim=4)
-    head(torch.randn(5, 8)).square().sum().backward()
-    assert head.last_layer.weight_v.grad is not None
-    head.cancel_last_layer_gradients()
-    assert head.last_layer.weight_v.grad is None and head.last_layer.weight_g.grad is None
-    assert all(p.grad is not None for p in head.mlp.parameters())
-
-
 # ----------------------------------------------------------------------------------------------- DINO loss
 
 

@@ -146,6 +146,7 @@ def get_device(preference: str = "auto", local_rank: int | None = None) -> torch
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was requested but CUDA is not available")
+        # Modulo: a scheduler that shows each process only its own GPU (SLURM's GPU binding) leaves one device.
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if preference == "mps" or (preference == "auto" and get_world_size() == 1 and _mps_available()):
         if not _mps_available():

@@ -70,8 +70,8 @@ class DINOHead(nn.Module):
 
     State-dict keys follow DINOv2: ``mlp.{0,2,4}.{weight,bias}`` (GELUs at 1 and 3) for ``nlayers=3``
     without BatchNorm, and ``last_layer.weight_g`` (out_dim, 1), ``last_layer.weight_v`` (out_dim,
-    bottleneck_dim). The trainer freezes the prototypes early in training through ``last_layer``
-    (see :meth:`cancel_last_layer_gradients`).
+    bottleneck_dim). Early in training the trainer freezes the prototypes by giving ``last_layer`` a zero
+    learning rate (``optim.freeze_last_layer_epochs``), as DINOv2 does.
     """
 
     def __init__(
@@ -101,11 +101,6 @@ class DINOHead(nn.Module):
             elif isinstance(module, nn.BatchNorm1d):
                 module.reset_parameters()
         self.last_layer.reset_parameters()
-
-    def cancel_last_layer_gradients(self) -> None:
-        """Drop the gradients of the prototype layer (used during the first ``freeze_last_layer_epochs``)."""
-        for param in self.last_layer.parameters():
-            param.grad = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map (..., in_dim) features to (..., out_dim) prototype scores."""

@@ -130,8 +130,8 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: DictConfig) -> torc
 def _initialize_state(optimizer: torch.optim.AdamW) -> None:
     """Create every parameter's AdamW state now, exactly as AdamW would at its first update (step 0, zero moments).
 
-    Parameters that get no gradient for a while (the prototypes while `last_layer` is frozen) would otherwise have
-    no state in an early checkpoint, and a resumed run could not match that checkpoint's optimizer entries.
+    A parameter that has had no gradient yet (e.g. one that a loss term switched off never reaches) would otherwise
+    have no state in an early checkpoint, and a resumed run could not match that checkpoint's optimizer entries.
     """
     for group in optimizer.param_groups:
         for param in group["params"]:
