@@ -223,6 +223,42 @@ def test_load_backbone_by_name_and_inferred(tmp_path: Path) -> None:
         load_backbone("dinobloom_s", path)
 
 
+def test_dinobloom_entries_resize_a_dinov2_file_to_224(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DinoBloom's start: a DINOv2 hub file in a dinobloom_* entry is 224 px (257 tokens), resized once at load."""
+    from dinov2.hub import backbones
+    from dinov2.models import build_model
+
+    hub = build_model("dinov2_vits14")
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(hub.state_dict(), path)
+    model = load_backbone("dinobloom_s", path)
+    assert model.pos_embed.shape == (1, 257, 384)
+    torch.testing.assert_close(model.pos_embed, resize_pos_embed(hub.pos_embed, 257), rtol=0, atol=0)
+    assert load_backbone("dinov2_vits14", path).pos_embed.shape == (1, 1370, 384)  # keeps the file's size
+
+    requested: list[Any] = []
+    monkeypatch.setattr(backbones, "load_pretrained_backbone_state", lambda w: requested.append(w) or hub.state_dict())
+    load_backbone("dinov2_vits14", pretrained=True)
+    assert requested == [backbones.DINOV2_URLS["dinov2_vits14"]]
+    with pytest.raises(ValueError, match="pretrained=True needs a released entry"):
+        load_backbone(None, pretrained=True)
+
+
+def test_an_unknown_width_warns_that_the_head_count_is_a_guess(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "elsewhere" / "teacher_checkpoint.pth"
+    path.parent.mkdir()
+    torch.save(teacher_checkpoint(tiny_model()), path)  # 128 wide: not a DINOv2 width, and no run config.yaml
+    with caplog.at_level("WARNING", logger="dinov2.hub.backbones"):
+        assert load_backbone(None, path).num_heads == 2
+    assert "head count cannot be read from its weights; assuming 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dinov2.hub.backbones"):
+        assert load_backbone(None, path, num_heads=4).num_heads == 4
+    assert "head count" not in caplog.text
+
+
 def test_weights_url_is_downloaded_once_into_the_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = tiny_model()
     served = tmp_path / "served.pth"

@@ -1,6 +1,6 @@
-"""Hub entry points (`dinobloom_s/b/l/g`, `dinov2_vit{s,b,l,g}14[_reg]`) and `load_backbone`.
+"""Hub entry points (`dinobloom_s/b/l/g`, `dinov2_vit{s,b,l,g}14`) and `load_backbone` (also the `_reg` variants).
 
-Nothing is downloaded unless `weights` is a URL; the release URLs are listed below.
+Nothing is downloaded unless `weights` is a URL or `pretrained=True`; the release URLs are listed below.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from dinov2.models import HUB_MODELS, DinoVisionTransformer, build_model
 
 from .loader import (
+    HEADS_BY_DIM,
     CheckpointError,
     is_url,
     infer_backbone_config,
@@ -72,30 +73,49 @@ def run_config_settings(weights: Path, inferred: Mapping[str, Any]) -> dict[str,
 
 
 def load_backbone(
-    name: str | None, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any
+    name: str | None,
+    weights: WeightsArg = None,
+    img_size: int | None = None,
+    *,
+    pretrained: bool = False,
+    **kwargs: Any,
 ) -> DinoVisionTransformer:
     """Build a backbone by hub name (or infer it from `weights` when `name` is None), load weights, eval mode.
 
-    `weights` is a path or URL of any layout the strict loader accepts; None gives a random init.
-    `img_size=None` keeps the checkpoint's position embedding as it is (e.g. 224 px for DinoBloom files,
-    also inside a `dinov2_*` model, as DinoBloom's own loader does) or, without weights, the entry's
-    default; an explicit `img_size` resizes the position embedding bicubically once, at load time.
-    `kwargs` override constructor arguments.
+    `weights` is a path or URL of any layout the strict loader accepts; None gives a random init, unless
+    `pretrained=True`, which downloads the entry's release file (`DINOBLOOM_URLS`, `DINOV2_URLS`).
+    `img_size=None` means 224 px for the `dinobloom_*` entries (a DINOv2 file's 37×37 position embedding is
+    resized bicubically once, at load time, as DinoBloom did) and, for the `dinov2_*` entries and `name=None`,
+    the checkpoint's own size (so a DinoBloom file stays at 224 px inside a `dinov2_*` model, as DinoBloom's
+    loader does) or, without weights, the entry's default. An explicit `img_size` resizes the position
+    embedding once, at load time. `kwargs` override constructor arguments.
     """
+    if pretrained and weights is None:
+        urls = {**DINOBLOOM_URLS, **DINOV2_URLS}
+        if name not in urls:
+            raise ValueError(f"pretrained=True needs a released entry ({', '.join(urls)}), got {name!r}")
+        weights = urls[name]
     state = load_pretrained_backbone_state(weights) if weights is not None else None
+    if state is None:
+        logger.info("%s: random initialisation (no weights given)", name)
     if name is None:
         if state is None:
             raise ValueError("load_backbone needs a model name, or weights to infer the architecture from")
         config = infer_backbone_config(state)
-        if not is_url(weights):
-            config.update(run_config_settings(Path(weights), config))
+        from_run = run_config_settings(Path(weights), config) if not is_url(weights) else {}
+        config.update(from_run)
+        if "num_heads" not in from_run and "num_heads" not in kwargs and config["embed_dim"] not in HEADS_BY_DIM:
+            logger.warning(
+                "%s: a %d-wide backbone's head count cannot be read from its weights; assuming %d (64 per head). "
+                "Pass num_heads=... if it was trained with another", weights, config["embed_dim"], config["num_heads"],
+            )
         if img_size is not None:
             config["img_size"] = img_size
         model = DinoVisionTransformer(**{**config, **kwargs})
     else:
         if name not in HUB_MODELS:
             raise ValueError(f"unknown backbone {name!r}; expected one of: {', '.join(HUB_MODELS)}")
-        if img_size is None and state is not None and "pos_embed" in state:
+        if img_size is None and state is not None and "pos_embed" in state and not name.startswith("dinobloom"):
             patch_size = kwargs.get("patch_size", HUB_MODELS[name][1]["patch_size"])
             img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * patch_size
         if img_size is not None:
@@ -111,7 +131,7 @@ def dinobloom_s(*, weights: WeightsArg = None, img_size: int | None = None, **kw
 
     weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_s"] =
     https://zenodo.org/records/10908163/files/DinoBloom-S.pth); None = random init.
-    img_size: resize the position embedding to this input size (default: the checkpoint's, else 224).
+    img_size: input size (default 224; a checkpoint's position embedding is resized to it once, at load).
     Returns the model in eval mode; `model(x)` gives the normalised CLS embedding.
     """
     return load_backbone("dinobloom_s", weights, img_size, **kwargs)
@@ -122,7 +142,7 @@ def dinobloom_b(*, weights: WeightsArg = None, img_size: int | None = None, **kw
 
     weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_b"] =
     https://zenodo.org/records/10908163/files/DinoBloom-B.pth); None = random init.
-    img_size: resize the position embedding to this input size (default: the checkpoint's, else 224).
+    img_size: input size (default 224; a checkpoint's position embedding is resized to it once, at load).
     Returns the model in eval mode; `model(x)` gives the normalised CLS embedding.
     """
     return load_backbone("dinobloom_b", weights, img_size, **kwargs)
@@ -133,7 +153,7 @@ def dinobloom_l(*, weights: WeightsArg = None, img_size: int | None = None, **kw
 
     weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_l"] =
     https://zenodo.org/records/10908163/files/DinoBloom-L.pth); None = random init.
-    img_size: resize the position embedding to this input size (default: the checkpoint's, else 224).
+    img_size: input size (default 224; a checkpoint's position embedding is resized to it once, at load).
     Returns the model in eval mode; `model(x)` gives the normalised CLS embedding.
     """
     return load_backbone("dinobloom_l", weights, img_size, **kwargs)
@@ -144,7 +164,7 @@ def dinobloom_g(*, weights: WeightsArg = None, img_size: int | None = None, **kw
 
     weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_g"] =
     https://zenodo.org/records/10908163/files/DinoBloom-G.pth); None = random init.
-    img_size: resize the position embedding to this input size (default: the checkpoint's, else 224).
+    img_size: input size (default 224; a checkpoint's position embedding is resized to it once, at load).
     Returns the model in eval mode; `model(x)` gives the normalised CLS embedding.
     """
     return load_backbone("dinobloom_g", weights, img_size, **kwargs)

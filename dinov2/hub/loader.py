@@ -34,7 +34,7 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6
 _PICKLE_MAGIC = b"\x80"  # legacy torch.save: a pickle, protocol 2+
 _CHUNKED_KEY = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
 _FLAT_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_HEADS_BY_DIM = {384: 6, 768: 12, 1024: 16, 1536: 24}
+HEADS_BY_DIM = {384: 6, 768: 12, 1024: 16, 1536: 24}
 
 
 class CheckpointError(RuntimeError):
@@ -237,7 +237,7 @@ def infer_backbone_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         in_chans=patch_weight.shape[1],
         embed_dim=embed_dim,
         depth=depth,
-        num_heads=_HEADS_BY_DIM.get(embed_dim, max(embed_dim // 64, 1)),
+        num_heads=HEADS_BY_DIM.get(embed_dim, max(embed_dim // 64, 1)),
         qkv_bias="blocks.0.attn.qkv.bias" in state,
         proj_bias="blocks.0.attn.proj.bias" in state,
         init_values=1.0 if "blocks.0.ls1.gamma" in state else None,
