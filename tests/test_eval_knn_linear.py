@@ -285,6 +285,31 @@ def test_config_unknown_key_names_closest(tmp_path: Path, capsys: pytest.Capture
     assert "unknown key 'metrc'; did you mean 'metric'?" in capsys.readouterr().err
 
 
+def test_config_values_take_the_options_types(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A single k in YAML is a list of one (the option takes several); a wrong type names the key."""
+    config = tmp_path / "knn.yaml"
+    config.write_text("k: 20\nbatch_size: '8'\n")
+    required = ["--config", str(config), "--features", "x.h5", "--output-dir", str(tmp_path)]
+    args = protocol.parse_args_with_config(knn.build_parser(), required)
+    assert args.k == [20] and args.batch_size == 8
+    config.write_text("k: [1, twenty]\n")
+    with pytest.raises(SystemExit):
+        protocol.parse_args_with_config(knn.build_parser(), required)
+    assert "k=[1, 'twenty'] is not a valid value" in capsys.readouterr().err
+
+
+def test_test_features_from_the_same_images_are_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    x, y = _clusters(60, 8, 3, spread=2.0, seed=3)
+    meta = {"model": "toy", "data": "/cells"}
+    paths = [f"c{label}/{i}.jpg" for i, label in enumerate(y)]
+    train = _write(FeatureSet(x, y, paths, ["a", "b", "c"], meta), tmp_path / "train.h5")
+    test = _write(FeatureSet(x[:20], y[:20], paths[:20], ["a", "b", "c"], meta), tmp_path / "test.h5")
+    with caplog.at_level("WARNING", logger="dinov2.eval.protocol"):
+        knn.main(["--features", str(train), "--test-features", str(test), "--output-dir", str(tmp_path / "o"),
+                  "--k", "1", "--no-figures", "--device", "cpu"])
+    assert "share 20 of 20 test images: the test scores are not held out" in caplog.text
+
+
 def test_linear_cli_cross_validation_schema(tmp_path: Path) -> None:
     x, y = _clusters(100, 16, 3, spread=2.0, seed=16)
     path = _write(FeatureSet(x, y, [f"c{l}/{i}.jpg" for i, l in enumerate(y)], ["a", "b", "c"], {"model": "toy"}), tmp_path / "f.h5")

@@ -129,6 +129,23 @@ def test_pca_cli_writes_side_by_side_png(tmp_path: Path) -> None:
     assert height == width * len(images) / 2  # one row per image, two square panels per row
 
 
+def test_pca_cli_with_a_model_name_uses_the_released_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--model without --weights is the released model, never a silently random one."""
+    import dinov2.hub
+    from dinov2.hub import DINOBLOOM_URLS
+
+    requested = []
+
+    def fake_load_backbone(name, weights=None, *args, **kwargs):
+        requested.append((name, weights))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(dinov2.hub, "load_backbone", fake_load_backbone)
+    with pytest.raises(RuntimeError, match="stop here"):
+        pca.main(["--model", "dinobloom_s", "--image", "a.png", "--output", str(tmp_path / "p.png"), "--device", "cpu"])
+    assert requested == [("dinobloom_s", DINOBLOOM_URLS["dinobloom_s"])]
+
+
 def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Path) -> None:
     run = tmp_path / "run"
     for seed, name in enumerate(("training_9", "training_1", "training_init")):  # numeric order, not lexicographic

@@ -56,7 +56,7 @@ def _expected_feature(model: DinoVisionTransformer, path: Path) -> np.ndarray:
     x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         cls = model(x)
-    return torch.nn.functional.normalize(cls, dim=-1)[0].numpy()
+    return cls[0].numpy()  # the CLS token after the final LayerNorm, not L2-normalised (as DinoBloom stored it)
 
 
 def test_folder_extraction_cli(
@@ -76,12 +76,13 @@ def test_folder_extraction_cli(
     assert result.class_names == ["basophil", "neutrophil"]
     assert result.labels.tolist() == [0, -1, 1, 1]
     assert result.features.dtype == np.float32 and result.features.shape == (4, 64)
-    np.testing.assert_allclose(np.linalg.norm(result.features, axis=1), 1.0, rtol=1e-6)
+    assert not np.allclose(np.linalg.norm(result.features, axis=1), 1.0)
     for row, rel in zip(result.features, result.paths):
         np.testing.assert_allclose(row, _expected_feature(model, image_folder / rel), atol=1e-5)
     assert result.meta["model"] == "inferred:vit"
     assert result.meta["weights"] == str(weights)
     assert result.meta["embed_dim"] == 64 and result.meta["n_skipped"] == 1
+    assert result.meta["precision"] == "fp32" and "not L2-normalised" in result.meta["feature"]
 
     # the HDF5 layout the evaluation code reads
     with h5py.File(output) as f:
@@ -186,3 +187,13 @@ def test_real_blood_cell_images(shared_data_dir: Path, tiny_weights: tuple[Path,
     result = ef.extract_features(csv_path, tmp_path / "f.h5", weights=tiny_weights[0], img_size=IMG, device="cpu")
     assert result.class_names == classes and result.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert result.meta["n_skipped"] == 0 and np.isfinite(result.features).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_unavailable_device_is_a_clear_error(image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer],
+                                             tmp_path: Path) -> None:
+    weights, _ = tiny_weights
+    with pytest.raises(ValueError, match="--device cuda was requested, but CUDA is not available"):
+        ef.extract_features(image_folder, weights=weights, img_size=IMG, device="cuda")
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        ef.extract_features(image_folder, weights=weights, img_size=IMG, device="cpu", precision="fp16")

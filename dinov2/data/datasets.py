@@ -6,7 +6,7 @@
   ``HemaStandardDataset``: one image path per line, absolute or relative to the list's folder; blank lines
   and lines starting with ``#`` are ignored;
 * a single ``.txt`` file list;
-* an image folder, searched recursively for ``.jpg .jpeg .png .tif .tiff .bmp`` files (name order).
+* an image folder, searched recursively for ``.jpg .jpeg .png .tif .tiff .bmp .webp`` files (name order).
 
 ``dataset[SampleKey(index, epoch)]`` (what :class:`dinov2.data.samplers.InfiniteSampler` yields) runs the
 transform with torch's CPU generator, Python's ``random`` and NumPy's global generator all seeded from
@@ -48,7 +48,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 # What PIL raises for missing, unreadable, truncated or oversized files.
 _LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _DATASET_NAMES = ("HemaStandardDataset", "FileListDataset")

@@ -85,26 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=int, default=224, help="input size for feature extraction")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-    parser.add_argument("--keep-features", action="store_true", help="also write features/training_<iter>.h5")
+    parser.add_argument("--num-workers", type=int, default=0, help="image-loading processes for extraction")
+    parser.add_argument("--keep-features", action="store_true",
+                        help="also write features/<checkpoint folder>.h5 (training_init.h5, training_149.h5, ...)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Extract and score the features of each checkpoint; write the table and plot."""
-    from dinov2.eval.extract_features import extract_features
+    from dinov2.eval.extract_features import extract_features, list_images
 
     args = build_parser().parse_args(argv)
     protocol.setup_logging()
     device = protocol.resolve_device(args.device)
     output_dir = Path(args.output_dir)
     checkpoints = find_checkpoints(args.run_dir)
+    images = list_images(args.data)  # labelled? checked before any checkpoint is embedded
+    unlabelled = sum(label < 0 for label in images.labels)
+    if unlabelled or not images.class_names:
+        raise ValueError(
+            f"--data {args.data}: {unlabelled} of {len(images.paths)} images have no class; the sweep needs a "
+            "<class>/<image> folder or a .csv with a label column"
+        )
     logger.info("evaluating %d checkpoints of %s", len(checkpoints), args.run_dir)
     rows = []
     for iteration, path in checkpoints:
-        target = output_dir / "features" / f"training_{iteration}.h5" if args.keep_features else None
+        target = output_dir / "features" / f"{path.parent.name}.h5" if args.keep_features else None
         feature_set = extract_features(
-            args.data, target, model=None, weights=path, batch_size=args.batch_size, img_size=args.img_size,
-            device=device,
+            args.data, target, model=None, weights=path, batch_size=args.batch_size, num_workers=args.num_workers,
+            img_size=args.img_size, device=device,
         )
         protocol.check_labelled(feature_set, args.data)
         scores = score_features(

@@ -1,4 +1,4 @@
-"""Extract L2-normalised CLS features of a backbone for a folder or list of images into a features file.
+"""Extract the CLS features of a backbone for a folder or list of images into a features file.
 
     python -m dinov2.eval.extract_features --model dinobloom_s --weights DinoBloom-S.pth \\
         --data cells/ --output features.h5
@@ -12,8 +12,11 @@
 * a `.csv` file with a `path` column and an optional `label` column (class names; empty = unlabelled).
 
 Preprocessing is DinoBloom's: Resize((img_size, img_size)) bilinear with antialias, ToTensor, ImageNet
-normalisation. On CUDA the backbone runs under bf16 autocast, elsewhere in float32; the stored features
-are float32. Images that cannot be read are logged by path and skipped, with a count at the end.
+normalisation. The stored features are `model(x)`, the CLS token after the final LayerNorm
+(`x_norm_clstoken`), as float32 and not L2-normalised: DinoBloom's kNN and logistic-regression probes work on
+exactly these (its C = dim * classes / 100 assumes their scale). The backbone runs in float32 unless
+`--precision bf16` (autocast, CUDA only). Images that cannot be read are logged by path and skipped, with a
+count at the end.
 """
 
 from __future__ import annotations
@@ -28,19 +31,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from dinov2.data.datasets import IMAGE_EXTENSIONS
 from dinov2.data.transforms import load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, save_features
+from dinov2.eval.protocol import resolve_device
 from dinov2.hub import DINOBLOOM_URLS, DINOV2_URLS, load_backbone
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"})
+PRECISIONS = ("fp32", "bf16")
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _ARCH_BY_DIM = {384: "vit_small", 768: "vit_base", 1024: "vit_large", 1536: "vit_giant2"}
 
@@ -121,13 +125,6 @@ def _collate(
     return [i for i, _ in ok], images, failed
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` = CUDA if available, else CPU; anything else is passed to `torch.device`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def release_weights(model: str) -> str:
     """The published weights URL of a hub entry name (DinoBloom on Zenodo, DINOv2 on dl.fbaipublicfiles)."""
     urls = {**DINOBLOOM_URLS, **DINOV2_URLS}
@@ -144,8 +141,14 @@ def embed_images(
     num_workers: int = 0,
     img_size: int = 224,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, list[int]]:
-    """L2-normalised `model(x)` features (N_ok, D) and the indices of the images that could be read."""
+    """`model(x)` features (N_ok, D), float32, and the indices of the images that could be read.
+
+    ``precision="bf16"`` runs the backbone under bf16 autocast on CUDA (faster; features differ slightly).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = torch.device(device)
     model = model.to(device).eval()
     loader = DataLoader(
@@ -162,9 +165,10 @@ def embed_images(
                 logger.warning("skipping unreadable image %s (%s)", image_list.root / image_list.paths[index], reason)
             n_failed += len(failed)
             if images is not None:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                bf16 = precision == "bf16" and device.type == "cuda"
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     cls = model(images.to(device, non_blocking=True))
-                chunks.append(F.normalize(cls.float(), dim=-1).cpu().numpy())
+                chunks.append(cls.float().cpu().numpy())
                 kept.extend(indices)
             bar.update(len(indices) + len(failed))
     if not kept:
@@ -183,6 +187,7 @@ def extract_features(
     num_workers: int = 0,
     img_size: int = 224,
     device: str | torch.device = "auto",
+    precision: str = "fp32",
 ) -> FeatureSet:
     """Embed every image of `data` and return (and, with `output`, write) the feature set.
 
@@ -203,7 +208,7 @@ def extract_features(
         model_name = model or f"inferred:{_ARCH_BY_DIM.get(backbone.embed_dim, 'vit')}"
     device = resolve_device(str(device))
     logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)
-    features, kept = embed_images(backbone, image_list, batch_size, num_workers, img_size, device)
+    features, kept = embed_images(backbone, image_list, batch_size, num_workers, img_size, device, precision)
     result = FeatureSet(
         features=features,
         labels=np.asarray([image_list.labels[i] for i in kept], dtype=np.int64),
@@ -214,6 +219,8 @@ def extract_features(
             "weights": "" if weights is None else str(weights),
             "embed_dim": int(features.shape[1]),
             "img_size": img_size,
+            "feature": "x_norm_clstoken (CLS token after the final LayerNorm; not L2-normalised)",
+            "precision": precision if device.type == "cuda" else "fp32",
             "data": str(data),
             "n_skipped": len(image_list.paths) - len(kept),
         },
@@ -227,7 +234,7 @@ def extract_features(
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
-        description="Extract L2-normalised CLS features of a DinoBloom / DINOv2 backbone into a .h5 or .npz file.",
+        description="Extract the CLS features of a DinoBloom / DINOv2 backbone into a .h5 or .npz file.",
     )
     parser.add_argument(
         "--model",
@@ -248,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--img-size", type=int, default=224, help="images are resized to this square size")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32 (DinoBloom's, default) or bf16 autocast on CUDA (faster, features differ slightly)")
     return parser
 
 
@@ -264,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> FeatureSet:
         num_workers=args.num_workers,
         img_size=args.img_size,
         device=args.device,
+        precision=args.precision,
     )
     print(f"wrote {len(result)} features (dim {result.features.shape[1]}) to {args.output}; "
           f"skipped {result.meta['n_skipped']} unreadable images")

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dinov2.eval.pca", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file of option values (keys = option names); flags override it")
     parser.add_argument("--model", default=None, help="hub name (dinobloom_s, ...); omit to infer it from --weights")
-    parser.add_argument("--weights", default=None, help="checkpoint path or URL (default: random init)")
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint path or URL (default: the released weights of --model, downloaded)")
     parser.add_argument("--image", nargs="+", required=True, help="one or more cell images")
     parser.add_argument("--output", required=True, help="PNG to write")
     parser.add_argument("--img-size", type=int, default=224, help="input size (default 224: 16x16 patches)")
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> Path:
     """Render the PCA figure of the given images."""
     from dinov2.data.transforms import load_image, make_eval_transform
     from dinov2.eval import protocol
+    from dinov2.eval.extract_features import release_weights
     from dinov2.hub import load_backbone
 
     args = protocol.parse_args_with_config(build_parser(), argv)
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> Path:
     device = protocol.resolve_device(args.device)
     if args.model is None and args.weights is None:
         raise SystemExit("give --model, --weights, or both")
-    model = load_backbone(args.model, args.weights).to(device)
+    weights = args.weights if args.weights is not None else release_weights(args.model)
+    model = load_backbone(args.model, weights).to(device)
     transform = make_eval_transform(args.img_size)
     pictures = [load_image(path) for path in args.image]
     batch = torch.stack([transform(p) for p in pictures]).to(device)

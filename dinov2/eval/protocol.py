@@ -54,10 +54,16 @@ def setup_logging() -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` means CUDA when available, else CPU; any other name is used as given."""
+    """``auto`` means CUDA when available, else CPU; any other name is used as given, once checked."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was requested, but CUDA is not available here; use --device cpu or auto")
+    return device
 
 
 def check_labelled(feature_set: FeatureSet, path: str | Path) -> None:
@@ -90,6 +96,13 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
     unknown = sorted(set(test_set.class_names) - set(train_set.class_names))
     if unknown:
         raise ValueError(f"{test_path}: classes {unknown} do not occur in {train_path} ({train_set.class_names})")
+    if train_set.meta.get("data") is not None and train_set.meta.get("data") == test_set.meta.get("data"):
+        shared = set(train_set.paths) & set(test_set.paths)
+        if shared:
+            logger.warning(
+                "%s and %s were extracted from the same data (%s) and share %d of %d test images: the test scores "
+                "are not held out", train_path, test_path, train_set.meta["data"], len(shared), len(test_set.paths),
+            )
     mapping = np.array([train_set.class_names.index(name) for name in test_set.class_names], dtype=np.int64)
     return mapping[np.asarray(test_set.labels, dtype=np.int64)]
 
@@ -213,10 +226,18 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 parser.error(f"{path}: unknown key {key!r}{hint} (valid: {sorted(actions)})")
             action = actions[dest]
-            if action.choices is not None and value not in action.choices:
-                parser.error(f"{path}: {key}={value!r} is not one of {list(action.choices)}")
+            many = action.nargs in ("+", "*")
+            values = list(value) if many and isinstance(value, (list, tuple)) else [value]
+            if action.type is not None and value is not None:
+                try:
+                    values = [action.type(v) for v in values]
+                except (TypeError, ValueError) as err:
+                    parser.error(f"{path}: {key}={value!r} is not a valid value ({err})")
+            for v in values:
+                if action.choices is not None and v not in action.choices:
+                    parser.error(f"{path}: {key}={v!r} is not one of {list(action.choices)}")
             action.required = False
-            defaults[dest] = value
+            defaults[dest] = values if many else values[0]
         parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 

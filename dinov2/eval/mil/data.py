@@ -68,7 +68,11 @@ def _assemble(
 
 
 def bags_from_paths(feature_set: FeatureSet, source: str = "features file") -> BagSet:
-    """Bags from paths ``.../<label>/<patient>/<cell>`` (the last three path components)."""
+    """Bags from paths ``[<cohort>/...]<label>/<patient>/<cell>``.
+
+    A bag is a patient folder; folders above the label level are part of its name (``cohortA/P01`` and
+    ``cohortB/P01`` are two patients), and one patient under two labels is an error.
+    """
     rows = []
     for row, path in enumerate(feature_set.paths):
         parts = PurePosixPath(path.replace("\\", "/")).parts
@@ -77,7 +81,7 @@ def bags_from_paths(feature_set: FeatureSet, source: str = "features file") -> B
                 f"{source}: path {path!r} is not <label>/<patient>/<cell>; extract the features from a folder "
                 "laid out that way, or pass --bags CSV with columns patient,label,path"
             )
-        rows.append((parts[-2], parts[-3], row))
+        rows.append(("/".join((*parts[:-3], parts[-2])), parts[-3], row))
     return _assemble(feature_set, rows, source)
 
 
