@@ -31,12 +31,10 @@ def scaled_linear(x: torch.Tensor, linear: nn.Linear, out_scale: torch.Tensor | 
 
     The product is formed on the (out, in) weight instead of on every token's output, so a LayerScale after
     a projection costs no activation-sized multiply forward or backward, and nothing extra is saved for backward.
-    With fewer tokens than input features (e.g. one image at inference) scaling the output is cheaper, and is done.
+    Always folded, whatever the number of tokens: one code path, so the rounding does not switch with the batch
+    size (the matmul itself may still round differently for different batch sizes).
     """
     if out_scale is None:
         return linear(x)
-    tokens = x.numel() // linear.in_features
-    if tokens < linear.in_features:
-        return linear(x) * out_scale
     bias = None if linear.bias is None else linear.bias * out_scale
     return F.linear(x, linear.weight * out_scale.unsqueeze(1), bias)
