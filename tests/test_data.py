@@ -467,3 +467,15 @@ def test_real_blood_cells_smoke(shared_data_dir: Path) -> None:
     evaluation = FileListDataset(dev, transform=make_eval_transform(224))
     tensor, target = evaluation[5]
     assert tensor.shape == (3, 224, 224) and evaluation.classes[target] == Path(evaluation.path(5)).parent.name
+
+
+def test_image_folder_surprises_are_explained(image_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A loose image next to the class folders, and a stray .txt file in an image folder."""
+    _write_image(image_tree / "loose.png", 99)
+    with caplog.at_level(logging.WARNING, logger="dinov2.data.datasets"):
+        dataset = FileListDataset(image_tree)
+    assert dataset.classes == [] and len(dataset) == 7
+    assert "1 image(s) lie directly in the folder, next to class sub-folders" in caplog.text
+    (image_tree / "notes.txt").write_text("stained on Monday\n")
+    with pytest.raises(ValueError, match=r"(?s)is not an image path.*read as a folder of file lists"):
+        FileListDataset(image_tree)

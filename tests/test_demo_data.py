@@ -78,7 +78,8 @@ def test_generate_layout_and_idempotence(tmp_path: Path) -> None:
     images = sorted(p.relative_to(demo.images_dir).as_posix() for p in demo.images_dir.rglob("*.png"))
     assert images == [f"{c}/{c}_{i:05d}.png" for c in ("basophil", "monocyte") for i in range(3)]
     lines = demo.train_list.read_text().splitlines()
-    assert len(lines) == 6 and all(Path(line).is_absolute() and Path(line).is_file() for line in lines)
+    assert len(lines) == 6 and all(not Path(line).is_absolute() for line in lines)
+    assert all((demo.lists_dir / line).is_file() for line in lines)
     assert [p.name for p in demo.lists_dir.iterdir()] == ["train.txt"]
     manifest = json.loads((demo.root / "manifest.json").read_text())
     assert manifest["images_per_class"] == 3 and manifest["seed"] == 1 and manifest["classes"] == classes
@@ -130,3 +131,12 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "2 images" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["seed"] == 3
     assert main(argv) == 0  # second run skips
+
+
+def test_a_moved_demo_folder_still_trains(tmp_path: Path) -> None:
+    kwargs = dict(images_per_class=2, image_size=48, classes=("monocyte", "basophil"), num_workers=0)
+    demo = generate_demo_dataset(tmp_path / "first", **kwargs)
+    moved = (tmp_path / "first").rename(tmp_path / "second")
+    dataset = FileListDataset(moved / demo.lists_dir.name)
+    assert len(dataset) == 4 and all(dataset[i] is not None for i in range(4))
+    assert generate_demo_dataset(moved, **kwargs).num_images == 4  # recognised as already generated

@@ -171,6 +171,12 @@ class FileListDataset(torch.utils.data.Dataset):
         paths, class_of = self._discover()
         names = [class_of(p) for p in paths]
         if any(name is None for name in names):
+            loose = sum(name is None for name in names)
+            if loose < len(names):  # some images sit next to the class folders
+                logger.warning(
+                    "%s: %d image(s) lie directly in the folder, next to class sub-folders (e.g. %s); the dataset is "
+                    "treated as unlabelled", self.root, loose, next(p for p, n in zip(paths, names) if n is None),
+                )
             self.classes: list[str] = []
             targets = np.zeros(len(paths), dtype=np.int64)
         else:
@@ -194,7 +200,15 @@ class FileListDataset(torch.utils.data.Dataset):
             return _read_file_list(root), _parent_name
         lists = sorted(p for p in root.glob("*.txt") if p.is_file())
         if lists:
-            paths = [path for list_file in lists for path in _read_file_list(list_file)]
+            paths = []
+            for list_file in lists:
+                try:
+                    paths.extend(_read_file_list(list_file))
+                except ValueError as err:
+                    raise ValueError(
+                        f"{err}\n({root} holds .txt files, so it is read as a folder of file lists; for a folder of "
+                        "images, move its .txt files elsewhere)"
+                    ) from err
             return paths, _parent_name
         paths = find_images(root)
         if not paths:

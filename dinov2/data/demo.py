@@ -356,6 +356,12 @@ def _render_and_save(job: tuple[str, int, int, int, str]) -> None:
         image.save(path, quality=95)
 
 
+def _first_entry_exists(list_file: Path) -> bool:
+    """Whether the first image of a file list exists (a moved folder with absolute entries fails this)."""
+    first = next((line.strip() for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()), None)
+    return first is not None and (list_file.parent / first).is_file()
+
+
 def generate_demo_dataset(
     output_dir: str | Path,
     images_per_class: int = 250,
@@ -393,7 +399,7 @@ def generate_demo_dataset(
     }
     result = DemoDataset(root, images_dir, lists_dir, train_list, classes, images_per_class * len(classes))
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    if previous == settings and train_list.is_file():
+    if previous == settings and train_list.is_file() and _first_entry_exists(train_list):
         logger.info("demo dataset in %s is already generated with these settings; skipping", root)
         return result
     if previous is not None:
@@ -418,7 +424,10 @@ def generate_demo_dataset(
             progress.update()
     progress.close()
     lists_dir.mkdir(parents=True, exist_ok=True)
-    train_list.write_text("".join(f"{job[4]}\n" for job in jobs), encoding="utf-8")
+    # Paths relative to the list's folder: the whole dataset folder can be moved or copied.
+    train_list.write_text(
+        "".join(f"{Path(os.path.relpath(job[4], lists_dir)).as_posix()}\n" for job in jobs), encoding="utf-8"
+    )
     manifest_path.write_text(json.dumps(settings, indent=2) + "\n")
     logger.info("wrote %d demo images of %d classes to %s", len(jobs), len(classes), root)
     return result
