@@ -70,10 +70,11 @@ def _assemble(
 def bags_from_paths(feature_set: FeatureSet, source: str = "features file") -> BagSet:
     """Bags from paths ``[<cohort>/...]<label>/<patient>/<cell>``.
 
-    A bag is a patient folder; folders above the label level are part of its name (``cohortA/P01`` and
-    ``cohortB/P01`` are two patients), and one patient under two labels is an error.
+    A bag is a patient folder, named by the folder; when folders of one name lie under different parents above
+    the label level (``cohortA/APL/P01``, ``cohortB/APL/P01``) they are different patients, named with that
+    parent (``cohortA/P01``). One patient folder under two labels is an error.
     """
-    rows = []
+    entries = []
     for row, path in enumerate(feature_set.paths):
         parts = PurePosixPath(path.replace("\\", "/")).parts
         if len(parts) < 3:
@@ -81,7 +82,14 @@ def bags_from_paths(feature_set: FeatureSet, source: str = "features file") -> B
                 f"{source}: path {path!r} is not <label>/<patient>/<cell>; extract the features from a folder "
                 "laid out that way, or pass --bags CSV with columns patient,label,path"
             )
-        rows.append(("/".join((*parts[:-3], parts[-2])), parts[-3], row))
+        entries.append((PurePosixPath(*parts[:-3]).as_posix() if len(parts) > 3 else "", parts[-2], parts[-3], row))
+    parents: dict[str, set[str]] = {}
+    for parent, patient, _, _ in entries:
+        parents.setdefault(patient, set()).add(parent)
+    rows = [
+        (f"{parent}/{patient}" if len(parents[patient]) > 1 else patient, label, row)
+        for parent, patient, label, row in entries
+    ]
     return _assemble(feature_set, rows, source)
 
 
