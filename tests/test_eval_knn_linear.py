@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -320,3 +322,14 @@ def test_linear_cli_cross_validation_schema(tmp_path: Path) -> None:
     folds = [f["balanced_accuracy"] for f in logreg["per_fold"]]
     assert logreg["balanced_accuracy"] == pytest.approx({"mean": np.mean(folds), "std": np.std(folds)})
     assert results["meta"]["n_samples"] == 100 and results["meta"]["classes"] == ["a", "b", "c"]
+
+
+def test_cli_input_mistakes_end_in_one_error_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.h5"
+    run = subprocess.run(
+        [sys.executable, "-m", "dinov2.eval.knn", "--features", str(missing), "--output-dir", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == f"error: features file not found: {missing}"
+    assert "Traceback" not in run.stderr

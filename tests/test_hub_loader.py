@@ -283,6 +283,23 @@ def test_weights_url_is_downloaded_once_into_the_hub_cache(tmp_path: Path, monke
         torch.hub.set_dir(previous_dir)
 
 
+def test_a_failed_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    def offline(url: str, dst: str, progress: bool = True) -> None:
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    previous_dir = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        with pytest.raises(CheckpointError, match=r"could not download https://\S+/DinoBloom-T.pth .*local path"):
+            load_pretrained_backbone_state("https://zenodo.org/records/10908163/files/DinoBloom-T.pth")
+        assert not (tmp_path / "hub" / "checkpoints" / "DinoBloom-T.pth").exists()
+    finally:
+        torch.hub.set_dir(previous_dir)
+
+
 def test_torch_hub_load_offline(tmp_path: Path) -> None:
     """`torch.hub.load(repo, "dinobloom_s", source="local", weights=...)` on a random ViT-S checkpoint."""
     source = load_backbone("dinobloom_s")

@@ -18,6 +18,7 @@ the sample, and the DINO loss pairs each image's student crop with the teacher's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -291,6 +292,7 @@ def test_sharded_start_from_a_backbone_file(tmp_path: Path, demo) -> None:
 
 WRAPPER = '''
 """train.py, except that DCP's save of checkpoint folder {hang_in} hangs after writing its files."""
+import os
 import sys
 import time
 from pathlib import Path
@@ -298,6 +300,9 @@ from pathlib import Path
 import torch.distributed.checkpoint as dcp
 
 from dinov2.train.train import main
+
+# torchrun starts each rank in a session of its own: the test kills the ranks by these pids.
+(Path(r"{pid_dir}") / f"rank{{os.environ['RANK']}}.pid").write_text(str(os.getpid()))
 
 original_save = dcp.save
 
@@ -322,7 +327,7 @@ def test_sigkill_while_checkpointing_leaves_a_resumable_run(
     then resumes from checkpoint 3 and ends where the uninterrupted run ended."""
     out = tmp_path / "run"
     wrapper = tmp_path / "hanging_train.py"
-    wrapper.write_text(WRAPPER.format(hang_in="tmp-000000005"))
+    wrapper.write_text(WRAPPER.format(hang_in="tmp-000000005", pid_dir=tmp_path))
     log_path = tmp_path / "torchrun.log"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     argv = _argv(out, demo.lists_dir, B, "train.checkpoint_period=2")
@@ -339,8 +344,11 @@ def test_sigkill_while_checkpointing_leaves_a_resumable_run(
             assert job.poll() is None, f"the run ended (status {job.returncode}):\n{log_path.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no checkpoint 5 in time:\n{log_path.read_text()[-3000:]}"
             time.sleep(0.2)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks, as a dying node would
+    finally:  # the launcher and both ranks, as a dying node would
+        os.killpg(job.pid, signal.SIGKILL)
+        for pid_file in tmp_path.glob("rank*.pid"):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
         job.wait()
     assert find_latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "000000003"
     assert (out / "checkpoints" / "tmp-000000005").is_dir()

@@ -165,4 +165,4 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    protocol.run_cli(main)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from dinov2.data.datasets import IMAGE_EXTENSIONS
 from dinov2.data.transforms import load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, save_features
-from dinov2.eval.protocol import resolve_device
+from dinov2.eval.protocol import resolve_device, run_cli
 from dinov2.hub import DINOBLOOM_URLS, DINOV2_URLS, load_backbone
 
 logger = logging.getLogger(__name__)
@@ -281,4 +281,4 @@ def main(argv: Sequence[str] | None = None) -> FeatureSet:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

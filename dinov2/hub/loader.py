@@ -51,7 +51,12 @@ def _download(url: str) -> Path:
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         logger.info("downloading %s to %s", url, target)
-        torch.hub.download_url_to_file(url, str(target), progress=True)
+        try:
+            torch.hub.download_url_to_file(url, str(target), progress=True)
+        except OSError as err:  # URLError, HTTPError, timeouts, a full disk: the file is only moved in when complete
+            raise CheckpointError(
+                f"could not download {url} ({err}); download it by other means and pass its local path instead"
+            ) from err
     return target
 
 
@@ -59,7 +64,7 @@ def _read_file(path: Path) -> Any:
     """Read a `.safetensors` or `torch.save` file without executing any pickled code."""
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
         try:
