@@ -194,6 +194,19 @@ def parallelize_from_config(parts: nn.ModuleDict, cfg: DictConfig, role: str, de
     return parts
 
 
+def allow_tf32_matmul() -> None:
+    """Let float32 matmuls on CUDA use TF32 tensor cores, as DINOv2's trainer does (PyTorch's default is off).
+
+    Uses the per-backend ``fp32_precision`` setting where PyTorch has it (2.9+; mixing it with the older
+    ``allow_tf32`` flag is an error there), else ``allow_tf32``. Nothing changes on the CPU.
+    """
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+
+
 def is_sharded(module: nn.Module) -> bool:
     """True if FSDP2 has been applied to `module` or to one of its submodules."""
     return any(isinstance(m, FSDPModule) for m in module.modules())

@@ -447,3 +447,18 @@ def test_loading_keeps_this_runs_optimizer_kernel(tmp_path: Path) -> None:
     load_checkpoint(path, fresh, fresh_optimizer, restore_rng=False)
     assert [(g["foreach"], g["fused"]) for g in fresh_optimizer.param_groups] == kernel
     assert all(g["lr_multiplier"] == h["lr_multiplier"] for g, h in zip(fresh_optimizer.param_groups, optimizer.param_groups))
+
+
+def test_allow_tf32_matmul_sets_the_cuda_matmul_precision() -> None:
+    """The training state on CUDA enables TF32 for float32 matmuls as DINOv2 does; the flag is set here directly."""
+    from dinov2.parallel import allow_tf32_matmul
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this PyTorch has only the legacy allow_tf32 flag")
+    before = matmul.fp32_precision
+    try:
+        allow_tf32_matmul()
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before

@@ -33,7 +33,13 @@ from omegaconf import DictConfig
 from dinov2 import distributed
 from dinov2.checkpoint import export_teacher, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from dinov2.configs import apply_scaling_rules_to_cfg, load_config, write_config
-from dinov2.parallel import autocast_dtype, build_grad_scaler, clip_grad_norm, parallelize_from_config
+from dinov2.parallel import (
+    allow_tf32_matmul,
+    autocast_dtype,
+    build_grad_scaler,
+    clip_grad_norm,
+    parallelize_from_config,
+)
 from dinov2.train.data import build_train_dataset, build_train_loader
 from dinov2.train.knn_monitor import KnnMonitor
 from dinov2.train.optim import apply_optim_scheduler, build_optimizer, build_param_groups
@@ -252,6 +258,8 @@ def build_training_state(
     The model is built on the meta device and sharded before it holds any weight; ``init_weights`` then fills each
     rank's shards (rank 0 builds the full initial weights, pretrained backbone included, and broadcasts them).
     """
+    if device.type == "cuda":
+        allow_tf32_matmul()
     with torch.device("meta"):
         model = SSLMetaArch(cfg)
     parallelize_from_config(model.student, cfg, "student", device)
