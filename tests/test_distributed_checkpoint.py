@@ -155,6 +155,7 @@ def _fsdp_worker(rank: int, port: int, strategy: str) -> None:
                 torch._foreach_add_(list(ema.parameters()), list(source.parameters()), alpha=0.01)
         for (name, p), q in zip(teacher.named_parameters(), ref_teacher.parameters()):
             torch.testing.assert_close(_full(p), q, atol=2e-6, rtol=1e-5, msg=f"EMA: {name}")
+        distributed.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         distributed.destroy()
 
@@ -219,6 +220,7 @@ def _checkpoint_worker(rank: int, port: int, ckpt_dir: str) -> None:
         _train_step(model["student"], optimizer, _images(1).chunk(WORLD)[rank])
         _train_step(loaded_model["student"], loaded_optimizer, _images(1).chunk(WORLD)[rank])
         torch.testing.assert_close(_full_state(loaded_model)["model"], _full_state(model)["model"], atol=0, rtol=0)
+        distributed.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         distributed.destroy()
 

@@ -274,7 +274,7 @@ def test_knn_cli_fixed_split_and_config_override(tmp_path: Path) -> None:
     assert results["meta"]["protocol"] == "train_test" and results["meta"]["settings"]["metric"] == "euclidean"
     expected = _sklearn_knn(x[:120], y[:120], x[120:], 3)
     assert results["knn_3"]["accuracy"]["mean"] == pytest.approx(accuracy_score(y[120:], expected))
-    assert results["knn_3"]["accuracy"]["std"] == 0.0
+    assert results["knn_3"]["accuracy"]["std"] == 0.0 and results["meta"]["std"].startswith("0 by construction")
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["knn_3"]["confusion_matrix"] == confusion_matrix(y[120:], expected, labels=range(4)).tolist()
 

@@ -250,6 +250,7 @@ def _build_worker(rank: int, port: int, overrides: list[str], result_dir: str) -
         student = get_model_state_dict(model.student, options=options)
         teacher = get_model_state_dict(model.teacher, options=options)
         torch.save({"calls": calls, "student": student, "teacher": teacher}, Path(result_dir) / f"rank{rank}.pt")
+        distributed.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         distributed.destroy()
 

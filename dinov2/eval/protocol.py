@@ -285,7 +285,8 @@ def build_meta(
         "classes": list(train_set.class_names),
         "protocol": "train_test" if fixed else "stratified_kfold",
         "n_splits": None if fixed else int(args.n_splits),
-        "std": "population standard deviation over folds (numpy ddof=0)",
+        "std": "0 by construction: one train/test split has no spread over folds" if fixed
+        else "population standard deviation over folds (numpy ddof=0)",
         "pooled": "per_class and confusion_matrix pool the out-of-fold predictions (rows: true class)",
         "settings": settings,
         "dinobloom_version": __version__,

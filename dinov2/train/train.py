@@ -457,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.manual_seed(cfg.train.seed + info.rank)
         logger.info("rank %d/%d on %s (%s)", info.rank, info.world_size, info.device, info.launcher)
         train(cfg, output_dir, resume=cfg.train.resume and not args.no_resume, info=info)
+        distributed.barrier()  # every rank is done with the process group before any rank destroys it
     finally:
         distributed.destroy()
         for handler in handlers:
