@@ -398,8 +398,8 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
                 losses = dict(zip(terms, values.tolist()))
                 if not math.isfinite(losses["total_loss"]):
                     raise FloatingPointError(
-                        f"the loss is {losses['total_loss']} at iteration {iteration}; stopping without saving "
-                        "(the last checkpoint was written before this); lower optim.base_lr or use bf16/fp32"
+                        f"the loss is {losses['total_loss']} at iteration {iteration}; stopping before this iteration is saved "
+                        "(re-running resumes from the last checkpoint); lower optim.base_lr or use bf16/fp32"
                     )
             if log_now:
                 elapsed = time.perf_counter() - window_start
