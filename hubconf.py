@@ -1,6 +1,7 @@
 """torch.hub entry points: `torch.hub.load(repo, "dinobloom_s", weights="DinoBloom-S.pth")`.
 
-Every entry takes keyword-only `weights` (path or URL; None = random init) and `img_size`, and returns
+Every entry takes keyword-only `weights` (path or URL; None = random init, unless `pretrained=True`, which
+downloads the release file) and `img_size`, and returns
 the backbone in eval mode. `torch.hub.help(repo, name)` shows each entry's docstring.
 """
 

@@ -195,16 +195,13 @@ def parallelize_from_config(parts: nn.ModuleDict, cfg: DictConfig, role: str, de
 
 
 def allow_tf32_matmul() -> None:
-    """Let float32 matmuls on CUDA use TF32 tensor cores, as DINOv2's trainer does (PyTorch's default is off).
+    """Let float32 matmuls use TF32 tensor cores, as DINOv2's trainer does (PyTorch's default is full float32).
 
-    Uses the per-backend ``fp32_precision`` setting where PyTorch has it (2.9+; mixing it with the older
-    ``allow_tf32`` flag is an error there), else ``allow_tf32``. Nothing changes on the CPU.
+    Through ``torch.set_float32_matmul_precision("high")``, the setting that every PyTorch version and
+    ``torch.compile`` read back without complaint (setting only the newer per-backend ``fp32_precision`` makes
+    the older getters raise). The trainer calls it for CUDA runs only.
     """
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        matmul.fp32_precision = "tf32"
-    else:
-        matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
 
 
 def is_sharded(module: nn.Module) -> bool:

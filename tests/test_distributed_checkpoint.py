@@ -452,15 +452,13 @@ def test_loading_keeps_this_runs_optimizer_kernel(tmp_path: Path) -> None:
 
 
 def test_allow_tf32_matmul_sets_the_cuda_matmul_precision() -> None:
-    """The training state on CUDA enables TF32 for float32 matmuls as DINOv2 does; the flag is set here directly."""
+    """The training state on CUDA enables TF32 for float32 matmuls as DINOv2 does, readable by every getter."""
     from dinov2.parallel import allow_tf32_matmul
 
-    matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):
-        pytest.skip("this PyTorch has only the legacy allow_tf32 flag")
-    before = matmul.fp32_precision
+    before = torch.get_float32_matmul_precision()
     try:
         allow_tf32_matmul()
-        assert matmul.fp32_precision == "tf32"
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32  # the legacy getter still works (compile reads it)
     finally:
-        matmul.fp32_precision = before
+        torch.set_float32_matmul_precision(before)

@@ -294,10 +294,13 @@ def test_config_values_take_the_options_types(tmp_path: Path, capsys: pytest.Cap
     required = ["--config", str(config), "--features", "x.h5", "--output-dir", str(tmp_path)]
     args = protocol.parse_args_with_config(knn.build_parser(), required)
     assert args.k == [20] and args.batch_size == 8
-    config.write_text("k: [1, twenty]\n")
-    with pytest.raises(SystemExit):
-        protocol.parse_args_with_config(knn.build_parser(), required)
-    assert "k=[1, 'twenty'] is not a valid value" in capsys.readouterr().err
+    for bad, message in (("k: [1, twenty]", "k=[1, 'twenty'] is not a valid value"),
+                         ("k: 20.7", "k=20.7 is not a valid value"), ("batch_size: true", "batch_size=True is not"),
+                         ("k: []", "k needs at least one value")):
+        config.write_text(bad + "\n")
+        with pytest.raises(SystemExit):
+            protocol.parse_args_with_config(knn.build_parser(), required)
+        assert message in capsys.readouterr().err, bad
 
 
 def test_test_features_from_the_same_images_are_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

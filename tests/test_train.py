@@ -235,6 +235,9 @@ def test_starting_over_sets_the_earlier_run_aside(tmp_path: Path, demo) -> None:
     assert sorted(p.name for p in (previous / "checkpoints").iterdir()) == earlier
     assert [r["iteration"] for r in _metrics(previous)] == list(range(6))
     assert "training_5" in {p.name for p in (previous / "eval").iterdir()}
+    # its config.yaml went with it: an export still loads with the run's 2 heads (shapes alone would say 1)
+    assert load_config(previous / "config.yaml").student.num_heads == 2
+    assert load_backbone(None, previous / "eval" / "training_5" / "teacher_checkpoint.pth").num_heads == 2
 
     _train(out, demo.lists_dir, *args, epochs=1, epoch_length=3)  # the new run's own command resumes the new run
     assert "nothing to do: the checkpoint" in (out / "log.txt").read_text().splitlines()[-1]
@@ -422,7 +425,7 @@ def test_logging_prints_each_line_once(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_loader_batches_do_not_depend_on_the_worker_count(demo) -> None:
-    """Workers stack the crops straight into shared memory; their batches equal the in-process ones bit for bit."""
+    """Batches from worker processes (which stack the crops into shared memory) equal the in-process ones."""
     from dinov2.train.data import build_train_loader
 
     batches = {}

@@ -249,9 +249,11 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
             action = actions[dest]
             many = action.nargs in ("+", "*")
             values = list(value) if many and isinstance(value, (list, tuple)) else [value]
-            if action.type is not None and value is not None:
-                try:
-                    values = [action.type(v) for v in values]
+            if action.nargs == "+" and (not values or None in values):
+                parser.error(f"{path}: {key} needs at least one value, got {value!r}")
+            if action.type is not None:
+                try:  # through str, as from the command line: 20.7 or true is not an int
+                    values = [v if v is None else action.type(v if isinstance(v, str) else str(v)) for v in values]
                 except (TypeError, ValueError) as err:
                     parser.error(f"{path}: {key}={value!r} is not a valid value ({err})")
             for v in values:

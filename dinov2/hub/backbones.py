@@ -130,9 +130,9 @@ def dinobloom_s(*, weights: WeightsArg = None, img_size: int | None = None, **kw
     """DinoBloom-S: ViT-S/14 (384-d features, 22M parameters) for single blood-cell images at 224 px.
 
     weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_s"] =
-    https://zenodo.org/records/10908163/files/DinoBloom-S.pth); None = random init.
+    https://zenodo.org/records/10908163/files/DinoBloom-S.pth); None = random init (pretrained=True: the release file).
     img_size: input size (default 224; a checkpoint's position embedding is resized to it once, at load).
-    Returns the model in eval mode; `model(x)` gives the normalised CLS embedding.
+    Returns the model in eval mode; `model(x)` gives the CLS token after the final LayerNorm.
     """
     return load_backbone("dinobloom_s", weights, img_size, **kwargs)
 
@@ -141,9 +141,9 @@ def dinobloom_b(*, weights: WeightsArg = None, img_size: int | None = None, **kw
     """DinoBloom-B: ViT-B/14 (768-d features, 86M parameters) for single blood-cell images at 224 px.
 
     weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_b"] =
-    https://zenodo.org/records/10908163/files/DinoBloom-B.pth); None = random init.
+    https://zenodo.org/records/10908163/files/DinoBloom-B.pth); None = random init (pretrained=True: the release file).
     img_size: input size (default 224; a checkpoint's position embedding is resized to it once, at load).
-    Returns the model in eval mode; `model(x)` gives the normalised CLS embedding.
+    Returns the model in eval mode; `model(x)` gives the CLS token after the final LayerNorm.
     """
     return load_backbone("dinobloom_b", weights, img_size, **kwargs)
 
@@ -152,9 +152,9 @@ def dinobloom_l(*, weights: WeightsArg = None, img_size: int | None = None, **kw
     """DinoBloom-L: ViT-L/14 (1024-d features, 303M parameters) for single blood-cell images at 224 px.
 
     weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_l"] =
-    https://zenodo.org/records/10908163/files/DinoBloom-L.pth); None = random init.
+    https://zenodo.org/records/10908163/files/DinoBloom-L.pth); None = random init (pretrained=True: the release file).
     img_size: input size (default 224; a checkpoint's position embedding is resized to it once, at load).
-    Returns the model in eval mode; `model(x)` gives the normalised CLS embedding.
+    Returns the model in eval mode; `model(x)` gives the CLS token after the final LayerNorm.
     """
     return load_backbone("dinobloom_l", weights, img_size, **kwargs)
 
@@ -163,9 +163,9 @@ def dinobloom_g(*, weights: WeightsArg = None, img_size: int | None = None, **kw
     """DinoBloom-G: ViT-g/14 with SwiGLU (1536-d features, 1.1B parameters) for blood cells at 224 px.
 
     weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_g"] =
-    https://zenodo.org/records/10908163/files/DinoBloom-G.pth); None = random init.
+    https://zenodo.org/records/10908163/files/DinoBloom-G.pth); None = random init (pretrained=True: the release file).
     img_size: input size (default 224; a checkpoint's position embedding is resized to it once, at load).
-    Returns the model in eval mode; `model(x)` gives the normalised CLS embedding.
+    Returns the model in eval mode; `model(x)` gives the CLS token after the final LayerNorm.
     """
     return load_backbone("dinobloom_g", weights, img_size, **kwargs)
 

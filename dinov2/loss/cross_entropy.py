@@ -31,6 +31,9 @@ class SoftCrossEntropy(nn.Module):
     """
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
-        """(N, K) scores and (N, K) target probabilities -> (N,) float32 sums (the negative cross-entropy)."""
+        """(N, K) scores and (N, K) target probabilities -> (N,) float32 sums (the negative cross-entropy).
+
+        ``teacher`` may also stack several targets, (T, N, K) -> (T, N), sharing one log-softmax of the scores.
+        """
         log_probs = F.log_softmax(_float32_div(student, temp), dim=-1)
         return torch.sum(_at_least_float32(teacher) * log_probs, dim=-1)

@@ -107,12 +107,13 @@ class DINOLoss(SoftmaxCentering):
         teacher_out_softmaxed_centered_list: Iterable[torch.Tensor],
     ) -> torch.Tensor:
         """Sum over all (student, teacher) pairs of the row-averaged cross-entropy ``-sum_k t log softmax(s/T)``."""
-        teachers = list(teacher_out_softmaxed_centered_list)
-        total: torch.Tensor | None = None
-        for student in student_output_list:
-            for teacher in teachers:
-                term = self.cross_entropy(student, teacher, self.student_temp).mean()
-                total = -term if total is None else total - term
-        if total is None:
+        students, teachers = list(student_output_list), list(teacher_out_softmaxed_centered_list)
+        if not students or not teachers:
             raise ValueError("DINOLoss.forward needs at least one student and one teacher tensor")
+        # All teachers against one student in one call: its log-softmax is computed once, not once per teacher.
+        stacked = torch.stack(teachers) if len(teachers) > 1 else teachers[0].unsqueeze(0)
+        total: torch.Tensor | None = None
+        for student in students:
+            for term in self.cross_entropy(student, stacked, self.student_temp).mean(dim=-1):
+                total = -term if total is None else total - term
         return total

@@ -53,7 +53,7 @@ class _NoGradForward(nn.Module):
         object.__setattr__(self, "backbone", backbone)  # not a submodule: .to() and .eval() leave it alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's normalised CLS token of ``x``."""
+        """The backbone's CLS token of ``x`` after its final LayerNorm."""
         with torch.inference_mode(False), torch.no_grad():
             return self.backbone(x)
 

@@ -175,11 +175,12 @@ def _iteration_of(line: str, path: Path) -> float:
 PREVIOUS_RUN_OUTPUTS = ("checkpoints", "eval", "training_metrics.json", "knn_monitor.json")
 
 
-def set_aside_previous_run(output_dir: Path) -> Path | None:
+def set_aside_previous_run(output_dir: Path, previous_config: str | None = None) -> Path | None:
     """Move an earlier run's outputs in ``output_dir`` into ``previous_runs/<date-time>/``; return that folder.
 
     A run that starts over (``--no-resume``, or a folder without checkpoints) must not resume from, prune, or mix its
-    records with another run's checkpoints, exports and metrics later on; they are kept, not deleted.
+    records with another run's checkpoints, exports and metrics later on; they are kept, not deleted, with the
+    earlier run's ``config.yaml`` (``previous_config``), from which its exports take their architecture.
     """
     found = [output_dir / name for name in PREVIOUS_RUN_OUTPUTS if (output_dir / name).exists()]
     if not found:
@@ -191,6 +192,8 @@ def set_aside_previous_run(output_dir: Path) -> Path | None:
     target.mkdir(parents=True)
     for path in found:
         os.replace(path, target / path.name)
+    if previous_config is not None:
+        (target / "config.yaml").write_text(previous_config)
     logger.warning("starting over: moved the earlier run's %s to %s", ", ".join(p.name for p in found), target)
     return target
 
@@ -299,8 +302,14 @@ def check_bad_images(bad_images: int, images_seen: int, dataset_size: int, max_f
         )
 
 
-def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.DistInfo) -> dict[str, Any]:
-    """Run (or resume) the training described by ``cfg``; returns the last logged metrics."""
+def train(
+    cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.DistInfo, previous_config: str | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the training described by ``cfg``; returns the last logged metrics.
+
+    ``previous_config``: the text of the ``config.yaml`` this run replaced, kept with the earlier run's outputs if
+    this run starts over.
+    """
     device = info.device
     ckpt_dir = output_dir / "checkpoints"
     latest = find_latest_checkpoint(ckpt_dir) if resume else None
@@ -332,7 +341,7 @@ def train(cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.Dis
         logger.info("resuming at iteration %d from %s", start_iter, latest)
     if not resuming:  # after loading MODEL.WEIGHTS, which may lie in this folder's checkpoints
         if info.is_main_process:
-            set_aside_previous_run(output_dir)
+            set_aside_previous_run(output_dir, previous_config)
         distributed.barrier()
     if start_iter >= max_iter:
         logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", latest, max_iter)
@@ -452,11 +461,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.barrier()
         handlers = setup_logging(output_dir, info.is_main_process)
         apply_scaling_rules_to_cfg(cfg, info.world_size)
+        config_file = output_dir / "config.yaml"
+        # An earlier run's config, kept in case this run starts over (its exports need it to load).
+        previous = config_file.read_text() if info.is_main_process and config_file.is_file() else None
         if info.is_main_process:
             write_config(cfg, output_dir)
         torch.manual_seed(cfg.train.seed + info.rank)
         logger.info("rank %d/%d on %s (%s)", info.rank, info.world_size, info.device, info.launcher)
-        train(cfg, output_dir, resume=cfg.train.resume and not args.no_resume, info=info)
+        try:
+            train(cfg, output_dir, resume=cfg.train.resume and not args.no_resume, info=info, previous_config=previous)
+        except SystemExit:  # a stop all ranks agreed on (preemption): they all leave here
+            distributed.barrier()
+            raise
         distributed.barrier()  # every rank is done with the process group before any rank destroys it
     finally:
         distributed.destroy()

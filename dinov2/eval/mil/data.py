@@ -87,7 +87,7 @@ def bags_from_paths(feature_set: FeatureSet, source: str = "features file") -> B
     for parent, patient, _, _ in entries:
         parents.setdefault(patient, set()).add(parent)
     rows = [
-        (f"{parent}/{patient}" if len(parents[patient]) > 1 else patient, label, row)
+        (f"{parent}/{patient}" if parent and len(parents[patient]) > 1 else patient, label, row)
         for parent, patient, label, row in entries
     ]
     return _assemble(feature_set, rows, source)
