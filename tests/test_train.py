@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -439,3 +440,17 @@ def test_loader_batches_do_not_depend_on_the_worker_count(demo) -> None:
         assert from_worker["collated_global_crops"].shape == (16, 3, 56, 56)
         for key in ("collated_global_crops", "collated_masks", "mask_indices_list", "masks_weight"):
             assert torch.equal(in_process[key], from_worker[key]), key
+
+
+def test_train_script_ends_a_config_typo_in_one_error_line(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "dinov2" / "train" / "train.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--config-file", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "run"),
+         "train.bach_size_per_gpu=4"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: command line: unknown key 'train.bach_size_per_gpu'; did you mean train.batch_size_per_gpu?"
+    )
+    assert not (tmp_path / "run").exists()  # nothing was written

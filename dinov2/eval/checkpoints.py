@@ -165,4 +165,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    protocol.run_cli(main)
+    from dinov2.cli import run_cli
+
+    run_cli(main)

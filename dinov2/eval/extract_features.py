@@ -39,7 +39,8 @@ from tqdm import tqdm
 from dinov2.data.datasets import IMAGE_EXTENSIONS
 from dinov2.data.transforms import load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, save_features
-from dinov2.eval.protocol import resolve_device, run_cli
+from dinov2.cli import run_cli
+from dinov2.eval.protocol import resolve_device
 from dinov2.hub import DINOBLOOM_URLS, DINOV2_URLS, load_backbone
 
 logger = logging.getLogger(__name__)

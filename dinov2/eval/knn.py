@@ -297,4 +297,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    protocol.run_cli(main)
+    from dinov2.cli import run_cli
+
+    run_cli(main)

@@ -143,6 +143,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from dinov2.eval.protocol import run_cli
+    from dinov2.cli import run_cli
 
     run_cli(main)

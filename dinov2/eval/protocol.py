@@ -13,8 +13,6 @@ import argparse
 import datetime
 import difflib
 import logging
-import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,6 @@ from tqdm import tqdm
 
 from dinov2.eval import metrics
 from dinov2.eval.features_io import FeatureSet, load_features
-from dinov2.hub.loader import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -54,24 +51,6 @@ class ProtocolOutput:
 def setup_logging() -> None:
     """Log INFO and above to stderr with timestamps (CLIs call this once)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-#: What a mistake in a CLI's input raises (a missing file, a bad value, a checkpoint of the wrong model).
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError)
-
-
-def run_cli(main: Callable[[], object]) -> None:
-    """Run a CLI's ``main``: a mistake in its input ends in one ``error:`` line and exit status 2, not a traceback.
-
-    ``DINOBLOOM_TRACEBACK=1`` in the environment shows the traceback instead.
-    """
-    try:
-        main()
-    except USER_ERRORS as err:
-        if os.environ.get("DINOBLOOM_TRACEBACK"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def resolve_device(name: str) -> torch.device:

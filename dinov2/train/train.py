@@ -483,4 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dinov2.cli import run_cli
+    from dinov2.configs import ConfigError
+    from dinov2.hub.loader import CheckpointError
+
+    # Configuration and file mistakes end in one line; anything else keeps its traceback.
+    run_cli(main, errors=(ConfigError, CheckpointError, FileNotFoundError))
