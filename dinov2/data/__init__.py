@@ -7,6 +7,7 @@ Masking (``dinov2.data.masking``), batch collation (``dinov2.data.collate``) and
 from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.datasets import (
     IMAGE_EXTENSIONS,
+    DatasetError,
     FileListDataset,
     SkipBadSamples,
     drop_bad_samples,
@@ -22,6 +23,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "DataAugmentationDINO",
+    "DatasetError",
     "FileListDataset",
     "InfiniteSampler",
     "SampleKey",

@@ -38,6 +38,7 @@ from dinov2.data.transforms import load_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "DatasetError",
     "FileListDataset",
     "SkipBadSamples",
     "drop_bad_samples",
@@ -47,6 +48,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+class DatasetError(ValueError):
+    """A dataset path, file list or dataset string that cannot be used (the message says what and where)."""
+
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 # What PIL raises for missing, unreadable, truncated or oversized files.
@@ -99,14 +104,14 @@ def _read_file_list(list_file: Path) -> list[str]:
             if not line or line.startswith("#"):
                 continue
             if os.path.splitext(line)[1].lower() not in IMAGE_EXTENSIONS:
-                raise ValueError(
+                raise DatasetError(
                     f"{list_file}:{line_number}: {line!r} is not an image path "
                     f"(expected one path per line ending in one of {', '.join(IMAGE_EXTENSIONS)})"
                 )
             path = os.path.expanduser(line)
             paths.append(path if os.path.isabs(path) else os.path.join(base, path))
     if not paths:
-        raise ValueError(f"file list {list_file} is empty (no image paths, only blank or # lines)")
+        raise DatasetError(f"file list {list_file} is empty (no image paths, only blank or # lines)")
     return paths
 
 
@@ -196,7 +201,7 @@ class FileListDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"dataset root {root} does not exist")
         if root.is_file():
             if root.suffix.lower() != ".txt":
-                raise ValueError(f"dataset root {root} is a file but not a .txt file list")
+                raise DatasetError(f"dataset root {root} is a file but not a .txt file list")
             return _read_file_list(root), _parent_name
         lists = sorted(p for p in root.glob("*.txt") if p.is_file())
         if lists:
@@ -205,14 +210,16 @@ class FileListDataset(torch.utils.data.Dataset):
                 try:
                     paths.extend(_read_file_list(list_file))
                 except ValueError as err:
-                    raise ValueError(
+                    if not _looks_like_image_folder(root):
+                        raise
+                    raise DatasetError(
                         f"{err}\n({root} holds .txt files, so it is read as a folder of file lists; for a folder of "
                         "images, move its .txt files elsewhere)"
                     ) from err
             return paths, _parent_name
         paths = find_images(root)
         if not paths:
-            raise ValueError(
+            raise DatasetError(
                 f"no .txt file lists and no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}"
             )
         root_str = str(root)
@@ -292,6 +299,11 @@ class FileListDataset(torch.utils.data.Dataset):
         )
 
 
+def _looks_like_image_folder(root: Path) -> bool:
+    """Whether ``root`` has sub-folders or images of its own (a folder of file lists has neither)."""
+    return any(p.is_dir() or p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
+
+
 def _parent_name(path: str) -> str:
     """Name of the folder an image sits in."""
     return os.path.basename(os.path.dirname(path))
@@ -328,7 +340,7 @@ def _parse_dataset_spec(dataset_str: str) -> tuple[str, dict[str, str]]:
     for token in tokens:
         key, sep, value = token.partition("=")
         if not sep or not key:
-            raise ValueError(f"dataset string {dataset_str!r}: expected key=value, got {token!r}")
+            raise DatasetError(f"dataset string {dataset_str!r}: expected key=value, got {token!r}")
         options[key] = value
     return name, options
 
@@ -354,14 +366,14 @@ def make_dataset(
         return FileListDataset(dataset_str, transform, target_transform, resize=resize, seed=seed)
     name, options = _parse_dataset_spec(dataset_str)
     if name not in _DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r} in {dataset_str!r}; expected one of {_DATASET_NAMES} or a path")
+        raise DatasetError(f"unknown dataset {name!r} in {dataset_str!r}; expected one of {_DATASET_NAMES} or a path")
     unknown = set(options) - {"root", "resize", "shuffle", "split"}
     if unknown:
-        raise ValueError(
+        raise DatasetError(
             f"dataset string {dataset_str!r}: unknown option(s) {sorted(unknown)}; valid: root, resize, shuffle, split"
         )
     if not options.get("root"):
-        raise ValueError(f"dataset string {dataset_str!r} has no root=<folder of .txt lists>")
+        raise DatasetError(f"dataset string {dataset_str!r} has no root=<folder of .txt lists>")
     if "split" in options:
         logger.warning(
             "dataset string %r: split=%s is ignored (file lists are used whole)", dataset_str, options["split"]
@@ -372,9 +384,9 @@ def make_dataset(
         try:
             spec_resize = None if value in ("", "none", "0") else int(value)
         except ValueError:
-            raise ValueError(f"dataset string {dataset_str!r}: resize must be an integer or none") from None
+            raise DatasetError(f"dataset string {dataset_str!r}: resize must be an integer or none") from None
         if resize is not None and resize != spec_resize:
-            raise ValueError(f"dataset string {dataset_str!r} says resize={value} but resize={resize} was passed")
+            raise DatasetError(f"dataset string {dataset_str!r} says resize={value} but resize={resize} was passed")
     if resize is not None:
         spec_resize = resize
     return FileListDataset(options["root"], transform, target_transform, resize=spec_resize, seed=seed)

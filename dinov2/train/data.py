@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from dinov2.configs import ConfigError
 from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.datasets import FileListDataset, make_dataset
@@ -83,9 +84,9 @@ def build_train_dataset(cfg: DictConfig) -> FileListDataset:
     no image is found.
     """
     if not cfg.train.dataset_path:
-        raise ValueError("train.dataset_path is empty: name a folder of .txt image lists (or one .txt list)")
+        raise ConfigError("train.dataset_path is empty: name a folder of .txt image lists (or one .txt list)")
     if cfg.train.image_resize < 0:
-        raise ValueError(f"train.image_resize must be >= 0 (0 = keep the image size), got {cfg.train.image_resize}")
+        raise ConfigError(f"train.image_resize must be >= 0 (0 = keep the image size), got {cfg.train.image_resize}")
     if cfg.crops.local_crops_number == 1:
         logger.info(
             "crops.local_crops_number=1 is DinoBloom's setting for 'no local crops': none are drawn and the global "

@@ -485,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     from dinov2.cli import run_cli
     from dinov2.configs import ConfigError
+    from dinov2.data import DatasetError
     from dinov2.hub.loader import CheckpointError
 
-    # Configuration and file mistakes end in one line; anything else keeps its traceback.
-    run_cli(main, errors=(ConfigError, CheckpointError, FileNotFoundError))
+    # Configuration, data and file mistakes end in one line; anything else keeps its traceback.
+    run_cli(main, errors=(ConfigError, DatasetError, CheckpointError, FileNotFoundError))
