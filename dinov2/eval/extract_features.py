@@ -41,7 +41,7 @@ from dinov2.data.transforms import load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, save_features
 from dinov2.cli import run_cli
 from dinov2.eval.protocol import resolve_device
-from dinov2.hub import DINOBLOOM_URLS, DINOV2_URLS, load_backbone
+from dinov2.hub import RELEASE_URLS, load_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +128,9 @@ def _collate(
 
 def release_weights(model: str) -> str:
     """The published weights URL of a hub entry name (DinoBloom on Zenodo, DINOv2 on dl.fbaipublicfiles)."""
-    urls = {**DINOBLOOM_URLS, **DINOV2_URLS}
-    if model not in urls:
-        raise ValueError(f"no released weights known for {model!r}; pass --weights (known: {', '.join(urls)})")
-    return urls[model]
+    if model not in RELEASE_URLS:
+        raise ValueError(f"no released weights known for {model!r}; pass --weights (known: {', '.join(RELEASE_URLS)})")
+    return RELEASE_URLS[model]
 
 
 @torch.inference_mode()

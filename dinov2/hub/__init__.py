@@ -3,6 +3,7 @@
 from .backbones import (
     DINOBLOOM_URLS,
     DINOV2_URLS,
+    RELEASE_URLS,
     dinobloom_b,
     dinobloom_g,
     dinobloom_l,
@@ -26,6 +27,7 @@ from .loader import (
 __all__ = [
     "DINOBLOOM_URLS",
     "DINOV2_URLS",
+    "RELEASE_URLS",
     "CheckpointError",
     "dinobloom_b",
     "dinobloom_g",

@@ -42,6 +42,9 @@ DINOV2_URLS: dict[str, str] = {
     **{f"dinov2_vit{s}14_reg": f"{_DINOV2}/dinov2_vit{s}14/dinov2_vit{s}14_reg4_pretrain.pth" for s in "sblg"},
 }
 
+#: Every hub entry with published weights and their URL.
+RELEASE_URLS: dict[str, str] = {**DINOBLOOM_URLS, **DINOV2_URLS}
+
 WeightsArg = str | os.PathLike[str] | None
 
 
@@ -91,10 +94,9 @@ def load_backbone(
     embedding once, at load time. `kwargs` override constructor arguments.
     """
     if pretrained and weights is None:
-        urls = {**DINOBLOOM_URLS, **DINOV2_URLS}
-        if name not in urls:
-            raise ValueError(f"pretrained=True needs a released entry ({', '.join(urls)}), got {name!r}")
-        weights = urls[name]
+        if name not in RELEASE_URLS:
+            raise ValueError(f"pretrained=True needs a released entry ({', '.join(RELEASE_URLS)}), got {name!r}")
+        weights = RELEASE_URLS[name]
     state = load_pretrained_backbone_state(weights) if weights is not None else None
     if state is None:
         logger.info("%s: random initialisation (no weights given)", name)
@@ -209,6 +211,7 @@ def dinov2_vitg14(*, weights: WeightsArg = None, img_size: int | None = None, **
 __all__ = [
     "DINOBLOOM_URLS",
     "DINOV2_URLS",
+    "RELEASE_URLS",
     "CheckpointError",
     "dinobloom_b",
     "dinobloom_g",
