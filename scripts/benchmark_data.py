@@ -34,6 +34,8 @@ from dinov2.data import (  # noqa: E402
     make_data_loader,
     make_dataset,
 )
+from dinov2.data.collate import collate_data_and_cast  # noqa: E402
+from dinov2.data.masking import MaskingGenerator  # noqa: E402
 from dinov2.data.transforms import load_image  # noqa: E402
 
 logger = logging.getLogger("benchmark_data")
@@ -51,29 +53,18 @@ def make_augmentation(recipe: str) -> DataAugmentationDINO:
     )
 
 
-def make_collate() -> tuple[Callable[[list[Any]], Any], str]:
-    """The trainer's masking collate when the loss helper's modules exist, else a plain crop stack."""
-    try:
-        from dinov2.data.collate import collate_data_and_cast
-        from dinov2.data.masking import MaskingGenerator
-    except ImportError as error:
-        logger.warning("masking collate unavailable (%s); timing a plain stack of the crops instead", error)
-
-        def stack(samples: list[Any]) -> torch.Tensor:
-            return torch.stack([crop for crops, _ in samples for crop in crops["global_crops"]])
-
-        return stack, "stack (no masking)"
+def make_collate() -> Callable[[list[Any]], Any]:
+    """The trainer's collate: stack the crops (float32) and draw the iBOT masks of the batch."""
     grid = 224 // 14
     generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
-    collate = functools.partial(
+    return functools.partial(
         collate_data_and_cast,
         mask_ratio_tuple=(0.1, 0.5),
         mask_probability=0.5,
-        dtype=torch.float16,
+        dtype=torch.float32,
         n_tokens=grid * grid,
         mask_generator=generator,
     )
-    return collate, "masking collate"
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -151,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data = args.data
     dataset = make_dataset(data, resize=args.resize or None)
-    collate, collate_name = make_collate()
-    print(f"data: {data} ({len(dataset)} images, resize {dataset.resize}); collate: {collate_name}")
+    collate = make_collate()
+    print(f"data: {data} ({len(dataset)} images, resize {dataset.resize})")
     print(f"{'recipe':<10} {'stage':<24} {'workers':>7} {'images/s':>10}")
     headline = 0.0
     for recipe in args.recipes:
