@@ -50,7 +50,12 @@ export PYTHONPATH="${SLURM_SUBMIT_DIR:-$PWD}${PYTHONPATH:+:$PYTHONPATH}"
 
 GPUS=${SLURM_GPUS_ON_NODE:-8}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-RDZV_PORT=29500
+# A port of this job's own (as dinov2.distributed derives it): two jobs sharing a node must not share a rendezvous.
+RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))
+# Since SLURM 22.05 srun no longer inherits sbatch's --cpus-per-task; without this torchrun's ranks share one CPU.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+    export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+fi
 # torchrun waits this long for the training processes to save their checkpoint after SIGUSR1.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
 

@@ -7,6 +7,7 @@ with that rank's traceback.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import random
 import signal
@@ -77,7 +78,7 @@ def _torchrun_env(rank: int, port: int) -> dict[str, str]:
 
 def _slurm_env(rank: int, port: int) -> dict[str, str]:
     # The first host of the node list is the master; the port comes from the job id (20000 + id % 20000).
-    return {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(WORLD),
+    return {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_STEP_NUM_TASKS": str(WORLD),
             "SLURM_JOB_NODELIST": "127.0.0.[1-2]", "SLURM_JOB_ID": str(port - 20000 + 20000 * 7), "SLURM_NNODES": "1"}
 
 
@@ -284,6 +285,21 @@ def test_single_process_has_no_group(monkeypatch: pytest.MonkeyPatch) -> None:
     assert distributed.get_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="device must be one of"):
         distributed.get_device("tpu")
+
+
+def test_slurm_batch_step_runs_as_one_process(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # python run straight from an sbatch script of 4 tasks: SLURM sets the job's variables but no step's.
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "123",
+                        "SLURM_JOB_NODELIST": "node[1-4]"}.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.WARNING, logger="dinov2.distributed"):
+        info = enable_distributed(device="cpu")
+    assert (info.launcher, info.world_size, info.is_distributed) == ("single", 1, False)
+    assert "one process in a SLURM job of 4 tasks" in caplog.text and "srun" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,24 @@ def test_executor_parameters_map_gpus_to_tasks_and_pin_the_signal(tmp_path: Path
     assert "slurm_partition" not in params  # null in the yaml: the cluster's default partition
 
 
+def test_local_run_keeps_the_callers_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["--local", "--ngpus", "2", "--config-file", str(DEMO_CONFIG), "--output-dir", str(tmp_path)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    params = launcher.local_executor_parameters(launcher.parse_request(argv))
+    assert params["visible_gpus"] == [4, 5] and params["tasks_per_node"] == 2
+    executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+    executor.update_parameters(**params)
+    assert executor.parameters["visible_gpus"] == [4, 5]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4")
+    with pytest.raises(launcher.LaunchError, match="--ngpus 2 but CUDA_VISIBLE_DEVICES lists only 1"):
+        launcher.local_executor_parameters(launcher.parse_request(argv))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-3f2a")
+    with pytest.raises(launcher.LaunchError, match="GPU indices"):
+        launcher.local_executor_parameters(launcher.parse_request(argv))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert "visible_gpus" not in launcher.local_executor_parameters(launcher.parse_request(argv))
+
+
 def test_requeued_job_drops_no_resume() -> None:
     argv = ["--config-file", "c.yaml", "--output-dir", "out", "--no-resume", "optim.epochs=3"]
     job = launcher.TrainingJob(argv)
@@ -243,13 +261,14 @@ def test_sbatch_script_checkpoints_before_requeue(tmp_path: Path) -> None:
     # Stands in for torchrun + train.py: saves a "checkpoint" on SIGUSR1, then exits non-zero as train.py does.
     _write_executable(
         bin_dir / "torchrun",
-        f'#!/bin/bash\necho "torchrun $*" >> {log}\n'
+        f'#!/bin/bash\necho "torchrun $*" >> {log}\necho "srun cpus ${{SRUN_CPUS_PER_TASK:-unset}}" >> {log}\n'
         f'trap \'echo checkpoint saved >> {log}; exit 1\' USR1\necho started >> {log}\n'
         "while true; do sleep 0.05; done\n",
     )
     env = dict(
         os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="77",
         SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=str(REPO_ROOT),
+        SLURM_CPUS_PER_TASK="80",
     )  # fmt: skip
     proc = subprocess.Popen(
         ["bash", str(SBATCH_SCRIPT), "cfg.yaml", "/scratch/run1", "optim.epochs=2"],
@@ -265,11 +284,12 @@ def test_sbatch_script_checkpoints_before_requeue(tmp_path: Path) -> None:
     assert proc.returncode == 0, output
     events = log.read_text().splitlines()
     assert events[0] == (
-        "torchrun --nnodes 2 --nproc_per_node 4 --rdzv_id 77 --rdzv_backend c10d --rdzv_endpoint node1:29500 "
+        "torchrun --nnodes 2 --nproc_per_node 4 --rdzv_id 77 --rdzv_backend c10d --rdzv_endpoint node1:20077 "
         "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "
         "dinov2/train/train.py --config-file cfg.yaml --output-dir /scratch/run1 optim.epochs=2"
     )
-    assert events[1:] == ["started", "checkpoint saved", "scontrol requeue 77"]
+    # the rendezvous port is the job's own (20000 + id % 20000); srun passes sbatch's CPUs per task on
+    assert events[1:] == ["srun cpus 80", "started", "checkpoint saved", "scontrol requeue 77"]
     assert "requeueing job 77" in output
 
 

@@ -4,10 +4,11 @@
 
 1. torchrun's environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
    ``MASTER_PORT``);
-2. SLURM's, for tasks started by ``srun`` (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_STEP_NUM_TASKS`` or
-   ``SLURM_NTASKS``, the first host of ``SLURM_STEP_NODELIST``/``SLURM_JOB_NODELIST`` as master, a port derived from
-   ``SLURM_JOB_ID``; ``MASTER_ADDR``/``MASTER_PORT`` win when set). Run one task per GPU; a batch script that
-   runs python directly with ``--ntasks`` > 1 would wait for tasks that never start;
+2. SLURM's, for tasks started by ``srun`` (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_STEP_NUM_TASKS``, the
+   first host of ``SLURM_STEP_NODELIST``/``SLURM_JOB_NODELIST`` as master, a port derived from ``SLURM_JOB_ID``;
+   ``MASTER_ADDR``/``MASTER_PORT`` win when set). Run one task per GPU. A batch script (or an ``salloc`` shell) that
+   runs python directly is not an ``srun`` step: it runs as a single process, with a warning when the job has
+   more tasks;
 3. otherwise a single process.
 
 With a world size of 1 no process group is created; every helper here works with or without one. The backend is
@@ -115,8 +116,16 @@ def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | Non
             os.environ.get("MASTER_ADDR"),
             int(port) if port else None,
         )
-    if "SLURM_PROCID" in os.environ:
-        world = _env_int("SLURM_STEP_NUM_TASKS", _env_int("SLURM_NTASKS", 1))
+    if "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" not in os.environ:
+        # The batch step of a job: SLURM_NTASKS counts tasks that only srun would start.
+        tasks = os.environ.get("SLURM_NTASKS", "1")
+        if tasks != "1":
+            logger.warning(
+                "running as one process in a SLURM job of %s tasks: python was not started by srun; launch "
+                "'srun python dinov2/train/train.py ...' (one task per GPU) or torchrun to use them all", tasks,
+            )
+    elif "SLURM_PROCID" in os.environ:
+        world = _env_int("SLURM_STEP_NUM_TASKS")
         if world > 1:
             nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
             addr = os.environ.get("MASTER_ADDR") or (expand_nodelist(nodelist)[0] if nodelist else None)

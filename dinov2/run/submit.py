@@ -247,7 +247,7 @@ def parse_request(argv: Sequence[str] | None = None) -> LaunchRequest:
 
 
 def executor_parameters(request: LaunchRequest) -> dict[str, Any]:
-    """Return the ``AutoExecutor.update_parameters`` arguments for a request."""
+    """Return the ``AutoExecutor.update_parameters`` arguments of a SLURM request."""
     s = request.settings
     delay = s["signal_delay_s"]
     params: dict[str, Any] = {
@@ -271,20 +271,59 @@ def executor_parameters(request: LaunchRequest) -> dict[str, Any]:
     return params
 
 
+def local_executor_parameters(request: LaunchRequest) -> dict[str, Any]:
+    """Return the ``LocalExecutor.update_parameters`` arguments of a ``--local`` request.
+
+    The GPUs are those of the caller's ``CUDA_VISIBLE_DEVICES`` when it is set: submitit would otherwise hand out
+    GPUs 0..ngpus-1, whatever the user chose.
+    """
+    s = request.settings
+    params: dict[str, Any] = {
+        "timeout_min": s["timeout"],
+        "gpus_per_node": s["ngpus"],
+        "tasks_per_node": s["ngpus"],
+        "signal_delay_s": s["signal_delay_s"],
+    }
+    visible = _visible_gpu_indices()
+    if visible is not None:
+        if len(visible) < s["ngpus"]:
+            raise LaunchError(f"--ngpus {s['ngpus']} but CUDA_VISIBLE_DEVICES lists only {len(visible)} GPU(s)")
+        params["visible_gpus"] = visible
+    return params
+
+
+def _visible_gpu_indices() -> list[int] | None:
+    """The GPU indices of ``CUDA_VISIBLE_DEVICES`` (None when it is not set)."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise LaunchError(
+            f"--local needs CUDA_VISIBLE_DEVICES as GPU indices (e.g. 4,5), got {value!r}"
+        ) from None
+
+
 def submit(argv: Sequence[str] | None = None) -> submitit.Job:
     """Submit the training described by the command line; return the submitit job."""
     request = parse_request(argv)
-    cluster = "local" if request.local else "slurm"
     max_num_timeout = request.settings.get("max_num_timeout")
-    extra = {f"{cluster}_max_num_timeout": max_num_timeout} if max_num_timeout is not None else {}
-    try:
-        executor = submitit.AutoExecutor(folder=request.job_dir, cluster=cluster, **extra)
-    except RuntimeError as error:
-        raise LaunchError(f"cannot submit to SLURM here ({error}); pass --local to run on this machine") from error
-    executor.update_parameters(**executor_parameters(request))
+    if request.local:
+        extra = {"max_num_timeout": max_num_timeout} if max_num_timeout is not None else {}
+        executor = submitit.LocalExecutor(folder=request.job_dir, **extra)
+        executor.update_parameters(**local_executor_parameters(request))
+    else:
+        extra = {"slurm_max_num_timeout": max_num_timeout} if max_num_timeout is not None else {}
+        try:
+            executor = submitit.AutoExecutor(folder=request.job_dir, cluster="slurm", **extra)
+        except RuntimeError as error:
+            raise LaunchError(f"cannot submit to SLURM here ({error}); pass --local to run on this machine") from error
+        executor.update_parameters(**executor_parameters(request))
     # Inherited by the local controller and, through sbatch's environment export, by SLURM tasks.
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = PREEMPT_SIGNAL
     job = executor.submit(TrainingJob(request.train_argv))
+    cluster = "local" if request.local else "slurm"
     logger.info("submitted %s job %s: train.py %s", cluster, job.job_id, " ".join(request.train_argv))
     return job
 

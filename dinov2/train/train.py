@@ -340,6 +340,7 @@ def train(
             scaler.load_state_dict(state["grad_scaler"])
         logger.info("resuming at iteration %d from %s", start_iter, latest)
     if not resuming:  # after loading MODEL.WEIGHTS, which may lie in this folder's checkpoints
+        distributed.barrier()  # every rank has read them before they are moved
         if info.is_main_process:
             set_aside_previous_run(output_dir, previous_config)
         distributed.barrier()
