@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,32 @@ def test_logreg_sklearn_backend_is_dinobloom_logistic_regression() -> None:
     np.testing.assert_allclose(ours, reference.predict_proba(x[240:]), atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["sklearn", "torch"])
+def test_two_class_probe_is_dinobloom_multinomial_fit(backend: str) -> None:
+    """Two classes: DinoBloom's two-row softmax model, fitted here by scipy from its objective."""
+    from scipy.optimize import minimize
+
+    x, y = _clusters(160, 6, 2, spread=1.0, seed=21)
+    train_x, train_y, test_x = x[:120], y[:120], x[120:]
+    C = 6 * 2 / 100
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        weight, bias = theta[:12].reshape(2, 6), theta[12:]
+        logits = train_x @ weight.T + bias
+        log_p = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+        residual = np.exp(log_p) - np.eye(2)[train_y]
+        loss = -C * log_p[np.arange(len(train_y)), train_y].sum() + 0.5 * np.square(weight).sum()
+        grad = np.concatenate([(C * residual.T @ train_x + weight).ravel(), C * residual.sum(0)])
+        return loss, grad
+
+    theta = minimize(objective, np.zeros(14), jac=True, method="L-BFGS-B", options={"gtol": 1e-10, "ftol": 1e-15}).x
+    logits = test_x @ theta[:12].reshape(2, 6).T + theta[12:]
+    expected = np.exp(logits - np.logaddexp.reduce(logits, axis=1, keepdims=True))
+    probe = linear.logreg_sklearn if backend == "sklearn" else linear.logreg_torch
+    ours = probe(train_x, train_y, test_x, 2, tol=1e-8)
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("classes", [2, 5])
 def test_logreg_torch_backend_agrees_with_sklearn(classes: int) -> None:
     x, y = _clusters(600, 32, classes, spread=4.0, seed=9 + classes)
@@ -253,6 +280,19 @@ def test_test_file_must_match_train_file() -> None:
     subset = _feature_set([4], dim=8)
     subset.class_names = ["class1"]
     np.testing.assert_array_equal(protocol.align_test_set(train, subset, "train.h5", "test.h5"), np.ones(4))
+
+
+def test_test_file_weights_are_compared(caplog: pytest.LogCaptureFixture) -> None:
+    train, test = _feature_set([6, 6]), _feature_set([3, 3])
+    train.meta.update(model="dinobloom_s", weights="/w/a.pth")
+    # the same file named once explicitly and once by its inferred architecture is the same model
+    test.meta.update(model="inferred:vit_small", weights="/w/a.pth")
+    protocol.align_test_set(train, test, "train.h5", "test.h5")
+    # same name, other weights: allowed (the files may be copies) but said
+    test.meta.update(model="dinobloom_s", weights="/w/b.pth")
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.protocol"):
+        protocol.align_test_set(train, test, "train.h5", "test.h5")
+    assert "test.h5 was extracted with weights /w/b.pth but train.h5 with /w/a.pth" in caplog.text
 
 
 def _write(fs: FeatureSet, path: Path) -> Path:

@@ -144,6 +144,10 @@ def test_bags_from_csv_matches_paths_by_tail(tmp_path: Path) -> None:
     table.write_text("bag_id,bag_label,file\nX,pos,a.jpg\n")
     with pytest.raises(ValueError, match=r"missing columns \['patient', 'label', 'path'\]"):
         bags_from_csv(fs, table)
+    # two cohorts' patients P1 in the CSV, features of one cohort only: both tails fall back to the same cells
+    table.write_text("patient,label,path\nA_P1,pos,cohortA/APL/P1/a.jpg\nB_P1,pos,cohortB/APL/P1/a.jpg\n")
+    with pytest.raises(ValueError, match=r"\(patient 'B_P1'\) and 'cohortA/APL/P1/a.jpg' \(patient 'A_P1'\) match the same"):
+        bags_from_csv(fs, table)
 
 
 def test_mil_cli_writes_results_and_attention(tmp_path: Path) -> None:

@@ -1,16 +1,18 @@
 """Linear probe: L2-regularised multinomial logistic regression on frozen features.
 
-DinoBloom ran ``sklearn.linear_model.LogisticRegression(C=C, max_iter=1000)`` (L-BFGS,
-multinomial) with ``C = dim * classes / 100``, i.e. an L2 coefficient of
-``100 / (dim * classes)``. scikit-learn minimises
+DinoBloom ran ``sklearn.linear_model.LogisticRegression(C=C, max_iter=1000, multi_class="multinomial",
+solver="lbfgs")`` with ``C = dim * classes / 100`` (classes of the training split), i.e. an L2
+coefficient of ``100 / (dim * classes)``. scikit-learn minimises
 
     C * sum_i CE(W x_i + b, y_i) + 0.5 * ||W||^2      (the bias is not penalised),
 
 which has the same minimiser as ``mean_i CE + ||W||^2 / (2 C N)``; the torch backend
 minimises the latter with full-batch L-BFGS (strong Wolfe line search) in float64 on any
-device. With two classes scikit-learn fits one logit vector (binomial loss); the torch
-backend does the same by fixing the first class's logit to 0. Both backends fit only the
-classes present in the training split; absent classes get probability 0.
+device. With two classes both backends fit one logit vector (binomial loss; scikit-learn no
+longer offers ``multi_class``), with ``2 C``: the two-row multinomial model DinoBloom fitted
+has the same minimiser (its rows end up opposite, so its penalty is half the binomial one).
+Both backends fit only the classes present in the training split; absent classes get
+probability 0.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ def _expand(probabilities: np.ndarray, present: np.ndarray, num_classes: int) ->
     return full
 
 
+def _fitted_c(C: float | None, dim: int, present: np.ndarray) -> float:
+    """The C of the fit: DinoBloom's multinomial C (default ``dim * classes / 100``), doubled for a binomial fit."""
+    C = dinobloom_c(dim, present.size) if C is None else C
+    return 2.0 * C if present.size == 2 else C
+
+
 def _present_classes(train_y: np.ndarray) -> np.ndarray:
     """Classes occurring in the training labels; a linear probe needs two."""
     present = np.unique(train_y)
@@ -59,13 +67,15 @@ def logreg_sklearn(
     max_iter: int = 1000,
     tol: float = 1e-4,
 ) -> np.ndarray:
-    """Class probabilities (n_test, num_classes) from scikit-learn's LogisticRegression (lbfgs)."""
+    """Class probabilities (n_test, num_classes) from scikit-learn's LogisticRegression (lbfgs).
+
+    ``C`` is DinoBloom's multinomial C (default ``dim * classes / 100``); see the module docstring for two classes.
+    """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     present = _present_classes(train_y)
-    C = dinobloom_c(train_x.shape[1], num_classes) if C is None else C
-    model = LogisticRegression(C=C, max_iter=max_iter, tol=tol, solver="lbfgs")
+    model = LogisticRegression(C=_fitted_c(C, train_x.shape[1], present), max_iter=max_iter, tol=tol, solver="lbfgs")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(train_x, train_y)
@@ -139,9 +149,8 @@ def logreg_torch(
 ) -> np.ndarray:
     """Class probabilities (n_test, num_classes) from the torch L-BFGS fit of scikit-learn's objective."""
     present = _present_classes(train_y)
-    C = dinobloom_c(train_x.shape[1], num_classes) if C is None else C
     dense_y = np.searchsorted(present, train_y)
-    weight, bias = fit_logreg_torch(train_x, dense_y, C, max_iter, tol, device)
+    weight, bias = fit_logreg_torch(train_x, dense_y, _fitted_c(C, train_x.shape[1], present), max_iter, tol, device)
     x = torch.as_tensor(test_x).to(device=device, dtype=torch.float64)
     with torch.no_grad():
         probabilities = torch.softmax(_logits(x, weight, bias, present.size == 2), dim=1)
@@ -156,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     protocol.add_common_arguments(parser)
     parser.add_argument("--backend", choices=BACKENDS, default="sklearn", help="sklearn (DinoBloom) or torch (GPU)")
-    parser.add_argument("--C", type=float, default=None, help="inverse L2 strength (default: dim * classes / 100)")
+    parser.add_argument("--C", type=float, default=None,
+                        help="inverse L2 strength of the multinomial model (default: dim * classes / 100)")
     parser.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations (default 1000)")
     parser.add_argument("--tol", type=float, default=1e-4, help="gradient tolerance (default 1e-4, sklearn's)")
     return parser

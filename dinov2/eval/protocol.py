@@ -91,8 +91,15 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
     if train_dim != test_dim:
         raise ValueError(f"{test_path}: feature dim {test_dim} differs from {train_path} ({train_dim})")
     train_model, test_model = train_set.meta.get("model"), test_set.meta.get("model")
-    if train_model is not None and test_model is not None and train_model != test_model:
+    train_weights, test_weights = train_set.meta.get("weights") or None, test_set.meta.get("weights") or None
+    same_weights = train_weights is not None and train_weights == test_weights  # names may then differ in spelling
+    if not same_weights and train_model is not None and test_model is not None and train_model != test_model:
         raise ValueError(f"{test_path}: model {test_model!r} differs from {train_path} ({train_model!r})")
+    if train_weights is not None and test_weights is not None and not same_weights:
+        logger.warning(
+            "%s was extracted with weights %s but %s with %s: the probe is trained on one model's features and "
+            "tested on another's unless the two files are the same", test_path, test_weights, train_path, train_weights,
+        )
     unknown = sorted(set(test_set.class_names) - set(train_set.class_names))
     if unknown:
         raise ValueError(f"{test_path}: classes {unknown} do not occur in {train_path} ({train_set.class_names})")

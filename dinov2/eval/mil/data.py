@@ -117,12 +117,22 @@ def bags_from_csv(feature_set: FeatureSet, csv_path: str | Path) -> BagSet:
         for suffix in _suffixes(path):
             by_suffix.setdefault(suffix, []).append(row)
     rows, unmatched = [], []
+    claimed: dict[int, tuple[str, str]] = {}  # feature row -> (patient, CSV path) that matched it first
     for patient, label, path in entries:
         match = next((by_suffix[s] for s in _suffixes(path) if len(by_suffix.get(s, ())) == 1), None)
         if match is None:
             unmatched.append(path)
-        else:
-            rows.append((patient, label, match[0]))
+            continue
+        row = match[0]
+        if row in claimed:  # one cell in two bags (or twice in one) would leak between folds
+            first_patient, first_path = claimed[row]
+            raise ValueError(
+                f"{csv_path}: {path!r} (patient {patient!r}) and {first_path!r} (patient {first_patient!r}) match the "
+                f"same features row, {feature_set.paths[row]!r}; each cell must be listed once and its path must tell "
+                "it apart (add the folders that differ)"
+            )
+        claimed[row] = (patient, path)
+        rows.append((patient, label, row))
     if unmatched:
         raise ValueError(
             f"{csv_path}: {len(unmatched)} of {len(entries)} cell paths match no single path of the features file, "
