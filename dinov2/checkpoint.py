@@ -48,6 +48,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dinov2.distributed import barrier, get_rank, get_world_size
+# One error type for every checkpoint or weights file that cannot be loaded (the CLIs end it in one line).
+from dinov2.hub.loader import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +59,6 @@ TEACHER_PARTS = ("backbone", "dino_head", "ibot_head")
 _CHECKPOINT_NAME = re.compile(r"^\d{9}$")
 # Optimizer options that describe the kernel of this run, not the training state; kept when loading.
 _RUNTIME_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the model; the message says which file and keys."""
 
 
 def _no_dist() -> bool:

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,6 +116,10 @@ def export_timm(
     output.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs), "source": str(weights)}
     save_file(timm_state_dict(backbone), str(output), metadata=metadata)
+    # safetensors creates the file private (0600); give it the permissions of any other new file.
+    umask = os.umask(0)
+    os.umask(umask)
+    output.chmod(0o666 & ~umask)
     return output, name, kwargs
 
 

@@ -107,6 +107,11 @@ def test_types_are_checked_and_numbers_coerced() -> None:
     cfg = load_config(None, ["optim.base_lr=1", "train.output_dir=2024"])
     assert isinstance(cfg.optim.base_lr, float) and cfg.optim.base_lr == 1.0
     assert cfg.train.output_dir == "2024"
+    # an empty value (`key=` in the shell, which OmegaConf reads as null) empties a string setting
+    cfg = load_config(None, ["evaluation.knn_data=", "student.pretrained_weights="])
+    assert cfg.evaluation.knn_data == "" and cfg.student.pretrained_weights == ""
+    with pytest.raises(ConfigError, match=r"optim.base_lr must be a number, got None"):
+        load_config(None, ["optim.base_lr="])
 
 
 @pytest.mark.parametrize(

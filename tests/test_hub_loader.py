@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -350,6 +351,9 @@ def test_timm_export_loads_into_timm(tmp_path: Path, kwargs: dict[str, Any], tim
     torch.save(teacher_checkpoint(source), weights)
     output = tmp_path / "export.safetensors"
     export_timm.main(["--weights", str(weights), "--output", str(output)])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert output.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any other new file, not private
     with safe_open(str(output), "pt") as f:
         name, timm_kwargs = f.metadata()["timm_model"], json.loads(f.metadata()["timm_kwargs"])
     assert name == timm_name

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from dinov2.configs import TRAIN_CONFIG_DIR, ConfigError, load_config, resolve_arch
 from dinov2.data.samplers import InfiniteSampler
 from dinov2.hub import load_backbone
+from dinov2.hub.loader import CheckpointError
 from dinov2.models import DinoVisionTransformer
 from dinov2.train import train as train_module
 from dinov2.train.data import build_train_dataset
@@ -243,6 +244,16 @@ def test_starting_over_sets_the_earlier_run_aside(tmp_path: Path, demo) -> None:
     _train(out, demo.lists_dir, *args, epochs=1, epoch_length=3)  # the new run's own command resumes the new run
     assert "nothing to do: the checkpoint" in (out / "log.txt").read_text().splitlines()[-1]
     assert "000000002" in (out / "log.txt").read_text().splitlines()[-1]
+
+
+def test_a_resume_that_fails_keeps_the_runs_config(tmp_path: Path, demo) -> None:
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, epochs=1, epoch_length=2)
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        _train(out, demo.lists_dir, "student.embed_dim=96", epochs=1, epoch_length=4)
+    # the checkpoints and exports are the 64-wide run's; so must be the config their loading reads
+    assert (out / "config.yaml").read_text() == before
 
 
 def test_a_non_finite_loss_stops_the_run_before_it_is_saved(

@@ -189,6 +189,8 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
+        if value is None:  # `key=` on the command line, or an empty YAML value
+            return ""
         if isinstance(value, (int, float)) and not isinstance(value, bool):  # e.g. output_dir=2024 on the CLI
             return str(value)
     elif isinstance(default, list):

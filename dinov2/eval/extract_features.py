@@ -150,6 +150,8 @@ def embed_images(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = torch.device(device)
+    if precision == "bf16" and device.type != "cuda":
+        logger.warning("--precision bf16 applies on CUDA only; computing the features in fp32 on %s", device)
     model = model.to(device).eval()
     loader = DataLoader(
         _ImageDataset(image_list, img_size),

@@ -38,7 +38,7 @@ HEADS_BY_DIM = {384: 6, 768: 12, 1024: 16, 1536: 24}
 
 
 class CheckpointError(RuntimeError):
-    """A weights file that cannot be loaded: unreadable, not a checkpoint, or not matching the model."""
+    """A weights file or training checkpoint that cannot be loaded: unreadable, incomplete, or not fitting the model."""
 
 
 def is_url(path_or_url: str | os.PathLike[str]) -> bool:

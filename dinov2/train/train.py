@@ -344,6 +344,8 @@ def train(
         if info.is_main_process:
             set_aside_previous_run(output_dir, previous_config)
         distributed.barrier()
+    if info.is_main_process:  # only now: a resume that fails leaves the config of the run's checkpoints in place
+        write_config(cfg, output_dir)
     if start_iter >= max_iter:
         logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", latest, max_iter)
         return {}
@@ -465,8 +467,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_file = output_dir / "config.yaml"
         # An earlier run's config, kept in case this run starts over (its exports need it to load).
         previous = config_file.read_text() if info.is_main_process and config_file.is_file() else None
-        if info.is_main_process:
-            write_config(cfg, output_dir)
         torch.manual_seed(cfg.train.seed + info.rank)
         logger.info("rank %d/%d on %s (%s)", info.rank, info.world_size, info.device, info.launcher)
         try:
