@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (under 8 minutes on one H100): the CUDA/NCCL training path, the ViT-L/G memory
 # check, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in bf16 (eager, and with
-# train.compile: blocks and cross-entropies compiled; a GPU profile of the ViT-S step), the data
+# train.compile: blocks and cross-entropies compiled; a GPU profile of the ViT-S step; a larger batch), the data
 # pipeline with 16 workers, and feature extraction. Every figure goes to stdout and to $LOG_DIR/*.log.
 #
 #   bash scripts/gpu_check.sh [LOG_DIR]
@@ -37,6 +37,9 @@ head -n 30 "$LOG_DIR/vits14_profile.txt" 2>/dev/null | cut -c1-160
 step vits14_bf16_compile 120 $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS --compile --iters 10
 step vitl14_bf16 120 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --iters 8
 step vitl14_bf16_compile 150 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --compile --iters 8
+# Does MFU grow with the batch (fixed per-step costs) or not (per-image costs)? Twice the batch, eager.
+step vits14_bf16_b256 90 $PY scripts/benchmark_train.py --arch vit_small --batch-size 256 $HEADS --iters 6
+step vitl14_bf16_b96 90 $PY scripts/benchmark_train.py --arch vit_large --batch-size 96 $HEADS --iters 6
 # Memory: ViT-g/14 with SwiGLU, one GPU, activation checkpointing, DinoBloom crops.
 step vitg14_bf16_ckpt 120 $PY scripts/benchmark_train.py --arch vit_giant2 --batch-size 32 $HEADS \
   --activation-checkpointing --warmup 2 --iters 4
