@@ -102,6 +102,9 @@ def test_local_run_keeps_the_callers_gpus(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-3f2a")
     with pytest.raises(launcher.LaunchError, match="GPU indices"):
         launcher.local_executor_parameters(launcher.parse_request(argv))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden: the two ranks stay on the CPU
+    params = launcher.local_executor_parameters(launcher.parse_request(argv))
+    assert params["gpus_per_node"] == 0 and params["tasks_per_node"] == 2 and "visible_gpus" not in params
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert "visible_gpus" not in launcher.local_executor_parameters(launcher.parse_request(argv))
 

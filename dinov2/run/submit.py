@@ -285,7 +285,9 @@ def local_executor_parameters(request: LaunchRequest) -> dict[str, Any]:
         "signal_delay_s": s["signal_delay_s"],
     }
     visible = _visible_gpu_indices()
-    if visible is not None:
+    if visible == []:  # GPUs hidden on purpose (CUDA_VISIBLE_DEVICES=""): the ranks run on the CPU and stay there
+        params["gpus_per_node"] = 0
+    elif visible is not None:
         if len(visible) < s["ngpus"]:
             raise LaunchError(f"--ngpus {s['ngpus']} but CUDA_VISIBLE_DEVICES lists only {len(visible)} GPU(s)")
         params["visible_gpus"] = visible
@@ -300,9 +302,7 @@ def _visible_gpu_indices() -> list[int] | None:
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise LaunchError(
-            f"--local needs CUDA_VISIBLE_DEVICES as GPU indices (e.g. 4,5), got {value!r}"
-        ) from None
+        raise LaunchError(f"--local needs CUDA_VISIBLE_DEVICES as GPU indices (e.g. 4,5), got {value!r}") from None
 
 
 def submit(argv: Sequence[str] | None = None) -> submitit.Job:
