@@ -56,7 +56,7 @@ def make_augmentation(recipe: str) -> DataAugmentationDINO:
 def make_collate() -> Callable[[list[Any]], Any]:
     """The trainer's collate: stack the crops (float32) and draw the iBOT masks of the batch."""
     grid = 224 // 14
-    generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
+    generator = MaskingGenerator.for_global_crops(224, 14)
     return functools.partial(
         collate_data_and_cast,
         mask_ratio_tuple=(0.1, 0.5),

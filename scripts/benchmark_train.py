@@ -144,13 +144,12 @@ def synthetic_batch(cfg, batch_size: int, seed: int) -> dict:
         )
         for _ in range(batch_size)
     ]
-    grid = g // cfg.student.patch_size
     return collate_data_and_cast(
         samples,
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability,
         dtype=torch.float32,
-        mask_generator=MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid),
+        mask_generator=MaskingGenerator.for_global_crops(g, cfg.student.patch_size),
         rng=random.Random(seed),
     )
 

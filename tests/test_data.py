@@ -256,11 +256,41 @@ def test_crop_shapes(hematology: bool, local: int, local_size: int) -> None:
         assert crop.min() >= -2.2 and crop.max() <= 2.7
 
 
+@pytest.mark.parametrize(
+    ("hematology", "blur", "expected"),
+    [
+        # as trained: DINOv2's GaussianBlur(p) blurred with probability 1 - p
+        (True, None, (0.9, 0.9, 0.5)),
+        (False, None, (0.0, 0.9, 0.5)),
+        (False, (1.0, 0.1, 0.5), (1.0, 0.1, 0.5)),
+    ],
+)
+def test_blur_rate_of_each_view(
+    monkeypatch: pytest.MonkeyPatch, hematology: bool, blur: tuple | None, expected: tuple
+) -> None:
+    import dinov2.data.augmentations as augmentations
+
+    augmentation = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, 16, 8, hematology=hematology,
+                                        blur_probabilities=blur)  # fmt: skip
+    calls: list[int] = []
+    monkeypatch.setattr(augmentations, "gaussian_blur", lambda x, *args: calls.append(1) or x)
+    image = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
+    draws = 400
+    for view, rate in zip((augmentation.global_view1, augmentation.global_view2, augmentation.local_view), expected):
+        calls.clear()
+        with seeded_rng(0):
+            for _ in range(draws):
+                view(image, augmentation.jitter)
+        assert abs(len(calls) / draws - rate) <= 0.06  # 4 standard deviations at p = 0.5
+
+
 def test_augmentation_argument_errors() -> None:
     with pytest.raises(ValueError, match="global_crops_scale"):
         DataAugmentationDINO((0.0, 1.0), (0.05, 0.32), 0)
     with pytest.raises(ValueError, match="local_crops_number"):
         DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), -1)
+    with pytest.raises(ValueError, match="blur_probabilities must be 3 probabilities"):
+        DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 0, blur_probabilities=(0.5, 1.5, 0.5))
 
 
 def _denormalise(x: torch.Tensor) -> torch.Tensor:

@@ -183,3 +183,10 @@ def test_masking_generator_rejects_bad_settings() -> None:
         MaskingGenerator(16, max_num_patches=10, min_aspect=0.0)
     with pytest.raises(ValueError, match="positive"):
         MaskingGenerator((0, 16), max_num_patches=10)
+
+
+@pytest.mark.parametrize(("crop", "grid", "bound"), [(224, 16, 128), (210, 15, 105), (518, 37, 666), (98, 7, 21)])
+def test_global_crop_generator_bounds_blocks_as_dinov2(crop: int, grid: int, bound: int) -> None:
+    # DINOv2's train.py: max_num_patches=0.5 * img_size // patch_size * img_size // patch_size (floors from the left)
+    generator = MaskingGenerator.for_global_crops(crop, 14)
+    assert generator.get_shape() == (grid, grid) and generator.max_num_patches == bound

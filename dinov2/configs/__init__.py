@@ -273,6 +273,12 @@ def _check_values(cfg: DictConfig) -> None:
                 f"compute_precision.student.{part} and compute_precision.teacher.{part} must both be NO_SHARD or both "
                 "be sharded: the teacher's EMA update needs parameters laid out alike"
             )
+    blur = cfg.crops.blur_probabilities
+    if blur is not None and (
+        isinstance(blur, (str, int, float)) or len(blur) != 3
+        or not all(isinstance(b, (int, float)) and 0 <= b <= 1 for b in blur)
+    ):
+        problems.append(f"crops.blur_probabilities={blur} must be null or 3 probabilities (global 1, global 2, local)")
     for key in ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max"):
         value = list(OmegaConf.select(cfg, key))
         if len(value) != 2 or not 0 <= value[0] <= value[1] <= 1:

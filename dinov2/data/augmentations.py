@@ -29,7 +29,7 @@ from dinov2.data.transforms import (
     to_float_tensor,
 )
 
-__all__ = ["ColorJitter", "CropView", "DataAugmentationDINO"]
+__all__ = ["TRAINED_BLUR_PROBABILITIES", "ColorJitter", "CropView", "DataAugmentationDINO"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _BLUR_SIGMA = (0.1, 2.0)
 _BLUR_KERNEL = 9
 _SOLARIZE_THRESHOLD = 128.0 / 255.0
+# How often (global view 1, global view 2, local views) were blurred in training (see DataAugmentationDINO).
+TRAINED_BLUR_PROBABILITIES = {"dinov2": (0.0, 0.9, 0.5), "hematology": (0.9, 0.9, 0.5)}
 
 
 def _coin(p: float) -> bool:
@@ -132,18 +134,23 @@ class DataAugmentationDINO:
 
     Common to both recipes: ``RandomResizedCrop`` (bicubic, antialiased, aspect ratio 3/4..4/3),
     horizontal flip p=0.5, ``ColorJitter(0.4, 0.4, 0.2, 0.1)`` p=0.8, Gaussian blur (kernel 9,
-    sigma 0.1..2) and ImageNet normalisation; local views are blurred with p=0.5.
+    sigma 0.1..2) and ImageNet normalisation.
 
-    ``hematology=False`` is DINOv2's recipe: grayscale p=0.2; blur p=1.0 on the first global view and
-    p=0.1 on the second, which is also solarised (threshold 128) with p=0.2.
+    Blur probabilities are those the released models were trained with. DINOv2's ``GaussianBlur(p)`` (which
+    DinoBloom imports) hands ``1 - p`` to torchvision's ``RandomApply``, so a view written with p is blurred
+    with probability 1 - p: DINOv2's "p=1.0, 0.1, 0.5" blurred the first global view never, the second with
+    0.9 and local views with 0.5; DinoBloom's "p=0.1" blurred both global views with 0.9. ``blur_probabilities``
+    (global view 1, global view 2, local views) sets other values, e.g. (1.0, 0.1, 0.5) for the papers' text.
+
+    ``hematology=False`` is DINOv2's recipe: grayscale p=0.2, blur (0.0, 0.9, 0.5); the second global view is
+    also solarised (threshold 128) with p=0.2.
 
     ``hematology=True`` is DinoBloom's recipe (its ``augmentations.py``): cells have no canonical
     orientation, so vertical flip p=0.5 and a 90 degree rotation p=0.5 are added (with the horizontal flip
     this draws uniformly from the 8 symmetries of the square); stain colour carries information, so there is
-    no grayscale and no solarisation; both global views are blurred with p=0.1 only, since fine chromatin
-    and granule texture matter. The colour jitter keeps DINOv2's strengths and p=0.8: DinoBloom's history
-    also has a revision with an HED stain jitter (p=0.5) and jitter p=0.5, which its later revision commented
-    out; we follow the later one.
+    no grayscale and no solarisation; blur (0.9, 0.9, 0.5). The colour jitter keeps DINOv2's strengths and
+    p=0.8: DinoBloom's history also has a revision with an HED stain jitter (p=0.5) and jitter p=0.5, which
+    its later revision commented out; we follow the later one.
 
     The output dict is what ``collate_data_and_cast`` consumes: ``global_crops`` (2 tensors),
     ``global_crops_teacher`` (the same 2 tensors), ``local_crops`` (``local_crops_number`` tensors, possibly
@@ -158,6 +165,7 @@ class DataAugmentationDINO:
         global_crops_size: int = 224,
         local_crops_size: int = 96,
         hematology: bool = True,
+        blur_probabilities: tuple[float, float, float] | None = None,
     ) -> None:
         for name, scale in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
             low, high = (float(s) for s in scale)
@@ -165,25 +173,34 @@ class DataAugmentationDINO:
                 raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
         if local_crops_number < 0:
             raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
+        if blur_probabilities is None:
+            blur_probabilities = TRAINED_BLUR_PROBABILITIES["hematology" if hematology else "dinov2"]
+        blur = [float(b) for b in blur_probabilities]
+        if len(blur) != 3 or not all(0.0 <= b <= 1.0 for b in blur):
+            raise ValueError(
+                f"blur_probabilities must be 3 probabilities (global view 1, global view 2, local), got {blur_probabilities}"
+            )
+        blur1, blur2, blur_local = blur
         self.local_crops_number = int(local_crops_number)
         self.hematology = hematology
         self.jitter = ColorJitter(0.4, 0.4, 0.2, 0.1)
         common: dict[str, Any] = {"grayscale_p": 0.0 if hematology else 0.2, "dihedral": hematology}
         global_scale = (float(global_crops_scale[0]), float(global_crops_scale[1]))
-        self.global_view1 = CropView(global_crops_size, global_scale, blur_p=0.1 if hematology else 1.0, **common)
+        self.global_view1 = CropView(global_crops_size, global_scale, blur_p=blur1, **common)
         self.global_view2 = CropView(
-            global_crops_size, global_scale, blur_p=0.1, solarize_p=0.0 if hematology else 0.2, **common
+            global_crops_size, global_scale, blur_p=blur2, solarize_p=0.0 if hematology else 0.2, **common
         )
         local_scale = (float(local_crops_scale[0]), float(local_crops_scale[1]))
-        self.local_view = CropView(local_crops_size, local_scale, blur_p=0.5, **common)
+        self.local_view = CropView(local_crops_size, local_scale, blur_p=blur_local, **common)
         logger.info(
-            "augmentation: %s recipe, global %d px scale %s, %d local crops %d px scale %s",
+            "augmentation: %s recipe, global %d px scale %s, %d local crops %d px scale %s, blur p %s",
             "hematology (DinoBloom)" if hematology else "DINOv2",
             global_crops_size,
             global_scale,
             self.local_crops_number,
             local_crops_size,
             local_scale,
+            tuple(blur),
         )
 
     def __call__(self, image: Image.Image | torch.Tensor) -> dict[str, Any]:

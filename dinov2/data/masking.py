@@ -47,6 +47,16 @@ class MaskingGenerator:
         max_aspect = max_aspect or 1 / min_aspect
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
 
+    @classmethod
+    def for_global_crops(cls, crop_size: int, patch_size: int) -> MaskingGenerator:
+        """The trainer's generator for square global crops: a (crop // patch)^2 grid, blocks of up to half of it.
+
+        The bound is DINOv2's expression ``0.5 * crop // patch * crop // patch`` (floor divisions from the left):
+        128 for 224 / 14, but 105 rather than 112.5 for an odd grid such as 210 / 14.
+        """
+        grid = crop_size // patch_size
+        return cls(input_size=(grid, grid), max_num_patches=0.5 * crop_size // patch_size * crop_size // patch_size)
+
     def __repr__(self) -> str:
         return (
             f"MaskingGenerator({self.height}x{self.width}, block patches {self.min_num_patches}"

@@ -99,6 +99,7 @@ def build_train_dataset(cfg: DictConfig) -> FileListDataset:
         global_crops_size=cfg.crops.global_crops_size,
         local_crops_size=cfg.crops.local_crops_size,
         hematology=cfg.train.augmentation == "hematology",
+        blur_probabilities=cfg.crops.blur_probabilities,
     )
     resize = int(cfg.train.image_resize) or None
     return make_dataset(str(cfg.train.dataset_path), transform=augmentation, resize=resize, seed=cfg.train.seed)
@@ -108,15 +109,13 @@ def build_train_loader(
     cfg: DictConfig, dataset: FileListDataset, *, start: int, rank: int, world_size: int
 ) -> tuple[DataLoader, InfiniteSampler]:
     """An endless loader for this rank that starts at global draw ``start`` (a resumed run's position)."""
-    patch = int(cfg.student.patch_size)
-    grid = cfg.crops.global_crops_size // patch
     batch_size = int(cfg.train.batch_size_per_gpu)
     sampler = InfiniteSampler(
         len(dataset), shuffle=True, seed=cfg.train.seed, start=start, rank=rank, world_size=world_size,
         batch_size=batch_size,
     )
     collate = TrainCollate(
-        mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid),
+        mask_generator=MaskingGenerator.for_global_crops(cfg.crops.global_crops_size, cfg.student.patch_size),
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=float(cfg.ibot.mask_sample_probability),
         seed=int(cfg.train.seed),
