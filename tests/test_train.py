@@ -286,6 +286,20 @@ def test_a_metrics_line_cut_short_does_not_block_resume(tmp_path: Path, demo) ->
     assert "dropping an unreadable line" in (out / "log.txt").read_text()
 
 
+def test_resuming_on_lists_of_another_length_is_said(tmp_path: Path, demo) -> None:
+    images = [str(p) for p in sorted(demo.images_dir.rglob("*.png"))]
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("\n".join(images[:40]) + "\n")
+    out = tmp_path / "run"
+    _train(out, lists, epochs=1, epoch_length=2)
+    (lists / "more.txt").write_text("\n".join(images[40:]) + "\n")  # the lists grew while the run was stopped
+    _train(out, lists, epochs=2, epoch_length=2)
+    log = (out / "log.txt").read_text()
+    assert f"was trained on 40 images, the lists now hold {len(images)}" in log
+    assert [r["iteration"] for r in _metrics(out)] == [0, 1, 2, 3]  # a warning, not a stop
+
+
 def _damaged_list(tmp_path: Path, demo) -> tuple[Path, list[str]]:
     """The demo list plus a file of random bytes, a PNG cut in half and a path that does not exist."""
     images = sorted((demo.images_dir).rglob("*.png"))

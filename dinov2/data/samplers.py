@@ -13,7 +13,10 @@ Training step ``i`` with per-rank batch ``B`` on ``W`` ranks consumes draws ``[i
 rank ``r`` takes the contiguous block ``[i*W*B + r*B, i*W*B + (r+1)*B)``. Hence the batch of one rank with
 batch ``W*B`` at step ``i`` is exactly ``[rank 0's B, rank 1's B, ..., rank W-1's B]`` in this order, and a
 run resumed at step ``i`` (``start = i*W*B``) sees exactly what an uninterrupted run would have seen,
-also after a change of ``W`` that keeps the global batch ``W*B``.
+also after a change of ``W`` that keeps the global batch ``W*B``: the same samples with the same
+augmentations. (The trainer draws iBOT masks per rank batch, as DINOv2 spreads mask ratios over a batch, so
+the masks are the same only when ``W`` and ``B`` are.) All of this holds while N stays the same: the trainer
+warns when a run resumes on lists of another length.
 """
 
 from __future__ import annotations

@@ -336,6 +336,12 @@ def train(
                 "%s saw %d images in %d steps; this run takes %d per step, so its data order and learning rate "
                 "differ from those of an uninterrupted run", latest, images_seen, start_iter, global_batch,
             )
+        if state.get("dataset_size", len(dataset)) != len(dataset):
+            logger.warning(
+                "%s was trained on %d images, the lists now hold %d: from here the sample order differs from that of "
+                "an uninterrupted run (this epoch may repeat or skip some images)", latest, state["dataset_size"],
+                len(dataset),
+            )
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         logger.info("resuming at iteration %d from %s", start_iter, latest)
@@ -364,7 +370,7 @@ def train(
 
     def checkpoint(iteration: int) -> None:
         model.apply_center_updates()
-        extra = {"images_seen": images_seen, "bad_images": bad_images}
+        extra = {"images_seen": images_seen, "bad_images": bad_images, "dataset_size": len(dataset)}
         if scaler is not None:
             extra["grad_scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_dir, iteration, model, optimizer, extra, keep_last=cfg.train.keep_last_checkpoints)
