@@ -37,6 +37,7 @@ from dinov2.data import (  # noqa: E402
 from dinov2.data.collate import collate_data_and_cast  # noqa: E402
 from dinov2.data.masking import MaskingGenerator  # noqa: E402
 from dinov2.data.transforms import load_image  # noqa: E402
+from dinov2.parallel import dtype_from_name  # noqa: E402
 
 logger = logging.getLogger("benchmark_data")
 
@@ -53,15 +54,15 @@ def make_augmentation(recipe: str) -> DataAugmentationDINO:
     )
 
 
-def make_collate() -> Callable[[list[Any]], Any]:
-    """The trainer's collate: stack the crops (float32) and draw the iBOT masks of the batch."""
+def make_collate(dtype: torch.dtype) -> Callable[[list[Any]], Any]:
+    """The trainer's collate: stack the crops as ``dtype`` and draw the iBOT masks of the batch."""
     grid = 224 // 14
     generator = MaskingGenerator.for_global_crops(224, 14)
     return functools.partial(
         collate_data_and_cast,
         mask_ratio_tuple=(0.1, 0.5),
         mask_probability=0.5,
-        dtype=torch.float32,
+        dtype=dtype,
         n_tokens=grid * grid,
         mask_generator=generator,
     )
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--data", help="dataset: folder of .txt lists, a .txt list, an image folder or Name:root=...")
     source.add_argument("--demo", type=Path, help="generate the demo dataset here (if needed) and use it")
     parser.add_argument("--resize", type=int, default=224, help="resize images first (0: keep the size)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="dtype of the collated crops: the run's compute dtype (bf16 or fp16 on GPU, fp32 on CPU)")
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
     parser.add_argument("--batch-size", type=int, default=32)
@@ -142,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data = args.data
     dataset = make_dataset(data, resize=args.resize or None)
-    collate = make_collate()
-    print(f"data: {data} ({len(dataset)} images, resize {dataset.resize})")
+    collate = make_collate(dtype_from_name(args.dtype))
+    print(f"data: {data} ({len(dataset)} images, resize {dataset.resize}, crops as {args.dtype})")
     print(f"{'recipe':<10} {'stage':<24} {'workers':>7} {'images/s':>10}")
     headline = 0.0
     for recipe in args.recipes:

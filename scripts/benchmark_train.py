@@ -39,6 +39,7 @@ from dinov2.configs import apply_scaling_rules_to_cfg, load_config
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.masking import MaskingGenerator
 from dinov2.layers.attention import XFORMERS_DISABLED_ENV, xformers_attention
+from dinov2.parallel import autocast_dtype
 from dinov2.train.data import effective_local_crops
 from dinov2.train.train import build_training_state, make_autocast, training_step
 
@@ -129,8 +130,8 @@ def cpu_busy_warning(threads: int) -> str | None:
     return None
 
 
-def synthetic_batch(cfg, batch_size: int, seed: int) -> dict:
-    """A collated batch of random images with iBOT masks, shaped like the training loader's."""
+def synthetic_batch(cfg, batch_size: int, seed: int, dtype: torch.dtype = torch.float32) -> dict:
+    """A collated batch of random images with iBOT masks, shaped like the training loader's (crops as ``dtype``)."""
     gen = torch.Generator().manual_seed(seed)
     g, l = cfg.crops.global_crops_size, cfg.crops.local_crops_size
     n_local = effective_local_crops(cfg)
@@ -148,7 +149,7 @@ def synthetic_batch(cfg, batch_size: int, seed: int) -> dict:
         samples,
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability,
-        dtype=torch.float32,
+        dtype=dtype,
         mask_generator=MaskingGenerator.for_global_crops(g, cfg.student.patch_size),
         rng=random.Random(seed),
     )
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     model, optimizer, scaler = build_training_state(cfg, device)
     autocast = make_autocast(cfg, device)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(cfg, args.batch_size, info.rank).items()}
+    crops = synthetic_batch(cfg, args.batch_size, info.rank, autocast_dtype(cfg, device))  # as the trainer collates
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in crops.items()}
     n_params = sum(p.numel() for p in model.student.backbone.parameters())
 
     def step() -> None:

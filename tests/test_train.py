@@ -450,20 +450,24 @@ def test_logging_prints_each_line_once(tmp_path: Path, capsys: pytest.CaptureFix
         root.removeHandler(console)
 
 
-def test_loader_batches_do_not_depend_on_the_worker_count(demo) -> None:
-    """Batches from worker processes (which stack the crops into shared memory) equal the in-process ones."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loader_batches_do_not_depend_on_the_worker_count(demo, dtype: torch.dtype) -> None:
+    """Batches from worker processes (which stack the crops into shared memory) equal the in-process ones; crops
+    collated in a mixed-precision run's dtype are the float32 crops rounded, as autocast would round them."""
     from dinov2.train.data import build_train_loader
 
     batches = {}
-    for workers in (0, 2):
+    for workers, crop_dtype in ((0, torch.float32), (2, dtype)):
         cfg = load_config(DEMO_CONFIG, [f"train.dataset_path={demo.lists_dir}", *TINY, f"train.num_workers={workers}"])
-        loader, _ = build_train_loader(cfg, build_train_dataset(cfg), start=8, rank=0, world_size=1)
+        loader, _ = build_train_loader(cfg, build_train_dataset(cfg), start=8, rank=0, world_size=1, dtype=crop_dtype)
         iterator = iter(loader)
         batches[workers] = [next(iterator) for _ in range(2)]
         del iterator
     for in_process, from_worker in zip(batches[0], batches[2]):
-        assert from_worker["collated_global_crops"].shape == (16, 3, 56, 56)
-        for key in ("collated_global_crops", "collated_masks", "mask_indices_list", "masks_weight"):
+        crops = from_worker["collated_global_crops"]
+        assert crops.shape == (16, 3, 56, 56) and crops.dtype == dtype
+        assert torch.equal(in_process["collated_global_crops"].to(dtype), crops)
+        for key in ("collated_masks", "mask_indices_list", "masks_weight"):
             assert torch.equal(in_process[key], from_worker[key]), key
 
 

@@ -54,6 +54,7 @@ class TrainCollate:
     mask_ratio_tuple: tuple[float, float]
     mask_probability: float
     seed: int
+    dtype: torch.dtype = torch.float32  # of the crops: the run's compute dtype
 
     def __call__(self, items: list[tuple[Any, SampleKey]]) -> dict[str, Any]:
         samples = [sample for sample, _ in items if sample is not None]
@@ -66,7 +67,7 @@ class TrainCollate:
             samples,
             mask_ratio_tuple=self.mask_ratio_tuple,
             mask_probability=self.mask_probability,
-            dtype=torch.float32,
+            dtype=self.dtype,
             mask_generator=self.mask_generator,
             rng=rng,
         )
@@ -106,9 +107,19 @@ def build_train_dataset(cfg: DictConfig) -> FileListDataset:
 
 
 def build_train_loader(
-    cfg: DictConfig, dataset: FileListDataset, *, start: int, rank: int, world_size: int
+    cfg: DictConfig,
+    dataset: FileListDataset,
+    *,
+    start: int,
+    rank: int,
+    world_size: int,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[DataLoader, InfiniteSampler]:
-    """An endless loader for this rank that starts at global draw ``start`` (a resumed run's position)."""
+    """An endless loader for this rank that starts at global draw ``start`` (a resumed run's position).
+
+    Crops come as ``dtype``, the run's compute dtype (``autocast_dtype``): bf16 or fp16 halve what workers hand
+    over and what is copied to the GPU, and the first layer gets the same input as from float32 under autocast.
+    """
     batch_size = int(cfg.train.batch_size_per_gpu)
     sampler = InfiniteSampler(
         len(dataset), shuffle=True, seed=cfg.train.seed, start=start, rank=rank, world_size=world_size,
@@ -119,6 +130,7 @@ def build_train_loader(
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=float(cfg.ibot.mask_sample_probability),
         seed=int(cfg.train.seed),
+        dtype=dtype,
     )
     loader = make_data_loader(
         KeyedSamples(dataset),

@@ -363,7 +363,8 @@ def train(
             monitor.evaluate(model.teacher.backbone, "initialisation", 0)
 
     loader, _ = build_train_loader(
-        cfg, dataset, start=start_iter * global_batch, rank=info.rank, world_size=info.world_size
+        cfg, dataset, start=start_iter * global_batch, rank=info.rank, world_size=info.world_size,
+        dtype=autocast_dtype(cfg, device),
     )
     autocast = make_autocast(cfg, device)
     metrics = MetricsWriter(output_dir / "training_metrics.json", info.is_main_process, start_iter)
