@@ -168,7 +168,7 @@ class SSLMetaArch(nn.Module):
         masks = batch["collated_masks"]
         student_global = self.student.backbone(global_crops, masks=masks, is_training=True)
         loss_terms: dict[str, Tensor] = {}
-        total = global_crops.new_zeros(())
+        total = torch.zeros((), device=global_crops.device)  # float32 whatever dtype the crops come in
 
         cls_tokens = student_global["x_norm_clstoken"]
         if self.do_ibot and not self.ibot_separate_head:
