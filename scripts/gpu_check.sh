@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (under 8 minutes on one H100): the CUDA/NCCL training path, the ViT-L/G memory
+# One prepared GPU check (about 6 minutes on one H100 or H200; each step has its own time limit): the CUDA/NCCL training path, the ViT-L/G memory
 # check, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in bf16 (eager, and with
 # train.compile: blocks and cross-entropies compiled; a GPU profile of the ViT-S step; a larger batch), the data
 # pipeline with 16 workers, and feature extraction. Every figure goes to stdout and to $LOG_DIR/*.log.
@@ -37,12 +37,13 @@ head -n 30 "$LOG_DIR/vits14_profile.txt" 2>/dev/null | cut -c1-160
 step vits14_bf16_compile 120 $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS --compile --iters 10
 step vitl14_bf16 120 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --iters 8
 step vitl14_bf16_compile 150 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --compile --iters 8
-# Does MFU grow with the batch (fixed per-step costs) or not (per-image costs)? Twice the batch, eager.
+# Does MFU grow with the batch (fixed per-step costs) or not (per-image costs)? ViT-S x2, ViT-L x1.5, eager.
 step vits14_bf16_b256 90 $PY scripts/benchmark_train.py --arch vit_small --batch-size 256 $HEADS --iters 6
 step vitl14_bf16_b96 90 $PY scripts/benchmark_train.py --arch vit_large --batch-size 96 $HEADS --iters 6
 # Memory: ViT-g/14 with SwiGLU, one GPU, activation checkpointing, DinoBloom crops.
 step vitg14_bf16_ckpt 120 $PY scripts/benchmark_train.py --arch vit_giant2 --batch-size 32 $HEADS \
   --activation-checkpointing --warmup 2 --iters 4
+# Crops collated as bf16, as a mixed-precision run collates them (fp16, DinoBloom's setting, moves the same bytes).
 step data_pipeline 90 $PY scripts/benchmark_data.py --demo /tmp/demo_data --recipes dinobloom dinov2 \
   --workers 1 8 16 --batch-size 64 --batches 10
 step features_vits14 45 $PY scripts/benchmark_features.py --device cuda --batch-size 256 --iters 20

@@ -112,6 +112,10 @@ def test_types_are_checked_and_numbers_coerced() -> None:
     assert cfg.evaluation.knn_data == "" and cfg.student.pretrained_weights == ""
     with pytest.raises(ConfigError, match=r"optim.base_lr must be a number, got None"):
         load_config(None, ["optim.base_lr="])
+    with pytest.raises(ConfigError, match=r"train.output_dir is empty"):  # never the current directory by accident
+        load_config(None, ["train.output_dir="])
+    with pytest.raises(ConfigError, match=r"crops.blur_probabilities=\[True, False, 0.5\] must be null or 3"):
+        load_config(None, ["crops.blur_probabilities=[true,false,0.5]"])
 
 
 @pytest.mark.parametrize(

@@ -300,6 +300,10 @@ def test_slurm_batch_step_runs_as_one_process(
         info = enable_distributed(device="cpu")
     assert (info.launcher, info.world_size, info.is_distributed) == ("single", 1, False)
     assert "one process in a SLURM job of 4 tasks" in caplog.text and "srun" in caplog.text
+    # a task other than 0 without a step size cannot be a batch step: refuse rather than run as rank 0 again
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    with pytest.raises(RuntimeError, match="SLURM_PROCID=3 without SLURM_STEP_NUM_TASKS"):
+        enable_distributed(device="cpu")
 
 
 @pytest.mark.parametrize(

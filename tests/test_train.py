@@ -300,6 +300,19 @@ def test_resuming_on_lists_of_another_length_is_said(tmp_path: Path, demo) -> No
     assert [r["iteration"] for r in _metrics(out)] == [0, 1, 2, 3]  # a warning, not a stop
 
 
+def test_the_blur_used_is_recorded_and_a_change_on_resume_is_said(tmp_path: Path, demo) -> None:
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, epochs=1, epoch_length=2)
+    # config.yaml says which probabilities ran (the demo's hematology recipe, as DinoBloom trained)
+    assert list(load_config(out / "config.yaml").crops.blur_probabilities) == [0.9, 0.9, 0.5]
+    _train(out, demo.lists_dir, epochs=2, epoch_length=2)
+    assert "trained with blur probabilities" not in (out / "log.txt").read_text()
+    _train(out, demo.lists_dir, "crops.blur_probabilities=[0.1,0.1,0.5]", epochs=3, epoch_length=2)
+    assert "trained with blur probabilities [0.9, 0.9, 0.5], this run continues with [0.1, 0.1, 0.5]" in (
+        out / "log.txt"
+    ).read_text()
+
+
 def _damaged_list(tmp_path: Path, demo) -> tuple[Path, list[str]]:
     """The demo list plus a file of random bytes, a PNG cut in half and a path that does not exist."""
     images = sorted((demo.images_dir).rglob("*.png"))

@@ -273,10 +273,12 @@ def _check_values(cfg: DictConfig) -> None:
                 f"compute_precision.student.{part} and compute_precision.teacher.{part} must both be NO_SHARD or both "
                 "be sharded: the teacher's EMA update needs parameters laid out alike"
             )
+    if not cfg.train.output_dir:
+        problems.append("train.output_dir is empty: name the folder the run writes to")
     blur = cfg.crops.blur_probabilities
     if blur is not None and (
         isinstance(blur, (str, int, float)) or len(blur) != 3
-        or not all(isinstance(b, (int, float)) and 0 <= b <= 1 for b in blur)
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b <= 1 for b in blur)
     ):
         problems.append(f"crops.blur_probabilities={blur} must be null or 3 probabilities (global 1, global 2, local)")
     for key in ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max"):

@@ -181,6 +181,7 @@ class DataAugmentationDINO:
                 f"blur_probabilities must be 3 probabilities (global view 1, global view 2, local), got {blur_probabilities}"
             )
         blur1, blur2, blur_local = blur
+        self.blur_probabilities = (blur1, blur2, blur_local)
         self.local_crops_number = int(local_crops_number)
         self.hematology = hematology
         self.jitter = ColorJitter(0.4, 0.4, 0.2, 0.1)

@@ -315,6 +315,8 @@ def train(
     latest = find_latest_checkpoint(ckpt_dir) if resume else None
     # Data and kNN set first: a wrong path fails here, before any model is built.
     dataset = build_train_dataset(cfg)
+    blur = list(dataset.transform.blur_probabilities)
+    cfg.crops.blur_probabilities = blur  # config.yaml records the probabilities used, not null
     monitor = KnnMonitor.from_config(cfg, output_dir, device, resume=latest is not None)
 
     model, optimizer, scaler = build_training_state(cfg, device)
@@ -341,6 +343,13 @@ def train(
                 "%s was trained on %d images, the lists now hold %d: from here the sample order differs from that of "
                 "an uninterrupted run (this epoch may repeat or skip some images)", latest, state["dataset_size"],
                 len(dataset),
+            )
+        if state.get("blur") != blur:
+            logger.warning(
+                "%s was trained with blur probabilities %s, this run continues with %s (global view 1, global view 2, "
+                "local); a checkpoint without a record comes from a version whose DinoBloom recipe blurred global views "
+                "with 0.1 (DINOv2's: 1.0, 0.1, 0.5): set crops.blur_probabilities to continue as it was",
+                latest, state.get("blur", "(no record)"), blur,
             )
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
@@ -371,7 +380,7 @@ def train(
 
     def checkpoint(iteration: int) -> None:
         model.apply_center_updates()
-        extra = {"images_seen": images_seen, "bad_images": bad_images, "dataset_size": len(dataset)}
+        extra = {"images_seen": images_seen, "bad_images": bad_images, "dataset_size": len(dataset), "blur": blur}
         if scaler is not None:
             extra["grad_scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_dir, iteration, model, optimizer, extra, keep_last=cfg.train.keep_last_checkpoints)
