@@ -13,7 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from dinov2.hub import extract_backbone_state, infer_backbone_config, load_backbone_state, resize_pos_embed
+from dinov2.hub import (
+    extract_backbone_state,
+    infer_backbone_config,
+    load_backbone,
+    load_backbone_state,
+    resize_pos_embed,
+)
 from dinov2.layers import SwiGLUFFNFused
 from dinov2.models import DinoVisionTransformer, build_model
 
@@ -128,6 +134,26 @@ def test_chunked_blocks_reproduce_fixture_and_keys(conformance_dir: Path) -> Non
     flat = load_backbone_state(model_from_fixture_config(fixture["config"]), model.state_dict())
     for key, value in flat.state_dict().items():
         assert torch.equal(value, extract_backbone_state(fixture["checkpoint"])[key]), key
+
+
+def test_a_model_loaded_for_another_size_gives_the_reference_features_at_that_size(
+    conformance_dir: Path, tmp_path: Path
+) -> None:
+    """load_backbone(..., img_size=N) on a 224 px checkpoint equals the reference 224 px model fed N px images."""
+    for path in _fixture_files(conformance_dir):
+        fixture = torch.load(path, map_location="cpu", weights_only=True)
+        weights = tmp_path / f"{path.stem}.pth"
+        torch.save(fixture["checkpoint"], weights)
+        config = fixture["config"]
+        settings = {k: config[k] for k in ("num_heads", "interpolate_antialias", "interpolate_offset")}
+        for input_name, size in (("x280", 280), ("x98", 98)):
+            model = load_backbone(None, weights, img_size=size, **settings)
+            assert model.pos_embed.shape[1] == 1 + (size // 14) ** 2
+            with torch.no_grad():
+                out = model.forward_features(fixture["inputs"][input_name])
+            for key in ("x_norm_clstoken", "x_norm_patchtokens"):
+                expected = fixture["outputs"][input_name]["forward_features"][key]
+                assert_close(out[key], expected, f"{path.name}/img_size={size}/{key}")
 
 
 def test_posembed_resampling_matches_dinobloom(conformance_dir: Path) -> None:

@@ -169,17 +169,24 @@ def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
 
 
 def test_hub_sized_pos_embed_is_resized_on_load(tmp_path: Path) -> None:
-    """A DINOv2 hub file (37x37 grid, 1370 tokens) loads into a 224 px model: bicubic to 16x16, cls kept."""
+    """A DINOv2 hub file (37x37 grid, 1370 tokens) into a 224 px model: DinoBloom's bicubic 16x16 for training,
+    and for a requested size the hub model's own run-time resampling, so features stay the hub model's."""
     hub = tiny_model(img_size=518)
     assert hub.pos_embed.shape[1] == 1370
     path = tmp_path / "hub.pth"
     torch.save(hub.state_dict(), path)
-    model = load_backbone(None, path, img_size=224)
-    assert model.pos_embed.shape == (1, 257, 128)
+    # what DinoBloom did before training: F.interpolate to size 16x16, cls kept
+    trained = load_backbone_weights(tiny_model(img_size=224), path)
     grid = hub.pos_embed[:, 1:].reshape(1, 37, 37, 128).permute(0, 3, 1, 2)
     expected = torch.nn.functional.interpolate(grid, size=(16, 16), mode="bicubic").permute(0, 2, 3, 1)
-    torch.testing.assert_close(model.pos_embed[:, 1:], expected.reshape(1, 256, 128), rtol=0, atol=0)
-    assert torch.equal(model.pos_embed[:, 0], hub.pos_embed[:, 0])
+    torch.testing.assert_close(trained.pos_embed[:, 1:], expected.reshape(1, 256, 128), rtol=0, atol=0)
+    assert torch.equal(trained.pos_embed[:, 0], hub.pos_embed[:, 0])
+    # the hub model at 224 px, asked for by size: the features the 518 px model computes on 224 px images
+    model = load_backbone(None, path, img_size=224)
+    assert model.pos_embed.shape == (1, 257, 128)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hub.eval()(x), rtol=0, atol=2e-5)
     with pytest.raises(CheckpointError, match="not square patch grids"):
         resize_pos_embed(torch.zeros(1, 1 + 12, 8), 257)
 

@@ -90,13 +90,18 @@ def load_backbone(
     `img_size=None` means 224 px for the `dinobloom_*` entries (a DINOv2 file's 37×37 position embedding is
     resized bicubically once, at load time, as DinoBloom did) and, for the `dinov2_*` entries and `name=None`,
     the checkpoint's own size (so a DinoBloom file stays at 224 px inside a `dinov2_*` model, as DinoBloom's
-    loader does) or, without weights, the entry's default. An explicit `img_size` resizes the position
-    embedding once, at load time. `kwargs` override constructor arguments.
+    loader does) or, without weights, the entry's default. Any other `img_size` resamples the position embedding
+    once, at load time, exactly as the checkpoint's model does at run time for images of that size, so the
+    model gives the features the checkpoint's own model gives on them. `kwargs` override constructor arguments.
     """
     if pretrained and weights is None:
         if name not in RELEASE_URLS:
             raise ValueError(f"pretrained=True needs a released entry ({', '.join(RELEASE_URLS)}), got {name!r}")
         weights = RELEASE_URLS[name]
+    # DinoBloom's start-of-training resize applies to its 224 px entries; any other requested size keeps the
+    # checkpoint's run-time features (see the docstring).
+    dinobloom_default = name is not None and name.startswith("dinobloom") and img_size == 224
+    as_at_run_time = img_size is not None and not dinobloom_default
     state = load_pretrained_backbone_state(weights) if weights is not None else None
     if state is None:
         logger.info("%s: random initialisation (no weights given)", name)
@@ -124,7 +129,7 @@ def load_backbone(
             kwargs["img_size"] = img_size
         model = build_model(name, **kwargs)
     if state is not None:
-        load_backbone_state(model, state, source=str(weights))
+        load_backbone_state(model, state, source=str(weights), as_at_run_time=as_at_run_time)
     return model.eval()
 
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinov2.models.vision_transformer import resample_pos_embed
+
 logger = logging.getLogger(__name__)
 
 HEAD_PREFIXES = ("dino_head.", "ibot_head.")
@@ -189,9 +191,15 @@ def load_backbone_weights(model: nn.Module, path_or_url: str | os.PathLike[str])
 
 
 def load_backbone_state(
-    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state dict"
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state dict", *, as_at_run_time: bool = False
 ) -> nn.Module:
-    """`load_backbone_weights` for a plain backbone state dict (flat or chunked block keys)."""
+    """`load_backbone_weights` for a plain backbone state dict (flat or chunked block keys).
+
+    A position embedding of another grid is resized as DinoBloom resized DINOv2's when it started training
+    (:func:`resize_pos_embed`), or, with ``as_at_run_time``, exactly as the checkpoint's own model resamples it
+    for an input of this model's size (:func:`resample_pos_embed`), so that this model computes the very
+    features the checkpoint's model computes on such images.
+    """
     state = _chunk_keys_for(model, flatten_block_chunks(state))
     expected = model.state_dict()
     pos = state.get("pos_embed")
@@ -199,7 +207,14 @@ def load_backbone_state(
         target = expected["pos_embed"].shape
         if pos.ndim == 3 and pos.shape[0] == 1 and pos.shape[2] == target[2]:
             logger.info("resizing pos_embed from %d to %d tokens (bicubic)", pos.shape[1], target[1])
-            state["pos_embed"] = resize_pos_embed(pos, target[1])
+            if as_at_run_time and math.isqrt(target[1] - 1) ** 2 == target[1] - 1:
+                size = math.isqrt(target[1] - 1) * model.patch_size
+                resampled = resample_pos_embed(
+                    pos, model.patch_size, size, size, model.interpolate_offset, model.interpolate_antialias
+                )
+                state["pos_embed"] = resampled.to(pos.dtype)
+            else:
+                state["pos_embed"] = resize_pos_embed(pos, target[1])
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mis_shaped = [

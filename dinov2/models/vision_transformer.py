@@ -10,6 +10,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,36 @@ def _init_linear_trunc_normal(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor, patch_size: int, height: int, width: int, offset: float, antialias: bool
+) -> torch.Tensor:
+    """A (1, 1 + M*M, D) position embedding resampled for a `height` x `width` image, in float32, as DINOv2 does.
+
+    The M x M patch grid is resized bicubically (align_corners=False, `antialias` as configured); the cls row is
+    kept. With a non-zero `offset` DINOv2 passes ``scale_factor=((H/p + offset)/M, (W/p + offset)/M)`` rather
+    than a size, and PyTorch then maps coordinates with that exact scale (it changes the result); with offset 0
+    the size is passed.
+    """
+    pos_embed = pos_embed.float()
+    n_stored = pos_embed.shape[1] - 1
+    side = int(math.sqrt(n_stored))
+    if side * side != n_stored:
+        raise ValueError(f"pos_embed has {n_stored} patch positions, which is not a square grid")
+    grid_h, grid_w = height // patch_size, width // patch_size
+    dim = pos_embed.shape[-1]
+    if offset:
+        resize: dict[str, Any] = {"scale_factor": (float(grid_h + offset) / side, float(grid_w + offset) / side)}
+    else:
+        resize = {"size": (grid_h, grid_w)}
+    patch_pos = F.interpolate(
+        pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2), mode="bicubic", antialias=antialias, **resize
+    )
+    if patch_pos.shape[-2:] != (grid_h, grid_w):
+        raise RuntimeError(f"interpolated grid {tuple(patch_pos.shape[-2:])} != expected {(grid_h, grid_w)}")
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
+    return torch.cat((pos_embed[:, :1], patch_pos), dim=1)
 
 
 class DinoVisionTransformer(nn.Module):
@@ -155,39 +186,14 @@ class DinoVisionTransformer(nn.Module):
         """Position embedding for tokens `x` (cls + patches) of an image of `height` x `width` pixels.
 
         The stored embedding is used as-is only for the training grid size and square images; otherwise
-        the patch grid is resampled bicubically in float32 (the cls row is kept).
+        the patch grid is resampled as :func:`resample_pos_embed` describes.
         """
-        n_patches = x.shape[1] - 1
-        n_stored = self.pos_embed.shape[1] - 1
-        if n_patches == n_stored and height == width:
+        if x.shape[1] - 1 == self.pos_embed.shape[1] - 1 and height == width:
             return self.pos_embed
-        pos_embed = self.pos_embed.float()
-        cls_pos = pos_embed[:, :1]
-        side = int(math.sqrt(n_stored))
-        if side * side != n_stored:
-            raise ValueError(f"pos_embed has {n_stored} patch positions, which is not a square grid")
-        grid_h, grid_w = height // self.patch_size, width // self.patch_size
-        dim = pos_embed.shape[-1]
-        if self.interpolate_offset:
-            # DINOv2 passes scale_factor (not size): PyTorch then maps coordinates with this exact scale.
-            resize = {
-                "scale_factor": (
-                    float(grid_h + self.interpolate_offset) / side,
-                    float(grid_w + self.interpolate_offset) / side,
-                )
-            }
-        else:
-            resize = {"size": (grid_h, grid_w)}
-        patch_pos = F.interpolate(
-            pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2),
-            mode="bicubic",
-            antialias=self.interpolate_antialias,
-            **resize,
+        pos_embed = resample_pos_embed(
+            self.pos_embed, self.patch_size, height, width, self.interpolate_offset, self.interpolate_antialias
         )
-        if patch_pos.shape[-2:] != (grid_h, grid_w):
-            raise RuntimeError(f"interpolated grid {tuple(patch_pos.shape[-2:])} != expected {(grid_h, grid_w)}")
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
-        return torch.cat((cls_pos, patch_pos), dim=1).to(x.dtype)
+        return pos_embed.to(x.dtype)
 
     def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Patch-embed images (B, C, H, W), replace masked patches by `mask_token`, add cls/pos/registers."""
