@@ -178,7 +178,8 @@ class DataAugmentationDINO:
         blur = [float(b) for b in blur_probabilities]
         if len(blur) != 3 or not all(0.0 <= b <= 1.0 for b in blur):
             raise ValueError(
-                f"blur_probabilities must be 3 probabilities (global view 1, global view 2, local), got {blur_probabilities}"
+                "blur_probabilities must be 3 probabilities (global view 1, global view 2, local), "
+                f"got {blur_probabilities}"
             )
         blur1, blur2, blur_local = blur
         self.blur_probabilities = (blur1, blur2, blur_local)

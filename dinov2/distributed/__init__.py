@@ -120,8 +120,8 @@ def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | Non
         # The batch step of a job: SLURM_NTASKS counts tasks that only srun would start.
         if os.environ["SLURM_PROCID"] != "0":
             raise RuntimeError(
-                f"SLURM_PROCID={os.environ['SLURM_PROCID']} without SLURM_STEP_NUM_TASKS: this launcher does not say how "
-                "many tasks there are; start the training with srun or torchrun"
+                f"SLURM_PROCID={os.environ['SLURM_PROCID']} without SLURM_STEP_NUM_TASKS: this launcher does not say "
+                "how many tasks there are; start the training with srun or torchrun"
             )
         tasks = os.environ.get("SLURM_NTASKS", "1")
         if tasks != "1":

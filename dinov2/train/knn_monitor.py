@@ -81,7 +81,8 @@ class KnnMonitor:
         if not Path(cfg.evaluation.knn_data).expanduser().exists():
             raise FileNotFoundError(
                 f"evaluation.knn_data={cfg.evaluation.knn_data} does not exist (relative paths are taken from the "
-                f"current directory, {Path.cwd()}); set it to a labelled image folder, or empty (evaluation.knn_data=) for no kNN monitor"
+                f"current directory, {Path.cwd()}); set it to a labelled image folder, or empty "
+                "(evaluation.knn_data=) for no kNN monitor"
             )
         images = list_images(cfg.evaluation.knn_data)
         if any(label < 0 for label in images.labels) or len(images.class_names) < 2:
