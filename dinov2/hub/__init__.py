@@ -1,21 +1,8 @@
 """Pretrained backbones: hub entry points, `load_backbone` and the strict weight loader."""
 
-from .backbones import (
-    DINOBLOOM_URLS,
-    DINOV2_URLS,
-    RELEASE_URLS,
-    dinobloom_b,
-    dinobloom_g,
-    dinobloom_l,
-    dinobloom_s,
-    dinov2_vitb14,
-    dinov2_vitg14,
-    dinov2_vitl14,
-    dinov2_vits14,
-    load_backbone,
-)
+from .backbones import *  # noqa: F403  (the entry points, `load_backbone` and the release URLs)
+from .backbones import __all__ as _backbones_all
 from .loader import (
-    CheckpointError,
     extract_backbone_state,
     infer_backbone_config,
     load_backbone_state,
@@ -25,21 +12,9 @@ from .loader import (
 )
 
 __all__ = [
-    "DINOBLOOM_URLS",
-    "DINOV2_URLS",
-    "RELEASE_URLS",
-    "CheckpointError",
-    "dinobloom_b",
-    "dinobloom_g",
-    "dinobloom_l",
-    "dinobloom_s",
-    "dinov2_vitb14",
-    "dinov2_vitg14",
-    "dinov2_vitl14",
-    "dinov2_vits14",
+    *_backbones_all,
     "extract_backbone_state",
     "infer_backbone_config",
-    "load_backbone",
     "load_backbone_state",
     "load_backbone_weights",
     "load_pretrained_backbone_state",
