@@ -59,6 +59,19 @@ def benchmark(
     reference.load_state_dict(timm_state_dict(ours), strict=True)
     x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
     runners = {"dinov2 (ours)": lambda: ours(x), f"timm {name}": lambda: reference.forward_features(x)[:, 0]}
+    # Both in full float32: cuDNN would otherwise run timm's patch convolution in TF32 (our CUDA patch
+    # embedding is a matmul, which stays float32), and the features would differ by ~1e-3.
+    tf32_conv, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:
+        return _compare_and_time(runners, name, iters, warmup, device)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32_conv
+
+
+def _compare_and_time(
+    runners: dict[str, Callable[[], torch.Tensor]], name: str, iters: int, warmup: int, device: torch.device
+) -> dict[str, float]:
+    """Check that the runners agree to 2e-5, then time them interleaved; median seconds per batch each."""
     with torch.inference_mode():
         max_diff = (runners["dinov2 (ours)"]() - runners[f"timm {name}"]()).abs().max().item()
         if max_diff > 2e-5:

@@ -20,7 +20,8 @@ from dinov2.hub import (
     load_backbone_state,
     resize_pos_embed,
 )
-from dinov2.layers import SwiGLUFFNFused
+from dinov2.layers import LayerNorm, PatchEmbed, SwiGLUFFNFused
+from dinov2.layers.patch_embed import patch_matmul
 from dinov2.models import DinoVisionTransformer, build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -238,6 +239,58 @@ def test_swiglu_forward_gates_first_half_with_silu() -> None:
     torch.testing.assert_close(ffn(x), expected)
 
 
+def test_patch_matmul_is_the_strided_convolution() -> None:
+    """The CUDA patch embedding (a matmul of flattened patches) computes DINOv2's patch-strided Conv2d."""
+    torch.manual_seed(0)
+    embed = PatchEmbed(img_size=56, patch_size=14, in_chans=3, embed_dim=32)
+    images = torch.randn(2, 3, 42, 70)  # not square: rows and columns of patches must not be swapped
+    expected = embed(images)  # the convolution, on the CPU
+    assert expected.shape == (2, 15, 32)
+    conv = torch.nn.functional.conv2d(images, embed.proj.weight, embed.proj.bias, stride=14).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(expected, conv, rtol=0, atol=0)
+    torch.testing.assert_close(patch_matmul(images, embed.proj.weight, embed.proj.bias), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_keeps_a_half_precision_stream_under_autocast() -> None:
+    """Under autocast, bf16 input is normalised as FSDP mixed precision does it (bf16 parameters), to bf16;
+    float32 input stays float32."""
+    torch.manual_seed(0)
+    norm = LayerNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(3, 5, 64) * 4 + 1
+    half_params = (norm.weight.bfloat16(), norm.bias.bfloat16())
+    expected = torch.nn.functional.layer_norm(x.bfloat16(), (64,), *half_params, 1e-6)
+    full_precision = torch.nn.functional.layer_norm(x.bfloat16().float(), (64,), norm.weight, norm.bias, 1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = norm(x.bfloat16())
+        full = norm(x)
+    assert half.dtype == torch.bfloat16 and full.dtype == torch.float32
+    torch.testing.assert_close(half, expected, rtol=0, atol=0)
+    torch.testing.assert_close(half.float(), full_precision, rtol=0.02, atol=0.05)
+    assert set(norm.state_dict()) == {"weight", "bias"}
+
+
+def test_blocks_run_in_the_autocast_dtype() -> None:
+    """A mixed-precision forward keeps the tokens between blocks in bf16 (as FSDP mixed precision does) and
+    gives the float32 model's features to bf16 accuracy."""
+    torch.manual_seed(0)
+    model = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=64, depth=3, num_heads=4, init_values=1.0)
+    model.eval()
+    stream_dtypes = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: stream_dtypes.append((args[0].dtype, out.dtype)))
+    images = torch.randn(4, 3, 56, 56)
+    with torch.no_grad():
+        reference = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(images)
+    assert stream_dtypes[3:] == [(torch.bfloat16, torch.bfloat16)] * 3
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), reference, rtol=0.05, atol=0.05)
+
+
 def test_ffn_layer_choices() -> None:
     with torch.device("meta"):
         identity = DinoVisionTransformer(embed_dim=64, depth=1, num_heads=1, ffn_layer="identity", init_values=1.0)
@@ -362,3 +415,23 @@ def test_xformers_is_optional_and_never_imported_at_load(tmp_path: Path, caplog:
         assert "cannot be imported" not in caplog.text  # $XFORMERS_DISABLED: not even tried
     finally:
         attention.xformers_attention.cache_clear()
+
+
+def test_compiled_attention_does_not_look_up_xformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside torch.compile the CUDA path takes SDPA without xFormers' lookup, which Dynamo cannot trace."""
+    import dinov2.layers.attention as attention
+
+    def lookup_not_traceable() -> None:
+        raise AssertionError("xFormers' lookup ran inside torch.compile")
+
+    monkeypatch.setattr(attention, "xformers_attention", lookup_not_traceable)
+
+    def kernel_choice(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if attention.xformers_for_device("cuda") is None else x
+
+    torch._dynamo.reset()
+    compiled = torch.compile(kernel_choice, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(torch.zeros(3)), torch.ones(3))
+    assert attention.xformers_for_device("cpu") is None
+    with pytest.raises(AssertionError, match="lookup ran"):  # eager CUDA runs still look it up
+        attention.xformers_for_device("cuda")

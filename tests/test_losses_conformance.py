@@ -322,6 +322,24 @@ def test_sinkhorn_knopp_does_not_overflow(ref: dict[str, Any]) -> None:
         sinkhorn_knopp(logits, 0.07, n_samples=8, n_iterations=0)
 
 
+def test_sinkhorn_knopp_sums_in_float32_under_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA autocast runs ``torch.mv`` in bf16/fp16; the targets must still be the float32 ones, as in DINOv2."""
+    real_mv = torch.mv
+
+    def mv_as_cuda_autocast_runs_it(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu"):  # CPU autocast leaves mv alone; CUDA's casts its inputs
+            matrix, vector = matrix.to(torch.bfloat16), vector.to(torch.bfloat16)
+        return real_mv(matrix, vector)
+
+    monkeypatch.setattr(torch, "mv", mv_as_cuda_autocast_runs_it)
+    logits = torch.randn(96, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    expected = sinkhorn_knopp(logits, 0.07, n_samples=96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = sinkhorn_knopp(logits, 0.07, n_samples=96)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, expected, rtol=1e-6, atol=0)
+
+
 def test_dino_raw_losses(ref: dict[str, Any]) -> None:
     fx = ref["dino_loss"]
     cfg = fx["config"]

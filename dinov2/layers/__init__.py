@@ -4,6 +4,7 @@ from .attention import Attention, xformers_attention
 from .block import Block, BlockChunk
 from .dino_head import DINOHead
 from .drop_path import DropPath, drop_path
+from .layer_norm import LayerNorm
 from .layer_scale import LayerScale
 from .mlp import Mlp
 from .patch_embed import PatchEmbed
@@ -15,6 +16,7 @@ __all__ = [
     "BlockChunk",
     "DINOHead",
     "DropPath",
+    "LayerNorm",
     "LayerScale",
     "Mlp",
     "PatchEmbed",

@@ -37,6 +37,17 @@ def xformers_attention() -> Callable[..., torch.Tensor] | None:
     return memory_efficient_attention
 
 
+def xformers_for_device(device_type: str) -> Callable[..., torch.Tensor] | None:
+    """xFormers' kernel for eager CUDA runs; None (SDPA) on other devices and inside ``torch.compile``.
+
+    Dynamo cannot trace xFormers' lookup (``importlib.util.find_spec``): on CUDA it broke every compiled block's
+    graph in two (seen with PyTorch 2.11 on an H200), and Inductor fuses around SDPA in any case.
+    """
+    if device_type != "cuda" or torch.compiler.is_compiling():
+        return None
+    return xformers_attention()
+
+
 class Attention(nn.Module):
     """Self-attention with a fused `qkv` projection (q, k, v order) and an output projection `proj`."""
 
@@ -65,7 +76,7 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         dropout = self.attn_drop if self.training else 0.0
-        xformers_fn = xformers_attention() if x.is_cuda else None
+        xformers_fn = xformers_for_device(x.device.type)
         if xformers_fn is not None:
             q, k, v = qkv.unbind(2)  # xFormers wants (B, N, heads, head_dim)
             out = xformers_fn(q, k, v, p=dropout, scale=self.scale)

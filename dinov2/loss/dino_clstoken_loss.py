@@ -40,27 +40,30 @@ def sinkhorn_knopp(
     """
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
-    q = _float32_div(teacher_output, teacher_temp)  # a buffer of our own, updated in place below
-    if q.shape[0] > 0:
-        shift = q.amax(dim=0, keepdim=True)
-    else:  # an empty shard (no masked patch on this rank) contributes -inf to the all-reduced maximum
-        shift = q.new_full((1, q.shape[1]), float("-inf"))
-    if _dist_ready():
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-    q.sub_(shift).exp_()  # Q: (B, K) samples x prototypes
-    n_prototypes = q.shape[1]
-    sample_mass: torch.Tensor | None = None
-    for _ in range(n_iterations):
-        # each prototype gets total mass 1/K (v), then each sample total mass 1/B (u = 1 / (B * sample_mass))
-        if sample_mass is None:
-            prototype_mass = q.sum(dim=0)
-        else:
-            prototype_mass = torch.mv(q.t(), 1.0 / (sample_mass * n_samples))
+    # Autocast would run the matrix-vector products below in half precision on CUDA: each would copy the
+    # float32 (B, K) matrix to bf16/fp16 and sum rounded values. DINOv2 sums in float32; so do we, without copies.
+    with torch.autocast(device_type=teacher_output.device.type, enabled=False):
+        q = _float32_div(teacher_output, teacher_temp)  # a buffer of our own, updated in place below
+        if q.shape[0] > 0:
+            shift = q.amax(dim=0, keepdim=True)
+        else:  # an empty shard (no masked patch on this rank) contributes -inf to the all-reduced maximum
+            shift = q.new_full((1, q.shape[1]), float("-inf"))
         if _dist_ready():
-            dist.all_reduce(prototype_mass)
-        v = 1.0 / (prototype_mass * n_prototypes)
-        sample_mass = torch.mv(q, v)
-    return q.mul_(v).div_(sample_mass.unsqueeze(1))
+            dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+        q.sub_(shift).exp_()  # Q: (B, K) samples x prototypes
+        n_prototypes = q.shape[1]
+        sample_mass: torch.Tensor | None = None
+        for _ in range(n_iterations):
+            # each prototype gets total mass 1/K (v), then each sample total mass 1/B (u = 1 / (B * sample_mass))
+            if sample_mass is None:
+                prototype_mass = q.sum(dim=0)
+            else:
+                prototype_mass = torch.mv(q.t(), 1.0 / (sample_mass * n_samples))
+            if _dist_ready():
+                dist.all_reduce(prototype_mass)
+            v = 1.0 / (prototype_mass * n_prototypes)
+            sample_mass = torch.mv(q, v)
+        return q.mul_(v).div_(sample_mass.unsqueeze(1))
 
 
 def dino_loss_term_scales(n_global_crops: int, n_local_crops: int) -> tuple[float, float]:

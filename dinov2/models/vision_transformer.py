@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinov2.layers import Block, BlockChunk, LayerScale, Mlp, PatchEmbed, SwiGLUFFNFused
+from dinov2.layers import Block, BlockChunk, LayerNorm, LayerScale, Mlp, PatchEmbed, SwiGLUFFNFused
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class DinoVisionTransformer(nn.Module):
         super().__init__()
         if num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = partial(LayerNorm, eps=1e-6)
 
         self.num_features = self.embed_dim = embed_dim
         self.num_tokens = 1
@@ -205,6 +205,11 @@ class DinoVisionTransformer(nn.Module):
         x = x + self.interpolate_pos_encoding(x, height, width)
         if self.register_tokens is not None:
             x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
+        if torch.is_autocast_enabled(x.device.type):
+            # The blocks' residual stream in the compute dtype, as DINOv2 and our multi-GPU runs have it (their
+            # FSDP mixed precision casts the parameters, and so the tokens, to it); the float32 parameters above
+            # would otherwise keep it float32, and every block would pay for float32 adds and casts.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         return x
 
     def _split_outputs(self, x: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
