@@ -99,14 +99,15 @@ def count_step_flops(step: Any) -> tuple[int, int]:
     """FLOPs of one call of ``step`` and the attention part of them.
 
     xFormers kernels are not in the FLOP table either, so the counted step runs attention through SDPA (the same
-    arithmetic); the setting is restored afterwards.
+    arithmetic); the setting is restored afterwards. The step runs eagerly (compiled code runs the same matmuls):
+    with PyTorch 2.11, running compiled code under the FLOP counter left it uncompiled for the rest of the process.
     """
     previous = os.environ.get(XFORMERS_DISABLED_ENV)
     os.environ[XFORMERS_DISABLED_ENV] = "1"
     xformers_attention.cache_clear()
     try:
         counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
-        with counter:
+        with torch.compiler.set_stance("force_eager"), counter:
             step()
     finally:
         if previous is None:
@@ -227,7 +228,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for _ in range(args.warmup):
         step()
     synchronize(device)
-    # FLOPs of one step, counted on the eager graph (compiled code runs the same matmuls).
     flops_per_step, attention_flops = count_step_flops(step)
     matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     sizes, repeats = ((4096, 8192), 10) if device.type == "cuda" else ((1024, 2048, 3072), 3)

@@ -57,3 +57,34 @@ def test_train_compile_compiles_both_cross_entropies() -> None:
     assert model.dino_loss.cross_entropy._compiled_call_impl is not None
     assert model.ibot_patch_loss.cross_entropy._compiled_call_impl is not None
     assert "cross_entropy" not in "".join(model.state_dict())  # the checkpoint keys stay the same
+
+
+def test_benchmark_flop_count_leaves_compiled_code_compiled() -> None:
+    """``benchmark_train.count_step_flops`` counts a compiled step eagerly and leaves it compiled afterwards
+    (PyTorch 2.11 ran compiled code under the FLOP counter and never again: its --compile figures were eager)."""
+    import importlib.util
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from dinov2.layers import Block
+
+    path = TRAIN_CONFIG_DIR.parents[2] / "scripts" / "benchmark_train.py"
+    spec = importlib.util.spec_from_file_location("benchmark_train", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+
+    torch.manual_seed(0)
+    block = Block(32, 4, init_values=1e-5)
+    x = torch.randn(2, 5, 32)
+
+    def step() -> None:
+        block(x).sum().backward()
+
+    eager_flops, _ = benchmark.count_step_flops(step)
+    block.compile()
+    step()
+    flops, _ = benchmark.count_step_flops(step)
+    assert flops == eager_flops > 0
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    assert any("Torch-Compiled Region" in event.name for event in prof.events())
