@@ -19,7 +19,8 @@ def patch_matmul(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     The kernel equals the stride, so this is one matmul of each flattened (C, p, p) patch with the flattened
     kernel. On CUDA it replaces the convolution, for which cuDNN runs a generic implicit-GEMM kernel (1.6 ms for
     256 crops of 224 px on an H200) where the reordering copy and the matmul take a fraction of that. On the CPU
-    oneDNN's convolution is as fast, and its rounding does not depend on the batch size, so it stays.
+    oneDNN's convolution is as fast and stays: its gradients, unlike the matmul's, summed the same over one
+    batch as over two halves within the FSDP test's tolerance.
     """
     batch, channels, height, width = images.shape
     dim, _, patch_h, patch_w = weight.shape
