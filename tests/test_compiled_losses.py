@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
+from types import ModuleType
 
 import pytest
 import torch
@@ -59,19 +61,14 @@ def test_train_compile_compiles_both_cross_entropies() -> None:
     assert "cross_entropy" not in "".join(model.state_dict())  # the checkpoint keys stay the same
 
 
-def test_benchmark_flop_count_leaves_compiled_code_compiled() -> None:
+def test_benchmark_flop_count_leaves_compiled_code_compiled(load_script: Callable[[str], ModuleType]) -> None:
     """``benchmark_train.count_step_flops`` counts a compiled step eagerly and leaves it compiled afterwards
     (PyTorch 2.11 ran compiled code under the FLOP counter and never again: its --compile figures were eager)."""
-    import importlib.util
-
     from torch.profiler import ProfilerActivity, profile
 
     from dinov2.layers import Block
 
-    path = TRAIN_CONFIG_DIR.parents[2] / "scripts" / "benchmark_train.py"
-    spec = importlib.util.spec_from_file_location("benchmark_train", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("benchmark_train")
 
     torch.manual_seed(0)
     block = Block(32, 4, init_values=1e-5)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -31,8 +31,6 @@ from dinov2.data import (
 )
 from dinov2.data import transforms as T
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 def _write_image(path: Path, seed: int, size: tuple[int, int] = (40, 36)) -> Path:
     """A small random RGB image (PNG or JPEG by suffix)."""
@@ -50,13 +48,6 @@ def image_tree(tmp_path: Path) -> Path:
         _write_image(root / "lymphocyte" / f"l{i}.png", i)
         _write_image(root / "neutrophil" / f"n{i}.jpg", 10 + i)
     return root
-
-
-def _load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _small_augmentation(local: int = 2, hematology: bool = True) -> DataAugmentationDINO:
@@ -456,8 +447,10 @@ def test_make_data_loader_defaults(image_tree: Path) -> None:
 # --------------------------------------------------------------------------- scripts
 
 
-def test_make_file_lists_script(tmp_path: Path, image_tree: Path, capsys: pytest.CaptureFixture) -> None:
-    script = _load_script("make_file_lists")
+def test_make_file_lists_script(
+    tmp_path: Path, image_tree: Path, capsys: pytest.CaptureFixture, load_script: Callable[[str], ModuleType]
+) -> None:
+    script = load_script("make_file_lists")
     other = tmp_path / "other_source"
     _write_image(other / "x" / "a.png", 1)
     (other / "broken.jpg").write_bytes(b"garbage")
@@ -473,8 +466,10 @@ def test_make_file_lists_script(tmp_path: Path, image_tree: Path, capsys: pytest
         script.main([str(image_tree), str(image_tree), "--output", str(out)])
 
 
-def test_benchmark_script_smoke(image_tree: Path, capsys: pytest.CaptureFixture) -> None:
-    script = _load_script("benchmark_data")
+def test_benchmark_script_smoke(
+    image_tree: Path, capsys: pytest.CaptureFixture, load_script: Callable[[str], ModuleType]
+) -> None:
+    script = load_script("benchmark_data")
     args = ["--data", str(image_tree), "--resize", "64", "--recipes", "dinobloom", "--workers", "0",
             "--batch-size", "2", "--batches", "1", "--per-worker-images", "2", "--repeats", "2"]
     assert script.main(args) == 0

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -331,13 +331,6 @@ def test_torch_hub_load_offline(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------- timm interop
 
 
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     ("kwargs", "timm_name"),
     [
@@ -348,11 +341,13 @@ def _script(name: str) -> ModuleType:
     ],
     ids=["vits14", "vits14_reg4", "swiglu"],
 )
-def test_timm_export_loads_into_timm(tmp_path: Path, kwargs: dict[str, Any], timm_name: str) -> None:
+def test_timm_export_loads_into_timm(
+    tmp_path: Path, kwargs: dict[str, Any], timm_name: str, load_script: Callable[[str], ModuleType]
+) -> None:
     timm = pytest.importorskip("timm")
     from safetensors import safe_open
 
-    export_timm = _script("export_timm")
+    export_timm = load_script("export_timm")
     source = tiny_model(**kwargs)
     weights = tmp_path / "teacher_checkpoint.pth"
     torch.save(teacher_checkpoint(source), weights)
@@ -374,10 +369,10 @@ def test_timm_export_loads_into_timm(tmp_path: Path, kwargs: dict[str, Any], tim
     assert (ours - theirs).abs().max().item() <= 2e-5
 
 
-def test_timm_export_of_the_vit_small_layout() -> None:
+def test_timm_export_of_the_vit_small_layout(load_script: Callable[[str], ModuleType]) -> None:
     """Every timm vit_small_patch14_dinov2 key (depth 2) is produced, with the same shape."""
     timm = pytest.importorskip("timm")
-    export_timm = _script("export_timm")
+    export_timm = load_script("export_timm")
     source = tiny_model(img_size=224, embed_dim=384, depth=2, num_heads=6)
     name, kwargs = export_timm.timm_model_config(source)
     assert (name, kwargs) == ("vit_small_patch14_dinov2", {"img_size": 224, "num_classes": 0, "depth": 2})
@@ -388,17 +383,19 @@ def test_timm_export_of_the_vit_small_layout() -> None:
         export_timm.export_timm("w.pth", "out.pt")
 
 
-def test_benchmark_runs_and_checks_agreement(capsys: pytest.CaptureFixture[str]) -> None:
+def test_benchmark_runs_and_checks_agreement(
+    capsys: pytest.CaptureFixture[str], load_script: Callable[[str], ModuleType]
+) -> None:
     pytest.importorskip("timm")
-    benchmark = _script("benchmark_features")
+    benchmark = load_script("benchmark_features")
     results = benchmark.main(["--batch-size", "1", "--img-size", "28", "--iters", "1", "--warmup", "0"])
     assert len(results) == 2 and all(math.isfinite(t) and t > 0 for t in results.values())
     table = capsys.readouterr().out
     assert "dinov2 (ours)" in table and "timm vit_small_patch14_dinov2" in table and "images / s" in table
 
 
-def test_script_clis_have_help(capsys: pytest.CaptureFixture[str]) -> None:
+def test_script_clis_have_help(capsys: pytest.CaptureFixture[str], load_script: Callable[[str], ModuleType]) -> None:
     for name, flag in (("export_timm", "--weights"), ("benchmark_features", "--batch-size")):
         with pytest.raises(SystemExit) as info:
-            _script(name).main(["--help"])
+            load_script(name).main(["--help"])
         assert info.value.code == 0 and flag in capsys.readouterr().out
