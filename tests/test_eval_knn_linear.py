@@ -24,6 +24,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
+from dinov2.cli import run_cli
 from dinov2.eval import knn, linear, metrics, protocol
 from dinov2.eval.features_io import FeatureSet, save_features
 
@@ -133,6 +134,26 @@ def test_knn_rejects_k_above_training_size() -> None:
     x, y = _clusters(30, 8, 2, spread=1.0, seed=7)
     with pytest.raises(ValueError, match=r"k must lie in \[1, 20\]"):
         knn.knn_probabilities(x[:20], y[:20], x[20:], (1, 25), 2)
+
+
+@pytest.mark.parametrize(
+    ("option", "kwargs"),
+    [("--temperature", {"temperature": 0.0}), ("--temperature", {"temperature": -0.07}),
+     ("--temperature", {"temperature": float("nan")}), ("--batch-size", {"batch_size": 0})],
+)
+def test_knn_rejects_nonpositive_temperature_and_batch_size(option: str, kwargs: dict) -> None:
+    x, y = _clusters(30, 8, 2, spread=1.0, seed=7)
+    with pytest.raises(ValueError, match=f"^{option} must be"):
+        knn.knn_probabilities(x[:20], y[:20], x[20:], (1, 3), 2, weighting="temperature", **kwargs)
+
+
+@pytest.mark.parametrize("backend", linear.BACKENDS)
+@pytest.mark.parametrize("C", [0.0, -1.0])
+def test_linear_probe_rejects_nonpositive_C(backend: str, C: float) -> None:
+    x, y = _clusters(30, 8, 3, spread=1.0, seed=9)
+    fit = {"sklearn": linear.logreg_sklearn, "torch": linear.logreg_torch}[backend]
+    with pytest.raises(ValueError, match=r"^--C must be > 0"):
+        fit(x[:20], y[:20], x[20:], 3, C=C)
 
 
 def test_logreg_sklearn_backend_is_dinobloom_logistic_regression() -> None:
@@ -376,3 +397,15 @@ def test_cli_input_mistakes_end_in_one_error_line(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == f"error: features file not found: {missing}"
     assert "Traceback" not in run.stderr
+
+
+def test_damaged_features_file_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DINOBLOOM_TRACEBACK", raising=False)
+    fake = tmp_path / "fake.h5"
+    fake.write_text("x\n")
+    with pytest.raises(SystemExit) as exited:
+        run_cli(lambda: knn.main(["--features", str(fake), "--output-dir", str(tmp_path / "o")]))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {fake}: not a readable HDF5 features file (")

@@ -150,6 +150,37 @@ def test_bags_from_csv_matches_paths_by_tail(tmp_path: Path) -> None:
         bags_from_csv(fs, table)
 
 
+_CELLS = ["APL/P1/a.jpg", "AML/P2/b.jpg", "AML/P2/c.jpg", "AML/P4/c.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "unmatched"),
+    [(["P3,AML,AML/P3/a.jpg"], "AML/P3/a.jpg"),  # shares only the file name with the APL cell: folders contradict
+     (["P1,APL,a.jpg", "P4,AML,c.jpg"], "c.jpg")],  # names two cells
+)
+def test_bags_from_csv_reports_paths_naming_no_single_cell(tmp_path: Path, rows: list[str], unmatched: str) -> None:
+    table = tmp_path / "bags.csv"
+    table.write_text("\n".join(["patient,label,path", *rows]) + "\n")
+    with pytest.raises(ValueError, match=rf"1 of {len(rows)} cell paths match no single path .*\['{unmatched}'\]"):
+        bags_from_csv(_feature_set(_CELLS), table)
+
+
+def test_bags_from_csv_matches_whole_trailing_folders(tmp_path: Path) -> None:
+    table = tmp_path / "bags.csv"
+    table.write_text("patient,label,path\nP1,APL,a.jpg\nP2,AML,/data/mil/AML/P2/c.jpg\nP4,AML,P4/c.jpg\n")
+    matched = bags_from_csv(_feature_set(_CELLS), table)
+    assert [(b.patient, b.paths) for b in matched.bags] == [
+        ("P1", ["APL/P1/a.jpg"]), ("P2", ["AML/P2/c.jpg"]), ("P4", ["AML/P4/c.jpg"])
+    ]
+
+
+def test_bags_csv_with_a_byte_order_mark(tmp_path: Path) -> None:
+    table = tmp_path / "excel.csv"
+    table.write_text("patient,label,path\nX,pos,APL/P1/a.jpg\nY,neg,AML/P2/b.jpg\n", encoding="utf-8-sig")
+    bag_set = bags_from_csv(_feature_set(["APL/P1/a.jpg", "AML/P2/b.jpg"]), table)
+    assert [(b.patient, b.label) for b in bag_set.bags] == [("X", 1), ("Y", 0)]
+
+
 def test_mil_cli_writes_results_and_attention(tmp_path: Path) -> None:
     bag_set = _planted(18, dim=8, seed=1)
     features = np.concatenate([b.features for b in bag_set.bags])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,16 @@ def test_pca_cli_writes_side_by_side_png(tmp_path: Path) -> None:
     assert height == width * len(images) / 2  # one row per image, two square panels per row
 
 
+def test_pca_cli_names_an_image_it_cannot_read(tmp_path: Path) -> None:
+    weights = tmp_path / "tiny.pth"
+    torch.save(_tiny_vit_state(0), weights)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    with pytest.raises(ValueError, match=re.escape(f"--image {not_an_image}: not a readable image")):
+        pca.main(["--weights", str(weights), "--image", str(not_an_image), "--output", str(tmp_path / "pca.png"),
+                  "--img-size", "28", "--device", "cpu"])
+
+
 def test_pca_cli_with_a_model_name_uses_the_released_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--model without --weights is the released model, never a silently random one."""
     import dinov2.hub
@@ -166,6 +177,10 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
     assert set(saved["checkpoints"][0]["results"]) == {"knn_1", "knn_3"}
     assert "| 2 |" in (out / "checkpoints.md").read_text()
     _assert_png(out / "checkpoints.png")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    evaluation = readme.split("## Evaluation", 1)[1].split("```", 1)[0]
+    for written in out.iterdir():  # the README says what the command writes
+        assert f"{written.name}`" in evaluation, written.name
     with pytest.raises(FileNotFoundError, match="no eval/training_<iteration>/teacher_checkpoint.pth"):
         checkpoints.find_checkpoints(tmp_path / "data")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import h5py
@@ -128,8 +129,42 @@ def test_txt_and_csv_lists_and_worker_loading(
 def test_no_readable_image_is_an_error(tmp_path: Path, tiny_weights: tuple[Path, DinoVisionTransformer]) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="none of the 1 images could be read"):
+    expected = re.escape(f"none of the 1 images could be read, e.g. {tmp_path / 'a' / 'x.png'}")
+    with pytest.raises(ValueError, match=expected):
         ef.extract_features(tmp_path, weights=tiny_weights[0], img_size=IMG, device="cpu")
+
+
+def test_symlinked_class_folders_are_followed_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "cells"
+    _image(root / "neutrophil" / "a.png", 0)
+    _image(tmp_path / "elsewhere" / "basophil" / "b.png", 1)
+    (root / "basophil").symlink_to(tmp_path / "elsewhere" / "basophil", target_is_directory=True)
+    (root / "neutrophil" / "loop").symlink_to(root, target_is_directory=True)  # must not be walked forever
+    with caplog.at_level(logging.WARNING):
+        images = ef.list_images(root)
+    assert images.paths == ["basophil/b.png", "neutrophil/a.png"]
+    assert images.class_names == ["basophil", "neutrophil"] and images.labels == [0, 1]
+    assert f"skipping {root / 'neutrophil' / 'loop'}" in caplog.text
+
+
+def test_lists_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """Excel and Notepad start UTF-8 files with a BOM; it is not part of the first column name or path."""
+    csv_path = tmp_path / "excel.csv"
+    csv_path.write_text("path,label\nneutrophil/b.png,neutrophil\n", encoding="utf-8-sig")
+    from_csv = ef.list_images(csv_path)
+    assert from_csv.paths == ["neutrophil/b.png"] and from_csv.class_names == ["neutrophil"]
+    txt_path = tmp_path / "notepad.txt"
+    txt_path.write_text("neutrophil/b.png\n", encoding="utf-8-sig")
+    assert ef.list_images(txt_path).paths == ["neutrophil/b.png"]
+
+
+def test_output_suffix_is_checked_before_any_work(monkeypatch: pytest.MonkeyPatch, image_folder: Path,
+                                                  tmp_path: Path) -> None:
+    loaded = []
+    monkeypatch.setattr(ef, "load_backbone", lambda name, weights: loaded.append(weights))
+    with pytest.raises(ValueError, match=r"f\.pt: unsupported features file type '\.pt'"):
+        ef.extract_features(image_folder, tmp_path / "f.pt", weights="w.pth", img_size=IMG, device="cpu")
+    assert loaded == []
 
 
 def test_hub_name_without_weights_fetches_the_release(monkeypatch: pytest.MonkeyPatch, image_folder: Path) -> None:
@@ -174,6 +209,23 @@ def test_features_io_validation(tmp_path: Path) -> None:
         load_features(tmp_path / "partial.h5")
     with pytest.raises(FileNotFoundError, match="features file not found"):
         load_features(tmp_path / "absent.npz")
+
+
+def test_damaged_features_files_are_value_errors(tmp_path: Path) -> None:
+    """Files that are not features files, or are cut short, are named in a ValueError; nothing is unpickled."""
+    features = np.eye(3, 4, dtype=np.float32)
+    damaged = {}
+    for suffix in (".h5", ".npz"):
+        whole = save_features(tmp_path / f"whole{suffix}", features, [0, 1, 0], ["a", "b", "c"], ["x", "y"])
+        damaged[tmp_path / f"truncated{suffix}"] = whole.read_bytes()[: whole.stat().st_size // 2]
+        damaged[tmp_path / f"text{suffix}"] = b"x\n"
+    np.save(tmp_path / "array.npy", features)
+    damaged[tmp_path / "array.npz"] = (tmp_path / "array.npy").read_bytes()  # a single .npy array, renamed
+    for path, content in damaged.items():
+        path.write_bytes(content)
+        kind = "HDF5" if path.suffix == ".h5" else ".npz"
+        with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable {kind} features file (")):
+            load_features(path)
 
 
 def test_real_blood_cell_images(shared_data_dir: Path, tiny_weights: tuple[Path, DinoVisionTransformer],

@@ -7,7 +7,8 @@
 
 * a folder, searched recursively; the first folder level is the label (`<class>/.../<image>`), deeper
   levels are kept in the stored relative paths (e.g. `<label>/<patient>/<cell>.jpg`); images directly in
-  the folder are unlabelled (-1); hidden files and folders (".name") are skipped;
+  the folder are unlabelled (-1); hidden files and folders (".name") are skipped; symlinked folders are
+  followed, each real folder once;
 * a `.txt` file with one image path per line (relative to the file's folder, or absolute): unlabelled;
 * a `.csv` file with a `path` column and an optional `label` column (class names; empty = unlabelled).
 
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from dinov2.data.datasets import IMAGE_EXTENSIONS
 from dinov2.data.transforms import load_image, make_eval_transform
-from dinov2.eval.features_io import FeatureSet, save_features
+from dinov2.eval.features_io import FeatureSet, _check_suffix, save_features
 from dinov2.cli import run_cli
 from dinov2.eval.protocol import resolve_device
 from dinov2.hub import RELEASE_URLS, load_backbone
@@ -66,24 +67,44 @@ def _labelled(root: Path, paths: list[str], names: list[str | None]) -> ImageLis
     return ImageList(root, paths, [index[n] if n else -1 for n in names], class_names)
 
 
+def _walk_images(root: Path) -> list[Path]:
+    """Image files under `root`, relative to it and sorted; hidden entries skipped, symlinked folders followed.
+
+    A folder whose real path was already walked (a symlink loop, or a second link to one folder) is skipped.
+    """
+    found: list[Path] = []
+    walked: set[str] = set()
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in walked:
+            logger.warning("skipping %s: it is %s, already listed (a symlink loop or a second link)", directory, real)
+            subdirs.clear()
+            continue
+        walked.add(real)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        folder = Path(directory).relative_to(root)
+        found.extend(
+            folder / name
+            for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+            and os.path.isfile(os.path.join(directory, name))
+        )
+    return sorted(found)
+
+
 def list_images(data: str | os.PathLike[str]) -> ImageList:
     """Collect the images of a folder, `.txt` list or `.csv` list (see the module docstring for labels)."""
     data = Path(data)
     if data.is_dir():
-        rel = sorted(
-            p.relative_to(data)
-            for p in data.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(data).parts)
-        )
+        rel = _walk_images(data)
         labels = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
         image_list = _labelled(data, [r.as_posix() for r in rel], labels)
     elif data.suffix.lower() == ".txt" and data.is_file():
-        lines = (line.strip() for line in data.read_text(encoding="utf-8").splitlines())
+        lines = (line.strip() for line in data.read_text(encoding="utf-8-sig").splitlines())
         paths = [line for line in lines if line and not line.startswith("#")]
         image_list = ImageList(data.parent, paths, [-1] * len(paths), [])
     elif data.suffix.lower() == ".csv" and data.is_file():
-        with data.open(newline="", encoding="utf-8") as f:
+        with data.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "path" not in reader.fieldnames:
                 raise ValueError(f"{data}: a CSV image list needs a 'path' column (found {reader.fieldnames})")
@@ -174,7 +195,10 @@ def embed_images(
                 kept.extend(indices)
             bar.update(len(indices) + len(failed))
     if not kept:
-        raise RuntimeError(f"none of the {len(image_list.paths)} images could be read (see the warnings above)")
+        examples = ", ".join(str(image_list.root / p) for p in image_list.paths[:3])
+        raise ValueError(
+            f"none of the {len(image_list.paths)} images could be read, e.g. {examples} (see the warnings above)"
+        )
     if n_failed:
         logger.warning("skipped %d of %d images that could not be read", n_failed, len(image_list.paths))
     return np.concatenate(chunks), kept
@@ -196,6 +220,8 @@ def extract_features(
     `model` is a hub name (`dinobloom_s`, `dinov2_vitb14`, ...), a module, or None to infer the
     architecture from `weights`; for a hub name without `weights` the released weights are downloaded.
     """
+    if output is not None:
+        _check_suffix(Path(output))  # before the model is loaded and every image embedded
     image_list = list_images(data)
     if isinstance(model, nn.Module):
         if weights is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,26 +121,36 @@ def load_features(path: str | os.PathLike[str]) -> FeatureSet:
     if not path.is_file():
         raise FileNotFoundError(f"features file not found: {path}")
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in _RESERVED if k not in data.files]
-            if missing:
-                raise ValueError(f"{path}: missing arrays {missing} (found {data.files})")
-            features, labels = data["features"], data["labels"]
-            paths, class_names = data["paths"].tolist(), data["class_names"].tolist()
-            meta = {k: _plain(data[k]) for k in data.files if k not in _RESERVED}
+        # np.load falls back to pickle for anything that is not a zip or .npy: check the format first.
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path}: not a readable .npz features file (not a zip archive)")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: not a readable .npz features file ({err})") from err
+        missing = [k for k in _RESERVED if k not in arrays]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {missing} (found {list(arrays)})")
+        features, labels = arrays["features"], arrays["labels"]
+        paths, class_names = arrays["paths"].tolist(), arrays["class_names"].tolist()
+        meta = {k: _plain(v) for k, v in arrays.items() if k not in _RESERVED}
     else:
         import h5py
 
-        with h5py.File(path, "r") as f:
-            missing = [k for k in ARRAY_NAMES if k not in f]
-            if missing:
-                raise ValueError(f"{path}: missing datasets {missing} (found {sorted(f)})")
-            if "class_names" not in f.attrs:
-                raise ValueError(f"{path}: missing the 'class_names' attribute")
-            features, labels = f["features"][()], f["labels"][()]
-            paths = [str(p) for p in f["paths"].asstr()[()]]
-            class_names = json.loads(_plain(f.attrs["class_names"]))
-            meta = {k: _plain(v) for k, v in f.attrs.items() if k != "class_names"}
+        try:
+            with h5py.File(path, "r") as f:
+                missing = [k for k in ARRAY_NAMES if k not in f]
+                if missing:
+                    raise ValueError(f"{path}: missing datasets {missing} (found {sorted(f)})")
+                if "class_names" not in f.attrs:
+                    raise ValueError(f"{path}: missing the 'class_names' attribute")
+                features, labels = f["features"][()], f["labels"][()]
+                paths = [str(p) for p in f["paths"].asstr()[()]]
+                class_names = json.loads(_plain(f.attrs["class_names"]))
+                meta = {k: _plain(v) for k, v in f.attrs.items() if k != "class_names"}
+        except OSError as err:  # h5py's error for a file that is not HDF5, truncated or damaged
+            raise ValueError(f"{path}: not a readable HDF5 features file ({err})") from err
     features = np.asarray(features, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     if features.ndim != 2 or labels.shape != (features.shape[0],) or len(paths) != features.shape[0]:

@@ -203,6 +203,10 @@ def knn_probabilities(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if not temperature > 0:  # also rejects NaN
+        raise ValueError(f"--temperature must be > 0, got {temperature}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     train = torch.as_tensor(train_features).to(device)
     test = torch.as_tensor(test_features).to(device=device, dtype=train.dtype)
     labels = torch.as_tensor(train_labels, dtype=torch.int64).to(device)

@@ -46,6 +46,8 @@ def _expand(probabilities: np.ndarray, present: np.ndarray, num_classes: int) ->
 
 def _fitted_c(C: float | None, dim: int, present: np.ndarray) -> float:
     """The C of the fit: DinoBloom's multinomial C (default ``dim * classes / 100``), doubled for a binomial fit."""
+    if C is not None and not C > 0:  # also rejects NaN
+        raise ValueError(f"--C must be > 0 (the inverse L2 strength), got {C}")
     C = dinobloom_c(dim, present.size) if C is None else C
     return 2.0 * C if present.size == 2 else C
 

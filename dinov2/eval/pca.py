@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> Path:
     """Render the PCA figure of the given images."""
     from dinov2.data.transforms import load_image, make_eval_transform
     from dinov2.eval import protocol
-    from dinov2.eval.extract_features import release_weights
+    from dinov2.eval.extract_features import _UNREADABLE, release_weights
     from dinov2.hub import load_backbone
 
     args = protocol.parse_args_with_config(build_parser(), argv)
@@ -133,7 +133,12 @@ def main(argv: list[str] | None = None) -> Path:
     weights = args.weights if args.weights is not None else release_weights(args.model)
     model = load_backbone(args.model, weights).to(device)
     transform = make_eval_transform(args.img_size)
-    pictures = [load_image(path) for path in args.image]
+    pictures = []
+    for path in args.image:
+        try:
+            pictures.append(load_image(path))
+        except _UNREADABLE as err:
+            raise ValueError(f"--image {path}: not a readable image ({type(err).__name__}: {err})") from err
     batch = torch.stack([transform(p) for p in pictures]).to(device)
     rgb, mask = patch_pca_rgb(patch_tokens_of(model, batch), args.threshold, args.foreground)
     logger.info("foreground: %.1f%% of patches", 100.0 * mask.mean())

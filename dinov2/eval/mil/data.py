@@ -99,12 +99,27 @@ def _suffixes(path: str) -> list[str]:
     return ["/".join(parts[i:]) for i in range(len(parts))]
 
 
+def _matching_rows(path: str, by_suffix: dict[str, list[int]], by_path: dict[str, list[int]]) -> list[int]:
+    """Feature rows whose path ends with all of ``path``'s components, else those whose whole path ``path`` ends with.
+
+    Of the latter, the longest (most components in common) win; folders that differ never match.
+    """
+    tails = _suffixes(path)
+    if tails and tails[0] in by_suffix:
+        return by_suffix[tails[0]]
+    return next((by_path[tail] for tail in tails[1:] if tail in by_path), [])
+
+
 def bags_from_csv(feature_set: FeatureSet, csv_path: str | Path) -> BagSet:
-    """Bags from a CSV (columns patient,label,path); a path matches the feature path with the longest common tail."""
+    """Bags from a CSV (columns patient,label,path).
+
+    A CSV path matches the one feature path that ends with it or that it ends with, compared by whole path
+    components (``mil/APL/P1/a.jpg`` and ``APL/P1/a.jpg`` match; ``AML/P3/a.jpg`` and ``APL/P1/a.jpg`` do not).
+    """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"bags CSV not found: {csv_path}")
-    with csv_path.open(newline="", encoding="utf-8") as handle:
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a BOM
         reader = csv.DictReader(handle)
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -113,14 +128,17 @@ def bags_from_csv(feature_set: FeatureSet, csv_path: str | Path) -> BagSet:
     if not entries:
         raise ValueError(f"{csv_path}: no rows")
     by_suffix: dict[str, list[int]] = {}
+    by_path: dict[str, list[int]] = {}
     for row, path in enumerate(feature_set.paths):
-        for suffix in _suffixes(path):
+        suffixes = _suffixes(path)
+        for suffix in suffixes:
             by_suffix.setdefault(suffix, []).append(row)
+        by_path.setdefault(suffixes[0] if suffixes else "", []).append(row)
     rows, unmatched = [], []
     claimed: dict[int, tuple[str, str]] = {}  # feature row -> (patient, CSV path) that matched it first
     for patient, label, path in entries:
-        match = next((by_suffix[s] for s in _suffixes(path) if len(by_suffix.get(s, ())) == 1), None)
-        if match is None:
+        match = _matching_rows(path, by_suffix, by_path)
+        if len(match) != 1:  # none, or several that the CSV path cannot tell apart
             unmatched.append(path)
             continue
         row = match[0]
