@@ -57,8 +57,6 @@ EXTRA_STATE_FILE = "extra_state.pt"
 LATEST_FILE = "latest"
 TEACHER_PARTS = ("backbone", "dino_head", "ibot_head")
 _CHECKPOINT_NAME = re.compile(r"^\d{9}$")
-# Optimizer options that describe the kernel of this run, not the training state; kept when loading.
-_RUNTIME_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def _no_dist() -> bool:
@@ -219,7 +217,11 @@ def load_checkpoint(
     """Load a checkpoint folder into `model` (and `optimizer`) on any number of ranks; return its `extra_state`.
 
     The returned dict is the saved `extra_state` plus `iteration`. Loading is strict: a model key missing from the
-    checkpoint, an unexpected one, or a shape mismatch raises `CheckpointError`. With `restore_rng`, each rank
+    checkpoint, an unexpected one, or a shape mismatch raises `CheckpointError`. Of the optimizer, the per-parameter
+    state (step counts and moments, keyed by parameter name) is restored; its parameter groups and their settings
+    (lr and weight-decay multipliers, betas, eps, kernel) stay those `optimizer` was built with from this run's
+    config, so a changed setting takes effect on resume and a changed grouping (e.g. layer-wise decay switched on)
+    loads too. With `restore_rng`, each rank
     restores the RNG states saved by the same rank (when the number of ranks changed, ranks without a saved state
     keep theirs). Call on every rank.
     """
@@ -230,10 +232,8 @@ def load_checkpoint(
         state = {"model": get_model_state_dict(model)}
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
+        state = {"model": model_state, "optimizer": {"state": optim_state["state"]}}
     _check_model_keys(path, state["model"])
-    # Optimizer.load_state_dict replaces the groups, kernel options included; this run's options are put back.
-    runtime = [{k: g[k] for k in _RUNTIME_OPTIONS if k in g} for g in (optimizer.param_groups if optimizer else [])]
     try:
         with _single_process_is_intended():
             dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
@@ -243,9 +243,13 @@ def load_checkpoint(
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        for group, options in zip(optimizer.param_groups, runtime):
-            group.update(options)
+        this_run_groups = optim_state["param_groups"]
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict={"state": state["optimizer"]["state"], "param_groups": this_run_groups},
+        )
     record = torch.load(path / EXTRA_STATE_FILE, weights_only=True)
     if restore_rng:
         rng_file = path / _rng_file(get_rank())

@@ -14,6 +14,7 @@ from dinov2.configs import (
     TRAIN_CONFIG_DIR,
     ConfigError,
     apply_scaling_rules_to_cfg,
+    config_differences,
     load_config,
     resolve_arch,
     write_config,
@@ -130,6 +131,12 @@ def test_types_are_checked_and_numbers_coerced() -> None:
         ("optim.warmup_epochs=200", r"optim.warmup_epochs=200 must lie in \[0, optim.epochs=100\]"),
         ("crops.global_crops_size=100", r"crops.global_crops_size=100 is not a multiple of the patch size 16"),
         ("train.batch_size_per_gpu=0", r"train.batch_size_per_gpu must be positive"),
+        ("train.num_workers=-1", r"train.num_workers must be >= 0, got -1"),
+        ("train.seed=-1", r"train.seed must be >= 0, got -1"),
+        ("crops.local_crops_number=-2", r"crops.local_crops_number must be >= 0, got -2"),
+        ("optim.clip_grad=-3", r"optim.clip_grad must be >= 0, got -3"),
+        ("ibot.mask_sample_probability=1.5", r"ibot.mask_sample_probability=1.5 must lie in \[0, 1\]"),
+        ("train.max_bad_image_fraction=2", r"train.max_bad_image_fraction=2.0 must lie in \[0, 1\]"),
     ],
 )
 def test_values_are_checked(override: str, message: str) -> None:
@@ -290,6 +297,30 @@ def test_scaling_rules() -> None:
     cfg.optim.scaling_rule = "cubic"
     with pytest.raises(ConfigError, match=r"optim.scaling_rule='cubic'"):
         apply_scaling_rules_to_cfg(cfg, 1)
+
+
+def test_an_optim_lr_that_scaling_replaces_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(None, ["train.batch_size_per_gpu=64", "optim.base_lr=1e-3", "optim.lr=0.01"])
+    with caplog.at_level(logging.WARNING, logger="dinov2.configs"):
+        apply_scaling_rules_to_cfg(cfg, 1)
+    assert "optim.lr=0.01 is ignored" in caplog.text and "set optim.base_lr" in caplog.text
+    assert cfg.optim.lr == pytest.approx(1e-3 * math.sqrt(64 / 1024))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dinov2.configs"):  # a run's own config.yaml, read back
+        apply_scaling_rules_to_cfg(cfg, 1)
+    assert "ignored" not in caplog.text
+
+
+def test_config_differences_name_each_changed_key() -> None:
+    before = load_config(None)
+    after = load_config(None, ["optim.base_lr=1e-3", "crops.global_crops_scale=[0.4,1.0]"])
+    assert config_differences(before, before) == []
+    assert config_differences(before, after) == [
+        "crops.global_crops_scale: [0.32, 1.0] -> [0.4, 1.0]",
+        f"optim.base_lr: {before.optim.base_lr} -> 0.001",
+    ]
+    older = OmegaConf.create({"train": {"retired_key": 1}})
+    assert config_differences(older, OmegaConf.create({})) == ["train.retired_key: 1 -> (absent)"]
 
 
 def test_write_config_round_trips(tmp_path: Path) -> None:

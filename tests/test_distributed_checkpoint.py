@@ -431,6 +431,35 @@ def test_load_names_mismatched_keys(tmp_path: Path) -> None:
         load_checkpoint(path, wider, restore_rng=False)
 
 
+def _group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def test_resume_keeps_moments_by_name_and_takes_group_settings_from_this_run(tmp_path: Path) -> None:
+    """A run resumed with other optimizer settings (and so another grouping) uses them, with its saved moments."""
+    cfg = load_config(None, FP32)
+    model = _parts(seed=0)
+    optimizer = build_optimizer(build_param_groups(model, cfg), cfg)
+    _train_step(model, optimizer, _images(0))
+    saved = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in model.named_parameters()}
+    path = save_checkpoint(tmp_path, 1, model, optimizer)
+
+    changed = load_config(None, FP32 + ["optim.layerwise_decay=1.0", "optim.patch_embed_lr_mult=0.5",
+                                        "optim.adamw_beta2=0.95"])
+    resumed = _parts(seed=1)
+    resumed_optimizer = build_optimizer(build_param_groups(resumed, changed), changed)
+    assert len(resumed_optimizer.param_groups) < len(optimizer.param_groups)
+    settings = _group_settings(resumed_optimizer)
+    load_checkpoint(path, resumed, resumed_optimizer, restore_rng=False)
+
+    assert _group_settings(resumed_optimizer) == settings
+    assert {g["betas"] for g in resumed_optimizer.param_groups} == {(0.9, 0.95)}
+    assert 0.5 in {g["lr_multiplier"] for g in resumed_optimizer.param_groups}
+    for name, p in resumed.named_parameters():
+        torch.testing.assert_close(resumed_optimizer.state[p], saved[name], atol=0, rtol=0)
+    _train_step(resumed, resumed_optimizer, _images(1))  # and it trains on
+
+
 def test_export_orders_parts_and_casts_to_float32(tmp_path: Path) -> None:
     teacher = _parts(seed=0)
     reordered = nn.ModuleDict({"ibot_head": teacher["ibot_head"], "backbone": teacher["backbone"],

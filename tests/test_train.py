@@ -21,13 +21,14 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from dinov2.configs import TRAIN_CONFIG_DIR, ConfigError, load_config, resolve_arch
+from dinov2.data import DatasetError
 from dinov2.data.samplers import InfiniteSampler
 from dinov2.hub import load_backbone
 from dinov2.hub.loader import CheckpointError
 from dinov2.models import DinoVisionTransformer
 from dinov2.train import train as train_module
 from dinov2.train.data import build_train_dataset
-from dinov2.train.train import main, setup_logging
+from dinov2.train.train import PreemptionHandler, build_parser, main, setup_logging
 
 DEMO_CONFIG = TRAIN_CONFIG_DIR / "demo.yaml"
 # Two heads of 32 dimensions: the shapes alone would suggest one head of 64, so loading an exported file with
@@ -313,6 +314,18 @@ def test_the_blur_used_is_recorded_and_a_change_on_resume_is_said(tmp_path: Path
     ).read_text()
 
 
+def test_settings_changed_on_resume_are_said_and_used(tmp_path: Path, demo) -> None:
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, epochs=1, epoch_length=2)
+    # Layer-wise decay regroups the optimizer's parameters: the saved moments still load, by parameter name.
+    _train(out, demo.lists_dir, "optim.layerwise_decay=0.9", "optim.adamw_beta2=0.95", epochs=2, epoch_length=2)
+    log = (out / "log.txt").read_text()
+    assert "differ from the checkpointed run's config.yaml; they apply from iteration 2 on" in log
+    for change in ("optim.layerwise_decay: 1.0 -> 0.9", "optim.adamw_beta2: 0.999 -> 0.95", "optim.epochs: 1 -> 2"):
+        assert change in log
+    assert [r["iteration"] for r in _metrics(out)] == [0, 1, 2, 3]
+
+
 def _damaged_list(tmp_path: Path, demo) -> tuple[Path, list[str]]:
     """The demo list plus a file of random bytes, a PNG cut in half and a path that does not exist."""
     images = sorted((demo.images_dir).rglob("*.png"))
@@ -350,8 +363,27 @@ def test_unreadable_images_are_skipped_counted_and_named(tmp_path: Path, demo) -
 
 def test_too_many_unreadable_images_stop_the_run(tmp_path: Path, demo) -> None:
     list_file, _ = _damaged_list(tmp_path, demo)
-    with pytest.raises(RuntimeError, match=r"train\.max_bad_image_fraction=0\.01"):
+    with pytest.raises(DatasetError, match=r"train\.max_bad_image_fraction=0\.01"):
         _train(tmp_path / "run", list_file, "train.max_bad_image_fraction=0.01", epochs=1, epoch_length=8)
+
+
+def test_a_batch_without_a_readable_image_stops_the_run_with_its_iteration(tmp_path: Path) -> None:
+    bad = []
+    for i in range(8):
+        path = tmp_path / f"garbage{i}.png"
+        path.write_bytes(b"not an image")
+        bad.append(str(path))
+    list_file = tmp_path / "lists" / "cells.txt"
+    list_file.parent.mkdir()
+    list_file.write_text("\n".join(bad) + "\n")
+    with pytest.raises(DatasetError, match=r"iteration 0, rank 0: none of the 8 images of the batch could be read"):
+        _train(tmp_path / "run", list_file.parent, "train.max_bad_image_fraction=1.0", epochs=1, epoch_length=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_is_a_config_error(tmp_path: Path, demo) -> None:
+    with pytest.raises(ConfigError, match=r"train.device=cuda: device 'cuda' was requested but CUDA is not available"):
+        _train(tmp_path / "run", demo.lists_dir, "train.device=cuda")
 
 
 @pytest.mark.parametrize(
@@ -376,6 +408,13 @@ def test_config_typo_fails_before_anything(tmp_path: Path, demo, where: str, ove
     assert not out.exists()
 
 
+def test_options_may_follow_the_overrides() -> None:
+    args = build_parser().parse_intermixed_args(
+        ["--config-file", "run.yaml", "train.seed=3", "--no-resume", "optim.epochs=2", "--output-dir", "out"]
+    )
+    assert args.opts == ["train.seed=3", "optim.epochs=2"] and args.no_resume and args.output_dir == "out"
+
+
 class _NoModel:
     def __init__(self, *args, **kwargs) -> None:
         raise AssertionError("a model was built before the input was checked")
@@ -387,6 +426,7 @@ class _NoModel:
         ("empty_list", ValueError, "is empty"),
         ("missing_dataset", FileNotFoundError, "does not exist"),
         ("missing_knn_data", FileNotFoundError, "evaluation.knn_data=.* does not exist"),
+        ("unlabelled_knn_data", ConfigError, "evaluation.knn_data=.* must be a folder with one sub-folder per class"),
     ],
 )
 def test_bad_data_paths_fail_before_any_model_is_built(
@@ -400,6 +440,7 @@ def test_bad_data_paths_fail_before_any_model_is_built(
         "empty_list": (empty, []),
         "missing_dataset": (tmp_path / "nowhere", []),
         "missing_knn_data": (demo.lists_dir, [f"evaluation.knn_data={tmp_path / 'no_images'}"]),
+        "unlabelled_knn_data": (demo.lists_dir, [f"evaluation.knn_data={demo.images_dir / 'lymphocyte'}"]),
     }[setting]
     out = tmp_path / "run"
     with pytest.raises(error, match=message):
@@ -427,8 +468,32 @@ def test_image_resize_reaches_the_dataset(demo) -> None:
     assert build_train_dataset(load_config(DEMO_CONFIG, [*hema, "train.image_resize=112"])).resize == 112
     for name in ("custom", "vitb14"):
         assert load_config(TRAIN_CONFIG_DIR / f"{name}.yaml").train.image_resize == 224
-    with pytest.raises(ValueError, match="train.image_resize must be >= 0"):
-        build_train_dataset(load_config(DEMO_CONFIG, [*base, "train.image_resize=-1"]))
+    with pytest.raises(ConfigError, match="train.image_resize must be >= 0"):
+        load_config(DEMO_CONFIG, [*base, "train.image_resize=-1"])
+
+
+def test_forked_workers_ignore_the_preemption_signals() -> None:
+    """A scheduler may signal every process of a job: only the trainer itself (not its data workers) reacts."""
+    handler = PreemptionHandler()
+    handler.install()
+    try:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a data-loader worker is forked like this, with the trainer's handlers
+            os.close(read_end)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.write(write_end, b"ignored" if handler.received is None else b"reacted")
+            os._exit(0)
+        os.close(write_end)
+        answer = os.read(read_end, 16)
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+        assert answer == b"ignored" and os.waitstatus_to_exitcode(status) == 0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.received == signal.SIGUSR1
+    finally:
+        handler.uninstall()
 
 
 def test_logging_prints_each_line_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -294,8 +294,15 @@ def _check_values(cfg: DictConfig) -> None:
         problems.append(
             f"optim.warmup_epochs={cfg.optim.warmup_epochs} must lie in [0, optim.epochs={cfg.optim.epochs}]"
         )
-    if not 0 <= cfg.train.max_bad_image_fraction <= 1:
-        problems.append(f"train.max_bad_image_fraction={cfg.train.max_bad_image_fraction} must lie in [0, 1]")
+    non_negative = ("train.seed", "train.num_workers", "train.image_resize", "crops.local_crops_number",
+                    "optim.clip_grad", "optim.freeze_last_layer_epochs", "evaluation.eval_period_iterations",
+                    "evaluation.knn_max_images", "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight")
+    for key in non_negative:
+        if OmegaConf.select(cfg, key) < 0:
+            problems.append(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
+    for key in ("train.max_bad_image_fraction", "ibot.mask_sample_probability"):
+        if not 0 <= OmegaConf.select(cfg, key) <= 1:
+            problems.append(f"{key}={OmegaConf.select(cfg, key)} must lie in [0, 1]")
     if cfg.dino.loss_weight <= 0 and cfg.ibot.loss_weight <= 0:
         problems.append("dino.loss_weight and ibot.loss_weight are both 0: nothing would be trained")
     if problems:
@@ -389,17 +396,52 @@ def resolve_arch(cfg: DictConfig) -> ArchSpec:
 
 
 def apply_scaling_rules_to_cfg(cfg: DictConfig, world_size: int) -> DictConfig:
-    """Set `optim.lr` from `optim.base_lr` and the total batch size (in place; also returned)."""
+    """Set `optim.lr` from `optim.base_lr` and the total batch size (in place; also returned).
+
+    As in DINOv2, a value already in `optim.lr` is replaced; a different non-zero one is named in a warning, since
+    it has no effect (`optim.base_lr` sets the learning rate).
+    """
     total_batch = cfg.train.batch_size_per_gpu * world_size
     rule = cfg.optim.scaling_rule
     if rule == "sqrt_wrt_1024":
-        cfg.optim.lr = cfg.optim.base_lr * math.sqrt(total_batch / 1024.0)
+        lr = cfg.optim.base_lr * math.sqrt(total_batch / 1024.0)
     elif rule == "linear_wrt_256":
-        cfg.optim.lr = cfg.optim.base_lr * total_batch / 256.0
+        lr = cfg.optim.base_lr * total_batch / 256.0
     else:
         raise ConfigError(f"optim.scaling_rule={rule!r} is not one of {', '.join(CHOICES['optim.scaling_rule'])}")
+    if cfg.optim.lr and not math.isclose(cfg.optim.lr, lr, rel_tol=1e-9):
+        logger.warning(
+            "optim.lr=%g is ignored: the learning rate is optim.base_lr=%g scaled by %s for the total batch %d (= %g); "
+            "set optim.base_lr to change it", cfg.optim.lr, cfg.optim.base_lr, rule, total_batch, lr,
+        )
+    cfg.optim.lr = lr
     logger.info("%s: base lr %.3g, total batch %d -> lr %.3g", rule, cfg.optim.base_lr, total_batch, cfg.optim.lr)
     return cfg
+
+
+def config_differences(before: DictConfig, after: DictConfig) -> list[str]:
+    """``key: old -> new`` for each dotted key whose value differs between two configs (lists compare whole)."""
+
+    def leaves(cfg: DictConfig) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+
+        def walk(node: Any, prefix: str) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix[:-1]] = node
+
+        walk(OmegaConf.to_container(cfg, resolve=True), "")
+        return flat
+
+    old, new = leaves(before), leaves(after)
+    absent = "(absent)"
+    return [
+        f"{key}: {old.get(key, absent)} -> {new.get(key, absent)}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, absent) != new.get(key, absent)
+    ]
 
 
 def write_config(cfg: DictConfig, output_dir: str | Path, name: str = "config.yaml") -> Path:
@@ -420,6 +462,7 @@ __all__ = [
     "TRAIN_CONFIG_DIR",
     "apply_scaling_rules_to_cfg",
     "closest_key",
+    "config_differences",
     "default_config",
     "load_config",
     "resolve_arch",

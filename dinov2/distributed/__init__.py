@@ -151,6 +151,10 @@ def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | Non
     return "single", 0, 0, 1, 1, None, None
 
 
+class DeviceUnavailableError(ValueError):
+    """The requested device does not exist here, or cannot run the requested number of processes."""
+
+
 def get_device(preference: str = "auto", local_rank: int | None = None) -> torch.device:
     """The device of this process: auto = cuda:LOCAL_RANK if CUDA is available, else mps (single process), else cpu."""
     if preference not in DEVICE_CHOICES:
@@ -159,12 +163,12 @@ def get_device(preference: str = "auto", local_rank: int | None = None) -> torch
         local_rank = _env_int("LOCAL_RANK", _env_int("SLURM_LOCALID", 0))
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was requested but CUDA is not available")
+            raise DeviceUnavailableError("device 'cuda' was requested but CUDA is not available here; use auto or cpu")
         # Modulo: a scheduler that shows each process only its own GPU (SLURM's GPU binding) leaves one device.
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if preference == "mps" or (preference == "auto" and get_world_size() == 1 and _mps_available()):
         if not _mps_available():
-            raise RuntimeError("device 'mps' was requested but MPS is not available")
+            raise DeviceUnavailableError("device 'mps' was requested but MPS is not available here; use auto or cpu")
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -177,7 +181,7 @@ def enable_distributed(*, device: str = "auto", timeout: timedelta = timedelta(m
     """Create the process group described by the environment (none for one process) and pick this rank's device."""
     launcher, rank, local_rank, world, local_world, addr, port = _read_launcher_env()
     if world > 1 and device == "mps":
-        raise RuntimeError("MPS does not support multi-process training; use device cpu or cuda")
+        raise DeviceUnavailableError("MPS does not support multi-process training; use device cpu or cuda")
     if world > 1 and device == "auto" and not torch.cuda.is_available():
         device = "cpu"
     dev = get_device(device, local_rank)

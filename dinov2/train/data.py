@@ -48,7 +48,10 @@ class KeyedSamples(Dataset):
 
 @dataclass
 class TrainCollate:
-    """Drop unreadable images, stack the crops and draw the iBOT masks from a per-batch seed."""
+    """Drop unreadable images, stack the crops and draw the iBOT masks from a per-batch seed.
+
+    A batch carries its counts, ``n_images`` and ``n_bad_images``; one without a readable image carries only them.
+    """
 
     mask_generator: MaskingGenerator
     mask_ratio_tuple: tuple[float, float]
@@ -58,8 +61,8 @@ class TrainCollate:
 
     def __call__(self, items: list[tuple[Any, SampleKey]]) -> dict[str, Any]:
         samples = [sample for sample, _ in items if sample is not None]
-        if not samples:
-            raise RuntimeError(f"all {len(items)} images of a batch are unreadable; see the warnings above")
+        if not samples:  # the trainer stops on such a batch, from its own process (a worker's error would be wrapped)
+            return {"n_images": len(items), "n_bad_images": len(items)}
         first = items[0][1]
         # The batch's first draw is unique within a run, so the masks depend only on (seed, batch).
         rng = random.Random(derive_seed(self.seed, first.index, first.epoch))
@@ -86,8 +89,6 @@ def build_train_dataset(cfg: DictConfig) -> FileListDataset:
     """
     if not cfg.train.dataset_path:
         raise ConfigError("train.dataset_path is empty: name a folder of .txt image lists (or one .txt list)")
-    if cfg.train.image_resize < 0:
-        raise ConfigError(f"train.image_resize must be >= 0 (0 = keep the image size), got {cfg.train.image_resize}")
     if cfg.crops.local_crops_number == 1:
         logger.info(
             "crops.local_crops_number=1 is DinoBloom's setting for 'no local crops': none are drawn and the global "

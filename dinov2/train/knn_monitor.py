@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from dinov2.configs import ConfigError
 from dinov2.distributed import is_main_process
 from dinov2.eval.extract_features import ImageList, embed_images, list_images
 from dinov2.eval.knn import knn_probabilities
@@ -86,7 +87,7 @@ class KnnMonitor:
             )
         images = list_images(cfg.evaluation.knn_data)
         if any(label < 0 for label in images.labels) or len(images.class_names) < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"evaluation.knn_data={cfg.evaluation.knn_data} must be a folder with one sub-folder per class "
                 f"(found classes {images.class_names})"
             )

@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dinov2 import distributed
 from dinov2.checkpoint import export_teacher, find_latest_checkpoint, load_checkpoint, save_checkpoint
-from dinov2.configs import apply_scaling_rules_to_cfg, load_config, write_config
+from dinov2.configs import ConfigError, apply_scaling_rules_to_cfg, config_differences, load_config, write_config
+from dinov2.data import DatasetError
 from dinov2.parallel import (
     allow_tf32_matmul,
     autocast_dtype,
@@ -53,12 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line arguments of the trainer."""
     parser = argparse.ArgumentParser(
         description="DinoBloom self-supervised training", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Overrides: dotted key=value pairs after the options, e.g. train.batch_size_per_gpu=32",
+        epilog="Overrides: dotted key=value pairs, before or after the options, e.g. train.batch_size_per_gpu=32",
     )
     parser.add_argument("--config-file", required=True, help="run config (YAML) over ssl_default_config.yaml")
     parser.add_argument("--output-dir", default=None, help="output directory (default: train.output_dir)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
+    parser.add_argument("opts", nargs="*", help="key=value config overrides")
     return parser
 
 
@@ -113,7 +114,9 @@ class PreemptionHandler:
     """Turns SIGTERM/SIGUSR1 into "checkpoint at the next iteration, then stop".
 
     The previously installed handler (for example submitit's requeue handler) is remembered and called
-    after the checkpoint is written.
+    after the checkpoint is written. Data-loader workers, forked with these handlers, ignore the signals: a
+    scheduler that signals every process of the job must neither kill them (the step would fail before the
+    checkpoint) nor have them report a checkpoint they do not write.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -121,9 +124,11 @@ class PreemptionHandler:
     def __init__(self) -> None:
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def install(self) -> None:
         """Install the handlers (main thread only)."""
+        self._pid = os.getpid()
         for sig in self.SIGNALS:
             self.previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
@@ -134,6 +139,8 @@ class PreemptionHandler:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked data-loader worker
+            return
         logger.warning("received %s: checkpointing at the end of this iteration", signal.Signals(signum).name)
         self.received = signum
 
@@ -295,7 +302,7 @@ def check_bad_images(bad_images: int, images_seen: int, dataset_size: int, max_f
     in the first batch does not stop a run.
     """
     if bad_images > max_fraction * max(images_seen, min(dataset_size, 1000)):
-        raise RuntimeError(
+        raise DatasetError(
             f"{bad_images} of the {images_seen} images read so far were unreadable, more than "
             f"train.max_bad_image_fraction={max_fraction} allows; the 'skipping unreadable image' warnings in "
             "log.txt name them: fix or remove those files, or raise the limit"
@@ -351,6 +358,13 @@ def train(
                 "with 0.1 (DINOv2's: 1.0, 0.1, 0.5): set crops.blur_probabilities to continue as it was",
                 latest, state.get("blur", "(no record)"), blur,
             )
+        if resuming and previous_config is not None:
+            changes = config_differences(OmegaConf.create(previous_config), cfg)
+            if changes:
+                logger.warning(
+                    "resuming with settings that differ from the checkpointed run's config.yaml; they apply from "
+                    "iteration %d on: %s", start_iter, "; ".join(changes),
+                )
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         logger.info("resuming at iteration %d from %s", start_iter, latest)
@@ -398,6 +412,11 @@ def train(
     preemption.install()
     try:
         for iteration, batch in zip(range(start_iter, max_iter), loader):
+            if "collated_global_crops" not in batch:  # (torchrun then stops the other ranks too)
+                raise DatasetError(
+                    f"iteration {iteration}, rank {info.rank}: none of the {batch['n_images']} images of the batch "
+                    "could be read; the 'skipping unreadable image' warnings in log.txt name them"
+                )
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
             momentum, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
@@ -466,11 +485,14 @@ def train(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse the command line, set up processes and logging, train."""
-    args = build_parser().parse_args(argv)
-    cfg = load_config(args.config_file, [o for o in args.opts if o != "--"])
+    args = build_parser().parse_intermixed_args(argv)
+    cfg = load_config(args.config_file, args.opts)
     output_dir = Path(args.output_dir or cfg.train.output_dir).expanduser().resolve()
     cfg.train.output_dir = str(output_dir)
-    info = distributed.enable_distributed(device=cfg.train.device)
+    try:
+        info = distributed.enable_distributed(device=cfg.train.device)
+    except distributed.DeviceUnavailableError as err:
+        raise ConfigError(f"train.device={cfg.train.device}: {err}") from None
     # FSDP2 warns that the backbone returns views (its CLS and patch tokens); the loss never modifies them in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     handlers: list[logging.Handler] = []
@@ -501,8 +523,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from dinov2.cli import run_cli
-    from dinov2.configs import ConfigError
-    from dinov2.data import DatasetError
     from dinov2.hub.loader import CheckpointError
 
     # Configuration, data and file mistakes end in one line; anything else keeps its traceback.
