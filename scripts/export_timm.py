@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a file from a checkout: make `dinov2` im
 
 from dinov2.hub import load_backbone  # noqa: E402
 from dinov2.hub.loader import flatten_block_chunks  # noqa: E402
+from dinov2.layers import LayerScale  # noqa: E402
 from dinov2.models import DinoVisionTransformer  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,20 @@ def timm_model_config(model: DinoVisionTransformer) -> tuple[str, dict[str, Any]
     ):
         if value != default:
             kwargs[key] = value
+    block = _first_block(model)
+    if not isinstance(block.ls1, LayerScale):  # timm's DINOv2 models have LayerScale; a falsy value drops it
+        kwargs["init_values"] = 0.0  # (None would not do: timm.create_model discards None arguments)
+    if block.attn.qkv.bias is None:
+        kwargs["qkv_bias"] = False
+    # timm's proj_bias covers the attention output and both feed-forward layers together.
+    proj_bias, ffn_bias = block.attn.proj.bias is not None, _first_layer_of(block.mlp).bias is not None
+    if proj_bias != ffn_bias:
+        raise ValueError(
+            f"timm's ViT has one switch for the biases of the attention output and the feed-forward; this backbone "
+            f"has proj_bias={proj_bias} and ffn_bias={ffn_bias}, so it cannot be exported"
+        )
+    if not proj_bias:
+        kwargs["proj_bias"] = False
     hidden = _ffn_hidden(model)
     if swiglu and int(dim * _TIMM_SWIGLU_RATIO) != 2 * hidden:
         kwargs["mlp_ratio"] = _ratio_for(2 * hidden, dim)  # timm's packed SwiGLU counts both halves
@@ -78,6 +93,11 @@ def _first_block(model: DinoVisionTransformer) -> torch.nn.Module:
 
 def _is_swiglu(model: DinoVisionTransformer) -> bool:
     return hasattr(_first_block(model).mlp, "w12")
+
+
+def _first_layer_of(mlp: torch.nn.Module) -> torch.nn.Linear:
+    """The input projection of an MLP (`fc1`) or SwiGLU (`w12`) feed-forward."""
+    return mlp.w12 if hasattr(mlp, "w12") else mlp.fc1
 
 
 def _ffn_hidden(model: DinoVisionTransformer) -> int:

@@ -24,7 +24,7 @@ from dinov2.hub import (
     load_pretrained_backbone_state,
     resize_pos_embed,
 )
-from dinov2.models import DinoVisionTransformer
+from dinov2.models import DinoVisionTransformer, build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,6 +158,10 @@ def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match="weights file not found"):
         load_pretrained_backbone_state(tmp_path / "absent.pth")
+    checkpoint_folder = tmp_path / "checkpoints" / "000000299"
+    checkpoint_folder.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"000000299 is a folder, not a weights file.*teacher_checkpoint\.pth"):
+        load_pretrained_backbone_state(checkpoint_folder)
 
     torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 4), "backbone.note": "x"}}, pickled)
     with pytest.raises(CheckpointError, match="entries that are not tensors: note"):
@@ -229,6 +233,44 @@ def test_load_backbone_by_name_and_inferred(tmp_path: Path) -> None:
         load_backbone(None, None)
     with pytest.raises(CheckpointError, match="mis-shaped keys: cls_token"):
         load_backbone("dinobloom_s", path)
+
+
+def test_a_run_export_named_from_home_takes_its_heads_from_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``~/run/eval/.../teacher_checkpoint.pth`` finds ``~/run/config.yaml`` (2 heads; the shapes would say 1)."""
+    from dinov2.configs import TRAIN_CONFIG_DIR, load_config, write_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = tmp_path / "run"
+    write_config(load_config(TRAIN_CONFIG_DIR / "demo.yaml", ["student.embed_dim=64", "student.depth=2",
+                                                               "student.num_heads=2"]), run)  # fmt: skip
+    source = tiny_model(embed_dim=64, depth=2, num_heads=2, img_size=112)
+    export = run / "eval" / "training_9" / "teacher_checkpoint.pth"
+    export.parent.mkdir(parents=True)
+    torch.save(teacher_checkpoint(source), export)
+    model = load_backbone(None, "~/run/eval/training_9/teacher_checkpoint.pth")
+    assert model.num_heads == 2
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_img_size_of_a_half_precision_file_gives_its_run_time_features(tmp_path: Path, dtype: torch.dtype) -> None:
+    path = tmp_path / "half.pth"
+    torch.save({k: v.to(dtype) for k, v in tiny_model().state_dict().items()}, path)
+    at_load, at_run_time = load_backbone(None, path, img_size=84), load_backbone(None, path)
+    x = torch.randn(2, 3, 84, 84)
+    with torch.no_grad():
+        torch.testing.assert_close(at_load(x), at_run_time(x), rtol=0, atol=0)
+
+
+def test_a_named_entry_keeps_its_size() -> None:
+    with pytest.raises(ValueError, match="dinobloom_s fixes depth, num_heads; for another size"):
+        load_backbone("dinobloom_s", None, num_heads=12, depth=2)
+    with pytest.raises(ValueError, match="vit_small fixes embed_dim"):
+        build_model("vit_small", embed_dim=192)
 
 
 def test_dinobloom_entries_resize_a_dinov2_file_to_224(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -338,8 +380,11 @@ def test_torch_hub_load_offline(tmp_path: Path) -> None:
         (dict(img_size=224, embed_dim=384, depth=2, num_heads=6, num_register_tokens=4,
               interpolate_antialias=True, interpolate_offset=0.0), "vit_small_patch14_reg4_dinov2"),
         (dict(img_size=28, embed_dim=128, depth=1, num_heads=2, ffn_layer="swiglufused"), "vit_giant_patch14_dinov2"),
+        (dict(img_size=28, embed_dim=384, depth=1, num_heads=6, init_values=None), "vit_small_patch14_dinov2"),
+        (dict(img_size=28, embed_dim=384, depth=1, num_heads=6, qkv_bias=False, proj_bias=False, ffn_bias=False),
+         "vit_small_patch14_dinov2"),
     ],
-    ids=["vits14", "vits14_reg4", "swiglu"],
+    ids=["vits14", "vits14_reg4", "swiglu", "no_layerscale", "no_biases"],
 )
 def test_timm_export_loads_into_timm(
     tmp_path: Path, kwargs: dict[str, Any], timm_name: str, load_script: Callable[[str], ModuleType]
@@ -367,6 +412,12 @@ def test_timm_export_loads_into_timm(
         ours = source(x)
         theirs = timm_model.forward_features(x)[:, 0]
     assert (ours - theirs).abs().max().item() <= 2e-5
+
+
+def test_timm_export_refuses_a_layout_timm_cannot_build(load_script: Callable[[str], ModuleType]) -> None:
+    export_timm = load_script("export_timm")
+    with pytest.raises(ValueError, match="has proj_bias=True and ffn_bias=False, so it cannot be exported"):
+        export_timm.timm_model_config(tiny_model(img_size=28, embed_dim=384, depth=1, num_heads=6, ffn_bias=False))
 
 
 def test_timm_export_of_the_vit_small_layout(load_script: Callable[[str], ModuleType]) -> None:

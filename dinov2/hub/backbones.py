@@ -55,7 +55,7 @@ def run_config_settings(weights: Path, inferred: Mapping[str, Any]) -> dict[str,
     when that config describes a backbone of the same width and depth, its head count and position-embedding
     interpolation settings are used instead of DINOv2's conventions (head dimension 64).
     """
-    for folder in list(weights.resolve().parents)[:3]:
+    for folder in list(weights.expanduser().resolve().parents)[:3]:
         config_file = folder / "config.yaml"
         if config_file.is_file():
             break
@@ -92,7 +92,8 @@ def load_backbone(
     the checkpoint's own size (so a DinoBloom file stays at 224 px inside a `dinov2_*` model, as DinoBloom's
     loader does) or, without weights, the entry's default. Any other `img_size` resamples the position embedding
     once, at load time, exactly as the checkpoint's model does at run time for images of that size, so the
-    model gives the features the checkpoint's own model gives on them. `kwargs` override constructor arguments.
+    model gives the features the checkpoint's own model gives on them. `kwargs` override constructor arguments
+    other than the size, which a hub name fixes.
     """
     if pretrained and weights is None:
         if name not in RELEASE_URLS:

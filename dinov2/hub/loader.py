@@ -64,6 +64,11 @@ def _download(url: str) -> Path:
 
 def _read_file(path: Path) -> Any:
     """Read a `.safetensors` or `torch.save` file without executing any pickled code."""
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a folder, not a weights file; a training run's backbone is in "
+            "<run>/eval/training_<it>/teacher_checkpoint.pth (checkpoint folders hold the full training state)"
+        )
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     if path.suffix.lower() == ".safetensors":
@@ -212,7 +217,7 @@ def load_backbone_state(
                 resampled = resample_pos_embed(
                     pos, model.patch_size, size, size, model.interpolate_offset, model.interpolate_antialias
                 )
-                state["pos_embed"] = resampled.to(pos.dtype)
+                state["pos_embed"] = resampled  # float32, as the run-time resampling; loading casts it once
             else:
                 state["pos_embed"] = resize_pos_embed(pos, target[1])
     missing = [k for k in expected if k not in state]

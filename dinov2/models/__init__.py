@@ -42,13 +42,22 @@ def _hub_models() -> dict[str, tuple[str, dict[str, Any]]]:
 
 
 HUB_MODELS = _hub_models()
+# What an architecture name fixes; another size is a DinoVisionTransformer of its own.
+SIZE_ARGUMENTS = ("embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
 def build_model(arch: str, **kwargs: Any) -> DinoVisionTransformer:
     """Build a randomly initialised backbone by architecture (`vit_small`...) or hub name (`dinobloom_s`...).
 
-    Hub names start from the hub's constructor defaults; `kwargs` override them.
+    Hub names start from the hub's constructor defaults; `kwargs` override them, except the size
+    (`SIZE_ARGUMENTS`), which the name fixes.
     """
+    fixed = [key for key in SIZE_ARGUMENTS if key in kwargs]
+    if fixed and (arch in ARCHITECTURES or arch in HUB_MODELS):
+        raise ValueError(
+            f"{arch} fixes {', '.join(fixed)}; for another size build DinoVisionTransformer(...) directly, or load "
+            "the weights with name=None to take the size from them"
+        )
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch](**kwargs)
     if arch in HUB_MODELS:
