@@ -4,7 +4,8 @@
 
 The output folder is what ``train.dataset_path`` points at (every ``.txt`` in it is read). Paths are
 absolute unless ``--relative``, which writes them relative to the output folder so the whole tree can be
-moved. ``--verify`` opens every image and leaves out (and reports) the ones that cannot be decoded.
+moved. ``--verify`` opens every image and leaves out (and reports) the ones that cannot be decoded. Lists are
+UTF-8; an image name that is not UTF-8 is written as its raw bytes, which the dataset reads back.
 """
 
 from __future__ import annotations
@@ -22,19 +23,24 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinov2.data.datasets import IMAGE_EXTENSIONS, find_images  # noqa: E402
+from dinov2.data.transforms import load_image  # noqa: E402
 
 logger = logging.getLogger("make_file_lists")
 
 
 def _readable(path: str) -> bool:
-    """Whether PIL can fully decode the image."""
+    """Whether the image loads as training will load it."""
     try:
-        with Image.open(path) as image:
-            image.convert("RGB")
+        load_image(path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         logger.warning("leaving out unreadable image %s: %s", path, error)
         return False
     return True
+
+
+def _list_line(path: str) -> str:
+    """``path`` as a list line that reads back as itself: ``./`` before a leading ``#``, ``~`` or space."""
+    return f"./{path}" if path[0] in "#~" or path[0].isspace() else path
 
 
 def make_file_lists(
@@ -58,9 +64,9 @@ def make_file_lists(
         if not images:
             raise ValueError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
         base = output.resolve()
-        lines = [os.path.relpath(p, base) if relative else p for p in images]
+        lines = [_list_line(os.path.relpath(p, base)) if relative else p for p in images]
         list_file = output / f"{name}.txt"
-        list_file.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        list_file.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8", errors="surrogateescape")
         counts[list_file] = len(lines)
         logger.info("%s: %d images", list_file, len(lines))
     return counts

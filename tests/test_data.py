@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from torchvision.transforms.v2 import functional as tvf
 
 from dinov2.data import (
     DataAugmentationDINO,
+    DatasetError,
     FileListDataset,
     InfiniteSampler,
     SampleKey,
@@ -30,6 +32,7 @@ from dinov2.data import (
     seeded_rng,
 )
 from dinov2.data import transforms as T
+from dinov2.data.datasets import find_images
 
 
 def _write_image(path: Path, seed: int, size: tuple[int, int] = (40, 36)) -> Path:
@@ -160,6 +163,154 @@ def test_hema_standard_dataset_spelling(tmp_path: Path, image_tree: Path, caplog
         make_dataset("HemaStandardDataset:shuffle=1")
     with pytest.raises(ValueError, match="says resize=96 but resize=224"):
         make_dataset(f"HemaStandardDataset:root={lists}:resize=96", resize=224)
+
+
+# --------------------------------------------------------------------------- lists and files from other systems
+
+
+def test_lists_with_a_byte_order_mark_and_an_upper_case_suffix(tmp_path: Path, image_tree: Path) -> None:
+    """Excel and Notepad start UTF-8 files with a BOM; Windows tools may name a list ``B.TXT``."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    first, second, third = (image_tree / "lymphocyte" / "l0.png", image_tree / "neutrophil" / "n1.jpg",
+                            image_tree / "neutrophil" / "n2.jpg")
+    (lists / "a.txt").write_text(f"{first}\n", encoding="utf-8-sig")
+    (lists / "b.TXT").write_text(f"# exported from Excel\n{second}\n", encoding="utf-8-sig")
+    (lists / "c.Txt").write_text(f"{third}\n")
+    dataset = FileListDataset(lists, transform=tvf.pil_to_tensor)
+    assert [dataset.path(i) for i in range(len(dataset))] == [str(first), str(second), str(third)]
+    assert all(dataset[i] is not None for i in range(3)) and dataset.bad_sample_count == 0
+    assert len(FileListDataset(lists / "b.TXT")) == 1
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "Zelle_\u00fc.png\n".encode("cp1252"),  # Windows code page
+        "a.png\nb.png\n".encode("utf-16"),  # Notepad's "Unicode", with its byte-order mark
+        "a.png\nb.png\n".encode("utf-16-le"),  # the same without one
+    ],
+    ids=["cp1252", "utf-16", "utf-16-le"],
+)
+def test_a_list_that_is_not_utf8_is_named(tmp_path: Path, content: bytes) -> None:
+    list_file = tmp_path / "cells.txt"
+    list_file.write_bytes(content)
+    with pytest.raises(DatasetError, match=r"cells\.txt:1: .* is not UTF-8 text.*must be UTF-8"):
+        FileListDataset(list_file)
+
+
+def test_hidden_lists_are_skipped(tmp_path: Path, image_tree: Path) -> None:
+    """A copy from a Mac leaves ``._name.txt`` resource forks (binary) next to the lists."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "pbc.txt").write_text(f"{image_tree / 'lymphocyte' / 'l1.png'}\n")
+    (lists / "._pbc.txt").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \xff\xfe")
+    (lists / ".old.txt").write_text("/nowhere/old.png\n")
+    dataset = FileListDataset(lists)
+    assert [dataset.path(i) for i in range(len(dataset))] == [str(image_tree / "lymphocyte" / "l1.png")]
+
+
+def test_image_names_that_are_not_utf8(tmp_path: Path, load_script: Callable[[str], ModuleType]) -> None:
+    """A Windows zip unpacked on Linux leaves names in a code page: they are listed, read and trained on."""
+    source = tmp_path / "cells"
+    odd = source / "blast" / os.fsdecode(b"Zelle_\xfc.png")
+    try:
+        _write_image(odd, 0)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system allows only UTF-8 names")
+    plain = _write_image(source / "blast" / "plain.png", 1)
+    expected = sorted([str(odd), str(plain)])
+    folder = FileListDataset(source, transform=tvf.pil_to_tensor)
+    assert sorted(folder.path(i) for i in range(2)) == expected
+    assert all(folder[i] is not None for i in range(2)) and folder.classes == ["blast"]
+
+    script = load_script("make_file_lists")
+    for relative in (False, True):
+        out = tmp_path / f"lists_{relative}"
+        script.make_file_lists([source], out, relative=relative, verify=True)
+        dataset = FileListDataset(out, transform=tvf.pil_to_tensor)
+        assert sorted(os.path.normpath(dataset.path(i)) for i in range(len(dataset))) == expected
+        assert all(dataset[i] is not None for i in range(2)) and dataset.bad_sample_count == 0
+
+
+def test_relative_lists_read_back_as_written(tmp_path: Path, load_script: Callable[[str], ModuleType]) -> None:
+    """Names that start with ``#``, ``~`` or a space, listed relative to the source folder itself."""
+    source = tmp_path / "cells"
+    images = [_write_image(source / "#batch2" / "a.png", 0), _write_image(source / " b.png", 1),
+              _write_image(source / "~" / "c.png", 2), _write_image(source / "d.png", 3)]
+    load_script("make_file_lists").make_file_lists([source], source, relative=True)
+    dataset = FileListDataset(source / "cells.txt", transform=tvf.pil_to_tensor)
+    assert sorted(os.path.normpath(dataset.path(i)) for i in range(len(dataset))) == sorted(map(str, images))
+    assert all(dataset[i] is not None for i in range(len(dataset)))
+
+
+def test_symlink_loops_list_each_image_once(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                            load_script: Callable[[str], ModuleType]) -> None:
+    root = tmp_path / "cyc"
+    image = _write_image(root / "a" / "x.jpg", 0)
+    (root / "a" / "loop").symlink_to("..", target_is_directory=True)
+    _write_image(root / "a" / ".thumbs" / "t.jpg", 1)  # hidden folders and files are not data
+    _write_image(root / "a" / ".y.jpg", 2)
+    (root / "a" / "._x.jpg").write_bytes(b"macOS resource fork")
+    with caplog.at_level(logging.WARNING, logger="dinov2.data.datasets"):
+        assert find_images(root) == [str(image)]
+    assert f"skipping {root / 'a' / 'loop'}" in caplog.text
+    assert len(FileListDataset(root)) == 1
+    counts = load_script("make_file_lists").make_file_lists([root], tmp_path / "lists")
+    assert list(counts.values()) == [1]
+
+
+def _sixteen_bit_reference(values: np.ndarray) -> np.ndarray:
+    """value * 255 / 65535 rounded to the nearest integer (no ties: 65535 / 255 is odd), after clipping."""
+    return ((np.clip(values.astype(np.int64), 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("mode", "dtype", "suffix"),
+    [("I;16", "<u2", ".png"), ("I;16", "<u2", ".tif"), ("I;16B", ">u2", ".tif"), ("I", "<i4", ".tif")],
+)
+def test_sixteen_bit_grayscale_is_scaled(tmp_path: Path, mode: str, dtype: str, suffix: str) -> None:
+    """Microscopy saves 16-bit grayscale; converting it to RGB directly would clip everything above 255."""
+    values = np.random.default_rng(0).integers(0, 65536, (6, 7)).astype(dtype)
+    values[0, :4] = [0, 128, 129, 65535]  # 128 / 257 rounds down, 129 / 257 up
+    if mode == "I":
+        values[1, :2] = [-5, 70000]  # clipped
+    path = tmp_path / f"cell{suffix}"
+    Image.frombytes(mode, (7, 6), values.tobytes()).save(path)
+    assert Image.open(path).mode == mode
+    loaded = np.asarray(T.load_image(path))
+    assert loaded.shape == (6, 7, 3) and loaded.dtype == np.uint8
+    expected = _sixteen_bit_reference(values)
+    for channel in range(3):
+        np.testing.assert_array_equal(loaded[..., channel], expected)
+
+
+@pytest.mark.parametrize(("mode", "suffix"), [("RGB", ".png"), ("RGB", ".jpg"), ("L", ".png"), ("LA", ".png"),
+                                              ("RGBA", ".png"), ("P", ".png"), ("1", ".png"), ("CMYK", ".jpg")])
+def test_eight_bit_images_load_as_pil_converts_them(tmp_path: Path, mode: str, suffix: str) -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    path = tmp_path / f"cell{suffix}"
+    Image.fromarray(pixels).convert(mode).save(path)
+    with Image.open(path) as image:
+        assert image.mode == mode
+        reference = np.asarray(image.convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(T.load_image(path)), reference)
+
+
+def test_float_images_are_unreadable(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                     load_script: Callable[[str], ModuleType]) -> None:
+    float_image = tmp_path / "cells" / "float.tif"
+    float_image.parent.mkdir()
+    Image.fromarray(np.full((5, 5), 0.5, dtype=np.float32)).save(float_image)
+    good = _write_image(tmp_path / "cells" / "good.png", 0)
+    with pytest.raises(ValueError, match=r"float\.tif: .*mode F"):
+        T.load_image(float_image)
+    dataset = FileListDataset(tmp_path / "cells")
+    with caplog.at_level(logging.WARNING, logger="dinov2.data.datasets"):
+        assert dataset[0] is None and dataset[1] is not None
+    assert dataset.bad_sample_count == 1 and f"skipping unreadable image {float_image}" in caplog.text
+    load_script("make_file_lists").make_file_lists([tmp_path / "cells"], tmp_path / "lists", verify=True)
+    assert (tmp_path / "lists" / "cells.txt").read_text().splitlines() == [str(good)]
 
 
 # --------------------------------------------------------------------------- unreadable images

@@ -2,11 +2,13 @@
 
 ``FileListDataset(root)`` accepts
 
-* a folder of ``.txt`` file lists (every ``*.txt`` directly inside it, in name order), as DinoBloom's
-  ``HemaStandardDataset``: one image path per line, absolute or relative to the list's folder; blank lines
-  and lines starting with ``#`` are ignored;
+* a folder of ``.txt`` file lists (every ``.txt`` file directly inside it, any case, hidden ones such as macOS
+  ``._name.txt`` left out, in name order), as DinoBloom's ``HemaStandardDataset``: UTF-8 text (a byte-order
+  mark is allowed), one image path per line, absolute or relative to the list's folder; blank lines and lines
+  starting with ``#`` are ignored; an image name that is not UTF-8 may appear as its raw bytes;
 * a single ``.txt`` file list;
-* an image folder, searched recursively for ``.jpg .jpeg .png .tif .tiff .bmp .webp`` files (name order).
+* an image folder, searched recursively for ``.jpg .jpeg .png .tif .tiff .bmp .webp`` files (name order;
+  hidden files and folders skipped, symlinked folders followed, each real folder once).
 
 ``dataset[SampleKey(index, epoch)]`` (what :class:`dinov2.data.samplers.InfiniteSampler` yields) runs the
 transform with torch's CPU generator, Python's ``random`` and NumPy's global generator all seeded from
@@ -98,30 +100,68 @@ def _read_file_list(list_file: Path) -> list[str]:
     """Image paths of one ``.txt`` list, relative entries resolved against the list's folder."""
     base = list_file.parent
     paths: list[str] = []
-    with open(list_file, encoding="utf-8") as handle:
+    # surrogateescape keeps the raw bytes of an image name that is not UTF-8 (as make_file_lists writes it);
+    # any other byte that is not UTF-8 (a cp1252 or UTF-16 list) is caught below.
+    with open(list_file, encoding="utf-8-sig", errors="surrogateescape") as handle:
         for line_number, raw in enumerate(handle, start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
+            path = os.path.expanduser(line)
+            if not os.path.isabs(path):
+                path = os.path.join(base, path)
+            if "\0" in line or (not _is_utf8(line) and not os.path.isfile(path)):
+                raw_bytes = line.encode("utf-8", "surrogateescape")
+                raise DatasetError(
+                    f"{list_file}:{line_number}: {raw_bytes!r} is not UTF-8 text (nor the raw name of an existing "
+                    "image); a file list must be UTF-8 text: save it as UTF-8, not as UTF-16 or in a Windows code page"
+                )
             if os.path.splitext(line)[1].lower() not in IMAGE_EXTENSIONS:
                 raise DatasetError(
                     f"{list_file}:{line_number}: {line!r} is not an image path "
                     f"(expected one path per line ending in one of {', '.join(IMAGE_EXTENSIONS)})"
                 )
-            path = os.path.expanduser(line)
-            paths.append(path if os.path.isabs(path) else os.path.join(base, path))
+            paths.append(path)
     if not paths:
         raise DatasetError(f"file list {list_file} is empty (no image paths, only blank or # lines)")
     return paths
 
 
-def find_images(folder: Path) -> list[str]:
-    """All image files under ``folder``, recursively, sorted."""
-    found = []
-    for directory, _, files in os.walk(folder, followlinks=True):
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` holds no undecodable bytes (the lone surrogates of ``surrogateescape``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def find_images(folder: str | Path) -> list[str]:
+    """All image files under ``folder``, recursively, sorted; hidden files and folders (``.name``) skipped.
+
+    Symlinked folders are followed, each real folder once: a folder whose real path was already walked (a
+    symlink loop, or a second link to one folder) is skipped with a warning, as is a folder that cannot be read.
+    """
+    found: list[str] = []
+    walked: set[str] = set()
+    pending = [os.fspath(folder)]
+    while pending:
+        directory = pending.pop()
+        real = os.path.realpath(directory)
+        if real in walked:
+            logger.warning("skipping %s: it is %s, already listed (a symlink loop or a second link)", directory, real)
+            continue
+        walked.add(real)
+        try:
+            with os.scandir(directory) as scan:
+                entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as error:
+            logger.warning("skipping folder %s: %s", directory, error)
+            continue
         found.extend(
-            os.path.join(directory, name) for name in files if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+            e.path for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
         )
+        pending.extend(e.path for e in reversed(entries) if e.is_dir())  # depth first, in name order
     return sorted(found)
 
 
@@ -130,7 +170,7 @@ class _StringTable:
     forked DataLoader workers copy the whole list (the copy-on-read memory growth of large datasets)."""
 
     def __init__(self, strings: Sequence[str]) -> None:
-        encoded = [s.encode("utf-8") for s in strings]
+        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]  # image names need not be UTF-8
         self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
         self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
@@ -139,7 +179,8 @@ class _StringTable:
         return len(self._offsets) - 1
 
     def __getitem__(self, index: int) -> str:
-        return self._buffer[self._offsets[index] : self._offsets[index + 1]].tobytes().decode("utf-8")
+        encoded = self._buffer[self._offsets[index] : self._offsets[index + 1]].tobytes()
+        return encoded.decode("utf-8", "surrogateescape")
 
 
 class FileListDataset(torch.utils.data.Dataset):
@@ -203,7 +244,9 @@ class FileListDataset(torch.utils.data.Dataset):
             if root.suffix.lower() != ".txt":
                 raise DatasetError(f"dataset root {root} is a file but not a .txt file list")
             return _read_file_list(root), _parent_name
-        lists = sorted(p for p in root.glob("*.txt") if p.is_file())
+        lists = sorted(
+            p for p in root.iterdir() if p.suffix.lower() == ".txt" and not p.name.startswith(".") and p.is_file()
+        )
         if lists:
             paths = []
             for list_file in lists:

@@ -373,10 +373,10 @@ def generate_demo_dataset(
 ) -> DemoDataset:
     """Write a synthetic smear dataset (images/, lists/train.txt, manifest.json) unless already there.
 
-    ``lists/`` holds only ``train.txt`` (absolute paths of every image), because a training run reads every
-    ``.txt`` in the folder it is given. Regenerating with other settings first removes the images the
-    previous manifest listed. ``num_workers`` processes render in parallel (default: all CPUs; 0 renders
-    in this process); the images do not depend on it.
+    ``lists/`` holds only ``train.txt`` (the path of every image relative to ``lists/``, so the dataset folder
+    can be moved), because a training run reads every ``.txt`` in the folder it is given. Regenerating with
+    other settings first removes the images the previous manifest listed. ``num_workers`` processes render in
+    parallel (default: all CPUs; 0 renders in this process); the images do not depend on it.
     """
     classes = tuple(DEMO_CLASSES if classes is None else classes)
     unknown = [c for c in classes if c not in CELL_CLASSES]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -38,11 +39,24 @@ _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 # ITU-R 601-2 luma, the weights torchvision and PIL use for grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
 _TINY = torch.finfo(torch.float32).tiny
+# PIL's modes of 16-bit (and 32-bit integer) grayscale, which convert("RGB") clips at 255 instead of scaling.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 def load_image(path: str | Path, resize: int | None = None) -> Image.Image:
-    """Decode an image file to RGB, optionally resized to ``resize`` x ``resize`` with Lanczos (as DinoBloom)."""
+    """Decode an image file to RGB, optionally resized to ``resize`` x ``resize`` with Lanczos (as DinoBloom).
+
+    16-bit grayscale (microscopy PNG and TIFF) is scaled to 8 bits (``round(value * 255 / 65535)``, values
+    outside 0..65535 clipped); a floating-point image raises ``ValueError``, as its range is unknown.
+    """
     with Image.open(path) as image:
+        if image.mode in _SIXTEEN_BIT_MODES:
+            values = np.clip(np.asarray(image), 0, 65535).astype(np.float32)
+            image = Image.fromarray(np.rint(values * 255 / 65535).astype(np.uint8))
+        elif image.mode == "F":
+            raise ValueError(
+                f"{path}: floating-point images (PIL mode F) are not supported; save the image as 8- or 16-bit integers"
+            )
         rgb = image.convert("RGB")
     if resize is not None and rgb.size != (resize, resize):
         rgb = rgb.resize((resize, resize), Image.Resampling.LANCZOS)

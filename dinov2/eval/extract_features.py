@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dinov2.data.datasets import IMAGE_EXTENSIONS
+from dinov2.data.datasets import IMAGE_EXTENSIONS, find_images
 from dinov2.data.transforms import load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, _check_suffix, save_features
 from dinov2.cli import run_cli
@@ -67,36 +67,11 @@ def _labelled(root: Path, paths: list[str], names: list[str | None]) -> ImageLis
     return ImageList(root, paths, [index[n] if n else -1 for n in names], class_names)
 
 
-def _walk_images(root: Path) -> list[Path]:
-    """Image files under `root`, relative to it and sorted; hidden entries skipped, symlinked folders followed.
-
-    A folder whose real path was already walked (a symlink loop, or a second link to one folder) is skipped.
-    """
-    found: list[Path] = []
-    walked: set[str] = set()
-    for directory, subdirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(directory)
-        if real in walked:
-            logger.warning("skipping %s: it is %s, already listed (a symlink loop or a second link)", directory, real)
-            subdirs.clear()
-            continue
-        walked.add(real)
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        folder = Path(directory).relative_to(root)
-        found.extend(
-            folder / name
-            for name in files
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
-            and os.path.isfile(os.path.join(directory, name))
-        )
-    return sorted(found)
-
-
 def list_images(data: str | os.PathLike[str]) -> ImageList:
     """Collect the images of a folder, `.txt` list or `.csv` list (see the module docstring for labels)."""
     data = Path(data)
     if data.is_dir():
-        rel = _walk_images(data)
+        rel = sorted(Path(path).relative_to(data) for path in find_images(data))  # by folder, then name
         labels = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
         image_list = _labelled(data, [r.as_posix() for r in rel], labels)
     elif data.suffix.lower() == ".txt" and data.is_file():
