@@ -362,3 +362,28 @@ def test_sigkill_while_checkpointing_leaves_a_resumable_run(
     _, uninterrupted = sinkhorn_runs
     _assert_same_losses(uninterrupted, out)
     _assert_same_teacher(uninterrupted, out)
+
+
+def _uneven_sinkhorn_worker(rank: int, port: int, result_dir: str) -> None:
+    """One rank's Sinkhorn-Knopp targets for its rows of a shared set of logits (5 rows on rank 0, 3 on rank 1)."""
+    from dinov2.loss import DINOLoss
+
+    _join_group(rank, port)
+    distributed.enable_distributed(device="cpu")
+    try:
+        logits = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+        rows = logits[:5] if rank == 0 else logits[5:]
+        torch.save(DINOLoss(16).sinkhorn_knopp_teacher(rows, teacher_temp=0.1), Path(result_dir) / f"rank{rank}.pt")
+    finally:
+        distributed.destroy()
+
+
+def test_sinkhorn_knopp_over_ranks_with_unequal_rows_equals_one_rank(tmp_path: Path) -> None:
+    """A rank that dropped unreadable images holds fewer rows: the targets still equal those of all rows on 1 rank."""
+    from dinov2.loss import DINOLoss
+
+    mp.start_processes(_uneven_sinkhorn_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    two_ranks = torch.cat([torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)])
+    logits = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    one_rank = DINOLoss(16).sinkhorn_knopp_teacher(logits, teacher_temp=0.1)
+    torch.testing.assert_close(two_ranks, one_rank, rtol=0, atol=1e-7)

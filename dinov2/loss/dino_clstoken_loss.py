@@ -13,11 +13,6 @@ from dinov2.loss.cross_entropy import SoftCrossEntropy, _float32_div
 __all__ = ["DINOLoss", "dino_loss_term_scales", "sinkhorn_knopp"]
 
 
-def _world_size() -> int:
-    """Number of processes taking part in the collectives (1 without a process group)."""
-    return dist.get_world_size() if _dist_ready() else 1
-
-
 @torch.no_grad()
 def sinkhorn_knopp(
     teacher_output: torch.Tensor,
@@ -31,7 +26,10 @@ def sinkhorn_knopp(
     process group is initialised. Each prototype's maximum logit (over all processes) is subtracted before
     ``exp``. The first per-prototype normalisation cancels that factor, and the reference's initial division
     by the total sum too, so the result equals the reference ``exp(t / T)`` version up to rounding (2e-8 on
-    the conformance fixture), but it cannot overflow, nor turn a prototype into 0/0, for large ``t / T``.
+    the conformance fixture), but it cannot overflow, nor turn a prototype into 0/0, for large ``t / T``. (A
+    sample whose every logit lies more than about 87 ``T`` below each prototype's maximum still underflows to
+    0/0; with weight-normalised heads, whose logits lie in [-|g|, |g|], that needs prototype norms near 2 at
+    ``T = 0.04``.)
 
     The alternating normalisations are carried by two scaling vectors, ``u`` per sample and ``v`` per
     prototype, with the current matrix ``diag(u) Q diag(v)`` never written out: an iteration reads ``Q``
@@ -100,8 +98,14 @@ class DINOLoss(SoftmaxCentering):
     def sinkhorn_knopp_teacher(
         self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3
     ) -> torch.Tensor:
-        """Sinkhorn-Knopp targets for (B, K) teacher logits; B is counted over all processes."""
-        n_samples = teacher_output.shape[0] * _world_size()
+        """Sinkhorn-Knopp targets for (B, K) teacher logits; B is summed over all processes.
+
+        DINOv2 takes ``B * world_size``, which equals the sum while every process holds as many rows; ours may
+        not (a process drops the unreadable images of its batch), so the count is all-reduced, as iBOT's is.
+        """
+        n_samples = torch.full((), teacher_output.shape[0], dtype=torch.long, device=teacher_output.device)
+        if _dist_ready():
+            dist.all_reduce(n_samples)
         return sinkhorn_knopp(teacher_output, teacher_temp, n_samples, n_iterations)
 
     def forward(
