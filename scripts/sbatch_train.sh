@@ -9,7 +9,8 @@
 # sends SIGUSR1 to this script; it forwards the signal to the training, which saves a checkpoint
 # and exits, then requeues the job. The requeued job runs this script again with the same
 # arguments, and train.py resumes from the last checkpoint in OUTPUT_DIR.
-# The SIGUSR1 forwarding needs torchrun's --signals-to-handle (PyTorch >= 2.9).
+# The SIGUSR1 forwarding needs torchrun's --signals-to-handle and --shutdown-timeout (PyTorch 2.14 has both;
+# 2.11's torchrun has no --shutdown-timeout and would kill the training 30 s after the signal, mid-checkpoint).
 
 # Job name shown by squeue and used in the log file name.
 #SBATCH --job-name=dinobloom
@@ -56,8 +57,8 @@ RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
     export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
 fi
-# torchrun waits this long for the training processes to save their checkpoint after SIGUSR1.
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
+# torchrun waits this long (seconds) for the training processes to save their checkpoint after SIGUSR1.
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-100}
 
 checkpoint_and_requeue() {
     echo "$(date '+%F %T') SIGUSR1: near the time limit; asking the training to save a checkpoint"
@@ -82,6 +83,7 @@ srun --kill-on-bad-exit=1 torchrun \
     --rdzv_backend c10d \
     --rdzv_endpoint "$MASTER_ADDR:$RDZV_PORT" \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
     dinov2/train/train.py --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" "$@" &
 SRUN_PID=$!
 wait "$SRUN_PID"

@@ -319,6 +319,25 @@ def test_expand_slurm_nodelist(nodelist: str, hosts: list[str]) -> None:
     assert expand_nodelist(nodelist) == hosts
 
 
+def test_slurm_steps_of_one_job_get_their_own_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two srun steps of one allocation on one node (e.g. two 4-GPU runs) must not rendezvous on one port."""
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "gpu01",
+                        "SLURM_JOB_ID": "5150"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    ports = []
+    for step in ("0", "1"):
+        monkeypatch.setenv("SLURM_STEP_ID", step)
+        launcher, *_, addr, port = distributed._read_launcher_env()
+        assert (launcher, addr) == ("slurm", "gpu01") and 20000 <= port < 40000
+        ports.append(port)
+    assert ports[0] == 25150 and ports[1] != ports[0]  # step 0 keeps the job's port, as sbatch_train.sh uses it
+    monkeypatch.setenv("MASTER_PORT", "29500x")
+    with pytest.raises(RuntimeError, match=r"MASTER_PORT='29500x' is not an integer"):
+        distributed._read_launcher_env()
+
+
 def test_bad_nodelist_is_named() -> None:
     with pytest.raises(ValueError, match=r"'a-b' in the SLURM node list 'n\[a-b\]'"):
         expand_nodelist("n[a-b]")

@@ -88,6 +88,25 @@ def test_executor_parameters_map_gpus_to_tasks_and_pin_the_signal(tmp_path: Path
     assert "slurm_partition" not in params  # null in the yaml: the cluster's default partition
 
 
+def test_sbatch_file_gives_tasks_their_cpus_and_ends_the_step_on_a_failed_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\n")  # submitit only checks that SLURM's tools exist
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    request = launcher.parse_request(["--nodes", "2", "--ngpus", "4", "--config-file", str(DEMO_CONFIG),
+                                      "--output-dir", str(tmp_path / "run")])  # fmt: skip
+    executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
+    executor.update_parameters(**launcher.executor_parameters(request))
+    text = executor._executor._make_submission_file_text("python -u -m submitit.core._submit", "uid")
+    assert "#SBATCH --cpus-per-task=10" in text
+    setup = text.index("export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK")
+    srun = [line for line in text.splitlines() if line.startswith("srun ")]
+    assert len(srun) == 1 and "--kill-on-bad-exit=1" in srun[0] and setup < text.index(srun[0])
+
+
 def test_local_run_keeps_the_callers_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     argv = ["--local", "--ngpus", "2", "--config-file", str(DEMO_CONFIG), "--output-dir", str(tmp_path)]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
@@ -288,7 +307,7 @@ def test_sbatch_script_checkpoints_before_requeue(tmp_path: Path) -> None:
     events = log.read_text().splitlines()
     assert events[0] == (
         "torchrun --nnodes 2 --nproc_per_node 4 --rdzv_id 77 --rdzv_backend c10d --rdzv_endpoint node1:20077 "
-        "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "
+        "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 100 "
         "dinov2/train/train.py --config-file cfg.yaml --output-dir /scratch/run1 optim.epochs=2"
     )
     # the rendezvous port is the job's own (20000 + id % 20000); srun passes sbatch's CPUs per task on

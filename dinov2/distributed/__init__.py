@@ -85,9 +85,13 @@ def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
     return values
 
 
-def _slurm_master_port(job_id: str) -> int:
-    """A port in [20000, 40000) that every task of a job derives alike."""
-    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+def _slurm_master_port(job_id: str, step_id: str = "0") -> int:
+    """A port in [20000, 40000) that every task of a job step derives alike: ``20000 + (job + 7919 step) % 20000``.
+
+    The step enters too: two steps of one allocation on one node (a sweep of two 4-GPU runs) must not share it.
+    """
+    job, step = (int(re.sub(r"\D", "", value) or 0) for value in (job_id, step_id))
+    return 20000 + (job + 7919 * step) % 20000
 
 
 def _env_int(name: str, default: int | None = None) -> int:
@@ -106,7 +110,6 @@ def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | Non
     """(launcher, rank, local_rank, world_size, local_world_size, master_addr, master_port) from the environment."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         world = _env_int("WORLD_SIZE")
-        port = os.environ.get("MASTER_PORT")
         return (
             "torchrun",
             _env_int("RANK"),
@@ -114,7 +117,7 @@ def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | Non
             world,
             _env_int("LOCAL_WORLD_SIZE", world),
             os.environ.get("MASTER_ADDR"),
-            int(port) if port else None,
+            _env_int("MASTER_PORT") if os.environ.get("MASTER_PORT") else None,
         )
     if "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" not in os.environ:
         # The batch step of a job: SLURM_NTASKS counts tasks that only srun would start.
@@ -136,8 +139,11 @@ def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | Non
             addr = os.environ.get("MASTER_ADDR") or (expand_nodelist(nodelist)[0] if nodelist else None)
             if addr is None:
                 raise RuntimeError("SLURM job with several tasks but no SLURM_JOB_NODELIST or MASTER_ADDR")
-            port_env = os.environ.get("MASTER_PORT")
-            port = int(port_env) if port_env else _slurm_master_port(os.environ.get("SLURM_JOB_ID", "0"))
+            port = (
+                _env_int("MASTER_PORT")
+                if os.environ.get("MASTER_PORT")
+                else _slurm_master_port(os.environ.get("SLURM_JOB_ID", "0"), os.environ.get("SLURM_STEP_ID", "0"))
+            )
             n_nodes = _env_int("SLURM_STEP_NUM_NODES", _env_int("SLURM_NNODES", 1))
             return (
                 "slurm",

@@ -259,7 +259,15 @@ def executor_parameters(request: LaunchRequest) -> dict[str, Any]:
         "slurm_signal_delay_s": delay,
         # Pinned here because submitit writes its own default signal (USR2) into the sbatch file.
         "slurm_additional_parameters": {"signal": f"{PREEMPT_SIGNAL}@{delay}"},
-        "slurm_setup": [f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}"],
+        "slurm_setup": [
+            f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}",
+            # SLURM 22.05 to 23.02: srun no longer inherits sbatch's --cpus-per-task, so every task (and its
+            # data-loading workers) would run on one CPU.
+            'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi',
+        ],
+        # One task that fails (an unreadable batch, an out-of-memory GPU) ends the step, instead of leaving the
+        # other ranks waiting in a collective until the process group times out.
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
     }
     if s.get("cpus_per_task") is not None:
         params["cpus_per_task"] = s["cpus_per_task"]
