@@ -338,6 +338,24 @@ def test_slurm_steps_of_one_job_get_their_own_port(monkeypatch: pytest.MonkeyPat
         distributed._read_launcher_env()
 
 
+def test_more_local_ranks_than_gpus_is_said(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        monkeypatch.delenv(name, raising=False)
+    with caplog.at_level(logging.WARNING, logger="dinov2.distributed"):
+        assert distributed.get_device("auto", local_rank=1) == torch.device("cuda", 1)
+        assert not caplog.text
+        assert distributed.get_device("auto", local_rank=2) == torch.device("cuda", 0)
+    assert "local rank 2 but only 2 GPU(s) visible: it shares cuda:0" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # SLURM's GPU binding: each task sees its own GPU
+    monkeypatch.setenv("SLURM_STEP_GPUS", "5")
+    with caplog.at_level(logging.WARNING, logger="dinov2.distributed"):
+        assert distributed.get_device("cuda", local_rank=5) == torch.device("cuda", 0)
+    assert not caplog.text
+
+
 def test_bad_nodelist_is_named() -> None:
     with pytest.raises(ValueError, match=r"'a-b' in the SLURM node list 'n\[a-b\]'"):
         expand_nodelist("n[a-b]")

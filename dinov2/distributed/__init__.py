@@ -170,8 +170,15 @@ def get_device(preference: str = "auto", local_rank: int | None = None) -> torch
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise DeviceUnavailableError("device 'cuda' was requested but CUDA is not available here; use auto or cpu")
-        # Modulo: a scheduler that shows each process only its own GPU (SLURM's GPU binding) leaves one device.
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        # Modulo: a scheduler that shows each process only its own GPU(s) (SLURM's GPU binding) leaves fewer devices
+        # than local ranks; without such binding, more processes than GPUs would share them, which is said.
+        n_gpus = torch.cuda.device_count()
+        if local_rank >= n_gpus and "SLURM_STEP_GPUS" not in os.environ and "SLURM_JOB_GPUS" not in os.environ:
+            logger.warning(
+                "local rank %d but only %d GPU(s) visible: it shares cuda:%d with another process; start at most "
+                "one process per GPU (torchrun --nproc_per_node)", local_rank, n_gpus, local_rank % n_gpus,
+            )
+        return torch.device("cuda", local_rank % n_gpus)
     if preference == "mps" or (preference == "auto" and get_world_size() == 1 and _mps_available()):
         if not _mps_available():
             raise DeviceUnavailableError("device 'mps' was requested but MPS is not available here; use auto or cpu")
