@@ -221,9 +221,8 @@ def load_checkpoint(
     state (step counts and moments, keyed by parameter name) is restored; its parameter groups and their settings
     (lr and weight-decay multipliers, betas, eps, kernel) stay those `optimizer` was built with from this run's
     config, so a changed setting takes effect on resume and a changed grouping (e.g. layer-wise decay switched on)
-    loads too. With `restore_rng`, each rank
-    restores the RNG states saved by the same rank (when the number of ranks changed, ranks without a saved state
-    keep theirs). Call on every rank.
+    loads too. With `restore_rng`, each rank restores the RNG states saved by the same rank (when the number of
+    ranks changed, ranks without a saved state keep theirs). Call on every rank.
     """
     path = Path(path)
     if not _is_complete(path):

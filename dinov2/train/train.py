@@ -412,7 +412,7 @@ def train(
     preemption.install()
     try:
         for iteration, batch in zip(range(start_iter, max_iter), loader):
-            if "collated_global_crops" not in batch:  # (torchrun then stops the other ranks too)
+            if "collated_global_crops" not in batch:  # (torchrun, or srun --kill-on-bad-exit, stops the other ranks)
                 raise DatasetError(
                     f"iteration {iteration}, rank {info.rank}: none of the {batch['n_images']} images of the batch "
                     "could be read; the 'skipping unreadable image' warnings in log.txt name them"
