@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a file from a checkout: make `dinov2` an
 
 from export_timm import timm_model_config, timm_state_dict  # noqa: E402
 
+from dinov2.eval.protocol import resolve_device  # noqa: E402
 from dinov2.hub import load_backbone  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def benchmark(
     """Median seconds per batch of our backbone and of timm's, after checking they agree to 2e-5."""
     import timm
 
-    device = torch.device(device)
+    device = resolve_device(str(device))
     ours = load_backbone("dinobloom_s", weights, img_size=img_size).to(device)
     name, kwargs = timm_model_config(ours)
     reference = timm.create_model(name, pretrained=False, **kwargs).eval().to(device)
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (CUDA if available)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -113,4 +114,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    from dinov2.cli import run_cli
+
+    run_cli(main)

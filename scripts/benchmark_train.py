@@ -172,13 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default=None, help="prototypes,hidden,bottleneck of both heads, e.g. 65536,2048,256")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the step and the matmul rate (default: torch's)")
     p.add_argument("--profile", default=None, help="write the operator table of one more step to this file (+ .json trace)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="further key=value config overrides")
+    p.add_argument("opts", nargs="*", help="further key=value config overrides (before or after the options)")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the benchmark and print its figures."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     if args.threads is not None:
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for head in ("dino", "ibot"):
             overrides += [f"{head}.head_n_prototypes={k}", f"{head}.head_hidden_dim={hidden}",
                           f"{head}.head_bottleneck_dim={bottleneck}"]
-    cfg = load_config(args.config_file, overrides + [o for o in args.opts if o != "--"])
+    cfg = load_config(args.config_file, overrides + args.opts)
     apply_scaling_rules_to_cfg(cfg, info.world_size)
 
     torch.manual_seed(0)
@@ -294,4 +294,6 @@ def write_profile(step: Any, device: torch.device, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dinov2.cli import run_cli
+
+    run_cli(main)

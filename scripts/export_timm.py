@@ -160,4 +160,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from dinov2.cli import run_cli
+
+    run_cli(main)

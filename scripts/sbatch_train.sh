@@ -9,8 +9,9 @@
 # sends SIGUSR1 to this script; it forwards the signal to the training, which saves a checkpoint
 # and exits, then requeues the job. The requeued job runs this script again with the same
 # arguments, and train.py resumes from the last checkpoint in OUTPUT_DIR.
-# The SIGUSR1 forwarding needs torchrun's --signals-to-handle and --shutdown-timeout (PyTorch 2.14 has both;
-# 2.11's torchrun has no --shutdown-timeout and would kill the training 30 s after the signal, mid-checkpoint).
+# The SIGUSR1 forwarding needs torchrun's --signals-to-handle (PyTorch >= 2.9). torchrun then waits
+# --shutdown-timeout seconds for the checkpoint (PyTorch 2.14 has it); an older torchrun, without that option,
+# stops the training 30 s after the signal, which a large model's checkpoint may not survive (a warning says so).
 
 # Job name shown by squeue and used in the log file name.
 #SBATCH --job-name=dinobloom
@@ -59,6 +60,14 @@ if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
 fi
 # torchrun waits this long (seconds) for the training processes to save their checkpoint after SIGUSR1.
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-100}
+SHUTDOWN_ARGS=()
+# (grep reads all of the help: with -q it could stop early, and pipefail would count torchrun's broken pipe.)
+if torchrun --help 2>/dev/null | grep -- "--shutdown-timeout" > /dev/null; then
+    SHUTDOWN_ARGS=(--shutdown-timeout "$SHUTDOWN_TIMEOUT")
+else
+    echo "warning: this torchrun has no --shutdown-timeout: it stops the training 30 s after SIGUSR1, which may" \
+        "cut a large model's checkpoint short (the previous one stays); PyTorch 2.14 has the option" >&2
+fi
 
 checkpoint_and_requeue() {
     echo "$(date '+%F %T') SIGUSR1: near the time limit; asking the training to save a checkpoint"
@@ -83,7 +92,7 @@ srun --kill-on-bad-exit=1 torchrun \
     --rdzv_backend c10d \
     --rdzv_endpoint "$MASTER_ADDR:$RDZV_PORT" \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
-    --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
+    ${SHUTDOWN_ARGS[@]+"${SHUTDOWN_ARGS[@]}"} \
     dinov2/train/train.py --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" "$@" &
 SRUN_PID=$!
 wait "$SRUN_PID"

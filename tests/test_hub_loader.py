@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -450,3 +452,27 @@ def test_script_clis_have_help(capsys: pytest.CaptureFixture[str], load_script: 
         with pytest.raises(SystemExit) as info:
             load_script(name).main(["--help"])
         assert info.value.code == 0 and flag in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("export_timm.py", ["--weights", "absent.pth", "--output", "x.safetensors"], "weights file not found: absent.pth"),
+        ("make_file_lists.py", ["absent", "--output", "lists"], "source folder absent does not exist"),
+        ("benchmark_train.py", ["--config-file", "absent.yaml"], "config file absent.yaml does not exist"),
+        ("benchmark_data.py", ["--data", "absent"], "dataset root absent does not exist"),
+    ],
+)
+def test_scripts_end_a_user_mistake_in_one_error_line(tmp_path: Path, script: str, args: list[str], message: str) -> None:
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / script), *args], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    last_line = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert last_line.startswith("error: ") and message in last_line
+
+
+def test_benchmark_overrides_may_precede_options(load_script: Callable[[str], ModuleType]) -> None:
+    args = load_script("benchmark_train").build_parser().parse_intermixed_args(
+        ["--config-file", "run.yaml", "train.seed=3", "--iters", "2", "optim.epochs=2"]
+    )
+    assert args.opts == ["train.seed=3", "optim.epochs=2"] and args.iters == 2
