@@ -457,6 +457,16 @@ def test_knn_monitor_scores_initialisation_and_end(tmp_path: Path, demo) -> None
     for record in records:
         assert 0.0 <= record["balanced_accuracy"] <= 1.0 and record["k"] == 20
     assert "kNN balanced accuracy" in (out / "log.txt").read_text()
+    # A job stopped while scoring the end (after the last checkpoint) scores it when it is run again.
+    (out / "knn_monitor.json").write_text(json.dumps(records[:1]))
+    _train(out, demo.lists_dir, f"evaluation.knn_data={demo.images_dir}", "evaluation.knn_max_images=0",
+           epochs=1, epoch_length=3)  # fmt: skip
+    again = json.loads((out / "knn_monitor.json").read_text())
+    assert [(r["stage"], r["iteration"]) for r in again] == [("initialisation", 0), ("end of training", 3)]
+    assert again[1]["balanced_accuracy"] == records[1]["balanced_accuracy"]  # the same teacher, scored again
+    _train(out, demo.lists_dir, f"evaluation.knn_data={demo.images_dir}", "evaluation.knn_max_images=0",
+           epochs=1, epoch_length=3)  # fmt: skip
+    assert len(json.loads((out / "knn_monitor.json").read_text())) == 2  # nothing more to score
 
 
 def test_image_resize_reaches_the_dataset(demo) -> None:

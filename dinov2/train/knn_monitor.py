@@ -21,6 +21,7 @@ from dinov2.eval.protocol import run_protocol
 logger = logging.getLogger(__name__)
 
 K = 20
+END_OF_TRAINING = "end of training"  # the stage of the last score
 
 
 def stratified_subset(image_list: ImageList, max_images: int, seed: int = 0) -> ImageList:
@@ -131,6 +132,10 @@ class KnnMonitor:
             )
             self.output_file.write_text(json.dumps(self.scores, indent=2) + "\n")
         return float(record["balanced_accuracy"])
+
+    def has_score(self, stage: str, iteration: int) -> bool:
+        """Whether ``knn_monitor.json`` already holds the score of this stage and iteration."""
+        return any(s["stage"] == stage and s["iteration"] == iteration for s in self.scores)
 
     def log_summary(self) -> None:
         """One line comparing the first and the last score."""

@@ -42,7 +42,7 @@ from dinov2.parallel import (
     parallelize_from_config,
 )
 from dinov2.train.data import build_train_dataset, build_train_loader
-from dinov2.train.knn_monitor import KnnMonitor
+from dinov2.train.knn_monitor import END_OF_TRAINING, KnnMonitor
 from dinov2.train.optim import apply_optim_scheduler, build_optimizer, build_param_groups
 from dinov2.train.schedules import build_schedulers, total_iterations
 from dinov2.train.ssl_meta_arch import SSLMetaArch
@@ -377,6 +377,9 @@ def train(
         write_config(cfg, output_dir)
     if start_iter >= max_iter:
         logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", latest, max_iter)
+        if monitor is not None and not monitor.has_score(END_OF_TRAINING, max_iter):  # e.g. preempted while scoring
+            monitor.evaluate(model.teacher.backbone, END_OF_TRAINING, max_iter)
+            monitor.log_summary()
         return {}
 
     if start_iter == 0:
@@ -478,7 +481,7 @@ def train(
         preemption.uninstall()
 
     if monitor is not None:
-        monitor.evaluate(model.teacher.backbone, "end of training", iteration + 1)
+        monitor.evaluate(model.teacher.backbone, END_OF_TRAINING, iteration + 1)
         monitor.log_summary()
     return last
 
