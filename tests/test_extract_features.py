@@ -158,6 +158,14 @@ def test_lists_with_a_byte_order_mark(tmp_path: Path) -> None:
     assert ef.list_images(txt_path).paths == ["neutrophil/b.png"]
 
 
+@pytest.mark.parametrize("name", ["cells.txt", "cells.csv"])
+def test_a_list_in_another_encoding_is_named(tmp_path: Path, name: str) -> None:
+    listed = tmp_path / name
+    listed.write_bytes("path,label\nZelle_\u00fc.png,blast\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=rf"{name}: an image list must be UTF-8 text"):
+        ef.list_images(listed)
+
+
 def test_output_suffix_is_checked_before_any_work(monkeypatch: pytest.MonkeyPatch, image_folder: Path,
                                                   tmp_path: Path) -> None:
     loaded = []

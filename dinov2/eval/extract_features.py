@@ -67,6 +67,21 @@ def _labelled(root: Path, paths: list[str], names: list[str | None]) -> ImageLis
     return ImageList(root, paths, [index[n] if n else -1 for n in names], class_names)
 
 
+def _read_list(data: Path) -> ImageList:
+    """The images of a `.txt` (unlabelled) or `.csv` (`path`, optional `label`) list."""
+    if data.suffix.lower() == ".txt":
+        lines = (line.strip() for line in data.read_text(encoding="utf-8-sig").splitlines())
+        paths = [line for line in lines if line and not line.startswith("#")]
+        return ImageList(data.parent, paths, [-1] * len(paths), [])
+    with data.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise ValueError(f"{data}: a CSV image list needs a 'path' column (found {reader.fieldnames})")
+        rows = [row for row in reader if (row.get("path") or "").strip()]
+    paths = [row["path"].strip() for row in rows]
+    return _labelled(data.parent, paths, [(row.get("label") or "").strip() or None for row in rows])
+
+
 def list_images(data: str | os.PathLike[str]) -> ImageList:
     """Collect the images of a folder, `.txt` list or `.csv` list (see the module docstring for labels)."""
     data = Path(data)
@@ -74,18 +89,11 @@ def list_images(data: str | os.PathLike[str]) -> ImageList:
         rel = sorted(Path(path).relative_to(data) for path in find_images(data))  # by folder, then name
         labels = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
         image_list = _labelled(data, [r.as_posix() for r in rel], labels)
-    elif data.suffix.lower() == ".txt" and data.is_file():
-        lines = (line.strip() for line in data.read_text(encoding="utf-8-sig").splitlines())
-        paths = [line for line in lines if line and not line.startswith("#")]
-        image_list = ImageList(data.parent, paths, [-1] * len(paths), [])
-    elif data.suffix.lower() == ".csv" and data.is_file():
-        with data.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "path" not in reader.fieldnames:
-                raise ValueError(f"{data}: a CSV image list needs a 'path' column (found {reader.fieldnames})")
-            rows = [row for row in reader if (row.get("path") or "").strip()]
-        paths = [row["path"].strip() for row in rows]
-        image_list = _labelled(data.parent, paths, [(row.get("label") or "").strip() or None for row in rows])
+    elif data.suffix.lower() in (".txt", ".csv") and data.is_file():
+        try:
+            image_list = _read_list(data)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{data}: an image list must be UTF-8 text, not UTF-16 or a Windows code page ({err})")
     elif not data.exists():
         raise FileNotFoundError(f"--data not found: {data}")
     else:
