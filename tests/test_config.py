@@ -15,6 +15,7 @@ from dinov2.configs import (
     ConfigError,
     apply_scaling_rules_to_cfg,
     config_differences,
+    flat_config,
     load_config,
     resolve_arch,
     write_config,
@@ -28,22 +29,6 @@ def _write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def _flat(cfg) -> dict:
-    """Dotted key -> value of a config."""
-    out = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            dotted = f"{prefix}{key}"
-            if isinstance(value, dict):
-                walk(value, dotted + ".")
-            else:
-                out[dotted] = value
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
 
 
 def test_defaults_are_dinov2s() -> None:
@@ -230,7 +215,7 @@ def test_custom_yaml_matches_the_resolved_dinobloom_config(conformance_dir: Path
         else:
             expected[key] = value
     assert len(expected) >= 25  # the manifest's whole content, not a silently empty comparison
-    flat = _flat(load_config(CUSTOM))
+    flat = flat_config(load_config(CUSTOM))
     mismatches = {key: (flat.get(key, "<missing>"), want) for key, want in expected.items() if flat.get(key) != want}
     assert not mismatches
 
@@ -253,7 +238,7 @@ def test_custom_yaml_has_the_design_numbers() -> None:
         "compute_precision.student.backbone.mixed_precision.param_dtype": "fp16",
         "train.augmentation": "hematology", "train.precision": "auto",
     }
-    flat = _flat(cfg)
+    flat = flat_config(cfg)
     assert {k: flat[k] for k in design} == design
     assert cfg.student.pretrained_weights.endswith("dinov2_vitb14_pretrain.pth")
     lr = apply_scaling_rules_to_cfg(cfg, world_size=8).optim.lr
@@ -262,9 +247,9 @@ def test_custom_yaml_has_the_design_numbers() -> None:
 
 @pytest.mark.parametrize("name", sorted(SIZE_CONFIGS))
 def test_size_configs_are_the_same_recipe(name: str) -> None:
-    custom = _flat(load_config(CUSTOM))
+    custom = flat_config(load_config(CUSTOM))
     sized_cfg = load_config(TRAIN_CONFIG_DIR / f"{name}.yaml")
-    sized = _flat(sized_cfg)
+    sized = flat_config(sized_cfg)
     per_size = {"student.arch", "train.batch_size_per_gpu", "student.pretrained_weights", "student.ffn_layer"}
     per_size |= {key for key in custom if key.startswith("compute_precision.") and key.endswith("sharding_strategy")}
     assert {k: v for k, v in sized.items() if k not in per_size} == {k: v for k, v in custom.items() if k not in per_size}

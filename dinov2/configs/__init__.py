@@ -419,23 +419,23 @@ def apply_scaling_rules_to_cfg(cfg: DictConfig, world_size: int) -> DictConfig:
     return cfg
 
 
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """Dotted key -> resolved value of every leaf of a config (lists are leaves)."""
+    flat: dict[str, Any] = {}
+    pending: list[tuple[str, Any]] = [("", OmegaConf.to_container(cfg, resolve=True))]
+    while pending:
+        prefix, node = pending.pop()
+        for key, value in node.items():
+            if isinstance(value, dict):
+                pending.append((f"{prefix}{key}.", value))
+            else:
+                flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def config_differences(before: DictConfig, after: DictConfig) -> list[str]:
     """``key: old -> new`` for each dotted key whose value differs between two configs (lists compare whole)."""
-
-    def leaves(cfg: DictConfig) -> dict[str, Any]:
-        flat: dict[str, Any] = {}
-
-        def walk(node: Any, prefix: str) -> None:
-            if isinstance(node, dict):
-                for key, value in node.items():
-                    walk(value, f"{prefix}{key}.")
-            else:
-                flat[prefix[:-1]] = node
-
-        walk(OmegaConf.to_container(cfg, resolve=True), "")
-        return flat
-
-    old, new = leaves(before), leaves(after)
+    old, new = flat_config(before), flat_config(after)
     absent = "(absent)"
     return [
         f"{key}: {old.get(key, absent)} -> {new.get(key, absent)}"
@@ -464,6 +464,7 @@ __all__ = [
     "closest_key",
     "config_differences",
     "default_config",
+    "flat_config",
     "load_config",
     "resolve_arch",
     "write_config",
