@@ -49,6 +49,7 @@ TINY = [
     "ibot.head_bottleneck_dim=32",
     "evaluation.knn_data=''",
     "evaluation.eval_period_iterations=0",
+    "evaluation.rankme_period_iterations=0",
 ]
 
 
@@ -112,7 +113,8 @@ def test_demo_run_writes_its_outputs_and_learns(tmp_path: Path, demo) -> None:
     out = tmp_path / "run"
     epochs, epoch_length = 4, 10
     export = ["evaluation.eval_period_iterations=20"]
-    assert _train(out, demo.lists_dir, *export, epochs=epochs, epoch_length=epoch_length) == 0
+    rankme = ["evaluation.rankme_period_iterations=20", "evaluation.rankme_batches=5"]
+    assert _train(out, demo.lists_dir, *export, *rankme, epochs=epochs, epoch_length=epoch_length) == 0
     n_iter = epochs * epoch_length
 
     config = load_config(out / "config.yaml")  # resolved, and still a valid config
@@ -122,7 +124,11 @@ def test_demo_run_writes_its_outputs_and_learns(tmp_path: Path, demo) -> None:
     assert [r["iteration"] for r in records] == list(range(n_iter))
     expected_keys = {"iteration", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "total_loss", "lr", "wd",
                      "momentum", "teacher_temp", "images_per_s", "bad_images"}  # fmt: skip
-    assert all(set(r) == expected_keys for r in records)
+    assert all(set(r) == expected_keys for r in records if r["iteration"] not in (4, 24))
+    # RankMe at the end of each window (iterations 0-4 and 20-24), over 5 steps of 2 x 8 CLS tokens of 64 dimensions.
+    for r in (records[4], records[24]):
+        assert set(r) == expected_keys | {"rankme", "rankme_images"} and r["rankme_images"] == 80
+        assert 1 < r["rankme"] < 64
     assert all(np.isfinite([v for k, v in r.items()]).all() for r in records)
     assert records[0]["lr"] == 0.0 and max(r["lr"] for r in records) == pytest.approx(config.optim.lr)
     assert records[0]["teacher_temp"] == pytest.approx(config.teacher.warmup_teacher_temp)
@@ -140,7 +146,7 @@ def test_demo_run_writes_its_outputs_and_learns(tmp_path: Path, demo) -> None:
     assert (out / "checkpoints" / "latest").read_text().strip() == f"{n_iter - 1:09d}"
     # The same command again finds the run finished and changes nothing.
     before = (out / "training_metrics.json").read_text()
-    assert _train(out, demo.lists_dir, *export, epochs=epochs, epoch_length=epoch_length) == 0
+    assert _train(out, demo.lists_dir, *export, *rankme, epochs=epochs, epoch_length=epoch_length) == 0
     assert (out / "training_metrics.json").read_text() == before
     assert "nothing to do" in (out / "log.txt").read_text()
 
@@ -186,7 +192,8 @@ def test_resume_is_bitwise_exact(tmp_path: Path, demo, monkeypatch: pytest.Monke
     periodic checkpoint, so the metrics file holds records that the resumed run must replace, not duplicate.
     """
     args = ("student.drop_path_rate=0.2", "evaluation.eval_period_iterations=12", "train.checkpoint_period=4",
-            "train.keep_last_checkpoints=5")  # fmt: skip
+            "train.keep_last_checkpoints=5", "evaluation.rankme_period_iterations=6",
+            "evaluation.rankme_batches=2")  # fmt: skip
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     _train(whole, demo.lists_dir, *args, epochs=2, epoch_length=6)
 
@@ -209,6 +216,7 @@ def test_resume_is_bitwise_exact(tmp_path: Path, demo, monkeypatch: pytest.Monke
 
     assert f"resuming at iteration {resumed_from + 1}" in (parts / "log.txt").read_text()
     assert _losses(_metrics(parts)) == _losses(_metrics(whole))  # one record per iteration, equal values
+    assert [r["iteration"] for r in _metrics(parts) if "rankme" in r] == [1, 7]  # RankMe compared above too
     final_whole = _checkpoint_tensors(whole / "checkpoints" / "000000011", tmp_path)
     final_parts = _checkpoint_tensors(parts / "checkpoints" / "000000011", tmp_path)
     assert final_whole.keys() == final_parts.keys()
@@ -467,6 +475,114 @@ def test_knn_monitor_scores_initialisation_and_end(tmp_path: Path, demo) -> None
     _train(out, demo.lists_dir, f"evaluation.knn_data={demo.images_dir}", "evaluation.knn_max_images=0",
            epochs=1, epoch_length=3)  # fmt: skip
     assert len(json.loads((out / "knn_monitor.json").read_text())) == 2  # nothing more to score
+
+
+def _crash_then_resume(out: Path, demo, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    """8 iterations that crash in iteration 4 (last checkpoint 2, metrics logged up to 3), then the resumed run."""
+    args = ("train.checkpoint_period=3", "evaluation.rankme_period_iterations=4", "evaluation.rankme_batches=2", *args)
+    _interrupt_at(monkeypatch, 4, "crashed")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(out, demo.lists_dir, *args, epochs=2, epoch_length=4)
+    monkeypatch.undo()
+    _train(out, demo.lists_dir, *args, epochs=2, epoch_length=4)
+    assert "resuming at iteration 3" in (out / "log.txt").read_text()
+
+
+def test_metrics_reach_tensorboard_once_per_iteration_across_a_resume(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every number of training_metrics.json (and the kNN scores) is a TensorBoard scalar at its iteration, once:
+    the resumed run hides the events that the crashed run logged after its checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    _crash_then_resume(out, demo, monkeypatch, "tracking.tensorboard=true", f"evaluation.knn_data={demo.images_dir}")
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    records = _metrics(out)
+    assert [r["iteration"] for r in records] == list(range(8))
+    for key in ("total_loss", "ibot_loss", "lr", "teacher_temp", "images_per_s", "rankme"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        expected = [(r["iteration"], r[key]) for r in records if key in r]
+        assert [step for step, _ in logged] == [step for step, _ in expected], key
+        assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6), key
+    assert [e.step for e in events.Scalars("rankme")] == [1, 5]
+    knn = json.loads((out / "knn_monitor.json").read_text())
+    logged = [(e.step, e.value) for e in events.Scalars("knn_balanced_accuracy")]
+    assert logged == [(r["iteration"], pytest.approx(r["balanced_accuracy"], rel=1e-6)) for r in knn]
+
+
+def _wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B ``.wandb`` file (LevelDB log framing: 32 KiB blocks of 7-byte-header chunks)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, pos, pending, records = path.read_bytes(), 7, b"", []  # after the file header
+    while pos + 7 <= len(data):
+        room = 32768 - pos % 32768
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if room < 7 or kind == 0:  # block trailer or padding
+            pos += room
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def _wandb_key(item) -> str:
+    """The name of a W&B history or config item (kept in ``key`` or, split at dots, in ``nested_key``)."""
+    return item.key or ".".join(item.nested_key)
+
+
+def test_metrics_reach_wandb_and_a_resumed_run_continues_the_same_run(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline W&B: the crashed and the resumed process log to one run id, with the config, every number at its
+    iteration, and the crash marked as a failure."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    _crash_then_resume(out, demo, monkeypatch, "tracking.wandb=true", "tracking.wandb_project=tests")
+    monkeypatch.undo()
+    run_id = (out / "wandb_run_id").read_text().strip()
+    files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2  # the crashed and the resumed process
+
+    records = _metrics(out)
+    for path, steps, exit_code in ((files[0], range(4), 1), (files[1], range(3, 8), 0)):
+        parsed = _wandb_records(path)
+        (run,) = [r.run for r in parsed if r.WhichOneof("record_type") == "run"]
+        assert run.run_id == run_id and run.project == "tests" and run.display_name == "run"
+        config = {_wandb_key(item): json.loads(item.value_json) for item in run.config.update}
+        assert config["train"]["batch_size_per_gpu"] == 8 and config["tracking"]["wandb"] is True
+        history = [{_wandb_key(item): json.loads(item.value_json) for item in r.history.item}
+                   for r in parsed if r.WhichOneof("record_type") == "history"]  # fmt: skip
+        assert [h["_step"] for h in history] == list(steps)
+        for row in history:
+            expected = records[row["_step"]]
+            for key in ("total_loss", "dino_global_crops_loss", "lr", "rankme"):
+                if key in expected:
+                    assert row[key] == pytest.approx(expected[key], rel=1e-12), (row["_step"], key)
+                else:
+                    assert key not in row, (row["_step"], key)
+        (exit_record,) = [r.exit for r in parsed if r.WhichOneof("record_type") == "exit"]
+        assert exit_record.exit_code == exit_code
+
+
+def test_a_tracker_that_is_not_installed_fails_before_anything(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"tracking.wandb=true needs the wandb package: pip install wandb"):
+        _train(tmp_path / "run", demo.lists_dir, "tracking.wandb=true")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_image_resize_reaches_the_dataset(demo) -> None:

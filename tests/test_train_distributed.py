@@ -70,6 +70,8 @@ TINY = [
     f"evaluation.eval_period_iterations={N_ITER}",
     "train.checkpoint_period=4",
     "train.keep_last_checkpoints=3",
+    "evaluation.rankme_period_iterations=4",  # RankMe at iterations 1 and 5, from the Gram matrices of both ranks
+    "evaluation.rankme_batches=2",
     # per-rank by design, see the module docstring
     "dino.koleo_loss_weight=0",
     "ibot.mask_sample_probability=0",
@@ -190,6 +192,11 @@ def test_two_ranks_equal_one_rank_with_sinkhorn_knopp(sinkhorn_runs: tuple[Path,
     assert "8 images per step on 2 rank(s)" in (two / "log.txt").read_text()
     loss_diff = _assert_same_losses(one, two)
     teacher_diff = _assert_same_teacher(one, two)
+    rankme = [[(r["iteration"], r["rankme"], r["rankme_images"]) for r in _metrics(run) if "rankme" in r]
+              for run in (one, two)]  # fmt: skip
+    assert [(it, n) for it, _, n in rankme[0]] == [(it, n) for it, _, n in rankme[1]] == [(1, 32), (5, 32)]
+    # (The tiny random ViT's CLS tokens are all alike, as LayerScale 1e-5 leaves them: RankMe is barely above 1.)
+    assert [v - 1 for _, v, _ in rankme[1]] == pytest.approx([v - 1 for _, v, _ in rankme[0]], rel=1e-3)
     print(f"sinkhorn_knopp: max |loss 1 rank - 2 ranks| {loss_diff:.2e}, max |teacher diff| {teacher_diff:.2e}")
     # The run learned something: the comparison is not between two untouched initialisations.
     initial = meta_arch.initial_student_state(load_config(one / "config.yaml"))

@@ -303,6 +303,12 @@ def _check_values(cfg: DictConfig) -> None:
     for key in ("train.max_bad_image_fraction", "ibot.mask_sample_probability"):
         if not 0 <= OmegaConf.select(cfg, key) <= 1:
             problems.append(f"{key}={OmegaConf.select(cfg, key)} must lie in [0, 1]")
+    rankme_period, rankme_batches = cfg.evaluation.rankme_period_iterations, cfg.evaluation.rankme_batches
+    if rankme_period < 0 or (rankme_period > 0 and not 1 <= rankme_batches <= rankme_period):
+        problems.append(
+            f"evaluation.rankme_period_iterations={rankme_period} must be >= 0 (0 = no RankMe), and "
+            f"evaluation.rankme_batches={rankme_batches} must lie in [1, rankme_period_iterations]"
+        )
     if cfg.dino.loss_weight <= 0 and cfg.ibot.loss_weight <= 0:
         problems.append("dino.loss_weight and ibot.loss_weight are both 0: nothing would be trained")
     if problems:

@@ -15,7 +15,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -44,8 +43,10 @@ from dinov2.parallel import (
 from dinov2.train.data import build_train_dataset, build_train_loader
 from dinov2.train.knn_monitor import END_OF_TRAINING, KnnMonitor
 from dinov2.train.optim import apply_optim_scheduler, build_optimizer, build_param_groups
+from dinov2.train.rankme import RankMeMonitor
 from dinov2.train.schedules import build_schedulers, total_iterations
 from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.train.trackers import TENSORBOARD_DIR, WANDB_RUN_ID_FILE, MetricsLog, check_tracking
 
 logger = logging.getLogger("dinov2")
 
@@ -170,16 +171,9 @@ class PreemptionHandler:
         raise SystemExit(128 + self.received)
 
 
-def _iteration_of(line: str, path: Path) -> float:
-    """The iteration of one line of ``training_metrics.json``; inf for a blank or unreadable line (a killed write)."""
-    try:
-        return json.loads(line)["iteration"] if line.strip() else math.inf
-    except (json.JSONDecodeError, KeyError, TypeError):
-        logger.warning("%s: dropping an unreadable line (a write cut short?): %.80r", path, line)
-        return math.inf
-
-
-PREVIOUS_RUN_OUTPUTS = ("checkpoints", "eval", "training_metrics.json", "knn_monitor.json")
+PREVIOUS_RUN_OUTPUTS = (
+    "checkpoints", "eval", "training_metrics.json", "knn_monitor.json", TENSORBOARD_DIR, WANDB_RUN_ID_FILE,
+)
 
 
 def set_aside_previous_run(output_dir: Path, previous_config: str | None = None) -> Path | None:
@@ -203,24 +197,6 @@ def set_aside_previous_run(output_dir: Path, previous_config: str | None = None)
         (target / "config.yaml").write_text(previous_config)
     logger.warning("starting over: moved the earlier run's %s to %s", ", ".join(p.name for p in found), target)
     return target
-
-
-class MetricsWriter:
-    """One JSON line per logged iteration in ``training_metrics.json`` (rank 0 only)."""
-
-    def __init__(self, path: Path, enabled: bool, start_iteration: int) -> None:
-        self.path = path
-        self.enabled = enabled
-        if enabled and path.exists():
-            # Drop records past the checkpoint being resumed, so the file tells one consistent story.
-            kept = [line for line in path.read_text().splitlines() if _iteration_of(line, path) < start_iteration]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record."""
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def training_step(
@@ -320,6 +296,7 @@ def train(
     device = info.device
     ckpt_dir = output_dir / "checkpoints"
     latest = find_latest_checkpoint(ckpt_dir) if resume else None
+    check_tracking(cfg)
     # Data and kNN set first: a wrong path fails here, before any model is built.
     dataset = build_train_dataset(cfg)
     blur = list(dataset.transform.blur_probabilities)
@@ -382,19 +359,6 @@ def train(
             monitor.log_summary()
         return {}
 
-    if start_iter == 0:
-        if cfg.evaluation.eval_period_iterations:  # the starting point of the run's score-against-iteration curve
-            export_teacher(output_dir / "eval" / "training_init" / "teacher_checkpoint.pth", model.teacher)
-        if monitor is not None:
-            monitor.evaluate(model.teacher.backbone, "initialisation", 0)
-
-    loader, _ = build_train_loader(
-        cfg, dataset, start=start_iter * global_batch, rank=info.rank, world_size=info.world_size,
-        dtype=autocast_dtype(cfg, device),
-    )
-    autocast = make_autocast(cfg, device)
-    metrics = MetricsWriter(output_dir / "training_metrics.json", info.is_main_process, start_iter)
-
     def checkpoint(iteration: int) -> None:
         model.apply_center_updates()
         extra = {"images_seen": images_seen, "bad_images": bad_images, "dataset_size": len(dataset), "blur": blur}
@@ -402,18 +366,32 @@ def train(
             extra["grad_scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_dir, iteration, model, optimizer, extra, keep_last=cfg.train.keep_last_checkpoints)
 
-    logger.info(
-        "training iterations %d -> %d, %d images per step on %d rank(s)", start_iter, max_iter, global_batch,
-        info.world_size,
-    )
     last: dict[str, Any] = {}
     iteration = start_iter
-    window_start, window_images = time.perf_counter(), 0
+    metrics = MetricsLog.from_config(cfg, output_dir, info.is_main_process, start_iter)
+    rankme = RankMeMonitor.from_config(cfg)
     preemption = PreemptionHandler()
     # Small per-step host values (stop votes, bad-image counts) travel over gloo, never through the GPU.
     host_group = dist.new_group(backend="gloo") if info.is_distributed else None
     preemption.install()
     try:
+        if start_iter == 0:
+            if cfg.evaluation.eval_period_iterations:  # the starting point of the run's score-against-iteration curve
+                export_teacher(output_dir / "eval" / "training_init" / "teacher_checkpoint.pth", model.teacher)
+            if monitor is not None:
+                score = monitor.evaluate(model.teacher.backbone, "initialisation", 0)
+                metrics.log({"iteration": 0, "knn_balanced_accuracy": score}, to_file=False)  # knn_monitor.json has it
+
+        loader, _ = build_train_loader(
+            cfg, dataset, start=start_iter * global_batch, rank=info.rank, world_size=info.world_size,
+            dtype=autocast_dtype(cfg, device),
+        )
+        autocast = make_autocast(cfg, device)
+        logger.info(
+            "training iterations %d -> %d, %d images per step on %d rank(s)", start_iter, max_iter, global_batch,
+            info.world_size,
+        )
+        window_start, window_images = time.perf_counter(), 0
         for iteration, batch in zip(range(start_iter, max_iter), loader):
             if "collated_global_crops" not in batch:  # (torchrun, or srun --kill-on-bad-exit, stops the other ranks)
                 raise DatasetError(
@@ -434,12 +412,17 @@ def train(
             window_images += global_batch
             bad_images += new_bad
             check_bad_images(bad_images, images_seen, len(dataset), cfg.train.max_bad_image_fraction)
+            effective_rank = None
+            if rankme is not None and rankme.wants(iteration):
+                rankme.update(model.teacher.backbone, batch["collated_global_crops"], autocast)
+                effective_rank = rankme.result(iteration, host_group)
 
             is_last = iteration == max_iter - 1
             period = cfg.evaluation.eval_period_iterations
             export_now = bool(period) and ((iteration + 1) % period == 0 or is_last)
             save_now = (iteration + 1) % cfg.train.checkpoint_period == 0 or is_last or stop
             log_now = (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == start_iter
+            log_now = log_now or effective_rank is not None
             if log_now or export_now or save_now:  # the loss is checked before anything is written
                 values = torch.stack([v.float() for v in terms.values()])
                 if info.is_distributed:
@@ -460,7 +443,10 @@ def train(
                     "images_per_s": window_images / max(elapsed, 1e-9),
                     "bad_images": bad_images,
                 }
-                metrics.write(last)
+                if effective_rank is not None:
+                    last["rankme"], last["rankme_images"] = effective_rank
+                    logger.info("RankMe of the teacher's CLS tokens, %d images: %.1f", *effective_rank[::-1])
+                metrics.log(last)
                 logger.info(
                     "it %d/%d  loss %.4f (%s)  lr %.2e  %.1f img/s",
                     iteration, max_iter, last["total_loss"],
@@ -477,12 +463,17 @@ def train(
             if stop:
                 logger.warning("stopping after the checkpoint of iteration %d; re-run the command to resume", iteration)
                 preemption.forward_signal()
+
+        if monitor is not None:
+            score = monitor.evaluate(model.teacher.backbone, END_OF_TRAINING, iteration + 1)
+            metrics.log({"iteration": iteration + 1, "knn_balanced_accuracy": score}, to_file=False)
+            monitor.log_summary()
+    except BaseException as err:
+        metrics.close(failed=not isinstance(err, SystemExit))  # a preempted run (SystemExit) has not failed
+        raise
     finally:
         preemption.uninstall()
-
-    if monitor is not None:
-        monitor.evaluate(model.teacher.backbone, END_OF_TRAINING, iteration + 1)
-        monitor.log_summary()
+    metrics.close()
     return last
 
 

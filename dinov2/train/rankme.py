@@ -1,0 +1,93 @@
+"""RankMe (Garrido et al., ICML 2023): the effective rank of the embeddings, a collapse monitor DinoBloom logged.
+
+RankMe(Z) = exp(-sum_k p_k log p_k) with p_k = s_k / sum(s) + eps, where s are the singular values of the
+(images x dim) matrix Z of CLS tokens. It lies between 1 (every image embedded on one line: collapse) and
+min(images, dim). DinoBloom computed it from ten consecutive batches every 1000 iterations.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractContextManager
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+EPS = 1e-7  # as RankMe's authors and DinoBloom
+
+
+def rankme_from_singular_values(singular_values: Tensor, eps: float = EPS) -> float:
+    """RankMe of a matrix given its singular values."""
+    s = singular_values.double().clamp_min(0)
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def rankme(embeddings: Tensor, eps: float = EPS) -> float:
+    """RankMe of an (images x dim) matrix, from its singular values."""
+    return rankme_from_singular_values(torch.linalg.svdvals(embeddings.double()), eps)
+
+
+class RankMeMonitor:
+    """RankMe of the teacher's CLS tokens over ``batches`` consecutive steps, every ``period`` iterations.
+
+    The tokens are those the released features are made of (the teacher backbone's normalised CLS token) on the
+    step's global crops. Each rank adds ``Z^T Z`` of its tokens to a float64 Gram matrix (dim x dim), so that the
+    ranks' shares, whatever their sizes, sum with one all-reduce; the singular values of the stacked tokens are the
+    square roots of that matrix's eigenvalues. A window the run did not see from its first step (a resume inside it)
+    is skipped rather than scored on fewer images.
+    """
+
+    def __init__(self, period: int, batches: int) -> None:
+        self.period = period
+        self.batches = batches
+        self._gram: Tensor | None = None
+        self._rows = 0
+        self._steps = 0
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> RankMeMonitor | None:
+        """The monitor of ``evaluation.rankme_period_iterations`` (None when it is 0)."""
+        period = int(cfg.evaluation.rankme_period_iterations)
+        return cls(period, int(cfg.evaluation.rankme_batches)) if period > 0 else None
+
+    def wants(self, iteration: int) -> bool:
+        """Whether ``iteration`` belongs to a window."""
+        return iteration % self.period < self.batches
+
+    @torch.no_grad()
+    def update(self, backbone: nn.Module, crops: Tensor, autocast: AbstractContextManager) -> None:
+        """Add the CLS tokens of ``backbone`` on ``crops`` (every rank must call it: the backbone may be sharded)."""
+        with autocast:
+            tokens = backbone(crops, is_training=True)["x_norm_clstoken"]
+        z = tokens.detach().to("cpu", torch.float64)
+        if self._gram is None:
+            self._gram = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64)
+        self._gram += z.T @ z
+        self._rows += z.shape[0]
+        self._steps += 1
+
+    def result(self, iteration: int, group: dist.ProcessGroup | None) -> tuple[float, int] | None:
+        """(RankMe, images) at the last iteration of a window that this run saw whole, else None.
+
+        Every rank must call it at each iteration of a window: the Gram matrices are summed over ``group``
+        (a gloo group; None for a single process).
+        """
+        if iteration % self.period != self.batches - 1:
+            return None
+        gram, rows, steps = self._gram, self._rows, self._steps
+        self._gram, self._rows, self._steps = None, 0, 0
+        if steps != self.batches or gram is None:
+            logger.info("RankMe: skipping the window ending at iteration %d (resumed inside it)", iteration)
+            return None
+        if group is not None:
+            counts = torch.tensor([rows], dtype=torch.int64)
+            dist.all_reduce(gram, group=group)
+            dist.all_reduce(counts, group=group)
+            rows = int(counts.item())
+        eigenvalues = torch.linalg.eigvalsh(gram).flip(0)[: min(rows, gram.shape[0])]
+        return rankme_from_singular_values(eigenvalues.clamp_min(0).sqrt()), rows
