@@ -477,6 +477,30 @@ def test_knn_monitor_scores_initialisation_and_end(tmp_path: Path, demo) -> None
     assert len(json.loads((out / "knn_monitor.json").read_text())) == 2  # nothing more to score
 
 
+def test_eval_only_exports_the_teacher_of_the_newest_checkpoint(tmp_path: Path, demo) -> None:
+    """--eval-only trains nothing: it writes the newest checkpoint's teacher (equal to the periodic export of the
+    same step) as eval/manual_<steps>/, scores it with kNN, and names the problem when there is no checkpoint."""
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, "train.checkpoint_period=3", "evaluation.eval_period_iterations=6",
+           epochs=1, epoch_length=6)  # fmt: skip  (checkpoints 2 and 5, export training_5)
+    metrics_before = (out / "training_metrics.json").read_text()
+    _train(out, demo.lists_dir, "--eval-only", f"evaluation.knn_data={demo.images_dir}", epochs=1, epoch_length=6)
+    manual = torch.load(out / "eval" / "manual_6" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    periodic = torch.load(out / "eval" / "training_5" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    assert list(manual) == list(periodic)
+    assert all(torch.equal(manual[k], periodic[k]) for k in manual)
+    (score,) = json.loads((out / "knn_monitor.json").read_text())
+    assert (score["stage"], score["iteration"]) == ("manual", 6) and 0 <= score["balanced_accuracy"] <= 1
+    assert (out / "training_metrics.json").read_text() == metrics_before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000002", "000000005", "latest"]
+
+    other = tmp_path / "other"  # a folder without checkpoints, pointed at one of the run's
+    _train(other, demo.lists_dir, "--eval-only", f"MODEL.WEIGHTS={out / 'checkpoints' / '000000002'}")
+    assert (other / "eval" / "manual_3" / "teacher_checkpoint.pth").is_file()
+    with pytest.raises(ConfigError, match=r"--eval-only: .* holds no complete checkpoint and MODEL.WEIGHTS is empty"):
+        _train(tmp_path / "empty", demo.lists_dir, "--eval-only")
+
+
 def _crash_then_resume(out: Path, demo, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
     """8 iterations that crash in iteration 4 (last checkpoint 2, metrics logged up to 3), then the resumed run."""
     args = ("train.checkpoint_period=3", "evaluation.rankme_period_iterations=4", "evaluation.rankme_batches=2", *args)

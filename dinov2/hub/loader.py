@@ -67,7 +67,9 @@ def _read_file(path: Path) -> Any:
     if path.is_dir():
         raise CheckpointError(
             f"{path} is a folder, not a weights file; a training run's backbone is in "
-            "<run>/eval/training_<it>/teacher_checkpoint.pth (checkpoint folders hold the full training state)"
+            "<run>/eval/training_<it>/teacher_checkpoint.pth (checkpoint folders hold the full training state; "
+            "`python dinov2/train/train.py --config-file <run>/config.yaml --output-dir <run> --eval-only` exports "
+            "the newest one's teacher)"
         )
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")

@@ -3,7 +3,8 @@
     python dinov2/train/train.py --config-file dinov2/configs/train/custom.yaml [key=value ...]
     torchrun --nproc_per_node=N dinov2/train/train.py --config-file ... [key=value ...]
 
-Re-running the same command resumes from the newest checkpoint in the output directory.
+Re-running the same command resumes from the newest checkpoint in the output directory; adding ``--eval-only``
+exports that checkpoint's teacher (``eval/manual_<steps>/teacher_checkpoint.pth``) without training.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-file", required=True, help="run config (YAML) over ssl_default_config.yaml")
     parser.add_argument("--output-dir", default=None, help="output directory (default: train.output_dir)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    parser.add_argument(
+        "--eval-only", action="store_true",
+        help="no training: export the teacher of the newest checkpoint (or MODEL.WEIGHTS) to "
+        "eval/manual_<steps>/teacher_checkpoint.pth and, with evaluation.knn_data, score it",
+    )
     parser.add_argument("opts", nargs="*", help="key=value config overrides")
     return parser
 
@@ -477,6 +483,35 @@ def train(
     return last
 
 
+def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distributed.DistInfo) -> Path:
+    """``--eval-only``: the teacher of the newest checkpoint (else ``MODEL.WEIGHTS``) as a release-format file.
+
+    It goes to ``eval/manual_<steps completed>/teacher_checkpoint.pth`` (DINOv2's name) and, when
+    ``evaluation.knn_data`` is set, is scored like the end of a training (``knn_monitor.json``, stage "manual").
+    Every rank must call it (the model is sharded as in training).
+    """
+    latest = find_latest_checkpoint(output_dir / "checkpoints")
+    if latest is None and cfg.MODEL.WEIGHTS:
+        latest = Path(cfg.MODEL.WEIGHTS)
+    if latest is None:
+        raise ConfigError(
+            f"--eval-only: {output_dir / 'checkpoints'} holds no complete checkpoint and MODEL.WEIGHTS is empty; "
+            "pass the run's --output-dir, or MODEL.WEIGHTS=<checkpoints/NNNNNNNNN>"
+        )
+    monitor = KnnMonitor.from_config(cfg, output_dir, info.device, resume=True)
+    with torch.device("meta"):
+        model = SSLMetaArch(cfg)
+    parallelize_from_config(model.student, cfg, "student", info.device)
+    parallelize_from_config(model.teacher, cfg, "teacher", info.device)
+    model.to_empty(device=info.device)
+    steps = load_checkpoint(latest, model, restore_rng=False)["iteration"] + 1  # strict: every tensor is loaded
+    path = output_dir / "eval" / f"manual_{steps}" / "teacher_checkpoint.pth"
+    export_teacher(path, model.teacher)
+    if monitor is not None:
+        monitor.evaluate(model.teacher.backbone, "manual", steps)
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse the command line, set up processes and logging, train."""
     args = build_parser().parse_intermixed_args(argv)
@@ -502,7 +537,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.manual_seed(cfg.train.seed + info.rank)
         logger.info("rank %d/%d on %s (%s)", info.rank, info.world_size, info.device, info.launcher)
         try:
-            train(cfg, output_dir, resume=cfg.train.resume and not args.no_resume, info=info, previous_config=previous)
+            if args.eval_only:
+                export_checkpoint_teacher(cfg, output_dir, info)
+            else:
+                train(cfg, output_dir, resume=cfg.train.resume and not args.no_resume, info=info,
+                      previous_config=previous)  # fmt: skip
         except SystemExit:  # a stop all ranks agreed on (preemption): they all leave here
             distributed.barrier()
             raise
