@@ -572,6 +572,9 @@ def test_metrics_reach_wandb_and_a_resumed_run_continues_the_same_run(
     out = tmp_path / "run"
     _crash_then_resume(out, demo, monkeypatch, "tracking.wandb=true", "tracking.wandb_project=tests")
     monkeypatch.undo()
+    import wandb
+
+    wandb.teardown()  # W&B's service process writes the run files; wait for it to finish them
     run_id = (out / "wandb_run_id").read_text().strip()
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2  # the crashed and the resumed process
