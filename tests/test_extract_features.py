@@ -92,6 +92,63 @@ def test_folder_extraction_cli(
         assert f.attrs["class_names"] == '["basophil", "neutrophil"]'
 
 
+class _Counting(torch.nn.Module):
+    """A backbone that counts its calls and is interrupted (as by Ctrl-C) at call number ``stop_at``."""
+
+    def __init__(self, inner: torch.nn.Module, stop_at: int | None = None) -> None:
+        super().__init__()
+        self.inner, self.embed_dim, self.stop_at, self.calls = inner, inner.embed_dim, stop_at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return self.inner(x)
+
+
+def test_an_interrupted_extraction_continues_where_it_stopped(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Progress saved after every batch (interval 0 s): the re-run embeds only the images not yet saved, the file
+    equals an uninterrupted extraction's, and progress kept under other settings is discarded, not mixed in."""
+    weights, _ = tiny_weights
+    args = ["--weights", str(weights), "--data", str(image_folder), "--img-size", str(IMG), "--num-workers", "0",
+            "--batch-size", "1", "--device", "cpu"]  # fmt: skip
+    ef.main([*args, "--output", str(tmp_path / "whole.h5")])
+    monkeypatch.setattr(ef, "PARTIAL_SAVE_SECONDS", 0.0)
+    load = ef.load_backbone
+    backbones: list[_Counting] = []
+
+    def counting_backbone(stop_at: int | None) -> None:
+        monkeypatch.setattr(ef, "load_backbone", lambda *a, **k: backbones.append(_Counting(load(*a, **k), stop_at))
+                            or backbones[-1])  # fmt: skip
+
+    output = tmp_path / "features.h5"
+    counting_backbone(stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        ef.main([*args, "--output", str(output)])
+    assert not output.exists() and (tmp_path / "features.h5.partial").is_dir()
+    counting_backbone(stop_at=None)
+    with caplog.at_level(logging.INFO):
+        ef.main([*args, "--output", str(output)])
+    assert re.search(r"continuing .*features\.h5\.partial: 3 images already processed", caplog.text)
+    assert backbones[-1].calls == 2  # of the 4 readable images, 2 were embedded before the interruption
+    whole, resumed = load_features(tmp_path / "whole.h5"), load_features(output)
+    assert resumed.paths == whole.paths and np.array_equal(resumed.features, whole.features)
+    assert resumed.labels.tolist() == whole.labels.tolist() and resumed.meta["n_skipped"] == 1
+    assert not (tmp_path / "features.h5.partial").exists()
+
+    counting_backbone(stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        ef.main([*args, "--output", str(output)])
+    counting_backbone(stop_at=None)
+    with caplog.at_level(logging.WARNING):
+        ef.main([*args, "--img-size", "42", "--output", str(output)])  # (the last --img-size counts)
+    assert re.search(r"discarding .*features\.h5\.partial: computed with other settings \(img_size\)", caplog.text)
+    assert backbones[-1].calls == 4
+
+
 def test_txt_and_csv_lists_and_worker_loading(
     image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path
 ) -> None:

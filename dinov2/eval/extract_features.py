@@ -17,7 +17,8 @@ normalisation. The stored features are `model(x)`, the CLS token after the final
 (`x_norm_clstoken`), as float32 and not L2-normalised: DinoBloom's kNN and logistic-regression probes work on
 exactly these (its C = dim * classes / 100 assumes their scale). The backbone runs in float32 unless
 `--precision bf16` (autocast, CUDA only). Images that cannot be read are logged by path and skipped, with a
-count at the end.
+count at the end. Progress is saved every minute in `<output>.partial/`, so that the same command, run again after
+an interruption, continues where it stopped.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import csv
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +36,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dinov2.data.datasets import IMAGE_EXTENSIONS, find_images
 from dinov2.data.transforms import load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, _check_suffix, save_features
+from dinov2.eval.partial_features import PartialFeatures, image_list_digest
 from dinov2.cli import run_cli
 from dinov2.eval.protocol import resolve_device
 from dinov2.hub import RELEASE_URLS, load_backbone
@@ -49,6 +52,7 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _ARCH_BY_DIM = {384: "vit_small", 768: "vit_base", 1024: "vit_large", 1536: "vit_giant2"}
+PARTIAL_SAVE_SECONDS = 60.0  # an interrupted extraction loses at most about this much work
 
 
 @dataclass
@@ -146,10 +150,12 @@ def embed_images(
     img_size: int = 224,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    partial: PartialFeatures | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """`model(x)` features (N_ok, D), float32, and the indices of the images that could be read.
 
     ``precision="bf16"`` runs the backbone under bf16 autocast on CUDA (faster; features differ slightly).
+    ``partial``: continue after the images it holds, and save progress to it every ``PARTIAL_SAVE_SECONDS``.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -157,26 +163,39 @@ def embed_images(
     if precision == "bf16" and device.type != "cuda":
         logger.warning("--precision bf16 applies on CUDA only; computing the features in fp32 on %s", device)
     model = model.to(device).eval()
+    dataset: Dataset = _ImageDataset(image_list, img_size)
+    start = partial.done if partial is not None else 0
+    if start:
+        dataset = Subset(dataset, range(start, len(image_list.paths)))
     loader = DataLoader(
-        _ImageDataset(image_list, img_size),
+        dataset,
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
-    chunks, kept, n_failed = [], [], 0
-    with tqdm(total=len(image_list.paths), desc="extracting features", unit="img") as bar:
+    chunks = list(partial.features) if partial is not None else []
+    kept = [int(i) for part in partial.indices for i in part] if partial is not None else []
+    processed, unsaved, last_save = start, 0, time.monotonic()  # unsaved: the last `unsaved` chunks
+    with tqdm(total=len(image_list.paths), initial=start, desc="extracting features", unit="img") as bar:
         for indices, images, failed in loader:
             for index, reason in failed:
                 logger.warning("skipping unreadable image %s (%s)", image_list.root / image_list.paths[index], reason)
-            n_failed += len(failed)
             if images is not None:
                 bf16 = precision == "bf16" and device.type == "cuda"
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     cls = model(images.to(device, non_blocking=True))
                 chunks.append(cls.float().cpu().numpy())
                 kept.extend(indices)
+                unsaved += 1
+            processed += len(indices) + len(failed)
             bar.update(len(indices) + len(failed))
+            if partial is not None and time.monotonic() - last_save >= PARTIAL_SAVE_SECONDS:
+                new = chunks[len(chunks) - unsaved :]
+                features = np.concatenate(new) if new else np.zeros((0, 0), np.float32)
+                partial.save(features, np.asarray(kept[len(kept) - len(features) :], np.int64), processed)
+                unsaved, last_save = 0, time.monotonic()
+    n_failed = len(image_list.paths) - len(kept)
     if not kept:
         examples = ", ".join(str(image_list.root / p) for p in image_list.paths[:3])
         raise ValueError(
@@ -184,7 +203,7 @@ def embed_images(
         )
     if n_failed:
         logger.warning("skipped %d of %d images that could not be read", n_failed, len(image_list.paths))
-    return np.concatenate(chunks), kept
+    return np.concatenate([c for c in chunks if c.shape[0]]), kept
 
 
 def extract_features(
@@ -219,7 +238,21 @@ def extract_features(
         model_name = model or f"inferred:{_ARCH_BY_DIM.get(backbone.embed_dim, 'vit')}"
     device = resolve_device(str(device))
     logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)
-    features, kept = embed_images(backbone, image_list, batch_size, num_workers, img_size, device, precision)
+    partial = None
+    if output is not None and not isinstance(model, nn.Module):  # (a module's weights have no name to check)
+        weights_file = Path(weights) if weights is not None and Path(weights).is_file() else None
+        partial = PartialFeatures(Path(output), {
+            "model": model_name,
+            "weights": "" if weights is None else str(weights),
+            "weights_bytes_mtime": [weights_file.stat().st_size, weights_file.stat().st_mtime] if weights_file else None,
+            "img_size": img_size,
+            "precision": precision if device.type == "cuda" else "fp32",
+            "device_type": device.type,
+            "images": [str(image_list.root), len(image_list.paths), image_list_digest(image_list.paths)],
+        })  # fmt: skip
+    features, kept = embed_images(
+        backbone, image_list, batch_size, num_workers, img_size, device, precision, partial=partial
+    )
     result = FeatureSet(
         features=features,
         labels=np.asarray([image_list.labels[i] for i in kept], dtype=np.int64),
@@ -239,6 +272,7 @@ def extract_features(
     if output is not None:
         save_features(output, result.features, result.labels, result.paths, result.class_names, result.meta)
         logger.info("wrote %d features of dimension %d to %s", len(result), features.shape[1], output)
+        partial.remove()
     return result
 
 
