@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,6 +143,8 @@ def test_demo_run_writes_its_outputs_and_learns(tmp_path: Path, demo) -> None:
 
     log = (out / "log.txt").read_text()
     assert f"training iterations 0 -> {n_iter}" in log and f"it {n_iter - 1}/{n_iter}" in log
+    assert re.search(r"it 0/40  loss .* img/s  eta \d+:\d\d:\d\d\n", log)  # time left, from the last steps' pace
+    assert re.search(r"it 39/40  loss .* img/s  eta 0:00:00\n", log)
     assert (out / "checkpoints" / f"{n_iter - 1:09d}").is_dir()
     assert (out / "checkpoints" / "latest").read_text().strip() == f"{n_iter - 1:09d}"
     # The same command again finds the run finished and changes nothing.

@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -453,12 +454,13 @@ def train(
                     last["rankme"], last["rankme_images"] = effective_rank
                     logger.info("RankMe of the teacher's CLS tokens, %d images: %.1f", *effective_rank[::-1])
                 metrics.log(last)
+                seconds_per_step = elapsed * global_batch / max(window_images, 1)
                 logger.info(
-                    "it %d/%d  loss %.4f (%s)  lr %.2e  %.1f img/s",
+                    "it %d/%d  loss %.4f (%s)  lr %.2e  %.1f img/s  eta %s",
                     iteration, max_iter, last["total_loss"],
                     ", ".join(f"{k.removesuffix('_loss')} {v:.4f}" for k, v in last.items()
                               if k.endswith("_loss") and k != "total_loss"),
-                    lr, last["images_per_s"],
+                    lr, last["images_per_s"], timedelta(seconds=round((max_iter - 1 - iteration) * seconds_per_step)),
                 )
                 window_start, window_images = time.perf_counter(), 0
 
