@@ -92,6 +92,17 @@ def test_folder_extraction_cli(
         assert f.attrs["class_names"] == '["basophil", "neutrophil"]'
 
 
+def test_a_module_with_an_output_file(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path
+) -> None:
+    """A model module (no weights file) writes its features like a hub model does."""
+    weights, model = tiny_weights
+    result = ef.extract_features(image_folder, tmp_path / "m.h5", model=model, img_size=IMG, device="cpu")
+    assert load_features(tmp_path / "m.h5").paths == result.paths and len(result) == 4
+    for row, rel in zip(load_features(tmp_path / "m.h5").features, result.paths):
+        np.testing.assert_allclose(row, _expected_feature(model, image_folder / rel), atol=1e-5)
+
+
 class _Counting(torch.nn.Module):
     """A backbone that counts its calls and is interrupted (as by Ctrl-C) at call number ``stop_at``."""
 

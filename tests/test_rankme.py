@@ -57,9 +57,9 @@ def test_monitor_scores_each_whole_window_from_the_stacked_tokens() -> None:
             if result is not None:
                 scores[iteration] = result
     assert list(scores) == [2, 7]
-    for end, (value, images) in scores.items():
+    for end, (value, n_tokens) in scores.items():
         tokens = torch.cat([backbone(b)["x_norm_clstoken"] for b in batches[end - 2 : end + 1]]).detach()
-        assert images == 18
+        assert n_tokens == 18
         # The Gram route puts singular values that are 0 (rank 12 of 16 here) at ~1e-8 of the largest.
         assert value == pytest.approx(_reference_rankme(tokens.double().numpy()), rel=1e-6)
 

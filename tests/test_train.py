@@ -29,6 +29,7 @@ from dinov2.hub.loader import CheckpointError
 from dinov2.models import DinoVisionTransformer
 from dinov2.train import train as train_module
 from dinov2.train.data import build_train_dataset
+from dinov2.train.knn_monitor import END_OF_TRAINING
 from dinov2.train.train import PreemptionHandler, build_parser, main, setup_logging
 
 DEMO_CONFIG = TRAIN_CONFIG_DIR / "demo.yaml"
@@ -128,7 +129,7 @@ def test_demo_run_writes_its_outputs_and_learns(tmp_path: Path, demo) -> None:
     assert all(set(r) == expected_keys for r in records if r["iteration"] not in (4, 24))
     # RankMe at the end of each window (iterations 0-4 and 20-24), over 5 steps of 2 x 8 CLS tokens of 64 dimensions.
     for r in (records[4], records[24]):
-        assert set(r) == expected_keys | {"rankme", "rankme_images"} and r["rankme_images"] == 80
+        assert set(r) == expected_keys | {"rankme", "rankme_crops"} and r["rankme_crops"] == 80
         assert 1 < r["rankme"] < 64
     assert all(np.isfinite([v for k, v in r.items()]).all() for r in records)
     assert records[0]["lr"] == 0.0 and max(r["lr"] for r in records) == pytest.approx(config.optim.lr)
@@ -499,7 +500,8 @@ def test_eval_only_exports_the_teacher_of_the_newest_checkpoint(tmp_path: Path, 
 
     other = tmp_path / "other"  # a folder without checkpoints, pointed at one of the run's
     _train(other, demo.lists_dir, "--eval-only", f"MODEL.WEIGHTS={out / 'checkpoints' / '000000002'}")
-    assert (other / "eval" / "manual_3" / "teacher_checkpoint.pth").is_file()
+    # The new folder gets the config.yaml the export's architecture is read from: 2 heads, not the 1 of the shapes.
+    assert load_backbone(None, other / "eval" / "manual_3" / "teacher_checkpoint.pth").num_heads == 2
     with pytest.raises(ConfigError, match=r"--eval-only: .* holds no complete checkpoint and MODEL.WEIGHTS is empty"):
         _train(tmp_path / "empty", demo.lists_dir, "--eval-only")
 
@@ -535,6 +537,37 @@ def test_metrics_reach_tensorboard_once_per_iteration_across_a_resume(
         assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6), key
     assert [e.step for e in events.Scalars("rankme")] == [1, 5]
     knn = json.loads((out / "knn_monitor.json").read_text())
+    logged = [(e.step, e.value) for e in events.Scalars("knn_balanced_accuracy")]
+    assert logged == [(r["iteration"], pytest.approx(r["balanced_accuracy"], rel=1e-6)) for r in knn]
+
+
+def test_an_end_of_training_score_finished_by_a_rerun_reaches_the_trackers(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped while scoring the end of training (after the last checkpoint): the re-run that only scores it sends
+    the score to TensorBoard too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dinov2.train.knn_monitor import KnnMonitor
+
+    out, evaluate = tmp_path / "run", KnnMonitor.evaluate
+
+    def stopped_at_the_end(self, backbone, stage, iteration):
+        if stage == END_OF_TRAINING:
+            raise KeyboardInterrupt
+        return evaluate(self, backbone, stage, iteration)
+
+    args = ("tracking.tensorboard=true", f"evaluation.knn_data={demo.images_dir}")
+    monkeypatch.setattr(KnnMonitor, "evaluate", stopped_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        _train(out, demo.lists_dir, *args, epochs=1, epoch_length=3)
+    monkeypatch.undo()
+    _train(out, demo.lists_dir, *args, epochs=1, epoch_length=3)
+    assert "nothing to do" in (out / "log.txt").read_text()
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    knn = json.loads((out / "knn_monitor.json").read_text())
+    assert [(r["stage"], r["iteration"]) for r in knn] == [("initialisation", 0), (END_OF_TRAINING, 3)]
     logged = [(e.step, e.value) for e in events.Scalars("knn_balanced_accuracy")]
     assert logged == [(r["iteration"], pytest.approx(r["balanced_accuracy"], rel=1e-6)) for r in knn]
 

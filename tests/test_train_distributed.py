@@ -192,7 +192,7 @@ def test_two_ranks_equal_one_rank_with_sinkhorn_knopp(sinkhorn_runs: tuple[Path,
     assert "8 images per step on 2 rank(s)" in (two / "log.txt").read_text()
     loss_diff = _assert_same_losses(one, two)
     teacher_diff = _assert_same_teacher(one, two)
-    rankme = [[(r["iteration"], r["rankme"], r["rankme_images"]) for r in _metrics(run) if "rankme" in r]
+    rankme = [[(r["iteration"], r["rankme"], r["rankme_crops"]) for r in _metrics(run) if "rankme" in r]
               for run in (one, two)]  # fmt: skip
     assert [(it, n) for it, _, n in rankme[0]] == [(it, n) for it, _, n in rankme[1]] == [(1, 32), (5, 32)]
     # (The tiny random ViT's CLS tokens are all alike, as LayerScale 1e-5 leaves them: RankMe is barely above 1.)

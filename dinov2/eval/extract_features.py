@@ -272,7 +272,8 @@ def extract_features(
     if output is not None:
         save_features(output, result.features, result.labels, result.paths, result.class_names, result.meta)
         logger.info("wrote %d features of dimension %d to %s", len(result), features.shape[1], output)
-        partial.remove()
+        if partial is not None:
+            partial.remove()
     return result
 
 

@@ -1,8 +1,8 @@
 """RankMe (Garrido et al., ICML 2023): the effective rank of the embeddings, a collapse monitor DinoBloom logged.
 
 RankMe(Z) = exp(-sum_k p_k log p_k) with p_k = s_k / sum(s) + eps, where s are the singular values of the
-(images x dim) matrix Z of CLS tokens. It lies between 1 (every image embedded on one line: collapse) and
-min(images, dim). DinoBloom computed it from ten consecutive batches every 1000 iterations.
+(samples x dim) matrix Z of CLS tokens. It lies between 1 (every sample embedded on one line: collapse) and
+min(samples, dim). DinoBloom computed it from ten consecutive batches every 1000 iterations.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def rankme_from_singular_values(singular_values: Tensor, eps: float = EPS) -> fl
 
 
 def rankme(embeddings: Tensor, eps: float = EPS) -> float:
-    """RankMe of an (images x dim) matrix, from its singular values."""
+    """RankMe of a (samples x dim) matrix, from its singular values."""
     return rankme_from_singular_values(torch.linalg.svdvals(embeddings.double()), eps)
 
 
@@ -39,7 +39,7 @@ class RankMeMonitor:
     step's global crops. Each rank adds ``Z^T Z`` of its tokens to a float64 Gram matrix (dim x dim), so that the
     ranks' shares, whatever their sizes, sum with one all-reduce; the singular values of the stacked tokens are the
     square roots of that matrix's eigenvalues. A window the run did not see from its first step (a resume inside it)
-    is skipped rather than scored on fewer images.
+    is skipped rather than scored on fewer samples.
     """
 
     def __init__(self, period: int, batches: int) -> None:
@@ -72,7 +72,7 @@ class RankMeMonitor:
         self._steps += 1
 
     def result(self, iteration: int, group: dist.ProcessGroup | None) -> tuple[float, int] | None:
-        """(RankMe, images) at the last iteration of a window that this run saw whole, else None.
+        """(RankMe, number of CLS tokens) at the last iteration of a window that this run saw whole, else None.
 
         Every rank must call it at each iteration of a window: the Gram matrices are summed over ``group``
         (a gloo group; None for a single process).

@@ -362,8 +362,11 @@ def train(
     if start_iter >= max_iter:
         logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", latest, max_iter)
         if monitor is not None and not monitor.has_score(END_OF_TRAINING, max_iter):  # e.g. preempted while scoring
-            monitor.evaluate(model.teacher.backbone, END_OF_TRAINING, max_iter)
+            score = monitor.evaluate(model.teacher.backbone, END_OF_TRAINING, max_iter)
             monitor.log_summary()
+            metrics = MetricsLog.from_config(cfg, output_dir, info.is_main_process, max_iter)  # the run's trackers
+            metrics.log({"iteration": max_iter, "knn_balanced_accuracy": score}, to_file=False)
+            metrics.close()
         return {}
 
     def checkpoint(iteration: int) -> None:
@@ -451,8 +454,8 @@ def train(
                     "bad_images": bad_images,
                 }
                 if effective_rank is not None:
-                    last["rankme"], last["rankme_images"] = effective_rank
-                    logger.info("RankMe of the teacher's CLS tokens, %d images: %.1f", *effective_rank[::-1])
+                    last["rankme"], last["rankme_crops"] = effective_rank
+                    logger.info("RankMe of the teacher's CLS tokens on %d global crops: %.1f", *effective_rank[::-1])
                 metrics.log(last)
                 seconds_per_step = elapsed * global_batch / max(window_images, 1)
                 logger.info(
@@ -501,6 +504,8 @@ def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distribut
             "pass the run's --output-dir, or MODEL.WEIGHTS=<checkpoints/NNNNNNNNN>"
         )
     monitor = KnnMonitor.from_config(cfg, output_dir, info.device, resume=True)
+    if info.is_main_process and not (output_dir / "config.yaml").is_file():
+        write_config(cfg, output_dir)  # the export's architecture (head count) is read from it when it is loaded
     with torch.device("meta"):
         model = SSLMetaArch(cfg)
     parallelize_from_config(model.student, cfg, "student", info.device)
