@@ -6,9 +6,11 @@
 Recipes: ``dinobloom`` (hematology augmentation, 2 global crops of 224, no local crops, as DinoBloom
 trained) and ``dinov2`` (DINOv2's augmentation, 2 global 224 + 8 local 98). "per worker" rows run in
 this process with one thread, as one DataLoader worker would (best of ``--repeats`` passes); "loader" rows
-run the real DataLoader with the infinite sampler and the masking collate. The last line is
-``images_per_s=<x>``: the loader throughput of the first recipe given (dinobloom by default) with the
-largest worker count.
+run the real DataLoader with the infinite sampler and the masking collate. ``--colour device`` (the default,
+as a CUDA run does) leaves the views' colour operations to the training device: the workers hand over uint8
+crops, and a "colour on <device>" row times those operations on whole batches there; ``--colour workers`` runs
+them in the workers (as a CPU run does). The last line is ``images_per_s=<x>``: the loader throughput of the
+first recipe given (dinobloom by default) with the largest worker count.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dinov2.data import (  # noqa: E402
 )
 from dinov2.data.collate import collate_data_and_cast  # noqa: E402
 from dinov2.data.masking import MaskingGenerator  # noqa: E402
+from dinov2.data.photometric import finish_crops  # noqa: E402
 from dinov2.data.transforms import load_image  # noqa: E402
 from dinov2.parallel import dtype_from_name  # noqa: E402
 
@@ -54,8 +57,8 @@ def make_augmentation(recipe: str) -> DataAugmentationDINO:
     )
 
 
-def make_collate(dtype: torch.dtype) -> Callable[[list[Any]], Any]:
-    """The trainer's collate: stack the crops as ``dtype`` and draw the iBOT masks of the batch."""
+def make_collate(dtype: torch.dtype, defer_colour: bool) -> Callable[[list[Any]], Any]:
+    """The trainer's collate: stack the crops as ``dtype`` (uint8 with ``defer_colour``) and draw the iBOT masks."""
     grid = 224 // 14
     generator = MaskingGenerator.for_global_crops(224, 14)
     return functools.partial(
@@ -65,6 +68,7 @@ def make_collate(dtype: torch.dtype) -> Callable[[list[Any]], Any]:
         dtype=dtype,
         n_tokens=grid * grid,
         mask_generator=generator,
+        defer_colour=defer_colour,
     )
 
 
@@ -120,6 +124,24 @@ def time_loader(dataset: Any, recipe: str, workers: int, batch: int, batches: in
     return _rate(batches * batch, seconds)
 
 
+def time_colour_on_device(
+    dataset: Any, recipe: str, batch: int, collate: Callable, device: torch.device, dtype: torch.dtype, repeats: int
+) -> float:
+    """Images/s of the deferred colour operations on ``device``, on whole batches (best of ``repeats``)."""
+    augmentation = make_augmentation(recipe)
+    samples = [(augmentation(load_image(dataset.path(i % len(dataset)), dataset.resize)), 0) for i in range(batch)]
+    deferred = collate(samples)
+    best = 0.0
+    for _ in range(repeats + 1):  # the first pass warms the device up
+        start = time.perf_counter()
+        finished = finish_crops(deferred, device, dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, _rate(batch, time.perf_counter() - start))
+        del finished
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -129,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resize", type=int, default=224, help="resize images first (0: keep the size)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="dtype of the collated crops: the run's compute dtype (bf16 or fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--colour", choices=("device", "workers"), default="device",
+                        help="where the views' colour operations run (train.colour_augmentation)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device of the colour operations with --colour device")
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
     parser.add_argument("--batch-size", type=int, default=32)
@@ -145,14 +171,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data = args.data
     dataset = make_dataset(data, resize=args.resize or None)
-    collate = make_collate(dtype_from_name(args.dtype))
-    print(f"data: {data} ({len(dataset)} images, resize {dataset.resize}, crops as {args.dtype})")
+    dtype, defer = dtype_from_name(args.dtype), args.colour == "device"
+    collate = make_collate(dtype, defer)
+    crops = "uint8 crops, colour on " + args.device if defer else f"crops as {args.dtype}, colour in the workers"
+    print(f"data: {data} ({len(dataset)} images, resize {dataset.resize}, {crops})")
     print(f"{'recipe':<10} {'stage':<24} {'workers':>7} {'images/s':>10}")
     headline = 0.0
     for recipe in args.recipes:
         rates = time_per_worker(dataset, recipe, args.per_worker_images, collate, args.batch_size, args.repeats)
         for stage, rate in rates.items():
             print(f"{recipe:<10} {stage:<24} {'1 (per)':>7} {rate:>10.1f}")
+        if defer:
+            rate = time_colour_on_device(dataset, recipe, args.batch_size, collate, torch.device(args.device), dtype,
+                                         args.repeats)  # fmt: skip
+            print(f"{recipe:<10} {'colour on ' + args.device:<24} {'batch':>7} {rate:>10.1f}")
         for workers in sorted(args.workers):
             rate = time_loader(dataset, recipe, workers, args.batch_size, args.batches, collate)
             print(f"{recipe:<10} {'loader':<24} {workers:>7} {rate:>10.1f}")

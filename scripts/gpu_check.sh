@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 6 minutes on one H100 or H200; each step has its own time limit): the CUDA/NCCL
+# One prepared GPU check (about 7 minutes on one H100 or H200; each step has its own time limit): the CUDA/NCCL
 # training path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in bf16 (a GPU
 # profile of the ViT-S step; larger batches), the ViT-g memory check, the data pipeline with 16 workers, feature
 # extraction, and last ViT-S with train.compile (blocks and cross-entropies compiled; its profile, recompilations
@@ -39,9 +39,12 @@ step vitl14_bf16 120 $PY scripts/benchmark_train.py --arch vit_large --batch-siz
 # Does MFU grow with the batch (fixed per-step costs) or not (per-image costs)? ViT-S x2, ViT-L x1.5, eager.
 step vits14_bf16_b256 90 $PY scripts/benchmark_train.py --arch vit_small --batch-size 256 $HEADS --iters 6
 step vitl14_bf16_b96 90 $PY scripts/benchmark_train.py --arch vit_large --batch-size 96 $HEADS --iters 6
-# Crops collated as bf16, as a mixed-precision run collates them (fp16, DinoBloom's setting, moves the same bytes).
+# The input pipeline as a CUDA run has it: workers hand over uint8 crops, the colour operations run batched on the
+# GPU (its "colour on cuda" row); then, for comparison, with the colour in the workers and crops collated as bf16.
 step data_pipeline 90 $PY scripts/benchmark_data.py --demo /tmp/demo_data --recipes dinobloom dinov2 \
   --workers 1 8 16 --batch-size 64 --batches 10
+step data_pipeline_colour_in_workers 60 $PY scripts/benchmark_data.py --demo /tmp/demo_data --recipes dinobloom \
+  --workers 1 16 --batch-size 64 --batches 10 --colour workers
 step features_vits14 45 $PY scripts/benchmark_features.py --device cuda --batch-size 256 --iters 20
 # Memory: ViT-g/14 with SwiGLU, one GPU, activation checkpointing, DinoBloom crops.
 step vitg14_bf16_ckpt 120 $PY scripts/benchmark_train.py --arch vit_giant2 --batch-size 32 $HEADS \

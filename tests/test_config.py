@@ -109,6 +109,7 @@ def test_types_are_checked_and_numbers_coerced() -> None:
     [
         ("train.centering=mean", r"train.centering='mean' is not one of centering, sinkhorn_knopp"),
         ("train.precision=fp8", r"train.precision='fp8' is not one of auto, fp32, bf16, fp16"),
+        ("train.colour_augmentation=gpu", r"train.colour_augmentation='gpu' is not one of auto, workers, device"),
         ("compute_precision.student.backbone.sharding_strategy=HYBRID", r"sharding_strategy='HYBRID'"),
         ("compute_precision.student.backbone.mixed_precision.buffer_dtype=fp16", r"buffer_dtype must be fp32"),
         ("compute_precision.teacher.dino_head.sharding_strategy=NO_SHARD", r"must both be NO_SHARD or both"),

@@ -506,6 +506,20 @@ def test_eval_only_exports_the_teacher_of_the_newest_checkpoint(tmp_path: Path, 
         _train(tmp_path / "empty", demo.lists_dir, "--eval-only")
 
 
+def test_colour_augmentation_on_the_device_trains_exactly_as_in_the_workers(tmp_path: Path, demo) -> None:
+    """train.colour_augmentation=device (here the CPU) gives the losses and teacher of the workers' colour."""
+    runs = {}
+    for where in ("workers", "device"):
+        out = tmp_path / where
+        _train(out, demo.lists_dir, f"train.colour_augmentation={where}", "train.num_workers=1", epochs=1,
+               epoch_length=4)  # fmt: skip
+        runs[where] = out
+    assert _losses(_metrics(runs["device"])) == _losses(_metrics(runs["workers"]))
+    assert len(_metrics(runs["device"])) == 4
+    assert "colour augmentation on cpu (uint8 crops from the workers)" in (runs["device"] / "log.txt").read_text()
+    assert "colour augmentation in the data-loader workers" in (runs["workers"] / "log.txt").read_text()
+
+
 def _crash_then_resume(out: Path, demo, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
     """8 iterations that crash in iteration 4 (last checkpoint 2, metrics logged up to 3), then the resumed run."""
     args = ("train.checkpoint_period=3", "evaluation.rankme_period_iterations=4", "evaluation.rankme_batches=2", *args)

@@ -45,6 +45,7 @@ ZERO_ONLY_KEYS = ("dino.smooth_rank_loss_weight",)
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.centering": ("centering", "sinkhorn_knopp"),
     "train.augmentation": ("hematology", "dinov2"),
+    "train.colour_augmentation": ("auto", "workers", "device"),
     "train.device": ("auto", "cuda", "mps", "cpu"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "student.ffn_layer": ("mlp", "swiglu", "swiglufused", "identity"),

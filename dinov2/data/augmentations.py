@@ -1,9 +1,9 @@
 """Multi-crop augmentation of DINOv2 and its hematology variant used by DinoBloom.
 
 All random numbers come from torch's default CPU generator, so running the augmentation under a fixed
-seed (as :class:`dinov2.data.datasets.FileListDataset` does per sample) makes it reproducible; all
-arithmetic is element-wise (see :mod:`dinov2.data.transforms`), so results do not depend on the number of
-threads.
+seed (as :class:`dinov2.data.datasets.FileListDataset` does per sample) makes it reproducible. A view comes out
+as its uint8 crop (geometry done) and the parameters of its colour operations, which
+:func:`dinov2.data.photometric.apply_photometric` applies to a whole batch, in the worker or on the GPU.
 """
 
 from __future__ import annotations
@@ -18,16 +18,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from dinov2.data.transforms import (
-    adjust_brightness,
-    adjust_contrast,
-    adjust_hue,
-    adjust_saturation,
-    gaussian_blur,
-    normalize_,
-    rgb_to_grayscale,
-    to_float_tensor,
-)
+from dinov2.data.photometric import BLUR_SIGMA, FACTORS, GRAYSCALE, JITTER, ORDER, SOLARIZE, neutral_params
 
 __all__ = ["TRAINED_BLUR_PROBABILITIES", "ColorJitter", "CropView", "DataAugmentationDINO"]
 
@@ -35,8 +26,6 @@ logger = logging.getLogger(__name__)
 
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _BLUR_SIGMA = (0.1, 2.0)
-_BLUR_KERNEL = 9
-_SOLARIZE_THRESHOLD = 128.0 / 255.0
 # How often (global view 1, global view 2, local views) were blurred in training (see DataAugmentationDINO).
 TRAINED_BLUR_PROBABILITIES = {"dinov2": (0.0, 0.9, 0.5), "hematology": (0.9, 0.9, 0.5)}
 
@@ -53,11 +42,11 @@ def _uniform(low: float, high: float) -> float:
 
 @dataclass(frozen=True)
 class ColorJitter:
-    """torchvision's ``ColorJitter(brightness, contrast, saturation, hue)`` on float (3, H, W) tensors.
+    """torchvision's ``ColorJitter(brightness, contrast, saturation, hue)``: its random factors and order.
 
-    Same factor ranges, same random order of the four operations, same clamping after each; the hue step
-    is the exact HSV rotation computed in RGB (``transforms.adjust_hue``), several times faster than
-    torchvision's HSV round trip.
+    Same factor ranges and the same random order of the four operations; ``apply_photometric`` applies them
+    with the same clamping after each, the hue step as the exact HSV rotation computed in RGB
+    (``transforms.adjust_hue``), several times faster than torchvision's HSV round trip.
     """
 
     brightness: float = 0.4
@@ -65,24 +54,16 @@ class ColorJitter:
     saturation: float = 0.2
     hue: float = 0.1
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the four adjustments in a random order with random factors."""
-        factors = (
+    def draw(self, params: torch.Tensor) -> None:
+        """Draw the four factors and the order of the operations into a view's ``params``."""
+        params[JITTER] = 1.0
+        params[FACTORS : FACTORS + 4] = torch.tensor([
             _uniform(1.0 - self.brightness, 1.0 + self.brightness),
             _uniform(1.0 - self.contrast, 1.0 + self.contrast),
             _uniform(1.0 - self.saturation, 1.0 + self.saturation),
             _uniform(-self.hue, self.hue),
-        )
-        for op in torch.randperm(4).tolist():
-            if op == 0:
-                x = adjust_brightness(x, factors[0])
-            elif op == 1:
-                x = adjust_contrast(x, factors[1])
-            elif op == 2:
-                x = adjust_saturation(x, factors[2])
-            else:
-                x = adjust_hue(x, factors[3])
-        return x
+        ])  # fmt: skip
+        params[ORDER : ORDER + 4] = torch.randperm(4).to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -97,8 +78,8 @@ class CropView:
     grayscale_p: float = 0.2
     dihedral: bool = False
 
-    def __call__(self, image: torch.Tensor, jitter: ColorJitter) -> torch.Tensor:
-        """Draw one normalised float (3, size, size) view of a uint8 (3, H, W) image."""
+    def __call__(self, image: torch.Tensor, jitter: ColorJitter) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one view of a uint8 (3, H, W) image: its uint8 (3, size, size) crop and its colour parameters."""
         top, left, height, width = RandomResizedCrop.get_params(image, list(self.scale), list(_RATIO))
         crop = F.resized_crop(
             image,
@@ -117,16 +98,16 @@ class CropView:
                 crop = crop.flip(-2)
             if _coin(0.5):
                 crop = torch.rot90(crop, 1, (-2, -1))
-        x = to_float_tensor(crop.contiguous())
+        params = neutral_params()
         if _coin(self.color_jitter_p):
-            x = jitter(x)
+            jitter.draw(params)
         if _coin(self.grayscale_p):
-            x = rgb_to_grayscale(x).expand(3, -1, -1).contiguous()
+            params[GRAYSCALE] = 1.0
         if _coin(self.blur_p):
-            x = gaussian_blur(x, _uniform(*_BLUR_SIGMA), _BLUR_KERNEL)
+            params[BLUR_SIGMA] = _uniform(*_BLUR_SIGMA)
         if _coin(self.solarize_p):
-            x = torch.where(x >= _SOLARIZE_THRESHOLD, 1.0 - x, x)
-        return normalize_(x)
+            params[SOLARIZE] = 1.0
+        return crop.contiguous(), params
 
 
 class DataAugmentationDINO:
@@ -152,9 +133,10 @@ class DataAugmentationDINO:
     p=0.8: DinoBloom's history also has a revision with an HED stain jitter (p=0.5) and jitter p=0.5, which
     its later revision commented out; we follow the later one.
 
-    The output dict is what ``collate_data_and_cast`` consumes: ``global_crops`` (2 tensors),
-    ``global_crops_teacher`` (the same 2 tensors), ``local_crops`` (``local_crops_number`` tensors, possibly
-    none), ``offsets`` (empty).
+    The output dict is what ``collate_data_and_cast`` consumes: ``global_crops`` (2 uint8 tensors),
+    ``global_crops_teacher`` (the same 2 tensors), ``local_crops`` (``local_crops_number`` uint8 tensors, possibly
+    none), ``global_crops_params`` and ``local_crops_params`` (the views' colour parameters, see
+    :mod:`dinov2.data.photometric`), ``offsets`` (empty).
     """
 
     def __init__(
@@ -212,13 +194,15 @@ class DataAugmentationDINO:
             raise TypeError(
                 f"expected an RGB PIL image or a uint8 (3, H, W) tensor, got {pixels.dtype} {tuple(pixels.shape)}"
             )
-        global1 = self.global_view1(pixels, self.jitter)
-        global2 = self.global_view2(pixels, self.jitter)
+        global1, params1 = self.global_view1(pixels, self.jitter)
+        global2, params2 = self.global_view2(pixels, self.jitter)
         local = [self.local_view(pixels, self.jitter) for _ in range(self.local_crops_number)]
         return {
             "global_crops": [global1, global2],
             "global_crops_teacher": [global1, global2],
-            "local_crops": local,
+            "global_crops_params": [params1, params2],
+            "local_crops": [crop for crop, _ in local],
+            "local_crops_params": [params for _, params in local],
             "offsets": (),
         }
 

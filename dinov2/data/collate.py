@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 from dinov2.data.masking import MaskingGenerator, RandomSource
+from dinov2.data.photometric import DEFERRED, apply_photometric
 
 __all__ = ["collate_data_and_cast"]
 
 
-def _stack_crops(samples_list: Sequence[Any], key: str, dtype: torch.dtype) -> torch.Tensor | None:
-    """Stack crop ``i`` of every sample, crop-major ([crop0 of all images, crop1 of all images, ...]), as ``dtype``."""
+def _crop_major(samples_list: Sequence[Any], key: str) -> list[torch.Tensor]:
+    """Entry ``key`` of every sample's crops dict, crop-major ([crop0 of all images, crop1 of all images, ...])."""
     per_sample: list[Sequence[torch.Tensor]] = []
     for index, sample in enumerate(samples_list):
         crops_dict = sample[0]
@@ -25,9 +26,37 @@ def _stack_crops(samples_list: Sequence[Any], key: str, dtype: torch.dtype) -> t
     n_crops = len(per_sample[0])
     if any(len(crops) != n_crops for crops in per_sample):
         raise ValueError(f"collate: samples have different numbers of '{key}': {[len(c) for c in per_sample]}")
-    if n_crops == 0:
-        return None
-    tensors = [crops[i] for i in range(n_crops) for crops in per_sample]
+    return [crops[i] for i in range(n_crops) for crops in per_sample]
+
+
+def _stack_crops(samples_list: Sequence[Any], key: str, dtype: torch.dtype, defer_colour: bool) -> dict[str, Any]:
+    """The batch entries of crops ``key``: ``collated_<key>`` (None without crops) and, when the colour operations
+    are deferred to the device, ``collated_<kind>_params``.
+
+    Samples of :class:`~dinov2.data.augmentations.DataAugmentationDINO` carry uint8 crops and their colour
+    parameters (``<key>_params``): the colour operations run here on the stacked crops, which are then stored as
+    ``dtype``, or, with ``defer_colour``, the uint8 crops and their parameters are passed on. Crops without
+    parameters (already finished) are stacked as ``dtype``.
+    """
+    name = f"collated_{key}"
+    tensors = _crop_major(samples_list, key)
+    if not tensors:
+        return {name: None}
+    if f"{key}_params" not in samples_list[0][0]:
+        return {name: _stack_as(tensors, dtype)}
+    params = torch.stack(_crop_major(samples_list, f"{key}_params"))
+    if defer_colour:
+        return {name: _stack_as(tensors, torch.uint8), DEFERRED[name]: params}
+    out = _worker_output(tensors, dtype)
+    if out is None:
+        out = torch.empty((len(tensors), *tensors[0].shape), dtype=dtype)
+    for row, crop, view_params in zip(out, tensors, params):  # view by view: each stays in the CPU's caches
+        row.copy_(apply_photometric(crop[None], view_params[None])[0])
+    return {name: out}
+
+
+def _stack_as(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.stack(tensors)`` as ``dtype``, into shared memory in a DataLoader worker."""
     out = _worker_output(tensors, dtype)
     if tensors[0].dtype == dtype:
         return torch.stack(tensors, out=out)
@@ -61,6 +90,7 @@ def collate_data_and_cast(
     n_tokens: int | None = None,
     mask_generator: MaskingGenerator | None = None,
     rng: random.Random | None = None,
+    defer_colour: bool = False,
 ) -> dict[str, Any]:
     """Collate ``(crops_dict, target)`` samples into a training batch with iBOT masks for the global crops.
 
@@ -70,7 +100,8 @@ def collate_data_and_cast(
     unless ``rng`` is given. ``collated_local_crops`` is None when the samples carry no local crops. The crops
     are collated as ``dtype``: a mixed-precision run passes its compute dtype (DINOv2 collated fp16), which halves
     the bytes that cross to the main process and to the GPU and gives the first layer the very input autocast
-    would have given it.
+    would have given it. ``defer_colour``: leave the augmentation's colour operations to
+    :func:`dinov2.data.photometric.finish_crops` on the device (the crops stay uint8, with their parameters).
     """
     if not samples_list:
         raise ValueError("collate: empty samples_list")
@@ -83,10 +114,11 @@ def collate_data_and_cast(
         raise ValueError(f"collate: n_tokens={n_tokens} but the mask generator's grid has {grid_tokens} patches")
     source: RandomSource = random if rng is None else rng
 
-    collated_global_crops = _stack_crops(samples_list, "global_crops", dtype)
-    if collated_global_crops is None:
+    crops = _stack_crops(samples_list, "global_crops", dtype, defer_colour)
+    if crops["collated_global_crops"] is None:
         raise ValueError("collate: samples have no global crops")
-    collated_local_crops = _stack_crops(samples_list, "local_crops", dtype)
+    crops.update(_stack_crops(samples_list, "local_crops", dtype, defer_colour))
+    collated_global_crops = crops["collated_global_crops"]
 
     n_crops = collated_global_crops.shape[0]
     n_masked_crops = int(n_crops * mask_probability)
@@ -108,8 +140,7 @@ def collate_data_and_cast(
     masks_weight = per_crop_weight.unsqueeze(-1).expand_as(collated_masks)[collated_masks]
 
     return {
-        "collated_global_crops": collated_global_crops,
-        "collated_local_crops": collated_local_crops,
+        **crops,
         "collated_masks": collated_masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,

@@ -1,14 +1,16 @@
 """Image loading, the evaluation transform and the tensor primitives the augmentations are built from.
 
-Every primitive here works on ``(3, H, W)`` tensors with element-wise operations only (no BLAS, no
-convolution kernels, no multi-threaded float reductions), so its result is bitwise the same whatever the
-number of intra-op threads: in the main process (several threads) and in a DataLoader worker (one thread).
+Every colour primitive here works on one ``(3, H, W)`` image or a batch ``(N, 3, H, W)``, with a factor that
+is a number or, for a batch, one value per image (shape ``(N, 1, 1, 1)``; ``(N,)`` for the blur's sigma), on any
+device. They use element-wise operations only (no BLAS, no convolution kernels; the one reduction, the contrast's
+mean, runs in float64), so a result is bitwise the same whatever the number of intra-op threads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ __all__ = [
     "adjust_hue",
     "adjust_saturation",
     "gaussian_blur",
+    "gaussian_kernel1d",
     "load_image",
     "make_eval_transform",
     "normalize_",
@@ -36,6 +39,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+Factor = Union[float, torch.Tensor]  # a number, or one value per image of a batch
 # ITU-R 601-2 luma, the weights torchvision and PIL use for grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
 _TINY = torch.finfo(torch.float32).tiny
@@ -73,8 +77,8 @@ def to_float_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
 
 
 def normalize_(x: torch.Tensor) -> torch.Tensor:
-    """Normalise a float (3, H, W) image in place with the ImageNet mean and standard deviation."""
-    return x.sub_(_MEAN).div_(_STD)
+    """Normalise float (..., 3, H, W) images in place with the ImageNet mean and standard deviation."""
+    return x.sub_(_MEAN.to(x.device)).div_(_STD.to(x.device))
 
 
 def make_eval_transform(size: int = 224) -> Callable[[Image.Image], torch.Tensor]:
@@ -89,42 +93,45 @@ def make_eval_transform(size: int = 224) -> Callable[[Image.Image], torch.Tensor
 
 
 def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
-    """Luma of a float (3, H, W) image, shape (1, H, W)."""
-    return (x[0:1] * _LUMA[0]).add_(x[1:2], alpha=_LUMA[1]).add_(x[2:3], alpha=_LUMA[2])
+    """Luma of float (..., 3, H, W) images, shape (..., 1, H, W)."""
+    r, g, b = x[..., 0:1, :, :], x[..., 1:2, :, :], x[..., 2:3, :, :]
+    return (r * _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2])
 
 
-def _blend_(x: torch.Tensor, other: torch.Tensor | float, factor: float) -> torch.Tensor:
+def _blend_(x: torch.Tensor, other: torch.Tensor | float, factor: Factor) -> torch.Tensor:
     """``factor * x + (1 - factor) * other`` clamped to [0, 1], in place (torchvision's blend)."""
     x.mul_(factor)
-    if isinstance(other, float):
+    if isinstance(other, float) and isinstance(factor, float):
         x.add_(other * (1.0 - factor))
     else:
-        x.add_(other.mul(1.0 - factor))
+        x.add_(torch.mul(other, 1.0 - factor))
     return x.clamp_(0.0, 1.0)
 
 
-def adjust_brightness(x: torch.Tensor, factor: float) -> torch.Tensor:
+def adjust_brightness(x: torch.Tensor, factor: Factor) -> torch.Tensor:
     """Scale intensities by ``factor`` and clamp, in place."""
     return x.mul_(factor).clamp_(0.0, 1.0)
 
 
-def adjust_contrast(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Blend with the mean luma, in place.
+def adjust_contrast(x: torch.Tensor, factor: Factor) -> torch.Tensor:
+    """Blend each image with its mean luma, in place.
 
-    The mean is accumulated in float64, where the sum of the float32 luma values is (nearly always) exact,
-    so it does not depend on how many threads split the reduction.
+    The mean is accumulated in float64 (float32 on MPS, which has no float64), where the sum of the float32 luma
+    values is (nearly always) exact, so it does not depend on how many threads split the reduction.
     """
-    mean = float(rgb_to_grayscale(x).to(torch.float64).mean())
-    return _blend_(x, float(torch.tensor(mean, dtype=torch.float32)), factor)
+    wide = torch.float32 if x.device.type == "mps" else torch.float64
+    mean = rgb_to_grayscale(x).to(wide).mean(dim=(-3, -2, -1), keepdim=True).to(torch.float32)
+    return _blend_(x, mean, factor)
 
 
-def adjust_saturation(x: torch.Tensor, factor: float) -> torch.Tensor:
+def adjust_saturation(x: torch.Tensor, factor: Factor) -> torch.Tensor:
     """Blend with the grayscale image, in place."""
     return _blend_(x, rgb_to_grayscale(x), factor)
 
 
-def adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
-    """Rotate the HSV hue by ``shift`` (fraction of a turn, in [-0.5, 0.5]); returns a new tensor.
+def adjust_hue(x: torch.Tensor, shift: Factor) -> torch.Tensor:
+    """Rotate the HSV hue by ``shift`` (fraction of a turn, in [-0.5, 0.5]; per image: shape (N, 1, 1, 1));
+    returns a new tensor.
 
     Same result as HSV conversion, shift and back conversion, computed without leaving RGB: value (max)
     and chroma (max - min) are unchanged by a hue rotation, and each channel is
@@ -133,7 +140,9 @@ def adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
     nearest multiple of 6. Written with float arithmetic only (no boolean masks, no ``remainder``) and
     mostly in place: this is the costliest step of the augmentation, and both are several times slower.
     """
-    r, g, b = x[0], x[1], x[2]
+    r, g, b = x[..., 0, :, :], x[..., 1, :, :], x[..., 2, :, :]
+    if isinstance(shift, torch.Tensor):
+        shift = shift.reshape(-1, 1, 1)  # per image, against (N, H, W) channel planes
     maxc = torch.maximum(r, g)
     torch.maximum(maxc, b, out=maxc)
     chroma = torch.minimum(r, g)
@@ -156,29 +165,36 @@ def adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
         torch.add(hue6, 6.0 * shift + n - 2.0, out=ramp)
         torch.mul(ramp, 1.0 / 6.0, out=periods).round_()
         ramp.sub_(periods, alpha=6.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
-        torch.sub(maxc, ramp.mul_(chroma), out=out[channel])
+        torch.sub(maxc, ramp.mul_(chroma), out=out[..., channel, :, :])
     return out
 
 
-def _gaussian_kernel1d(kernel_size: int, sigma: float) -> list[float]:
-    """Normalised 1-D Gaussian weights on the integer offsets -(k//2) .. k//2."""
+def gaussian_kernel1d(kernel_size: int, sigma: Factor) -> torch.Tensor:
+    """Normalised 1-D Gaussian weights on the integer offsets -(k//2) .. k//2, float32, one row per sigma."""
     half = kernel_size // 2
-    weights = torch.exp(-0.5 * (torch.arange(-half, half + 1, dtype=torch.float64) / sigma) ** 2)
-    return (weights / weights.sum()).tolist()
+    sigmas = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
+    weights = torch.exp(-0.5 * (torch.arange(-half, half + 1, dtype=torch.float64, device=sigmas.device) / sigmas) ** 2)
+    return (weights / weights.sum(dim=1, keepdim=True)).to(torch.float32)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float, kernel_size: int = 9) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding (torchvision's kernel), as sums of shifted slices."""
+def gaussian_blur(x: torch.Tensor, sigma: Factor, kernel_size: int = 9) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding (torchvision's kernel), as sums of shifted slices.
+
+    ``sigma``: a number, or one per image of a batch (shape (N,)).
+    """
     if kernel_size % 2 != 1 or kernel_size <= 0:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
     half = kernel_size // 2
-    weights = _gaussian_kernel1d(kernel_size, sigma)
+    batched = x.dim() == 4
+    images = x if batched else x.unsqueeze(0)
+    weights = gaussian_kernel1d(kernel_size, sigma).to(x.device)
+    weights = weights.expand(images.shape[0], -1).T.reshape(kernel_size, -1, 1, 1, 1)  # weights[k]: (N, 1, 1, 1)
     height, width = x.shape[-2:]
-    padded = torch.nn.functional.pad(x.unsqueeze(0), (half, half, half, half), mode="reflect").squeeze(0)
-    rows = padded[:, :, 0:width] * weights[0]
+    padded = torch.nn.functional.pad(images, (half, half, half, half), mode="reflect")
+    rows = padded[..., 0:width] * weights[0]
     for k in range(1, kernel_size):
-        rows.add_(padded[:, :, k : k + width], alpha=weights[k])
-    out = rows[:, 0:height] * weights[0]
+        rows.addcmul_(padded[..., k : k + width], weights[k])
+    out = rows[..., 0:height, :] * weights[0]
     for k in range(1, kernel_size):
-        out.add_(rows[:, k : k + height], alpha=weights[k])
-    return out
+        out.addcmul_(rows[..., k : k + height, :], weights[k])
+    return out if batched else out.squeeze(0)

@@ -58,6 +58,7 @@ class TrainCollate:
     mask_probability: float
     seed: int
     dtype: torch.dtype = torch.float32  # of the crops: the run's compute dtype
+    defer_colour: bool = False  # leave the colour operations to the device (dinov2.data.photometric.finish_crops)
 
     def __call__(self, items: list[tuple[Any, SampleKey]]) -> dict[str, Any]:
         samples = [sample for sample, _ in items if sample is not None]
@@ -73,6 +74,7 @@ class TrainCollate:
             dtype=self.dtype,
             mask_generator=self.mask_generator,
             rng=rng,
+            defer_colour=self.defer_colour,
         )
         batch["n_images"] = len(items)
         batch["n_bad_images"] = len(items) - len(samples)
@@ -115,11 +117,14 @@ def build_train_loader(
     rank: int,
     world_size: int,
     dtype: torch.dtype = torch.float32,
+    defer_colour: bool = False,
 ) -> tuple[DataLoader, InfiniteSampler]:
     """An endless loader for this rank that starts at global draw ``start`` (a resumed run's position).
 
     Crops come as ``dtype``, the run's compute dtype (``autocast_dtype``): bf16 or fp16 halve what workers hand
     over and what is copied to the GPU, and the first layer gets the same input as from float32 under autocast.
+    With ``defer_colour`` they come as uint8 with the parameters of their colour operations, which
+    :func:`dinov2.data.photometric.finish_crops` applies on the device.
     """
     batch_size = int(cfg.train.batch_size_per_gpu)
     sampler = InfiniteSampler(
@@ -132,6 +137,7 @@ def build_train_loader(
         mask_probability=float(cfg.ibot.mask_sample_probability),
         seed=int(cfg.train.seed),
         dtype=dtype,
+        defer_colour=defer_colour,
     )
     loader = make_data_loader(
         KeyedSamples(dataset),

@@ -35,6 +35,7 @@ from dinov2 import distributed
 from dinov2.checkpoint import export_teacher, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from dinov2.configs import ConfigError, apply_scaling_rules_to_cfg, config_differences, load_config, write_config
 from dinov2.data import DatasetError
+from dinov2.data.photometric import finish_crops
 from dinov2.parallel import (
     allow_tf32_matmul,
     autocast_dtype,
@@ -392,9 +393,14 @@ def train(
                 score = monitor.evaluate(model.teacher.backbone, "initialisation", 0)
                 metrics.log({"iteration": 0, "knn_balanced_accuracy": score}, to_file=False)  # knn_monitor.json has it
 
+        colour_on_device = cfg.train.colour_augmentation == "device" or (
+            cfg.train.colour_augmentation == "auto" and device.type == "cuda"
+        )
+        logger.info("colour augmentation %s", f"on {device.type} (uint8 crops from the workers)" if colour_on_device
+                    else "in the data-loader workers")  # fmt: skip
         loader, _ = build_train_loader(
             cfg, dataset, start=start_iter * global_batch, rank=info.rank, world_size=info.world_size,
-            dtype=autocast_dtype(cfg, device),
+            dtype=autocast_dtype(cfg, device), defer_colour=colour_on_device,
         )
         autocast = make_autocast(cfg, device)
         logger.info(
@@ -408,7 +414,7 @@ def train(
                     f"iteration {iteration}, rank {info.rank}: none of the {batch['n_images']} images of the batch "
                     "could be read; the 'skipping unreadable image' warnings in log.txt name them"
                 )
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = finish_crops(batch, device, autocast_dtype(cfg, device))
             lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
             momentum, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
             apply_optim_scheduler(optimizer, lr, wd, schedules["last_layer_lr"][iteration])
