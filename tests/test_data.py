@@ -428,6 +428,37 @@ def test_blur_rate_of_each_view(hematology: bool, blur: tuple | None, expected: 
             assert abs(blurred / draws - rate) <= 0.06
 
 
+@pytest.mark.parametrize("hematology", [True, False])
+def test_colour_strengths_are_the_recipes(hematology: bool) -> None:
+    """DINOv2's and DinoBloom's colour settings, seen in the drawn parameters: ColorJitter(0.4, 0.4, 0.2, 0.1)
+    applied with p 0.8, its factors spanning those ranges, blur sigma in (0.1, 2), grayscale 0.2 (DINOv2 only),
+    solarisation 0.2 on DINOv2's second global view only."""
+    augmentation = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, 16, 8, hematology=hematology)
+    image = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
+    draws = 600
+    views = (augmentation.global_view1, augmentation.global_view2, augmentation.local_view)
+    for index, view in enumerate(views):
+        with seeded_rng(index):
+            params = torch.stack([view(image, augmentation.jitter)[1] for _ in range(draws)])
+        jittered = params[params[:, P.JITTER] > 0]
+        assert abs(len(jittered) / draws - 0.8) <= 0.05  # 3 standard deviations at p = 0.8
+        factors = jittered[:, P.FACTORS : P.FACTORS + 4]
+        for column, (low, high) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
+            values = factors[:, column]
+            assert values.min() >= low and values.max() <= high
+            assert values.min() < low + 0.03 * (high - low) and values.max() > high - 0.03 * (high - low)
+        assert sorted(jittered[0, P.ORDER : P.ORDER + 4].tolist()) == [0, 1, 2, 3]
+        orders = {tuple(row.tolist()) for row in jittered[:, P.ORDER : P.ORDER + 4]}
+        assert len(orders) > 20  # of the 24 possible orders
+        sigmas = params[params[:, P.BLUR_SIGMA] > 0, P.BLUR_SIGMA]
+        if sigmas.numel():  # (DINOv2 never blurs its first global view; the rates have their own test)
+            assert sigmas.min() >= 0.1 and sigmas.max() <= 2.0 and sigmas.min() < 0.2 and sigmas.max() > 1.9
+        grayscale = float((params[:, P.GRAYSCALE] > 0).float().mean())
+        assert grayscale == 0.0 if hematology else abs(grayscale - 0.2) <= 0.05
+        solarised = float((params[:, P.SOLARIZE] > 0).float().mean())
+        assert solarised == 0.0 if hematology or view is not augmentation.global_view2 else abs(solarised - 0.2) <= 0.05
+
+
 def test_augmentation_argument_errors() -> None:
     with pytest.raises(ValueError, match="global_crops_scale"):
         DataAugmentationDINO((0.0, 1.0), (0.05, 0.32), 0)
