@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import subprocess
@@ -338,6 +339,13 @@ def test_knn_cli_fixed_split_and_config_override(tmp_path: Path) -> None:
     assert results["knn_3"]["accuracy"]["std"] == 0.0 and results["meta"]["std"].startswith("0 by construction")
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["knn_3"]["confusion_matrix"] == confusion_matrix(y[120:], expected, labels=range(4)).tolist()
+    # predictions.csv names, per test path, scikit-learn's kNN prediction (not e.g. the true label)
+    with (tmp_path / "out" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert (expected != y[120:]).any(), "some test samples must be misclassified, or a prediction is a label"
+    assert [(r["path"], r["label"], r["knn_3"]) for r in rows] == [
+        (f"b/{i}", names[t], names[p]) for i, (t, p) in enumerate(zip(y[120:], expected))
+    ]
 
 
 def test_config_unknown_key_names_closest(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -386,6 +394,17 @@ def test_linear_cli_cross_validation_schema(tmp_path: Path) -> None:
     folds = [f["balanced_accuracy"] for f in logreg["per_fold"]]
     assert logreg["balanced_accuracy"] == pytest.approx({"mean": np.mean(folds), "std": np.std(folds)})
     assert results["meta"]["n_samples"] == 100 and results["meta"]["classes"] == ["a", "b", "c"]
+    # each fold is DinoBloom's LogisticRegression(C = dim * classes / 100) on unshuffled StratifiedKFold(5) folds
+    # (guards against a wrong C, e.g. a constant instead of --C / its default, and against other folds)
+    expected = np.empty_like(y)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())["logreg"]["per_fold"]
+    for fold, (train, test) in zip(saved, StratifiedKFold(n_splits=5).split(x, y)):
+        expected[test] = LogisticRegression(C=16 * 3 / 100, max_iter=1000).fit(x[train], y[train]).predict(x[test])
+        assert (fold["n_train"], fold["n_test"]) == (train.size, test.size)
+        assert fold["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y[test], expected[test]), abs=1e-12)
+        assert fold["accuracy"] == pytest.approx(accuracy_score(y[test], expected[test]), abs=1e-12)
+    with (tmp_path / "out" / "predictions.csv").open() as handle:
+        assert [r["logreg"] for r in csv.DictReader(handle)] == [["a", "b", "c"][p] for p in expected]
 
 
 def test_cli_input_mistakes_end_in_one_error_line(tmp_path: Path) -> None:

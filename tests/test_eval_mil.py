@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import balanced_accuracy_score
 
 from dinov2.eval.features_io import FeatureSet, save_features
 from dinov2.eval.mil import AttentionMIL, Bag, BagSet, MILConfig, bags_from_csv, bags_from_paths, cross_validate, train_fold
@@ -72,6 +73,11 @@ def test_mil_learns_planted_signal_and_attends_to_it() -> None:
     assert result["balanced_accuracy"]["mean"] >= 0.95
     assert result["auroc"]["mean"] >= 0.95
     np.testing.assert_array_equal(predictions >= 0, True)
+    # the returned predictions are the per-patient records' and recover the planted labels
+    # (guards against predictions lost or overwritten after the folds are scored)
+    by_patient = {r["patient"]: r["prediction"] for r in records}
+    assert [by_patient[b.patient] for b in bag_set.bags] == [bag_set.class_names[p] for p in predictions]
+    assert balanced_accuracy_score(bag_set.labels, predictions) >= 0.95
     positives = [r for r in records if r["label"] == "pos"]
     assert len(records) == 24 and len(positives) == 12
     masses = []
@@ -199,4 +205,27 @@ def test_mil_cli_writes_results_and_attention(tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(paths) and {r["path"] for r in rows} == set(paths)
     assert set(rows[0]) == {"patient", "label", "prediction", "fold", "p_neg", "p_pos", "path", "attention"}
+    # attention.csv pairs each cell's own path with its attention: the same (path, attention) pairs, in the same
+    # order, as attention.json, every path in its patient's folder, and each positive patient's most attended
+    # cell one of its planted cells (guards against attention values written next to other cells' paths)
+    records = json.loads((tmp_path / "out" / "attention.json").read_text())
+    from_json = [(r["patient"], c["path"], c["attention"]) for r in records for c in r["cells"]]
+    assert [(r["patient"], r["path"]) for r in rows] == [(patient, path) for patient, path, _ in from_json]
+    np.testing.assert_allclose([float(r["attention"]) for r in rows], [a for _, _, a in from_json], atol=1e-6)
+    assert all(r["path"].split("/")[1] == r["patient"] for r in rows)
+    for bag in bag_set.bags:
+        cells = [r for r in rows if r["patient"] == bag.patient]
+        if bag.label == 1:
+            assert "planted" in max(cells, key=lambda r: float(r["attention"]))["path"], bag.patient
+    # predictions.csv (one row per patient) agrees with attention.csv / attention.json and with the planted
+    # labels (guards against a predictions array that is not the folds' predictions)
+    with (tmp_path / "out" / "predictions.csv").open() as handle:
+        patients = list(csv.DictReader(handle))
+    expected_ids = [(b.patient, ["neg", "pos"][b.label]) for b in bag_set.bags]
+    assert [(p["patient"], p["label"]) for p in patients] == expected_ids
+    by_patient = {r["patient"]: r["prediction"] for r in records}
+    assert {r["patient"]: r["prediction"] for r in rows} == by_patient
+    assert [p["abmil"] for p in patients] == [by_patient[b.patient] for b in bag_set.bags]
+    predicted = [["neg", "pos"].index(p["abmil"]) for p in patients]
+    assert balanced_accuracy_score(bag_set.labels, predicted) >= 0.9
     assert (tmp_path / "out" / "confusion_abmil.png").stat().st_size > 1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -11,6 +12,9 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
 
 from dinov2.eval import checkpoints, knn, linear, pca, protocol, reports
 from dinov2.eval.mil import __main__ as mil_cli
@@ -52,6 +56,16 @@ def test_knn_cli_writes_json_markdown_and_figures(tmp_path: Path) -> None:
     assert "| knn_20 |" in markdown and "balanced accuracy" in markdown and "ddof=0" in markdown
     predictions = (out / "predictions.csv").read_text().splitlines()
     assert predictions[0] == "path,label,knn_1,knn_20" and len(predictions) == 61
+    # each row's predicted classes are scikit-learn's out-of-fold kNN votes for that path, not e.g. its true label
+    rows = list(csv.DictReader(predictions))
+    assert [r["path"] for r in rows] == [f"{names[l]}/{i}.jpg" for i, l in enumerate(y)]
+    assert [r["label"] for r in rows] == [names[l] for l in y]
+    for k in (1, 20):
+        expected = np.empty_like(y)
+        for train, test in StratifiedKFold(n_splits=5).split(x, y):
+            expected[test] = KNeighborsClassifier(n_neighbors=k).fit(x[train], y[train]).predict(x[test])
+        assert (expected != y).any(), "some samples must be misclassified, or a prediction is a label"
+        assert [r[f"knn_{k}"] for r in rows] == [names[p] for p in expected], f"knn_{k}"
     for name in ("confusion_knn_1.png", "confusion_knn_20.png", "embedding.png"):
         _assert_png(out / name)
 
@@ -106,13 +120,14 @@ def _tiny_vit_state(seed: int) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def _images(root: Path, per_class: int) -> list[Path]:
+def _images(root: Path, per_class: int, shift: int = 150, noise: int = 60) -> list[Path]:
+    """Random 28x28 images of two classes whose pixel values differ by ``shift`` on average."""
     rng = np.random.default_rng(3)
     paths = []
     for c, name in enumerate(["neutrophil", "platelet"]):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            pixels = rng.integers(0, 60, size=(28, 28, 3)) + 150 * c
+            pixels = rng.integers(0, noise, size=(28, 28, 3)) + shift * c
             path = root / name / f"{i}.png"
             Image.fromarray(pixels.astype(np.uint8)).save(path)
             paths.append(path)
@@ -157,15 +172,41 @@ def test_pca_cli_with_a_model_name_uses_the_released_weights(tmp_path: Path, mon
     assert requested == [("dinobloom_s", DINOBLOOM_URLS["dinobloom_s"])]
 
 
+def _independent_knn_scores(state: dict[str, torch.Tensor], images: list[Path], ks: tuple[int, ...], n_splits: int):
+    """Mean balanced accuracy per k of scikit-learn's kNN on unshuffled StratifiedKFold folds of the CLS
+    features of ``images`` (28x28, ImageNet-normalised) from a tiny ViT holding ``state``."""
+    from dinov2.models.vision_transformer import DinoVisionTransformer
+
+    model = DinoVisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2)
+    model.load_state_dict(state)
+    ordered = sorted(images, key=lambda p: (p.parent.name, p.name))  # <class>/<image>, as the folder is listed
+    labels = np.array([["neutrophil", "platelet"].index(p.parent.name) for p in ordered])
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in ordered]) / 255.0
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    x = torch.tensor(((pixels - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
+    with torch.no_grad():
+        features = model.eval()(x).numpy()
+    scores = {}
+    for k in ks:
+        folds = []
+        for train, test in StratifiedKFold(n_splits=n_splits).split(features, labels):
+            predicted = KNeighborsClassifier(n_neighbors=k).fit(features[train], labels[train]).predict(features[test])
+            folds.append(balanced_accuracy_score(labels[test], predicted))
+        scores[f"knn_{k}"] = np.mean(folds)
+    return scores
+
+
 def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Path) -> None:
     run = tmp_path / "run"
+    states = {}
     for seed, name in enumerate(("training_9", "training_1", "training_init")):  # numeric order, not lexicographic
         target = run / "eval" / name / "teacher_checkpoint.pth"
         target.parent.mkdir(parents=True)
-        state = {f"backbone.{k}": v for k, v in _tiny_vit_state(seed).items()}
-        torch.save({"teacher": state}, target)
+        states[name] = _tiny_vit_state(seed)
+        torch.save({"teacher": {f"backbone.{k}": v for k, v in states[name].items()}}, target)
     (run / "eval" / "training_5").mkdir()  # no checkpoint inside: ignored
-    _images(tmp_path / "data", 6)
+    # weakly separable images: each checkpoint's random features score differently
+    images = _images(tmp_path / "data", 6, shift=10, noise=200)
     out = tmp_path / "curve"
     summary = checkpoints.main(["--run-dir", str(run), "--data", str(tmp_path / "data"), "--output-dir", str(out),
                                 "--img-size", "28", "--n-splits", "3", "--k", "1", "3", "--device", "cpu"])
@@ -175,6 +216,14 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
     assert saved["checkpoints"][0]["checkpoint"].endswith("training_init/teacher_checkpoint.pth")
     assert saved["checkpoints"][1]["checkpoint"].endswith("training_1/teacher_checkpoint.pth")
     assert set(saved["checkpoints"][0]["results"]) == {"knn_1", "knn_3"}
+    # each row is scored on features of its own checkpoint (guards against extracting every row with one checkpoint)
+    expected = {name: _independent_knn_scores(state, images, (1, 3), 3) for name, state in states.items()}
+    assert len({tuple(scores.values()) for scores in expected.values()}) == 3, "checkpoints must score differently"
+    for row in saved["checkpoints"]:
+        reference = expected[Path(row["checkpoint"]).parent.name]
+        for method, score in reference.items():
+            ours = row["results"][method]["balanced_accuracy"]["mean"]
+            assert ours == pytest.approx(score, abs=1e-9), (row["checkpoint"], method)
     assert "| 2 |" in (out / "checkpoints.md").read_text()
     _assert_png(out / "checkpoints.png")
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
