@@ -31,11 +31,11 @@ def _crop_major(samples_list: Sequence[Any], key: str) -> list[torch.Tensor]:
 
 def _stack_crops(samples_list: Sequence[Any], key: str, dtype: torch.dtype, defer_colour: bool) -> dict[str, Any]:
     """The batch entries of crops ``key``: ``collated_<key>`` (None without crops) and, when the colour operations
-    are deferred to the device, ``collated_<kind>_params``.
+    are deferred to the device, their parameters (``DEFERRED[collated_<key>]``).
 
     Samples of :class:`~dinov2.data.augmentations.DataAugmentationDINO` carry uint8 crops and their colour
-    parameters (``<key>_params``): the colour operations run here on the stacked crops, which are then stored as
-    ``dtype``, or, with ``defer_colour``, the uint8 crops and their parameters are passed on. Crops without
+    parameters (``<key>_params``): the colour operations run here, view by view, and the views are stored as
+    ``dtype``; or, with ``defer_colour``, the uint8 crops and their parameters are passed on. Crops without
     parameters (already finished) are stacked as ``dtype``.
     """
     name = f"collated_{key}"

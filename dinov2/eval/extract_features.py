@@ -241,10 +241,11 @@ def extract_features(
     partial = None
     if output is not None and not isinstance(model, nn.Module):  # (a module's weights have no name to check)
         weights_file = Path(weights) if weights is not None and Path(weights).is_file() else None
+        weights_stat = weights_file.stat() if weights_file is not None else None
         partial = PartialFeatures(Path(output), {
             "model": model_name,
             "weights": "" if weights is None else str(weights),
-            "weights_bytes_mtime": [weights_file.stat().st_size, weights_file.stat().st_mtime] if weights_file else None,
+            "weights_bytes_mtime": [weights_stat.st_size, weights_stat.st_mtime] if weights_stat else None,
             "img_size": img_size,
             "precision": precision if device.type == "cuda" else "fp32",
             "device_type": device.type,
