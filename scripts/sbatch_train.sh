@@ -51,7 +51,10 @@ shift 2
 export PYTHONPATH="${SLURM_SUBMIT_DIR:-$PWD}${PYTHONPATH:+:$PYTHONPATH}"
 
 GPUS=${SLURM_GPUS_ON_NODE:-8}
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The job's first host. Not through `| head -n 1`: head exits after one line, and a scontrol still writing the
+# others would die of SIGPIPE, which pipefail and set -e turn into the end of the job.
+HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${HOSTS%%$'\n'*}
 # A port of this job's own (as dinov2.distributed derives it): two jobs sharing a node must not share a rendezvous.
 RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))
 # Since SLURM 22.05 srun no longer inherits sbatch's --cpus-per-task; without this torchrun's ranks share one CPU.

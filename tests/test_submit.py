@@ -279,7 +279,8 @@ def test_sbatch_script_checkpoints_before_requeue(tmp_path: Path, torchrun_versi
     _write_executable(bin_dir / "srun", '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
     _write_executable(
         bin_dir / "scontrol",
-        f'#!/bin/bash\nif [[ $1 == show ]]; then echo node1; echo node2; else echo "scontrol $*" >> {log}; fi\n',
+        # (a pause between the host names, as a long node list has: reading only the first must not kill scontrol)
+        f'#!/bin/bash\nif [[ $1 == show ]]; then echo node1; sleep 0.3; echo node2; else echo "scontrol $*" >> {log}; fi\n',
     )
     # Stands in for torchrun + train.py: saves a "checkpoint" on SIGUSR1, then exits non-zero as train.py does.
     # Its help lists --shutdown-timeout as PyTorch 2.14's does; 2.11's has no such option.
