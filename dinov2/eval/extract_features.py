@@ -176,7 +176,9 @@ def embed_images(
     )
     chunks = list(partial.features) if partial is not None else []
     kept = [int(i) for part in partial.indices for i in part] if partial is not None else []
-    processed, unsaved, last_save = start, 0, time.monotonic()  # unsaved: the last `unsaved` chunks
+    new_chunks: list[np.ndarray] = []  # since the last save
+    new_kept: list[int] = []
+    processed, last_save = start, time.monotonic()
     with tqdm(total=len(image_list.paths), initial=start, desc="extracting features", unit="img") as bar:
         for indices, images, failed in loader:
             for index, reason in failed:
@@ -185,16 +187,16 @@ def embed_images(
                 bf16 = precision == "bf16" and device.type == "cuda"
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     cls = model(images.to(device, non_blocking=True))
-                chunks.append(cls.float().cpu().numpy())
-                kept.extend(indices)
-                unsaved += 1
+                new_chunks.append(cls.float().cpu().numpy())
+                new_kept.extend(indices)
             processed += len(indices) + len(failed)
             bar.update(len(indices) + len(failed))
             if partial is not None and time.monotonic() - last_save >= PARTIAL_SAVE_SECONDS:
-                new = chunks[len(chunks) - unsaved :]
-                features = np.concatenate(new) if new else np.zeros((0, 0), np.float32)
-                partial.save(features, np.asarray(kept[len(kept) - len(features) :], np.int64), processed)
-                unsaved, last_save = 0, time.monotonic()
+                features = np.concatenate(new_chunks) if new_chunks else np.zeros((0, 0), np.float32)
+                partial.save(features, np.asarray(new_kept, np.int64), processed)
+                chunks, kept, new_chunks, new_kept = chunks + new_chunks, kept + new_kept, [], []
+                last_save = time.monotonic()
+    chunks, kept = chunks + new_chunks, kept + new_kept
     n_failed = len(image_list.paths) - len(kept)
     if not kept:
         examples = ", ".join(str(image_list.root / p) for p in image_list.paths[:3])

@@ -398,9 +398,10 @@ def train(
         )
         logger.info("colour augmentation %s", f"on {device.type} (uint8 crops from the workers)" if colour_on_device
                     else "in the data-loader workers")  # fmt: skip
+        compute_dtype = autocast_dtype(cfg, device)
         loader, _ = build_train_loader(
             cfg, dataset, start=start_iter * global_batch, rank=info.rank, world_size=info.world_size,
-            dtype=autocast_dtype(cfg, device), defer_colour=colour_on_device,
+            dtype=compute_dtype, defer_colour=colour_on_device,
         )
         autocast = make_autocast(cfg, device)
         logger.info(
@@ -414,7 +415,7 @@ def train(
                     f"iteration {iteration}, rank {info.rank}: none of the {batch['n_images']} images of the batch "
                     "could be read; the 'skipping unreadable image' warnings in log.txt name them"
                 )
-            batch = finish_crops(batch, device, autocast_dtype(cfg, device))
+            batch = finish_crops(batch, device, compute_dtype)
             lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
             momentum, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
             apply_optim_scheduler(optimizer, lr, wd, schedules["last_layer_lr"][iteration])
