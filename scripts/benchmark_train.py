@@ -38,6 +38,7 @@ from dinov2 import distributed
 from dinov2.configs import apply_scaling_rules_to_cfg, load_config
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.masking import MaskingGenerator
+from dinov2.data.photometric import finish_crops
 from dinov2.layers.attention import XFORMERS_DISABLED_ENV, xformers_attention
 from dinov2.parallel import autocast_dtype
 from dinov2.train.data import effective_local_crops
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, optimizer, scaler = build_training_state(cfg, device)
     autocast = make_autocast(cfg, device)
     crops = synthetic_batch(cfg, args.batch_size, info.rank, autocast_dtype(cfg, device))  # as the trainer collates
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in crops.items()}
+    batch = finish_crops(crops, device, autocast_dtype(cfg, device))  # moved as the trainer moves its batches
     n_params = sum(p.numel() for p in model.student.backbone.parameters())
 
     def step() -> None:

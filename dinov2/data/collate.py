@@ -47,9 +47,7 @@ def _stack_crops(samples_list: Sequence[Any], key: str, dtype: torch.dtype, defe
     params = torch.stack(_crop_major(samples_list, f"{key}_params"))
     if defer_colour:
         return {name: _stack_as(tensors, torch.uint8), DEFERRED[name]: params}
-    out = _worker_output(tensors, dtype)
-    if out is None:
-        out = torch.empty((len(tensors), *tensors[0].shape), dtype=dtype)
+    out = _batch_output(tensors, dtype)
     for row, crop, view_params in zip(out, tensors, params):  # view by view: each stays in the CPU's caches
         row.copy_(apply_photometric(crop[None], view_params[None])[0])
     return {name: out}
@@ -57,26 +55,24 @@ def _stack_crops(samples_list: Sequence[Any], key: str, dtype: torch.dtype, defe
 
 def _stack_as(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """``torch.stack(tensors)`` as ``dtype``, into shared memory in a DataLoader worker."""
-    out = _worker_output(tensors, dtype)
+    out = _batch_output(tensors, dtype)
     if tensors[0].dtype == dtype:
         return torch.stack(tensors, out=out)
-    if out is None:
-        out = torch.empty((len(tensors), *tensors[0].shape), dtype=dtype)
     for row, tensor in zip(out, tensors):  # converted while copied: one pass, no float32 batch in between
         row.copy_(tensor)
     return out
 
 
-def _worker_output(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
-    """In a DataLoader worker, a shared-memory ``dtype`` tensor to stack into (as ``default_collate`` does).
+def _batch_output(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """An empty ``dtype`` batch for ``tensors``; in a DataLoader worker, in shared memory (as ``default_collate``).
 
     The batch then crosses to the main process without the extra copy into shared memory that sending a
-    private tensor costs. Outside workers: None (a normal allocation).
+    private tensor costs.
     """
-    if torch.utils.data.get_worker_info() is None:
-        return None
     first = tensors[0]
     shape = (len(tensors), *first.shape)
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype, device=first.device)
     nbytes = first.numel() * len(tensors) * dtype.itemsize
     storage = first.untyped_storage()._new_shared(nbytes, device=first.device)
     return torch.empty(0, dtype=dtype, device=first.device).set_(storage).view(shape)
