@@ -435,3 +435,34 @@ def test_compiled_attention_does_not_look_up_xformers(monkeypatch: pytest.Monkey
     assert attention.xformers_for_device("cpu") is None
     with pytest.raises(AssertionError, match="lookup ran"):  # eager CUDA runs still look it up
         attention.xformers_for_device("cuda")
+
+
+def test_attention_backward_writes_the_qkv_gradient_with_one_copy() -> None:
+    """Gradients equal the textbook permute-and-unbind attention's, and the backward copies qkv's gradient once
+    (stacking dq, dk, dv in place of the qkv layout), not twice (a stack, then a permuted copy)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dinov2.layers.attention import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(64, num_heads=4, qkv_bias=True)
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    grad_output = torch.randn(2, 9, 64)
+
+    def textbook(tokens: torch.Tensor) -> torch.Tensor:
+        qkv = attention.qkv(tokens).reshape(2, 9, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(*qkv.unbind(0), scale=attention.scale)
+        return attention.proj(out.transpose(1, 2).reshape(2, 9, 64))
+
+    grads = []
+    for forward in (textbook, attention):
+        x.grad = None
+        attention.zero_grad()
+        out = forward(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out.backward(grad_output)
+        grads.append([x.grad.clone(), *(p.grad.clone() for p in attention.parameters())])
+    copies = [event.count for event in prof.key_averages() if event.key == "aten::copy_"]
+    assert sum(copies) == 0, f"aten::copy_ ran {sum(copies)} time(s) in the attention backward besides the stack of dq, dk, dv"
+    for ours, expected in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
