@@ -31,7 +31,7 @@ from dinov2.hub import load_backbone  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
-def _time_once(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
     """Wall time of one call; waits for queued GPU work so that the kernels are timed, not their launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -82,7 +82,7 @@ def _compare_and_time(
         for step in range(warmup + iters):
             order = labels if step % 2 == 0 else labels[::-1]
             for label in order:
-                elapsed = _time_once(runners[label], device)
+                elapsed = time_call(runners[label], device)
                 if step >= warmup:
                     times[label].append(elapsed)
     logger.info("max |ours - timm| = %.2e", max_diff)

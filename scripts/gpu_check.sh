@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (about 7 minutes on one H100 or H200; each step has its own time limit): the CUDA/NCCL
 # training path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in bf16 (a GPU
-# profile of the ViT-S step; larger batches), the ViT-g memory check, the data pipeline with 16 workers, feature
+# profile of the ViT-S step and its iBOT loss path alone; larger batches), the ViT-g memory check, the data pipeline with 16 workers, feature
 # extraction, and last ViT-S with train.compile (blocks and cross-entropies compiled; its profile, recompilations
 # and graph breaks logged). Every figure goes to stdout and to $LOG_DIR/*.log.
 #
@@ -35,6 +35,8 @@ HEADS="--heads 65536,2048,256 --crops dinobloom"
 step vits14_nccl_bf16 120 torchrun --standalone --nproc_per_node=1 scripts/benchmark_train.py \
   --arch vit_small --batch-size 128 $HEADS --iters 10 --profile "$LOG_DIR/vits14_profile.txt"
 head -n 30 "$LOG_DIR/vits14_profile.txt" 2>/dev/null | cut -c1-160
+# The iBOT loss path of that step alone (its masked tokens x 65,536 prototypes): Sinkhorn-Knopp, cross-entropy.
+step ibot_loss_path 40 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10
 step vitl14_bf16 120 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --iters 8
 # Does MFU grow with the batch (fixed per-step costs) or not (per-image costs)? ViT-S x2, ViT-L x1.5, eager.
 step vits14_bf16_b256 90 $PY scripts/benchmark_train.py --arch vit_small --batch-size 256 $HEADS --iters 6

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from dinov2.loss.centering import SoftmaxCentering, _dist_ready
-from dinov2.loss.cross_entropy import SoftCrossEntropy, _float32_div
+from dinov2.loss.cross_entropy import SoftCrossEntropy, fuses_mixed_dtypes
 
 __all__ = ["DINOLoss", "dino_loss_term_scales", "sinkhorn_knopp"]
 
@@ -41,14 +41,19 @@ def sinkhorn_knopp(
     # Autocast would run the matrix-vector products below in half precision on CUDA: each would copy the
     # float32 (B, K) matrix to bf16/fp16 and sum rounded values. DINOv2 sums in float32; so do we, without copies.
     with torch.autocast(device_type=teacher_output.device.type, enabled=False):
-        q = _float32_div(teacher_output, teacher_temp)  # a buffer of our own, updated in place below
-        if q.shape[0] > 0:
-            shift = q.amax(dim=0, keepdim=True)
+        dtype = torch.promote_types(teacher_output.dtype, torch.float32)
+        if teacher_output.shape[0] > 0:  # exact in the logits' own dtype: half the bytes to read for bf16
+            shift = teacher_output.amax(dim=0, keepdim=True).to(dtype)
         else:  # an empty shard (no masked patch on this rank) contributes -inf to the all-reduced maximum
-            shift = q.new_full((1, q.shape[1]), float("-inf"))
+            shift = torch.full((1, teacher_output.shape[1]), float("-inf"), dtype=dtype, device=teacher_output.device)
         if _dist_ready():
             dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-        q.sub_(shift).exp_()  # Q: (B, K) samples x prototypes
+        # Q = exp((t - max) / T): (B, K) samples x prototypes, in a float32 buffer of our own, updated in place
+        if teacher_output.dtype == dtype or fuses_mixed_dtypes(teacher_output):
+            q = torch.sub(teacher_output, shift)
+        else:  # a CPU upcasts half precision faster on its own
+            q = teacher_output.to(dtype).sub_(shift)
+        q.div_(teacher_temp).exp_()
         n_prototypes = q.shape[1]
         sample_mass: torch.Tensor | None = None
         for _ in range(n_iterations):
