@@ -92,3 +92,22 @@ def test_loss_benchmark_smoke(capsys: pytest.CaptureFixture, load_script: Callab
     assert set(results) == {"sinkhorn", "cross_entropy", "step"} and all(v > 0 for v in results.values())
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line.startswith("ms_per_step=") and "sinkhorn_ms=" in last_line and "cross_entropy_ms=" in last_line
+
+
+def test_gpu_operation_order_gives_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU half-precision scores are upcast inside the division (and Sinkhorn-Knopp's subtraction); run that
+    path here on the CPU: values, gradients and targets must equal the CPU path's bit for bit."""
+    import dinov2.loss.cross_entropy as cross_entropy
+    import dinov2.loss.dino_clstoken_loss as dino_clstoken_loss
+
+    student64, teacher64 = _inputs(24, 1024, seed=5)
+    results = []
+    for gpu_order in (False, True):
+        monkeypatch.setattr(cross_entropy, "fuses_mixed_dtypes", lambda x: gpu_order)
+        monkeypatch.setattr(dino_clstoken_loss, "fuses_mixed_dtypes", lambda x: gpu_order)
+        student = student64.to(torch.bfloat16).requires_grad_()
+        targets = dino_clstoken_loss.sinkhorn_knopp(teacher64.to(torch.bfloat16), 0.07, n_samples=24)
+        value = SoftCrossEntropy()(student, targets, 0.1)
+        value.sum().backward()
+        results.append((targets, value, student.grad))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
