@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check (about 7 minutes on one H100 or H200; each step has its own time limit): the CUDA/NCCL
 # training path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in bf16 (a GPU
-# profile of the ViT-S step and its iBOT loss path alone; larger batches), the ViT-g memory check, the data pipeline with 16 workers, feature
-# extraction, and last ViT-S with train.compile (blocks and cross-entropies compiled; its profile, recompilations
-# and graph breaks logged). Every figure goes to stdout and to $LOG_DIR/*.log.
+# profile of the ViT-S step, its iBOT loss path alone, larger batches), the ViT-g memory check, the data
+# pipeline with 16 workers, feature extraction, and last ViT-S with train.compile (blocks and cross-entropies
+# compiled; its profile, recompilations and graph breaks logged). Every figure goes to stdout and to $LOG_DIR/*.log.
 #
 #   bash scripts/gpu_check.sh [LOG_DIR]
 #

@@ -50,7 +50,7 @@ class _SoftCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
-        # Autocast would leave these ops alone, but the function's float32 arithmetic should not depend on it.
+        # Float32 by design, whatever autocast's operator lists say (CUDA's would also upcast the log-softmax).
         with torch.autocast(device_type=student.device.type, enabled=False):
             log_probs = F.log_softmax(_float32_div(student, temp), dim=-1)
             teacher = _at_least_float32(teacher)
