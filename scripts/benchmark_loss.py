@@ -53,9 +53,20 @@ def random_masks(tokens: int, crops: int, seed: int) -> torch.Tensor:
 
 
 def benchmark(
-    tokens: int, prototypes: int, crops: int, dtype: torch.dtype, device: torch.device, warmup: int, iters: int
+    tokens: int,
+    prototypes: int,
+    crops: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    warmup: int,
+    iters: int,
+    compile: bool = False,
 ) -> dict[str, float]:
-    """Median seconds of Sinkhorn-Knopp, of the cross-entropy forward and backward, and of both."""
+    """Median seconds of Sinkhorn-Knopp, of the cross-entropy forward and backward, and of both.
+
+    ``compile``: the cross-entropy compiled as ``train.compile`` compiles it, and Sinkhorn-Knopp too (which
+    training does not compile: on a CPU it ran slower compiled; this measures whether a GPU says otherwise).
+    """
     masks = random_masks(tokens, crops, seed=0).to(device)
     counts = masks.sum(dim=-1, keepdim=True).clamp(min=1)
     masks_weight = (1.0 / counts).expand_as(masks)[masks]
@@ -67,9 +78,13 @@ def benchmark(
     student_scores.requires_grad_()
     loss = iBOTPatchLoss(prototypes).to(device)
 
-    def targets() -> torch.Tensor:
+    def sinkhorn_knopp() -> torch.Tensor:
         return loss.sinkhorn_knopp_teacher(teacher_scores, teacher_temp=0.07, n_masked_patches_tensor=n_masked)
 
+    targets = sinkhorn_knopp
+    if compile:  # dynamic shapes, as in training, where the number of masked tokens changes every step
+        loss.cross_entropy.compile(dynamic=True)
+        targets = torch.compile(sinkhorn_knopp, dynamic=True)
     fixed_targets = targets()
 
     def cross_entropy(target: torch.Tensor) -> None:
@@ -95,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the cross-entropy and Sinkhorn-Knopp")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -102,9 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device = resolve_device(args.device)
     names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     dtype = names[args.dtype] if args.dtype != "auto" else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    logger.info("%d masked tokens x %d prototypes, %s scores on %s, torch %s, %d threads",
-                args.tokens, args.prototypes, dtype, device, torch.__version__, torch.get_num_threads())
-    results = benchmark(args.tokens, args.prototypes, args.crops, dtype, device, args.warmup, args.iters)
+    logger.info("%d masked tokens x %d prototypes, %s scores on %s, torch %s, %d threads%s",
+                args.tokens, args.prototypes, dtype, device, torch.__version__, torch.get_num_threads(),
+                ", compiled" if args.compile else "")
+    results = benchmark(args.tokens, args.prototypes, args.crops, dtype, device, args.warmup, args.iters, args.compile)
     print(f"ms_per_step={results['step'] * 1e3:.2f} sinkhorn_ms={results['sinkhorn'] * 1e3:.2f} "
           f"cross_entropy_ms={results['cross_entropy'] * 1e3:.2f}")
     return results

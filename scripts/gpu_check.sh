@@ -37,6 +37,8 @@ step vits14_nccl_bf16 120 torchrun --standalone --nproc_per_node=1 scripts/bench
 head -n 30 "$LOG_DIR/vits14_profile.txt" 2>/dev/null | cut -c1-160
 # The iBOT loss path of that step alone (its masked tokens x 65,536 prototypes): Sinkhorn-Knopp, cross-entropy.
 step ibot_loss_path 40 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10
+# The same compiled (Sinkhorn-Knopp too, which training compiles only if this says it pays on a GPU).
+step ibot_loss_path_compiled 75 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10 --compile
 step vitl14_bf16 120 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --iters 8
 # Does MFU grow with the batch (fixed per-step costs) or not (per-image costs)? ViT-S x2, ViT-L x1.5, eager.
 step vits14_bf16_b256 90 $PY scripts/benchmark_train.py --arch vit_small --batch-size 256 $HEADS --iters 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from types import ModuleType
 
@@ -84,11 +85,17 @@ def test_teacher_with_gradient_is_refused() -> None:
         SoftCrossEntropy()(student, teacher.requires_grad_(), 0.1)
 
 
-def test_loss_benchmark_smoke(capsys: pytest.CaptureFixture, load_script: Callable[[str], ModuleType]) -> None:
+@pytest.mark.parametrize("compile_flag", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_loss_benchmark_smoke(
+    capsys: pytest.CaptureFixture, load_script: Callable[[str], ModuleType], compile_flag: list[str]
+) -> None:
+    if compile_flag and shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler (g++ or c++), and none is on PATH")
     script = load_script("benchmark_loss")
     masks = script.random_masks(tokens=37, crops=3, seed=0)
     assert masks.shape == (3, 256) and int(masks.sum()) == 37
-    results = script.main(["--tokens", "37", "--crops", "3", "--prototypes", "64", "--warmup", "1", "--iters", "2"])
+    args = ["--tokens", "37", "--crops", "3", "--prototypes", "64", "--warmup", "1", "--iters", "2", *compile_flag]
+    results = script.main(args)
     assert set(results) == {"sinkhorn", "cross_entropy", "step"} and all(v > 0 for v in results.values())
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line.startswith("ms_per_step=") and "sinkhorn_ms=" in last_line and "cross_entropy_ms=" in last_line
