@@ -142,8 +142,8 @@ def time_colour_on_device(
     return best
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="dataset: folder of .txt lists, a .txt list, an image folder or Name:root=...")
@@ -161,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=8, help="timed batches per loader measurement")
     parser.add_argument("--per-worker-images", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="per-worker passes; the best is reported")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     if args.demo is not None:

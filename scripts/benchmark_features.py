@@ -89,8 +89,8 @@ def _compare_and_time(
     return {label: statistics.median(values) for label, values in times.items()}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Run the benchmark and print a table."""
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
     parser = argparse.ArgumentParser(description="ViT-S/14 feature-extraction throughput: ours vs timm.")
     parser.add_argument("--weights", default=None, help="checkpoint (any layout the loader accepts); default random")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -99,7 +99,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (CUDA if available)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Run the benchmark and print a table."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

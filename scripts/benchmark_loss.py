@@ -98,8 +98,8 @@ def benchmark(
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse the options, run the benchmark and print its figures."""
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=2048, help="masked tokens in the step (all crops together)")
     p.add_argument("--crops", type=int, default=256, help="global crops the tokens are spread over")
@@ -111,7 +111,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the cross-entropy and Sinkhorn-Knopp")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse the options, run the benchmark and print its figures."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

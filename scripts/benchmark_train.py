@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", default="dinov2/configs/train/custom.yaml", help="training config to benchmark")
-    p.add_argument("--arch", default=None, help="vit_small | vit_base | vit_large | vit_giant2 (overrides the config)")
+    p.add_argument("--arch", default=None, choices=sorted(ARCH_PATCH), help="backbone (overrides the config)")
     p.add_argument("--batch-size", type=int, default=32, help="images per rank")
     p.add_argument("--crops", choices=("dinobloom", "dinov2", "config"), default="config",
                    help="dinobloom: 2 global crops; dinov2: 2 global + 8 local (98 px); config: as configured")
