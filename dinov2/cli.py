@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -13,7 +14,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, C
 
 
 def run_cli(main: Callable[[], object], errors: tuple[type[BaseException], ...] = USER_ERRORS) -> None:
-    """Run ``main``; one of ``errors`` ends in one ``error:`` line on stderr and exit status 2.
+    """Run ``main``; one of ``errors`` ends in one ``error:`` line on stderr and exit status 2, Ctrl-C in one
+    ``interrupted`` line and status 130 (what a shell reports for SIGINT).
 
     ``DINOBLOOM_TRACEBACK=1`` in the environment shows the traceback instead.
     """
@@ -24,3 +26,8 @@ def run_cli(main: Callable[[], object], errors: tuple[type[BaseException], ...] 
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if os.environ.get("DINOBLOOM_TRACEBACK"):
+            raise
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None

@@ -109,15 +109,17 @@ def parallelize_model(
     compile: bool = False,
     device_mesh: DeviceMesh | None = None,
     reshard_after_forward: bool | None = None,
+    name: str = "model",
 ) -> nn.Module:
     """Apply checkpointing, compile and FSDP2 in place to a backbone, a head, or a ModuleDict of them; return it.
 
     A part with a `blocks` attribute is a backbone (blocks handled one by one), anything else is a head. FSDP2 is
     applied over `device_mesh` when one is given, else when a process group with more than one rank exists (over all
     ranks; a (world, 1) mesh for NO_SHARD). `reshard_after_forward` overrides the strategy's choice (True for a model
-    that only runs forward, so its parameters are DTensors again after each forward). The model must already be on
-    its device, or on the meta device: then `to_empty(device=...)` it afterwards and load its weights (the trainer
-    does so, see `SSLMetaArch.init_weights`), so that only rank 0 ever holds a full copy, while initialising.
+    that only runs forward, so its parameters are DTensors again after each forward); `name` labels the part in the
+    log. The model must already be on its device, or on the meta device: then `to_empty(device=...)` it afterwards
+    and load its weights (the trainer does so, see `SSLMetaArch.init_weights`), so that only rank 0 ever holds a
+    full copy, while initialising.
     """
     if sharding_strategy not in SHARDING_STRATEGIES:
         raise ValueError(f"unknown sharding_strategy {sharding_strategy!r}; expected one of {SHARDING_STRATEGIES}")
@@ -149,9 +151,8 @@ def parallelize_model(
                 if hasattr(part, method):
                     register_fsdp_forward_method(part, method)
     if shard:
-        logger.info(
-            "FSDP2 %s over %d ranks (param %s, reduce %s)", sharding_strategy, dist.get_world_size(), param, reduce
-        )
+        logger.info("FSDP2 %s over %d ranks for %s (param %s, reduce %s)", sharding_strategy,
+                    dist.get_world_size(), name, param, reduce)  # fmt: skip
     return model
 
 
@@ -190,6 +191,7 @@ def parallelize_from_config(parts: nn.ModuleDict, cfg: DictConfig, role: str, de
             compile=bool(cfg.train.compile),
             device_mesh=meshes.get(replicate),
             reshard_after_forward=True if role == "teacher" else None,
+            name=f"{role}.{name}",
         )
     return parts
 

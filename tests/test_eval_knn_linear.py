@@ -428,3 +428,18 @@ def test_damaged_features_file_is_one_error_line(
         run_cli(lambda: knn.main(["--features", str(fake), "--output-dir", str(tmp_path / "o")]))
     assert exited.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: {fake}: not a readable HDF5 features file (")
+
+
+def test_ctrl_c_in_a_command_is_one_line(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DINOBLOOM_TRACEBACK", raising=False)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(interrupted)
+    assert exited.value.code == 130  # what a shell reports for SIGINT
+    assert capsys.readouterr().err == "interrupted\n"
+    monkeypatch.setenv("DINOBLOOM_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(interrupted)

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -439,6 +440,8 @@ class _NoModel:
         ("missing_dataset", FileNotFoundError, "does not exist"),
         ("missing_knn_data", FileNotFoundError, "evaluation.knn_data=.* does not exist"),
         ("unlabelled_knn_data", ConfigError, "evaluation.knn_data=.* must be a folder with one sub-folder per class"),
+        ("small_class_knn_data", ConfigError, r"5-fold stratified cross-validation needs at least 5 images per class "
+                                              r"\(of the 8 it uses\); too few in: 'small' \(2\)"),
     ],
 )
 def test_bad_data_paths_fail_before_any_model_is_built(
@@ -448,11 +451,17 @@ def test_bad_data_paths_fail_before_any_model_is_built(
     empty = tmp_path / "lists"
     empty.mkdir()
     (empty / "train.txt").write_text("# nothing here\n\n")
+    few = tmp_path / "few"  # a labelled set with a class too small to cross-validate
+    for name, count in (("large", 6), ("small", 2)):
+        (few / name).mkdir(parents=True)
+        for image in sorted((demo.images_dir / "lymphocyte").iterdir())[:count]:
+            (few / name / image.name).symlink_to(image)
     dataset, extra = {
         "empty_list": (empty, []),
         "missing_dataset": (tmp_path / "nowhere", []),
         "missing_knn_data": (demo.lists_dir, [f"evaluation.knn_data={tmp_path / 'no_images'}"]),
         "unlabelled_knn_data": (demo.lists_dir, [f"evaluation.knn_data={demo.images_dir / 'lymphocyte'}"]),
+        "small_class_knn_data": (demo.lists_dir, [f"evaluation.knn_data={few}", "evaluation.knn_max_images=0"]),
     }[setting]
     out = tmp_path / "run"
     with pytest.raises(error, match=message):
@@ -516,7 +525,7 @@ def test_colour_augmentation_on_the_device_trains_exactly_as_in_the_workers(tmp_
         runs[where] = out
     assert _losses(_metrics(runs["device"])) == _losses(_metrics(runs["workers"]))
     assert len(_metrics(runs["device"])) == 4
-    assert "colour augmentation on cpu (uint8 crops from the workers)" in (runs["device"] / "log.txt").read_text()
+    assert "colour augmentation on cpu (uint8 crops from the data-loader workers)" in (runs["device"] / "log.txt").read_text()
     assert "colour augmentation in the data-loader workers" in (runs["workers"] / "log.txt").read_text()
 
 
@@ -772,3 +781,35 @@ def test_train_script_ends_a_user_mistake_in_one_error_line(tmp_path: Path, mist
     )  # fmt: skip
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == message
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_to_every_process_of_the_run_still_checkpoints(tmp_path: Path, demo, sig: int) -> None:
+    """``timeout``, ``scancel`` and a terminal's Ctrl-C signal the whole process group, data-loader workers
+    included: the run still finishes its iteration, checkpoints and stops with 128 + signal, without a traceback.
+    (PyTorch's workers die of a SIGTERM from anyone but their parent; the step after would fail.)"""
+    out = tmp_path / "run"
+    script = Path(__file__).resolve().parents[1] / "dinov2" / "train" / "train.py"
+    argv = [sys.executable, str(script), "--config-file", str(DEMO_CONFIG), "--output-dir", str(out),
+            f"train.dataset_path={demo.lists_dir}", *TINY, "train.num_workers=2", "train.checkpoint_period=1000",
+            "optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=1000"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        metrics = out / "training_metrics.json"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert run.poll() is None and time.monotonic() < deadline, "the training did not start in time"
+            time.sleep(0.2)
+        os.killpg(run.pid, sig)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 128 + sig, stderr[-3000:]
+    assert "Traceback" not in stderr and "killed by signal" not in stderr
+    log = (out / "log.txt").read_text()
+    stopped = re.search(r"stopping after the checkpoint of iteration (\d+)", log)
+    assert stopped is not None, log[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"{int(stopped.group(1)):09d}"

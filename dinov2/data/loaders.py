@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dinov2.data.datasets import SkipBadSamples
 from dinov2.data.samplers import derive_seed
 
-__all__ = ["make_data_loader", "seed_worker"]
+__all__ = ["make_data_loader", "init_worker", "seed_worker"]
+
+#: Signals that ask a run to stop (a scheduler's SIGTERM or SIGUSR1, a terminal's Ctrl-C): the main process decides.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +32,20 @@ def seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**63
     random.seed(worker_seed)
     np.random.seed(derive_seed(worker_seed) % 2**32)
+
+
+def init_worker(worker_id: int) -> None:
+    """Seed the worker (:func:`seed_worker`) and leave stop signals to the main process.
+
+    ``timeout``, ``scancel``, torchrun and a terminal's Ctrl-C signal the whole process group. PyTorch's workers
+    die of a SIGTERM that does not come from their parent (and end their loop on SIGINT), after which the main
+    process fails at the next batch, before the checkpoint it was about to write. Ignoring the stop signals here
+    lets the main process finish its iteration and save; the workers still end with it (they watch their parent,
+    and the loader shuts them down through its queues).
+    """
+    seed_worker(worker_id)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_data_loader(
@@ -81,7 +99,7 @@ def make_data_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         persistent_workers=persistent_workers and num_workers > 0,
-        worker_init_fn=seed_worker,
+        worker_init_fn=init_worker,
         generator=torch.Generator().manual_seed(seed),
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )

@@ -21,6 +21,7 @@ from dinov2.eval.protocol import run_protocol
 logger = logging.getLogger(__name__)
 
 K = 20
+FOLDS = 5  # stratified cross-validation folds
 END_OF_TRAINING = "end of training"  # the stage of the last score
 
 
@@ -34,7 +35,7 @@ def stratified_subset(image_list: ImageList, max_images: int, seed: int = 0) -> 
     share = max_images / labels.size
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        n = max(int(round(share * members.size)), min(members.size, 5))
+        n = max(int(round(share * members.size)), min(members.size, FOLDS))
         keep.extend(rng.choice(members, size=n, replace=False).tolist())
     keep.sort()
     return replace(
@@ -93,6 +94,14 @@ class KnnMonitor:
                 f"(found classes {images.class_names})"
             )
         images = stratified_subset(images, int(cfg.evaluation.knn_max_images), seed=int(cfg.train.seed))
+        counts = np.bincount(images.labels, minlength=len(images.class_names))
+        small = [f"{name!r} ({count})" for name, count in zip(images.class_names, counts) if count < FOLDS]
+        if small:  # checked now, not after the first feature extraction
+            raise ConfigError(
+                f"evaluation.knn_data={cfg.evaluation.knn_data}: the kNN monitor's {FOLDS}-fold stratified "
+                f"cross-validation needs at least {FOLDS} images per class (of the {len(images.paths)} it uses); "
+                f"too few in: {', '.join(small)}. Remove those class folders or choose a larger labelled set"
+            )
         logger.info("kNN monitor: %d images of %d classes from %s", len(images.paths), len(images.class_names), cfg.evaluation.knn_data)
         output_file = output_dir / "knn_monitor.json"
         earlier = json.loads(output_file.read_text()) if resume and output_file.exists() else []
@@ -115,7 +124,7 @@ class KnnMonitor:
         def predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
             return {f"knn_{k}": knn_probabilities(train_x, train_y, test_x, ks=(k,), num_classes=n_classes)[k]}
 
-        result = run_protocol(features, labels, self.images.class_names, predict).results[f"knn_{k}"]
+        result = run_protocol(features, labels, self.images.class_names, predict, n_splits=FOLDS).results[f"knn_{k}"]
         record = {
             "stage": stage,
             "iteration": iteration,

@@ -120,15 +120,17 @@ def setup_logging(output_dir: Path, is_main: bool) -> list[logging.Handler]:
 
 
 class PreemptionHandler:
-    """Turns SIGTERM/SIGUSR1 into "checkpoint at the next iteration, then stop".
+    """Turns SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT) into "checkpoint at the next iteration, then stop".
 
     The previously installed handler (for example submitit's requeue handler) is remembered and called
-    after the checkpoint is written. Data-loader workers, forked with these handlers, ignore the signals: a
-    scheduler that signals every process of the job must neither kill them (the step would fail before the
+    after the checkpoint is written; after Ctrl-C the run exits with status 130 and a one-line message. A
+    second Ctrl-C stops at once, without the checkpoint. Data-loader workers ignore the signals
+    (``dinov2.data.loaders.init_worker``; a process forked with these handlers ignores them too): a scheduler
+    or a terminal that signals every process of the job must neither kill them (the step would fail before the
     checkpoint) nor have them report a checkpoint they do not write.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -150,8 +152,12 @@ class PreemptionHandler:
     def _handle(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:  # a forked data-loader worker
             return
-        logger.warning("received %s: checkpointing at the end of this iteration", signal.Signals(signum).name)
-        self.received = signum
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        hint = " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else ""
+        logger.warning("received %s: checkpointing at the end of this iteration%s", signal.Signals(signum).name, hint)
+        if self.received is None:
+            self.received = signum
 
     def vote(self) -> list[int]:
         """This rank's vote per signal of ``SIGNALS`` (1 if it received it), to be summed over ranks."""
@@ -174,7 +180,7 @@ class PreemptionHandler:
         assert self.received is not None
         previous = self.previous.get(self.received)
         self.uninstall()
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:  # Python's raises KeyboardInterrupt
             previous(self.received, frame)
         raise SystemExit(128 + self.received)
 
@@ -396,8 +402,9 @@ def train(
         colour_on_device = cfg.train.colour_augmentation == "device" or (
             cfg.train.colour_augmentation == "auto" and device.type == "cuda"
         )
-        logger.info("colour augmentation %s", f"on {device.type} (uint8 crops from the workers)" if colour_on_device
-                    else "in the data-loader workers")  # fmt: skip
+        loading = "the data-loader workers" if cfg.train.num_workers > 0 else "the data loader (in this process)"
+        logger.info("colour augmentation %s", f"on {device.type} (uint8 crops from {loading})" if colour_on_device
+                    else f"in {loading}")  # fmt: skip
         compute_dtype = autocast_dtype(cfg, device)
         loader, _ = build_train_loader(
             cfg, dataset, start=start_iter * global_batch, rank=info.rank, world_size=info.world_size,
