@@ -11,7 +11,8 @@ kernels, so they are added here, and xFormers is switched off while counting). M
 dense matrix-multiply rate that this script measures on the same device, dtype and thread count (fp32 on CPU,
 bf16 on GPU): the best of several square sizes, each warmed up, measured before and after the timed steps. On a
 CPU shared with other busy processes both rates drop and the MFU is unreliable; a warning says so. The last line
-reads ``images_per_s=<x> mfu=<fraction> peak_mem_gb=<z>``. ``--profile FILE`` writes the per-operator
+reads ``images_per_s=<x> mfu=<fraction> peak_mem_gb=<z>`` (peak memory: of the GPU's allocator, or on a CPU the
+process's peak resident memory). ``--profile FILE`` writes the per-operator
 table of one more step (with CUDA kernel times on a GPU) and a Chrome trace next to it.
 """
 
@@ -26,6 +27,7 @@ import argparse
 import logging
 import os
 import random
+import resource
 import statistics
 import time
 from typing import Any
@@ -243,7 +245,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         synchronize(device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    peak_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    if device.type == "cuda":
+        peak_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # the process's peak resident memory (Linux reports KiB), interpreter and libraries included
+        peak_mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     peak = max(peak, matmul_peak_flops(device, matmul_dtype, sizes, repeats))  # and once more after the steps
     if args.profile:
         write_profile(step, device, Path(args.profile))
