@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import re
 import signal
@@ -385,12 +386,18 @@ def _job_logs(job: submitit.Job) -> str:
 
 
 @pytest.mark.slow
-def test_local_job_trains_to_the_end_on_two_ranks(tmp_path: Path, demo_lists: Path) -> None:
+def test_local_job_trains_to_the_end_on_two_ranks(
+    tmp_path: Path, demo_lists: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     out = tmp_path / "run"
-    job = launcher.submit(
-        ["--local", "--ngpus", "2", "--timeout", "10", "--config-file", str(DEMO_CONFIG), "--output-dir", str(out),
-         *_tiny_demo_overrides(demo_lists, epoch_length=3, epochs=2)]
-    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger=launcher.__name__):
+        job = launcher.submit(
+            ["--local", "--ngpus", "2", "--timeout", "10", "--config-file", str(DEMO_CONFIG), "--output-dir",
+             str(out), *_tiny_demo_overrides(demo_lists, epoch_length=3, epochs=2)]
+        )  # fmt: skip
+    # the command returns at once: it says where to follow the run
+    expected = f"runs in the background on this machine (process {job.job_id}); its training log: {out / 'log.txt'}"
+    assert expected in caplog.text
     try:
         assert job.results() == [0, 0], _job_logs(job)
     finally:

@@ -333,6 +333,9 @@ def submit(argv: Sequence[str] | None = None) -> submitit.Job:
     job = executor.submit(TrainingJob(request.train_argv))
     cluster = "local" if request.local else "slurm"
     logger.info("submitted %s job %s: train.py %s", cluster, job.job_id, " ".join(request.train_argv))
+    if request.local:  # the command returns at once; say where the run can be followed
+        logger.info("it runs in the background on this machine (process %s); its training log: %s",
+                    job.job_id, request.output_dir / "log.txt")  # fmt: skip
     return job
 
 
