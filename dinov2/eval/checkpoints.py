@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         rows.append({"iteration": iteration, "checkpoint": str(path), "results": scores})
         logger.info(
-            "iteration %d: %s", iteration,
+            "%s (after %d steps): %s", path.parent.name, iteration,
             ", ".join(f"{m} {s['balanced_accuracy']['mean']:.4f}" for m, s in scores.items()),
         )
     summary = {

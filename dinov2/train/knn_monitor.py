@@ -136,7 +136,7 @@ class KnnMonitor:
         self.scores.append(record)
         if is_main_process():
             logger.info(
-                "%d-NN on %d images (%s, iteration %d): balanced accuracy %.4f, accuracy %.4f, weighted F1 %.4f",
+                "%d-NN on %d images (%s, after %d steps): balanced accuracy %.4f, accuracy %.4f, weighted F1 %.4f",
                 k, len(kept), stage, iteration, record["balanced_accuracy"], record["accuracy"], record["weighted_f1"],
             )
             self.output_file.write_text(json.dumps(self.scores, indent=2) + "\n")
@@ -151,6 +151,6 @@ class KnnMonitor:
         if len(self.scores) >= 2 and is_main_process():
             first, last = self.scores[0], self.scores[-1]
             logger.info(
-                "kNN balanced accuracy: %.4f (%s) -> %.4f (%s, iteration %d)",
+                "kNN balanced accuracy: %.4f (%s) -> %.4f (%s, after %d steps)",
                 first["balanced_accuracy"], first["stage"], last["balanced_accuracy"], last["stage"], last["iteration"],
             )
