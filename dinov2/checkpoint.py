@@ -225,8 +225,7 @@ def load_checkpoint(
     ranks changed, ranks without a saved state keep theirs). Call on every rank.
     """
     path = Path(path)
-    if not _is_complete(path):
-        raise CheckpointError(f"{path} is not a complete checkpoint (expected .metadata and {EXTRA_STATE_FILE})")
+    _check_is_checkpoint(path)
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
     else:
@@ -258,6 +257,30 @@ def load_checkpoint(
             logger.warning("%s has no RNG state for rank %d (saved by %d ranks)", path, get_rank(), record["world_size"])
     logger.info("loaded %s (iteration %d, saved by %d ranks)", path, record["iteration"], record["world_size"])
     return {**record["extra_state"], "iteration": record["iteration"]}
+
+
+def _check_is_checkpoint(path: Path) -> None:
+    """Raise CheckpointError saying why `path` is not a complete checkpoint folder, and what was meant if that shows."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        if _is_complete(path.parent):
+            hint = f"; the checkpoint is its folder {path.parent}"
+        elif path.suffix in (".pth", ".pt"):  # a released backbone or a teacher_checkpoint.pth export
+            hint = (
+                f"; {path.name} looks like a weights file: to start a training from its backbone (with new heads and "
+                f"a fresh schedule), use student.pretrained_weights={path} instead of MODEL.WEIGHTS"
+            )
+        else:
+            hint = ""
+        raise CheckpointError(
+            f"{path} is a file, but a training checkpoint is a folder (<output_dir>/checkpoints/NNNNNNNNN, holding "
+            f".metadata and {EXTRA_STATE_FILE}){hint}"
+        )
+    if not _is_complete(path):
+        newest = find_latest_checkpoint(path) or find_latest_checkpoint(path / "checkpoints")
+        hint = f"; the newest checkpoint in it is {newest}" if newest else ""
+        raise CheckpointError(f"{path} is not a complete checkpoint (expected .metadata and {EXTRA_STATE_FILE}){hint}")
 
 
 def _check_model_keys(path: Path, model_state: Mapping[str, Any]) -> None:

@@ -10,6 +10,7 @@ import copy
 import logging
 import os
 import random
+import re
 import signal
 import socket
 from pathlib import Path
@@ -424,6 +425,35 @@ def test_unfinished_saves_are_ignored(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "000000040", model)
     save_checkpoint(tmp_path, 50, model, optimizer)
     assert not (tmp_path / "tmp-000000030").exists()  # the next save removes the leftovers
+
+
+def test_loading_what_is_not_a_checkpoint_says_what_it_is(tmp_path: Path) -> None:
+    """MODEL.WEIGHTS set to a mistyped path, a .pth export, a file inside a checkpoint or the folder of checkpoints:
+    each error says what the path is and, where that shows, what was meant."""
+    model, optimizer = _ckpt_model()
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {tmp_path / 'nope'} does not exist")):
+        load_checkpoint(tmp_path / "nope", model)
+
+    export = export_teacher(tmp_path / "eval" / "training_9" / "teacher_checkpoint.pth", model)
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(export, model)
+    assert str(raised.value) == (
+        f"{export} is a file, but a training checkpoint is a folder (<output_dir>/checkpoints/NNNNNNNNN, holding "
+        ".metadata and extra_state.pt); teacher_checkpoint.pth looks like a weights file: to start a training from "
+        f"its backbone (with new heads and a fresh schedule), use student.pretrained_weights={export} instead of "
+        "MODEL.WEIGHTS"
+    )
+
+    run = tmp_path / "run"
+    newest = save_checkpoint(run / "checkpoints", 10, model, optimizer)
+    with pytest.raises(CheckpointError, match=re.escape(f"; the checkpoint is its folder {newest}")):
+        load_checkpoint(newest / "extra_state.pt", model)  # not mistaken for a weights file (.pt)
+    for folder in (run, run / "checkpoints"):
+        with pytest.raises(CheckpointError, match=re.escape(
+            f"{folder} is not a complete checkpoint (expected .metadata and extra_state.pt); "
+            f"the newest checkpoint in it is {newest}"
+        )):
+            load_checkpoint(folder, model)
 
 
 def _killed_saver(ckpt_dir: str) -> None:

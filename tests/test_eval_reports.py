@@ -70,6 +70,23 @@ def test_knn_cli_writes_json_markdown_and_figures(tmp_path: Path) -> None:
         _assert_png(out / name)
 
 
+@pytest.mark.parametrize("fixed_split", [False, True], ids=["cross_validation", "train_test"])
+def test_markdown_says_what_the_plus_minus_is(tmp_path: Path, fixed_split: bool) -> None:
+    """results.md explains the ± of its table in a line that reads right for folds and for one fixed split."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(2), 10)
+    x = (np.eye(2, 4)[y] * 2 + rng.normal(size=(20, 4))).astype(np.float32)
+    features = save_features(tmp_path / "f.h5", x, y, [f"{i}.jpg" for i in range(20)], ["a", "b"])
+    test_args = ["--test-features", str(features)] if fixed_split else []
+    knn.main(["--features", str(features), *test_args, "--output-dir", str(tmp_path / "out"), "--k", "1",
+              "--n-splits", "2", "--no-figures", "--device", "cpu"])
+    markdown = (tmp_path / "out" / "results.md").read_text().splitlines()
+    explained = [line for line in markdown if "±" in line and "|" not in line]  # (the table's cells hold ± too)
+    expected = ("- ±: 0 by construction (one train/test split has no spread over folds)" if fixed_split
+                else "- ±: population standard deviation over folds (numpy ddof=0)")
+    assert explained == [expected]
+
+
 def test_json_is_strict_with_nan_as_null(tmp_path: Path) -> None:
     path = reports.write_json(tmp_path / "r.json", {"a": float("nan"), "b": np.float32(0.5), "c": np.arange(2)})
     assert json.loads(path.read_text()) == {"a": None, "b": 0.5, "c": [0, 1]}

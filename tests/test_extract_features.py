@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -15,6 +18,7 @@ from PIL import Image
 from dinov2.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dinov2.eval import extract_features as ef
 from dinov2.eval.features_io import FeatureSet, load_features, save_features
+from dinov2.hub import load_backbone as hub_load_backbone
 from dinov2.models import DinoVisionTransformer
 
 IMG = 28  # 2x2 patches of 14 px: a tiny, fast model
@@ -117,47 +121,198 @@ class _Counting(torch.nn.Module):
         return self.inner(x)
 
 
+def _counting_backbones(monkeypatch: pytest.MonkeyPatch, stop_at: int | None = None) -> list[_Counting]:
+    """From now on, the backbones the extraction loads are ``_Counting(stop_at)`` wrappers, collected in the list."""
+    loaded: list[_Counting] = []
+
+    def load(*args: object, **kwargs: object) -> _Counting:
+        loaded.append(_Counting(hub_load_backbone(*args, **kwargs), stop_at))
+        return loaded[-1]
+
+    monkeypatch.setattr(ef, "load_backbone", load)
+    return loaded
+
+
+def _args(weights: Path, image_folder: Path) -> list[str]:
+    """One image per batch, so that an interruption at the k-th model call has a known set of images before it."""
+    return ["--weights", str(weights), "--data", str(image_folder), "--img-size", str(IMG), "--num-workers", "0",
+            "--batch-size", "1", "--device", "cpu"]  # fmt: skip
+
+
 def test_an_interrupted_extraction_continues_where_it_stopped(
     image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Progress saved after every batch (interval 0 s): the re-run embeds only the images not yet saved, the file
     equals an uninterrupted extraction's, and progress kept under other settings is discarded, not mixed in."""
-    weights, _ = tiny_weights
-    args = ["--weights", str(weights), "--data", str(image_folder), "--img-size", str(IMG), "--num-workers", "0",
-            "--batch-size", "1", "--device", "cpu"]  # fmt: skip
+    args = _args(tiny_weights[0], image_folder)
     ef.main([*args, "--output", str(tmp_path / "whole.h5")])
     monkeypatch.setattr(ef, "PARTIAL_SAVE_SECONDS", 0.0)
-    load = ef.load_backbone
-    backbones: list[_Counting] = []
-
-    def counting_backbone(stop_at: int | None) -> None:
-        monkeypatch.setattr(ef, "load_backbone", lambda *a, **k: backbones.append(_Counting(load(*a, **k), stop_at))
-                            or backbones[-1])  # fmt: skip
-
     output = tmp_path / "features.h5"
-    counting_backbone(stop_at=3)
+    _counting_backbones(monkeypatch, stop_at=3)
     with pytest.raises(KeyboardInterrupt):
         ef.main([*args, "--output", str(output)])
     assert not output.exists() and (tmp_path / "features.h5.partial").is_dir()
-    counting_backbone(stop_at=None)
+    backbones = _counting_backbones(monkeypatch)
     with caplog.at_level(logging.INFO):
         ef.main([*args, "--output", str(output)])
     assert re.search(r"continuing .*features\.h5\.partial: 3 images already processed", caplog.text)
-    assert backbones[-1].calls == 2  # of the 4 readable images, 2 were embedded before the interruption
+    assert backbones[0].calls == 2  # of the 4 readable images, 2 were embedded before the interruption
     whole, resumed = load_features(tmp_path / "whole.h5"), load_features(output)
     assert resumed.paths == whole.paths and np.array_equal(resumed.features, whole.features)
     assert resumed.labels.tolist() == whole.labels.tolist() and resumed.meta["n_skipped"] == 1
     assert not (tmp_path / "features.h5.partial").exists()
 
-    counting_backbone(stop_at=3)
+    _counting_backbones(monkeypatch, stop_at=3)
     with pytest.raises(KeyboardInterrupt):
         ef.main([*args, "--output", str(output)])
-    counting_backbone(stop_at=None)
+    backbones = _counting_backbones(monkeypatch)
     with caplog.at_level(logging.WARNING):
         ef.main([*args, "--img-size", "42", "--output", str(output)])  # (the last --img-size counts)
     assert re.search(r"discarding .*features\.h5\.partial: computed with other settings \(img_size\)", caplog.text)
-    assert backbones[-1].calls == 4
+    assert backbones[0].calls == 4
+
+
+def test_an_interrupt_saves_what_was_computed_since_the_last_save(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ctrl-C before the first periodic save: the images embedded so far are saved, one line says so and how to
+    continue, and the re-run embeds only the others and writes what an uninterrupted run writes."""
+    args = _args(tiny_weights[0], image_folder)
+    ef.main([*args, "--output", str(tmp_path / "whole.h5")])
+    whole = load_features(tmp_path / "whole.h5")
+    monkeypatch.setattr(ef, "PARTIAL_SAVE_SECONDS", float("inf"))
+    output, partial = tmp_path / "features.h5", tmp_path / "features.h5.partial"
+    _counting_backbones(monkeypatch, stop_at=3)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        ef.main([*args, "--output", str(output)])
+    # images 0-2 of the list: basophil/broken.jpg (unreadable), basophil/c.JPG and loose.png (embedded)
+    assert f"interrupted: 3 of 5 images are saved in {partial}; run the same command to continue" in caplog.text
+    assert sorted(p.name for p in partial.iterdir()) == ["chunk_000000000_000000003.npz", "settings.json"]
+    with np.load(partial / "chunk_000000000_000000003.npz") as chunk:
+        assert chunk["indices"].tolist() == [1, 2]
+        assert np.array_equal(chunk["features"], whole.features[:2])
+
+    backbones = _counting_backbones(monkeypatch)
+    ef.main([*args, "--output", str(output)])
+    assert backbones[0].calls == 2  # neutrophil/b.png and neutrophil/patient1/a.jpg
+    resumed = load_features(output)
+    assert resumed.paths == whole.paths and np.array_equal(resumed.features, whole.features)
+    assert resumed.labels.tolist() == whole.labels.tolist() and resumed.meta["n_skipped"] == 1
+
+
+def test_an_interrupt_during_a_save_loses_nothing(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ctrl-C while a chunk is being written (its file cut short): no damaged chunk is left, the interrupted save is
+    done again before the extraction stops, and the re-run continues from it."""
+    args = _args(tiny_weights[0], image_folder)
+    ef.main([*args, "--output", str(tmp_path / "whole.h5")])
+    monkeypatch.setattr(ef, "PARTIAL_SAVE_SECONDS", 0.0)
+    savez, written = np.savez, []
+
+    def savez_interrupted_once(file: str | Path, **arrays: np.ndarray) -> None:
+        written.append(file)
+        savez(file, **arrays)
+        if len(written) == 2:  # the save after basophil/c.JPG, the first image embedded
+            Path(file).write_bytes(Path(file).read_bytes()[:100])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", savez_interrupted_once)
+    output, partial = tmp_path / "features.h5", tmp_path / "features.h5.partial"
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        ef.main([*args, "--output", str(output)])
+    assert f"interrupted: 2 of 5 images are saved in {partial}" in caplog.text
+    chunks = sorted(p.name for p in partial.glob("chunk_*"))
+    assert chunks == ["chunk_000000000_000000001.npz", "chunk_000000001_000000002.npz"]
+    backbones = _counting_backbones(monkeypatch)
+    with caplog.at_level(logging.INFO):
+        ef.main([*args, "--output", str(output)])
+    assert re.search(r"continuing .*features\.h5\.partial: 2 images already processed", caplog.text)
+    assert backbones[0].calls == 3
+    whole, resumed = load_features(tmp_path / "whole.h5"), load_features(output)
+    assert resumed.paths == whole.paths and np.array_equal(resumed.features, whole.features)
+
+
+_TERMINATED_AT_THE_THIRD_BATCH = """
+import signal, sys, torch
+from dinov2.eval import extract_features as ef
+
+class Terminated(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.embed_dim, self.calls = inner, inner.embed_dim, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            signal.raise_signal(signal.SIGTERM)  # as `kill` or a job scheduler sends it
+        return self.inner(x)
+
+load = ef.load_backbone
+ef.load_backbone = lambda *args, **kwargs: Terminated(load(*args, **kwargs))
+ef.PARTIAL_SAVE_SECONDS = float("inf")
+ef.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is a POSIX signal")
+def test_sigterm_saves_the_work_and_still_ends_the_process(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A killed extraction (SIGTERM) saves its progress like Ctrl-C, then ends as SIGTERM ends a process."""
+    args = _args(tiny_weights[0], image_folder)
+    ef.main([*args, "--output", str(tmp_path / "whole.h5")])
+    output, partial = tmp_path / "features.h5", tmp_path / "features.h5.partial"
+    killed = subprocess.run([sys.executable, "-c", _TERMINATED_AT_THE_THIRD_BATCH, *args, "--output", str(output)],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGTERM, killed.stderr
+    assert f"interrupted: 3 of 5 images are saved in {partial}; run the same command to continue" in killed.stderr
+    assert [p.name for p in partial.glob("chunk_*")] == ["chunk_000000000_000000003.npz"]
+    backbones = _counting_backbones(monkeypatch)
+    ef.main([*args, "--output", str(output)])
+    assert backbones[0].calls == 2
+    whole, resumed = load_features(tmp_path / "whole.h5"), load_features(output)
+    assert resumed.paths == whole.paths and np.array_equal(resumed.features, whole.features)
+
+
+class _SeesSigterm(torch.nn.Module):
+    """A backbone that records the SIGTERM handler in place while it is called."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.embed_dim, self.handlers = inner, inner.embed_dim, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.handlers.append(signal.getsignal(signal.SIGTERM))
+        return self.inner(x)
+
+
+def test_the_sigterm_handler_is_set_only_during_the_extraction(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``extract_features`` is also a library function: the program calling it keeps its SIGTERM behaviour."""
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the test needs SIGTERM's default action"
+    spies: list[_SeesSigterm] = []
+    monkeypatch.setattr(ef, "load_backbone", lambda *a, **k: spies.append(_SeesSigterm(hub_load_backbone(*a, **k)))
+                        or spies[-1])  # fmt: skip
+    ef.extract_features(image_folder, tmp_path / "a.h5", weights=tiny_weights[0], img_size=IMG, device="cpu")
+    assert all(callable(h) for h in spies[0].handlers)  # SIGTERM is turned into an interrupt while embedding
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    def own_handler(signum: int, frame: object) -> None:
+        """A program's own handler (e.g. the training's checkpoint-and-exit)."""
+
+    signal.signal(signal.SIGTERM, own_handler)
+    try:
+        ef.extract_features(image_folder, tmp_path / "b.h5", weights=tiny_weights[0], img_size=IMG, device="cpu")
+        assert spies[1].handlers == [own_handler] and signal.getsignal(signal.SIGTERM) is own_handler
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_txt_and_csv_lists_and_worker_loading(

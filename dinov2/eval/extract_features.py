@@ -17,8 +17,9 @@ normalisation. The stored features are `model(x)`, the CLS token after the final
 (`x_norm_clstoken`), as float32 and not L2-normalised: DinoBloom's kNN and logistic-regression probes work on
 exactly these (its C = dim * classes / 100 assumes their scale). The backbone runs in float32 unless
 `--precision bf16` (autocast, CUDA only). Images that cannot be read are logged by path and skipped, with a
-count at the end. Progress is saved every minute in `<output>.partial/`, so that the same command, run again after
-an interruption, continues where it stopped.
+count at the end. Progress is saved every minute in `<output>.partial/`, and when the extraction is interrupted
+(Ctrl-C, or SIGTERM as from `kill` or a job scheduler), so that the same command, run again, continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ import argparse
 import csv
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -141,6 +147,72 @@ def release_weights(model: str) -> str:
     return RELEASE_URLS[model]
 
 
+class _Batch(NamedTuple):
+    """One embedded batch: its features (None when no image of it could be read), the indices of the images that
+    could be read, and the end of the stretch of the image list processed so far."""
+
+    features: np.ndarray | None
+    indices: list[int]
+    end: int
+
+
+def _save_progress(partial: PartialFeatures, batches: list[_Batch]) -> None:
+    """Save the batches that ``partial`` does not hold yet (those ending after ``partial.done``)."""
+    unsaved = [batch for batch in batches if batch.end > partial.done]
+    if not unsaved:
+        return
+    parts = [batch.features for batch in unsaved if batch.features is not None]
+    features = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    indices = np.asarray([i for batch in unsaved for i in batch.indices], np.int64)
+    partial.save(features, indices, unsaved[-1].end)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While in the block, SIGTERM raises KeyboardInterrupt; on leaving it, SIGTERM ends the process as before.
+
+    A scheduler's or ``kill``'s SIGTERM would otherwise end the process at once, losing the progress since the last
+    save; this way it is saved first and the process still ends with SIGTERM's status. The handler is set only where
+    SIGTERM has its default action and in the main thread (the only one that may set handlers): a program that
+    handles SIGTERM itself keeps its handler.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    received = False
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        nonlocal received
+        received = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if received:
+            signal.raise_signal(signal.SIGTERM)
+
+
+@contextmanager
+def _saved_when_interrupted(partial: PartialFeatures, batches: list[_Batch], total: int) -> Iterator[None]:
+    """On KeyboardInterrupt (or SIGTERM, see ``_sigterm_interrupts``) in the block, save ``batches``, say how to
+    continue, and re-raise."""
+    with _sigterm_interrupts():
+        try:
+            yield
+        except KeyboardInterrupt:
+            # A second interrupt stops this save half-way: the folder stays consistent (files are renamed into place).
+            _save_progress(partial, batches)
+            if partial.done:
+                logger.warning(
+                    "interrupted: %s of %s images are saved in %s; run the same command to continue",
+                    f"{partial.done:,}", f"{total:,}", partial.folder,
+                )
+            raise
+
+
 @torch.inference_mode()
 def embed_images(
     model: nn.Module,
@@ -155,7 +227,8 @@ def embed_images(
     """`model(x)` features (N_ok, D), float32, and the indices of the images that could be read.
 
     ``precision="bf16"`` runs the backbone under bf16 autocast on CUDA (faster; features differ slightly).
-    ``partial``: continue after the images it holds, and save progress to it every ``PARTIAL_SAVE_SECONDS``.
+    ``partial``: continue after the images it holds, and save progress to it every ``PARTIAL_SAVE_SECONDS`` and
+    when interrupted (KeyboardInterrupt, or SIGTERM where it has its default action), before re-raising.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -176,27 +249,28 @@ def embed_images(
     )
     chunks = list(partial.features) if partial is not None else []
     kept = [int(i) for part in partial.indices for i in part] if partial is not None else []
-    new_chunks: list[np.ndarray] = []  # since the last save
-    new_kept: list[int] = []
-    processed, last_save = start, time.monotonic()
-    with tqdm(total=len(image_list.paths), initial=start, desc="extracting features", unit="img") as bar:
+    # One append per batch: an interrupt, which can come between any two statements, never leaves half a batch.
+    batches: list[_Batch] = []
+    last_save = time.monotonic()
+    saving = _saved_when_interrupted(partial, batches, len(image_list.paths)) if partial is not None else nullcontext()
+    with saving, tqdm(total=len(image_list.paths), initial=start, desc="extracting features", unit="img") as bar:
         for indices, images, failed in loader:
             for index, reason in failed:
                 logger.warning("skipping unreadable image %s (%s)", image_list.root / image_list.paths[index], reason)
+            features = None
             if images is not None:
                 bf16 = precision == "bf16" and device.type == "cuda"
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     cls = model(images.to(device, non_blocking=True))
-                new_chunks.append(cls.float().cpu().numpy())
-                new_kept.extend(indices)
-            processed += len(indices) + len(failed)
+                features = cls.float().cpu().numpy()
+            end = (batches[-1].end if batches else start) + len(indices) + len(failed)
+            batches.append(_Batch(features, indices, end))
             bar.update(len(indices) + len(failed))
             if partial is not None and time.monotonic() - last_save >= PARTIAL_SAVE_SECONDS:
-                features = np.concatenate(new_chunks) if new_chunks else np.zeros((0, 0), np.float32)
-                partial.save(features, np.asarray(new_kept, np.int64), processed)
-                chunks, kept, new_chunks, new_kept = chunks + new_chunks, kept + new_kept, [], []
+                _save_progress(partial, batches)
                 last_save = time.monotonic()
-    chunks, kept = chunks + new_chunks, kept + new_kept
+    chunks += [batch.features for batch in batches if batch.features is not None]
+    kept += [i for batch in batches for i in batch.indices]
     n_failed = len(image_list.paths) - len(kept)
     if not kept:
         examples = ", ".join(str(image_list.root / p) for p in image_list.paths[:3])

@@ -4,7 +4,8 @@
 precision, device type, the image list) and one ``chunk_<first>_<end>.npz`` per saved stretch of the image list
 (the features of the images in ``[first, end)`` that could be read, and their indices). A run with the same
 settings continues after the last chunk; a run with other settings discards the folder. The folder is removed
-once the output file is written.
+once the output file is written. Every file is written under a temporary name and renamed into place, so a save
+interrupted half-way (a second Ctrl-C, a kill) leaves the folder as it was before that save.
 """
 
 from __future__ import annotations
@@ -51,8 +52,12 @@ class PartialFeatures:
             saved = json.loads(settings_file.read_text())
         except (OSError, ValueError):
             saved = None
+        if not isinstance(saved, dict):  # (settings.json is written before any chunk: nothing is lost)
+            logger.warning("discarding %s: it has no readable settings.json", self.folder)
+            shutil.rmtree(self.folder)
+            return
         if saved != self.settings:
-            changed = sorted(k for k in self.settings if not saved or saved.get(k) != self.settings[k])
+            changed = sorted(k for k in self.settings if saved.get(k) != self.settings[k])
             logger.warning("discarding %s: computed with other settings (%s)", self.folder, ", ".join(changed))
             shutil.rmtree(self.folder)
             return
@@ -71,9 +76,12 @@ class PartialFeatures:
 
     def save(self, features: np.ndarray, indices: np.ndarray, end: int) -> None:
         """Keep the features of images ``[self.done, end)`` (``indices``: those that could be read)."""
-        if not self.folder.is_dir():
-            self.folder.mkdir(parents=True)
-            (self.folder / "settings.json").write_text(json.dumps(self.settings, indent=1) + "\n")
+        settings_file = self.folder / "settings.json"
+        if not settings_file.is_file():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = settings_file.with_name(f".{settings_file.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(self.settings, indent=1) + "\n")
+            os.replace(tmp, settings_file)
         path = self.folder / f"chunk_{self.done:09d}_{end:09d}.npz"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
         np.savez(tmp, features=features, indices=indices)

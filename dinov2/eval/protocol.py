@@ -273,7 +273,7 @@ def build_meta(
         "classes": list(train_set.class_names),
         "protocol": "train_test" if fixed else "stratified_kfold",
         "n_splits": None if fixed else int(args.n_splits),
-        "std": "0 by construction: one train/test split has no spread over folds" if fixed
+        "std": "0 by construction (one train/test split has no spread over folds)" if fixed
         else "population standard deviation over folds (numpy ddof=0)",
         "pooled": "per_class and confusion_matrix pool the out-of-fold predictions (rows: true class)",
         "settings": settings,

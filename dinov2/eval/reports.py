@@ -85,8 +85,8 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
             lines.append(f"- {key.replace('_', ' ')}: `{meta[key]}`")
     if meta.get("classes"):
         lines.append(f"- classes: {', '.join(meta['classes'])}")
-    if meta.get("std"):
-        lines.append(f"- ± is the {meta['std']}")
+    if meta.get("std"):  # not "± is the ...": meta["std"] describes a spread over folds, but is a value for one split
+        lines.append(f"- ±: {meta['std']}")
     lines += ["", "| method | " + " | ".join(_METRIC_TITLES[c] for c in columns) + " |"]
     lines.append("|---|" + "---|" * len(columns))
     for name in methods:
