@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -233,8 +234,45 @@ def test_load_backbone_by_name_and_inferred(tmp_path: Path) -> None:
         load_backbone("dinobloom_xl", path)
     with pytest.raises(ValueError, match="needs a model name, or weights"):
         load_backbone(None, None)
-    with pytest.raises(CheckpointError, match="mis-shaped keys: cls_token"):
+    with pytest.raises(CheckpointError, match="another architecture than the model"):
         load_backbone("dinobloom_s", path)
+
+
+def test_a_named_entry_refuses_another_architecture_in_one_short_line(tmp_path: Path) -> None:
+    """A demo training export (192 wide, 4 blocks) through `dinobloom_s`: the two architectures and the fix."""
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save(teacher_checkpoint(tiny_model(embed_dim=192, depth=4, num_heads=3)), path)
+    with pytest.raises(CheckpointError) as info:
+        load_backbone("dinobloom_s", path)
+    message = str(info.value)
+    assert "checkpoint: width 192, 4 blocks, patch size 14; model: width 384, 12 blocks, patch size 14" in message
+    assert f"load_backbone(None, {str(path)!r})" in message and "leave out --model dinobloom_s" in message
+    assert "blocks.0." not in message and len(message) < 300 + len(str(path)) * 2
+    assert load_backbone(None, path).embed_dim == 192  # what the message suggests works
+
+
+def test_registers_are_part_of_the_architecture(tmp_path: Path) -> None:
+    path = _save(tmp_path, tiny_model(num_register_tokens=4).state_dict())
+    with pytest.raises(CheckpointError) as info:
+        load_backbone_weights(tiny_model(), path)
+    message = str(info.value)
+    assert message == (
+        f"{path} is another architecture than the model (checkpoint: width 128, 2 blocks, patch size 14, "
+        "4 register tokens; model: width 128, 2 blocks, patch size 14, 0 register tokens)"
+    )  # no hint: the caller built the model itself
+
+
+def test_keys_of_another_naming_are_listed_briefly(tmp_path: Path) -> None:
+    """A wrong prefix leaves no architecture to compare: the first keys of each list are named, then a count."""
+    state = {f"encoder.{k}": v for k, v in tiny_model().state_dict().items()}
+    path = _save(tmp_path, state)
+    with pytest.raises(CheckpointError) as info:
+        load_backbone_weights(tiny_model(), path)
+    first = "cls_token, pos_embed, mask_token, patch_embed.proj.weight, patch_embed.proj.bias"
+    assert str(info.value) == (
+        f"{path} does not match the model; missing keys: {first}, ... and {len(state) - 5} more; "
+        f"unexpected keys: encoder.{first.replace(', ', ', encoder.')}, ... and {len(state) - 5} more"
+    )
 
 
 def test_a_run_export_named_from_home_takes_its_heads_from_the_run(
@@ -266,6 +304,34 @@ def test_img_size_of_a_half_precision_file_gives_its_run_time_features(tmp_path:
     x = torch.randn(2, 3, 84, 84)
     with torch.no_grad():
         torch.testing.assert_close(at_load(x), at_run_time(x), rtol=0, atol=0)
+
+
+def test_a_random_backbone_warns_where_it_was_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No weights: a UserWarning (a notebook shows it; it has no log handler) naming the caller's line.
+    Loaded weights, and a random backbone built on purpose, stay silent."""
+    import hubconf
+    from dinov2.hub import backbones, dinov2_vits14
+
+    monkeypatch.setattr(backbones, "build_model", lambda name, **kwargs: tiny_model())  # tiny, for speed
+    for build, name, release in [
+        (lambda: load_backbone("dinobloom_s"), "dinobloom_s", "DinoBloom-S.pth"),
+        (lambda: hubconf.dinobloom_s(), "dinobloom_s", "DinoBloom-S.pth"),
+        (lambda: torch.hub.load(str(REPO_ROOT), "dinobloom_s", source="local"), "dinobloom_s", "DinoBloom-S.pth"),
+        (lambda: dinov2_vits14(), "dinov2_vits14", "dinov2_vits14_pretrain.pth"),
+    ]:
+        with pytest.warns(UserWarning) as record:
+            build()
+        assert len(record) == 1
+        message = str(record[0].message)
+        assert message.startswith(f"{name} is randomly initialised (no weights given)")
+        assert f'weights="{release}"' in message and "pretrained=True" in message
+        assert record[0].filename == __file__  # this file's lambda, not the package's or torch.hub's
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save(teacher_checkpoint(tiny_model()), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_backbone("dinobloom_s", path)
+        build_model("dinobloom_s")  # the real builder: a random backbone on purpose
 
 
 def test_a_named_entry_keeps_its_size() -> None:
@@ -354,7 +420,7 @@ def test_a_failed_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
 
 def test_torch_hub_load_offline(tmp_path: Path) -> None:
     """`torch.hub.load(repo, "dinobloom_s", source="local", weights=...)` on a random ViT-S checkpoint."""
-    source = load_backbone("dinobloom_s")
+    source = build_model("dinobloom_s")
     path = tmp_path / "DinoBloom-S.pth"
     torch.save(teacher_checkpoint(source), path)
     model = torch.hub.load(str(REPO_ROOT), "dinobloom_s", source="local", weights=str(path))
@@ -441,7 +507,8 @@ def test_benchmark_runs_and_checks_agreement(
 ) -> None:
     pytest.importorskip("timm")
     benchmark = load_script("benchmark_features")
-    results = benchmark.main(["--batch-size", "1", "--img-size", "28", "--iters", "1", "--warmup", "0"])
+    with pytest.warns(UserWarning, match="dinobloom_s is randomly initialised"):  # no --weights: random, and said
+        results = benchmark.main(["--batch-size", "1", "--img-size", "28", "--iters", "1", "--warmup", "0"])
     assert len(results) == 2 and all(math.isfinite(t) and t > 0 for t in results.values())
     table = capsys.readouterr().out
     assert "dinov2 (ours)" in table and "timm vit_small_patch14_dinov2" in table and "images / s" in table

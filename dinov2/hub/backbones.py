@@ -8,9 +8,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+import torch.hub
 
 from dinov2.models import HUB_MODELS, DinoVisionTransformer, build_model
 
@@ -85,8 +90,9 @@ def load_backbone(
 ) -> DinoVisionTransformer:
     """Build a backbone by hub name (or infer it from `weights` when `name` is None), load weights, eval mode.
 
-    `weights` is a path or URL of any layout the strict loader accepts; None gives a random init, unless
-    `pretrained=True`, which downloads the entry's release file (`DINOBLOOM_URLS`, `DINOV2_URLS`).
+    `weights` is a path or URL of any layout the strict loader accepts; None gives a random init with a
+    `UserWarning` (`dinov2.models.build_model` builds one on purpose, silently), unless `pretrained=True`, which
+    downloads the entry's release file (`DINOBLOOM_URLS`, `DINOV2_URLS`).
     `img_size=None` means 224 px for the `dinobloom_*` entries (a DINOv2 file's 37×37 position embedding is
     resized bicubically once, at load time, as DinoBloom did) and, for the `dinov2_*` entries and `name=None`,
     the checkpoint's own size (so a DinoBloom file stays at 224 px inside a `dinov2_*` model, as DinoBloom's
@@ -104,8 +110,6 @@ def load_backbone(
     dinobloom_default = name is not None and name.startswith("dinobloom") and img_size == 224
     as_at_run_time = img_size is not None and not dinobloom_default
     state = load_pretrained_backbone_state(weights) if weights is not None else None
-    if state is None:
-        logger.info("%s: random initialisation (no weights given)", name)
     if name is None:
         if state is None:
             raise ValueError("load_backbone needs a model name, or weights to infer the architecture from")
@@ -129,9 +133,38 @@ def load_backbone(
         if img_size is not None:
             kwargs["img_size"] = img_size
         model = build_model(name, **kwargs)
+        if state is None:
+            _warn_random_init(name)
     if state is not None:
-        load_backbone_state(model, state, source=str(weights), as_at_run_time=as_at_run_time)
+        hint = "" if name is None else (
+            f"load_backbone(None, {str(weights)!r}) builds the checkpoint's own architecture "
+            f"(the command-line tools: leave out --model {name})"
+        )
+        load_backbone_state(model, state, source=str(weights), as_at_run_time=as_at_run_time, hint=hint)
     return model.eval()
+
+
+def _warn_random_init(name: str) -> None:
+    """Warn that hub entry `name` was built without weights, in a way a notebook shows (it has no log handler)."""
+    release = Path(urlparse(RELEASE_URLS[name]).path).name
+    warnings.warn(
+        f"{name} is randomly initialised (no weights given), so its features are meaningless; load weights with "
+        f'weights="{release}" (a path or URL) or pretrained=True (downloads it). For a random backbone on purpose, '
+        f'use dinov2.models.build_model("{name}")',
+        UserWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel, for a `warnings.warn` in the calling function, of the first frame outside our hub and torch's."""
+    # A user reaches load_backbone directly, through an entry point or through torch.hub.load; a fixed stacklevel
+    # would name our code for two of them (warnings.warn's skip_file_prefixes needs Python 3.12).
+    internal = (str(Path(__file__).parent) + os.sep, str(Path(torch.hub.__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def dinobloom_s(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:

@@ -184,23 +184,69 @@ def _chunk_keys_for(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict
     return out
 
 
-def _format_keys(keys: list[str], limit: int = 20) -> str:
+def _format_keys(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+    return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Width, depth, patch size and registers of a flat backbone state dict, as far as its keys tell."""
+    arch: dict[str, int] = {}
+    if "cls_token" in state:
+        arch["width"] = state["cls_token"].shape[-1]
+    elif "patch_embed.proj.weight" in state:
+        arch["width"] = state["patch_embed.proj.weight"].shape[0]
+    if "patch_embed.proj.weight" in state:
+        arch["patch"] = state["patch_embed.proj.weight"].shape[-1]
+    block_ids = {int(m.group(1)) for k in state if (m := _FLAT_BLOCK_KEY.match(k))}
+    if block_ids:
+        arch["blocks"] = max(block_ids) + 1
+    arch["registers"] = state["register_tokens"].shape[1] if "register_tokens" in state else 0
+    return arch
+
+
+def _describe(arch: Mapping[str, int], fields: list[str]) -> str:
+    words = {"width": "width {}", "blocks": "{} blocks", "patch": "patch size {}", "registers": "{} register tokens"}
+    return ", ".join(words[f].format(arch[f]) for f in fields)
+
+
+def _architecture_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:
+    """Both architectures side by side when `state` and `expected` are different backbones, else None.
+
+    Only what both key sets tell is compared; register tokens are named when either side has some.
+    """
+    saved, built = _architecture(flatten_block_chunks(state)), _architecture(flatten_block_chunks(expected))
+    if "width" not in saved or "width" not in built:  # not DINOv2 key names (a prefix?): the key lists say more
+        return None
+    fields = [f for f in ("width", "blocks", "patch") if f in saved and f in built]
+    if saved["registers"] or built["registers"]:
+        fields.append("registers")
+    if all(saved[f] == built[f] for f in fields):
+        return None
+    return f"checkpoint: {_describe(saved, fields)}; model: {_describe(built, fields)}"
 
 
 def load_backbone_weights(model: nn.Module, path_or_url: str | os.PathLike[str]) -> nn.Module:
     """Strictly load backbone weights into `model`; resize `pos_embed` bicubically if its token count differs.
 
-    Raises `CheckpointError` naming every missing, unexpected and mis-shaped key; nothing is loaded then.
+    Raises `CheckpointError` naming both architectures when they differ, else the missing, unexpected and
+    mis-shaped keys (the first few of each); nothing is loaded then.
     """
     return load_backbone_state(model, load_pretrained_backbone_state(path_or_url), source=str(path_or_url))
 
 
 def load_backbone_state(
-    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state dict", *, as_at_run_time: bool = False
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str = "state dict",
+    *,
+    as_at_run_time: bool = False,
+    hint: str = "",
 ) -> nn.Module:
     """`load_backbone_weights` for a plain backbone state dict (flat or chunked block keys).
+
+    A checkpoint of another width, depth, patch size or register count is refused with the two architectures
+    (and `hint`, what the caller can do about it) instead of its key lists.
 
     A position embedding of another grid is resized as DinoBloom resized DINOv2's when it started training
     (:func:`resize_pos_embed`), or, with ``as_at_run_time``, exactly as the checkpoint's own model resamples it
@@ -230,6 +276,11 @@ def load_backbone_state(
         if k in state and state[k].shape != expected[k].shape
     ]
     if missing or unexpected or mis_shaped:
+        # Another size of ViT mismatches almost every key; the two architectures say what is wrong in one line.
+        mismatch = _architecture_mismatch(state, expected)
+        if mismatch is not None:
+            message = f"{source} is another architecture than the model ({mismatch})"
+            raise CheckpointError(message + (f"; {hint}" if hint else ""))
         problems = []
         if missing:
             problems.append(f"missing keys: {_format_keys(missing)}")
