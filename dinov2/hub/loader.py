@@ -189,41 +189,33 @@ def _format_keys(keys: list[str], limit: int = 5) -> str:
     return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Width, depth, patch size and registers of a flat backbone state dict, as far as its keys tell."""
-    arch: dict[str, int] = {}
-    if "cls_token" in state:
-        arch["width"] = state["cls_token"].shape[-1]
-    elif "patch_embed.proj.weight" in state:
-        arch["width"] = state["patch_embed.proj.weight"].shape[0]
-    if "patch_embed.proj.weight" in state:
-        arch["patch"] = state["patch_embed.proj.weight"].shape[-1]
-    block_ids = {int(m.group(1)) for k in state if (m := _FLAT_BLOCK_KEY.match(k))}
-    if block_ids:
-        arch["blocks"] = max(block_ids) + 1
-    arch["registers"] = state["register_tokens"].shape[1] if "register_tokens" in state else 0
-    return arch
-
-
-def _describe(arch: Mapping[str, int], fields: list[str]) -> str:
-    words = {"width": "width {}", "blocks": "{} blocks", "patch": "patch size {}", "registers": "{} register tokens"}
-    return ", ".join(words[f].format(arch[f]) for f in fields)
+_ARCHITECTURE_WORDS = {
+    "embed_dim": "width {}",
+    "depth": "{} blocks",
+    "patch_size": "patch size {}",
+    "num_register_tokens": "{} register tokens",
+}
 
 
 def _architecture_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:
     """Both architectures side by side when `state` and `expected` are different backbones, else None.
 
-    Only what both key sets tell is compared; register tokens are named when either side has some.
+    Compares width, depth and patch size (and register tokens when either side has some).
     """
-    saved, built = _architecture(flatten_block_chunks(state)), _architecture(flatten_block_chunks(expected))
-    if "width" not in saved or "width" not in built:  # not DINOv2 key names (a prefix?): the key lists say more
+    try:
+        saved, built = (infer_backbone_config(flatten_block_chunks(s)) for s in (state, expected))
+    except CheckpointError:  # not DINOv2 key names (a prefix?): the key lists say more
         return None
-    fields = [f for f in ("width", "blocks", "patch") if f in saved and f in built]
-    if saved["registers"] or built["registers"]:
-        fields.append("registers")
+    fields = ["embed_dim", "depth", "patch_size"]
+    if saved["num_register_tokens"] or built["num_register_tokens"]:
+        fields.append("num_register_tokens")
     if all(saved[f] == built[f] for f in fields):
         return None
-    return f"checkpoint: {_describe(saved, fields)}; model: {_describe(built, fields)}"
+
+    def describe(config: Mapping[str, Any]) -> str:
+        return ", ".join(_ARCHITECTURE_WORDS[f].format(config[f]) for f in fields)
+
+    return f"checkpoint: {describe(saved)}; model: {describe(built)}"
 
 
 def load_backbone_weights(model: nn.Module, path_or_url: str | os.PathLike[str]) -> nn.Module:
