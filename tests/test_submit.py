@@ -76,6 +76,17 @@ def test_training_arguments_are_split_from_launcher_flags(tmp_path: Path) -> Non
     assert request.local is True
 
 
+@pytest.mark.parametrize(("gpus", "flag", "ranks"), [(0, [], 1), (3, [], 3), (0, ["--ngpus", "2"], 2)])
+def test_local_runs_one_rank_per_gpu_of_this_machine(
+    monkeypatch: pytest.MonkeyPatch, gpus: int, flag: list[str], ranks: int
+) -> None:
+    """--local without --ngpus: this machine's GPUs (one rank on a CPU), not the cluster default of 8."""
+    monkeypatch.setattr(launcher.torch.cuda, "device_count", lambda: gpus)
+    request = launcher.parse_request(["--local", *flag, "--config-file", str(DEMO_CONFIG), "--output-dir", "o"])
+    assert request.settings["ngpus"] == ranks
+    assert launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "o"]).settings["ngpus"] == 8
+
+
 def test_executor_parameters_map_gpus_to_tasks_and_pin_the_signal(tmp_path: Path) -> None:
     request = launcher.parse_request(
         ["--nodes", "3", "--ngpus", "2", "--qos", "high",

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+import torch
 from omegaconf import OmegaConf
 
 try:
@@ -228,6 +229,10 @@ def parse_request(argv: Sequence[str] | None = None) -> LaunchRequest:
     for name in SETTINGS:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
+    if args.local and args.ngpus is None:  # this machine's GPUs, not the cluster default (one rank on a CPU)
+        settings["ngpus"] = max(torch.cuda.device_count(), 1)
+        logger.info("--local: %d rank(s), one per GPU of this machine (--ngpus sets another count)",
+                    settings["ngpus"])  # fmt: skip
     for name in ("nodes", "ngpus", "timeout", "signal_delay_s"):
         value = settings.get(name)
         if not isinstance(value, int) or value < 1:
