@@ -33,6 +33,8 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from dinov2.configs import ConfigError
+
 logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,13 +57,18 @@ def autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
     Use it as `torch.autocast(device.type, dtype=..., enabled=dtype != torch.float32)` around forward passes.
     """
     precision = cfg.train.precision
+    source = "train.precision"
     if precision == "auto":
         if device.type != "cuda":
             return torch.float32
         precision = cfg.compute_precision.student.backbone.mixed_precision.param_dtype
+        source = "compute_precision.student.backbone.mixed_precision.param_dtype (train.precision=auto)"
     dtype = dtype_from_name(precision)
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise RuntimeError(f"bf16 was requested but {torch.cuda.get_device_name(device)} does not support it")
+        raise ConfigError(
+            f"{source} asks for bf16, which {torch.cuda.get_device_name(device)} does not support; "
+            "set train.precision=fp16 (with its loss scaler) or fp32"
+        )
     return dtype
 
 

@@ -32,7 +32,7 @@ from dinov2.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from dinov2.configs import load_config
+from dinov2.configs import ConfigError, load_config
 from dinov2.distributed import enable_distributed, expand_nodelist
 from dinov2.layers import DINOHead
 from dinov2.models import DinoVisionTransformer
@@ -386,6 +386,16 @@ def test_precision_settings() -> None:
     assert autocast_dtype(recipe, cuda) == torch.float16  # auto on CUDA: the recipe's fp16
     assert autocast_dtype(load_config(None, ["train.precision=bf16"]), cpu) == torch.bfloat16
     assert build_grad_scaler(recipe, cpu) is None
+
+
+def test_bf16_on_a_gpu_without_it_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla V100")
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match=r"^train.precision asks for bf16, which Tesla V100 does not support; set "):
+        autocast_dtype(load_config(None, ["train.precision=bf16"]), cuda)
+    with pytest.raises(ConfigError, match=r"param_dtype \(train.precision=auto\) asks for bf16"):
+        autocast_dtype(load_config(None, ["compute_precision.student.backbone.mixed_precision.param_dtype=bf16"]), cuda)
 
 
 def _ckpt_model() -> tuple[nn.ModuleDict, torch.optim.Optimizer]:

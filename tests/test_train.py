@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from dinov2.cli import run_cli
 from dinov2.configs import TRAIN_CONFIG_DIR, ConfigError, load_config, resolve_arch
 from dinov2.data import DatasetError
 from dinov2.data.samplers import InfiniteSampler
@@ -271,7 +272,7 @@ def test_a_resume_that_fails_keeps_the_runs_config(tmp_path: Path, demo) -> None
 
 
 def test_a_non_finite_loss_stops_the_run_before_it_is_saved(
-    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Iteration 3 is not logged (log period 10) but checkpointed: its NaN loss must stop the run unsaved."""
     original = train_module.training_step
@@ -285,8 +286,11 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(
 
     monkeypatch.setattr(train_module, "training_step", step)
     out = tmp_path / "run"
-    with pytest.raises(FloatingPointError, match="the loss is nan at iteration 3"):
-        _train(out, demo.lists_dir, "train.log_period=10", "train.checkpoint_period=2", epochs=1, epoch_length=6)
+    with pytest.raises(SystemExit) as stop:  # as the command line runs it: one error line, no traceback
+        run_cli(lambda: _train(out, demo.lists_dir, "train.log_period=10", "train.checkpoint_period=2", epochs=1,
+                               epoch_length=6), errors=train_module.CLI_ERRORS)  # fmt: skip
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("error: the loss is nan at iteration 3; stopping before")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000001", "latest"]
 
 

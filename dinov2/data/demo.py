@@ -471,4 +471,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dinov2.cli import run_cli
+
+    run_cli(main)

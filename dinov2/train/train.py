@@ -36,6 +36,7 @@ from dinov2.checkpoint import export_teacher, find_latest_checkpoint, load_check
 from dinov2.configs import ConfigError, apply_scaling_rules_to_cfg, config_differences, load_config, write_config
 from dinov2.data import DatasetError
 from dinov2.data.photometric import finish_crops
+from dinov2.hub.loader import CheckpointError
 from dinov2.parallel import (
     allow_tf32_matmul,
     autocast_dtype,
@@ -52,6 +53,10 @@ from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.trackers import TENSORBOARD_DIR, WANDB_RUN_ID_FILE, MetricsLog, check_tracking
 
 logger = logging.getLogger("dinov2")
+
+#: What ends the training command in one ``error:`` line (see ``dinov2.cli.run_cli``): mistakes in the config,
+#: data or files, and a loss that is no longer finite. Anything else keeps its traceback.
+CLI_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError, FloatingPointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -577,7 +582,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from dinov2.cli import run_cli
-    from dinov2.hub.loader import CheckpointError
 
-    # Configuration, data and file mistakes end in one line; anything else keeps its traceback.
-    run_cli(main, errors=(ConfigError, DatasetError, CheckpointError, FileNotFoundError))
+    run_cli(main, errors=CLI_ERRORS)
