@@ -383,6 +383,22 @@ def test_drop_path_in_training_only() -> None:
     assert uniform.blocks[0].attn.qkv.weight.grad is not None
 
 
+def test_a_low_drop_rate_computes_the_residuals_of_a_sample_subset_as_dinov2s_student() -> None:
+    """DINOv2's student runs its blocks on lists of crops, whose stochastic depth, at any rate, adds each residual
+    to a random subset of int(B (1 - rate)) samples, scaled by B / subset; written out here for rate 0.05."""
+    block = _tiny(drop_path_rate=0.05, drop_path_uniform=True).blocks[0].train()
+    x = torch.randn(16, 5, 32)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out = block(x)
+        torch.manual_seed(3)
+        expected = x.clone()
+        for residual in (lambda t: block.ls1(block.attn(block.norm1(t))), lambda t: block.ls2(block.mlp(block.norm2(t)))):
+            kept = torch.randperm(16)[:15]
+            expected = expected.index_add(0, kept, residual(expected[kept]), alpha=16 / 15)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_xformers_is_optional_and_never_imported_at_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Even when an xformers package is importable, building and running on CPU never imports it."""
     fake = tmp_path / "xformers"

@@ -91,3 +91,10 @@ def test_forward_loss_is_dinobloom_objective(seed: int) -> None:
         torch.testing.assert_close(terms[name], value, rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(total.detach(), expected["total_loss"], rtol=1e-5, atol=1e-6)
     assert total.requires_grad
+
+
+def test_koleo_pairwise_eps_comes_from_the_config() -> None:
+    """DinoBloom's 1e-4 by default; DINOv2's 1e-8 is one override away."""
+    assert SSLMetaArch(load_config(TRAIN_CONFIG_DIR / "demo.yaml", TINY)).koleo_loss.pairwise_eps == 1e-4
+    upstream = load_config(TRAIN_CONFIG_DIR / "demo.yaml", [*TINY, "dino.koleo_pairwise_eps=1e-8"])
+    assert SSLMetaArch(upstream).koleo_loss.pairwise_eps == 1e-8

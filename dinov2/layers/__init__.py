@@ -3,7 +3,6 @@
 from .attention import Attention, xformers_attention
 from .block import Block, BlockChunk
 from .dino_head import DINOHead
-from .drop_path import DropPath, drop_path
 from .layer_norm import LayerNorm
 from .layer_scale import LayerScale
 from .mlp import Mlp
@@ -15,14 +14,12 @@ __all__ = [
     "Block",
     "BlockChunk",
     "DINOHead",
-    "DropPath",
     "LayerNorm",
     "LayerScale",
     "Mlp",
     "PatchEmbed",
     "SwiGLUFFN",
     "SwiGLUFFNFused",
-    "drop_path",
     "swiglu_hidden_features",
     "xformers_attention",
 ]

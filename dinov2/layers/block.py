@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from .attention import Attention
-from .drop_path import DropPath
 from .layer_scale import LayerScale
 from .mlp import Mlp
 from .swiglu_ffn import SwiGLUFFN
@@ -58,13 +57,11 @@ class Block(nn.Module):
             dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=drop
         )
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = ffn_layer(
             in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop, bias=ffn_bias
         )
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.sample_drop_ratio = drop_path
 
     # A LayerScale after our own attention / FFN is folded into their output projection (`scaled_linear`):
@@ -81,12 +78,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block to tokens `x` (B, N, D)."""
-        if self.training and self.sample_drop_ratio > 0.1:
-            # as in DINOv2: computing only the kept samples pays off above a 10% drop rate
+        if self.training and self.sample_drop_ratio > 0.0:
+            # As DINOv2's student, whose blocks take its list of crops (`forward_nested`): each residual is
+            # computed for a random subset of the samples at any drop rate, not masked per sample.
             x = drop_add_residual_batch_subset(x, self._attn_residual, self.sample_drop_ratio)
             return drop_add_residual_batch_subset(x, self._ffn_residual, self.sample_drop_ratio)
-        x = x + self.drop_path1(self._attn_residual(x))
-        return x + self.drop_path2(self._ffn_residual(x))
+        x = x + self._attn_residual(x)
+        return x + self._ffn_residual(x)
 
 
 class BlockChunk(nn.ModuleList):

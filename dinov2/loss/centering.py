@@ -26,6 +26,9 @@ class SoftmaxCentering(nn.Module):
     ``center = m * center + (1 - m) * mean``. Pooling the outputs over processes equals DINOv2's average of
     per-process means when the processes hold equally many, and stays right when they do not (a process that
     dropped unreadable images, or one without masked patches); with no output anywhere the centre is kept.
+    The counts differ most for iBOT, whose masked tokens per process vary every step: with several processes its
+    centre is the mean over all masked tokens, where DINOv2's weighs each process's mean equally (a deliberate
+    difference; DinoBloom's recipe uses Sinkhorn-Knopp, not this centering).
     """
 
     center: torch.Tensor

@@ -14,7 +14,7 @@ class KoLeoLoss(nn.Module):
 
     ``pairwise_eps`` is added to every difference vector before its norm, as ``nn.PairwiseDistance``
     does. DinoBloom raised it from DINOv2's 1e-8 to 1e-4 to avoid infinite losses on duplicate embeddings;
-    1e-4 is the default here, pass 1e-8 for upstream DINOv2 numbers.
+    1e-4 is the default here (config ``dino.koleo_pairwise_eps``); 1e-8 gives upstream DINOv2's numbers.
     """
 
     def __init__(self, pairwise_eps: float = 1e-4) -> None:

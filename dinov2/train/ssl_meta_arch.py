@@ -85,7 +85,7 @@ class SSLMetaArch(nn.Module):
         self.ibot_separate_head = bool(cfg.ibot.separate_head)
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
         if self.do_koleo:
-            self.koleo_loss = KoLeoLoss()
+            self.koleo_loss = KoLeoLoss(pairwise_eps=float(cfg.dino.koleo_pairwise_eps))
         if self.do_ibot:
             self.ibot_patch_loss = iBOTPatchLoss(
                 cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
