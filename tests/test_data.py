@@ -23,9 +23,7 @@ from dinov2.data import (
     FileListDataset,
     InfiniteSampler,
     SampleKey,
-    SkipBadSamples,
     derive_seed,
-    drop_bad_samples,
     make_data_loader,
     make_dataset,
     make_eval_transform,
@@ -34,6 +32,7 @@ from dinov2.data import (
 from dinov2.data import photometric as P
 from dinov2.data import transforms as T
 from dinov2.data.datasets import find_images
+from dinov2.train.data import build_train_loader
 
 
 def _write_image(path: Path, seed: int, size: tuple[int, int] = (40, 36)) -> Path:
@@ -337,16 +336,6 @@ def test_unreadable_images_are_logged_once_counted_and_dropped(
     for bad in (truncated, garbage, missing):
         assert sum(str(bad) in m for m in messages) == 1  # logged once, even when drawn twice
 
-    kept, dropped = drop_bad_samples(batch)
-    assert dropped == 4 and len(kept) == 1
-    collate = SkipBadSamples(torch.utils.data.default_collate)
-    with caplog.at_level(logging.WARNING, logger="dinov2.data.datasets"):
-        images, targets = collate(batch)
-    assert images.shape == (1, 3, 64, 64) and targets.tolist() == [0]
-    assert "dropped 4 unreadable image(s) from a batch of 5" in caplog.text
-    with pytest.raises(RuntimeError, match="all 2 images of a batch were unreadable"):
-        collate([None, None])
-
 
 def test_index_protocol_errors(image_tree: Path) -> None:
     dataset = FileListDataset(image_tree)
@@ -623,7 +612,6 @@ def test_make_data_loader_defaults(image_tree: Path) -> None:
     loader = make_data_loader(dataset, batch_size=4, num_workers=0, drop_last=False)
     assert not loader.persistent_workers
     assert loader.pin_memory == torch.cuda.is_available()
-    assert isinstance(loader.collate_fn, SkipBadSamples)
     batches = list(loader)
     assert [b[0].shape[0] for b in batches] == [4, 2]
     assert torch.cat([b[1] for b in batches]).tolist() == dataset.targets
@@ -655,9 +643,21 @@ def test_make_file_lists_script(
 
 @pytest.mark.parametrize("colour", ["device", "workers"])
 def test_benchmark_script_smoke(
-    image_tree: Path, capsys: pytest.CaptureFixture, load_script: Callable[[str], ModuleType], colour: str
+    image_tree: Path,
+    capsys: pytest.CaptureFixture,
+    load_script: Callable[[str], ModuleType],
+    monkeypatch: pytest.MonkeyPatch,
+    colour: str,
 ) -> None:
+    """The benchmark times the trainer's own loader, built from DinoBloom's training config."""
     script = load_script("benchmark_data")
+    built = []
+
+    def recording_loader(cfg, dataset, **kwargs):
+        built.append((cfg.train.augmentation, cfg.train.image_resize, kwargs["defer_colour"]))
+        return build_train_loader(cfg, dataset, **kwargs)
+
+    monkeypatch.setattr(script, "build_train_loader", recording_loader)
     args = ["--data", str(image_tree), "--resize", "64", "--recipes", "dinobloom", "--workers", "0",
             "--batch-size", "2", "--batches", "1", "--per-worker-images", "2", "--repeats", "2", "--colour", colour,
             "--device", "cpu"]  # fmt: skip
@@ -666,6 +666,7 @@ def test_benchmark_script_smoke(
     assert any("dinobloom" in line and "loader" in line for line in lines)
     assert any("dinobloom" in line and "colour on cpu" in line for line in lines) == (colour == "device")
     assert lines[-1].startswith("images_per_s=") and float(lines[-1].split("=")[1]) > 0
+    assert built == [("hematology", 64, colour == "device")]
 
 
 # --------------------------------------------------------------------------- real images

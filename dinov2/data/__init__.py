@@ -9,8 +9,6 @@ from dinov2.data.datasets import (
     IMAGE_EXTENSIONS,
     DatasetError,
     FileListDataset,
-    SkipBadSamples,
-    drop_bad_samples,
     make_dataset,
     seeded_rng,
 )
@@ -27,9 +25,7 @@ __all__ = [
     "FileListDataset",
     "InfiniteSampler",
     "SampleKey",
-    "SkipBadSamples",
     "derive_seed",
-    "drop_bad_samples",
     "load_image",
     "make_data_loader",
     "make_dataset",

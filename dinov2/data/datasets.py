@@ -17,7 +17,7 @@ in every run, in every worker and after a resume. ``dataset[index]`` runs it wit
 generators are in.
 
 An image that cannot be read is logged once (with its path), counted, and returned as ``None``;
-:class:`SkipBadSamples` removes those from a batch before collation.
+:class:`dinov2.train.data.TrainCollate` leaves those out of a batch and counts them.
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DatasetError",
     "FileListDataset",
-    "SkipBadSamples",
-    "drop_bad_samples",
     "find_images",
     "make_dataset",
     "seeded_rng",
@@ -350,30 +348,6 @@ def _looks_like_image_folder(root: Path) -> bool:
 def _parent_name(path: str) -> str:
     """Name of the folder an image sits in."""
     return os.path.basename(os.path.dirname(path))
-
-
-def drop_bad_samples(batch: Sequence[Any]) -> tuple[list[Any], int]:
-    """Remove the ``None`` items (unreadable images) from a batch; returns the kept items and the number dropped."""
-    kept = [item for item in batch if item is not None]
-    return kept, len(batch) - len(kept)
-
-
-class SkipBadSamples:
-    """Collate wrapper that drops unreadable samples (``None``), logs how many, and collates the rest."""
-
-    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
-        self.collate_fn = collate_fn
-
-    def __call__(self, batch: Sequence[Any]) -> Any:
-        """Collate the readable samples of ``batch``."""
-        kept, dropped = drop_bad_samples(batch)
-        if dropped:
-            if not kept:
-                raise RuntimeError(
-                    f"all {dropped} images of a batch were unreadable; see the 'skipping unreadable image' warnings"
-                )
-            logger.warning("dropped %d unreadable image(s) from a batch of %d", dropped, len(batch))
-        return self.collate_fn(kept)
 
 
 def _parse_dataset_spec(dataset_str: str) -> tuple[str, dict[str, str]]:

@@ -1,4 +1,4 @@
-"""DataLoader construction with reproducible worker seeding and unreadable-sample skipping."""
+"""DataLoader construction with reproducible worker seeding; workers leave stop signals to the main process."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dinov2.data.datasets import SkipBadSamples
 from dinov2.data.samplers import derive_seed
 
 __all__ = ["make_data_loader", "init_worker", "seed_worker"]
@@ -55,11 +54,8 @@ def make_data_loader(
     sampler: Sampler | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     drop_last: bool = True,
-    persistent_workers: bool | None = None,
     pin_memory: bool | None = None,
     seed: int = 0,
-    skip_bad_samples: bool = True,
-    prefetch_factor: int | None = None,
 ) -> DataLoader:
     """A DataLoader over ``dataset`` drawing from ``sampler`` (e.g. :class:`InfiniteSampler`).
 
@@ -68,25 +64,20 @@ def make_data_loader(
         batch_size: samples per batch on this rank.
         num_workers: worker processes (0 loads in the main process).
         sampler: order of the samples; ``None`` reads the dataset once in order.
-        collate_fn: batch collation, e.g. ``functools.partial(collate_data_and_cast, ...)``; default torch's.
+        collate_fn: batch collation, e.g. the trainer's :class:`dinov2.train.data.TrainCollate`, which drops
+            unreadable images (``None``); default torch's.
         drop_last: drop a last incomplete batch (irrelevant for infinite samplers).
-        persistent_workers: keep workers alive between iterations; default ``num_workers > 0``.
         pin_memory: page-locked batches; default when CUDA is available.
         seed: seed of the loader's worker base seeds (see :func:`seed_worker`).
-        skip_bad_samples: wrap ``collate_fn`` in :class:`SkipBadSamples` so unreadable images are dropped.
-        prefetch_factor: batches prefetched per worker (torch's default when ``None``).
+
+    Workers persist between iterations.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if persistent_workers is None:
-        persistent_workers = num_workers > 0
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    collate = collate_fn if collate_fn is not None else torch.utils.data.default_collate
-    if skip_bad_samples:
-        collate = SkipBadSamples(collate)
     logger.info(
         "data loader: batch %d, %d workers, sampler %r, pin_memory=%s", batch_size, num_workers, sampler, pin_memory
     )
@@ -95,11 +86,10 @@ def make_data_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         drop_last=drop_last,
-        persistent_workers=persistent_workers and num_workers > 0,
+        persistent_workers=num_workers > 0,
         worker_init_fn=init_worker,
         generator=torch.Generator().manual_seed(seed),
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )

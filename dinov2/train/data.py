@@ -131,7 +131,20 @@ def build_train_loader(
         len(dataset), shuffle=True, seed=cfg.train.seed, start=start, rank=rank, world_size=world_size,
         batch_size=batch_size,
     )
-    collate = TrainCollate(
+    loader = make_data_loader(
+        KeyedSamples(dataset),
+        batch_size=batch_size,
+        num_workers=int(cfg.train.num_workers),
+        sampler=sampler,
+        collate_fn=build_train_collate(cfg, dtype, defer_colour),
+        seed=derive_seed(cfg.train.seed, rank),
+    )
+    return loader, sampler
+
+
+def build_train_collate(cfg: DictConfig, dtype: torch.dtype = torch.float32, defer_colour: bool = False) -> TrainCollate:
+    """The loader's collate: crops stacked as ``dtype`` (uint8 with ``defer_colour``), iBOT masks as configured."""
+    return TrainCollate(
         mask_generator=MaskingGenerator.for_global_crops(cfg.crops.global_crops_size, cfg.student.patch_size),
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=float(cfg.ibot.mask_sample_probability),
@@ -139,13 +152,3 @@ def build_train_loader(
         dtype=dtype,
         defer_colour=defer_colour,
     )
-    loader = make_data_loader(
-        KeyedSamples(dataset),
-        batch_size=batch_size,
-        num_workers=int(cfg.train.num_workers),
-        sampler=sampler,
-        collate_fn=collate,
-        seed=derive_seed(cfg.train.seed, rank),
-        skip_bad_samples=False,
-    )
-    return loader, sampler
