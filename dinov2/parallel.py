@@ -28,7 +28,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
@@ -211,11 +211,6 @@ def allow_tf32_matmul() -> None:
     the older getters raise). The trainer calls it for CUDA runs only.
     """
     torch.set_float32_matmul_precision("high")
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """True if FSDP2 has been applied to `module` or to one of its submodules."""
-    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:

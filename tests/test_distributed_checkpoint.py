@@ -21,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import dinov2.checkpoint as checkpoint_module
@@ -40,7 +41,6 @@ from dinov2.parallel import (
     autocast_dtype,
     build_grad_scaler,
     clip_grad_norm,
-    is_sharded,
     parallelize_from_config,
     parallelize_model,
 )
@@ -51,6 +51,11 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
                  "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST",
                  "SLURM_JOB_ID", "SLURM_NNODES", "SLURM_STEP_NUM_NODES")
 FP32 = ["train.precision=fp32", "optim.layerwise_decay=0.9", "ibot.separate_head=true"]
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 was applied to ``module`` or to one of its submodules."""
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def _free_port(low: int = 20000, high: int = 40000) -> int:
@@ -132,7 +137,7 @@ def _fsdp_worker(rank: int, port: int, strategy: str) -> None:
         student, reference = _parts(seed=0), _parts(seed=0)
         names = [name for name, _ in student.named_parameters()]
         parallelize_model(student, sharding_strategy=strategy, activation_checkpointing=True)
-        assert is_sharded(student) and not is_sharded(reference)
+        assert _is_sharded(student) and not _is_sharded(reference)
         assert [name for name, _ in student.named_parameters()] == names  # keys unchanged by FSDP2 and checkpointing
         assert all(isinstance(p, DTensor) for p in student.parameters())
         optimizer = build_optimizer(build_param_groups(student, cfg), cfg)
@@ -366,7 +371,7 @@ def test_single_process_parallelize_keeps_the_plain_model() -> None:
     model, reference = _parts(seed=0), _parts(seed=0)
     keys = list(model.state_dict())
     parallelize_model(model, sharding_strategy="FULL_SHARD", activation_checkpointing=True, compile=True)
-    assert not is_sharded(model) and list(model.state_dict()) == keys
+    assert not _is_sharded(model) and list(model.state_dict()) == keys
     assert all(block._compiled_call_impl is not None for block in model["backbone"].blocks)
     # Checkpointed blocks give the same gradients (compile is checked on the GPU only: it is slow on 2 CPU cores).
     for block in model["backbone"].blocks:

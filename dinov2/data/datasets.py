@@ -16,7 +16,7 @@ transform with torch's CPU generator, Python's ``random`` and NumPy's global gen
 in every run, in every worker and after a resume. ``dataset[index]`` runs it with whatever state the
 generators are in.
 
-An image that cannot be read is logged once (with its path), counted, and returned as ``None``;
+An image that cannot be read is logged once (with its path) and returned as ``None``;
 :class:`dinov2.train.data.TrainCollate` leaves those out of a batch and counts them.
 """
 
@@ -229,7 +229,6 @@ class FileListDataset(torch.utils.data.Dataset):
             targets = np.array([lookup[name] for name in names], dtype=np.int64)
         self._paths = _StringTable(paths)
         self._targets = targets
-        self.bad_sample_count = 0
         self._reported_bad: set[int] = set()
         logger.info("dataset %s: %d images, %d classes", self.root, len(paths), len(self.classes))
 
@@ -283,10 +282,6 @@ class FileListDataset(torch.utils.data.Dataset):
         """The image path of sample ``index``."""
         return self._paths[index]
 
-    def relative_path(self, index: int) -> str:
-        """The image path of sample ``index`` relative to :attr:`image_root`, with ``/`` separators."""
-        return Path(os.path.relpath(self._paths[index], self.image_root)).as_posix()
-
     def target(self, index: int) -> int:
         """The class index of sample ``index`` (0 when unlabelled)."""
         return int(self._targets[index])
@@ -327,8 +322,7 @@ class FileListDataset(torch.utils.data.Dataset):
         return sample, target
 
     def _report_bad(self, index: int, path: str, error: BaseException) -> None:
-        """Count an unreadable sample and log it the first time this process meets it."""
-        self.bad_sample_count += 1
+        """Log an unreadable sample the first time this process meets it."""
         if index not in self._reported_bad:
             self._reported_bad.add(index)
             logger.warning("skipping unreadable image %s (sample %d): %s", path, index, error)

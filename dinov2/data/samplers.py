@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -119,42 +119,6 @@ class InfiniteSampler(Sampler[SampleKey]):
 
     def __iter__(self) -> Iterator[SampleKey]:
         return (self.key(draw) for draw in self.draws())
-
-    def position(self, steps: int) -> int:
-        """Global draw position after ``steps`` steps taken from this sampler's ``start``."""
-        return self.start + steps * self.samples_per_step
-
-    def state_dict(self, steps: int) -> dict[str, Any]:
-        """What a checkpoint stores to resume after ``steps`` steps taken since this sampler's ``start``."""
-        return {
-            "sample_count": self.sample_count,
-            "shuffle": self.shuffle,
-            "seed": self.seed,
-            "position": self.position(steps),
-        }
-
-    @classmethod
-    def from_state_dict(
-        cls, state: dict[str, Any], sample_count: int, rank: int = 0, world_size: int = 1, batch_size: int = 1
-    ) -> InfiniteSampler:
-        """Rebuild a sampler that continues exactly where ``state`` (from :meth:`state_dict`) left off."""
-        missing = {"sample_count", "shuffle", "seed", "position"} - set(state)
-        if missing:
-            raise KeyError(f"sampler state is missing {sorted(missing)}")
-        if state["sample_count"] != sample_count:
-            raise ValueError(
-                f"sampler state was saved for {state['sample_count']} samples but the dataset now has "
-                f"{sample_count}: the file lists changed, so the run cannot resume its data order"
-            )
-        return cls(
-            sample_count,
-            shuffle=bool(state["shuffle"]),
-            seed=int(state["seed"]),
-            start=int(state["position"]),
-            rank=rank,
-            world_size=world_size,
-            batch_size=batch_size,
-        )
 
     def __repr__(self) -> str:
         return (

@@ -453,10 +453,7 @@ def train(
             log_now = (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == start_iter
             log_now = log_now or effective_rank is not None
             if log_now or export_now or save_now:  # the loss is checked before anything is written
-                values = torch.stack([v.float() for v in terms.values()])
-                if info.is_distributed:
-                    dist.all_reduce(values)
-                    values /= info.world_size
+                values = distributed.all_reduce_mean(torch.stack([v.float() for v in terms.values()]))
                 losses = dict(zip(terms, values.tolist()))
                 if not math.isfinite(losses["total_loss"]):
                     raise FloatingPointError(
