@@ -94,7 +94,7 @@ def test_knn_equals_sklearn_through_the_fold_protocol() -> None:
         x, y, [f"c{i}" for i in range(6)], lambda a, b, c, n: {"knn_20": knn.knn_probabilities(a, b, c, (20,), n)[20]}
     )
     expected = np.empty_like(y)
-    for train, test in StratifiedKFold(n_splits=5).split(x, y):
+    for train, test in StratifiedKFold(n_splits=5, shuffle=True, random_state=0).split(x, y):
         expected[test] = _sklearn_knn(x[train], y[train], x[test], 20)
     np.testing.assert_array_equal(output.predictions["knn_20"], expected)
 
@@ -145,7 +145,7 @@ def test_knn_rejects_k_above_training_size() -> None:
 def test_knn_rejects_nonpositive_temperature_and_batch_size(option: str, kwargs: dict) -> None:
     x, y = _clusters(30, 8, 2, spread=1.0, seed=7)
     with pytest.raises(ValueError, match=f"^{option} must be"):
-        knn.knn_probabilities(x[:20], y[:20], x[20:], (1, 3), 2, weighting="temperature", **kwargs)
+        knn.knn_probabilities(x[:20], y[:20], x[20:], (1, 3), 2, metric="cosine", weighting="temperature", **kwargs)
 
 
 @pytest.mark.parametrize("backend", linear.BACKENDS)
@@ -160,6 +160,7 @@ def test_linear_probe_rejects_nonpositive_C(backend: str, C: float) -> None:
 def test_logreg_sklearn_backend_is_dinobloom_logistic_regression() -> None:
     x, y = _clusters(300, 32, 4, spread=3.0, seed=8)
     ours = linear.logreg_sklearn(x[:240], y[:240], x[240:], 4)
+    x = x.astype(np.float64)  # DinoBloom's features reached scikit-learn as Python lists, i.e. float64
     reference = LogisticRegression(C=32 * 4 / 100, max_iter=1000).fit(x[:240], y[:240])
     np.testing.assert_array_equal(ours.argmax(1), reference.predict(x[240:]))
     np.testing.assert_allclose(ours, reference.predict_proba(x[240:]), atol=1e-12)
@@ -226,14 +227,23 @@ def test_logreg_torch_objective_is_sklearns() -> None:
     np.testing.assert_allclose(fitted_w.numpy(), reference.coef_, atol=1e-3)
 
 
-def test_folds_are_unshuffled_stratified_kfold() -> None:
+@pytest.mark.parametrize("seed", [0, 3])
+def test_folds_are_seeded_shuffled_stratified_kfold(seed: int) -> None:
     y = np.random.default_rng(12).integers(0, 3, 97)
-    ours = protocol.stratified_folds(y, ["a", "b", "c"], 5)
-    theirs = list(StratifiedKFold(n_splits=5).split(np.zeros(97), y))
+    ours = protocol.stratified_folds(y, ["a", "b", "c"], 5, seed=seed)
+    theirs = list(StratifiedKFold(n_splits=5, shuffle=True, random_state=seed).split(np.zeros(97), y))
     assert len(ours) == 5
     for fold, (train, test) in zip(ours, theirs):
         np.testing.assert_array_equal(fold.train_index, train)
         np.testing.assert_array_equal(fold.test_index, test)
+
+
+def test_folds_do_not_follow_the_sorted_file_order() -> None:
+    """Sorted paths put a class's subtypes (or patients) in runs; a fold must not be one such run."""
+    y = np.repeat([0, 1], 50)  # class 0: images 0-24 one subtype, 25-49 another
+    for fold in protocol.stratified_folds(y, ["ig", "neutrophil"], 5):
+        first_class = fold.test_index[fold.test_index < 50]
+        assert 0 < (first_class < 25).sum() < first_class.size  # both subtypes in every test fold
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
@@ -394,12 +404,13 @@ def test_linear_cli_cross_validation_schema(tmp_path: Path) -> None:
     folds = [f["balanced_accuracy"] for f in logreg["per_fold"]]
     assert logreg["balanced_accuracy"] == pytest.approx({"mean": np.mean(folds), "std": np.std(folds)})
     assert results["meta"]["n_samples"] == 100 and results["meta"]["classes"] == ["a", "b", "c"]
-    # each fold is DinoBloom's LogisticRegression(C = dim * classes / 100) on unshuffled StratifiedKFold(5) folds
+    # each fold is DinoBloom's LogisticRegression(C = dim * classes / 100) on StratifiedKFold(5) folds (seed 0)
     # (guards against a wrong C, e.g. a constant instead of --C / its default, and against other folds)
     expected = np.empty_like(y)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())["logreg"]["per_fold"]
-    for fold, (train, test) in zip(saved, StratifiedKFold(n_splits=5).split(x, y)):
-        expected[test] = LogisticRegression(C=16 * 3 / 100, max_iter=1000).fit(x[train], y[train]).predict(x[test])
+    for fold, (train, test) in zip(saved, StratifiedKFold(n_splits=5, shuffle=True, random_state=0).split(x, y)):
+        x64 = x.astype(np.float64)  # as DinoBloom's features reached scikit-learn
+        expected[test] = LogisticRegression(C=16 * 3 / 100, max_iter=1000).fit(x64[train], y[train]).predict(x64[test])
         assert (fold["n_train"], fold["n_test"]) == (train.size, test.size)
         assert fold["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y[test], expected[test]), abs=1e-12)
         assert fold["accuracy"] == pytest.approx(accuracy_score(y[test], expected[test]), abs=1e-12)
@@ -443,3 +454,17 @@ def test_ctrl_c_in_a_command_is_one_line(capsys: pytest.CaptureFixture, monkeypa
     monkeypatch.setenv("DINOBLOOM_TRACEBACK", "1")
     with pytest.raises(KeyboardInterrupt):
         run_cli(interrupted)
+
+
+def test_temperature_weighting_votes_over_cosine_neighbours(tmp_path: Path) -> None:
+    """DINOv2's vote: the CLI picks cosine neighbours for it, and refuses Euclidean ones."""
+    x, y = _clusters(60, 8, 3, spread=2.0, seed=5)
+    path = _write(FeatureSet(x, y, [f"c{l}/{i}.jpg" for i, l in enumerate(y)], ["a", "b", "c"], {"model": "toy"}),
+                  tmp_path / "f.h5")  # fmt: skip
+    results = knn.main(["--features", str(path), "--output-dir", str(tmp_path / "o"), "--no-figures",
+                        "--weighting", "temperature", "--k", "5"])  # fmt: skip
+    assert results["meta"]["settings"]["metric"] == "cosine"
+    assert results["meta"]["fold_seed"] == 0
+    with pytest.raises(ValueError, match="temperature weighting .* needs the cosine metric, not 'euclidean'"):
+        knn.main(["--features", str(path), "--output-dir", str(tmp_path / "o"), "--no-figures",
+                  "--weighting", "temperature", "--metric", "euclidean"])  # fmt: skip

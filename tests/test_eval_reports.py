@@ -62,7 +62,7 @@ def test_knn_cli_writes_json_markdown_and_figures(tmp_path: Path) -> None:
     assert [r["label"] for r in rows] == [names[l] for l in y]
     for k in (1, 20):
         expected = np.empty_like(y)
-        for train, test in StratifiedKFold(n_splits=5).split(x, y):
+        for train, test in StratifiedKFold(n_splits=5, shuffle=True, random_state=0).split(x, y):
             expected[test] = KNeighborsClassifier(n_neighbors=k).fit(x[train], y[train]).predict(x[test])
         assert (expected != y).any(), "some samples must be misclassified, or a prediction is a label"
         assert [r[f"knn_{k}"] for r in rows] == [names[p] for p in expected], f"knn_{k}"
@@ -189,8 +189,10 @@ def test_pca_cli_with_a_model_name_uses_the_released_weights(tmp_path: Path, mon
     assert requested == [("dinobloom_s", DINOBLOOM_URLS["dinobloom_s"])]
 
 
-def _independent_knn_scores(state: dict[str, torch.Tensor], images: list[Path], ks: tuple[int, ...], n_splits: int):
-    """Mean balanced accuracy per k of scikit-learn's kNN on unshuffled StratifiedKFold folds of the CLS
+def _independent_knn_scores(
+    state: dict[str, torch.Tensor], images: list[Path], ks: tuple[int, ...], n_splits: int, seed: int
+) -> dict[str, float]:
+    """Mean balanced accuracy per k of scikit-learn's kNN on seeded, shuffled StratifiedKFold folds of the CLS
     features of ``images`` (28x28, ImageNet-normalised) from a tiny ViT holding ``state``."""
     from dinov2.models.vision_transformer import DinoVisionTransformer
 
@@ -206,7 +208,7 @@ def _independent_knn_scores(state: dict[str, torch.Tensor], images: list[Path], 
     scores = {}
     for k in ks:
         folds = []
-        for train, test in StratifiedKFold(n_splits=n_splits).split(features, labels):
+        for train, test in StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(features, labels):
             predicted = KNeighborsClassifier(n_neighbors=k).fit(features[train], labels[train]).predict(features[test])
             folds.append(balanced_accuracy_score(labels[test], predicted))
         scores[f"knn_{k}"] = np.mean(folds)
@@ -226,15 +228,16 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
     images = _images(tmp_path / "data", 6, shift=10, noise=200)
     out = tmp_path / "curve"
     summary = checkpoints.main(["--run-dir", str(run), "--data", str(tmp_path / "data"), "--output-dir", str(out),
-                                "--img-size", "28", "--n-splits", "3", "--k", "1", "3", "--device", "cpu"])
+                                "--img-size", "28", "--n-splits", "3", "--k", "1", "3", "--device", "cpu", "--seed", "1"])
     # Steps completed: the initial teacher, then training_<i> after step i (counted from 0).
     assert [row["iteration"] for row in summary["checkpoints"]] == [0, 2, 10]
     saved = json.loads((out / "checkpoints.json").read_text())
     assert saved["checkpoints"][0]["checkpoint"].endswith("training_init/teacher_checkpoint.pth")
     assert saved["checkpoints"][1]["checkpoint"].endswith("training_1/teacher_checkpoint.pth")
-    assert set(saved["checkpoints"][0]["results"]) == {"knn_1", "knn_3"}
+    assert list(saved["checkpoints"][0]["results"]) == saved["meta"]["methods"] == ["knn_1", "knn_3"]
+    assert saved["meta"]["fold_seed"] == 1
     # each row is scored on features of its own checkpoint (guards against extracting every row with one checkpoint)
-    expected = {name: _independent_knn_scores(state, images, (1, 3), 3) for name, state in states.items()}
+    expected = {name: _independent_knn_scores(state, images, (1, 3), 3, seed=1) for name, state in states.items()}
     assert len({tuple(scores.values()) for scores in expected.values()}) == 3, "checkpoints must score differently"
     for row in saved["checkpoints"]:
         reference = expected[Path(row["checkpoint"]).parent.name]
@@ -249,6 +252,14 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
         assert f"{written.name}`" in evaluation, written.name
     with pytest.raises(FileNotFoundError, match="no eval/training_<iteration>/teacher_checkpoint.pth"):
         checkpoints.find_checkpoints(tmp_path / "data")
+
+
+def test_sweep_table_orders_k_by_number() -> None:
+    rng = np.random.default_rng(4)
+    features, labels = rng.normal(size=(60, 8)), np.repeat([0, 1], 30)
+    scores = checkpoints.score_features(features, labels, ["a", "b"], ["knn", "logreg"], 5, "cpu", ks=(20, 5))
+    header = checkpoints.markdown_table([{"iteration": 0, "results": scores}]).splitlines()[2]
+    assert [cell.split()[0] for cell in header.strip("| ").split(" | ")[1::2]] == ["knn_5", "knn_20", "logreg"]
 
 
 @pytest.mark.parametrize("name", ["knn", "linear", "mil", "pca"])

@@ -52,6 +52,7 @@ def score_features(
     n_splits: int,
     device: Any,
     ks: tuple[int, ...] = (1, 20),
+    seed: int = 0,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Summary scores (mean/std over folds) of each method on one feature set."""
 
@@ -64,7 +65,7 @@ def score_features(
             scores["logreg"] = linear.logreg_sklearn(train_x, train_y, test_x, num_classes)
         return scores
 
-    output = protocol.run_protocol(features, labels, class_names, predict, n_splits)
+    output = protocol.run_protocol(features, labels, class_names, predict, n_splits, seed=seed)
     return {
         method: {name: result[name] for name in metrics.SUMMARY_METRICS} for method, result in output.results.items()
     }
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["knn"], help="default: knn")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20], help="kNN neighbour counts (default: 1 20)")
     parser.add_argument("--n-splits", type=int, default=5, help="folds of the stratified CV (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the (shuffled) fold assignment (default 0)")
     parser.add_argument("--img-size", type=int, default=224, help="input size for feature extraction")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         protocol.check_labelled(feature_set, args.data)
         scores = score_features(
             feature_set.features, feature_set.labels, feature_set.class_names, args.methods, args.n_splits, device,
-            tuple(args.k),
+            tuple(args.k), args.seed,
         )
         rows.append({"iteration": iteration, "checkpoint": str(path), "results": scores})
         logger.info(
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
             "data": str(args.data),
             "protocol": "stratified_kfold",
             "n_splits": args.n_splits,
-            "methods": sorted({m for row in rows for m in row["results"]}),
+            "fold_seed": args.seed,
+            "methods": _methods(rows),
             "std": "population standard deviation over folds (numpy ddof=0)",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
@@ -150,9 +153,14 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def _methods(rows: list[dict[str, Any]]) -> list[str]:
+    """The scored methods in the order they were run (knn_1, knn_5, knn_20, logreg), not as sorted text."""
+    return list(dict.fromkeys(method for row in rows for method in row["results"]))
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Iteration x method table of balanced accuracy and weighted F1 (mean ± std over folds)."""
-    methods = sorted({m for row in rows for m in row["results"]})
+    methods = _methods(rows)
     header = "| iteration | " + " | ".join(f"{m} bal. acc. | {m} weighted F1" for m in methods) + " |"
     lines = ["# Scores per checkpoint", "", header, "|---|" + "---|---|" * len(methods)]
     for row in rows:

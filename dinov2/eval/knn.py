@@ -18,7 +18,8 @@ different GEMM tiles) can tie for one implementation and not for the other.
 
 The query set is processed in chunks; memory is O(chunk x n_train), never n x n.
 Options: cosine distance (``1 - cos``, ties again to the smaller index), and DINOv2's
-temperature-weighted vote (softmax of cosine similarity / T over the k neighbours).
+temperature-weighted vote (softmax of cosine similarity / T over the k nearest neighbours by cosine
+similarity, so it requires ``metric="cosine"``; the command line picks cosine for it by default).
 """
 
 from __future__ import annotations
@@ -203,6 +204,11 @@ def knn_probabilities(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting == "temperature" and metric != "cosine":
+        raise ValueError(
+            f"temperature weighting is DINOv2's vote over the nearest neighbours by cosine similarity; it needs the "
+            f"cosine metric, not {metric!r} (leave --metric out, or use --weighting uniform for {metric} neighbours)"
+        )
     if not temperature > 0:  # also rejects NaN
         raise ValueError(f"--temperature must be > 0, got {temperature}")
     if batch_size < 1:
@@ -254,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     protocol.add_common_arguments(parser)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20], help="neighbour counts (default: 1 20)")
-    parser.add_argument("--metric", choices=METRICS, default="euclidean", help="distance (default: euclidean)")
+    parser.add_argument("--metric", choices=METRICS, default=None,
+                        help="distance (default: euclidean with uniform votes, cosine with temperature weighting)")
     parser.add_argument(
         "--weighting",
         choices=WEIGHTINGS,
@@ -272,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = protocol.parse_args_with_config(parser, argv)
     protocol.setup_logging()
     device = protocol.resolve_device(args.device)
+    metric = args.metric or ("cosine" if args.weighting == "temperature" else "euclidean")
 
     def predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int) -> dict:
         scores = knn_probabilities(
@@ -280,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
             test_x,
             ks=args.k,
             num_classes=num_classes,
-            metric=args.metric,
+            metric=metric,
             weighting=args.weighting,
             temperature=args.temperature,
             batch_size=args.batch_size,
@@ -291,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     settings = {
         "k": sorted(set(args.k)),
-        "metric": args.metric,
+        "metric": metric,
         "weighting": args.weighting,
         "temperature": args.temperature if args.weighting == "temperature" else None,
     }

@@ -72,10 +72,13 @@ def logreg_sklearn(
     """Class probabilities (n_test, num_classes) from scikit-learn's LogisticRegression (lbfgs).
 
     ``C`` is DinoBloom's multinomial C (default ``dim * classes / 100``); see the module docstring for two classes.
+    The fit runs in float64, as DinoBloom's did (its features reached scikit-learn as Python lists): scikit-learn
+    keeps float32 input in float32, and an L-BFGS that stops at ``max_iter`` then predicts some cells differently.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
+    train_x, test_x = np.asarray(train_x, dtype=np.float64), np.asarray(test_x, dtype=np.float64)
     present = _present_classes(train_y)
     model = LogisticRegression(C=_fitted_c(C, train_x.shape[1], present), max_iter=max_iter, tol=tol, solver="lbfgs")
     with warnings.catch_warnings(record=True) as caught:

@@ -114,8 +114,15 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
     return mapping[np.asarray(test_set.labels, dtype=np.int64)]
 
 
-def stratified_folds(labels: np.ndarray, class_names: Sequence[str], n_splits: int = 5) -> list[Fold]:
-    """DinoBloom's ``StratifiedKFold(n_splits)`` without shuffling, with a clear error for small classes."""
+def stratified_folds(labels: np.ndarray, class_names: Sequence[str], n_splits: int = 5, seed: int = 0) -> list[Fold]:
+    """``StratifiedKFold(n_splits, shuffle=True, random_state=seed)``, with a clear error for small classes.
+
+    DinoBloom ran ``StratifiedKFold(n_splits)`` unshuffled over its files in directory order, an order no one can
+    reproduce and unrelated to the names. Over our sorted paths the unshuffled folds would be runs of neighbouring
+    names, which in the public sets are cell subtypes (``MMY_``, ``MY_``, ``PMY_`` within ``ig``) and patients
+    (``Patient_07_...``): a fold would be tested on a subtype or patient its training folds hardly hold. Seeded
+    shuffling keeps the folds stratified, reproducible and unrelated to the file names.
+    """
     from sklearn.model_selection import StratifiedKFold
 
     labels = np.asarray(labels, dtype=np.int64)
@@ -132,7 +139,7 @@ def stratified_folds(labels: np.ndarray, class_names: Sequence[str], n_splits: i
             f"{n_splits}-fold stratified CV needs at least {n_splits} samples per class; "
             f"too few in: {', '.join(small)}"
         )
-    splitter = StratifiedKFold(n_splits=n_splits)
+    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return [Fold(train, test) for train, test in splitter.split(np.zeros(labels.size), labels)]
 
 
@@ -175,11 +182,12 @@ def run_protocol(
     test_x: np.ndarray | None = None,
     test_y: np.ndarray | None = None,
     progress: bool = False,
+    seed: int = 0,
 ) -> ProtocolOutput:
-    """Run ``predict`` on every fold (or on the fixed split when ``test_x`` is given) and score it."""
+    """Run ``predict`` on every fold (``seed`` assigns them) or on the fixed split when ``test_x`` is given."""
     num_classes = len(class_names)
     if test_x is None:
-        folds = stratified_folds(train_y, class_names, n_splits)
+        folds = stratified_folds(train_y, class_names, n_splits, seed)
         eval_x, eval_y = train_x, train_y
     else:
         if test_y is None:
@@ -208,6 +216,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-features", help="evaluate on this file instead of cross-validating --features")
     parser.add_argument("--output-dir", required=True, help="folder for results.json, results.md and figures")
     parser.add_argument("--n-splits", type=int, default=5, help="folds of the stratified CV (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the (shuffled) fold assignment (default 0)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-figures", action="store_true", help="write results.json and results.md only")
 
@@ -243,7 +252,8 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
                 except (TypeError, ValueError) as err:
                     parser.error(f"{path}: {key}={value!r} is not a valid value ({err})")
             for v in values:
-                if action.choices is not None and v not in action.choices:
+                unset = v is None and action.default is None  # null: the option's own default rule
+                if action.choices is not None and v not in action.choices and not unset:
                     parser.error(f"{path}: {key}={v!r} is not one of {list(action.choices)}")
             action.required = False
             defaults[dest] = values if many else values[0]
@@ -273,6 +283,7 @@ def build_meta(
         "classes": list(train_set.class_names),
         "protocol": "train_test" if fixed else "stratified_kfold",
         "n_splits": None if fixed else int(args.n_splits),
+        "fold_seed": None if fixed else int(args.seed),
         "std": "0 by construction (one train/test split has no spread over folds)" if fixed
         else "population standard deviation over folds (numpy ddof=0)",
         "pooled": "per_class and confusion_matrix pool the out-of-fold predictions (rows: true class)",
@@ -299,7 +310,7 @@ def run_cli_protocol(args: argparse.Namespace, predict: Predictor, settings: dic
         test_x = np.ascontiguousarray(test_set.features)
     logger.info("evaluating %s: %d samples, %d classes", args.features, train_y.size, len(train_set.class_names))
     output = run_protocol(
-        train_x, train_y, train_set.class_names, predict, args.n_splits, test_x, test_y, progress=True
+        train_x, train_y, train_set.class_names, predict, args.n_splits, test_x, test_y, progress=True, seed=args.seed
     )
     evaluated = test_set if test_set is not None else train_set
     evaluated_y = test_y if test_y is not None else train_y
