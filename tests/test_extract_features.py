@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dinov2.data import FileListDataset
 from dinov2.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dinov2.eval import extract_features as ef
 from dinov2.eval.features_io import FeatureSet, load_features, save_features
@@ -381,12 +382,36 @@ def test_lists_with_a_byte_order_mark(tmp_path: Path) -> None:
     assert ef.list_images(txt_path).paths == ["neutrophil/b.png"]
 
 
-@pytest.mark.parametrize("name", ["cells.txt", "cells.csv"])
-def test_a_list_in_another_encoding_is_named(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(("name", "message"), [("cells.txt", r"cells.txt:1: .* is not UTF-8 text"),
+                                               ("cells.csv", r"cells.csv: an image list must be UTF-8 text")])
+def test_a_list_in_another_encoding_is_named(tmp_path: Path, name: str, message: str) -> None:
     listed = tmp_path / name
     listed.write_bytes("path,label\nZelle_\u00fc.png,blast\n".encode("utf-16"))
-    with pytest.raises(ValueError, match=rf"{name}: an image list must be UTF-8 text"):
+    with pytest.raises(ValueError, match=message):
         ef.list_images(listed)
+
+
+def test_a_txt_list_follows_the_training_lists_rules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_weights: tuple[Path, DinoVisionTransformer]
+) -> None:
+    """`~` paths, # comments, and a line that is no image path named by its line number, as in training."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _image(tmp_path / "home" / "cells" / "a.png", 0)
+    listed = tmp_path / "cells.txt"
+    listed.write_text("# my cells\n~/cells/a.png\n")
+    features = ef.extract_features(listed, weights=tiny_weights[0], img_size=IMG, device="cpu")
+    assert features.paths == [str(tmp_path / "home" / "cells" / "a.png")] and features.features.shape[0] == 1
+    assert FileListDataset(listed).path(0) == features.paths[0]
+    listed.write_text("~/cells/a.png\nnotes about the stain\n")
+    with pytest.raises(ValueError, match=r"cells.txt:2: 'notes about the stain' is not an image path"):
+        ef.list_images(listed)
+    with pytest.raises(ValueError, match=r"cells.txt is empty"):
+        listed.write_text("# nothing yet\n")
+        ef.list_images(listed)
+    monkeypatch.chdir(tmp_path)
+    assert ef.list_images("~/cells").paths == ["a.png"]
+    with pytest.raises(FileNotFoundError, match="^evaluation.knn_data not found: "):
+        ef.list_images("~/nowhere", setting="evaluation.knn_data")
 
 
 def test_output_suffix_is_checked_before_any_work(monkeypatch: pytest.MonkeyPatch, image_folder: Path,

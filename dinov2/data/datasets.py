@@ -97,7 +97,17 @@ def _one_intra_op_thread() -> Iterator[None]:
 def _read_file_list(list_file: Path) -> list[str]:
     """Image paths of one ``.txt`` list, relative entries resolved against the list's folder."""
     base = list_file.parent
-    paths: list[str] = []
+    return [path if os.path.isabs(path) else os.path.join(base, path) for path in read_list_entries(list_file)]
+
+
+def read_list_entries(list_file: Path) -> list[str]:
+    """The image paths of a ``.txt`` list as written (``~`` expanded; relative ones are relative to its folder).
+
+    One path per line; blank lines and ``#`` comments are skipped. A line that is not an image path, text that is
+    not UTF-8 (other than the raw name of an existing image) and a list without paths are errors naming the line.
+    """
+    base = list_file.parent
+    entries: list[str] = []
     # surrogateescape keeps the raw bytes of an image name that is not UTF-8 (as make_file_lists writes it);
     # any other byte that is not UTF-8 (a cp1252 or UTF-16 list) is caught below.
     with open(list_file, encoding="utf-8-sig", errors="surrogateescape") as handle:
@@ -105,9 +115,8 @@ def _read_file_list(list_file: Path) -> list[str]:
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            path = os.path.expanduser(line)
-            if not os.path.isabs(path):
-                path = os.path.join(base, path)
+            entry = os.path.expanduser(line)
+            path = entry if os.path.isabs(entry) else os.path.join(base, entry)
             if "\0" in line or (not _is_utf8(line) and not os.path.isfile(path)):
                 raw_bytes = line.encode("utf-8", "surrogateescape")
                 raise DatasetError(
@@ -119,10 +128,10 @@ def _read_file_list(list_file: Path) -> list[str]:
                     f"{list_file}:{line_number}: {line!r} is not an image path "
                     f"(expected one path per line ending in one of {', '.join(IMAGE_EXTENSIONS)})"
                 )
-            paths.append(path)
-    if not paths:
+            entries.append(entry)
+    if not entries:
         raise DatasetError(f"file list {list_file} is empty (no image paths, only blank or # lines)")
-    return paths
+    return entries
 
 
 def _is_utf8(text: str) -> bool:

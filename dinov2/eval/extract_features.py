@@ -9,7 +9,8 @@
   levels are kept in the stored relative paths (e.g. `<label>/<patient>/<cell>.jpg`); images directly in
   the folder are unlabelled (-1); hidden files and folders (".name") are skipped; symlinked folders are
   followed, each real folder once;
-* a `.txt` file with one image path per line (relative to the file's folder, or absolute): unlabelled;
+* a `.txt` file with one image path per line (relative to the file's folder, or absolute; `#` comments), read
+  by the rules of the training lists: unlabelled;
 * a `.csv` file with a `path` column and an optional `label` column (class names; empty = unlabelled).
 
 Preprocessing is DinoBloom's: Resize((img_size, img_size)) bilinear with antialias, ToTensor, ImageNet
@@ -45,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from dinov2.data.datasets import IMAGE_EXTENSIONS, find_images
+from dinov2.data.datasets import IMAGE_EXTENSIONS, find_images, read_list_entries
 from dinov2.data.transforms import load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, _check_suffix, save_features
 from dinov2.eval.partial_features import PartialFeatures, image_list_digest
@@ -79,9 +80,8 @@ def _labelled(root: Path, paths: list[str], names: list[str | None]) -> ImageLis
 
 def _read_list(data: Path) -> ImageList:
     """The images of a `.txt` (unlabelled) or `.csv` (`path`, optional `label`) list."""
-    if data.suffix.lower() == ".txt":
-        lines = (line.strip() for line in data.read_text(encoding="utf-8-sig").splitlines())
-        paths = [line for line in lines if line and not line.startswith("#")]
+    if data.suffix.lower() == ".txt":  # the training lists' format, read by the same rules
+        paths = read_list_entries(data)
         return ImageList(data.parent, paths, [-1] * len(paths), [])
     with data.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
         reader = csv.DictReader(f)
@@ -92,9 +92,12 @@ def _read_list(data: Path) -> ImageList:
     return _labelled(data.parent, paths, [(row.get("label") or "").strip() or None for row in rows])
 
 
-def list_images(data: str | os.PathLike[str]) -> ImageList:
-    """Collect the images of a folder, `.txt` list or `.csv` list (see the module docstring for labels)."""
-    data = Path(data)
+def list_images(data: str | os.PathLike[str], setting: str = "--data") -> ImageList:
+    """Collect the images of a folder, `.txt` list or `.csv` list (see the module docstring for labels).
+
+    ``setting`` names where ``data`` came from in error messages (an option or a config key).
+    """
+    data = Path(data).expanduser()
     if data.is_dir():
         rel = sorted(Path(path).relative_to(data) for path in find_images(data))  # by folder, then name
         labels = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
@@ -105,9 +108,9 @@ def list_images(data: str | os.PathLike[str]) -> ImageList:
         except UnicodeDecodeError as err:
             raise ValueError(f"{data}: an image list must be UTF-8 text, not UTF-16 or a Windows code page ({err})")
     elif not data.exists():
-        raise FileNotFoundError(f"--data not found: {data}")
+        raise FileNotFoundError(f"{setting} not found: {data}")
     else:
-        raise ValueError(f"--data must be a folder, a .txt or a .csv list of images, got {data}")
+        raise ValueError(f"{setting} must be a folder, a .txt or a .csv list of images, got {data}")
     if not image_list.paths:
         raise ValueError(f"no images found in {data} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return image_list

@@ -87,7 +87,7 @@ class KnnMonitor:
                 f"current directory, {Path.cwd()}); set it to a labelled image folder, or empty "
                 "(evaluation.knn_data=) for no kNN monitor"
             )
-        images = list_images(cfg.evaluation.knn_data)
+        images = list_images(cfg.evaluation.knn_data, setting="evaluation.knn_data")
         if any(label < 0 for label in images.labels) or len(images.class_names) < 2:
             raise ConfigError(
                 f"evaluation.knn_data={cfg.evaluation.knn_data} must be a folder with one sub-folder per class "
