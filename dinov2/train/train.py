@@ -304,6 +304,88 @@ def check_bad_images(bad_images: int, images_seen: int, dataset_size: int, max_f
         )
 
 
+def warn_about_changes(
+    checkpoint: Path,
+    state: dict[str, Any],
+    start_iter: int,
+    global_batch: int,
+    dataset_size: int,
+    blur: list[float],
+    config_changes: Sequence[str],
+) -> None:
+    """Warn where a run continued from ``checkpoint`` will differ from the run that wrote it."""
+    if state["images_seen"] != start_iter * global_batch:
+        logger.warning(
+            "%s saw %d images in %d steps; this run takes %d per step, so its data order and learning rate "
+            "differ from those of an uninterrupted run", checkpoint, state["images_seen"], start_iter, global_batch,
+        )
+    if state.get("dataset_size", dataset_size) != dataset_size:
+        logger.warning(
+            "%s was trained on %d images, the lists now hold %d: from here the sample order differs from that of "
+            "an uninterrupted run (this epoch may repeat or skip some images)", checkpoint, state["dataset_size"],
+            dataset_size,
+        )
+    if state.get("blur") != blur:
+        logger.warning(
+            "%s was trained with blur probabilities %s, this run continues with %s (global view 1, global view 2, "
+            "local); a checkpoint without a record comes from a version whose DinoBloom recipe blurred global views "
+            "with 0.1 (DINOv2's: 1.0, 0.1, 0.5): set crops.blur_probabilities to continue as it was",
+            checkpoint, state.get("blur", "(no record)"), blur,
+        )
+    if config_changes:
+        logger.warning(
+            "resuming with settings that differ from the checkpointed run's config.yaml; they apply from "
+            "iteration %d on: %s", start_iter, "; ".join(config_changes),
+        )
+
+
+def score_end_of_training(
+    cfg: DictConfig, output_dir: Path, info: distributed.DistInfo, monitor: KnnMonitor, backbone: torch.nn.Module,
+    max_iter: int,
+) -> None:
+    """The kNN score of a finished run that was stopped before its end-of-training score, sent to its trackers."""
+    score = monitor.evaluate(backbone, END_OF_TRAINING, max_iter)
+    monitor.log_summary()
+    metrics = MetricsLog.from_config(cfg, output_dir, info.is_main_process, max_iter)
+    metrics.log({"iteration": max_iter, "knn_balanced_accuracy": score}, to_file=False)
+    metrics.close()
+
+
+def finite_mean_losses(terms: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:
+    """The loss terms averaged over the ranks; a total that is not finite stops the run before anything is saved."""
+    values = distributed.all_reduce_mean(torch.stack([v.float() for v in terms.values()]))
+    losses = dict(zip(terms, values.tolist()))
+    if not math.isfinite(losses["total_loss"]):
+        raise FloatingPointError(
+            f"the loss is {losses['total_loss']} at iteration {iteration}; stopping before this iteration is saved "
+            "(re-running resumes from the last checkpoint); lower optim.base_lr or use bf16/fp32"
+        )
+    return losses
+
+
+def colour_augmentation_on_device(cfg: DictConfig, device: torch.device) -> bool:
+    """Whether the views' colour operations run on ``device`` (``train.colour_augmentation``); logs where."""
+    on_device = cfg.train.colour_augmentation == "device" or (
+        cfg.train.colour_augmentation == "auto" and device.type == "cuda"
+    )
+    loading = "the data-loader workers" if cfg.train.num_workers > 0 else "the data loader (in this process)"
+    logger.info("colour augmentation %s", f"on {device.type} (uint8 crops from {loading})" if on_device
+                else f"in {loading}")  # fmt: skip
+    return on_device
+
+
+def log_progress(record: dict[str, Any], max_iter: int, seconds_per_step: float) -> None:
+    """One log line of a logged step: the losses, lr, throughput and the time left."""
+    terms = ", ".join(
+        f"{k.removesuffix('_loss')} {v:.4f}" for k, v in record.items() if k.endswith("_loss") and k != "total_loss"
+    )
+    eta = timedelta(seconds=round((max_iter - 1 - record["iteration"]) * seconds_per_step))
+    logger.info(
+        "it %d/%d  loss %.4f (%s)  lr %.2e  %.1f img/s  eta %s",
+        record["iteration"], max_iter, record["total_loss"], terms, record["lr"], record["images_per_s"], eta,
+    )
+
+
 def train(
     cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.DistInfo, previous_config: str | None = None
 ) -> dict[str, Any]:
@@ -336,33 +418,10 @@ def train(
         state = load_checkpoint(latest, model, optimizer)
         start_iter = state["iteration"] + 1
         images_seen, bad_images = state["images_seen"], state["bad_images"]
-        if images_seen != start_iter * global_batch:
-            logger.warning(
-                "%s saw %d images in %d steps; this run takes %d per step, so its data order and learning rate "
-                "differ from those of an uninterrupted run", latest, images_seen, start_iter, global_batch,
-            )
-        if state.get("dataset_size", len(dataset)) != len(dataset):
-            logger.warning(
-                "%s was trained on %d images, the lists now hold %d: from here the sample order differs from that of "
-                "an uninterrupted run (this epoch may repeat or skip some images)", latest, state["dataset_size"],
-                len(dataset),
-            )
-        if state.get("blur") != blur:
-            logger.warning(
-                "%s was trained with blur probabilities %s, this run continues with %s (global view 1, global view 2, "
-                "local); a checkpoint without a record comes from a version whose DinoBloom recipe blurred global views "
-                "with 0.1 (DINOv2's: 1.0, 0.1, 0.5): set crops.blur_probabilities to continue as it was",
-                latest, state.get("blur", "(no record)"), blur,
-            )
-        if resuming and previous_config is not None:
-            changes = config_differences(OmegaConf.create(previous_config), cfg)
-            if changes:
-                logger.warning(
-                    "resuming with settings that differ from the checkpointed run's config.yaml; they apply from "
-                    "iteration %d on: %s", start_iter, "; ".join(changes),
-                )
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
+        run_changes = config_differences(OmegaConf.create(previous_config), cfg) if resuming and previous_config else []
+        warn_about_changes(latest, state, start_iter, global_batch, len(dataset), blur, run_changes)
         logger.info("resuming at iteration %d from %s", start_iter, latest)
     if not resuming:  # after loading MODEL.WEIGHTS, which may lie in this folder's checkpoints
         distributed.barrier()  # every rank has read them before they are moved
@@ -374,11 +433,7 @@ def train(
     if start_iter >= max_iter:
         logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", latest, max_iter)
         if monitor is not None and not monitor.has_score(END_OF_TRAINING, max_iter):  # e.g. preempted while scoring
-            score = monitor.evaluate(model.teacher.backbone, END_OF_TRAINING, max_iter)
-            monitor.log_summary()
-            metrics = MetricsLog.from_config(cfg, output_dir, info.is_main_process, max_iter)  # the run's trackers
-            metrics.log({"iteration": max_iter, "knn_balanced_accuracy": score}, to_file=False)
-            metrics.close()
+            score_end_of_training(cfg, output_dir, info, monitor, model.teacher.backbone, max_iter)
         return {}
 
     def checkpoint(iteration: int) -> None:
@@ -404,12 +459,7 @@ def train(
                 score = monitor.evaluate(model.teacher.backbone, "initialisation", 0)
                 metrics.log({"iteration": 0, "knn_balanced_accuracy": score}, to_file=False)  # knn_monitor.json has it
 
-        colour_on_device = cfg.train.colour_augmentation == "device" or (
-            cfg.train.colour_augmentation == "auto" and device.type == "cuda"
-        )
-        loading = "the data-loader workers" if cfg.train.num_workers > 0 else "the data loader (in this process)"
-        logger.info("colour augmentation %s", f"on {device.type} (uint8 crops from {loading})" if colour_on_device
-                    else f"in {loading}")  # fmt: skip
+        colour_on_device = colour_augmentation_on_device(cfg, device)
         compute_dtype = autocast_dtype(cfg, device)
         loader, _ = build_train_loader(
             cfg, dataset, start=start_iter * global_batch, rank=info.rank, world_size=info.world_size,
@@ -453,13 +503,7 @@ def train(
             log_now = (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == start_iter
             log_now = log_now or effective_rank is not None
             if log_now or export_now or save_now:  # the loss is checked before anything is written
-                values = distributed.all_reduce_mean(torch.stack([v.float() for v in terms.values()]))
-                losses = dict(zip(terms, values.tolist()))
-                if not math.isfinite(losses["total_loss"]):
-                    raise FloatingPointError(
-                        f"the loss is {losses['total_loss']} at iteration {iteration}; stopping before this iteration is saved "
-                        "(re-running resumes from the last checkpoint); lower optim.base_lr or use bf16/fp32"
-                    )
+                losses = finite_mean_losses(terms, iteration)
             if log_now:
                 elapsed = time.perf_counter() - window_start
                 last = {
@@ -473,14 +517,7 @@ def train(
                     last["rankme"], last["rankme_crops"] = effective_rank
                     logger.info("RankMe of the teacher's CLS tokens on %d global crops: %.1f", *effective_rank[::-1])
                 metrics.log(last)
-                seconds_per_step = elapsed * global_batch / max(window_images, 1)
-                logger.info(
-                    "it %d/%d  loss %.4f (%s)  lr %.2e  %.1f img/s  eta %s",
-                    iteration, max_iter, last["total_loss"],
-                    ", ".join(f"{k.removesuffix('_loss')} {v:.4f}" for k, v in last.items()
-                              if k.endswith("_loss") and k != "total_loss"),
-                    lr, last["images_per_s"], timedelta(seconds=round((max_iter - 1 - iteration) * seconds_per_step)),
-                )
+                log_progress(last, max_iter, seconds_per_step=elapsed * global_batch / max(window_images, 1))
                 window_start, window_images = time.perf_counter(), 0
 
             if export_now:
