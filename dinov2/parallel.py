@@ -33,12 +33,11 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from dinov2.configs import ConfigError
+from dinov2.configs import SHARDING_STRATEGIES, ConfigError
 
 logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 _FORWARD_METHODS = ("forward_features", "get_intermediate_layers")
 
 

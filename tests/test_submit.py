@@ -18,6 +18,7 @@ import pytest
 import submitit
 
 from dinov2.configs import load_config
+from dinov2.distributed import slurm_master_port
 from dinov2.run import submit as launcher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -163,11 +164,13 @@ def test_torchrun_env_from_job_environment() -> None:
         "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "gpu-a17",
     }  # fmt: skip
     port = int(env["MASTER_PORT"])
-    assert launcher.MASTER_PORT_RANGE[0] <= port < launcher.MASTER_PORT_RANGE[1]
+    assert 20_000 <= port < 40_000
     # every task of a job agrees on the port (it must not depend on the rank or on Python's hash seed)
     assert launcher.torchrun_env(fake_env("4242", 0, 0))["MASTER_PORT"] == env["MASTER_PORT"]
     other = subprocess.run(
-        [sys.executable, "-c", "from dinov2.run.submit import master_port; print(master_port('4242'))"],
+        [sys.executable, "-c", "from dinov2.run.submit import torchrun_env; from types import SimpleNamespace as N; "
+         "print(torchrun_env(N(job_id='4242', global_rank=7, local_rank=3, num_tasks=8, num_nodes=2, "
+         "hostnames=['a', 'b']))['MASTER_PORT'])"],
         capture_output=True, text=True, check=True, cwd=REPO_ROOT,
     )  # fmt: skip
     assert int(other.stdout) == port
@@ -195,7 +198,7 @@ def test_training_job_sets_env_then_calls_train_main(monkeypatch: pytest.MonkeyP
     assert seen["argv"] == ["--config-file", "c.yaml", "a.b=1"]
     assert seen["env"] == {
         "RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "node7",
-        "MASTER_PORT": str(launcher.master_port("99")),
+        "MASTER_PORT": str(slurm_master_port("99")),
     }  # fmt: skip
 
     # a job that SLURM requeued by itself must resume, not start over

@@ -27,9 +27,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dinov2.configs import CHOICES
+
 logger = logging.getLogger(__name__)
 
-DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+DEVICE_CHOICES = CHOICES["train.device"]
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
     return values
 
 
-def _slurm_master_port(job_id: str, step_id: str = "0") -> int:
+def slurm_master_port(job_id: str, step_id: str = "0") -> int:
     """A port in [20000, 40000) that every task of a job step derives alike: ``20000 + (job + 7919 step) % 20000``.
 
     The step enters too: two steps of one allocation on one node (a sweep of two 4-GPU runs) must not share it.
@@ -142,7 +144,7 @@ def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | Non
             port = (
                 _env_int("MASTER_PORT")
                 if os.environ.get("MASTER_PORT")
-                else _slurm_master_port(os.environ.get("SLURM_JOB_ID", "0"), os.environ.get("SLURM_STEP_ID", "0"))
+                else slurm_master_port(os.environ.get("SLURM_JOB_ID", "0"), os.environ.get("SLURM_STEP_ID", "0"))
             )
             n_nodes = _env_int("SLURM_STEP_NUM_NODES", _env_int("SLURM_NNODES", 1))
             return (

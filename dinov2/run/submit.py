@@ -25,13 +25,14 @@ import difflib
 import logging
 import os
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import torch
 from omegaconf import OmegaConf
+
+from dinov2.distributed import slurm_master_port
 
 try:
     import submitit
@@ -47,7 +48,6 @@ DEFAULT_SLURM_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "slurm"
 # train.py saves a checkpoint on SIGUSR1 before handing the signal over to submitit's own handler.
 # submitit's default is SIGUSR2, so the signal is pinned both in the sbatch file and in the job.
 PREEMPT_SIGNAL = "USR1"
-MASTER_PORT_RANGE = (20_000, 60_000)
 
 # Launcher settings: name -> type; each one is a key of the SLURM yaml and a flag (dashes for underscores).
 SETTINGS: dict[str, type] = {
@@ -113,12 +113,6 @@ def strip_no_resume(argv: Sequence[str]) -> list[str]:
     return [arg for arg in argv if arg != "--no-resume"]
 
 
-def master_port(job_id: str) -> int:
-    """Return a port derived from the job id, identical on every task (unlike the salted ``hash``)."""
-    low, high = MASTER_PORT_RANGE
-    return low + zlib.crc32(job_id.encode()) % (high - low)
-
-
 def torchrun_env(job_env: JobEnvironmentLike) -> dict[str, str]:
     """Return the torchrun variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*) for one task."""
     return {
@@ -127,7 +121,7 @@ def torchrun_env(job_env: JobEnvironmentLike) -> dict[str, str]:
         "WORLD_SIZE": str(job_env.num_tasks),
         "LOCAL_WORLD_SIZE": str(job_env.num_tasks // job_env.num_nodes),
         "MASTER_ADDR": job_env.hostnames[0],
-        "MASTER_PORT": str(master_port(job_env.job_id)),
+        "MASTER_PORT": str(slurm_master_port(job_env.job_id)),  # as a task started by srun alone would derive it
     }
 
 

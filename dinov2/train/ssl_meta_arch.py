@@ -77,7 +77,6 @@ class SSLMetaArch(nn.Module):
         self.teacher = build_parts(cfg, teacher=True)
         for p in self.teacher.parameters():
             p.requires_grad = False
-        self.embed_dim = self.student.backbone.embed_dim
 
         self.do_dino = cfg.dino.loss_weight > 0
         self.do_koleo = cfg.dino.koleo_loss_weight > 0

@@ -180,13 +180,13 @@ class PreemptionHandler:
                 self.received = int(sig)
         return stop
 
-    def forward_signal(self, frame: Any = None) -> None:
+    def forward_signal(self) -> None:
         """Hand the signal to the previous handler, or exit with 128 + signal number."""
         assert self.received is not None
         previous = self.previous.get(self.received)
         self.uninstall()
         if callable(previous) and previous is not signal.default_int_handler:  # Python's raises KeyboardInterrupt
-            previous(self.received, frame)
+            previous(self.received, None)
         raise SystemExit(128 + self.received)
 
 
