@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -134,7 +135,7 @@ def cpu_busy_warning(threads: int) -> str | None:
     return None
 
 
-def synthetic_batch(cfg, batch_size: int, seed: int, dtype: torch.dtype = torch.float32) -> dict:
+def synthetic_batch(cfg: DictConfig, batch_size: int, seed: int, dtype: torch.dtype = torch.float32) -> dict:
     """A collated batch of random images with iBOT masks, shaped like the training loader's (crops as ``dtype``)."""
     gen = torch.Generator().manual_seed(seed)
     g, l = cfg.crops.global_crops_size, cfg.crops.local_crops_size

@@ -44,6 +44,7 @@ class CheckpointError(RuntimeError):
 
 
 def is_url(path_or_url: str | os.PathLike[str]) -> bool:
+    """Whether ``path_or_url`` is an http(s) or ftp address rather than a local path."""
     return urlparse(str(path_or_url)).scheme in ("http", "https", "ftp")
 
 
