@@ -6,18 +6,33 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from dinov2.hub.loader import CheckpointError
 
 #: What a mistake in a CLI's input raises (a missing file, a bad value, a checkpoint of the wrong model).
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, CheckpointError)
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]  # dinov2/ and scripts/
+
+
+def raised_outside_the_project(err: BaseException) -> str | None:
+    """The module that raised ``err`` when that is not this project's code (a library's check), else None."""
+    tb = err.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    if _PROJECT_ROOT in Path(tb.tb_frame.f_code.co_filename).resolve().parents:
+        return None
+    return str(tb.tb_frame.f_globals.get("__name__", tb.tb_frame.f_code.co_filename))
 
 
 def run_cli(main: Callable[[], object], errors: tuple[type[BaseException], ...] = USER_ERRORS) -> None:
     """Run ``main``; one of ``errors`` ends in one ``error:`` line on stderr and exit status 2, Ctrl-C in one
     ``interrupted`` line and status 130 (what a shell reports for SIGINT).
 
-    ``DINOBLOOM_TRACEBACK=1`` in the environment shows the traceback instead.
+    ``DINOBLOOM_TRACEBACK=1`` in the environment shows the traceback instead; an error that a library raised
+    (not this project's own check) says where it came from and how to see the traceback.
     """
     try:
         main()
@@ -25,6 +40,9 @@ def run_cli(main: Callable[[], object], errors: tuple[type[BaseException], ...] 
         if os.environ.get("DINOBLOOM_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)
+        origin = raised_outside_the_project(err)
+        if origin is not None:
+            print(f"(raised in {origin}; DINOBLOOM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         if os.environ.get("DINOBLOOM_TRACEBACK"):

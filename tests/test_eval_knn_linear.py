@@ -456,6 +456,21 @@ def test_ctrl_c_in_a_command_is_one_line(capsys: pytest.CaptureFixture, monkeypa
         run_cli(interrupted)
 
 
+def test_a_library_error_says_where_it_came_from(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our own checks end in one line; a ValueError from a library's Python code also names the module."""
+    from dinov2.parallel import dtype_from_name
+
+    monkeypatch.delenv("DINOBLOOM_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit):
+        run_cli(lambda: dtype_from_name("fp8"))
+    assert capsys.readouterr().err == "error: unknown dtype 'fp8'; expected one of fp32, fp16, bf16\n"
+    with pytest.raises(SystemExit):
+        run_cli(lambda: json.loads("{not json"))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("error: Expecting property name")
+    assert lines[1] == "(raised in json.decoder; DINOBLOOM_TRACEBACK=1 shows the traceback)"
+
+
 def test_temperature_weighting_votes_over_cosine_neighbours(tmp_path: Path) -> None:
     """DINOv2's vote: the CLI picks cosine neighbours for it, and refuses Euclidean ones."""
     x, y = _clusters(60, 8, 3, spread=2.0, seed=5)
