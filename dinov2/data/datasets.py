@@ -279,11 +279,6 @@ class FileListDataset(torch.utils.data.Dataset):
 
         return paths, top_folder
 
-    @property
-    def image_root(self) -> Path:
-        """The folder image paths are reported relative to: the root folder, or a single list's folder."""
-        return self.root.parent if self.root.is_file() else self.root
-
     def __len__(self) -> int:
         return len(self._paths)
 
