@@ -394,6 +394,29 @@ def test_test_features_from_the_same_images_are_flagged(tmp_path: Path, caplog: 
     assert "share 20 of 20 test images: the test scores are not held out" in caplog.text
 
 
+def test_test_features_made_another_way_are_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    x, y = _clusters(60, 8, 3, spread=2.0, seed=3)
+    paths = [f"c{label}/{i}.jpg" for i, label in enumerate(y)]
+    train = _write(FeatureSet(x[20:], y[20:], paths[20:], ["a", "b", "c"], {"model": "toy", "img_size": 224}),
+                   tmp_path / "train.h5")  # fmt: skip
+    test = _write(FeatureSet(x[:20], y[:20], paths[:20], ["a", "b", "c"], {"model": "toy", "img_size": 112}),
+                  tmp_path / "test.h5")  # fmt: skip
+    with caplog.at_level("WARNING", logger="dinov2.eval.protocol"):
+        results = knn.main(["--features", str(train), "--test-features", str(test), "--output-dir",
+                            str(tmp_path / "o"), "--k", "1", "--no-figures", "--device", "cpu"])  # fmt: skip
+    assert "with img_size=112 but" in caplog.text and "with img_size=224" in caplog.text
+    assert results["meta"]["pooled"].startswith("per_class and confusion_matrix are of the test set's predictions")
+
+
+def test_an_unparsable_eval_config_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("k: [1, 2\n")
+    with pytest.raises(SystemExit):
+        protocol.parse_args_with_config(knn.build_parser(), ["--config", str(broken), "--features", "f.h5",
+                                                             "--output-dir", "o"])  # fmt: skip
+    assert f"{broken}: cannot parse the YAML" in capsys.readouterr().err
+
+
 def test_linear_cli_cross_validation_schema(tmp_path: Path) -> None:
     x, y = _clusters(100, 16, 3, spread=2.0, seed=16)
     path = _write(FeatureSet(x, y, [f"c{l}/{i}.jpg" for i, l in enumerate(y)], ["a", "b", "c"], {"model": "toy"}), tmp_path / "f.h5")
@@ -480,6 +503,8 @@ def test_temperature_weighting_votes_over_cosine_neighbours(tmp_path: Path) -> N
                         "--weighting", "temperature", "--k", "5"])  # fmt: skip
     assert results["meta"]["settings"]["metric"] == "cosine"
     assert results["meta"]["fold_seed"] == 0
+    report = (tmp_path / "o" / "results.md").read_text()  # two runs with other settings must not read alike
+    assert "- fold seed: `0`" in report and "weighting `temperature`" in report and "metric `cosine`" in report
     with pytest.raises(ValueError, match="temperature weighting .* needs the cosine metric, not 'euclidean'"):
         knn.main(["--features", str(path), "--output-dir", str(tmp_path / "o"), "--no-figures",
                   "--weighting", "temperature", "--metric", "euclidean"])  # fmt: skip

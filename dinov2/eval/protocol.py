@@ -100,6 +100,13 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
             "%s was extracted with weights %s but %s with %s: the probe is trained on one model's features and "
             "tested on another's unless the two files are the same", test_path, test_weights, train_path, train_weights,
         )
+    for key in ("img_size", "precision"):
+        train_value, test_value = train_set.meta.get(key), test_set.meta.get(key)
+        if train_value is not None and test_value is not None and train_value != test_value:
+            logger.warning(
+                "%s was extracted with %s=%s but %s with %s=%s: the probe is tested on features made another way",
+                test_path, key, test_value, train_path, key, train_value,
+            )
     unknown = sorted(set(test_set.class_names) - set(train_set.class_names))
     if unknown:
         raise ValueError(f"{test_path}: classes {unknown} do not occur in {train_path} ({train_set.class_names})")
@@ -230,7 +237,10 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
         path = Path(known.config)
         if not path.is_file():
             parser.error(f"config file not found: {path}")
-        config = yaml.safe_load(path.read_text()) or {}
+        try:
+            config = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            parser.error(f"{path}: cannot parse the YAML: {err}")
         if not isinstance(config, dict):
             parser.error(f"{path}: expected a mapping of option names to values")
         actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
@@ -286,7 +296,8 @@ def build_meta(
         "fold_seed": None if fixed else int(args.seed),
         "std": "0 by construction (one train/test split has no spread over folds)" if fixed
         else "population standard deviation over folds (numpy ddof=0)",
-        "pooled": "per_class and confusion_matrix pool the out-of-fold predictions (rows: true class)",
+        "pooled": "per_class and confusion_matrix are of the test set's predictions (rows: true class)" if fixed
+        else "per_class and confusion_matrix pool the out-of-fold predictions (rows: true class)",
         "settings": settings,
         "dinobloom_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -80,9 +80,12 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
     columns = [m for m in _METRIC_TITLES if any(m in results[name] for name in methods)]
     lines = ["# Evaluation results", ""]
     for key in ("features", "test_features", "bags", "model", "weights", "embed_dim", "n_samples", "n_test_samples",
-                "n_patients", "protocol", "n_splits"):
+                "n_patients", "protocol", "n_splits", "fold_seed"):
         if meta.get(key) not in (None, ""):
             lines.append(f"- {key.replace('_', ' ')}: `{meta[key]}`")
+    settings = {key: value for key, value in (meta.get("settings") or {}).items() if value is not None}
+    if settings:
+        lines.append("- settings: " + ", ".join(f"{key} `{value}`" for key, value in settings.items()))
     if meta.get("classes"):
         lines.append(f"- classes: {', '.join(meta['classes'])}")
     if meta.get("std"):  # not "± is the ...": meta["std"] describes a spread over folds, but is a value for one split
