@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dinov2.configs import TRAIN_CONFIG_DIR, load_config  # noqa: E402
 from dinov2.data import FileListDataset, SampleKey, load_image  # noqa: E402
 from dinov2.data.photometric import finish_crops  # noqa: E402
+from dinov2.eval.protocol import resolve_device  # noqa: E402
 from dinov2.parallel import dtype_from_name  # noqa: E402
 from dinov2.train.data import build_train_collate, build_train_dataset, build_train_loader  # noqa: E402
 
@@ -152,8 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for option in ("batch_size", "batches", "per_worker_images", "repeats"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    if min(args.workers) < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    if args.colour == "device":
+        resolve_device(args.device)  # a device this machine lacks is refused before any work
 
     if args.demo is not None:
         from dinov2.data.demo import generate_demo_dataset

@@ -664,6 +664,16 @@ def test_benchmark_script_smoke(
     assert built == [("hematology", 64, colour == "device")]
 
 
+@pytest.mark.parametrize("bad", [["--per-worker-images", "0"], ["--repeats", "0"], ["--batches", "0"],
+                                 ["--workers", "-1"]])  # fmt: skip
+def test_benchmark_script_refuses_bad_counts_before_any_work(
+    image_tree: Path, capsys: pytest.CaptureFixture, load_script: Callable[[str], ModuleType], bad: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        load_script("benchmark_data").main(["--data", str(image_tree), *bad])
+    assert exited.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- real images
 
 

@@ -121,6 +121,17 @@ def test_generate_argument_errors(tmp_path: Path) -> None:
         generate_demo_dataset(tmp_path, images_per_class=1, classes=["neutrophil", "unicorn"])
     with pytest.raises(ValueError, match="image_format"):
         generate_demo_dataset(tmp_path, images_per_class=1, image_format="gif")
+    with pytest.raises(ValueError, match="demo class\\(es\\) basophil given more than once"):
+        generate_demo_dataset(tmp_path, images_per_class=1, classes=["basophil", "ig", "basophil"])
+    with pytest.raises(ValueError, match=r"\(--size\), got 8"):
+        generate_demo_dataset(tmp_path, images_per_class=1, image_size=8)
+    with pytest.raises(ValueError, match=r"\(--seed\), got -1"):
+        generate_demo_dataset(tmp_path, images_per_class=1, seed=-1)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="notes.txt is a file; the demo data set needs a folder"):
+        generate_demo_dataset(a_file, images_per_class=1)
+    assert not (tmp_path / "images").exists()  # nothing was written
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

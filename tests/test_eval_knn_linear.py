@@ -415,6 +415,9 @@ def test_an_unparsable_eval_config_is_one_error(tmp_path: Path, capsys: pytest.C
         protocol.parse_args_with_config(knn.build_parser(), ["--config", str(broken), "--features", "f.h5",
                                                              "--output-dir", "o"])  # fmt: skip
     assert f"{broken}: cannot parse the YAML" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        knn.build_parser().parse_args(["--features", "f.h5", "--output-dir", "o", "--seed", "-1"])
+    assert "argument --seed: must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_linear_cli_cross_validation_schema(tmp_path: Path) -> None:

@@ -408,6 +408,12 @@ def test_a_txt_list_follows_the_training_lists_rules(
     with pytest.raises(ValueError, match=r"cells.txt is empty"):
         listed.write_text("# nothing yet\n")
         ef.list_images(listed)
+    listed_csv = tmp_path / "cells.csv"
+    listed_csv.write_text("path,label\n~/cells/a.png,neutrophil\n")
+    assert ef.list_images(listed_csv).paths == [str(tmp_path / "home" / "cells" / "a.png")]
+    listed_csv.write_text("path,label\n~/cells/a.png,neutrophil\n# a comment row,\n")
+    with pytest.raises(ValueError, match=r"cells.csv:3: '# a comment row' is not an image path"):
+        ef.list_images(listed_csv)
     monkeypatch.chdir(tmp_path)
     assert ef.list_images("~/cells").paths == ["a.png"]
     with pytest.raises(FileNotFoundError, match="^evaluation.knn_data not found: "):
@@ -420,6 +426,10 @@ def test_output_suffix_is_checked_before_any_work(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(ef, "load_backbone", lambda name, weights: loaded.append(weights))
     with pytest.raises(ValueError, match=r"f\.pt: unsupported features file type '\.pt'"):
         ef.extract_features(image_folder, tmp_path / "f.pt", weights="w.pth", img_size=IMG, device="cpu")
+    (tmp_path / "taken").write_text("a file where a folder is wanted")
+    with pytest.raises(ValueError, match=r"x\.h5: .*taken is a file, not a folder"):
+        ef.extract_features(image_folder, tmp_path / "taken" / "sub" / "x.h5", weights="w.pth", img_size=IMG,
+                            device="cpu")  # fmt: skip
     assert loaded == []
 
 

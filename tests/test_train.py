@@ -443,6 +443,7 @@ class _NoModel:
         ("empty_list", ValueError, "is empty"),
         ("missing_dataset", FileNotFoundError, "does not exist"),
         ("missing_knn_data", FileNotFoundError, "evaluation.knn_data=.* does not exist"),
+        ("imageless_knn_data", DatasetError, r"^evaluation.knn_data=.*lists: no images found"),
         ("unlabelled_knn_data", ConfigError, "evaluation.knn_data=.* must be a folder with one sub-folder per class"),
         ("small_class_knn_data", ConfigError, r"5-fold stratified cross-validation needs at least 5 images per class "
                                               r"\(of the 8 it uses\); too few in: 'small' \(2\)"),
@@ -464,6 +465,7 @@ def test_bad_data_paths_fail_before_any_model_is_built(
         "empty_list": (empty, []),
         "missing_dataset": (tmp_path / "nowhere", []),
         "missing_knn_data": (demo.lists_dir, [f"evaluation.knn_data={tmp_path / 'no_images'}"]),
+        "imageless_knn_data": (demo.lists_dir, [f"evaluation.knn_data={demo.lists_dir}"]),  # the lists, by mistake
         "unlabelled_knn_data": (demo.lists_dir, [f"evaluation.knn_data={demo.images_dir / 'lymphocyte'}"]),
         "small_class_knn_data": (demo.lists_dir, [f"evaluation.knn_data={few}", "evaluation.knn_max_images=0"]),
     }[setting]

@@ -382,11 +382,20 @@ def generate_demo_dataset(
     unknown = [c for c in classes if c not in CELL_CLASSES]
     if unknown or not classes:
         raise ValueError(f"unknown demo class(es) {unknown or '(none given)'}; known: {', '.join(DEMO_CLASSES)}")
-    if images_per_class <= 0 or image_size < 32:
-        raise ValueError(f"need images_per_class > 0 and image_size >= 32, got {images_per_class}, {image_size}")
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise ValueError(f"demo class(es) {', '.join(repeated)} given more than once")
+    if images_per_class <= 0:
+        raise ValueError(f"images per class must be at least 1 (--images-per-class), got {images_per_class}")
+    if image_size < 32:
+        raise ValueError(f"the image size must be at least 32 pixels (--size), got {image_size}")
+    if seed < 0:
+        raise ValueError(f"the seed must be >= 0 (--seed), got {seed}")
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     root = Path(output_dir).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file; the demo data set needs a folder (--output)")
     images_dir, lists_dir = root / "images", root / "lists"
     train_list, manifest_path = lists_dir / "train.txt", root / MANIFEST_NAME
     settings = {

@@ -11,7 +11,8 @@
   followed, each real folder once;
 * a `.txt` file with one image path per line (relative to the file's folder, or absolute; `#` comments), read
   by the rules of the training lists: unlabelled;
-* a `.csv` file with a `path` column and an optional `label` column (class names; empty = unlabelled).
+* a `.csv` file with a `path` column (image paths as in a `.txt` list, `~` expanded) and an optional `label`
+  column (class names; empty = unlabelled).
 
 Preprocessing is DinoBloom's: Resize((img_size, img_size)) bilinear with antialias, ToTensor, ImageNet
 normalisation. The stored features are `model(x)`, the CLS token after the final LayerNorm
@@ -46,9 +47,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from dinov2.data.datasets import IMAGE_EXTENSIONS, find_images, read_list_entries
+from dinov2.data.datasets import IMAGE_EXTENSIONS, DatasetError, find_images, read_list_entries
 from dinov2.data.transforms import load_image, make_eval_transform
-from dinov2.eval.features_io import FeatureSet, _check_suffix, save_features
+from dinov2.eval.features_io import FeatureSet, check_writable, save_features
 from dinov2.eval.partial_features import PartialFeatures, image_list_digest
 from dinov2.cli import run_cli
 from dinov2.eval.protocol import resolve_device
@@ -83,13 +84,24 @@ def _read_list(data: Path) -> ImageList:
     if data.suffix.lower() == ".txt":  # the training lists' format, read by the same rules
         paths = read_list_entries(data)
         return ImageList(data.parent, paths, [-1] * len(paths), [])
+    paths: list[str] = []
+    labels: list[str | None] = []
     with data.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise ValueError(f"{data}: a CSV image list needs a 'path' column (found {reader.fieldnames})")
-        rows = [row for row in reader if (row.get("path") or "").strip()]
-    paths = [row["path"].strip() for row in rows]
-    return _labelled(data.parent, paths, [(row.get("label") or "").strip() or None for row in rows])
+            raise DatasetError(f"{data}: a CSV image list needs a 'path' column (found {reader.fieldnames})")
+        for row in reader:
+            path = (row.get("path") or "").strip()
+            if not path:
+                continue
+            if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:  # as in a .txt list
+                raise DatasetError(
+                    f"{data}:{reader.line_num}: {path!r} is not an image path "
+                    f"(expected a path ending in one of {', '.join(IMAGE_EXTENSIONS)})"
+                )
+            paths.append(os.path.expanduser(path))
+            labels.append((row.get("label") or "").strip() or None)
+    return _labelled(data.parent, paths, labels)
 
 
 def list_images(data: str | os.PathLike[str], setting: str = "--data") -> ImageList:
@@ -106,13 +118,13 @@ def list_images(data: str | os.PathLike[str], setting: str = "--data") -> ImageL
         try:
             image_list = _read_list(data)
         except UnicodeDecodeError as err:
-            raise ValueError(f"{data}: an image list must be UTF-8 text, not UTF-16 or a Windows code page ({err})")
+            raise DatasetError(f"{data}: an image list must be UTF-8 text, not UTF-16 or a Windows code page ({err})")
     elif not data.exists():
         raise FileNotFoundError(f"{setting} not found: {data}")
     else:
-        raise ValueError(f"{setting} must be a folder, a .txt or a .csv list of images, got {data}")
+        raise DatasetError(f"{setting} must be a folder, a .txt or a .csv list of images, got {data}")
     if not image_list.paths:
-        raise ValueError(f"no images found in {data} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DatasetError(f"{setting}={data}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return image_list
 
 
@@ -302,7 +314,7 @@ def extract_features(
     architecture from `weights`; for a hub name without `weights` the released weights are downloaded.
     """
     if output is not None:
-        _check_suffix(Path(output))  # before the model is loaded and every image embedded
+        check_writable(Path(output))  # before the model is loaded and every image embedded
     image_list = list_images(data)
     if isinstance(model, nn.Module):
         if weights is not None:

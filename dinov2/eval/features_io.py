@@ -44,6 +44,15 @@ def _check_suffix(path: Path) -> str:
     return suffix
 
 
+def check_writable(path: Path) -> str:
+    """The format of an output features file (its suffix), once its name and folder are known to be usable."""
+    suffix = _check_suffix(path)
+    existing = next((parent for parent in path.parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"cannot write {path}: {existing} is a file, not a folder")
+    return suffix
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars / bytes to plain Python values."""
     if isinstance(value, bytes):
@@ -65,7 +74,7 @@ def save_features(
 ) -> Path:
     """Write a features file (format from the suffix), atomically via a temporary file; returns the path."""
     path = Path(path)
-    suffix = _check_suffix(path)
+    suffix = check_writable(path)
     features = np.ascontiguousarray(features, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     paths = [str(p) for p in paths]

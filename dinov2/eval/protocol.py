@@ -216,6 +216,14 @@ def run_protocol(
     return ProtocolOutput(results, pooled)
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (a seed)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the kNN and linear-probe CLIs."""
     parser.add_argument("--config", help="YAML file of option values (keys = option names); flags override it")
@@ -223,7 +231,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-features", help="evaluate on this file instead of cross-validating --features")
     parser.add_argument("--output-dir", required=True, help="folder for results.json, results.md and figures")
     parser.add_argument("--n-splits", type=int, default=5, help="folds of the stratified CV (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the (shuffled) fold assignment (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the (shuffled) fold assignment (default 0)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-figures", action="store_true", help="write results.json and results.md only")
 
