@@ -238,6 +238,45 @@ def test_folds_are_seeded_shuffled_stratified_kfold(seed: int) -> None:
         np.testing.assert_array_equal(fold.test_index, test)
 
 
+def test_folds_by_patient_keep_each_patient_in_one_fold_as_stratified_group_kfold() -> None:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    rng = np.random.default_rng(6)
+    patients = rng.integers(0, 23, 240)
+    y = (patients % 3 + rng.integers(0, 2, 240)) % 3  # classes cluster by patient, as leukaemia subtypes do
+    paths = [f"{'abc'[label]}/Patient_{p:02d}_{i}.jpg" for i, (label, p) in enumerate(zip(y, patients))]
+    groups = protocol.path_groups(paths, r"Patient_\d+")
+    assert groups[0] == f"Patient_{patients[0]:02d}"
+    folds = protocol.stratified_folds(y, ["a", "b", "c"], 5, seed=2, groups=groups)
+    theirs = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=2).split(np.zeros(240), y, groups)
+    for fold, (train, test) in zip(folds, theirs):
+        np.testing.assert_array_equal(fold.test_index, test)
+        assert not set(groups[fold.test_index]) & set(groups[fold.train_index])  # no patient on both sides
+    assert list(protocol.path_groups(["aml/P7/c1.jpg"], r"^[^/]+/([^/]+)/")) == ["P7"]  # a capture group
+    with pytest.raises(ValueError, match=r"matches nothing in 'a/x.jpg'"):
+        protocol.path_groups(["a/Patient_01_1.jpg", "a/x.jpg"], r"Patient_\d+")
+    with pytest.raises(ValueError, match="is not a regular expression"):
+        protocol.path_groups(paths, "Patient_(")
+    with pytest.raises(ValueError, match="needs at least 5 groups, found 2"):
+        protocol.stratified_folds(y[:20], ["a", "b", "c"], 5, groups=np.array(["p", "q"] * 10))
+
+
+def test_group_by_on_the_command_line(tmp_path: Path) -> None:
+    x, y = _clusters(90, 8, 3, spread=2.0, seed=9)
+    paths = [f"{'abc'[label]}/Patient_{i % 9}_{i}.jpg" for i, label in enumerate(y)]
+    path = _write(FeatureSet(x, y, paths, ["a", "b", "c"], {"model": "toy"}), tmp_path / "f.h5")
+    results = knn.main(["--features", str(path), "--output-dir", str(tmp_path / "o"), "--no-figures", "--k", "1",
+                        "--group-by", r"Patient_\d+"])  # fmt: skip
+    assert results["meta"]["group_by"] == r"Patient_\d+"
+    assert "- group by: `Patient_\\d+`" in (tmp_path / "o" / "results.md").read_text()
+    groups = protocol.path_groups(paths, r"Patient_\d+")
+    expected = [fold.test_index.size for fold in protocol.stratified_folds(y, ["a", "b", "c"], 5, groups=groups)]
+    assert [fold["n_test"] for fold in results["knn_1"]["per_fold"]] == expected
+    with pytest.raises(ValueError, match="--group-by sets the cross-validation folds; --test-features has none"):
+        knn.main(["--features", str(path), "--test-features", str(path), "--output-dir", str(tmp_path / "t"),
+                  "--group-by", "Patient"])  # fmt: skip
+
+
 def test_folds_do_not_follow_the_sorted_file_order() -> None:
     """Sorted paths put a class's subtypes (or patients) in runs; a fold must not be one such run."""
     y = np.repeat([0, 1], 50)  # class 0: images 0-24 one subtype, 25-49 another

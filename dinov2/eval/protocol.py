@@ -13,6 +13,7 @@ import argparse
 import datetime
 import difflib
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +122,31 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
     return mapping[np.asarray(test_set.labels, dtype=np.int64)]
 
 
-def stratified_folds(labels: np.ndarray, class_names: Sequence[str], n_splits: int = 5, seed: int = 0) -> list[Fold]:
+def path_groups(paths: Sequence[str], pattern: str) -> np.ndarray:
+    """The group of each path: the first match of the regular expression ``pattern`` (its first capture group if it
+    has one), e.g. ``Patient_\\d+`` for DeepAPL's ``Patient_07_BL_123.jpg`` or ``^[^/]+/([^/]+)/`` for
+    ``<label>/<patient>/<cell>`` paths. A path without a match is an error naming it."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"--group-by {pattern!r} is not a regular expression: {err}") from None
+    groups = []
+    for path in paths:
+        match = regex.search(path)
+        if match is None:
+            raise ValueError(f"--group-by {pattern!r} matches nothing in {path!r}; every image needs a group")
+        groups.append(match.group(1) if regex.groups else match.group(0))
+    return np.asarray(groups)
+
+
+def stratified_folds(
+    labels: np.ndarray, class_names: Sequence[str], n_splits: int = 5, seed: int = 0, groups: np.ndarray | None = None
+) -> list[Fold]:
     """``StratifiedKFold(n_splits, shuffle=True, random_state=seed)``, with a clear error for small classes.
+
+    With ``groups`` (a patient per cell, see :func:`path_groups`) the folds are
+    ``StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)``: a group's images all fall in one fold, so
+    no test cell has cells of its own patient in the training folds.
 
     DinoBloom ran ``StratifiedKFold(n_splits)`` unshuffled over its files in directory order, an order no one can
     reproduce and unrelated to the names. Over our sorted paths the unshuffled folds would be runs of neighbouring
@@ -130,7 +154,7 @@ def stratified_folds(labels: np.ndarray, class_names: Sequence[str], n_splits: i
     (``Patient_07_...``): a fold would be tested on a subtype or patient its training folds hardly hold. Seeded
     shuffling keeps the folds stratified, reproducible and unrelated to the file names.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     labels = np.asarray(labels, dtype=np.int64)
     if n_splits < 2:
@@ -146,8 +170,14 @@ def stratified_folds(labels: np.ndarray, class_names: Sequence[str], n_splits: i
             f"{n_splits}-fold stratified CV needs at least {n_splits} samples per class; "
             f"too few in: {', '.join(small)}"
         )
-    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    return [Fold(train, test) for train, test in splitter.split(np.zeros(labels.size), labels)]
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        return [Fold(train, test) for train, test in splitter.split(np.zeros(labels.size), labels)]
+    n_groups = np.unique(groups).size
+    if n_groups < n_splits:
+        raise ValueError(f"{n_splits}-fold CV by group needs at least {n_splits} groups, found {n_groups}")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return [Fold(train, test) for train, test in splitter.split(np.zeros(labels.size), labels, groups)]
 
 
 def score_folds(
@@ -190,11 +220,13 @@ def run_protocol(
     test_y: np.ndarray | None = None,
     progress: bool = False,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> ProtocolOutput:
-    """Run ``predict`` on every fold (``seed`` assigns them) or on the fixed split when ``test_x`` is given."""
+    """Run ``predict`` on every fold (``seed`` assigns them, keeping ``groups`` whole) or on the fixed split when
+    ``test_x`` is given."""
     num_classes = len(class_names)
     if test_x is None:
-        folds = stratified_folds(train_y, class_names, n_splits, seed)
+        folds = stratified_folds(train_y, class_names, n_splits, seed, groups)
         eval_x, eval_y = train_x, train_y
     else:
         if test_y is None:
@@ -233,6 +265,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-splits", type=int, default=5, help="folds of the stratified CV (default 5)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the (shuffled) fold assignment (default 0)")
+    parser.add_argument("--group-by", default=None, metavar="REGEX",
+                        help="keep the images of a group (a patient) in one fold: the regex's match, or its first "
+                             r"group, in each stored path, e.g. 'Patient_\d+' (default: folds of images)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-figures", action="store_true", help="write results.json and results.md only")
 
@@ -303,6 +338,7 @@ def build_meta(
         "protocol": "train_test" if fixed else "stratified_kfold",
         "n_splits": None if fixed else int(args.n_splits),
         "fold_seed": None if fixed else int(args.seed),
+        "group_by": None if fixed else args.group_by,
         "std": "0 by construction (one train/test split has no spread over folds)" if fixed
         else "population standard deviation over folds (numpy ddof=0)",
         "pooled": "per_class and confusion_matrix are of the test set's predictions (rows: true class)" if fixed
@@ -329,8 +365,15 @@ def run_cli_protocol(args: argparse.Namespace, predict: Predictor, settings: dic
         test_y = align_test_set(train_set, test_set, args.features, args.test_features)
         test_x = np.ascontiguousarray(test_set.features)
     logger.info("evaluating %s: %d samples, %d classes", args.features, train_y.size, len(train_set.class_names))
+    groups = None
+    if args.group_by is not None:
+        if args.test_features:
+            raise ValueError("--group-by sets the cross-validation folds; --test-features has none")
+        groups = path_groups(train_set.paths, args.group_by)
+        logger.info("folds keep %d groups (%s) whole", np.unique(groups).size, args.group_by)
     output = run_protocol(
-        train_x, train_y, train_set.class_names, predict, args.n_splits, test_x, test_y, progress=True, seed=args.seed
+        train_x, train_y, train_set.class_names, predict, args.n_splits, test_x, test_y, progress=True, seed=args.seed,
+        groups=groups,
     )
     evaluated = test_set if test_set is not None else train_set
     evaluated_y = test_y if test_y is not None else train_y
