@@ -252,6 +252,10 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
         assert f"{written.name}`" in evaluation, written.name
     with pytest.raises(FileNotFoundError, match="no eval/training_<iteration>/teacher_checkpoint.pth"):
         checkpoints.find_checkpoints(tmp_path / "data")
+    with pytest.raises(ValueError, match="matches nothing in 'neutrophil/0.png'"):  # --group-by reaches the folds
+        checkpoints.main(["--run-dir", str(run), "--data", str(tmp_path / "data"), "--output-dir", str(out),
+                          "--img-size", "28", "--n-splits", "3", "--k", "1", "--device", "cpu",
+                          "--group-by", r"Patient_\d+"])  # fmt: skip
 
 
 def test_sweep_table_orders_k_by_number() -> None:

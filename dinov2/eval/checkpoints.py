@@ -53,6 +53,7 @@ def score_features(
     device: Any,
     ks: tuple[int, ...] = (1, 20),
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Summary scores (mean/std over folds) of each method on one feature set."""
 
@@ -65,7 +66,7 @@ def score_features(
             scores["logreg"] = linear.logreg_sklearn(train_x, train_y, test_x, num_classes)
         return scores
 
-    output = protocol.run_protocol(features, labels, class_names, predict, n_splits, seed=seed)
+    output = protocol.run_protocol(features, labels, class_names, predict, n_splits, seed=seed, groups=groups)
     return {
         method: {name: result[name] for name in metrics.SUMMARY_METRICS} for method, result in output.results.items()
     }
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-splits", type=int, default=5, help="folds of the stratified CV (default 5)")
     parser.add_argument("--seed", type=protocol.non_negative_int, default=0,
                         help="seed of the (shuffled) fold assignment (default 0)")
+    parser.add_argument("--group-by", default=None, metavar="REGEX",
+                        help="keep a group's images (a patient's) in one fold; see python -m dinov2.eval.knn --help")
     parser.add_argument("--img-size", type=int, default=224, help="input size for feature extraction")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
@@ -119,9 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
             img_size=args.img_size, device=device,
         )
         protocol.check_labelled(feature_set, args.data)
+        groups = None if args.group_by is None else protocol.path_groups(feature_set.paths, args.group_by)
         scores = score_features(
             feature_set.features, feature_set.labels, feature_set.class_names, args.methods, args.n_splits, device,
-            tuple(args.k), args.seed,
+            tuple(args.k), args.seed, groups,
         )
         rows.append({"iteration": iteration, "checkpoint": str(path), "results": scores})
         logger.info(
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
             "protocol": "stratified_kfold",
             "n_splits": args.n_splits,
             "fold_seed": args.seed,
+            "group_by": args.group_by,
             "methods": _methods(rows),
             "std": "population standard deviation over folds (numpy ddof=0)",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
