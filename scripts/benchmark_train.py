@@ -194,29 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    overrides = [
-        f"train.batch_size_per_gpu={args.batch_size}",
-        f"train.precision={precision}",
-        f"train.compile={args.compile}",
-        f"train.activation_checkpointing={args.activation_checkpointing}",
-        "student.pretrained_weights=''",
-        "train.dataset_path=unused",
-    ]
-    if args.arch:
-        overrides += [f"student.arch={args.arch}", f"student.patch_size={ARCH_PATCH[args.arch]}",
-                      "student.embed_dim=0", "student.depth=0", "student.num_heads=0"]
-        if args.arch == "vit_giant2":
-            overrides.append("student.ffn_layer=swiglufused")
-    if args.crops == "dinobloom":
-        overrides += ["crops.local_crops_number=1", "crops.global_crops_size=224"]
-    elif args.crops == "dinov2":
-        overrides += ["crops.local_crops_number=8", "crops.local_crops_size=98", "crops.global_crops_size=224"]
-    if args.heads:
-        k, hidden, bottleneck = (int(v) for v in args.heads.split(","))
-        for head in ("dino", "ibot"):
-            overrides += [f"{head}.head_n_prototypes={k}", f"{head}.head_hidden_dim={hidden}",
-                          f"{head}.head_bottleneck_dim={bottleneck}"]
-    cfg = load_config(args.config_file, overrides + args.opts)
+    cfg = load_config(args.config_file, benchmark_overrides(args, precision) + args.opts)
     apply_scaling_rules_to_cfg(cfg, info.world_size)
 
     torch.manual_seed(0)
@@ -236,20 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     sizes, repeats = ((4096, 8192), 10) if device.type == "cuda" else ((1024, 2048, 3072), 3)
     peak = matmul_peak_flops(device, matmul_dtype, sizes, repeats)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.iters):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    if device.type == "cuda":
-        peak_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30
-    else:  # the process's peak resident memory (Linux reports KiB), interpreter and libraries included
-        peak_mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    seconds, peak_mem_gb = time_steps(step, device, args.iters)
     peak = max(peak, matmul_peak_flops(device, matmul_dtype, sizes, repeats))  # and once more after the steps
     if args.profile:
         write_profile(step, device, Path(args.profile))
@@ -282,6 +247,52 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"images_per_s={images_per_s:.2f} mfu={mfu:.3f} peak_mem_gb={peak_mem_gb:.2f}")
     distributed.destroy()
     return result
+
+
+def benchmark_overrides(args: argparse.Namespace, precision: str) -> list[str]:
+    """The config overrides that the command-line options stand for."""
+    overrides = [
+        f"train.batch_size_per_gpu={args.batch_size}",
+        f"train.precision={precision}",
+        f"train.compile={args.compile}",
+        f"train.activation_checkpointing={args.activation_checkpointing}",
+        "student.pretrained_weights=''",
+        "train.dataset_path=unused",
+    ]
+    if args.arch:
+        overrides += [f"student.arch={args.arch}", f"student.patch_size={ARCH_PATCH[args.arch]}",
+                      "student.embed_dim=0", "student.depth=0", "student.num_heads=0"]
+        if args.arch == "vit_giant2":
+            overrides.append("student.ffn_layer=swiglufused")
+    if args.crops == "dinobloom":
+        overrides += ["crops.local_crops_number=1", "crops.global_crops_size=224"]
+    elif args.crops == "dinov2":
+        overrides += ["crops.local_crops_number=8", "crops.local_crops_size=98", "crops.global_crops_size=224"]
+    if args.heads:
+        k, hidden, bottleneck = (int(v) for v in args.heads.split(","))
+        for head in ("dino", "ibot"):
+            overrides += [f"{head}.head_n_prototypes={k}", f"{head}.head_hidden_dim={hidden}",
+                          f"{head}.head_bottleneck_dim={bottleneck}"]
+    return overrides
+
+
+def time_steps(step: Any, device: torch.device, iters: int) -> tuple[float, float]:
+    """The median seconds of ``iters`` calls of ``step``, and the peak memory in GB (GPU allocations; on a CPU the
+    process's peak resident memory, interpreter and libraries included)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # Linux reports KiB
+        peak_mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return statistics.median(times), peak_mem_gb
 
 
 def write_profile(step: Any, device: torch.device, path: Path) -> None:
