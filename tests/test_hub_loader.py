@@ -544,3 +544,29 @@ def test_benchmark_overrides_may_precede_options(load_script: Callable[[str], Mo
         ["--config-file", "run.yaml", "train.seed=3", "--iters", "2", "optim.epochs=2"]
     )
     assert args.opts == ["train.seed=3", "optim.epochs=2"] and args.iters == 2
+
+
+def test_benchmark_train_reports_its_figures(
+    load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo step on this CPU: the figures of the last line agree with the result, and the options reach the
+    config (a batch of 2, the DinoBloom crops)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    script = load_script("benchmark_train")
+    args = script.build_parser().parse_intermixed_args(["--arch", "vit_small", "--crops", "dinobloom", "--heads",
+                                                       "1024,256,64", "--batch-size", "2"])  # fmt: skip
+    overrides = script.benchmark_overrides(args, "fp32")
+    assert {"train.batch_size_per_gpu=2", "student.arch=vit_small", "crops.local_crops_number=1",
+            "dino.head_n_prototypes=1024", "ibot.head_bottleneck_dim=64"} <= set(overrides)  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        result = script.main(["--config-file", str(REPO_ROOT / "dinov2/configs/train/demo.yaml"), "--batch-size", "2",
+                              "--iters", "1", "--warmup", "0", "--threads", "1"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    figures = dict(item.split("=") for item in last.split())
+    assert set(figures) == {"images_per_s", "mfu", "peak_mem_gb"}
+    assert float(figures["images_per_s"]) == pytest.approx(result["images_per_s"], rel=1e-2)
+    assert result["images_per_s"] == pytest.approx(2 / result["s_per_iter"]) and 0 < result["mfu"]
