@@ -123,15 +123,19 @@ def read_list_entries(list_file: Path) -> list[str]:
                     f"{list_file}:{line_number}: {raw_bytes!r} is not UTF-8 text (nor the raw name of an existing "
                     "image); a file list must be UTF-8 text: save it as UTF-8, not as UTF-16 or in a Windows code page"
                 )
-            if os.path.splitext(line)[1].lower() not in IMAGE_EXTENSIONS:
-                raise DatasetError(
-                    f"{list_file}:{line_number}: {line!r} is not an image path "
-                    f"(expected one path per line ending in one of {', '.join(IMAGE_EXTENSIONS)})"
-                )
+            check_image_path(line, f"{list_file}:{line_number}")
             entries.append(entry)
     if not entries:
         raise DatasetError(f"file list {list_file} is empty (no image paths, only blank or # lines)")
     return entries
+
+
+def check_image_path(path: str, where: str) -> None:
+    """Raise a DatasetError naming ``where`` (``file:line``) unless ``path`` ends in an image extension."""
+    if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
+        raise DatasetError(
+            f"{where}: {path!r} is not an image path (expected a path ending in one of {', '.join(IMAGE_EXTENSIONS)})"
+        )
 
 
 def _is_utf8(text: str) -> bool:

@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from dinov2.data.datasets import IMAGE_EXTENSIONS, DatasetError, find_images, read_list_entries
+from dinov2.data.datasets import IMAGE_EXTENSIONS, DatasetError, check_image_path, find_images, read_list_entries
 from dinov2.data.transforms import load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, check_writable, save_features
 from dinov2.eval.partial_features import PartialFeatures, image_list_digest
@@ -94,11 +94,7 @@ def _read_list(data: Path) -> ImageList:
             path = (row.get("path") or "").strip()
             if not path:
                 continue
-            if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:  # as in a .txt list
-                raise DatasetError(
-                    f"{data}:{reader.line_num}: {path!r} is not an image path "
-                    f"(expected a path ending in one of {', '.join(IMAGE_EXTENSIONS)})"
-                )
+            check_image_path(path, f"{data}:{reader.line_num}")  # as in a .txt list
             paths.append(os.path.expanduser(path))
             labels.append((row.get("label") or "").strip() or None)
     return _labelled(data.parent, paths, labels)
