@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
 from dinov2.eval import checkpoints, knn, linear, pca, protocol, reports
@@ -190,7 +190,8 @@ def test_pca_cli_with_a_model_name_uses_the_released_weights(tmp_path: Path, mon
 
 
 def _independent_knn_scores(
-    state: dict[str, torch.Tensor], images: list[Path], ks: tuple[int, ...], n_splits: int, seed: int
+    state: dict[str, torch.Tensor], images: list[Path], ks: tuple[int, ...], n_splits: int, seed: int,
+    group_regex: str | None = None,
 ) -> dict[str, float]:
     """Mean balanced accuracy per k of scikit-learn's kNN on seeded, shuffled StratifiedKFold folds of the CLS
     features of ``images`` (28x28, ImageNet-normalised) from a tiny ViT holding ``state``."""
@@ -208,7 +209,14 @@ def _independent_knn_scores(
     scores = {}
     for k in ks:
         folds = []
-        for train, test in StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(features, labels):
+        if group_regex is None:
+            splits = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(features, labels)
+        else:  # a group per image, from its file name
+            groups = [re.search(group_regex, p.name).group(1) for p in ordered]
+            splits = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(
+                features, labels, groups
+            )
+        for train, test in splits:
             predicted = KNeighborsClassifier(n_neighbors=k).fit(features[train], labels[train]).predict(features[test])
             folds.append(balanced_accuracy_score(labels[test], predicted))
         scores[f"knn_{k}"] = np.mean(folds)
@@ -252,10 +260,19 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
         assert f"{written.name}`" in evaluation, written.name
     with pytest.raises(FileNotFoundError, match="no eval/training_<iteration>/teacher_checkpoint.pth"):
         checkpoints.find_checkpoints(tmp_path / "data")
-    with pytest.raises(ValueError, match="matches nothing in 'neutrophil/0.png'"):  # --group-by reaches the folds
-        checkpoints.main(["--run-dir", str(run), "--data", str(tmp_path / "data"), "--output-dir", str(out),
-                          "--img-size", "28", "--n-splits", "3", "--k", "1", "--device", "cpu",
-                          "--group-by", r"Patient_\d+"])  # fmt: skip
+    # Folds by group (here the image number, shared by one image of each class): scikit-learn's StratifiedGroupKFold.
+    grouped = checkpoints.main(["--run-dir", str(run), "--data", str(tmp_path / "data"), "--output-dir",
+                                str(tmp_path / "grouped"), "--img-size", "28", "--n-splits", "3", "--k", "1", "3",
+                                "--device", "cpu", "--seed", "1", "--group-by", r"(\d+)\.png"])  # fmt: skip
+    differs = False
+    for row, ungrouped in zip(grouped["checkpoints"], saved["checkpoints"]):
+        name = Path(row["checkpoint"]).parent.name
+        reference = _independent_knn_scores(states[name], images, (1, 3), 3, seed=1, group_regex=r"(\d+)\.png")
+        for method, score in reference.items():
+            ours = row["results"][method]["balanced_accuracy"]["mean"]
+            assert ours == pytest.approx(score, abs=1e-9), (name, method)
+            differs |= ours != ungrouped["results"][method]["balanced_accuracy"]["mean"]
+    assert differs, "grouped folds must differ from image folds here, or the test would not see them"
 
 
 def test_sweep_table_orders_k_by_number() -> None:

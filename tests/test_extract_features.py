@@ -411,6 +411,9 @@ def test_a_txt_list_follows_the_training_lists_rules(
     listed_csv = tmp_path / "cells.csv"
     listed_csv.write_text("path,label\n~/cells/a.png,neutrophil\n")
     assert ef.list_images(listed_csv).paths == [str(tmp_path / "home" / "cells" / "a.png")]
+    listed_csv.write_text("path\n~/cells/a.png\n")  # the label column is optional: unlabelled
+    unlabelled = ef.list_images(listed_csv)
+    assert unlabelled.labels == [-1] and unlabelled.class_names == []
     listed_csv.write_text("path,label\n~/cells/a.png,neutrophil\n# a comment row,\n")
     with pytest.raises(ValueError, match=r"cells.csv:3: '# a comment row' is not an image path"):
         ef.list_images(listed_csv)

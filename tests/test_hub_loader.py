@@ -570,3 +570,21 @@ def test_benchmark_train_reports_its_figures(
     assert set(figures) == {"images_per_s", "mfu", "peak_mem_gb"}
     assert float(figures["images_per_s"]) == pytest.approx(result["images_per_s"], rel=1e-2)
     assert result["images_per_s"] == pytest.approx(2 / result["s_per_iter"]) and 0 < result["mfu"]
+
+
+def test_benchmark_flop_count_of_an_attention_layer_is_the_hand_count(load_script: Callable[[str], ModuleType]) -> None:
+    """Forward and backward of DINOv2's attention on (B, N, D) tokens: the qkv and output projections make
+    2·B·N·D·(3D + D) FLOPs forward and twice that backward (gradients of input and weights); QKᵀ and AV make
+    4·B·N²·D forward, and the backward five such products (PyTorch's counter includes the scores that flash
+    attention recomputes), 10·B·N²·D. On a CPU the attention kernels have no entry in PyTorch's FLOP table, so this
+    checks the benchmark's own mapping."""
+    from dinov2.layers import Attention
+
+    batch, tokens, dim = 2, 10, 32
+    layer = Attention(dim, num_heads=4, qkv_bias=True)
+    x = torch.randn(batch, tokens, dim, requires_grad=True)
+    total, attention = load_script("benchmark_train").count_step_flops(lambda: layer(x).sum().backward())
+    projections = 2 * batch * tokens * dim * (3 * dim + dim)
+    scores = 4 * batch * tokens**2 * dim
+    assert attention == scores + 10 * batch * tokens**2 * dim
+    assert total == 3 * projections + attention

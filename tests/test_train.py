@@ -341,6 +341,13 @@ def test_settings_changed_on_resume_are_said_and_used(tmp_path: Path, demo) -> N
     for change in ("optim.layerwise_decay: 1.0 -> 0.9", "optim.adamw_beta2: 0.999 -> 0.95", "optim.epochs: 1 -> 2"):
         assert change in log
     assert [r["iteration"] for r in _metrics(out)] == [0, 1, 2, 3]
+    assert "per step, so its data order" not in log
+    # Another batch size: the run goes on, and says that its data order and learning rate are not the same.
+    _train(out, demo.lists_dir, "train.batch_size_per_gpu=4", "optim.layerwise_decay=0.9", "optim.adamw_beta2=0.95",
+           epochs=3, epoch_length=2)  # fmt: skip
+    assert "saw 32 images in 4 steps; this run takes 4 per step, so its data order and learning rate differ" in (
+        out / "log.txt"
+    ).read_text()
 
 
 def _damaged_list(tmp_path: Path, demo) -> tuple[Path, list[str]]:
@@ -478,11 +485,25 @@ def test_bad_data_paths_fail_before_any_model_is_built(
 def test_knn_monitor_scores_initialisation_and_end(tmp_path: Path, demo) -> None:
     out = tmp_path / "run"
     _train(out, demo.lists_dir, f"evaluation.knn_data={demo.images_dir}", "evaluation.knn_max_images=0",
-           epochs=1, epoch_length=3)  # fmt: skip
+           "evaluation.eval_period_iterations=3", epochs=1, epoch_length=3)  # fmt: skip
     records = json.loads((out / "knn_monitor.json").read_text())
     assert [(r["stage"], r["iteration"]) for r in records] == [("initialisation", 0), ("end of training", 3)]
-    for record in records:
-        assert 0.0 <= record["balanced_accuracy"] <= 1.0 and record["k"] == 20
+    # Each score is scikit-learn's 20-NN balanced accuracy over seeded stratified 5-fold CV of the exported
+    # teacher's features (k = 20 of the 38 or 39 training images of a fold).
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from dinov2.eval.extract_features import extract_features
+
+    for record, export in zip(records, ("training_init", "training_2")):
+        features = extract_features(demo.images_dir, weights=out / "eval" / export / "teacher_checkpoint.pth",
+                                    img_size=56, device="cpu")  # fmt: skip
+        x, y = features.features, features.labels
+        folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0).split(x, y)
+        expected = np.mean([balanced_accuracy_score(y[test], KNeighborsClassifier(20).fit(x[train], y[train])
+                                                    .predict(x[test])) for train, test in folds])  # fmt: skip
+        assert record["k"] == 20 and record["balanced_accuracy"] == pytest.approx(expected, abs=1e-9), export
     assert "kNN balanced accuracy" in (out / "log.txt").read_text()
     # A job stopped while scoring the end (after the last checkpoint) scores it when it is run again.
     (out / "knn_monitor.json").write_text(json.dumps(records[:1]))
@@ -819,3 +840,20 @@ def test_a_stop_signal_to_every_process_of_the_run_still_checkpoints(tmp_path: P
     stopped = re.search(r"stopping after the checkpoint of iteration (\d+)", log)
     assert stopped is not None, log[-3000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == f"{int(stopped.group(1)):09d}"
+
+
+def test_the_knn_monitor_subset_keeps_each_class_share() -> None:
+    """evaluation.knn_max_images: 2,000 of a 4,000-image set keep half of each class, and a class too small for
+    that keeps the 5 images that 5-fold CV needs; the draw depends on the seed only."""
+    from dinov2.eval.extract_features import ImageList
+    from dinov2.train.knn_monitor import stratified_subset
+
+    counts = {"neutrophil": 3000, "lymphocyte": 990, "basophil": 10}
+    labels = [c for c, n in enumerate(counts.values()) for _ in range(n)]
+    images = ImageList(Path("/cells"), [f"{i}.jpg" for i in range(len(labels))], labels, list(counts))
+    subset = stratified_subset(images, 2000, seed=3)
+    assert np.bincount(subset.labels).tolist() == [1500, 495, 5]
+    assert subset.paths == [f"{i}.jpg" for i in range(4000) if f"{i}.jpg" in set(subset.paths)]  # in list order
+    assert all(images.labels[int(p.split(".")[0])] == label for p, label in zip(subset.paths, subset.labels))
+    assert stratified_subset(images, 2000, seed=3) == subset != stratified_subset(images, 2000, seed=4)
+    assert stratified_subset(images, 0) is images and stratified_subset(images, 4000) is images
