@@ -4,8 +4,12 @@
 
 then, in timm (the exported file records the model name and keyword arguments in its metadata):
 
-    model = timm.create_model("vit_small_patch14_dinov2", img_size=224, num_classes=0,
-                              pretrained=True, pretrained_cfg_overlay=dict(file="dinobloom_s_timm.safetensors"))
+    model = timm.create_model("vit_small_patch14_dinov2", img_size=224, num_classes=0, pretrained=True,
+                              pretrained_cfg_overlay=dict(file="dinobloom_s_timm.safetensors", input_size=(3, 224, 224),
+                                                          interpolation="bilinear", crop_pct=1.0, crop_mode="squash"))
+
+The last four overlay entries make `timm.data.resolve_model_data_config(model)` describe DinoBloom's evaluation
+preprocessing (`Resize((224, 224))` bilinear, ImageNet normalisation) instead of timm's 518 px bicubic default.
 
 Key mapping (what timm's own DINOv2 converter does): `mask_token` is dropped; SwiGLU `mlp.w12`/`mlp.w3`
 become `mlp.fc1`/`mlp.fc2` (timm's packed SwiGLU); with registers, `register_tokens` becomes `reg_token`,
@@ -143,6 +147,12 @@ def export_timm(
     return output, name, kwargs
 
 
+def timm_preprocessing(img_size: int) -> dict[str, Any]:
+    """The ``pretrained_cfg_overlay`` entries that make timm's data config DinoBloom's evaluation preprocessing
+    (``Resize((img_size, img_size))`` bilinear, ImageNet normalisation)."""
+    return {"input_size": (3, img_size, img_size), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"}
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description="Export a DinoBloom / DINOv2 backbone to timm's safetensors layout.")
@@ -154,8 +164,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     output, name, kwargs = export_timm(args.weights, args.output, args.model, args.img_size)
     call = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in kwargs.items())])
+    overlay = ", ".join(f"{k}={v!r}" for k, v in {"file": str(output), **timm_preprocessing(kwargs["img_size"])}.items())
     print(f"wrote {output}; load it with timm.create_model({call}, pretrained=True, "
-          f"pretrained_cfg_overlay=dict(file={str(output)!r}))")
+          f"pretrained_cfg_overlay=dict({overlay}))")
     return output
 
 

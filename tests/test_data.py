@@ -367,6 +367,10 @@ def test_eval_transform_is_dinobloom_recipe(image_tree: Path) -> None:
     reference = tv1.Compose([tv1.Resize((224, 224)), tv1.ToTensor(),
                              tv1.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
     torch.testing.assert_close(make_eval_transform(224)(image), reference(image), atol=1e-6, rtol=0)
+    # A notebook's RGBA or grayscale PIL image gives the features of its RGB version, as the CLIs' load_image does.
+    for mode in ("RGBA", "L"):
+        other = image.convert(mode)
+        torch.testing.assert_close(make_eval_transform(224)(other), reference(other.convert("RGB")), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(

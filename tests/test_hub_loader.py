@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dinov2.data.transforms import make_eval_transform
 from dinov2.hub import (
     CheckpointError,
     infer_backbone_config,
@@ -148,6 +149,13 @@ def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image, format="PNG")
     with pytest.raises(CheckpointError, match=r"cell\.pth is not a PyTorch checkpoint"):
         load_pretrained_backbone_state(image)
+
+    complete = tmp_path / "complete.pth"
+    torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 8)}}, complete)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(complete.read_bytes()[: complete.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(CheckpointError, match=r"cut\.pth cannot be read: a truncated or damaged checkpoint"):
+        load_pretrained_backbone_state(cut)
 
     pickled = tmp_path / "object.pth"
     torch.save({"teacher": NotATensor()}, pickled)
@@ -472,14 +480,21 @@ def test_timm_export_loads_into_timm(
     with safe_open(str(output), "pt") as f:
         name, timm_kwargs = f.metadata()["timm_model"], json.loads(f.metadata()["timm_kwargs"])
     assert name == timm_name
-    timm_model = timm.create_model(
-        name, pretrained=True, pretrained_cfg_overlay=dict(file=str(output)), **timm_kwargs
-    ).eval()
-    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
+    size = kwargs["img_size"]
+    overlay = dict(file=str(output), **export_timm.timm_preprocessing(size))  # as the script prints it
+    timm_model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs).eval()
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         ours = source(x)
         theirs = timm_model.forward_features(x)[:, 0]
     assert (ours - theirs).abs().max().item() <= 2e-5
+    # timm's own preprocessing of the model is then DinoBloom's: a non-square cell gives the same tensor
+    cell = Image.fromarray(np.random.default_rng(0).integers(0, 256, (41, 37, 3), dtype=np.uint8))
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(timm_model))
+    torch.testing.assert_close(transform(cell), make_eval_transform(size)(cell), atol=1e-6, rtol=0)
+    if "num_register_tokens" not in kwargs:  # the exported file is timm's: our loader says so rather than guess
+        with pytest.raises(CheckpointError, match="missing keys: mask_token.*; this looks like timm's layout"):
+            load_backbone(None, output)
 
 
 def test_timm_export_refuses_a_layout_timm_cannot_build(load_script: Callable[[str], ModuleType]) -> None:

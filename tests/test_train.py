@@ -477,9 +477,10 @@ def test_bad_data_paths_fail_before_any_model_is_built(
         "small_class_knn_data": (demo.lists_dir, [f"evaluation.knn_data={few}", "evaluation.knn_max_images=0"]),
     }[setting]
     out = tmp_path / "run"
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         _train(out, dataset, *extra)
     assert not (out / "checkpoints").exists() and not (out / "training_metrics.json").exists()
+    assert f"ERROR dinov2: stopped: {raised.value}" in (out / "log.txt").read_text()  # the log says why, too
 
 
 def test_knn_monitor_scores_initialisation_and_end(tmp_path: Path, demo) -> None:

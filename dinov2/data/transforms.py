@@ -25,6 +25,7 @@ __all__ = [
     "adjust_contrast",
     "adjust_hue",
     "adjust_saturation",
+    "as_rgb",
     "gaussian_blur",
     "gaussian_kernel1d",
     "load_image",
@@ -54,17 +55,30 @@ def load_image(path: str | Path, resize: int | None = None) -> Image.Image:
     outside 0..65535 clipped); a floating-point image raises ``ValueError``, as its range is unknown.
     """
     with Image.open(path) as image:
-        if image.mode in _SIXTEEN_BIT_MODES:
-            values = np.clip(np.asarray(image), 0, 65535).astype(np.float32)
-            image = Image.fromarray(np.rint(values * 255 / 65535).astype(np.uint8))
-        elif image.mode == "F":
-            raise ValueError(
-                f"{path}: floating-point images (PIL mode F) are not supported; save the image as 8- or 16-bit integers"
-            )
-        rgb = image.convert("RGB")
+        rgb = as_rgb(image, str(path))
     if resize is not None and rgb.size != (resize, resize):
         rgb = rgb.resize((resize, resize), Image.Resampling.LANCZOS)
     return rgb
+
+
+def as_rgb(image: Image.Image, source: str = "image") -> Image.Image:
+    """A loaded 8-bit RGB copy of ``image``: grayscale repeated, alpha dropped, 16-bit grayscale scaled (see
+    :func:`load_image`).
+
+    ``source`` names the image in the error for a floating-point one.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.float32)
+        image = Image.fromarray(np.rint(values * 255 / 65535).astype(np.uint8))
+    elif image.mode == "F":
+        raise ValueError(
+            f"{source}: floating-point images (PIL mode F) are not supported; save the image as 8- or 16-bit integers"
+        )
+    return image.convert("RGB")
+
+
+def _pil_as_rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+    return as_rgb(image) if isinstance(image, Image.Image) else image
 
 
 def to_float_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -86,10 +100,12 @@ def make_eval_transform(size: int = 224) -> Callable[[Image.Image], torch.Tensor
 
     That is the recipe of DinoBloom's model-loading code, which the reference features follow. Its MICCAI probe
     scripts resized the PIL image to 224 first, with PIL's default bicubic filter: about 0.01 apart on average in
-    normalised pixel values.
+    normalised pixel values. A PIL image in another mode than RGB (RGBA, grayscale, 16-bit) is first made RGB as
+    :func:`load_image` does; a tensor must already be a uint8 (3, H, W) image.
     """
     return v2.Compose(
         [
+            v2.Lambda(_pil_as_rgb),
             v2.Resize((size, size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
             v2.Lambda(to_float_tensor),
             v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),

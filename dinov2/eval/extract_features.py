@@ -234,8 +234,11 @@ def embed_images(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     partial: PartialFeatures | None = None,
+    progress: bool = True,
 ) -> tuple[np.ndarray, list[int]]:
     """`model(x)` features (N_ok, D), float32, and the indices of the images that could be read.
+
+    ``progress``: show a progress bar (the kNN monitor shows it on the first rank only).
 
     ``precision="bf16"`` runs the backbone under bf16 autocast on CUDA (faster; features differ slightly).
     ``partial``: continue after the images it holds, and save progress to it every ``PARTIAL_SAVE_SECONDS`` and
@@ -264,7 +267,8 @@ def embed_images(
     batches: list[_Batch] = []
     last_save = time.monotonic()
     saving = _saved_when_interrupted(partial, batches, len(image_list.paths)) if partial is not None else nullcontext()
-    with saving, tqdm(total=len(image_list.paths), initial=start, desc="extracting features", unit="img") as bar:
+    with saving, tqdm(total=len(image_list.paths), initial=start, desc="extracting features", unit="img",
+                      disable=not progress) as bar:
         for indices, images, failed in loader:
             for index, reason in failed:
                 logger.warning("skipping unreadable image %s (%s)", image_list.root / image_list.paths[index], reason)

@@ -97,9 +97,12 @@ def _read_file(path: Path) -> Any:
                 "weights_only=True refuses to load; if you trust the file, re-save its state dict with "
                 "torch.save(state_dict, new_path)"
             ) from err
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({err})") from err
+        raise CheckpointError(f"{path} cannot be read: a truncated or damaged checkpoint ({err})") from err
     except Exception as err:  # torch.load reports corrupt files with many exception types
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {err})") from err
+        raise CheckpointError(
+            f"{path} cannot be read: a truncated or damaged checkpoint (is the download complete?) "
+            f"({type(err).__name__}: {err})"
+        ) from err
 
 
 def _strip_wrappers(key: str) -> str:
@@ -281,6 +284,11 @@ def load_backbone_state(
             problems.append(f"unexpected keys: {_format_keys(unexpected)}")
         if mis_shaped:
             problems.append(f"mis-shaped keys: {_format_keys(mis_shaped)}")
+        if "mask_token" in missing and set(missing) <= {"mask_token", "register_tokens"}:  # every DINOv2 file has it
+            problems.append(
+                "this looks like timm's layout (scripts/export_timm.py drops mask_token): load it with timm, or load "
+                "the file it was exported from"
+            )
         raise CheckpointError(f"{source} does not match the model; " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
     return model

@@ -115,7 +115,8 @@ class KnnMonitor:
         backbone.eval()
         try:
             features, kept = embed_images(
-                _NoGradForward(backbone), self.images, batch_size=64, img_size=self.img_size, device=self.device
+                _NoGradForward(backbone), self.images, batch_size=64, img_size=self.img_size, device=self.device,
+                progress=is_main_process(),
             )
         finally:
             backbone.train(was_training)

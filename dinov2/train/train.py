@@ -605,6 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit:  # a stop all ranks agreed on (preemption): they all leave here
             distributed.barrier()
             raise
+        except CLI_ERRORS as err:  # log.txt says why the run ended (the command line says it on stderr too)
+            logger.error("stopped: %s", err)
+            raise
         distributed.barrier()  # every rank is done with the process group before any rank destroys it
     finally:
         distributed.destroy()
