@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -459,3 +460,24 @@ def test_local_job_preempted_is_requeued_and_resumes(tmp_path: Path, demo_lists:
     assert logs.count("training iterations 0 ->") == 1
     iterations = [record["iteration"] for record in _metrics(out)]
     assert iterations == list(range(epoch_length * epochs))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the controller's open files through /proc")
+def test_local_submission_returns_while_the_job_runs(tmp_path: Path, demo_lists: Path) -> None:
+    """Captured output (a notebook's `!`, `$(...)`) must not keep the command waiting for the whole training."""
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "dinov2.run.submit", "--local", "--ngpus", "1", "--config-file", str(DEMO_CONFIG),
+         "--output-dir", str(out), *_tiny_demo_overrides(demo_lists, epoch_length=500, epochs=1)],
+        capture_output=True, text=True, timeout=90, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    controller = int(re.search(r"in the background on this machine \(process (\d+)\)", run.stderr).group(1))
+    try:
+        for fd in (1, 2):  # the controller writes to its own log, not to the caller's pipe
+            assert os.readlink(f"/proc/{controller}/fd/{fd}") == str(out / "slurm" / "local_controller.log")
+    finally:
+        for pid in [*_child_pids(controller), controller]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -21,12 +21,14 @@ same command, and ``train.py`` resumes from the last checkpoint in the output di
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -312,6 +314,30 @@ def _visible_gpu_indices() -> list[int] | None:
         raise LaunchError(f"--local needs CUDA_VISIBLE_DEVICES as GPU indices (e.g. 4,5), got {value!r}") from None
 
 
+@contextlib.contextmanager
+def _output_to(log_file: Path) -> Iterator[None]:
+    """Point this process's stdout and stderr at ``log_file`` for a while, at the level of file descriptors.
+
+    submitit's local controller inherits them and lives as long as the job: left alone, it would hold the caller's
+    pipe open (``$(...)``, a notebook's ``!``, ``subprocess.run(capture_output=True)``) until training ends.
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(log_file, "ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, original in zip((1, 2), saved):
+            os.dup2(original, fd)
+            os.close(original)
+
+
 def submit(argv: Sequence[str] | None = None) -> submitit.Job:
     """Submit the training described by the command line; return the submitit job."""
     request = parse_request(argv)
@@ -329,7 +355,11 @@ def submit(argv: Sequence[str] | None = None) -> submitit.Job:
         executor.update_parameters(**executor_parameters(request))
     # Inherited by the local controller and, through sbatch's environment export, by SLURM tasks.
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = PREEMPT_SIGNAL
-    job = executor.submit(TrainingJob(request.train_argv))
+    if request.local:
+        with _output_to(request.output_dir / "slurm" / "local_controller.log"):
+            job = executor.submit(TrainingJob(request.train_argv))
+    else:
+        job = executor.submit(TrainingJob(request.train_argv))
     cluster = "local" if request.local else "slurm"
     logger.info("submitted %s job %s: train.py %s", cluster, job.job_id, " ".join(request.train_argv))
     if request.local:  # the command returns at once; say where the run can be followed
