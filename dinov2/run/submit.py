@@ -26,9 +26,9 @@ import difflib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Protocol, Sequence
 
 import torch
