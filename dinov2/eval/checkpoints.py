@@ -83,11 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="folder for checkpoints.json/.md/.png")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["knn"], help="default: knn")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20], help="kNN neighbour counts (default: 1 20)")
-    parser.add_argument("--n-splits", type=int, default=5, help="folds of the stratified CV (default 5)")
-    parser.add_argument("--seed", type=protocol.non_negative_int, default=0,
-                        help="seed of the (shuffled) fold assignment (default 0)")
-    parser.add_argument("--group-by", default=None, metavar="REGEX",
-                        help="keep a group's images (a patient's) in one fold; see python -m dinov2.eval.knn --help")
+    protocol.add_fold_arguments(parser)
     parser.add_argument("--img-size", type=int, default=224, help="input size for feature extraction")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")

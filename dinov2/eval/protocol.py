@@ -256,18 +256,23 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by the kNN and linear-probe CLIs."""
-    parser.add_argument("--config", help="YAML file of option values (keys = option names); flags override it")
-    parser.add_argument("--features", required=True, help="features file (.h5/.npz) from dinov2.eval.extract_features")
-    parser.add_argument("--test-features", help="evaluate on this file instead of cross-validating --features")
-    parser.add_argument("--output-dir", required=True, help="folder for results.json, results.md and figures")
+def add_fold_arguments(parser: argparse.ArgumentParser) -> None:
+    """The cross-validation options: fold count, fold seed and folds by group."""
     parser.add_argument("--n-splits", type=int, default=5, help="folds of the stratified CV (default 5)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the (shuffled) fold assignment (default 0)")
     parser.add_argument("--group-by", default=None, metavar="REGEX",
                         help="keep the images of a group (a patient) in one fold: the regex's match, or its first "
                              r"group, in each stored path, e.g. 'Patient_\d+' (default: folds of images)")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the kNN and linear-probe CLIs."""
+    parser.add_argument("--config", help="YAML file of option values (keys = option names); flags override it")
+    parser.add_argument("--features", required=True, help="features file (.h5/.npz) from dinov2.eval.extract_features")
+    parser.add_argument("--test-features", help="evaluate on this file instead of cross-validating --features")
+    parser.add_argument("--output-dir", required=True, help="folder for results.json, results.md and figures")
+    add_fold_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-figures", action="store_true", help="write results.json and results.md only")
 
