@@ -213,6 +213,7 @@ def test_resume_is_bitwise_exact(tmp_path: Path, demo, monkeypatch: pytest.Monke
     else:
         with pytest.raises(RuntimeError, match="simulated crash"):
             _train(parts, demo.lists_dir, *args, epochs=2, epoch_length=6)
+        assert "stopped by an unexpected error: RuntimeError: simulated crash" in (parts / "log.txt").read_text()
         resumed_from = 3
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the trainer restored the handlers
     logged = stop_after + 1 if how == "preempted" else stop_after  # a crash inside a step logs nothing for it
@@ -841,6 +842,27 @@ def test_a_stop_signal_to_every_process_of_the_run_still_checkpoints(tmp_path: P
     stopped = re.search(r"stopping after the checkpoint of iteration (\d+)", log)
     assert stopped is not None, log[-3000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == f"{int(stopped.group(1)):09d}"
+
+
+def test_an_uncaught_error_ends_the_run_with_its_workers(tmp_path: Path, demo) -> None:
+    """An error that reaches the interpreter (here with ``DINOBLOOM_TRACEBACK=1``; a full disk while saving is
+    another) ends the process with its traceback. The data-loader workers ignore SIGTERM, which multiprocessing sends
+    them at exit before waiting for them: the run used to hang there for ever, holding a cluster's allocation."""
+    list_file, _ = _damaged_list(tmp_path, demo)
+    script = Path(__file__).resolve().parents[1] / "dinov2" / "train" / "train.py"
+    argv = [sys.executable, str(script), "--config-file", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "run"),
+            f"train.dataset_path={list_file}", *TINY, "train.num_workers=2", "train.max_bad_image_fraction=0.01"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DINOBLOOM_TRACEBACK": "1"}
+    run = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = run.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        pytest.fail("the failed run did not exit: it waits for its data-loader workers")
+    assert run.returncode == 1, stderr[-3000:]
+    assert "Traceback" in stderr and "max_bad_image_fraction=0.01" in stderr
+    assert "stopped: " in (tmp_path / "run" / "log.txt").read_text()  # log.txt says why
 
 
 def test_the_knn_monitor_subset_keeps_each_class_share() -> None:

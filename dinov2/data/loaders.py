@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import random
 import signal
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +22,24 @@ __all__ = ["make_data_loader", "init_worker", "seed_worker"]
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 logger = logging.getLogger(__name__)
+
+#: Loaders with worker processes, shut down at exit by :func:`_shut_down_workers_at_exit`.
+_loaders_with_workers: weakref.WeakSet[DataLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def _shut_down_workers_at_exit() -> None:
+    """Stop the workers of every loader still alive at interpreter exit, through the loader's own shutdown.
+
+    The workers ignore SIGTERM (:func:`init_worker`), and multiprocessing ends its children at exit with SIGTERM and
+    then waits for them: when an uncaught error's traceback still holds a loader, the process would wait for ever.
+    Registered after torch's and multiprocessing's own exit routines (imported above), this runs before them.
+    """
+    for loader in list(_loaders_with_workers):
+        iterator = loader._iterator  # DataLoader keeps its persistent workers' iterator here
+        if iterator is not None:
+            iterator._shutdown_workers()
+            loader._iterator = None
 
 
 def seed_worker(worker_id: int) -> None:
@@ -81,7 +101,7 @@ def make_data_loader(
     logger.info(
         "data loader: batch %d, %d workers, sampler %r, pin_memory=%s", batch_size, num_workers, sampler, pin_memory
     )
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -93,3 +113,6 @@ def make_data_loader(
         worker_init_fn=init_worker,
         generator=torch.Generator().manual_seed(seed),
     )
+    if num_workers > 0:
+        _loaders_with_workers.add(loader)
+    return loader

@@ -608,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except CLI_ERRORS as err:  # log.txt says why the run ended (the command line says it on stderr too)
             logger.error("stopped: %s", err)
             raise
+        except Exception as err:  # its traceback follows on stderr
+            logger.error("stopped by an unexpected error: %s: %s", type(err).__name__, err)
+            raise
         distributed.barrier()  # every rank is done with the process group before any rank destroys it
     finally:
         distributed.destroy()
