@@ -790,6 +790,16 @@ def test_loader_batches_do_not_depend_on_the_worker_count(demo, dtype: torch.dty
             assert torch.equal(in_process[key], from_worker[key]), key
 
 
+def test_an_output_directory_that_cannot_be_made_is_a_config_error(tmp_path: Path, demo) -> None:
+    """A file where the output folder should be is named in one error line, not an OSError traceback."""
+    blocker = tmp_path / "results"
+    blocker.write_text("a file, not a folder")
+    for output_dir, reason in ((blocker, "File exists"), (blocker / "run1", "Not a directory")):
+        with pytest.raises(ConfigError, match=rf"--output-dir \(train.output_dir\) {output_dir}: {reason}$"):
+            _train(output_dir, demo.lists_dir)
+    assert blocker.read_text() == "a file, not a folder"
+
+
 @pytest.mark.parametrize("mistake", ["config typo", "empty file list"])
 def test_train_script_ends_a_user_mistake_in_one_error_line(tmp_path: Path, mistake: str) -> None:
     empty = tmp_path / "lists" / "cells.txt"

@@ -586,10 +586,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     handlers: list[logging.Handler] = []
     try:
-        if info.is_main_process:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        distributed.barrier()
-        handlers = setup_logging(output_dir, info.is_main_process)
+        try:
+            if info.is_main_process:
+                output_dir.mkdir(parents=True, exist_ok=True)
+            distributed.barrier()
+            handlers = setup_logging(output_dir, info.is_main_process)
+        except OSError as err:  # a file in the way, a read-only folder
+            where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
+            raise ConfigError(f"--output-dir (train.output_dir) {output_dir}: {err.strerror or err}{where}") from None
         apply_scaling_rules_to_cfg(cfg, info.world_size)
         config_file = output_dir / "config.yaml"
         # An earlier run's config, kept in case this run starts over (its exports need it to load).
