@@ -105,6 +105,25 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _save_durably(obj: Any, path: Path) -> None:
+    """``torch.save`` and fsync, so that the file is on disk before its folder is renamed into place."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load_small_file(path: Path) -> Any:
+    """``torch.load`` (weights only) of a checkpoint's extra-state or RNG file; a damaged one is a CheckpointError."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as err:
+        raise CheckpointError(
+            f"{path} is damaged ({type(err).__name__}: {err}); remove the folder {path.parent} to resume from the "
+            "checkpoint before it"
+        ) from None
+
+
 def _remove(folder: Path) -> None:
     """Delete a folder by renaming it to trash-* first (atomic), then removing it."""
     trash = folder.with_name(f"trash-{folder.name}-{os.getpid()}")
@@ -179,10 +198,10 @@ def save_checkpoint(
         state = {"model": model_state, "optimizer": optim_state}
     with _single_process_is_intended():
         dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
-    torch.save(_rng_state(), tmp / _rng_file(rank))
+    _save_durably(_rng_state(), tmp / _rng_file(rank))
     if rank == 0:
         record = {"iteration": iteration, "world_size": get_world_size(), "extra_state": dict(extra_state or {})}
-        torch.save(record, tmp / EXTRA_STATE_FILE)
+        _save_durably(record, tmp / EXTRA_STATE_FILE)
     barrier()
     if rank == 0:
         if final.exists():  # saving the same iteration again, e.g. right after a resume
@@ -237,7 +256,10 @@ def load_checkpoint(
             dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
     except CheckpointException as err:
         causes = "; ".join(f"rank {rank}: {failure}" for rank, failure in err.failures.items())
-        raise CheckpointError(f"{path}: cannot load into this model/optimizer: {causes}") from None
+        raise CheckpointError(
+            f"{path}: cannot load into this model/optimizer: {causes} (if the folder is damaged, remove it to resume "
+            "from the checkpoint before it)"
+        ) from None
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
@@ -248,11 +270,11 @@ def load_checkpoint(
             model_state_dict=state["model"],
             optim_state_dict={"state": state["optimizer"]["state"], "param_groups": this_run_groups},
         )
-    record = torch.load(path / EXTRA_STATE_FILE, weights_only=True)
+    record = _load_small_file(path / EXTRA_STATE_FILE)
     if restore_rng:
         rng_file = path / _rng_file(get_rank())
         if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
+            _set_rng_state(_load_small_file(rng_file))
         else:
             logger.warning("%s has no RNG state for rank %d (saved by %d ranks)", path, get_rank(), record["world_size"])
     logger.info("loaded %s (iteration %d, saved by %d ranks)", path, record["iteration"], record["world_size"])

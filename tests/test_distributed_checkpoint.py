@@ -12,6 +12,7 @@ import os
 import random
 import re
 import signal
+import shutil
 import socket
 from pathlib import Path
 
@@ -440,6 +441,27 @@ def test_unfinished_saves_are_ignored(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "000000040", model)
     save_checkpoint(tmp_path, 50, model, optimizer)
     assert not (tmp_path / "tmp-000000030").exists()  # the next save removes the leftovers
+
+
+def test_a_damaged_checkpoint_file_is_named_with_the_way_out(tmp_path: Path) -> None:
+    """A checkpoint file emptied or cut short by a failing disk: the error names the file and says how to resume
+    from the checkpoint before it (which then loads)."""
+    model, optimizer = _ckpt_model()
+    save_checkpoint(tmp_path, 10, model, optimizer)
+    damaged = save_checkpoint(tmp_path, 20, model, optimizer)
+    for name, cut in (("extra_state.pt", 0), ("rng_rank00000.pt", 40)):
+        data = (damaged / name).read_bytes()
+        (damaged / name).write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=re.escape(f"{damaged / name} is damaged (")) as raised:
+            load_checkpoint(damaged, model, optimizer)
+        assert str(raised.value).endswith(f"remove the folder {damaged} to resume from the checkpoint before it")
+        (damaged / name).write_bytes(data)
+    shard = next(damaged.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="remove it to resume from the checkpoint before it"):
+        load_checkpoint(damaged, model, optimizer)
+    shutil.rmtree(damaged)
+    assert load_checkpoint(find_latest_checkpoint(tmp_path), model, optimizer)["iteration"] == 10
 
 
 def test_loading_what_is_not_a_checkpoint_says_what_it_is(tmp_path: Path) -> None:
