@@ -270,6 +270,15 @@ def test_a_resume_that_fails_keeps_the_runs_config(tmp_path: Path, demo) -> None
         _train(out, demo.lists_dir, "student.embed_dim=96", epochs=1, epoch_length=4)
     # the checkpoints and exports are the 64-wide run's; so must be the config their loading reads
     assert (out / "config.yaml").read_text() == before
+    # Another head count fits every tensor: only the checkpoint's record of its network catches it.
+    with pytest.raises(ConfigError, match=re.escape(
+        "was trained with another network: student.num_heads=2 in the checkpoint, 4 in this config."
+    )):
+        _train(out, demo.lists_dir, "student.num_heads=4", epochs=1, epoch_length=4)
+    assert (out / "config.yaml").read_text() == before
+    with pytest.raises(ConfigError, match="student.interpolate_offset=0.1 in the checkpoint, 0.0 in this config"):
+        _train(tmp_path / "other", demo.lists_dir, f"MODEL.WEIGHTS={out / 'checkpoints' / '000000001'}",
+               "student.interpolate_offset=0.0", epochs=1, epoch_length=4)  # fmt: skip
 
 
 def test_a_non_finite_loss_stops_the_run_before_it_is_saved(

@@ -339,6 +339,37 @@ def warn_about_changes(
         )
 
 
+#: Backbone settings that change what the network computes but not the shape of any tensor, with their config keys.
+SHAPE_PRESERVING_SETTINGS = {
+    "num_heads": "student.num_heads",
+    "interpolate_antialias": "student.interpolate_antialias",
+    "interpolate_offset": "student.interpolate_offset",
+}
+
+
+def network_record(backbone: torch.nn.Module) -> dict[str, Any]:
+    """The backbone's :data:`SHAPE_PRESERVING_SETTINGS`, stored with each checkpoint."""
+    return {name: getattr(backbone, name) for name in SHAPE_PRESERVING_SETTINGS}
+
+
+def check_same_network(checkpoint: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to continue ``checkpoint``'s training with a network that differs from its own in a setting that the
+    strict load cannot catch (the tensors fit). Checkpoints saved before the record was kept are not checked."""
+    if saved is None:
+        return
+    changed = [
+        f"{key}={saved[name]} in the checkpoint, {current[name]} in this config"
+        for name, key in SHAPE_PRESERVING_SETTINGS.items()
+        if name in saved and saved[name] != current[name]
+    ]
+    if changed:
+        raise ConfigError(
+            f"{checkpoint} was trained with another network: {'; '.join(changed)}. Its tensors would load but "
+            "compute something else: continue with the settings of its run (its config.yaml), or start a new run "
+            "(another --output-dir, or --no-resume)"
+        )
+
+
 def score_end_of_training(
     cfg: DictConfig, output_dir: Path, info: distributed.DistInfo, monitor: KnnMonitor, backbone: torch.nn.Module,
     max_iter: int,
@@ -417,6 +448,7 @@ def train(
     if latest is not None:
         state = load_checkpoint(latest, model, optimizer)
         start_iter = state["iteration"] + 1
+        check_same_network(latest, state.get("network"), network_record(model.student.backbone))
         images_seen, bad_images = state["images_seen"], state["bad_images"]
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
@@ -438,7 +470,10 @@ def train(
 
     def checkpoint(iteration: int) -> None:
         model.apply_center_updates()
-        extra = {"images_seen": images_seen, "bad_images": bad_images, "dataset_size": len(dataset), "blur": blur}
+        extra = {
+            "images_seen": images_seen, "bad_images": bad_images, "dataset_size": len(dataset), "blur": blur,
+            "network": network_record(model.student.backbone),
+        }
         if scaler is not None:
             extra["grad_scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_dir, iteration, model, optimizer, extra, keep_last=cfg.train.keep_last_checkpoints)
