@@ -17,11 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 if __package__ in (None, ""):  # run as a file from a checkout: make `dinov2` and export_timm importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy, as for the commands it times
+
+import torch  # noqa: E402
 
 from export_timm import timm_model_config, timm_state_dict  # noqa: E402
 

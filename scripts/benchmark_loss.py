@@ -20,6 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy, as for the commands it times
+
 import argparse
 import logging
 import statistics

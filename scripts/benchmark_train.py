@@ -23,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy, as for the commands it times
+
 import argparse
 import logging
 import os

@@ -9,7 +9,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
+
+import dinov2  # noqa: F401, I001  before torch, as in the commands: it sets OpenMP's wait policy
+
+import torch  # noqa: E402, I001
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("DINOBLOOM_SHARED", REPO_ROOT.parent / "shared"))

@@ -15,6 +15,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy (dinov2/__init__.py)
+
 import argparse
 import logging
 import math
