@@ -746,6 +746,22 @@ def test_forked_workers_ignore_the_preemption_signals() -> None:
         handler.uninstall()
 
 
+@pytest.mark.parametrize("command", [
+    ["dinov2/train/train.py"], ["-m", "dinov2.eval.mil"], ["scripts/benchmark_train.py"], ["scripts/benchmark_data.py"],
+    ["scripts/benchmark_loss.py"], ["scripts/benchmark_features.py"],
+])  # fmt: skip
+def test_commands_set_the_openmp_wait_policy_before_torch_loads_it(command: list[str]) -> None:
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads it: each command must import the package, which sets
+    it, before torch (a reordered import would silently bring back the spinning that stalls a busy machine)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-X", "importtime", *command, "--help"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")]
+    assert imported.index("dinov2") < imported.index("torch")
+
+
 def test_logging_prints_each_line_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A launcher's logger with its own console handler (submitit's) is not printed a second time."""
     launcher = logging.getLogger("launcher_with_own_handler")
