@@ -54,6 +54,90 @@ def test_gated_attention_follows_clam_structure() -> None:
     assert isinstance(model.attention.attention_b[1], torch.nn.Sigmoid)
 
 
+def test_attention_is_the_gated_formula_of_ilse_et_al() -> None:
+    """a_k = softmax_k(w^T (tanh(V h_k) * sigmoid(U h_k))) over a bag's cells, and the bag is sum_k a_k h_k with
+    h_k = ReLU(W x_k + b): computed by hand from the module's parameters."""
+    torch.manual_seed(1)
+    model = AttentionMIL(in_dim=6, num_classes=3, hidden_dim=10, attention_dim=5).eval()
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    model = model.double()
+    p = dict(model.named_parameters())
+    h = torch.relu(x @ p["embed.0.weight"].T + p["embed.0.bias"])
+    v = torch.tanh(h @ p["attention.attention_a.0.weight"].T + p["attention.attention_a.0.bias"])
+    u = torch.sigmoid(h @ p["attention.attention_b.0.weight"].T + p["attention.attention_b.0.bias"])
+    scores = ((v * u) @ p["attention.attention_c.weight"].T + p["attention.attention_c.bias"]).squeeze(-1)
+    expected_attention = torch.exp(scores) / torch.exp(scores).sum(dim=1, keepdim=True)
+    pooled = (expected_attention.unsqueeze(-1) * h).sum(dim=1)
+    expected_logits = pooled @ p["classifier.weight"].T + p["classifier.bias"]
+    logits, attention = model(x)
+    torch.testing.assert_close(attention, expected_attention)
+    torch.testing.assert_close(logits, expected_logits)
+
+
+def test_test_patients_never_reach_training_or_model_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per fold: training, validation and test patients are disjoint, validation comes from the fold's training
+    patients, every patient is tested exactly once, and each fold's test set keeps the class shares."""
+    import dinov2.eval.mil.train as mil_train
+
+    seen = []
+    original = mil_train.train_fold
+
+    def spy(train_bags, val_bags, *args, **kwargs):
+        seen.append(({b.patient for b in train_bags}, {b.patient for b in val_bags}))
+        return original(train_bags, val_bags, *args, **kwargs)
+
+    monkeypatch.setattr(mil_train, "train_fold", spy)
+    bag_set = _planted(30)
+    _, records, _ = cross_validate(bag_set, MILConfig(**{**FAST, "epochs": 2}))
+    tested: dict[int, set[str]] = {}
+    for record in records:
+        tested.setdefault(record["fold"], set()).add(record["patient"])
+    everyone = {b.patient for b in bag_set.bags}
+    assert sorted(p for fold in tested.values() for p in fold) == sorted(everyone)  # each tested once
+    labels = {b.patient: b.label for b in bag_set.bags}
+    for fold, (train, val) in enumerate(seen):
+        test = tested[fold]
+        assert not train & val and not (train | val) & test and train | val | test == everyone
+        assert sorted(labels[p] for p in test) == [0] * 5 + [1] * 5  # stratified: 15 of each class, 3 folds
+        assert {labels[p] for p in val} == {0, 1}
+
+
+def test_the_model_of_lowest_validation_loss_is_the_one_kept() -> None:
+    """Early stopping keeps the best epoch's weights, not the last epoch's."""
+    from dinov2.eval.mil.train import _mean_loss
+
+    bags = _planted(16).bags
+    run = train_fold(bags[:12], bags[12:], 2, MILConfig(**{**FAST, "lr": 0.5, "epochs": 30, "patience": 30}), seed=0)
+    assert run.best_epoch + 1 < run.epochs_run  # a later epoch was worse, so keeping the last would differ
+    assert _mean_loss(run.model, bags[12:], "cpu") == pytest.approx(run.best_val_loss, rel=1e-6)
+
+
+def test_a_diverging_or_nan_run_fails_instead_of_reporting_an_untrained_model(tmp_path: Path) -> None:
+    bags = _planted(12).bags
+    with pytest.raises(FloatingPointError, match=r"the validation loss is nan after epoch 1"):
+        bad = [Bag(b.patient, b.label, np.full_like(b.features, np.nan), b.paths) for b in bags[8:]]
+        train_fold(bags[:8], bad, 2, MILConfig(**FAST), seed=0)
+    features = np.concatenate([b.features for b in bags])
+    features[3, 1] = np.nan
+    paths = [path for b in bags for path in b.paths]
+    save_features(tmp_path / "nan.npz", features, np.zeros(len(paths), np.int64), paths, ["x"], {})
+    with pytest.raises(ValueError, match=rf"features of 1 of {len(paths)} images are not finite .*e.g. {paths[3]}"):
+        mil_main(["--features", str(tmp_path / "nan.npz"), "--output-dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("epochs", 0, "--epochs must be at least 1, got 0"),
+    ("batch_size", 0, "--batch-size must be at least 1, got 0"),
+    ("hidden_dim", 0, "--hidden-dim must be at least 1, got 0"),
+    ("val_fraction", 1.0, r"--val-fraction must be in \(0, 1\), got 1.0"),
+    ("dropout", 1.0, r"--dropout must be in \[0, 1\), got 1.0"),
+    ("lr", 0.0, "--lr must be positive, got 0.0"),
+])  # fmt: skip
+def test_settings_out_of_range_are_named(option: str, value: float, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        MILConfig(**{option: value})
+
+
 def test_padding_is_ignored() -> None:
     torch.manual_seed(0)
     model = AttentionMIL(in_dim=8, num_classes=3, hidden_dim=16, attention_dim=8).eval()

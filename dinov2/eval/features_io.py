@@ -166,6 +166,12 @@ def load_features(path: str | os.PathLike[str]) -> FeatureSet:
         raise ValueError(
             f"{path}: inconsistent sizes: features {features.shape}, labels {labels.shape}, {len(paths)} paths"
         )
+    bad_rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if bad_rows.size:
+        raise ValueError(
+            f"{path}: the features of {bad_rows.size} of {features.shape[0]} images are not finite (NaN or inf), "
+            f"e.g. {paths[bad_rows[0]]}: extract them again (a model or precision that overflows gives these)"
+        )
     return FeatureSet(features, labels, [str(p) for p in paths], [str(c) for c in class_names], meta)
 
 

@@ -122,6 +122,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from dinov2.cli import run_cli
+    from dinov2.cli import USER_ERRORS, run_cli
 
-    run_cli(main)
+    run_cli(main, errors=(*USER_ERRORS, FloatingPointError))

@@ -45,6 +45,18 @@ class MILConfig:
     val_fraction: float = 0.2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        at_least_one = ("hidden_dim", "attention_dim", "epochs", "patience", "batch_size")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+
 
 @dataclass
 class FoldRun:
@@ -120,6 +132,10 @@ def train_fold(
             optimizer.step()
         scheduler.step()
         val_loss = _mean_loss(model, val_bags, device)
+        if not math.isfinite(val_loss):  # a NaN never compares lower: the untrained model would be kept
+            raise FloatingPointError(
+                f"the validation loss is {val_loss} after epoch {epoch + 1}: training diverged (try a lower --lr)"
+            )
         if val_loss < best_loss:
             best_loss, best_epoch, best_state = val_loss, epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= config.patience:
@@ -164,14 +180,17 @@ def cross_validate(
     folds = list(splitter.split(np.zeros(labels.size), labels))
     for fold, (train_index, test_index) in enumerate(tqdm(folds, desc="MIL folds", disable=not progress)):
         fit, val = _validation_split(labels[train_index], config.val_fraction, config.seed + fold)
-        run = train_fold(
-            [bag_set.bags[i] for i in train_index[fit]],
-            [bag_set.bags[i] for i in train_index[val]],
-            num_classes,
-            config,
-            seed=config.seed + fold,
-            device=device,
-        )
+        try:
+            run = train_fold(
+                [bag_set.bags[i] for i in train_index[fit]],
+                [bag_set.bags[i] for i in train_index[val]],
+                num_classes,
+                config,
+                seed=config.seed + fold,
+                device=device,
+            )
+        except FloatingPointError as err:
+            raise FloatingPointError(f"MIL fold {fold}: {err}") from None
         test_bags = [bag_set.bags[i] for i in test_index]
         probabilities, attention = predict_bags(run.model, test_bags, device)
         fold_pred = probabilities.argmax(axis=1)
