@@ -2,7 +2,8 @@
 
 Every entry takes keyword-only `weights` (path or URL; None = random init, unless `pretrained=True`, which
 downloads the release file) and `img_size`, and returns
-the backbone in eval mode. `torch.hub.help(repo, name)` shows each entry's docstring.
+the backbone in eval mode. Each entry's docstring says what it builds: `torch.hub.help("owner/repo", name)` shows
+it for a GitHub repository (it has no local source); on a checkout, read `dinov2/hub/backbones.py`.
 """
 
 dependencies = ["torch"]

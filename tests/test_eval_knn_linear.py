@@ -337,9 +337,9 @@ def test_labelled_checks() -> None:
     fs.labels[2] = -1
     with pytest.raises(ValueError, match=r"f\.h5: 1 of 12 samples are unlabelled"):
         protocol.check_labelled(fs, "f.h5")
-    empty = FeatureSet(fs.features, np.zeros(12, dtype=np.int64), fs.paths, [], {})
-    with pytest.raises(ValueError, match="class list .* is empty"):
-        protocol.check_labelled(empty, "f.h5")
+    from_txt_list = FeatureSet(fs.features, np.full(12, -1, dtype=np.int64), fs.paths, [], {})  # as extracted
+    with pytest.raises(ValueError, match=r"f\.h5: the features are unlabelled .* a CSV with path and label columns"):
+        protocol.check_labelled(from_txt_list, "f.h5")
 
 
 def test_test_file_must_match_train_file() -> None:

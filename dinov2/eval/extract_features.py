@@ -372,6 +372,7 @@ def extract_features(
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
+        prog="python -m dinov2.eval.extract_features",
         description="Extract the CLS features of a DinoBloom / DINOv2 backbone into a .h5 or .npz file.",
     )
     parser.add_argument(

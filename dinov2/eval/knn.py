@@ -260,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     protocol.add_common_arguments(parser)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20], help="neighbour counts (default: 1 20)")
-    parser.add_argument("--metric", choices=METRICS, default=None,
-                        help="distance (default: euclidean with uniform votes, cosine with temperature weighting)")
+    parser.add_argument(
+        "--metric", choices=METRICS, default=None,
+        help="distance (default: set by --weighting: euclidean for uniform votes, cosine for temperature)",
+    )
     parser.add_argument(
         "--weighting",
         choices=WEIGHTINGS,

@@ -73,12 +73,16 @@ def check_labelled(feature_set: FeatureSet, path: str | Path) -> None:
     if labels.size == 0:
         raise ValueError(f"{path}: the features file holds no samples")
     if not feature_set.class_names:
-        raise ValueError(f"{path}: the class list (attribute 'class_names') is empty")
+        raise ValueError(
+            f"{path}: the features are unlabelled (no class names; a .txt image list gives none): evaluation needs "
+            "features extracted from a <class>/<image> folder or a CSV with path and label columns"
+        )
     unlabelled = int((labels < 0).sum())
     if unlabelled:
         raise ValueError(
             f"{path}: {unlabelled} of {labels.size} samples are unlabelled (label -1); "
-            "evaluation needs labelled features, extracted from a <class>/<image> folder"
+            "evaluation needs labelled features, extracted from a <class>/<image> folder or a CSV with path and "
+            "label columns"
         )
     if labels.max() >= len(feature_set.class_names):
         raise ValueError(

@@ -138,7 +138,7 @@ def load_backbone(
     if state is not None:
         hint = "" if name is None else (
             f"load_backbone(None, {str(weights)!r}) builds the checkpoint's own architecture "
-            f"(the command-line tools: leave out --model {name})"
+            f"(the command-line tools: leave out --model {name}, on the command line and in a --config file)"
         )
         load_backbone_state(model, state, source=str(weights), as_at_run_time=as_at_run_time, hint=hint)
     return model.eval()
