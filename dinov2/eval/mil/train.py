@@ -1,11 +1,13 @@
 """Training and patient-level cross-validation of the attention MIL model.
 
-Recipe (DinoBloom's, after SCEMILA/CLAM): SGD with Nesterov momentum 0.9, lr 1e-3, a
-cosine schedule over at most 150 epochs, early stopping when the validation loss has
-not improved for 20 epochs (the best model is kept). Patients are split by
-``StratifiedKFold`` (default 5); inside each fold a stratified share of the training
-patients is held out for early stopping and the fold's held-out patients are the test
-set. Seeded; on CPU a run is bit-for-bit repeatable.
+Recipe (after SCEMILA and CLAM): SGD with Nesterov momentum 0.9, lr 1e-3, a cosine
+schedule over at most 150 epochs, early stopping when the validation loss has not improved
+for 20 epochs (the best model is kept). Patients are split by ``StratifiedKFold`` (default
+5); inside each fold a stratified share of the training patients is held out for early
+stopping and the fold's held-out patients are the test set, so every patient is tested
+once. Seeded; on CPU a run is bit-for-bit repeatable. DinoBloom's published MIL script
+(``wbc_mil.py``) differs: a non-gated tanh attention per class, Adam at lr 1e-3 for 150
+epochs with batch 1, and 4-fold train/validation splits around a fixed test set.
 """
 
 from __future__ import annotations
