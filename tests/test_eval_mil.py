@@ -42,6 +42,21 @@ def _planted(n_patients: int = 24, dim: int = 16, seed: int = 0) -> BagSet:
     return BagSet(bags, ["neg", "pos"])
 
 
+def _record_training_patients(monkeypatch: pytest.MonkeyPatch) -> list[tuple[set[str], set[str]]]:
+    """Make every fold's training record its (training, validation) patients in the returned list."""
+    import dinov2.eval.mil.train as mil_train
+
+    seen = []
+    original = mil_train.train_fold
+
+    def spy(train_bags, val_bags, *args, **kwargs):
+        seen.append(({b.patient for b in train_bags}, {b.patient for b in val_bags}))
+        return original(train_bags, val_bags, *args, **kwargs)
+
+    monkeypatch.setattr(mil_train, "train_fold", spy)
+    return seen
+
+
 def test_gated_attention_follows_clam_structure() -> None:
     model = AttentionMIL(in_dim=384, num_classes=2)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -77,16 +92,7 @@ def test_attention_is_the_gated_formula_of_ilse_et_al() -> None:
 def test_test_patients_never_reach_training_or_model_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Per fold: training, validation and test patients are disjoint, validation comes from the fold's training
     patients, every patient is tested exactly once, and each fold's test set keeps the class shares."""
-    import dinov2.eval.mil.train as mil_train
-
-    seen = []
-    original = mil_train.train_fold
-
-    def spy(train_bags, val_bags, *args, **kwargs):
-        seen.append(({b.patient for b in train_bags}, {b.patient for b in val_bags}))
-        return original(train_bags, val_bags, *args, **kwargs)
-
-    monkeypatch.setattr(mil_train, "train_fold", spy)
+    seen = _record_training_patients(monkeypatch)
     bag_set = _planted(30)
     _, records, _ = cross_validate(bag_set, MILConfig(**{**FAST, "epochs": 2}))
     tested: dict[int, set[str]] = {}
@@ -313,3 +319,37 @@ def test_mil_cli_writes_results_and_attention(tmp_path: Path) -> None:
     predicted = [["neg", "pos"].index(p["abmil"]) for p in patients]
     assert balanced_accuracy_score(bag_set.labels, predicted) >= 0.9
     assert (tmp_path / "out" / "confusion_abmil.png").stat().st_size > 1000
+
+
+def test_a_fixed_test_set_is_tested_by_every_fold_model_and_never_trained_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--test-patients (DeepAPL's validation cohort, say): each fold model trains and selects its epoch on the other
+    patients only and is tested on all the listed ones; predictions.csv holds just those patients."""
+    seen = _record_training_patients(monkeypatch)
+    bag_set = _planted(30, dim=8, seed=2)
+    features = np.concatenate([b.features for b in bag_set.bags])
+    paths = [p for b in bag_set.bags for p in b.paths]
+    path = save_features(tmp_path / "mil.h5", features, np.full(len(paths), -1), paths, [], {"model": "toy"})
+    test_patients = [b.patient for b in bag_set.bags[:8]]  # 4 of each class
+    listing = tmp_path / "validation.txt"
+    listing.write_text("# the validation cohort\n" + "\n".join(test_patients) + "\n\n")
+    args = ["--features", str(path), "--output-dir", str(tmp_path / "out"), "--test-patients", str(listing)]
+    mil_main(args + [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()])
+
+    others = {b.patient for b in bag_set.bags} - set(test_patients)
+    assert len(seen) == FAST["n_splits"]
+    for train, val in seen:
+        assert not train & val and train | val == others
+    assert set.union(*(val for _, val in seen)) == others  # the validation folds cover the training patients
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [f["n_test"] for f in saved["abmil"]["per_fold"]] == [8] * FAST["n_splits"]
+    assert saved["meta"]["test_patients"] == str(listing)
+    with (tmp_path / "out" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["patient"] for r in rows] == test_patients
+    labels = {b.patient: ["neg", "pos"][b.label] for b in bag_set.bags}
+    assert sum(r["abmil"] == labels[r["patient"]] for r in rows) >= 7  # the planted signal, learnt without them
+    listing.write_text("P00\nP99\n")
+    with pytest.raises(ValueError, match=r"1 test patients have no bag, e.g. \['P99'\]"):
+        mil_main(args)

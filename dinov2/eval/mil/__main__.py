@@ -1,6 +1,6 @@
 """``python -m dinov2.eval.mil``: patient-level attention-MIL cross-validation on a features file.
 
-    python -m dinov2.eval.mil --features mil.h5 --output-dir results/mil [--bags bags.csv]
+    python -m dinov2.eval.mil --features mil.h5 --output-dir results/mil [--bags bags.csv] [--test-patients ids.txt]
 
 Writes results.json (key ``abmil``), results.md, predictions.csv (one row per patient),
 attention.json / attention.csv (every cell of every test patient with its attention
@@ -22,7 +22,7 @@ import numpy as np
 from dinov2.eval import protocol, reports
 from dinov2.eval.features_io import load_features
 from dinov2.eval.mil.data import bags_from_csv, bags_from_paths
-from dinov2.eval.mil.train import MILConfig, cross_validate
+from dinov2.eval.mil.train import MILConfig, cross_validate, patient_positions
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--features", required=True, help="features file of the cells (.h5/.npz)")
     parser.add_argument("--output-dir", required=True, help="folder for results.json, attention.csv, ...")
     parser.add_argument("--bags", help="CSV with columns patient,label,path (default: paths <label>/<patient>/<cell>)")
+    parser.add_argument(
+        "--test-patients",
+        help="text file of patient IDs (one per line) forming a fixed test set, e.g. DeepAPL's validation cohort; "
+        "each of the --n-splits folds over the other patients trains a model that is tested on them",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     parser.add_argument("--no-figures", action="store_true", help="skip the confusion-matrix PNG")
     for field in dataclasses.fields(MILConfig):
@@ -65,6 +70,15 @@ def write_attention(output_dir: Path, records: list[dict[str, Any]]) -> None:
                 )
 
 
+def read_patient_list(path: str | Path) -> list[str]:
+    """Patient IDs, one per line; blank lines and ``#`` comments are skipped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--test-patients: file not found: {path}")
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8-sig").splitlines())
+    return [line for line in lines if line]
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the MIL evaluation and write its reports to --output-dir."""
     parser = build_parser()
@@ -84,7 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
         ", ".join(f"{n}: {c}" for n, c in zip(bag_set.class_names, np.bincount(bag_set.labels))),
         sum(b.features.shape[0] for b in bag_set.bags),
     )
-    result, records, predictions = cross_validate(bag_set, config, device, source, progress=True)
+    test_index = None
+    if args.test_patients:
+        test_index = patient_positions(bag_set, read_patient_list(args.test_patients), str(args.test_patients))
+        logger.info("fixed test set: %d patients from %s", test_index.size, args.test_patients)
+    result, records, predictions = cross_validate(bag_set, config, device, source, progress=True, test_index=test_index)
+    tested = predictions >= 0
     from dinov2 import __version__
 
     results = {
@@ -97,7 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
             "n_samples": int(sum(b.features.shape[0] for b in bag_set.bags)),
             "n_patients": len(bag_set.bags),
             "classes": bag_set.class_names,
-            "protocol": "patient_stratified_kfold (shuffled, seeded); validation split of the training patients",
+            "protocol": (
+                "patient_stratified_kfold (shuffled, seeded); validation split of the training patients"
+                if test_index is None else
+                "fixed test patients; patient_stratified_kfold over the others gives each fold model's training and "
+                "validation patients; scores are the mean over the fold models, predictions their mean probability"
+            ),
+            "test_patients": str(args.test_patients) if args.test_patients else None,
             "n_splits": config.n_splits,
             "std": "population standard deviation over folds (numpy ddof=0)",
             "auroc": "binary: probability of the second class; multi-class: macro one-vs-rest",
@@ -110,9 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     reports.write_report(
         output_dir,
         results,
-        predictions={"abmil": predictions},
-        paths=[bag.patient for bag in bag_set.bags],
-        labels=bag_set.labels,
+        predictions={"abmil": predictions[tested]},
+        paths=[bag.patient for bag, test in zip(bag_set.bags, tested) if test],
+        labels=bag_set.labels[tested],
         figures=not args.no_figures,
         id_column="patient",
     )

@@ -163,29 +163,74 @@ def _validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[n
     return np.sort(train), np.sort(val)
 
 
+#: One fold: the positions of the patients it trains on, those that select its epoch, and those it tests on.
+FoldPlan = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def cross_validation_plan(labels: np.ndarray, config: MILConfig) -> FoldPlan:
+    """Stratified k-fold over all patients; each fold holds out ``val_fraction`` of its training patients."""
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(n_splits=config.n_splits, shuffle=True, random_state=config.seed)
+    plan = []
+    for fold, (train_index, test_index) in enumerate(splitter.split(np.zeros(labels.size), labels)):
+        fit, val = _validation_split(labels[train_index], config.val_fraction, config.seed + fold)
+        plan.append((train_index[fit], train_index[val], test_index))
+    return plan
+
+
+def fixed_test_plan(labels: np.ndarray, test_index: np.ndarray, config: MILConfig) -> FoldPlan:
+    """The given test patients for every fold; stratified k-fold over the others gives each fold's training and
+    validation patients (DeepAPL's discovery/validation protocol, and DinoBloom's fixed test set)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    rest = np.setdiff1d(np.arange(labels.size), test_index)
+    splitter = StratifiedKFold(n_splits=config.n_splits, shuffle=True, random_state=config.seed)
+    return [(rest[fit], rest[val], test_index) for fit, val in splitter.split(np.zeros(rest.size), labels[rest])]
+
+
+def patient_positions(bag_set: BagSet, patients: Sequence[str], source: str) -> np.ndarray:
+    """Positions of ``patients`` in ``bag_set``; a name without a bag is an error that names it."""
+    position = {bag.patient: i for i, bag in enumerate(bag_set.bags)}
+    unknown = sorted(set(patients) - position.keys())
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} test patients have no bag, e.g. {unknown[:3]}")
+    if not patients:
+        raise ValueError(f"{source}: no test patients listed")
+    return np.array(sorted(position[p] for p in set(patients)))
+
+
 def cross_validate(
     bag_set: BagSet,
     config: MILConfig,
     device: torch.device | str = "cpu",
     source: str = "bags",
     progress: bool = False,
+    test_index: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]:
-    """Patient-level k-fold CV; returns the ``abmil`` results, per-patient attention records, predictions."""
-    from sklearn.model_selection import StratifiedKFold
+    """Patient-level k-fold CV; returns the ``abmil`` results, per-patient attention records, predictions.
 
-    check_bags(bag_set, config.n_splits, source)
+    With ``test_index`` (positions of a fixed test set) every fold's model is tested on those patients and trained on
+    the others; the scores are then the mean over the fold models, a test patient's prediction is the class of their
+    mean probability, and other patients get -1.
+    """
     labels = bag_set.labels
+    if test_index is None:
+        check_bags(bag_set, config.n_splits, source)
+        folds = cross_validation_plan(labels, config)
+    else:
+        training = np.setdiff1d(np.arange(labels.size), test_index)
+        check_bags(BagSet([bag_set.bags[i] for i in training], bag_set.class_names), config.n_splits, source)
+        folds = fixed_test_plan(labels, test_index, config)
     num_classes = len(bag_set.class_names)
-    splitter = StratifiedKFold(n_splits=config.n_splits, shuffle=True, random_state=config.seed)
     truths, preds, n_train, fold_extra, records = [], [], [], [], []
     predictions = np.full(labels.size, -1, dtype=np.int64)
-    folds = list(splitter.split(np.zeros(labels.size), labels))
-    for fold, (train_index, test_index) in enumerate(tqdm(folds, desc="MIL folds", disable=not progress)):
-        fit, val = _validation_split(labels[train_index], config.val_fraction, config.seed + fold)
+    probability_sums = np.zeros((labels.size, num_classes))
+    for fold, (fit, val, test) in enumerate(tqdm(folds, desc="MIL folds", disable=not progress)):
         try:
             run = train_fold(
-                [bag_set.bags[i] for i in train_index[fit]],
-                [bag_set.bags[i] for i in train_index[val]],
+                [bag_set.bags[i] for i in fit],
+                [bag_set.bags[i] for i in val],
                 num_classes,
                 config,
                 seed=config.seed + fold,
@@ -193,16 +238,16 @@ def cross_validate(
             )
         except FloatingPointError as err:
             raise FloatingPointError(f"MIL fold {fold}: {err}") from None
-        test_bags = [bag_set.bags[i] for i in test_index]
+        test_bags = [bag_set.bags[i] for i in test]
         probabilities, attention = predict_bags(run.model, test_bags, device)
         fold_pred = probabilities.argmax(axis=1)
-        predictions[test_index] = fold_pred
-        truths.append(labels[test_index])
+        probability_sums[test] += probabilities
+        truths.append(labels[test])
         preds.append(fold_pred)
         n_train.append(fit.size)
         fold_extra.append(
             {
-                "auroc": metrics.auroc(labels[test_index], probabilities),
+                "auroc": metrics.auroc(labels[test], probabilities),
                 "n_val": int(val.size),
                 "best_epoch": run.best_epoch + 1,
                 "epochs_run": run.epochs_run,
@@ -224,13 +269,15 @@ def cross_validate(
         logger.info(
             "fold %d: balanced accuracy %.4f, AUROC %.4f (best epoch %d of %d)",
             fold,
-            metrics.summary_from_confusion(metrics.confusion_matrix(labels[test_index], fold_pred, num_classes))[
+            metrics.summary_from_confusion(metrics.confusion_matrix(labels[test], fold_pred, num_classes))[
                 "balanced_accuracy"
             ],
             fold_extra[-1]["auroc"],
             run.best_epoch + 1,
             run.epochs_run,
         )
+    tested = np.unique(np.concatenate([test for _, _, test in folds]))
+    predictions[tested] = probability_sums[tested].argmax(axis=1)  # in k-fold CV, each patient's one fold
     result = protocol.score_folds(truths, preds, bag_set.class_names, n_train)
     for entry, extra in zip(result["per_fold"], fold_extra):
         entry.update(extra)
