@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -116,6 +117,24 @@ def test_relative_and_absolute_list_entries(tmp_path: Path, image_tree: Path) ->
     image, target = dataset[1]
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (40, 36)
     assert target == 1
+
+
+def test_a_list_whose_paths_all_miss_fails_at_once_naming_the_folder_they_are_read_from(
+    tmp_path: Path, image_tree: Path
+) -> None:
+    """Relative paths written for another folder (here: relative to the tree, not to the list): an error when the
+    dataset is built, before any model, where each image used to be skipped with a warning during training.
+    A list in which only some images are missing still loads (the loader skips and counts those)."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "cells.txt").write_text("lymphocyte/l0.png\nneutrophil/n1.jpg\n")
+    with pytest.raises(DatasetError, match=re.escape(
+        f"cells.txt: none of the 2 images looked up exists, e.g. {lists / 'lymphocyte' / 'l0.png'} (a relative path "
+        f"is read from the list's folder, {lists})"
+    )):
+        FileListDataset(lists)
+    (lists / "cells.txt").write_text(f"lymphocyte/l0.png\n{image_tree / 'neutrophil' / 'n1.jpg'}\n")
+    assert len(FileListDataset(lists)) == 2
 
 
 def test_image_folder_is_read_like_imagefolder(image_tree: Path) -> None:

@@ -94,10 +94,26 @@ def _one_intra_op_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+#: How many evenly spaced paths of each training list are looked up when it is read.
+LIST_SPOT_CHECKS = 20
+
+
 def _read_file_list(list_file: Path) -> list[str]:
-    """Image paths of one ``.txt`` list, relative entries resolved against the list's folder."""
+    """Image paths of one ``.txt`` list, relative entries resolved against the list's folder.
+
+    When none of :data:`LIST_SPOT_CHECKS` evenly spaced paths exists, the list is wrong as a whole (paths relative to
+    another folder, or from another machine): that is an error now, before any model is built. Single missing
+    images are the loader's to skip and count.
+    """
     base = list_file.parent
-    return [path if os.path.isabs(path) else os.path.join(base, path) for path in read_list_entries(list_file)]
+    paths = [path if os.path.isabs(path) else os.path.join(base, path) for path in read_list_entries(list_file)]
+    sample = paths[:: max(len(paths) // LIST_SPOT_CHECKS, 1)][:LIST_SPOT_CHECKS]
+    if not any(os.path.isfile(path) for path in sample):
+        raise DatasetError(
+            f"{list_file}: none of the {len(sample)} images looked up exists, e.g. {sample[0]} (a relative path is "
+            f"read from the list's folder, {base})"
+        )
+    return paths
 
 
 def read_list_entries(list_file: Path) -> list[str]:
