@@ -17,18 +17,17 @@ first recipe given (dinobloom by default) with the largest worker count.
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import logging
 import sys
+import time
 from pathlib import Path
 
 # Lets the script run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy, as for the commands it times
-
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

@@ -191,12 +191,12 @@ def fixed_test_plan(labels: np.ndarray, test_index: np.ndarray, config: MILConfi
 
 def patient_positions(bag_set: BagSet, patients: Sequence[str], source: str) -> np.ndarray:
     """Positions of ``patients`` in ``bag_set``; a name without a bag is an error that names it."""
+    if not patients:
+        raise ValueError(f"{source}: no test patients listed")
     position = {bag.patient: i for i, bag in enumerate(bag_set.bags)}
     unknown = sorted(set(patients) - position.keys())
     if unknown:
         raise ValueError(f"{source}: {len(unknown)} test patients have no bag, e.g. {unknown[:3]}")
-    if not patients:
-        raise ValueError(f"{source}: no test patients listed")
     return np.array(sorted(position[p] for p in set(patients)))
 
 
