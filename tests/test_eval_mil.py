@@ -159,10 +159,15 @@ def test_padding_is_ignored() -> None:
 
 def test_mil_learns_planted_signal_and_attends_to_it() -> None:
     bag_set = _planted()
-    result, records, predictions = cross_validate(bag_set, MILConfig(**FAST))
+    result, records, probabilities = cross_validate(bag_set, MILConfig(**FAST))
     assert result["balanced_accuracy"]["mean"] >= 0.95
     assert result["auroc"]["mean"] >= 0.95
-    np.testing.assert_array_equal(predictions >= 0, True)
+    # every patient tested once: its probabilities are those of the fold model in its record
+    assert probabilities.shape == (24, 2) and not np.isnan(probabilities).any()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    record_probabilities = {r["patient"]: [r["probabilities"][c] for c in bag_set.class_names] for r in records}
+    np.testing.assert_allclose(probabilities, [record_probabilities[b.patient] for b in bag_set.bags], rtol=1e-6)
+    predictions = probabilities.argmax(axis=1)
     # the returned predictions are the per-patient records' and recover the planted labels
     # (guards against predictions lost or overwritten after the folds are scored)
     by_patient = {r["patient"]: r["prediction"] for r in records}
@@ -237,9 +242,14 @@ def test_bags_from_csv_matches_paths_by_tail(tmp_path: Path) -> None:
     table.write_text("patient,label,path\nX,pos,APL/P9/zzz.jpg\n")
     with pytest.raises(ValueError, match=r"1 of 1 cell paths match no single path"):
         bags_from_csv(fs, table)
-    table.write_text("bag_id,bag_label,file\nX,pos,a.jpg\n")
-    with pytest.raises(ValueError, match=r"missing columns \['patient', 'label', 'path'\]"):
+    table.write_text("bag_id,bag_label,file,cohort\nX,pos,APL/P1/a.jpg,A\nY,neg,AML/P2/b.jpg,B\n")
+    with pytest.raises(ValueError, match=r"missing columns \['patient', 'label', 'path'\].*--bag-columns"):
         bags_from_csv(fs, table)
+    # a manifest's own column names, given in patient, label, path order
+    renamed = bags_from_csv(fs, table, ("bag_id", "bag_label", "file"))
+    assert [(b.patient, b.label, b.paths) for b in renamed.bags] == [("X", 1, ["APL/P1/a.jpg"]), ("Y", 0, ["AML/P2/b.jpg"])]
+    with pytest.raises(ValueError, match=r"missing columns \['patient'\]"):
+        bags_from_csv(fs, table, ("patient", "bag_label", "file"))
     # two cohorts' patients P1 in the CSV, features of one cohort only: both tails fall back to the same cells
     table.write_text("patient,label,path\nA_P1,pos,cohortA/APL/P1/a.jpg\nB_P1,pos,cohortB/APL/P1/a.jpg\n")
     with pytest.raises(ValueError, match=r"\(patient 'B_P1'\) and 'cohortA/APL/P1/a.jpg' \(patient 'A_P1'\) match the same"):
@@ -316,6 +326,13 @@ def test_mil_cli_writes_results_and_attention(tmp_path: Path) -> None:
     by_patient = {r["patient"]: r["prediction"] for r in records}
     assert {r["patient"]: r["prediction"] for r in rows} == by_patient
     assert [p["abmil"] for p in patients] == [by_patient[b.patient] for b in bag_set.bags]
+    # ... with the class probabilities of the fold model that tested the patient (for ROC curves)
+    record_probabilities = {r["patient"]: [r["probabilities"][c] for c in ("neg", "pos")] for r in records}
+    np.testing.assert_allclose(
+        [[float(p["p_neg"]), float(p["p_pos"])] for p in patients],
+        [record_probabilities[p["patient"]] for p in patients],
+        atol=1e-6,
+    )
     predicted = [["neg", "pos"].index(p["abmil"]) for p in patients]
     assert balanced_accuracy_score(bag_set.labels, predicted) >= 0.9
     assert (tmp_path / "out" / "confusion_abmil.png").stat().st_size > 1000
@@ -350,6 +367,21 @@ def test_a_fixed_test_set_is_tested_by_every_fold_model_and_never_trained_on(
     assert [r["patient"] for r in rows] == test_patients
     labels = {b.patient: ["neg", "pos"][b.label] for b in bag_set.bags}
     assert sum(r["abmil"] == labels[r["patient"]] for r in rows) >= 7  # the planted signal, learnt without them
+    # each test patient's probabilities are the mean of every fold model's (attention.json keeps each), and the
+    # predicted class is the larger mean
+    records = json.loads((tmp_path / "out" / "attention.json").read_text())
+    for row in rows:
+        per_model = [[r["probabilities"][c] for c in ("neg", "pos")] for r in records if r["patient"] == row["patient"]]
+        assert len(per_model) == FAST["n_splits"]
+        mean = np.mean(per_model, axis=0)
+        np.testing.assert_allclose([float(row["p_neg"]), float(row["p_pos"])], mean, atol=1e-6)
+        assert row["abmil"] == ["neg", "pos"][int(mean.argmax())]
     listing.write_text("P00\nP99\n")
     with pytest.raises(ValueError, match=r"1 test patients have no bag, e.g. \['P99'\]"):
         mil_main(args)
+
+
+def test_bag_columns_option_needs_three_names(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        mil_main(["--features", "f.h5", "--output-dir", "out", "--bags", "b.csv", "--bag-columns", "bag_id,file"])
+    assert "expected three column names, PATIENT,LABEL,PATH; got 'bag_id,file'" in capsys.readouterr().err

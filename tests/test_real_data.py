@@ -177,3 +177,28 @@ def test_mil_cli_on_real_patient_bags(shared_data_dir: Path, weights: Path, tmp_
     assert (out / "confusion_abmil.png").read_bytes()[:8] == PNG_MAGIC
     with (out / "predictions.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == n_patients
+
+    # The same bags from the shared manifest's rows for these cells, under its own column names
+    manifest = shared_data_dir / "manifests" / "mil.csv"
+    if not manifest.is_file():
+        pytest.skip(f"{manifest} is missing")
+    chosen = {p.relative_to(shared_data_dir).as_posix() for p in cells}
+    with manifest.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        manifest_rows = [row for row in reader if row["file"] in chosen]
+        header = reader.fieldnames
+    assert len(manifest_rows) == len(cells)
+    subset = tmp_path / "mil_manifest.csv"
+    with subset.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(manifest_rows)
+    by_manifest = tmp_path / "mil_manifest"
+    mil_main(
+        ["--features", str(features), "--output-dir", str(by_manifest), "--device", "cpu", "--epochs", "1",
+         "--hidden-dim", "32", "--attention-dim", "16", "--bags", str(subset), "--bag-columns", "bag_id,bag_label,file"]
+    )
+    with (by_manifest / "predictions.csv").open() as handle:
+        patients = {(r["patient"], r["label"]) for r in csv.DictReader(handle)}
+    assert patients == {(r["bag_id"], r["bag_label"]) for r in manifest_rows}
+    assert patients == {(p.parent.name, p.parent.parent.name) for p in cells}

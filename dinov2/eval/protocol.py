@@ -312,7 +312,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
             if action.type is not None:
                 try:  # through str, as from the command line: 20.7 or true is not an int
                     values = [v if v is None else action.type(v if isinstance(v, str) else str(v)) for v in values]
-                except (TypeError, ValueError) as err:
+                except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
                     parser.error(f"{path}: {key}={value!r} is not a valid value ({err})")
             for v in values:
                 unset = v is None and action.default is None  # null: the option's own default rule

@@ -203,16 +203,29 @@ def write_predictions_csv(
     predictions: Mapping[str, np.ndarray],
     class_names: Sequence[str],
     id_column: str = "path",
+    probabilities: np.ndarray | None = None,
 ) -> Path:
-    """One row per evaluated sample (or patient): its id, true class and each method's predicted class."""
+    """One row per evaluated sample (or patient): its id, true class and each method's predicted class.
+
+    ``probabilities`` (samples, classes), given for a single method, adds a ``p_<class>`` column per class.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     methods = list(predictions)
+    if probabilities is not None and (len(methods) != 1 or probabilities.shape != (len(paths), len(class_names))):
+        raise ValueError(
+            f"predictions.csv: probabilities of shape {probabilities.shape} need one method and "
+            f"({len(paths)}, {len(class_names)}); got methods {methods}"
+        )
+    probability_columns = [f"p_{c}" for c in class_names] if probabilities is not None else []
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([id_column, "label", *methods])
+        writer.writerow([id_column, "label", *methods, *probability_columns])
         for i, sample in enumerate(paths):
-            writer.writerow([sample, class_names[labels[i]], *(class_names[predictions[m][i]] for m in methods)])
+            row = [sample, class_names[labels[i]], *(class_names[predictions[m][i]] for m in methods)]
+            if probabilities is not None:
+                row += [f"{p:.6f}" for p in probabilities[i]]
+            writer.writerow(row)
     return path
 
 
@@ -225,8 +238,12 @@ def write_report(
     embedding_features: np.ndarray | None = None,
     figures: bool = True,
     id_column: str = "path",
+    probabilities: np.ndarray | None = None,
 ) -> dict[str, Path]:
-    """Write results.json, results.md, predictions.csv (when given) and the figures; return their paths."""
+    """Write results.json, results.md, predictions.csv (when given) and the figures; return their paths.
+
+    ``probabilities`` (samples, classes) of a single method become predictions.csv's ``p_<class>`` columns.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     class_names = results["meta"]["classes"]
@@ -235,7 +252,7 @@ def write_report(
     written["markdown"].write_text(markdown_summary(results))
     if predictions is not None and paths is not None and labels is not None:
         written["predictions"] = write_predictions_csv(
-            output_dir / "predictions.csv", paths, labels, predictions, class_names, id_column
+            output_dir / "predictions.csv", paths, labels, predictions, class_names, id_column, probabilities
         )
     if figures:
         for name in method_names(results):

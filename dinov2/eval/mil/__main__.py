@@ -2,8 +2,8 @@
 
     python -m dinov2.eval.mil --features mil.h5 --output-dir results/mil [--bags bags.csv] [--test-patients ids.txt]
 
-Writes results.json (key ``abmil``), results.md, predictions.csv (one row per patient),
-attention.json / attention.csv (every cell of every test patient with its attention
+Writes results.json (key ``abmil``), results.md, predictions.csv (one row per patient: the predicted class and
+the probability of each class, for ROC curves), attention.json / attention.csv (every cell of every test patient with its attention
 weight, highest first) and confusion_abmil.png.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from dinov2.eval import protocol, reports
 from dinov2.eval.features_io import load_features
-from dinov2.eval.mil.data import bags_from_csv, bags_from_paths
+from dinov2.eval.mil.data import CSV_COLUMNS, bags_from_csv, bags_from_paths
 from dinov2.eval.mil.train import MILConfig, cross_validate, patient_positions
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="folder for results.json, attention.csv, ...")
     parser.add_argument("--bags", help="CSV with columns patient,label,path (default: paths <label>/<patient>/<cell>)")
     parser.add_argument(
+        "--bag-columns",
+        type=bag_columns,
+        default=CSV_COLUMNS,
+        metavar="PATIENT,LABEL,PATH",
+        help="the --bags CSV's names for the patient, label and path columns, e.g. bag_id,bag_label,file for a "
+        "manifest (default: patient,label,path)",
+    )
+    parser.add_argument(
         "--test-patients",
         help="text file of patient IDs (one per line) forming a fixed test set, e.g. DeepAPL's validation cohort; "
         "each of the --n-splits folds over the other patients trains a model that is tested on them",
@@ -52,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"default {field.default}",
         )
     return parser
+
+
+def bag_columns(text: str) -> tuple[str, str, str]:
+    """``--bag-columns``: three comma-separated column names, patient, label and path."""
+    names = tuple(name.strip() for name in text.split(","))
+    if len(names) != 3 or not all(names):
+        raise argparse.ArgumentTypeError(f"expected three column names, PATIENT,LABEL,PATH; got {text!r}")
+    return names  # type: ignore[return-value]
 
 
 def write_attention(output_dir: Path, records: list[dict[str, Any]]) -> None:
@@ -88,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = MILConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MILConfig)})
     feature_set = load_features(args.features)
     if args.bags:
-        bag_set = bags_from_csv(feature_set, args.bags)
+        bag_set = bags_from_csv(feature_set, args.bags, args.bag_columns)
         source = str(args.bags)
     else:
         bag_set = bags_from_paths(feature_set, str(args.features))
@@ -102,8 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.test_patients:
         test_index = patient_positions(bag_set, read_patient_list(args.test_patients), str(args.test_patients))
         logger.info("fixed test set: %d patients from %s", test_index.size, args.test_patients)
-    result, records, predictions = cross_validate(bag_set, config, device, source, progress=True, test_index=test_index)
-    tested = predictions >= 0
+    result, records, probabilities = cross_validate(
+        bag_set, config, device, source, progress=True, test_index=test_index
+    )
+    tested = ~np.isnan(probabilities).any(axis=1)
     from dinov2 import __version__
 
     results = {
@@ -135,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     reports.write_report(
         output_dir,
         results,
-        predictions={"abmil": predictions[tested]},
+        predictions={"abmil": probabilities[tested].argmax(axis=1)},
+        probabilities=probabilities[tested],
         paths=[bag.patient for bag, test in zip(bag_set.bags, tested) if test],
         labels=bag_set.labels[tested],
         figures=not args.no_figures,

@@ -110,8 +110,10 @@ def _matching_rows(path: str, by_suffix: dict[str, list[int]], by_path: dict[str
     return next((by_path[tail] for tail in tails[1:] if tail in by_path), [])
 
 
-def bags_from_csv(feature_set: FeatureSet, csv_path: str | Path) -> BagSet:
-    """Bags from a CSV (columns patient,label,path).
+def bags_from_csv(
+    feature_set: FeatureSet, csv_path: str | Path, columns: tuple[str, str, str] = CSV_COLUMNS
+) -> BagSet:
+    """Bags from a CSV whose ``columns`` name the patient, the label and the cell path (default patient,label,path).
 
     A CSV path matches the one feature path that ends with it or that it ends with, compared by whole path
     components (``mil/APL/P1/a.jpg`` and ``APL/P1/a.jpg`` match; ``AML/P3/a.jpg`` and ``APL/P1/a.jpg`` do not).
@@ -121,10 +123,14 @@ def bags_from_csv(feature_set: FeatureSet, csv_path: str | Path) -> BagSet:
         raise FileNotFoundError(f"bags CSV not found: {csv_path}")
     with csv_path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a BOM
         reader = csv.DictReader(handle)
-        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{csv_path}: missing columns {missing} (found {reader.fieldnames}; need {list(CSV_COLUMNS)})")
-        entries = [(r["patient"].strip(), r["label"].strip(), r["path"].strip()) for r in reader]
+            raise ValueError(
+                f"{csv_path}: missing columns {missing} (found {reader.fieldnames}); name the patient, label and path "
+                "columns with --bag-columns, e.g. --bag-columns bag_id,bag_label,file"
+            )
+        patient_column, label_column, path_column = columns
+        entries = [(r[patient_column].strip(), r[label_column].strip(), r[path_column].strip()) for r in reader]
     if not entries:
         raise ValueError(f"{csv_path}: no rows")
     by_suffix: dict[str, list[int]] = {}

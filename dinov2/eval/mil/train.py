@@ -208,11 +208,12 @@ def cross_validate(
     progress: bool = False,
     test_index: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]:
-    """Patient-level k-fold CV; returns the ``abmil`` results, per-patient attention records, predictions.
+    """Patient-level k-fold CV; returns the ``abmil`` results, per-patient attention records, probabilities.
 
-    With ``test_index`` (positions of a fixed test set) every fold's model is tested on those patients and trained on
-    the others; the scores are then the mean over the fold models, a test patient's prediction is the class of their
-    mean probability, and other patients get -1.
+    The probabilities are (patients, classes): each patient's from the fold model that tested it. With
+    ``test_index`` (positions of a fixed test set) every fold's model is tested on those patients and trained on
+    the others; the scores are then the mean over the fold models, a test patient's probabilities the mean of
+    theirs, and other patients' rows are NaN.
     """
     labels = bag_set.labels
     if test_index is None:
@@ -224,8 +225,8 @@ def cross_validate(
         folds = fixed_test_plan(labels, test_index, config)
     num_classes = len(bag_set.class_names)
     truths, preds, n_train, fold_extra, records = [], [], [], [], []
-    predictions = np.full(labels.size, -1, dtype=np.int64)
     probability_sums = np.zeros((labels.size, num_classes))
+    times_tested = np.zeros(labels.size)
     for fold, (fit, val, test) in enumerate(tqdm(folds, desc="MIL folds", disable=not progress)):
         try:
             run = train_fold(
@@ -242,6 +243,7 @@ def cross_validate(
         probabilities, attention = predict_bags(run.model, test_bags, device)
         fold_pred = probabilities.argmax(axis=1)
         probability_sums[test] += probabilities
+        times_tested[test] += 1
         truths.append(labels[test])
         preds.append(fold_pred)
         n_train.append(fit.size)
@@ -276,12 +278,12 @@ def cross_validate(
             run.best_epoch + 1,
             run.epochs_run,
         )
-    tested = np.unique(np.concatenate([test for _, _, test in folds]))
-    predictions[tested] = probability_sums[tested].argmax(axis=1)  # in k-fold CV, each patient's one fold
+    with np.errstate(invalid="ignore"):  # patients no fold tested: 0 / 0, NaN
+        mean_probabilities = probability_sums / times_tested[:, None]
     result = protocol.score_folds(truths, preds, bag_set.class_names, n_train)
     for entry, extra in zip(result["per_fold"], fold_extra):
         entry.update(extra)
     result["auroc"] = metrics.mean_std([f["auroc"] for f in fold_extra])
     result["config"] = asdict(config)
     records.sort(key=lambda r: r["patient"])
-    return result, records, predictions
+    return result, records, mean_probabilities
