@@ -142,11 +142,21 @@ def test_bad_sources_are_named(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "train: [unclosed\n"))
 
 
+def test_interpolations_resolve_at_load_or_name_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATA_ROOT", "/scratch/cells")
+    cfg = load_config(None, ["train.dataset_path=${oc.env:DATA_ROOT}/lists", "train.output_dir=${train.dataset_path}/run"])
+    assert cfg.train.output_dir == "/scratch/cells/lists/run"
+    # DinoBloom's released config wrote ${SLURM_TMPDIR}, which OmegaConf reads as another setting
+    with pytest.raises(ConfigError, match=r"train.dataset_path: Interpolation key 'SLURM_TMPDIR' not found .*oc.env:NAME"):
+        load_config(None, ["train.dataset_path=${SLURM_TMPDIR}/shards"])
+
+
 def test_original_dinobloom_spelling_is_accepted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # The layout of DinoBloom's released custom.yaml: architecture keys under train:, a hub arch name, the
-    # dataset string, the switched-off smooth-rank loss.
+    # dataset string, the switched-off smooth-rank loss, the top-level choice of augmentation class.
     original = (
         "ibot:\n  separate_head: true\n"
+        'data_transform: "default"\n'
         "train:\n  batch_size_per_gpu: 120\n  OFFICIAL_EPOCH_LENGTH: 500\n"
         "  dataset_path: HemaStandardDataset:root=/data/lists:shuffle=1\n  centering: sinkhorn_knopp\n"
         "  drop_path_rate: 0.4\n  ffn_layer: swiglufused\n  block_chunks: 0\n  num_register_tokens: 0\n"
@@ -161,6 +171,7 @@ def test_original_dinobloom_spelling_is_accepted(tmp_path: Path, caplog: pytest.
         assert any(key in record.getMessage() and "ignored" in record.getMessage() for record in caplog.records), key
     assert "ffn_layer" not in cfg.train and "smooth_rank_loss_weight" not in cfg.dino
     assert cfg.train.dataset_path == "HemaStandardDataset:root=/data/lists:shuffle=1"
+    assert "data_transform" not in cfg and cfg.train.augmentation == "hematology"  # DinoBloom's "default" class
     arch = resolve_arch(cfg)
     # What torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14") builds: the train: keys had no effect.
     assert (arch.name, arch.hub_name, arch.embed_dim, arch.patch_size) == ("vit_base", "dinov2_vitb14", 768, 14)
@@ -168,6 +179,10 @@ def test_original_dinobloom_spelling_is_accepted(tmp_path: Path, caplog: pytest.
     assert arch.kwargs["init_values"] == 1.0 and arch.kwargs["img_size"] == 224
     with pytest.raises(ConfigError, match=r"dino.smooth_rank_loss_weight=0.5 is not supported"):
         load_config(None, ["dino.smooth_rank_loss_weight=0.5"])
+    with pytest.raises(ConfigError, match=r"data_transform='hema' is not supported: .*'hema' class is not implemented"):
+        load_config(None, ["data_transform=hema"])
+    with pytest.raises(ConfigError, match=r"data_transform='default' .* contradicts train.augmentation='dinov2'"):
+        load_config(None, ["data_transform=default", "train.augmentation=dinov2"])
 
 
 def test_hub_architecture_overrides_are_reported(caplog: pytest.LogCaptureFixture) -> None:

@@ -417,8 +417,8 @@ def test_crop_shapes(hematology: bool, local: int, local_size: int) -> None:
 @pytest.mark.parametrize(
     ("hematology", "blur", "expected"),
     [
-        # as trained: DINOv2's GaussianBlur(p) blurred with probability 1 - p
-        (True, None, (0.9, 0.9, 0.5)),
+        # as trained: DINOv2's GaussianBlur(p) blurred with probability 1 - p (DinoBloom kept DINOv2's p)
+        (True, None, (0.0, 0.9, 0.5)),
         (False, None, (0.0, 0.9, 0.5)),
         (False, (1.0, 0.1, 0.5), (1.0, 0.1, 0.5)),
     ],
@@ -441,9 +441,9 @@ def test_blur_rate_of_each_view(hematology: bool, blur: tuple | None, expected: 
 
 @pytest.mark.parametrize("hematology", [True, False])
 def test_colour_strengths_are_the_recipes(hematology: bool) -> None:
-    """DINOv2's and DinoBloom's colour settings, seen in the drawn parameters: ColorJitter(0.4, 0.4, 0.2, 0.1)
-    applied with p 0.8, its factors spanning those ranges, blur sigma in (0.1, 2), grayscale 0.2 (DINOv2 only),
-    solarisation 0.2 on DINOv2's second global view only."""
+    """DINOv2's colour settings, which DinoBloom's final code kept, seen in the drawn parameters: ColorJitter(0.4,
+    0.4, 0.2, 0.1) applied with p 0.8, its factors spanning those ranges, blur sigma in (0.1, 2), grayscale 0.2 on
+    every view, solarisation 0.2 on the second global view only."""
     augmentation = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, 16, 8, hematology=hematology)
     image = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
     draws = 600
@@ -465,9 +465,9 @@ def test_colour_strengths_are_the_recipes(hematology: bool) -> None:
         if sigmas.numel():  # (DINOv2 never blurs its first global view; the rates have their own test)
             assert sigmas.min() >= 0.1 and sigmas.max() <= 2.0 and sigmas.min() < 0.2 and sigmas.max() > 1.9
         grayscale = float((params[:, P.GRAYSCALE] > 0).float().mean())
-        assert grayscale == 0.0 if hematology else abs(grayscale - 0.2) <= 0.05
+        assert abs(grayscale - 0.2) <= 0.05
         solarised = float((params[:, P.SOLARIZE] > 0).float().mean())
-        assert solarised == 0.0 if hematology or view is not augmentation.global_view2 else abs(solarised - 0.2) <= 0.05
+        assert solarised == 0.0 if view is not augmentation.global_view2 else abs(solarised - 0.2) <= 0.05
 
 
 def test_augmentation_argument_errors() -> None:
@@ -488,8 +488,8 @@ def _denormalise(x: torch.Tensor) -> torch.Tensor:
     return x * torch.tensor(T.IMAGENET_STD).view(3, 1, 1) + torch.tensor(T.IMAGENET_MEAN).view(3, 1, 1)
 
 
-def test_recipes_differ_in_geometry_and_grayscale() -> None:
-    """Hematology: all 8 square symmetries, never grayscale; DINOv2: horizontal flips only, some grayscale."""
+def test_recipes_differ_in_geometry_only() -> None:
+    """Hematology: all 8 square symmetries; DINOv2: horizontal flips only; both turn some views grayscale."""
     pixels = np.zeros((64, 64, 3), dtype=np.uint8)
     pixels[:32, :32] = 255  # a white top-left quadrant on black
     image = Image.fromarray(pixels)
@@ -507,7 +507,7 @@ def test_recipes_differ_in_geometry_and_grayscale() -> None:
             corners.add(int(torch.stack([q.mean() for q in quadrants]).argmax()))
             gray += int(torch.allclose(channels[0], channels[1], atol=1e-5))
         assert corners == expected_corners
-        assert (gray > 0) == (not hematology)
+        assert 0 < gray < 30  # about 0.2 of 60
 
 
 # --------------------------------------------------------------------------- determinism

@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from dinov2.checkpoint import EXTRA_STATE_FILE, find_latest_checkpoint
 from dinov2.cli import run_cli
 from dinov2.configs import TRAIN_CONFIG_DIR, ConfigError, load_config, resolve_arch
 from dinov2.data import DatasetError
@@ -328,17 +329,31 @@ def test_resuming_on_lists_of_another_length_is_said(tmp_path: Path, demo) -> No
     assert [r["iteration"] for r in _metrics(out)] == [0, 1, 2, 3]  # a warning, not a stop
 
 
-def test_the_blur_used_is_recorded_and_a_change_on_resume_is_said(tmp_path: Path, demo) -> None:
+def test_the_augmentation_used_is_recorded_and_a_change_on_resume_is_said(tmp_path: Path, demo) -> None:
     out = tmp_path / "run"
     _train(out, demo.lists_dir, epochs=1, epoch_length=2)
-    # config.yaml says which probabilities ran (the demo's hematology recipe, as DinoBloom trained)
-    assert list(load_config(out / "config.yaml").crops.blur_probabilities) == [0.9, 0.9, 0.5]
+    # config.yaml says which blur probabilities ran (the demo's hematology recipe, as DinoBloom trained)
+    assert list(load_config(out / "config.yaml").crops.blur_probabilities) == [0.0, 0.9, 0.5]
     _train(out, demo.lists_dir, epochs=2, epoch_length=2)
-    assert "trained with blur probabilities" not in (out / "log.txt").read_text()
+    assert "trained with another augmentation" not in (out / "log.txt").read_text()
     _train(out, demo.lists_dir, "crops.blur_probabilities=[0.1,0.1,0.5]", epochs=3, epoch_length=2)
-    assert "trained with blur probabilities [0.9, 0.9, 0.5], this run continues with [0.1, 0.1, 0.5]" in (
-        out / "log.txt"
-    ).read_text()
+    log = (out / "log.txt").read_text()
+    assert "was trained with another augmentation" in log and "blur [0.0, 0.9, 0.5] -> [0.1, 0.1, 0.5]" in log
+    assert "grayscale" not in log.split("was trained with another augmentation")[1].splitlines()[0]
+
+    # A checkpoint of an earlier version recorded only the blur, and its hematology recipe had no grayscale and
+    # no solarisation: a resume says so
+    latest = find_latest_checkpoint(out / "checkpoints") / EXTRA_STATE_FILE
+    record = torch.load(latest, weights_only=True)
+    del record["extra_state"]["augmentation"]
+    record["extra_state"]["blur"] = [0.9, 0.9, 0.5]
+    torch.save(record, latest)
+    _train(out, demo.lists_dir, epochs=4, epoch_length=2)
+    log = (out / "log.txt").read_text().split("was trained with another augmentation")
+    assert len(log) == 3 and "blur [0.9, 0.9, 0.5] -> [0.0, 0.9, 0.5]" in log[2].splitlines()[0]
+    assert "records no augmentation recipe: it was written by a version whose hematology recipe had no grayscale" in (
+        log[1]
+    )
 
 
 def test_settings_changed_on_resume_are_said_and_used(tmp_path: Path, demo) -> None:

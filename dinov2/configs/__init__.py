@@ -41,6 +41,8 @@ IGNORED_KEYS: dict[str, str | None] = {
 }
 # DinoBloom's experimental smooth-rank loss; its released config switched it off ("doesnt help").
 ZERO_ONLY_KEYS = ("dino.smooth_rank_loss_weight",)
+# DinoBloom's top-level choice of augmentation class: its released config's "default" is our hematology recipe.
+DINOBLOOM_DATA_TRANSFORMS = {"default": "hematology"}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.centering": ("centering", "sinkhorn_knopp"),
@@ -121,6 +123,14 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -
         layers.append(_checked_layer(override_cfg, default_tree, valid_keys, "command line"))
     cfg = OmegaConf.merge(*layers)
     assert isinstance(cfg, DictConfig)
+    try:
+        OmegaConf.resolve(cfg)  # interpolations fail here, in one line, rather than where a value is first read
+    except OmegaConfBaseException as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError(
+            f"{getattr(err, 'full_key', None) or 'config'}: {reason} (an environment variable is written "
+            "${oc.env:NAME}, another setting ${section.key})"
+        ) from None
     _check_values(cfg)
     return cfg
 
@@ -143,11 +153,34 @@ def _checked_layer(layer: DictConfig, default_tree: dict, valid_keys: list[str],
             if value not in (0, 0.0):
                 raise ConfigError(f"{source}: {key}={value!r} is not supported (only 0, as in DinoBloom's release)")
             logger.warning("%s: %s=0 is ignored (the smooth-rank loss was off in DinoBloom's release)", source, key)
+    if "data_transform" in tree:
+        _translate_data_transform(tree, source)
     errors: list[str] = []
     checked = _check_tree(tree, default_tree, "", source, valid_keys, errors)
     if errors:
         raise ConfigError("\n".join(errors))
     return OmegaConf.create(checked)
+
+
+def _translate_data_transform(tree: dict, source: str) -> None:
+    """Replace DinoBloom's ``data_transform`` key by the ``train.augmentation`` it stands for, in place."""
+    value = tree.pop("data_transform")
+    recipe = DINOBLOOM_DATA_TRANSFORMS.get(value) if isinstance(value, str) else None
+    if recipe is None:
+        raise ConfigError(
+            f"{source}: data_transform={value!r} is not supported: DinoBloom's released config has 'default' (DinoBloom's "
+            "augmentation, train.augmentation: hematology here); its experimental 'hema' class is not implemented"
+        )
+    train = tree.setdefault("train", {})
+    if not isinstance(train, dict):
+        return  # the tree check names the malformed train section
+    if train.get("augmentation", recipe) != recipe:
+        raise ConfigError(
+            f"{source}: data_transform={value!r} (train.augmentation: {recipe}) contradicts "
+            f"train.augmentation={train['augmentation']!r}; keep one of the two"
+        )
+    train["augmentation"] = recipe
+    logger.info("%s: DinoBloom's data_transform=%r is train.augmentation=%s", source, value, recipe)
 
 
 def _check_tree(tree: dict, default: dict, prefix: str, source: str, valid: list[str], errors: list[str]) -> dict:

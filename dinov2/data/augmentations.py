@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _BLUR_SIGMA = (0.1, 2.0)
-# How often (global view 1, global view 2, local views) were blurred in training (see DataAugmentationDINO).
-TRAINED_BLUR_PROBABILITIES = {"dinov2": (0.0, 0.9, 0.5), "hematology": (0.9, 0.9, 0.5)}
+# How often (global view 1, global view 2, local views) were blurred in training, by DINOv2 and DinoBloom alike
+# (see DataAugmentationDINO).
+TRAINED_BLUR_PROBABILITIES = (0.0, 0.9, 0.5)
 
 
 def _coin(p: float) -> bool:
@@ -113,25 +114,22 @@ class CropView:
 class DataAugmentationDINO:
     """DINOv2 multi-crop augmentation: two global views (student and teacher) and ``local_crops_number`` local ones.
 
-    Common to both recipes: ``RandomResizedCrop`` (bicubic, antialiased, aspect ratio 3/4..4/3),
-    horizontal flip p=0.5, ``ColorJitter(0.4, 0.4, 0.2, 0.1)`` p=0.8, Gaussian blur (kernel 9,
-    sigma 0.1..2) and ImageNet normalisation.
+    DINOv2's recipe (``hematology=False``): ``RandomResizedCrop`` (bicubic, antialiased, aspect ratio 3/4..4/3),
+    horizontal flip p=0.5, ``ColorJitter(0.4, 0.4, 0.2, 0.1)`` p=0.8, grayscale p=0.2, Gaussian blur (kernel 9,
+    sigma 0.1..2), solarisation (threshold 128) p=0.2 on the second global view only, ImageNet normalisation.
 
-    Blur probabilities are those the released models were trained with. DINOv2's ``GaussianBlur(p)`` (which
-    DinoBloom imports) hands ``1 - p`` to torchvision's ``RandomApply``, so a view written with p is blurred
-    with probability 1 - p: DINOv2's "p=1.0, 0.1, 0.5" blurred the first global view never, the second with
-    0.9 and local views with 0.5; DinoBloom's "p=0.1" blurred both global views with 0.9. ``blur_probabilities``
-    (global view 1, global view 2, local views) sets other values, e.g. (1.0, 0.1, 0.5) for the papers' text.
+    Blur probabilities are those the released models were trained with. DINOv2's ``GaussianBlur(p)`` hands
+    ``1 - p`` to torchvision's ``RandomApply``, so a view written with p is blurred with probability 1 - p:
+    "p=1.0, 0.1, 0.5" blurred the first global view never, the second with 0.9 and local views with 0.5.
+    ``blur_probabilities`` (global view 1, global view 2, local views) sets other values, e.g. (1.0, 0.1, 0.5)
+    for the paper's text.
 
-    ``hematology=False`` is DINOv2's recipe: grayscale p=0.2, blur (0.0, 0.9, 0.5); the second global view is
-    also solarised (threshold 128) with p=0.2.
-
-    ``hematology=True`` is DinoBloom's recipe (its ``augmentations.py``): cells have no canonical
-    orientation, so vertical flip p=0.5 and a 90 degree rotation p=0.5 are added (with the horizontal flip
-    this draws uniformly from the 8 symmetries of the square); stain colour carries information, so there is
-    no grayscale and no solarisation; blur (0.9, 0.9, 0.5). The colour jitter keeps DINOv2's strengths and
-    p=0.8: DinoBloom's history also has a revision with an HED stain jitter (p=0.5) and jitter p=0.5, which
-    its later revision commented out; we follow the later one.
+    DinoBloom's recipe (``hematology=True``) is DINOv2's with the cells' symmetries added: vertical flip p=0.5
+    and a 90 degree rotation p=0.5 after the horizontal flip (together a uniform draw from the 8 symmetries of
+    the square); colour, blur and solarisation as DINOv2's. This is the ``DataAugmentationDINO`` of DinoBloom's
+    final code, which its released config selects (``data_transform: "default"``). An earlier revision of that
+    class had no grayscale and no solarisation and wrote p=0.1 for both global views' blur (so blurred both with
+    0.9); its experimental ``DataAugmentationHEMA`` (``data_transform: "hema"``) is not what the release selects.
 
     The output dict is what ``collate_data_and_cast`` consumes: ``global_crops`` (2 uint8 tensors),
     ``global_crops_teacher`` (the same 2 tensors), ``local_crops`` (``local_crops_number`` uint8 tensors, possibly
@@ -156,7 +154,7 @@ class DataAugmentationDINO:
         if local_crops_number < 0:
             raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
         if blur_probabilities is None:
-            blur_probabilities = TRAINED_BLUR_PROBABILITIES["hematology" if hematology else "dinov2"]
+            blur_probabilities = TRAINED_BLUR_PROBABILITIES
         blur = [float(b) for b in blur_probabilities]
         if len(blur) != 3 or not all(0.0 <= b <= 1.0 for b in blur):
             raise ValueError(
@@ -168,12 +166,10 @@ class DataAugmentationDINO:
         self.local_crops_number = int(local_crops_number)
         self.hematology = hematology
         self.jitter = ColorJitter(0.4, 0.4, 0.2, 0.1)
-        common: dict[str, Any] = {"grayscale_p": 0.0 if hematology else 0.2, "dihedral": hematology}
+        common: dict[str, Any] = {"grayscale_p": 0.2, "dihedral": hematology}
         global_scale = (float(global_crops_scale[0]), float(global_crops_scale[1]))
         self.global_view1 = CropView(global_crops_size, global_scale, blur_p=blur1, **common)
-        self.global_view2 = CropView(
-            global_crops_size, global_scale, blur_p=blur2, solarize_p=0.0 if hematology else 0.2, **common
-        )
+        self.global_view2 = CropView(global_crops_size, global_scale, blur_p=blur2, solarize_p=0.2, **common)
         local_scale = (float(local_crops_scale[0]), float(local_crops_scale[1]))
         self.local_view = CropView(local_crops_size, local_scale, blur_p=blur_local, **common)
         logger.info(
@@ -186,6 +182,17 @@ class DataAugmentationDINO:
             local_scale,
             tuple(blur),
         )
+
+    def record(self) -> dict[str, Any]:
+        """The recipe and each view's probabilities (global 1, global 2, local), as checkpoints record them."""
+        views = (self.global_view1, self.global_view2, self.local_view)
+        return {
+            "recipe": "hematology" if self.hematology else "dinov2",
+            "dihedral": self.hematology,
+            "grayscale": [view.grayscale_p for view in views],
+            "blur": list(self.blur_probabilities),
+            "solarize": [view.solarize_p for view in views],
+        }
 
     def __call__(self, image: Image.Image | torch.Tensor) -> dict[str, Any]:
         """Draw all views of one PIL image or uint8 (3, H, W) tensor."""

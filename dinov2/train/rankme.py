@@ -2,7 +2,9 @@
 
 RankMe(Z) = exp(-sum_k p_k log p_k) with p_k = s_k / sum(s) + eps, where s are the singular values of the
 (samples x dim) matrix Z of CLS tokens. It lies between 1 (every sample embedded on one line: collapse) and
-min(samples, dim). DinoBloom computed it from ten consecutive batches every 1000 iterations.
+min(samples, dim). DinoBloom computed it every 1000 iterations on the student's global-crop CLS tokens (ten
+consecutive batches; a later revision of its trainer, 2,500 tokens). We compute it on the teacher's, the network
+that is exported and evaluated, from ``evaluation.rankme_batches`` batches.
 """
 
 from __future__ import annotations

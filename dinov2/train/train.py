@@ -312,7 +312,7 @@ def warn_about_changes(
     start_iter: int,
     global_batch: int,
     dataset_size: int,
-    blur: list[float],
+    augmentation: dict[str, Any],
     config_changes: Sequence[str],
 ) -> None:
     """Warn where a run continued from ``checkpoint`` will differ from the run that wrote it."""
@@ -327,12 +327,24 @@ def warn_about_changes(
             "an uninterrupted run (this epoch may repeat or skip some images)", checkpoint, state["dataset_size"],
             dataset_size,
         )
-    if state.get("blur") != blur:
+    recorded = state.get("augmentation")
+    if recorded is None and "blur" in state:  # checkpoints before 2026-11-27 recorded the blur alone
+        recorded = {"blur": state["blur"]}
+        if augmentation["recipe"] == "hematology":
+            logger.warning(
+                "%s records no augmentation recipe: it was written by a version whose hematology recipe had no "
+                "grayscale and no solarisation, which this one has (DinoBloom's final code)", checkpoint,
+            )
+    changed = [
+        f"{name} {recorded.get(name, '(no record)')} -> {value}"
+        for name, value in augmentation.items()
+        if recorded is None or (name in recorded and recorded[name] != value)
+    ]
+    if changed:
         logger.warning(
-            "%s was trained with blur probabilities %s, this run continues with %s (global view 1, global view 2, "
-            "local); a checkpoint without a record comes from a version whose DinoBloom recipe blurred global views "
-            "with 0.1 (DINOv2's: 1.0, 0.1, 0.5): set crops.blur_probabilities to continue as it was",
-            checkpoint, state.get("blur", "(no record)"), blur,
+            "%s was trained with another augmentation; this run continues with the new one (probabilities per view: "
+            "global 1, global 2, local): %s; set crops.blur_probabilities or train.augmentation to continue as it "
+            "was", checkpoint, "; ".join(changed),
         )
     if config_changes:
         logger.warning(
@@ -433,8 +445,8 @@ def train(
     check_tracking(cfg)
     # Data and kNN set first: a wrong path fails here, before any model is built.
     dataset = build_train_dataset(cfg)
-    blur = list(dataset.transform.blur_probabilities)
-    cfg.crops.blur_probabilities = blur  # config.yaml records the probabilities used, not null
+    augmentation = dataset.transform.record()
+    cfg.crops.blur_probabilities = augmentation["blur"]  # config.yaml records the probabilities used, not null
     monitor = KnnMonitor.from_config(cfg, output_dir, device, resume=latest is not None)
 
     model, optimizer, scaler = build_training_state(cfg, device)
@@ -455,7 +467,7 @@ def train(
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         run_changes = config_differences(OmegaConf.create(previous_config), cfg) if resuming and previous_config else []
-        warn_about_changes(latest, state, start_iter, global_batch, len(dataset), blur, run_changes)
+        warn_about_changes(latest, state, start_iter, global_batch, len(dataset), augmentation, run_changes)
         logger.info("resuming at iteration %d from %s", start_iter, latest)
     if not resuming:  # after loading MODEL.WEIGHTS, which may lie in this folder's checkpoints
         distributed.barrier()  # every rank has read them before they are moved
@@ -473,7 +485,8 @@ def train(
     def checkpoint(iteration: int) -> None:
         model.apply_center_updates()
         extra = {
-            "images_seen": images_seen, "bad_images": bad_images, "dataset_size": len(dataset), "blur": blur,
+            "images_seen": images_seen, "bad_images": bad_images, "dataset_size": len(dataset),
+            "augmentation": augmentation,
             "network": network_record(model.student.backbone),
         }
         if scaler is not None:
