@@ -123,6 +123,7 @@ def test_types_are_checked_and_numbers_coerced() -> None:
         ("optim.clip_grad=-3", r"optim.clip_grad must be >= 0, got -3"),
         ("ibot.mask_sample_probability=1.5", r"ibot.mask_sample_probability=1.5 must lie in \[0, 1\]"),
         ("train.max_bad_image_fraction=2", r"train.max_bad_image_fraction=2.0 must lie in \[0, 1\]"),
+        ("train.data_timeout_s=-1", r"train.data_timeout_s must be >= 0, got -1.0"),
         ("evaluation.rankme_batches=0", r"evaluation.rankme_batches=0 must lie in \[1, rankme_period_iterations\]"),
         ("evaluation.rankme_batches=2000", r"evaluation.rankme_batches=2000 must lie in \[1, rankme_period_"),
         ("evaluation.rankme_period_iterations=-1", r"evaluation.rankme_period_iterations=-1 must be >= 0"),

@@ -915,6 +915,30 @@ def test_an_uncaught_error_ends_the_run_with_its_workers(tmp_path: Path, demo) -
     assert "stopped: " in (tmp_path / "run" / "log.txt").read_text()  # log.txt says why
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
+def test_a_read_that_never_returns_ends_the_run_after_the_data_timeout(tmp_path: Path, demo) -> None:
+    """A list naming a named pipe (as a stalled network file system: a read that never returns) stops the run
+    with one error line after train.data_timeout_s, and no worker outlives it, stuck in the read."""
+    images = sorted(demo.images_dir.rglob("*.png"))[:3]
+    stuck = tmp_path / "stuck.png"
+    os.mkfifo(stuck)  # opening it for reading waits for a writer that never comes
+    list_file = tmp_path / "train.txt"
+    list_file.write_text("".join(f"{p}\n" for p in [*images, stuck]))  # every batch of 8 draws from the 4
+    script = Path(__file__).resolve().parents[1] / "dinov2" / "train" / "train.py"
+    argv = [sys.executable, str(script), "--config-file", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "run"),
+            f"train.dataset_path={list_file}", *TINY, "train.num_workers=1", "train.data_timeout_s=3"]
+    run = subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:  # the pipes close only when every process holding them has ended, the workers included
+        _, stderr = run.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        pytest.fail("the run, or a worker stuck in the read, did not end")
+    assert run.returncode == 2, stderr[-3000:]
+    assert "error: no batch came from the 1 data-loader workers within 3 s (train.data_timeout_s)" in stderr
+    assert "Traceback" not in stderr
+
+
 def test_the_knn_monitor_subset_keeps_each_class_share() -> None:
     """evaluation.knn_max_images: 2,000 of a 4,000-image set keep half of each class, and a class too small for
     that keeps the 5 images that 5-fold CV needs; the draw depends on the seed only."""

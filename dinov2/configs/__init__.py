@@ -328,10 +328,10 @@ def _check_values(cfg: DictConfig) -> None:
         problems.append(
             f"optim.warmup_epochs={cfg.optim.warmup_epochs} must lie in [0, optim.epochs={cfg.optim.epochs}]"
         )
-    non_negative = ("train.seed", "train.num_workers", "train.image_resize", "crops.local_crops_number",
-                    "optim.clip_grad", "optim.freeze_last_layer_epochs", "evaluation.eval_period_iterations",
-                    "evaluation.knn_max_images", "dino.loss_weight", "dino.koleo_loss_weight", "dino.koleo_pairwise_eps",
-                    "ibot.loss_weight")
+    non_negative = ("train.seed", "train.num_workers", "train.image_resize", "train.data_timeout_s",
+                    "crops.local_crops_number", "optim.clip_grad", "optim.freeze_last_layer_epochs",
+                    "evaluation.eval_period_iterations", "evaluation.knn_max_images", "dino.loss_weight",
+                    "dino.koleo_loss_weight", "dino.koleo_pairwise_eps", "ibot.loss_weight")
     for key in non_negative:
         if OmegaConf.select(cfg, key) < 0:
             problems.append(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")

@@ -7,16 +7,17 @@ import logging
 import random
 import signal
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dinov2.data.datasets import DatasetError
 from dinov2.data.samplers import derive_seed
 
-__all__ = ["make_data_loader", "init_worker", "seed_worker"]
+__all__ = ["batches", "make_data_loader", "init_worker", "seed_worker"]
 
 #: Signals that ask a run to stop (a scheduler's SIGTERM or SIGUSR1, a terminal's Ctrl-C): the main process decides.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -36,10 +37,20 @@ def _shut_down_workers_at_exit() -> None:
     Registered after torch's and multiprocessing's own exit routines (imported above), this runs before them.
     """
     for loader in list(_loaders_with_workers):
-        iterator = loader._iterator  # DataLoader keeps its persistent workers' iterator here
-        if iterator is not None:
-            iterator._shutdown_workers()
-            loader._iterator = None
+        stop_workers(loader)
+
+
+def stop_workers(loader: DataLoader) -> None:
+    """Shut down the persistent workers of ``loader`` through its own shutdown; kill any that do not end."""
+    iterator = loader._iterator  # DataLoader keeps its persistent workers' iterator here
+    if iterator is None:
+        return
+    workers = list(iterator._workers)
+    iterator._shutdown_workers()
+    loader._iterator = None
+    for worker in workers:  # one stuck in a read (a stalled file system) answers neither its queue nor SIGTERM
+        if worker.is_alive():
+            worker.kill()
 
 
 def seed_worker(worker_id: int) -> None:
@@ -76,6 +87,7 @@ def make_data_loader(
     drop_last: bool = True,
     pin_memory: bool | None = None,
     seed: int = 0,
+    timeout_s: float = 0.0,
 ) -> DataLoader:
     """A DataLoader over ``dataset`` drawing from ``sampler`` (e.g. :class:`InfiniteSampler`).
 
@@ -89,6 +101,7 @@ def make_data_loader(
         drop_last: drop a last incomplete batch (irrelevant for infinite samplers).
         pin_memory: page-locked batches; default when CUDA is available.
         seed: seed of the loader's worker base seeds (see :func:`seed_worker`).
+        timeout_s: with workers, the longest wait for one batch (0: no limit); see :func:`batches`.
 
     Workers persist between iterations.
     """
@@ -112,7 +125,32 @@ def make_data_loader(
         persistent_workers=num_workers > 0,
         worker_init_fn=init_worker,
         generator=torch.Generator().manual_seed(seed),
+        timeout=timeout_s if num_workers > 0 else 0.0,
     )
     if num_workers > 0:
         _loaders_with_workers.add(loader)
     return loader
+
+
+def batches(loader: DataLoader, setting: str = "the loader's timeout") -> Iterator[Any]:
+    """The batches of ``loader``; workers that deliver none within its ``timeout`` end it with a DatasetError.
+
+    A read that never returns (a stalled network file system, a named pipe in a list) would otherwise hold the run,
+    and a cluster job's allocation, until its time limit. ``setting`` names where the timeout is configured.
+    """
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if loader.timeout > 0 and "timed out" in str(err):
+                stop_workers(loader)  # they are stuck: at exit they would hold the process, or outlive it
+                raise DatasetError(
+                    f"no batch came from the {loader.num_workers} data-loader workers within {loader.timeout:g} s "
+                    f"({setting}): is the storage of the images stalled, or does a list name a named pipe or a "
+                    "device? Checkpoints are intact: run again to resume once the images can be read"
+                ) from None
+            raise
+        yield batch

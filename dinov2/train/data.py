@@ -138,6 +138,7 @@ def build_train_loader(
         sampler=sampler,
         collate_fn=build_train_collate(cfg, dtype, defer_colour),
         seed=derive_seed(cfg.train.seed, rank),
+        timeout_s=float(cfg.train.data_timeout_s),
     )
     return loader, sampler
 

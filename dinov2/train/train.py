@@ -37,6 +37,7 @@ from dinov2 import distributed
 from dinov2.checkpoint import export_teacher, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from dinov2.configs import ConfigError, apply_scaling_rules_to_cfg, config_differences, load_config, write_config
 from dinov2.data import DatasetError
+from dinov2.data.loaders import batches
 from dinov2.data.photometric import finish_crops
 from dinov2.hub.loader import CheckpointError
 from dinov2.parallel import (
@@ -521,7 +522,7 @@ def train(
             info.world_size,
         )
         window_start, window_images = time.perf_counter(), 0
-        for iteration, batch in zip(range(start_iter, max_iter), loader):
+        for iteration, batch in zip(range(start_iter, max_iter), batches(loader, "train.data_timeout_s")):
             if "collated_global_crops" not in batch:  # (torchrun, or srun --kill-on-bad-exit, stops the other ranks)
                 raise DatasetError(
                     f"iteration {iteration}, rank {info.rank}: none of the {batch['n_images']} images of the batch "
