@@ -390,6 +390,16 @@ def test_eval_transform_is_dinobloom_recipe(image_tree: Path) -> None:
     for mode in ("RGBA", "L"):
         other = image.convert(mode)
         torch.testing.assert_close(make_eval_transform(224)(other), reference(other.convert("RGB")), atol=1e-6, rtol=0)
+    # DinoBloom's cross-validation probes: PIL's resize (default filter) to 224, then the same ToTensor and norm
+    probe = tv1.Compose([tv1.ToTensor(), tv1.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+    pil_resized = probe(image.resize((224, 224)))
+    assert image.size != (224, 224)
+    torch.testing.assert_close(make_eval_transform(224, "pil-bicubic")(image), pil_resized, atol=1e-6, rtol=0)
+    as_tensor = tvf.pil_to_tensor(image)
+    torch.testing.assert_close(make_eval_transform(224, "pil-bicubic")(as_tensor), pil_resized, atol=1e-6, rtol=0)
+    assert (make_eval_transform(224)(image) - pil_resized).abs().mean() > 1e-3  # the two resizes differ
+    with pytest.raises(ValueError, match="resize must be one of bilinear, pil-bicubic"):
+        make_eval_transform(224, "nearest")
 
 
 @pytest.mark.parametrize(

@@ -364,6 +364,12 @@ def test_test_file_weights_are_compared(caplog: pytest.LogCaptureFixture) -> Non
     with caplog.at_level(logging.WARNING, logger="dinov2.eval.protocol"):
         protocol.align_test_set(train, test, "train.h5", "test.h5")
     assert "test.h5 was extracted with weights /w/b.pth but train.h5 with /w/a.pth" in caplog.text
+    # the same model, its images resized another way
+    train.meta["resize"] = "bilinear"
+    test.meta.update(weights="/w/a.pth", resize="pil-bicubic")
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.protocol"):
+        protocol.align_test_set(train, test, "train.h5", "test.h5")
+    assert "test.h5 was extracted with resize=pil-bicubic but train.h5 with resize=bilinear" in caplog.text
 
 
 def _write(fs: FeatureSet, path: Path) -> Path:

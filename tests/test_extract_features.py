@@ -54,10 +54,13 @@ def image_folder(tmp_path: Path) -> Path:
     return root
 
 
-def _expected_feature(model: DinoVisionTransformer, path: Path) -> np.ndarray:
+def _expected_feature(
+    model: DinoVisionTransformer, path: Path, resample: Image.Resampling = Image.Resampling.BILINEAR
+) -> np.ndarray:
     """DinoBloom's preprocessing written out independently: torchvision's Resize((s, s)) on a PIL image is
-    PIL's bilinear resize; then ToTensor and the ImageNet normalisation."""
-    image = Image.open(path).convert("RGB").resize((IMG, IMG), Image.Resampling.BILINEAR)
+    PIL's bilinear resize (its probes' datasets used PIL's bicubic one); then ToTensor and the ImageNet
+    normalisation."""
+    image = Image.open(path).convert("RGB").resize((IMG, IMG), resample)
     x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255)[None]
     x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -89,6 +92,18 @@ def test_folder_extraction_cli(
     assert result.meta["weights"] == str(weights)
     assert result.meta["embed_dim"] == 64 and result.meta["n_skipped"] == 1
     assert result.meta["precision"] == "fp32" and "not L2-normalised" in result.meta["feature"]
+    assert result.meta["resize"] == "bilinear"
+
+    # --resize pil-bicubic: the features of PIL-resized images (DinoBloom's cross-validation probes), recorded
+    bicubic = tmp_path / "bicubic.h5"
+    ef.main(["--weights", str(weights), "--data", str(image_folder), "--output", str(bicubic), "--img-size", str(IMG),
+             "--num-workers", "0", "--device", "cpu", "--resize", "pil-bicubic"])  # fmt: skip
+    other = load_features(bicubic)
+    assert other.meta["resize"] == "pil-bicubic" and other.paths == result.paths
+    for row, rel in zip(other.features, other.paths):
+        np.testing.assert_allclose(row, _expected_feature(model, image_folder / rel, Image.Resampling.BICUBIC),
+                                   atol=1e-5)  # fmt: skip
+    assert not np.allclose(other.features, result.features, atol=1e-5)
 
     # the HDF5 layout the evaluation code reads
     with h5py.File(output) as f:

@@ -8,6 +8,7 @@ mean, runs in float64), so a result is bitwise the same whatever the number of i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Union
@@ -19,6 +20,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 __all__ = [
+    "EVAL_RESIZES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "adjust_brightness",
@@ -95,18 +97,36 @@ def normalize_(x: torch.Tensor) -> torch.Tensor:
     return x.sub_(_MEAN.to(x.device)).div_(_STD.to(x.device))
 
 
-def make_eval_transform(size: int = 224) -> Callable[[Image.Image], torch.Tensor]:
-    """DinoBloom's evaluation preprocessing: ``Resize((size, size))`` (bilinear), ``ToTensor``, ImageNet norm.
+#: How evaluation resizes an image (``make_eval_transform``): the two ways DinoBloom's evaluation code did.
+EVAL_RESIZES = ("bilinear", "pil-bicubic")
 
-    That is the recipe of DinoBloom's model-loading code, which the reference features follow. Its MICCAI probe
-    scripts resized the PIL image to 224 first, with PIL's default bicubic filter: about 0.01 apart on average in
-    normalised pixel values. A PIL image in another mode than RGB (RGBA, grayscale, 16-bit) is first made RGB as
-    :func:`load_image` does; a tensor must already be a uint8 (3, H, W) image.
+
+def _pil_bicubic_resize(image: Image.Image | torch.Tensor, size: int) -> Image.Image:
+    """``PIL.Image.resize((size, size))`` with its default (bicubic) filter, as DinoBloom's probe datasets."""
+    if isinstance(image, torch.Tensor):
+        image = F.to_pil_image(image)
+    return image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def make_eval_transform(size: int = 224, resize: str = "bilinear") -> Callable[[Image.Image], torch.Tensor]:
+    """DinoBloom's evaluation preprocessing: a resize to ``size`` x ``size``, ``ToTensor``, ImageNet norm.
+
+    ``resize="bilinear"``: torchvision's ``Resize((size, size))`` (antialiased), as DinoBloom's model-loading and
+    fixed-split code, which the reference features follow. ``"pil-bicubic"``: PIL's ``resize`` with its default
+    bicubic filter, as the datasets of DinoBloom's cross-validation probes (the paper's tables); the two differ by
+    about 0.01 on average in normalised pixel values. A PIL image in another mode than RGB (RGBA, grayscale,
+    16-bit) is first made RGB as :func:`load_image` does; a tensor must already be a uint8 (3, H, W) image.
     """
+    if resize not in EVAL_RESIZES:
+        raise ValueError(f"resize must be one of {', '.join(EVAL_RESIZES)}, got {resize!r}")
+    if resize == "bilinear":
+        resizing = v2.Resize((size, size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    else:
+        resizing = v2.Lambda(functools.partial(_pil_bicubic_resize, size=size))
     return v2.Compose(
         [
             v2.Lambda(_pil_as_rgb),
-            v2.Resize((size, size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            resizing,
             v2.Lambda(to_float_tensor),
             v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
         ]

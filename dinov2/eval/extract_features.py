@@ -14,10 +14,11 @@
 * a `.csv` file with a `path` column (image paths as in a `.txt` list, `~` expanded) and an optional `label`
   column (class names; empty = unlabelled).
 
-Preprocessing is DinoBloom's: Resize((img_size, img_size)) bilinear with antialias, ToTensor, ImageNet
-normalisation. The stored features are `model(x)`, the CLS token after the final LayerNorm
-(`x_norm_clstoken`), as float32 and not L2-normalised: DinoBloom's kNN and logistic-regression probes work on
-exactly these (its C = dim * classes / 100 assumes their scale). The backbone runs in float32 unless
+Preprocessing is DinoBloom's: Resize((img_size, img_size)) bilinear with antialias (`--resize pil-bicubic`:
+PIL's bicubic resize, as DinoBloom's cross-validation probes), ToTensor, ImageNet normalisation. The stored
+features are `model(x)`, the CLS token after the final LayerNorm (`x_norm_clstoken`), as float32 and not
+L2-normalised: DinoBloom's kNN and logistic-regression probes work on exactly these (its C = dim * classes / 100
+assumes their scale). The backbone runs in float32 unless
 `--precision bf16` (autocast, CUDA only). Images that cannot be read are logged by path and skipped, with a
 count at the end. Progress is saved every minute in `<output>.partial/`, and when the extraction is interrupted
 (Ctrl-C, or SIGTERM as from `kill` or a job scheduler), so that the same command, run again, continues where it
@@ -48,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dinov2.data.datasets import IMAGE_EXTENSIONS, DatasetError, check_image_path, find_images, read_list_entries
-from dinov2.data.transforms import load_image, make_eval_transform
+from dinov2.data.transforms import EVAL_RESIZES, load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, check_writable, save_features
 from dinov2.eval.partial_features import PartialFeatures, image_list_digest
 from dinov2.cli import run_cli
@@ -127,9 +128,9 @@ def list_images(data: str | os.PathLike[str], setting: str = "--data") -> ImageL
 class _ImageDataset(Dataset):
     """Decoded, preprocessed images; an unreadable file yields (index, None, reason) instead of failing."""
 
-    def __init__(self, image_list: ImageList, img_size: int) -> None:
+    def __init__(self, image_list: ImageList, img_size: int, resize: str = "bilinear") -> None:
         self.image_list = image_list
-        self.transform = make_eval_transform(img_size)
+        self.transform = make_eval_transform(img_size, resize)
 
     def __len__(self) -> int:
         return len(self.image_list.paths)
@@ -235,12 +236,14 @@ def embed_images(
     precision: str = "fp32",
     partial: PartialFeatures | None = None,
     progress: bool = True,
+    resize: str = "bilinear",
 ) -> tuple[np.ndarray, list[int]]:
     """`model(x)` features (N_ok, D), float32, and the indices of the images that could be read.
 
     ``progress``: show a progress bar (the kNN monitor shows it on the first rank only).
 
     ``precision="bf16"`` runs the backbone under bf16 autocast on CUDA (faster; features differ slightly).
+    ``resize``: how images are resized (see :func:`dinov2.data.transforms.make_eval_transform`).
     ``partial``: continue after the images it holds, and save progress to it every ``PARTIAL_SAVE_SECONDS`` and
     when interrupted (KeyboardInterrupt, or SIGTERM where it has its default action), before re-raising.
     """
@@ -250,7 +253,7 @@ def embed_images(
     if precision == "bf16" and device.type != "cuda":
         logger.warning("--precision bf16 applies on CUDA only; computing the features in fp32 on %s", device)
     model = model.to(device).eval()
-    dataset: Dataset = _ImageDataset(image_list, img_size)
+    dataset: Dataset = _ImageDataset(image_list, img_size, resize)
     start = partial.done if partial is not None else 0
     if start:
         dataset = Subset(dataset, range(start, len(image_list.paths)))
@@ -307,11 +310,13 @@ def extract_features(
     img_size: int = 224,
     device: str | torch.device = "auto",
     precision: str = "fp32",
+    resize: str = "bilinear",
 ) -> FeatureSet:
     """Embed every image of `data` and return (and, with `output`, write) the feature set.
 
     `model` is a hub name (`dinobloom_s`, `dinov2_vitb14`, ...), a module, or None to infer the
     architecture from `weights`; for a hub name without `weights` the released weights are downloaded.
+    `resize`: "bilinear" or "pil-bicubic" (see :func:`dinov2.data.transforms.make_eval_transform`).
     """
     if output is not None:
         check_writable(Path(output))  # before the model is loaded and every image embedded
@@ -338,12 +343,13 @@ def extract_features(
             "weights": "" if weights is None else str(weights),
             "weights_bytes_mtime": [weights_stat.st_size, weights_stat.st_mtime] if weights_stat else None,
             "img_size": img_size,
+            "resize": resize,
             "precision": precision if device.type == "cuda" else "fp32",
             "device_type": device.type,
             "images": [str(image_list.root), len(image_list.paths), image_list_digest(image_list.paths)],
         })  # fmt: skip
     features, kept = embed_images(
-        backbone, image_list, batch_size, num_workers, img_size, device, precision, partial=partial
+        backbone, image_list, batch_size, num_workers, img_size, device, precision, partial=partial, resize=resize
     )
     result = FeatureSet(
         features=features,
@@ -355,6 +361,7 @@ def extract_features(
             "weights": "" if weights is None else str(weights),
             "embed_dim": int(features.shape[1]),
             "img_size": img_size,
+            "resize": resize,
             "feature": "x_norm_clstoken (CLS token after the final LayerNorm; not L2-normalised)",
             "precision": precision if device.type == "cuda" else "fp32",
             "data": str(data),
@@ -394,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--img-size", type=int, default=224, help="images are resized to this square size")
+    parser.add_argument(
+        "--resize", choices=EVAL_RESIZES, default="bilinear",
+        help="bilinear (torchvision Resize, as DinoBloom's model-loading and fixed-split code; default) or pil-bicubic "
+        "(PIL's resize, as the datasets of DinoBloom's cross-validation probes behind the paper's tables)",
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32 (DinoBloom's, default) or bf16 autocast on CUDA (faster, features differ slightly)")
     return parser
@@ -413,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> FeatureSet:
         img_size=args.img_size,
         device=args.device,
         precision=args.precision,
+        resize=args.resize,
     )
     print(f"wrote {len(result)} features (dim {result.features.shape[1]}) to {args.output}; "
           f"skipped {result.meta['n_skipped']} unreadable images")

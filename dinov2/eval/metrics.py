@@ -4,7 +4,8 @@ Every value equals its ``sklearn.metrics`` counterpart (``accuracy_score``,
 ``balanced_accuracy_score``, ``f1_score(average="weighted")``,
 ``precision_recall_fscore_support``, ``roc_auc_score``) with ``zero_division=0``;
 the tests pin that. Spreads across folds are population standard deviations
-(``numpy.std`` with ``ddof=0``), as DinoBloom reported them.
+(``numpy.std`` with ``ddof=0``, as in DinoBloom's external-test script; its cross-validation script logged
+the mean over folds only).
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
             "%s was extracted with weights %s but %s with %s: the probe is trained on one model's features and "
             "tested on another's unless the two files are the same", test_path, test_weights, train_path, train_weights,
         )
-    for key in ("img_size", "precision"):
+    for key in ("img_size", "resize", "precision"):
         train_value, test_value = train_set.meta.get(key), test_set.meta.get(key)
         if train_value is not None and test_value is not None and train_value != test_value:
             logger.warning(
