@@ -247,7 +247,9 @@ def test_bags_from_csv_matches_paths_by_tail(tmp_path: Path) -> None:
         bags_from_csv(fs, table)
     # a manifest's own column names, given in patient, label, path order
     renamed = bags_from_csv(fs, table, ("bag_id", "bag_label", "file"))
-    assert [(b.patient, b.label, b.paths) for b in renamed.bags] == [("X", 1, ["APL/P1/a.jpg"]), ("Y", 0, ["AML/P2/b.jpg"])]
+    assert [(b.patient, b.label, b.paths) for b in renamed.bags] == [
+        ("X", 1, ["APL/P1/a.jpg"]), ("Y", 0, ["AML/P2/b.jpg"])
+    ]
     with pytest.raises(ValueError, match=r"missing columns \['patient'\]"):
         bags_from_csv(fs, table, ("patient", "bag_label", "file"))
     # two cohorts' patients P1 in the CSV, features of one cohort only: both tails fall back to the same cells

@@ -273,6 +273,12 @@ def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: p
         launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "o", "optim.epochs"])
     with pytest.raises(launcher.LaunchError, match=r"--config-file .*demo.yaml: .*optim\.epochz"):
         launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "o", "optim.epochz=3"])
+    # an environment variable that only the job will have (node-local scratch) is not resolved on the login node
+    monkeypatch.delenv("SLURM_TMPDIR", raising=False)
+    request = launcher.parse_request(
+        ["--config-file", str(DEMO_CONFIG), "--output-dir", "o", "train.dataset_path=${oc.env:SLURM_TMPDIR}/lists"]
+    )
+    assert "train.dataset_path=${oc.env:SLURM_TMPDIR}/lists" in request.train_argv
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun: not a SLURM cluster
     with pytest.raises(launcher.LaunchError, match="pass --local to run on this machine"):

@@ -351,9 +351,18 @@ def test_the_augmentation_used_is_recorded_and_a_change_on_resume_is_said(tmp_pa
     _train(out, demo.lists_dir, epochs=4, epoch_length=2)
     log = (out / "log.txt").read_text().split("was trained with another augmentation")
     assert len(log) == 3 and "blur [0.9, 0.9, 0.5] -> [0.0, 0.9, 0.5]" in log[2].splitlines()[0]
-    assert "records no augmentation recipe: it was written by a version whose hematology recipe had no grayscale" in (
+    assert "records no augmentation recipe: if it trained the hematology recipe, that was an earlier version's" in (
         log[1]
     )
+    # and a checkpoint older still records nothing of its augmentation
+    latest = find_latest_checkpoint(out / "checkpoints") / EXTRA_STATE_FILE
+    record = torch.load(latest, weights_only=True)
+    del record["extra_state"]["augmentation"]
+    torch.save(record, latest)
+    _train(out, demo.lists_dir, epochs=5, epoch_length=2)
+    log = (out / "log.txt").read_text()
+    assert log.count("records no augmentation recipe") == 2 and log.count("was trained with another augmentation") == 2
+    assert [r["iteration"] for r in _metrics(out)][-1] == 9
 
 
 def test_settings_changed_on_resume_are_said_and_used(tmp_path: Path, demo) -> None:

@@ -95,8 +95,13 @@ def default_config() -> DictConfig:
     return OmegaConf.load(DEFAULT_CONFIG_FILE)
 
 
-def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults, then `config_file` (if given), then dotted `key=value` overrides; strict and type-checked."""
+def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), resolve: bool = True) -> DictConfig:
+    """Defaults, then `config_file` (if given), then dotted `key=value` overrides; strict and type-checked.
+
+    With `resolve`, interpolations (`${oc.env:NAME}`, `${section.key}`) are resolved here and their values
+    type-checked; without it they stay as written (a launcher checking a config whose environment variables only
+    the job will have).
+    """
     defaults = default_config()
     default_tree = OmegaConf.to_container(defaults, resolve=False)
     valid_keys = _dotted_keys(default_tree)
@@ -123,6 +128,14 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -
         layers.append(_checked_layer(override_cfg, default_tree, valid_keys, "command line"))
     cfg = OmegaConf.merge(*layers)
     assert isinstance(cfg, DictConfig)
+    if resolve:
+        cfg = _resolved(cfg, default_tree, valid_keys)
+    _check_values(cfg)
+    return cfg
+
+
+def _resolved(cfg: DictConfig, default_tree: dict, valid_keys: list[str]) -> DictConfig:
+    """`cfg` with its interpolations resolved and the resolved values type-checked, or one ConfigError."""
     try:
         OmegaConf.resolve(cfg)  # interpolations fail here, in one line, rather than where a value is first read
     except OmegaConfBaseException as err:
@@ -131,8 +144,15 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = ()) -
             f"{getattr(err, 'full_key', None) or 'config'}: {reason} (an environment variable is written "
             "${oc.env:NAME}, another setting ${section.key})"
         ) from None
-    _check_values(cfg)
-    return cfg
+    errors: list[str] = []
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(tree, dict)
+    checked = _check_tree(tree, default_tree, "", "resolved interpolation", valid_keys, errors)
+    if errors:
+        raise ConfigError(
+            "\n".join(errors) + "\n(${oc.env:NAME} gives a string; ${oc.decode:${oc.env:NAME}} gives a number)"
+        )
+    return OmegaConf.create(checked)
 
 
 def _checked_layer(layer: DictConfig, default_tree: dict, valid_keys: list[str], source: str) -> DictConfig:
@@ -168,10 +188,13 @@ def _translate_data_transform(tree: dict, source: str) -> None:
     recipe = DINOBLOOM_DATA_TRANSFORMS.get(value) if isinstance(value, str) else None
     if recipe is None:
         raise ConfigError(
-            f"{source}: data_transform={value!r} is not supported: DinoBloom's released config has 'default' (DinoBloom's "
-            "augmentation, train.augmentation: hematology here); its experimental 'hema' class is not implemented"
+            f"{source}: data_transform={value!r} is not supported: DinoBloom's released config has 'default' "
+            "(DinoBloom's augmentation, train.augmentation: hematology here); its experimental 'hema' class is not "
+            "implemented"
         )
-    train = tree.setdefault("train", {})
+    if tree.get("train") is None:  # absent, or an empty `train:` in YAML
+        tree["train"] = {}
+    train = tree["train"]
     if not isinstance(train, dict):
         return  # the tree check names the malformed train section
     if train.get("augmentation", recipe) != recipe:

@@ -118,7 +118,7 @@ class DataAugmentationDINO:
     horizontal flip p=0.5, ``ColorJitter(0.4, 0.4, 0.2, 0.1)`` p=0.8, grayscale p=0.2, Gaussian blur (kernel 9,
     sigma 0.1..2), solarisation (threshold 128) p=0.2 on the second global view only, ImageNet normalisation.
 
-    Blur probabilities are those the released models were trained with. DINOv2's ``GaussianBlur(p)`` hands
+    Blur probabilities are those the released code trains with. DINOv2's ``GaussianBlur(p)`` hands
     ``1 - p`` to torchvision's ``RandomApply``, so a view written with p is blurred with probability 1 - p:
     "p=1.0, 0.1, 0.5" blurred the first global view never, the second with 0.9 and local views with 0.5.
     ``blur_probabilities`` (global view 1, global view 2, local views) sets other values, e.g. (1.0, 0.1, 0.5)
@@ -127,9 +127,11 @@ class DataAugmentationDINO:
     DinoBloom's recipe (``hematology=True``) is DINOv2's with the cells' symmetries added: vertical flip p=0.5
     and a 90 degree rotation p=0.5 after the horizontal flip (together a uniform draw from the 8 symmetries of
     the square); colour, blur and solarisation as DINOv2's. This is the ``DataAugmentationDINO`` of DinoBloom's
-    final code, which its released config selects (``data_transform: "default"``). An earlier revision of that
-    class had no grayscale and no solarisation and wrote p=0.1 for both global views' blur (so blurred both with
-    0.9); its experimental ``DataAugmentationHEMA`` (``data_transform: "hema"``) is not what the release selects.
+    final code (marrlab/DinoBloom at commit 6a12ca2e, the revision whose trainer reads ``data_transform``, and the
+    forks made after the release), which its released config selects (``data_transform: "default"``). An earlier
+    revision of that class (e.g. 5592a190) had no grayscale and no solarisation and wrote p=0.1 for both global
+    views' blur (so blurred both with 0.9); which revision trained the released weights is not recorded. The
+    experimental ``DataAugmentationHEMA`` (``data_transform: "hema"``) is not what the release config selects.
 
     The output dict is what ``collate_data_and_cast`` consumes: ``global_crops`` (2 uint8 tensors),
     ``global_crops_teacher`` (the same 2 tensors), ``local_crops`` (``local_crops_number`` uint8 tensors, possibly

@@ -40,15 +40,21 @@ def _shut_down_workers_at_exit() -> None:
         stop_workers(loader)
 
 
-def stop_workers(loader: DataLoader) -> None:
-    """Shut down the persistent workers of ``loader`` through its own shutdown; kill any that do not end."""
+def stop_workers(loader: DataLoader, stuck: bool = False) -> None:
+    """Shut down the persistent workers of ``loader`` through its own shutdown; kill any that do not end.
+
+    ``stuck``: kill them first, as workers stuck in a read (a stalled file system) answer neither their queue nor
+    SIGTERM, and the shutdown would wait several seconds for each.
+    """
     iterator = loader._iterator  # DataLoader keeps its persistent workers' iterator here
     if iterator is None:
         return
     workers = list(iterator._workers)
+    for worker in workers if stuck else ():
+        worker.kill()
     iterator._shutdown_workers()
     loader._iterator = None
-    for worker in workers:  # one stuck in a read (a stalled file system) answers neither its queue nor SIGTERM
+    for worker in workers:
         if worker.is_alive():
             worker.kill()
 
@@ -146,7 +152,7 @@ def batches(loader: DataLoader, setting: str = "the loader's timeout") -> Iterat
             return
         except RuntimeError as err:
             if loader.timeout > 0 and "timed out" in str(err):
-                stop_workers(loader)  # they are stuck: at exit they would hold the process, or outlive it
+                stop_workers(loader, stuck=True)  # else at exit they would hold the process, or outlive it
                 raise DatasetError(
                     f"no batch came from the {loader.num_workers} data-loader workers within {loader.timeout:g} s "
                     f"({setting}): is the storage of the images stalled, or does a list name a named pipe or a "

@@ -106,7 +106,8 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
             "tested on another's unless the two files are the same", test_path, test_weights, train_path, train_weights,
         )
     for key in ("img_size", "resize", "precision"):
-        train_value, test_value = train_set.meta.get(key), test_set.meta.get(key)
+        default = "bilinear" if key == "resize" else None  # files written before --resize existed
+        train_value, test_value = train_set.meta.get(key, default), test_set.meta.get(key, default)
         if train_value is not None and test_value is not None and train_value != test_value:
             logger.warning(
                 "%s was extracted with %s=%s but %s with %s=%s: the probe is tested on features made another way",

@@ -69,7 +69,7 @@ def run_config_settings(weights: Path, inferred: Mapping[str, Any]) -> dict[str,
     from dinov2.configs import load_config, resolve_arch  # deferred: configs import the models
 
     try:
-        arch = resolve_arch(load_config(config_file)).kwargs
+        arch = resolve_arch(load_config(config_file, resolve=False)).kwargs  # (the run's variables are not ours)
     except (ValueError, OSError) as err:  # a config of another tool or version: fall back to the shapes
         logger.warning("ignoring %s while loading %s: %s", config_file, weights, err)
         return {}

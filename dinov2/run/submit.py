@@ -212,7 +212,7 @@ def _validate_training_args(args: argparse.Namespace) -> Path:
     if malformed:
         raise LaunchError(f"overrides must be key=value, got: {' '.join(malformed)}")
     try:
-        cfg = load_config(str(config_file), list(args.overrides))
+        cfg = load_config(str(config_file), list(args.overrides), resolve=False)  # ${oc.env:...}: the job's
     except ConfigError as error:
         raise LaunchError(f"--config-file {config_file}: {error}") from error
     return Path(args.output_dir if args.output_dir is not None else cfg.train.output_dir)

@@ -315,8 +315,12 @@ def warn_about_changes(
     dataset_size: int,
     augmentation: dict[str, Any],
     config_changes: Sequence[str],
+    previous_recipe: str | None = None,
 ) -> None:
-    """Warn where a run continued from ``checkpoint`` will differ from the run that wrote it."""
+    """Warn where a run continued from ``checkpoint`` will differ from the run that wrote it.
+
+    ``previous_recipe``: ``train.augmentation`` of the run's earlier config.yaml, when there is one.
+    """
     if state["images_seen"] != start_iter * global_batch:
         logger.warning(
             "%s saw %d images in %d steps; this run takes %d per step, so its data order and learning rate "
@@ -329,23 +333,24 @@ def warn_about_changes(
             dataset_size,
         )
     recorded = state.get("augmentation")
-    if recorded is None and "blur" in state:  # checkpoints before 2026-11-27 recorded the blur alone
-        recorded = {"blur": state["blur"]}
-        if augmentation["recipe"] == "hematology":
+    if recorded is None:  # checkpoints before 2026-11-27 recorded the blur alone, and older ones nothing
+        recorded = {"blur": state["blur"]} if "blur" in state else {}
+        if previous_recipe != "dinov2":
             logger.warning(
-                "%s records no augmentation recipe: it was written by a version whose hematology recipe had no "
-                "grayscale and no solarisation, which this one has (DinoBloom's final code)", checkpoint,
+                "%s records no augmentation recipe: if it trained the hematology recipe, that was an earlier "
+                "version's, without grayscale or solarisation, which no setting restores; this run continues with "
+                "DinoBloom's final recipe", checkpoint,
             )
     changed = [
-        f"{name} {recorded.get(name, '(no record)')} -> {value}"
+        f"{name} {recorded[name]} -> {value}"
         for name, value in augmentation.items()
-        if recorded is None or (name in recorded and recorded[name] != value)
+        if name in recorded and recorded[name] != value
     ]
     if changed:
         logger.warning(
             "%s was trained with another augmentation; this run continues with the new one (probabilities per view: "
-            "global 1, global 2, local): %s; set crops.blur_probabilities or train.augmentation to continue as it "
-            "was", checkpoint, "; ".join(changed),
+            "global 1, global 2, local): %s; crops.blur_probabilities and train.augmentation set these",
+            checkpoint, "; ".join(changed),
         )
     if config_changes:
         logger.warning(
@@ -467,8 +472,12 @@ def train(
         images_seen, bad_images = state["images_seen"], state["bad_images"]
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
-        run_changes = config_differences(OmegaConf.create(previous_config), cfg) if resuming and previous_config else []
-        warn_about_changes(latest, state, start_iter, global_batch, len(dataset), augmentation, run_changes)
+        previous = OmegaConf.create(previous_config) if resuming and previous_config else None
+        run_changes = config_differences(previous, cfg) if previous is not None else []
+        previous_recipe = OmegaConf.select(previous, "train.augmentation") if previous is not None else None
+        warn_about_changes(
+            latest, state, start_iter, global_batch, len(dataset), augmentation, run_changes, previous_recipe
+        )
         logger.info("resuming at iteration %d from %s", start_iter, latest)
     if not resuming:  # after loading MODEL.WEIGHTS, which may lie in this folder's checkpoints
         distributed.barrier()  # every rank has read them before they are moved

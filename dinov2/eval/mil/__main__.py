@@ -3,8 +3,8 @@
     python -m dinov2.eval.mil --features mil.h5 --output-dir results/mil [--bags bags.csv] [--test-patients ids.txt]
 
 Writes results.json (key ``abmil``), results.md, predictions.csv (one row per patient: the predicted class and
-the probability of each class, for ROC curves), attention.json / attention.csv (every cell of every test patient with its attention
-weight, highest first) and confusion_abmil.png.
+the probability of each class, for ROC curves), attention.json / attention.csv (every cell of every test patient
+with its attention weight, highest first) and confusion_abmil.png.
 """
 
 from __future__ import annotations
