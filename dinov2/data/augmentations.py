@@ -118,7 +118,7 @@ class DataAugmentationDINO:
     horizontal flip p=0.5, ``ColorJitter(0.4, 0.4, 0.2, 0.1)`` p=0.8, grayscale p=0.2, Gaussian blur (kernel 9,
     sigma 0.1..2), solarisation (threshold 128) p=0.2 on the second global view only, ImageNet normalisation.
 
-    Blur probabilities are those the released code trains with. DINOv2's ``GaussianBlur(p)`` hands
+    Blur probabilities are those DINOv2's and DinoBloom's code trains with. DINOv2's ``GaussianBlur(p)`` hands
     ``1 - p`` to torchvision's ``RandomApply``, so a view written with p is blurred with probability 1 - p:
     "p=1.0, 0.1, 0.5" blurred the first global view never, the second with 0.9 and local views with 0.5.
     ``blur_probabilities`` (global view 1, global view 2, local views) sets other values, e.g. (1.0, 0.1, 0.5)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dinov2.data.datasets import DatasetError
 from dinov2.data.samplers import derive_seed
 
-__all__ = ["batches", "make_data_loader", "init_worker", "seed_worker"]
+__all__ = ["batches", "init_worker", "make_data_loader", "seed_worker", "stop_workers"]
 
 #: Signals that ask a run to stop (a scheduler's SIGTERM or SIGUSR1, a terminal's Ctrl-C): the main process decides.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
