@@ -50,8 +50,13 @@ def stop_workers(loader: DataLoader, stuck: bool = False) -> None:
     if iterator is None:
         return
     workers = list(iterator._workers)
-    for worker in workers if stuck else ():
-        worker.kill()
+    if stuck:
+        if iterator._worker_pids_set:  # stop watching them first: the SIGCHLD handler would report the kills
+            torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+        for worker in workers:
+            worker.kill()
+            worker.join()
     iterator._shutdown_workers()
     loader._iterator = None
     for worker in workers:
