@@ -17,8 +17,8 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
 from dinov2.eval import checkpoints, knn, linear, pca, protocol, reports
+from dinov2.eval.features_io import load_features, save_features
 from dinov2.eval.mil import __main__ as mil_cli
-from dinov2.eval.features_io import save_features
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -273,6 +273,13 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
             assert ours == pytest.approx(score, abs=1e-9), (name, method)
             differs |= ours != ungrouped["results"][method]["balanced_accuracy"]["mean"]
     assert differs, "grouped folds must differ from image folds here, or the test would not see them"
+    # --resize reaches each checkpoint's extraction (kept features say so) and the summary records it
+    bicubic = checkpoints.main(["--run-dir", str(run), "--data", str(tmp_path / "data"), "--output-dir",
+                                str(tmp_path / "bicubic"), "--img-size", "28", "--n-splits", "3", "--k", "1",
+                                "--device", "cpu", "--resize", "pil-bicubic", "--keep-features"])  # fmt: skip
+    assert bicubic["meta"]["resize"] == "pil-bicubic" and saved["meta"]["resize"] == "bilinear"
+    kept = sorted((tmp_path / "bicubic" / "features").glob("*.h5"))
+    assert len(kept) == 3 and {load_features(p).meta["resize"] for p in kept} == {"pil-bicubic"}
 
 
 def test_sweep_table_orders_k_by_number() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dinov2.data.transforms import EVAL_RESIZES
 from dinov2.eval import knn, linear, metrics, protocol, reports
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20], help="kNN neighbour counts (default: 1 20)")
     protocol.add_fold_arguments(parser)
     parser.add_argument("--img-size", type=int, default=224, help="input size for feature extraction")
+    parser.add_argument("--resize", choices=EVAL_RESIZES, default="bilinear",
+                        help="how images are resized (see python -m dinov2.eval.extract_features --help)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     parser.add_argument("--num-workers", type=int, default=0, help="image-loading processes for extraction")
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         target = output_dir / "features" / f"{path.parent.name}.h5" if args.keep_features else None
         feature_set = extract_features(
             args.data, target, model=None, weights=path, batch_size=args.batch_size, num_workers=args.num_workers,
-            img_size=args.img_size, device=device,
+            img_size=args.img_size, device=device, resize=args.resize,
         )
         protocol.check_labelled(feature_set, args.data)
         groups = None if args.group_by is None else protocol.path_groups(feature_set.paths, args.group_by)
@@ -136,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
             "n_splits": args.n_splits,
             "fold_seed": args.seed,
             "group_by": args.group_by,
+            "img_size": args.img_size,
+            "resize": args.resize,
             "methods": _methods(rows),
             "std": "population standard deviation over folds (numpy ddof=0)",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
