@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -232,7 +233,7 @@ def test_bags_from_paths_groups_cells_by_patient() -> None:
         bags_from_paths(_feature_set(["flat.jpg"]))
 
 
-def test_bags_from_csv_matches_paths_by_tail(tmp_path: Path) -> None:
+def test_bags_from_csv_matches_paths_by_tail(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     fs = _feature_set(["APL/P1/a.jpg", "AML/P2/b.jpg", "APL/P1/c.jpg"])
     table = tmp_path / "bags.csv"
     table.write_text("patient,label,path\nX,pos,mil/APL/P1/a.jpg\nX,pos,mil/APL/P1/c.jpg\nY,neg,AML/P2/b.jpg\n")
@@ -240,8 +241,19 @@ def test_bags_from_csv_matches_paths_by_tail(tmp_path: Path) -> None:
     assert bag_set.class_names == ["neg", "pos"]
     assert [(b.patient, b.label, len(b.paths)) for b in bag_set.bags] == [("X", 1, 2), ("Y", 0, 1)]
     table.write_text("patient,label,path\nX,pos,APL/P9/zzz.jpg\n")
-    with pytest.raises(ValueError, match=r"1 of 1 cell paths match no single path"):
+    with pytest.raises(ValueError, match=r"1 of 1 cell paths match no single path .*skipped 0 unreadable images"):
         bags_from_csv(fs, table)
+    # rows of images the extraction could not read (no more than it skipped) are left out, with a warning
+    table.write_text("patient,label,path\nX,pos,APL/P1/a.jpg\nX,pos,APL/P1/unreadable.jpg\nY,neg,AML/P2/b.jpg\n")
+    fs.meta["n_skipped"] = 1
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.mil.data"):
+        kept = bags_from_csv(fs, table)
+    assert [(b.patient, b.paths) for b in kept.bags] == [("X", ["APL/P1/a.jpg"]), ("Y", ["AML/P2/b.jpg"])]
+    assert "1 cell paths match no path of the features file, whose extraction skipped 1 unreadable" in caplog.text
+    table.write_text("patient,label,path\nX,pos,APL/P1/gone.jpg\nX,pos,APL/P1/unreadable.jpg\n")
+    with pytest.raises(ValueError, match=r"2 of 2 cell paths match no single path .*skipped 1 unreadable images"):
+        bags_from_csv(fs, table)  # more than it skipped: a list for other features
+    fs.meta["n_skipped"] = 0
     table.write_text("bag_id,bag_label,file,cohort\nX,pos,APL/P1/a.jpg,A\nY,neg,AML/P2/b.jpg,B\n")
     with pytest.raises(ValueError, match=r"missing columns \['patient', 'label', 'path'\].*--bag-columns"):
         bags_from_csv(fs, table)

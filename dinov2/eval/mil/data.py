@@ -9,6 +9,7 @@ folder such as ``mil/APL/Patient_00/000.jpg``), or from a CSV with the columns
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 from dinov2.eval.features_io import FeatureSet
+
+logger = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("patient", "label", "path")
 
@@ -117,6 +120,8 @@ def bags_from_csv(
 
     A CSV path matches the one feature path that ends with it or that it ends with, compared by whole path
     components (``mil/APL/P1/a.jpg`` and ``APL/P1/a.jpg`` match; ``AML/P3/a.jpg`` and ``APL/P1/a.jpg`` do not).
+    Rows that match no feature path are an error, unless they are no more than the unreadable images the
+    extraction skipped (``meta["n_skipped"]``): those are left out with a warning.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -140,12 +145,12 @@ def bags_from_csv(
         for suffix in suffixes:
             by_suffix.setdefault(suffix, []).append(row)
         by_path.setdefault(suffixes[0] if suffixes else "", []).append(row)
-    rows, unmatched = [], []
+    rows, unmatched, absent = [], [], []
     claimed: dict[int, tuple[str, str]] = {}  # feature row -> (patient, CSV path) that matched it first
     for patient, label, path in entries:
         match = _matching_rows(path, by_suffix, by_path)
         if len(match) != 1:  # none, or several that the CSV path cannot tell apart
-            unmatched.append(path)
+            (absent if not match else unmatched).append(path)
             continue
         row = match[0]
         if row in claimed:  # one cell in two bags (or twice in one) would leak between folds
@@ -157,10 +162,18 @@ def bags_from_csv(
             )
         claimed[row] = (patient, path)
         rows.append((patient, label, row))
-    if unmatched:
+    skipped = int(feature_set.meta.get("n_skipped") or 0)
+    if absent and len(absent) <= skipped and not unmatched:  # the images the extraction could not read, presumably
+        logger.warning(
+            "%s: %d cell paths match no path of the features file, whose extraction skipped %d unreadable images; "
+            "leaving them out, e.g. %s", csv_path, len(absent), skipped, absent[:3],
+        )
+        absent = []
+    if unmatched or absent:
         raise ValueError(
-            f"{csv_path}: {len(unmatched)} of {len(entries)} cell paths match no single path of the features file, "
-            f"e.g. {unmatched[:3]}"
+            f"{csv_path}: {len(unmatched) + len(absent)} of {len(entries)} cell paths match no single path of the "
+            f"features file, e.g. {(unmatched + absent)[:3]} ({len(absent)} match none; its extraction skipped "
+            f"{skipped} unreadable images)"
         )
     return _assemble(feature_set, rows, str(csv_path))
 
