@@ -105,8 +105,8 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
             "%s was extracted with weights %s but %s with %s: the probe is trained on one model's features and "
             "tested on another's unless the two files are the same", test_path, test_weights, train_path, train_weights,
         )
-    for key in ("img_size", "resize", "precision"):
-        default = "bilinear" if key == "resize" else None  # files written before --resize existed
+    # how the features were made; a file written before --resize existed was resized bilinearly
+    for key, default in (("img_size", None), ("resize", "bilinear"), ("precision", None)):
         train_value, test_value = train_set.meta.get(key, default), test_set.meta.get(key, default)
         if train_value is not None and test_value is not None and train_value != test_value:
             logger.warning(
