@@ -9,7 +9,8 @@
 # sends SIGUSR1 to this script; it forwards the signal to the training, which saves a checkpoint
 # and exits, then requeues the job. The requeued job runs this script again with the same
 # arguments, and train.py resumes from the last checkpoint in OUTPUT_DIR.
-# The SIGUSR1 forwarding needs torchrun's --signals-to-handle (PyTorch >= 2.9). torchrun then waits
+# The SIGUSR1 forwarding needs torchrun's --signals-to-handle (PyTorch >= 2.9; without it, a warning says that the
+# job is requeued from its last periodic checkpoint instead). torchrun then waits
 # --shutdown-timeout seconds for the checkpoint (PyTorch 2.14 has it); an older torchrun, without that option,
 # stops the training 30 s after the signal, which a large model's checkpoint may not survive (a warning says so).
 
@@ -63,10 +64,18 @@ if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
 fi
 # torchrun waits this long (seconds) for the training processes to save their checkpoint after SIGUSR1.
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-100}
-SHUTDOWN_ARGS=()
+TORCHRUN_ARGS=()
 # (grep reads all of the help: with -q it could stop early, and pipefail would count torchrun's broken pipe.)
-if torchrun --help 2>/dev/null | grep -- "--shutdown-timeout" > /dev/null; then
-    SHUTDOWN_ARGS=(--shutdown-timeout "$SHUTDOWN_TIMEOUT")
+TORCHRUN_HELP=$(torchrun --help 2>/dev/null || true)
+# torchrun forwards SIGUSR1 to the training processes only when told to; an older torchrun has no such option.
+if grep -- "--signals-to-handle" > /dev/null <<< "$TORCHRUN_HELP"; then
+    TORCHRUN_ARGS+=(--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
+else
+    echo "warning: this torchrun cannot forward SIGUSR1 (no --signals-to-handle): near the time limit the job is" \
+        "requeued from its last periodic checkpoint instead of saving one first; PyTorch 2.14 has the option" >&2
+fi
+if grep -- "--shutdown-timeout" > /dev/null <<< "$TORCHRUN_HELP"; then
+    TORCHRUN_ARGS+=(--shutdown-timeout "$SHUTDOWN_TIMEOUT")
 else
     echo "warning: this torchrun has no --shutdown-timeout: it stops the training 30 s after SIGUSR1, which may" \
         "cut a large model's checkpoint short (the previous one stays); PyTorch 2.14 has the option" >&2
@@ -94,8 +103,7 @@ srun --kill-on-bad-exit=1 torchrun \
     --rdzv_id "$SLURM_JOB_ID" \
     --rdzv_backend c10d \
     --rdzv_endpoint "$MASTER_ADDR:$RDZV_PORT" \
-    --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
-    ${SHUTDOWN_ARGS[@]+"${SHUTDOWN_ARGS[@]}"} \
+    ${TORCHRUN_ARGS[@]+"${TORCHRUN_ARGS[@]}"} \
     dinov2/train/train.py --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" "$@" &
 SRUN_PID=$!
 wait "$SRUN_PID"

@@ -263,6 +263,9 @@ def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: p
     expected = r"cluster.yaml: unknown key 'cpus_per_tsk'; did you mean 'cpus_per_task'"
     with pytest.raises(launcher.LaunchError, match=expected):
         launcher.parse_request(["--slurm-config", str(slurm_yaml), "--config-file", str(DEMO_CONFIG)])
+    slurm_yaml.write_text("partition: [gpu\n")
+    with pytest.raises(launcher.LaunchError, match=r"cluster.yaml: cannot parse the YAML"):
+        launcher.parse_request(["--slurm-config", str(slurm_yaml), "--config-file", str(DEMO_CONFIG)])
     slurm_yaml.write_text("timeout: two days\n")
     with pytest.raises(launcher.LaunchError, match=r"'timeout' must be int or null, got 'two days'"):
         launcher.parse_request(["--slurm-config", str(slurm_yaml), "--config-file", str(DEMO_CONFIG)])
@@ -293,7 +296,7 @@ def test_missing_submitit_names_the_package(monkeypatch: pytest.MonkeyPatch) -> 
         importlib.import_module("dinov2.run.submit")
 
 
-@pytest.mark.parametrize("torchrun_version", ["2.14", "2.11"])
+@pytest.mark.parametrize("torchrun_version", ["2.14", "2.11", "2.8"])
 def test_sbatch_script_checkpoints_before_requeue(tmp_path: Path, torchrun_version: str) -> None:
     log = tmp_path / "events.log"
     bin_dir = tmp_path / "bin"
@@ -305,11 +308,12 @@ def test_sbatch_script_checkpoints_before_requeue(tmp_path: Path, torchrun_versi
         f'#!/bin/bash\nif [[ $1 == show ]]; then echo node1; sleep 0.3; echo node2; else echo "scontrol $*" >> {log}; fi\n',
     )
     # Stands in for torchrun + train.py: saves a "checkpoint" on SIGUSR1, then exits non-zero as train.py does.
-    # Its help lists --shutdown-timeout as PyTorch 2.14's does; 2.11's has no such option.
-    option = "  --shutdown-timeout SHUTDOWN_TIMEOUT" if torchrun_version == "2.14" else "  --signals-to-handle S"
+    # Its help lists the options of that PyTorch version: 2.14 has both, 2.11 no --shutdown-timeout, 2.8 neither.
+    options = {"2.14": "  --signals-to-handle S\n  --shutdown-timeout SHUTDOWN_TIMEOUT", "2.11": "  --signals-to-handle S",
+               "2.8": "  --nnodes NNODES"}[torchrun_version]
     _write_executable(
         bin_dir / "torchrun",
-        f'#!/bin/bash\nif [[ $1 == --help ]]; then echo "{option}"; exit 0; fi\n'
+        f'#!/bin/bash\nif [[ $1 == --help ]]; then echo "{options}"; exit 0; fi\n'
         f'echo "torchrun $*" >> {log}\necho "srun cpus ${{SRUN_CPUS_PER_TASK:-unset}}" >> {log}\n'
         f'trap \'echo checkpoint saved >> {log}; exit 1\' USR1\necho started >> {log}\n'
         "while true; do sleep 0.05; done\n",
@@ -334,11 +338,12 @@ def test_sbatch_script_checkpoints_before_requeue(tmp_path: Path, torchrun_versi
     events = log.read_text().splitlines()
     assert events[0] == (
         "torchrun --nnodes 2 --nproc_per_node 4 --rdzv_id 77 --rdzv_backend c10d --rdzv_endpoint node1:20077 "
-        "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "
+        + ("--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 " if torchrun_version != "2.8" else "")
         + ("--shutdown-timeout 100 " if torchrun_version == "2.14" else "")
         + "dinov2/train/train.py --config-file cfg.yaml --output-dir /scratch/run1 optim.epochs=2"
     )
-    assert ("has no --shutdown-timeout" in output) == (torchrun_version == "2.11")
+    assert ("has no --shutdown-timeout" in output) == (torchrun_version != "2.14")
+    assert ("cannot forward SIGUSR1" in output) == (torchrun_version == "2.8")
     # the rendezvous port is the job's own (20000 + id % 20000); srun passes sbatch's CPUs per task on
     assert events[1:] == ["srun cpus 80", "started", "checkpoint saved", "scontrol requeue 77"]
     assert "requeueing job 77" in output

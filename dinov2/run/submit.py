@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dinov2.distributed import slurm_master_port
 
@@ -183,7 +185,10 @@ def load_slurm_settings(path: Path) -> dict[str, Any]:
     """Read launcher defaults from a SLURM yaml; unknown keys and wrong types are errors naming the file."""
     if not path.is_file():
         raise LaunchError(f"SLURM config {path} not found (pass --slurm-config FILE)")
-    raw = OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+    except (OmegaConfBaseException, OSError, yaml.YAMLError) as error:
+        raise LaunchError(f"SLURM config {path}: cannot parse the YAML: {error}") from error
     if raw is None:
         return {}
     if not isinstance(raw, dict):
