@@ -12,7 +12,8 @@ from dinov2.hub.loader import CheckpointError
 
 #: What a mistake in a CLI's input raises (a missing file, a bad value, a checkpoint of the wrong model).
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, CheckpointError)
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]  # dinov2/ and scripts/
+# The project's own code; a virtual environment inside the checkout (``.venv``, CI's ``.ci-venv``) is not.
+_PROJECT_DIRS = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "scripts")
 
 
 def raised_outside_the_project(err: BaseException) -> str | None:
@@ -22,7 +23,8 @@ def raised_outside_the_project(err: BaseException) -> str | None:
         return None
     while tb.tb_next is not None:
         tb = tb.tb_next
-    if _PROJECT_ROOT in Path(tb.tb_frame.f_code.co_filename).resolve().parents:
+    parents = Path(tb.tb_frame.f_code.co_filename).resolve().parents
+    if any(directory in parents for directory in _PROJECT_DIRS):
         return None
     return str(tb.tb_frame.f_globals.get("__name__", tb.tb_frame.f_code.co_filename))
 

@@ -268,7 +268,8 @@ def test_group_by_on_the_command_line(tmp_path: Path) -> None:
     results = knn.main(["--features", str(path), "--output-dir", str(tmp_path / "o"), "--no-figures", "--k", "1",
                         "--group-by", r"Patient_\d+"])  # fmt: skip
     assert results["meta"]["group_by"] == r"Patient_\d+"
-    assert "- group by: `Patient_\\d+`" in (tmp_path / "o" / "results.md").read_text()
+    report = (tmp_path / "o" / "results.md").read_text()
+    assert "- group by: `Patient_\\d+`" in report and "## knn_1: per class (pooled over folds)" in report
     groups = protocol.path_groups(paths, r"Patient_\d+")
     expected = [fold.test_index.size for fold in protocol.stratified_folds(y, ["a", "b", "c"], 5, groups=groups)]
     assert [fold["n_test"] for fold in results["knn_1"]["per_fold"]] == expected
@@ -451,6 +452,7 @@ def test_test_features_made_another_way_are_flagged(tmp_path: Path, caplog: pyte
                             str(tmp_path / "o"), "--k", "1", "--no-figures", "--device", "cpu"])  # fmt: skip
     assert "with img_size=112 but" in caplog.text and "with img_size=224" in caplog.text
     assert results["meta"]["pooled"].startswith("per_class and confusion_matrix are of the test set's predictions")
+    assert "## knn_1: per class (test set)" in (tmp_path / "o" / "results.md").read_text()
 
 
 def test_an_unparsable_eval_config_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -540,6 +542,13 @@ def test_a_library_error_says_where_it_came_from(capsys: pytest.CaptureFixture, 
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("error: Expecting property name")
     assert lines[1] == "(raised in json.decoder; DINOBLOOM_TRACEBACK=1 shows the traceback)"
+    # A library installed in a virtual environment inside the checkout (CI's .ci-venv) is still a library.
+    from sklearn.model_selection import StratifiedKFold
+
+    with pytest.raises(SystemExit):
+        run_cli(lambda: next(StratifiedKFold(n_splits=5).split(np.zeros((3, 1)), [0, 1, 2])))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[1].startswith("(raised in sklearn.model_selection")
 
 
 def test_temperature_weighting_votes_over_cosine_neighbours(tmp_path: Path) -> None:

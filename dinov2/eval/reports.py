@@ -94,11 +94,14 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
     lines.append("|---|" + "---|" * len(columns))
     for name in methods:
         lines.append(f"| {name} | " + " | ".join(_format(results[name].get(c)) for c in columns) + " |")
+    # Cross-validation pools every sample's out-of-fold prediction; a fixed split scores its test set.
+    cross_validated = str(meta.get("protocol", "stratified_kfold")).startswith(("stratified_kfold", "patient_"))
+    pooled = "pooled over folds" if cross_validated else "test set"
     for name in methods:
         per_class = results[name].get("per_class")
         if not per_class:
             continue
-        lines += ["", f"## {name}: per class (pooled over folds)", "", "| class | precision | recall | F1 | support |",
+        lines += ["", f"## {name}: per class ({pooled})", "", "| class | precision | recall | F1 | support |",
                   "|---|---|---|---|---|"]
         for cls, s in per_class.items():
             lines.append(f"| {cls} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {s['support']} |")
