@@ -338,12 +338,13 @@ def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
     Call on every rank (the full tensors are gathered from all of them). Returns the path on rank 0, None elsewhere.
     """
     path = Path(path)
+    # Checked on every rank before the collective gather, so that no rank is left waiting for the others.
+    stray = [key for key in teacher.state_dict() if key.split(".", 1)[0] not in TEACHER_PARTS]
+    if stray:
+        raise ValueError(f"the teacher must hold only {', '.join(TEACHER_PARTS)}; unexpected keys {stray[:10]}")
     state = get_model_state_dict(teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     written = None
     if get_rank() == 0:
-        stray = [key for key in state if key.split(".", 1)[0] not in TEACHER_PARTS]
-        if stray:
-            raise ValueError(f"the teacher must hold only {', '.join(TEACHER_PARTS)}; unexpected keys {stray[:10]}")
         ordered = {
             key: (value.detach().to("cpu", torch.float32) if value.is_floating_point() else value.detach().cpu())
             for part in TEACHER_PARTS
