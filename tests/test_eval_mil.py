@@ -353,7 +353,7 @@ def test_mil_cli_writes_results_and_attention(tmp_path: Path) -> None:
 
 
 def test_a_fixed_test_set_is_tested_by_every_fold_model_and_never_trained_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """--test-patients (DeepAPL's validation cohort, say): each fold model trains and selects its epoch on the other
     patients only and is tested on all the listed ones; predictions.csv holds just those patients."""
@@ -393,6 +393,10 @@ def test_a_fixed_test_set_is_tested_by_every_fold_model_and_never_trained_on(
     listing.write_text("P00\nP99\n")
     with pytest.raises(ValueError, match=r"1 test patients have no bag, e.g. \['P99'\]"):
         mil_main(args)
+    listing.write_text("P00\nP01\n")
+    with caplog.at_level(logging.WARNING):
+        mil_main(args + ["--val-fraction", "0.3", "--epochs", "1", "--n-splits", "2"])
+    assert "--val-fraction 0.3 is not used with --test-patients" in caplog.text
 
 
 def test_bag_columns_option_needs_three_names(capsys: pytest.CaptureFixture[str]) -> None:

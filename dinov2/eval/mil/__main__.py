@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--" + field.name.replace("_", "-"),
             type=type(field.default),
             default=field.default,
-            help=f"default {field.default}",
+            help=f"{field.metadata['help']} (default {field.default})",
         )
     return parser
 
@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.test_patients:
         test_index = patient_positions(bag_set, read_patient_list(args.test_patients), str(args.test_patients))
         logger.info("fixed test set: %d patients from %s", test_index.size, args.test_patients)
+        if config.val_fraction != MILConfig.val_fraction:
+            logger.warning(
+                "--val-fraction %s is not used with --test-patients: each fold's held-out part of the other "
+                "patients is its validation set (--n-splits sets its size)", config.val_fraction,
+            )
     result, records, probabilities = cross_validate(
         bag_set, config, device, source, progress=True, test_index=test_index
     )

@@ -16,7 +16,7 @@ import copy
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,18 +34,23 @@ logger = logging.getLogger(__name__)
 class MILConfig:
     """Model and optimisation settings of the MIL evaluation."""
 
-    hidden_dim: int = 512
-    attention_dim: int = 256
-    dropout: float = 0.25
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 150
-    patience: int = 20
-    batch_size: int = 1
-    n_splits: int = 5
-    val_fraction: float = 0.2
-    seed: int = 0
+    hidden_dim: int = field(default=512, metadata={"help": "width of the cell-feature projection"})
+    attention_dim: int = field(default=256, metadata={"help": "width of the gated attention's hidden layer"})
+    dropout: float = field(default=0.25, metadata={"help": "dropout after the projection and in the attention"})
+    lr: float = field(default=1e-3, metadata={"help": "SGD learning rate (Nesterov), cosine schedule to 0"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=0.0, metadata={"help": "SGD weight decay"})
+    epochs: int = field(default=150, metadata={"help": "most epochs per fold"})
+    patience: int = field(default=20, metadata={"help": "early stopping: epochs without a lower validation loss"})
+    batch_size: int = field(default=1, metadata={"help": "bags per optimiser step"})
+    n_splits: int = field(default=5, metadata={"help": "folds of the stratified k-fold over patients"})
+    val_fraction: float = field(
+        default=0.2,
+        metadata={"help": "share of each fold's training patients kept for early stopping (not with "
+                          "--test-patients, where each fold's held-out part of the other patients is its validation "
+                          "set)"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the folds, the initialisation and the bag order"})
 
     def __post_init__(self) -> None:
         at_least_one = ("hidden_dim", "attention_dim", "epochs", "patience", "batch_size")
