@@ -253,8 +253,10 @@ def test_an_interrupt_during_a_save_loses_nothing(
 
 
 _TERMINATED_AT_THE_THIRD_BATCH = """
-import signal, sys, torch
+import os, signal, sys, torch
 from dinov2.eval import extract_features as ef
+
+group = sys.argv.pop(1) == "group"
 
 class Terminated(torch.nn.Module):
     def __init__(self, inner):
@@ -263,8 +265,8 @@ class Terminated(torch.nn.Module):
 
     def forward(self, x):
         self.calls += 1
-        if self.calls == 3:
-            signal.raise_signal(signal.SIGTERM)  # as `kill` or a job scheduler sends it
+        if self.calls == 3:  # as `kill` sends it, or a job scheduler to the whole job (data-loader workers too)
+            os.killpg(os.getpgrp(), signal.SIGTERM) if group else signal.raise_signal(signal.SIGTERM)
         return self.inner(x)
 
 load = ef.load_backbone
@@ -275,16 +277,23 @@ ef.main(sys.argv[1:])
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is a POSIX signal")
+@pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_saves_the_work_and_still_ends_the_process(
     image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, workers: int,
 ) -> None:
-    """A killed extraction (SIGTERM) saves its progress like Ctrl-C, then ends as SIGTERM ends a process."""
+    """A killed extraction (SIGTERM) saves its progress like Ctrl-C, then ends as SIGTERM ends a process.
+
+    With data-loader workers the signal goes to the whole process group, as a job scheduler sends it.
+    """
     args = _args(tiny_weights[0], image_folder)
     ef.main([*args, "--output", str(tmp_path / "whole.h5")])
     output, partial = tmp_path / "features.h5", tmp_path / "features.h5.partial"
-    killed = subprocess.run([sys.executable, "-c", _TERMINATED_AT_THE_THIRD_BATCH, *args, "--output", str(output)],
-                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    target = "group" if workers else "process"
+    command = [sys.executable, "-c", _TERMINATED_AT_THE_THIRD_BATCH, target, *args, "--num-workers", str(workers),
+               "--output", str(output)]  # fmt: skip
+    killed = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                            timeout=300, start_new_session=True)
     assert killed.returncode == -signal.SIGTERM, killed.stderr
     assert f"interrupted: 3 of 5 images are saved in {partial}; run the same command to continue" in killed.stderr
     assert [p.name for p in partial.glob("chunk_*")] == ["chunk_000000000_000000003.npz"]
