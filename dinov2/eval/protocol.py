@@ -1,7 +1,8 @@
 """The evaluation protocol shared by kNN and the linear probe: folds, scoring, config and CLI plumbing.
 
-DinoBloom scored frozen features with ``StratifiedKFold(n_splits=5)`` (unshuffled) over
-one labelled set; ``--test-features`` instead trains on one file and tests on another.
+DinoBloom scored frozen features with ``StratifiedKFold(n_splits=5)`` over one labelled set; we shuffle its folds
+with a seed (see :func:`stratified_folds` for why); ``--test-features`` instead trains on one file and tests on
+another.
 Per-fold accuracy, balanced accuracy and weighted F1 are summarised as mean and
 population standard deviation (ddof=0); per-class scores and the confusion matrix are
 pooled over the out-of-fold predictions (every sample is tested exactly once).

@@ -100,7 +100,8 @@ def build_param_groups(parts: nn.ModuleDict, cfg: DictConfig) -> list[dict[str, 
 
 
 def build_optimizer(param_groups: list[dict[str, Any]], cfg: DictConfig) -> torch.optim.AdamW:
-    """AdamW with `cfg.optim`'s betas: the fused kernel when every parameter is on CUDA, foreach otherwise.
+    """AdamW with `cfg.optim`'s betas: the fused kernel when every parameter is on CUDA or every one is an unsharded
+    CPU tensor, foreach otherwise.
 
     Sharded (DTensor) parameters trained in fp16 with a loss scaler also use foreach (see the comment below).
 
