@@ -38,12 +38,12 @@ if __package__ in (None, ""):  # run as a file from a checkout: make `dinov2` im
 from dinov2.hub import load_backbone  # noqa: E402
 from dinov2.hub.loader import flatten_block_chunks  # noqa: E402
 from dinov2.layers import LayerScale  # noqa: E402
-from dinov2.models import DinoVisionTransformer  # noqa: E402
+from dinov2.models import ARCH_SIZES, DinoVisionTransformer, arch_of_width  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-# timm's DINOv2 models by width: (size name, heads, depth); SwiGLU backbones map to the giant model.
-_TIMM_SIZES = {384: ("small", 6, 12), 768: ("base", 12, 12), 1024: ("large", 16, 24), 1536: ("giant", 24, 40)}
+# timm's size names of DINOv2's architectures; a SwiGLU backbone maps to the giant model, another width to small.
+_TIMM_SIZE_NAMES = {"vit_small": "small", "vit_base": "base", "vit_large": "large", "vit_giant2": "giant"}
 _TIMM_SWIGLU_RATIO = 2.66667 * 2  # timm's vit_giant_patch14_dinov2 default (packed w12 width / dim)
 
 
@@ -56,8 +56,8 @@ def _ratio_for(hidden: int, dim: int) -> float:
 def timm_model_config(model: DinoVisionTransformer) -> tuple[str, dict[str, Any]]:
     """The timm model name and the `timm.create_model` keyword arguments that rebuild `model`'s layout."""
     dim, swiglu, registers = model.embed_dim, _is_swiglu(model), model.num_register_tokens
-    size, heads, depth = _TIMM_SIZES[1536] if swiglu else _TIMM_SIZES.get(dim, _TIMM_SIZES[384])
-    default_dim = {"small": 384, "base": 768, "large": 1024, "giant": 1536}[size]
+    arch = "vit_giant2" if swiglu else arch_of_width(dim) or "vit_small"
+    size, (default_dim, depth, heads) = _TIMM_SIZE_NAMES[arch], ARCH_SIZES[arch]
     name = f"vit_{size}_patch14{'_reg4' if registers else ''}_dinov2"
     kwargs: dict[str, Any] = {"img_size": model.patch_embed.img_size[0], "num_classes": 0}
     for key, value, default in (

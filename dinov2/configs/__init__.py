@@ -58,14 +58,6 @@ DTYPE_NAMES = ("fp32", "fp16", "bf16")
 ROLES = ("student", "teacher")
 PARTS = ("backbone", "dino_head", "ibot_head")
 
-# Width, depth and heads of the architectures DINOv2 defines (all with mlp_ratio 4).
-ARCH_SIZES: dict[str, tuple[int, int, int]] = {
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-    "vit_giant2": (1536, 40, 24),
-}
-
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and what is wrong."""
@@ -382,7 +374,7 @@ def resolve_arch(cfg: DictConfig) -> ArchSpec:
     those are ignored with a warning. Architecture names (`vit_base`, ...) take every setting from `cfg.student`;
     `student.embed_dim/depth/num_heads` > 0 replace the architecture's size.
     """
-    from dinov2.models import HUB_MODELS  # deferred: importing the models imports torch
+    from dinov2.models import ARCH_SIZES, HUB_MODELS  # deferred: importing the models imports torch
 
     student = cfg.student
     arch = str(student.arch)

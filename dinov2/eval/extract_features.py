@@ -55,12 +55,12 @@ from dinov2.eval.partial_features import PartialFeatures, image_list_digest
 from dinov2.cli import run_cli
 from dinov2.eval.protocol import resolve_device
 from dinov2.hub import RELEASE_URLS, load_backbone
+from dinov2.models import arch_of_width
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-_ARCH_BY_DIM = {384: "vit_small", 768: "vit_base", 1024: "vit_large", 1536: "vit_giant2"}
 PARTIAL_SAVE_SECONDS = 60.0  # an interrupted extraction loses at most about this much work
 
 
@@ -331,7 +331,7 @@ def extract_features(
         if weights is None:
             weights = release_weights(model)
         backbone = load_backbone(model, weights)
-        model_name = model or f"inferred:{_ARCH_BY_DIM.get(backbone.embed_dim, 'vit')}"
+        model_name = model or f"inferred:{arch_of_width(backbone.embed_dim) or 'vit'}"
     device = resolve_device(str(device))
     logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)
     partial = None

@@ -17,10 +17,9 @@ from urllib.parse import urlparse
 
 import torch.hub
 
-from dinov2.models import HUB_MODELS, DinoVisionTransformer, build_model
+from dinov2.models import HUB_MODELS, DinoVisionTransformer, arch_of_width, build_model
 
 from .loader import (
-    HEADS_BY_DIM,
     CheckpointError,
     is_url,
     infer_backbone_config,
@@ -116,7 +115,7 @@ def load_backbone(
         config = infer_backbone_config(state)
         from_run = run_config_settings(Path(weights), config) if not is_url(weights) else {}
         config.update(from_run)
-        if "num_heads" not in from_run and "num_heads" not in kwargs and config["embed_dim"] not in HEADS_BY_DIM:
+        if "num_heads" not in from_run and "num_heads" not in kwargs and arch_of_width(config["embed_dim"]) is None:
             logger.warning(
                 "%s: a %d-wide backbone's head count cannot be read from its weights; assuming %d (64 per head). "
                 "Pass num_heads=... if it was trained with another", weights, config["embed_dim"], config["num_heads"],

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinov2.models.vision_transformer import resample_pos_embed
+from dinov2.models.vision_transformer import ARCH_SIZES, arch_of_width, resample_pos_embed
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6
 _PICKLE_MAGIC = b"\x80"  # legacy torch.save: a pickle, protocol 2+
 _CHUNKED_KEY = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
 _FLAT_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
-HEADS_BY_DIM = {384: 6, 768: 12, 1024: 16, 1536: 24}
 
 
 class CheckpointError(RuntimeError):
@@ -316,7 +315,7 @@ def infer_backbone_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         in_chans=patch_weight.shape[1],
         embed_dim=embed_dim,
         depth=depth,
-        num_heads=HEADS_BY_DIM.get(embed_dim, max(embed_dim // 64, 1)),
+        num_heads=ARCH_SIZES[arch][2] if (arch := arch_of_width(embed_dim)) else max(embed_dim // 64, 1),
         qkv_bias="blocks.0.attn.qkv.bias" in state,
         proj_bias="blocks.0.attn.proj.bias" in state,
         init_values=1.0 if "blocks.0.ls1.gamma" in state else None,

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .vision_transformer import DinoVisionTransformer, vit_base, vit_giant2, vit_large, vit_small
+from .vision_transformer import (
+    ARCH_SIZES,
+    DinoVisionTransformer,
+    arch_of_width,
+    vit_base,
+    vit_giant2,
+    vit_large,
+    vit_small,
+)
 
 ARCHITECTURES: dict[str, Callable[..., DinoVisionTransformer]] = {
     "vit_small": vit_small,
@@ -69,8 +77,10 @@ def build_model(arch: str, **kwargs: Any) -> DinoVisionTransformer:
 
 __all__ = [
     "ARCHITECTURES",
+    "ARCH_SIZES",
     "HUB_MODELS",
     "DinoVisionTransformer",
+    "arch_of_width",
     "build_model",
     "vit_base",
     "vit_giant2",

@@ -290,13 +290,31 @@ class DinoVisionTransformer(nn.Module):
         return self.head(features["x_norm_clstoken"])
 
 
+#: Width, depth and heads of the architectures DINOv2 defines (all with mlp_ratio 4; ViT-g with a SwiGLU FFN).
+ARCH_SIZES: dict[str, tuple[int, int, int]] = {
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_giant2": (1536, 40, 24),
+}
+
+
+def arch_of_width(embed_dim: int) -> str | None:
+    """The DINOv2 architecture that is ``embed_dim`` wide, or None for a width DINOv2 does not have."""
+    return next((name for name, (width, _, _) in ARCH_SIZES.items() if width == embed_dim), None)
+
+
+def _sizes(arch: str) -> dict[str, int]:
+    """``embed_dim``, ``depth`` and ``num_heads`` of ``arch`` as constructor arguments."""
+    embed_dim, depth, num_heads = ARCH_SIZES[arch]
+    return {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}
+
+
 def vit_small(patch_size: int = 14, num_register_tokens: int = 0, **kwargs: object) -> DinoVisionTransformer:
     """ViT-S: 384 wide, 12 blocks, 6 heads (21M parameters)."""
     return DinoVisionTransformer(
         patch_size=patch_size,
-        embed_dim=384,
-        depth=12,
-        num_heads=6,
+        **_sizes("vit_small"),
         mlp_ratio=4,
         num_register_tokens=num_register_tokens,
         **kwargs,
@@ -307,9 +325,7 @@ def vit_base(patch_size: int = 14, num_register_tokens: int = 0, **kwargs: objec
     """ViT-B: 768 wide, 12 blocks, 12 heads (86M parameters)."""
     return DinoVisionTransformer(
         patch_size=patch_size,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
+        **_sizes("vit_base"),
         mlp_ratio=4,
         num_register_tokens=num_register_tokens,
         **kwargs,
@@ -320,9 +336,7 @@ def vit_large(patch_size: int = 14, num_register_tokens: int = 0, **kwargs: obje
     """ViT-L: 1024 wide, 24 blocks, 16 heads (303M parameters)."""
     return DinoVisionTransformer(
         patch_size=patch_size,
-        embed_dim=1024,
-        depth=24,
-        num_heads=16,
+        **_sizes("vit_large"),
         mlp_ratio=4,
         num_register_tokens=num_register_tokens,
         **kwargs,
@@ -333,9 +347,7 @@ def vit_giant2(patch_size: int = 14, num_register_tokens: int = 0, **kwargs: obj
     """ViT-g/2: 1536 wide, 40 blocks, 24 heads (1.1B parameters); use with `ffn_layer="swiglufused"`."""
     return DinoVisionTransformer(
         patch_size=patch_size,
-        embed_dim=1536,
-        depth=40,
-        num_heads=24,
+        **_sizes("vit_giant2"),
         mlp_ratio=4,
         num_register_tokens=num_register_tokens,
         **kwargs,
