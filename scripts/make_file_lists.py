@@ -16,14 +16,13 @@ import os
 import sys
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
 # Lets the script run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinov2.data.datasets import IMAGE_EXTENSIONS, find_images  # noqa: E402
-from dinov2.data.transforms import load_image  # noqa: E402
+from dinov2.data.transforms import IMAGE_LOAD_ERRORS, load_image  # noqa: E402
 
 logger = logging.getLogger("make_file_lists")
 
@@ -32,7 +31,7 @@ def _readable(path: str) -> bool:
     """Whether the image loads as training will load it."""
     try:
         load_image(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except IMAGE_LOAD_ERRORS as error:
         logger.warning("leaving out unreadable image %s: %s", path, error)
         return False
     return True

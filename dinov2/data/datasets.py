@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from dinov2.data.samplers import SampleKey, derive_seed
-from dinov2.data.transforms import load_image
+from dinov2.data.transforms import IMAGE_LOAD_ERRORS, load_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -54,8 +54,6 @@ class DatasetError(ValueError):
 
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
-# What PIL raises for missing, unreadable, truncated or oversized files.
-_LOAD_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _DATASET_NAMES = ("HemaStandardDataset", "FileListDataset")
 
 
@@ -328,7 +326,7 @@ class FileListDataset(torch.utils.data.Dataset):
         path = self._paths[index]
         try:
             image = load_image(path, self.resize)
-        except _LOAD_ERRORS as error:
+        except IMAGE_LOAD_ERRORS as error:
             self._report_bad(index, path, error)
             return None
         with _one_intra_op_thread():

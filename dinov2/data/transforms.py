@@ -50,6 +50,10 @@ _TINY = torch.finfo(torch.float32).tiny
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
+#: What :func:`load_image` raises for a missing, unreadable, truncated, oversized or floating-point image file.
+IMAGE_LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def load_image(path: str | Path, resize: int | None = None) -> Image.Image:
     """Decode an image file to RGB, optionally resized to ``resize`` x ``resize`` with Lanczos (as DinoBloom).
 

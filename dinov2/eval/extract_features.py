@@ -43,13 +43,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dinov2.data.datasets import IMAGE_EXTENSIONS, DatasetError, check_image_path, find_images, read_list_entries
-from dinov2.data.transforms import EVAL_RESIZES, load_image, make_eval_transform
+from dinov2.data.transforms import EVAL_RESIZES, IMAGE_LOAD_ERRORS, load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, check_writable, save_features
 from dinov2.eval.partial_features import PartialFeatures, image_list_digest
 from dinov2.cli import run_cli
@@ -60,7 +59,6 @@ from dinov2.models import arch_of_width
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
-_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 PARTIAL_SAVE_SECONDS = 60.0  # an interrupted extraction loses at most about this much work
 
 
@@ -139,7 +137,7 @@ class _ImageDataset(Dataset):
         try:
             image = load_image(self.image_list.root / self.image_list.paths[index])
             return index, self.transform(image), None
-        except _UNREADABLE as err:
+        except IMAGE_LOAD_ERRORS as err:
             return index, None, f"{type(err).__name__}: {err}"
 
 

@@ -81,11 +81,9 @@ def patch_tokens_of(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
 
 def save_figure(images: Sequence[np.ndarray], rgb_maps: np.ndarray, titles: Sequence[str], path: str | Path) -> Path:
     """Each input image next to its PCA map (nearest-neighbour upsampled), one row per image, as a PNG."""
-    import matplotlib
+    from dinov2.eval.reports import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(len(images), 2, figsize=(6, 3 * len(images)), squeeze=False)
     for row, (image, rgb, title) in enumerate(zip(images, rgb_maps, titles)):
         axes[row, 0].imshow(image)
@@ -120,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Path:
     """Render the PCA figure of the given images."""
-    from dinov2.data.transforms import load_image, make_eval_transform
+    from dinov2.data.transforms import IMAGE_LOAD_ERRORS, load_image, make_eval_transform
     from dinov2.eval import protocol
-    from dinov2.eval.extract_features import _UNREADABLE, release_weights
+    from dinov2.eval.extract_features import release_weights
     from dinov2.hub import load_backbone
 
     args = protocol.parse_args_with_config(build_parser(), argv)
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> Path:
     for path in args.image:
         try:
             pictures.append(load_image(path))
-        except _UNREADABLE as err:
+        except IMAGE_LOAD_ERRORS as err:
             raise ValueError(f"--image {path}: not a readable image ({type(err).__name__}: {err})") from err
     batch = torch.stack([transform(p) for p in pictures]).to(device)
     rgb, mask = patch_pca_rgb(patch_tokens_of(model, batch), args.threshold, args.foreground)

@@ -28,7 +28,7 @@ _METRIC_TITLES = {
 }
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the Agg backend, imported on first use."""
     import matplotlib
 
@@ -110,7 +110,7 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
 
 def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], title: str, path: str | Path) -> Path:
     """Save a confusion matrix (colour: row-normalised recall, text: counts) as a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     counts = np.asarray(matrix, dtype=np.int64)
     rows = counts.sum(axis=1, keepdims=True)
     fraction = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=np.float64), where=rows > 0)
@@ -133,7 +133,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
 
 def _save(fig, path: str | Path) -> Path:
     """Write a figure to PNG and close it."""
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -146,9 +146,9 @@ def embed_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     try:
         import umap
     except ImportError:
-        centred = np.asarray(features, dtype=np.float64) - features.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        return centred @ vt[:2].T, "PCA"
+        from dinov2.eval.pca import principal_components
+
+        return principal_components(features, 2), "PCA"
     return umap.UMAP(n_components=2, random_state=seed).fit_transform(features), "UMAP"
 
 
@@ -162,7 +162,7 @@ def plot_embedding(
     max_points: int = _MAX_EMBEDDING_POINTS,
 ) -> Path:
     """Scatter a 2-D embedding of the features coloured by class (a seeded subset above max_points)."""
-    plt = _pyplot()
+    plt = pyplot()
     features = np.asarray(features)
     labels = np.asarray(labels)
     if features.shape[0] > max_points:
@@ -187,7 +187,7 @@ def plot_scores_vs_iteration(
     iterations: Sequence[int], scores: Mapping[str, Sequence[float]], path: str | Path, ylabel: str
 ) -> Path:
     """Line plot of one score per method against the training iteration."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, values in scores.items():
         ax.plot(iterations, values, marker="o", label=name)
