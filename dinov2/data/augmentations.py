@@ -212,7 +212,7 @@ class DataAugmentationDINO:
             "global_crops_params": [params1, params2],
             "local_crops": [crop for crop, _ in local],
             "local_crops_params": [params for _, params in local],
-            "offsets": (),
+            "offsets": (),  # (this key and global_crops_teacher complete DINOv2's sample format)
         }
 
     def __repr__(self) -> str:

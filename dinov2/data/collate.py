@@ -140,6 +140,6 @@ def collate_data_and_cast(
         "collated_masks": collated_masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,
-        "upperbound": upperbound,
+        "upperbound": upperbound,  # DINOv2's bound on the masked-token count, kept for its batch format
         "n_masked_patches": torch.tensor([mask_indices_list.shape[0]], dtype=torch.long),
     }
