@@ -10,8 +10,12 @@ from pathlib import Path
 
 from dinov2.hub.loader import CheckpointError
 
-#: What a mistake in a CLI's input raises (a missing file, a bad value, a checkpoint of the wrong model).
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, CheckpointError)
+#: What a mistake in a CLI's input raises (a missing file, a bad value, a checkpoint of the wrong model, a path that
+#: cannot be written).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+    CheckpointError,
+)
 # The project's own code; a virtual environment inside the checkout (``.venv``, CI's ``.ci-venv``) is not.
 _PROJECT_DIRS = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "scripts")
 

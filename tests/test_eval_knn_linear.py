@@ -565,3 +565,19 @@ def test_temperature_weighting_votes_over_cosine_neighbours(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="temperature weighting .* needs the cosine metric, not 'euclidean'"):
         knn.main(["--features", str(path), "--output-dir", str(tmp_path / "o"), "--no-figures",
                   "--weighting", "temperature", "--metric", "euclidean"])  # fmt: skip
+
+
+@pytest.mark.parametrize("module", ["knn", "linear", "mil"])
+def test_an_output_dir_that_is_a_file_is_one_error_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, module: str
+) -> None:
+    """`--output-dir results.h5` (a file) ends in one error line before the features are even read."""
+    from dinov2.eval.mil import __main__ as mil_cli
+
+    taken = tmp_path / "results.h5"
+    taken.write_text("not a folder")
+    main = {"knn": knn.main, "linear": linear.main, "mil": mil_cli.main}[module]
+    monkeypatch.delenv("DINOBLOOM_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit):
+        run_cli(lambda: main(["--features", str(tmp_path / "absent.h5"), "--output-dir", str(taken)]))
+    assert capsys.readouterr().err == f"error: --output-dir {taken} is a file; name a folder for the results\n"

@@ -457,6 +457,9 @@ def test_output_suffix_is_checked_before_any_work(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ValueError, match=r"x\.h5: .*taken is a file, not a folder"):
         ef.extract_features(image_folder, tmp_path / "taken" / "sub" / "x.h5", weights="w.pth", img_size=IMG,
                             device="cpu")  # fmt: skip
+    (tmp_path / "folder.h5").mkdir()
+    with pytest.raises(ValueError, match=r"cannot write .*folder\.h5: it is a folder; name a file ending in \.h5"):
+        ef.extract_features(image_folder, tmp_path / "folder.h5", weights="w.pth", img_size=IMG, device="cpu")
     assert loaded == []
 
 

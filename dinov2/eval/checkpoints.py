@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     protocol.setup_logging()
     device = protocol.resolve_device(args.device)
-    output_dir = Path(args.output_dir)
+    output_dir = reports.prepare_output_dir(args.output_dir)
     checkpoints = find_checkpoints(args.run_dir)
     images = list_images(args.data)  # labelled? checked before any checkpoint is embedded
     unlabelled = sum(label < 0 for label in images.labels)

@@ -47,9 +47,13 @@ def _check_suffix(path: Path) -> str:
 def check_writable(path: Path) -> str:
     """The format of an output features file (its suffix), once its name and folder are known to be usable."""
     suffix = _check_suffix(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a folder; name a file ending in {' or '.join(_SUFFIXES)}")
     existing = next((parent for parent in path.parents if parent.exists()), None)
     if existing is not None and not existing.is_dir():
         raise ValueError(f"cannot write {path}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: no permission to write in {existing}")
     return suffix
 
 

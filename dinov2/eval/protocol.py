@@ -364,6 +364,7 @@ def run_cli_protocol(args: argparse.Namespace, predict: Predictor, settings: dic
     """Load the features named by the CLI, run the protocol, write the reports; return the results dict."""
     from dinov2.eval import reports
 
+    reports.prepare_output_dir(args.output_dir)
     train_set = load_features(args.features)
     check_labelled(train_set, args.features)
     train_x = np.ascontiguousarray(train_set.features)

@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,20 @@ def write_predictions_csv(
             if probabilities is not None:
                 row += [f"{p:.6f}" for p in probabilities[i]]
             writer.writerow(row)
+    return path
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create the output folder ``path`` (with its parents), or raise one clear ValueError before any work is done."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output-dir {path} is a file; name a folder for the results")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output-dir {path}: cannot create the folder ({err.strerror or err})") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-dir {path}: no permission to write in it")
     return path
 
 

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     protocol.setup_logging()
     device = protocol.resolve_device(args.device)
     config = MILConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MILConfig)})
+    output_dir = reports.prepare_output_dir(args.output_dir)
     feature_set = load_features(args.features)
     if args.bags:
         bag_set = bags_from_csv(feature_set, args.bags, args.bag_columns)
@@ -154,7 +155,6 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "abmil": result,
     }
-    output_dir = Path(args.output_dir)
     reports.write_report(
         output_dir,
         results,
