@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import balanced_accuracy_score
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
 from dinov2.eval.features_io import FeatureSet, save_features
 from dinov2.eval.mil import AttentionMIL, Bag, BagSet, MILConfig, bags_from_csv, bags_from_paths, cross_validate, train_fold
@@ -388,8 +388,15 @@ def test_a_fixed_test_set_is_tested_by_every_fold_model_and_never_trained_on(
         per_model = [[r["probabilities"][c] for c in ("neg", "pos")] for r in records if r["patient"] == row["patient"]]
         assert len(per_model) == FAST["n_splits"]
         mean = np.mean(per_model, axis=0)
-        np.testing.assert_allclose([float(row["p_neg"]), float(row["p_pos"])], mean, atol=1e-6)
+        np.testing.assert_allclose([float(row["p_neg"]), float(row["p_pos"])], mean, rtol=1e-12, atol=0)
         assert row["abmil"] == ["neg", "pos"][int(mean.argmax())]
+    # the per-class scores and the confusion matrix count each test patient once, as predictions.csv does
+    predicted = [["neg", "pos"].index(r["abmil"]) for r in rows]
+    truth = [["neg", "pos"].index(labels[r["patient"]]) for r in rows]
+    expected_cm = confusion_matrix(truth, predicted, labels=[0, 1]).tolist()
+    assert saved["abmil"]["confusion_matrix"] == expected_cm
+    assert [saved["abmil"]["per_class"][c]["support"] for c in ("neg", "pos")] == [4, 4]
+    assert saved["abmil"]["ensemble"]["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, predicted))
     listing.write_text("P00\nP99\n")
     with pytest.raises(ValueError, match=r"1 test patients have no bag, e.g. \['P99'\]"):
         mil_main(args)

@@ -228,7 +228,7 @@ def write_predictions_csv(
         for i, sample in enumerate(paths):
             row = [sample, class_names[labels[i]], *(class_names[predictions[m][i]] for m in methods)]
             if probabilities is not None:
-                row += [f"{p:.6f}" for p in probabilities[i]]
+                row += [repr(float(p)) for p in probabilities[i]]  # all digits: near-ties decide ROC curves
             writer.writerow(row)
     return path
 

@@ -78,7 +78,7 @@ def write_attention(output_dir: Path, records: list[dict[str, Any]]) -> None:
         writer = csv.writer(handle)
         writer.writerow(["patient", "label", "prediction", "fold", *[f"p_{c}" for c in class_names], "path", "attention"])
         for record in records:
-            probs = [f"{record['probabilities'][c]:.6f}" for c in class_names]
+            probs = [repr(float(record["probabilities"][c])) for c in class_names]
             for cell in record["cells"]:
                 writer.writerow(
                     [record["patient"], record["label"], record["prediction"], record["fold"], *probs,
@@ -145,6 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
                 if test_index is None else
                 "fixed test patients; patient_stratified_kfold over the others gives each fold model's training and "
                 "validation patients; scores are the mean over the fold models, predictions their mean probability"
+            ),
+            "pooled": (
+                "per_class and confusion_matrix pool the out-of-fold predictions (rows: true class)"
+                if test_index is None else
+                "per_class, confusion_matrix and ensemble are of the mean-probability predictions, one per test "
+                "patient (rows: true class)"
             ),
             "test_patients": str(args.test_patients) if args.test_patients else None,
             "n_splits": config.n_splits,

@@ -218,7 +218,8 @@ def cross_validate(
     The probabilities are (patients, classes): each patient's from the fold model that tested it. With
     ``test_index`` (positions of a fixed test set) every fold's model is tested on those patients and trained on
     the others; the scores are then the mean over the fold models, a test patient's probabilities the mean of
-    theirs, and other patients' rows are NaN.
+    theirs, and other patients' rows are NaN. The per-class scores and the confusion matrix are then those of the
+    mean probabilities' predictions, whose summary scores are in ``ensemble``.
     """
     labels = bag_set.labels
     if test_index is None:
@@ -289,6 +290,18 @@ def cross_validate(
     for entry, extra in zip(result["per_fold"], fold_extra):
         entry.update(extra)
     result["auroc"] = metrics.mean_std([f["auroc"] for f in fold_extra])
+    if test_index is not None:
+        # Each test patient once: the per-class scores and the confusion matrix of the mean-probability predictions
+        # (those of predictions.csv), not the fold models' predictions pooled, which count every patient k times.
+        ensemble_probabilities = mean_probabilities[test_index]
+        ensemble = protocol.score_folds(
+            [labels[test_index]], [ensemble_probabilities.argmax(axis=1)], bag_set.class_names, [0]
+        )
+        result["per_class"], result["confusion_matrix"] = ensemble["per_class"], ensemble["confusion_matrix"]
+        result["ensemble"] = {
+            **{name: ensemble[name]["mean"] for name in metrics.SUMMARY_METRICS},
+            "auroc": metrics.auroc(labels[test_index], ensemble_probabilities),
+        }
     result["config"] = asdict(config)
     records.sort(key=lambda r: r["patient"])
     return result, records, mean_probabilities
