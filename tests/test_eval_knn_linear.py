@@ -440,6 +440,45 @@ def test_test_features_from_the_same_images_are_flagged(tmp_path: Path, caplog: 
     assert "share 20 of 20 test images: the test scores are not held out" in caplog.text
 
 
+def test_train_and_test_files_are_compared_by_their_weights_bytes_and_image_locations(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Weights files of one name in two folders are told apart by their bytes, copies of one file are not; test
+    images are found among the training images whatever folder or list spelling the extraction was given."""
+    x, y = _clusters(60, 8, 3, spread=2.0, seed=3)
+    paths = [f"c{label}/{i}.jpg" for i, label in enumerate(y)]
+
+    def files(train_meta: dict, test_meta: dict, test_paths: list[str]) -> list[str]:
+        train = _write(FeatureSet(x[20:], y[20:], paths[20:], ["a", "b", "c"], {"model": "toy", **train_meta}),
+                       tmp_path / "train.h5")  # fmt: skip
+        test = _write(FeatureSet(x[:20], y[:20], test_paths, ["a", "b", "c"], {"model": "toy", **test_meta}),
+                      tmp_path / "test.h5")  # fmt: skip
+        return ["--features", str(train), "--test-features", str(test), "--output-dir", str(tmp_path / "o"),
+                "--k", "1", "--no-figures", "--device", "cpu"]  # fmt: skip
+
+    run_a, run_b = {"weights": "w/DinoBloom-S.pth", "weights_sha256": "aa"}, {"weights": "w2/DinoBloom-S.pth"}
+    with caplog.at_level("WARNING", logger="dinov2.eval.protocol"):
+        results = knn.main(files(run_a, {**run_b, "weights_sha256": "bb"}, paths[:20]))
+    assert "with weights w2/DinoBloom-S.pth but" in caplog.text and "(other bytes)" in caplog.text
+    assert results["meta"]["test_weights"] == "w2/DinoBloom-S.pth"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dinov2.eval.protocol"):
+        knn.main(files(run_a, {**run_b, "weights_sha256": "aa"}, paths[:20]))  # a copy of the same file
+    assert "weights" not in caplog.text
+    # the test images are training images, listed from a sub-folder: same files, other relative paths
+    caplog.clear()
+    overlapping = [f"{i}.jpg" for i in range(20, 40)]
+    with caplog.at_level("WARNING", logger="dinov2.eval.protocol"):
+        knn.main(files({"root": "/cells"}, {"root": "/cells/c0/../c1"}, overlapping))
+    moved = {f"c1/{i}.jpg" for i in range(20, 40)} & set(paths[20:])
+    assert f"share {len(moved)} of 20 test images: the test scores are not held out" in caplog.text
+    assert moved  # (the clusters put some of those images in class 1)
+    caplog.clear()  # older files, without a root: their --data strings, normalised
+    with caplog.at_level("WARNING", logger="dinov2.eval.protocol"):
+        knn.main(files({"data": "/cells/"}, {"data": "/cells"}, paths[20:40]))
+    assert "share 20 of 20 test images" in caplog.text
+
+
 def test_test_features_made_another_way_are_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     x, y = _clusters(60, 8, 3, spread=2.0, seed=3)
     paths = [f"c{label}/{i}.jpg" for i, label in enumerate(y)]

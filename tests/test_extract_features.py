@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import signal
@@ -93,6 +94,9 @@ def test_folder_extraction_cli(
     assert result.meta["embed_dim"] == 64 and result.meta["n_skipped"] == 1
     assert result.meta["precision"] == "fp32" and "not L2-normalised" in result.meta["feature"]
     assert result.meta["resize"] == "bilinear"
+    # what the probes compare train and test files by: the weights' bytes and where the images lie
+    assert result.meta["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert result.meta["root"] == str(image_folder.resolve())
 
     # --resize pil-bicubic: the features of PIL-resized images (DinoBloom's cross-validation probes), recorded
     bicubic = tmp_path / "bicubic.h5"

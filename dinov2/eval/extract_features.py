@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import logging
 import os
 import signal
@@ -148,6 +149,15 @@ def _collate(
     failed = [(i, reason) for i, x, reason in items if x is None]
     images = torch.stack([x for _, x in ok]) if ok else None
     return [i for i, _ in ok], images, failed
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB pieces (about a second per GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(16 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def release_weights(model: str) -> str:
@@ -357,12 +367,15 @@ def extract_features(
         meta={
             "model": model_name,
             "weights": "" if weights is None else str(weights),
+            # what the probes compare: the weights' bytes, and where the images are
+            "weights_sha256": file_sha256(weights) if weights is not None and Path(weights).is_file() else "",
             "embed_dim": int(features.shape[1]),
             "img_size": img_size,
             "resize": resize,
             "feature": "x_norm_clstoken (CLS token after the final LayerNorm; not L2-normalised)",
             "precision": precision if device.type == "cuda" else "fp32",
             "data": str(data),
+            "root": str(image_list.root.resolve()),  # the paths are relative to it (or absolute)
             "n_skipped": len(image_list.paths) - len(kept),
         },
     )

@@ -11,6 +11,7 @@ pooled over the out-of-fold predictions (every sample is tested exactly once).
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import difflib
 import logging
@@ -91,6 +92,18 @@ def check_labelled(feature_set: FeatureSet, path: str | Path) -> None:
         )
 
 
+def _image_locations(feature_set: FeatureSet) -> set[str]:
+    """Where the images of ``feature_set`` lie: absolute paths under its recorded root, or, for a file written before
+    the root was recorded, its paths prefixed with its normalised ``--data``; empty when neither is known."""
+    root = feature_set.meta.get("root")
+    if root is None:
+        data = feature_set.meta.get("data")
+        if data is None:
+            return set()
+        root = os.path.normpath(str(data))
+    return {os.path.normpath(os.path.join(root, path)) for path in feature_set.paths}
+
+
 def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str | Path, test_path: str | Path) -> np.ndarray:
     """Check that the test file fits the training file; return its labels in the training class order."""
     train_dim, test_dim = train_set.features.shape[1], test_set.features.shape[1]
@@ -98,13 +111,18 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
         raise ValueError(f"{test_path}: feature dim {test_dim} differs from {train_path} ({train_dim})")
     train_model, test_model = train_set.meta.get("model"), test_set.meta.get("model")
     train_weights, test_weights = train_set.meta.get("weights") or None, test_set.meta.get("weights") or None
-    same_weights = train_weights is not None and train_weights == test_weights  # names may then differ in spelling
+    train_digest, test_digest = train_set.meta.get("weights_sha256"), test_set.meta.get("weights_sha256")
+    if train_digest and test_digest:  # the files' bytes, wherever they lay
+        same_weights = train_digest == test_digest
+    else:  # a file written before the digest was recorded, or weights from a URL: their names
+        same_weights = train_weights is not None and train_weights == test_weights  # names may then differ in spelling
     if not same_weights and train_model is not None and test_model is not None and train_model != test_model:
         raise ValueError(f"{test_path}: model {test_model!r} differs from {train_path} ({train_model!r})")
     if train_weights is not None and test_weights is not None and not same_weights:
         logger.warning(
-            "%s was extracted with weights %s but %s with %s: the probe is trained on one model's features and "
-            "tested on another's unless the two files are the same", test_path, test_weights, train_path, train_weights,
+            "%s was extracted with weights %s but %s with %s%s: the probe is trained on one model's features and "
+            "tested on another's", test_path, test_weights, train_path, train_weights,
+            " (other bytes)" if train_digest and test_digest else ", unless the two files are the same",
         )
     # how the features were made; a file written before --resize existed was resized bilinearly
     for key, default in (("img_size", None), ("resize", "bilinear"), ("precision", None)):
@@ -117,13 +135,12 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
     unknown = sorted(set(test_set.class_names) - set(train_set.class_names))
     if unknown:
         raise ValueError(f"{test_path}: classes {unknown} do not occur in {train_path} ({train_set.class_names})")
-    if train_set.meta.get("data") is not None and train_set.meta.get("data") == test_set.meta.get("data"):
-        shared = set(train_set.paths) & set(test_set.paths)
-        if shared:
-            logger.warning(
-                "%s and %s were extracted from the same data (%s) and share %d of %d test images: the test scores "
-                "are not held out", train_path, test_path, train_set.meta["data"], len(shared), len(test_set.paths),
-            )
+    n_shared = len(_image_locations(train_set) & _image_locations(test_set))
+    if n_shared:
+        logger.warning(
+            "%s and %s share %d of %d test images: the test scores are not held out",
+            train_path, test_path, n_shared, len(test_set.paths),
+        )
     mapping = np.array([train_set.class_names.index(name) for name in test_set.class_names], dtype=np.int64)
     return mapping[np.asarray(test_set.labels, dtype=np.int64)]
 
@@ -342,6 +359,7 @@ def build_meta(
         "test_features": str(args.test_features) if fixed else None,
         "model": train_set.meta.get("model"),
         "weights": train_set.meta.get("weights"),
+        "test_weights": test_set.meta.get("weights") if fixed and test_set is not None else None,
         "embed_dim": int(train_set.features.shape[1]),
         "n_samples": int(train_set.labels.size),
         "n_test_samples": int(n_evaluated) if fixed else None,

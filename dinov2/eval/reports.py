@@ -80,7 +80,7 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
     methods = method_names(results)
     columns = [m for m in _METRIC_TITLES if any(m in results[name] for name in methods)]
     lines = ["# Evaluation results", ""]
-    for key in ("features", "test_features", "bags", "model", "weights", "embed_dim", "n_samples", "n_test_samples",
+    for key in ("features", "test_features", "bags", "model", "weights", "test_weights", "embed_dim", "n_samples", "n_test_samples",
                 "n_patients", "test_patients", "protocol", "n_splits", "fold_seed", "group_by"):
         if meta.get(key) not in (None, ""):
             lines.append(f"- {key.replace('_', ' ')}: `{meta[key]}`")
