@@ -11,16 +11,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
+from dinov2.configs import load_config
 from dinov2.eval import checkpoints, knn, linear, pca, protocol, reports
 from dinov2.eval.features_io import load_features, save_features
 from dinov2.eval.mil import __main__ as mil_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -235,8 +238,12 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
     # weakly separable images: each checkpoint's random features score differently
     images = _images(tmp_path / "data", 6, shift=10, noise=200)
     out = tmp_path / "curve"
+    # the run's saved config (as train.py writes it) gives the image size the checkpoints are embedded at
+    OmegaConf.save(load_config(REPO / "dinov2/configs/train/demo.yaml", ["crops.global_crops_size=28"]),
+                   run / "config.yaml")  # fmt: skip
     summary = checkpoints.main(["--run-dir", str(run), "--data", str(tmp_path / "data"), "--output-dir", str(out),
-                                "--img-size", "28", "--n-splits", "3", "--k", "1", "3", "--device", "cpu", "--seed", "1"])
+                                "--n-splits", "3", "--k", "1", "3", "--device", "cpu", "--seed", "1"])
+    assert summary["meta"]["img_size"] == 28
     # Steps completed: the initial teacher, then training_<i> after step i (counted from 0).
     assert [row["iteration"] for row in summary["checkpoints"]] == [0, 2, 10]
     saved = json.loads((out / "checkpoints.json").read_text())

@@ -549,3 +549,27 @@ def test_unavailable_device_is_a_clear_error(image_folder: Path, tiny_weights: t
         ef.extract_features(image_folder, weights=weights, img_size=IMG, device="cuda")
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
         ef.extract_features(image_folder, weights=weights, img_size=IMG, device="cpu", precision="fp16")
+
+
+def test_a_training_export_is_embedded_at_the_size_its_run_trained_at(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path
+) -> None:
+    """Without --img-size, a run's teacher_checkpoint.pth gets its run's crops.global_crops_size; other files 224."""
+    from omegaconf import OmegaConf
+
+    from dinov2.configs import load_config
+
+    run = tmp_path / "run"
+    export = run / "eval" / "training_9" / "teacher_checkpoint.pth"
+    export.parent.mkdir(parents=True)
+    export.write_bytes(tiny_weights[0].read_bytes())
+    # a run's saved config, as train.py writes it
+    config = load_config(Path(__file__).resolve().parents[1] / "dinov2/configs/train/demo.yaml",
+                         [f"crops.global_crops_size={IMG}"])  # fmt: skip
+    OmegaConf.save(config, run / "config.yaml")
+    common = ["--data", str(image_folder), "--num-workers", "0", "--device", "cpu"]
+    from_run = ef.main(["--weights", str(export), "--output", str(tmp_path / "run.h5"), *common])
+    assert from_run.meta["img_size"] == IMG != 224
+    assert ef.main(["--weights", str(tiny_weights[0]), "--output", str(tmp_path / "a.h5"), *common]).meta["img_size"] == 224
+    told = ef.main(["--weights", str(export), "--output", str(tmp_path / "b.h5"), "--img-size", "42", *common])
+    assert told.meta["img_size"] == 42

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["knn"], help="default: knn")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20], help="kNN neighbour counts (default: 1 20)")
     protocol.add_fold_arguments(parser)
-    parser.add_argument("--img-size", type=int, default=224, help="input size for feature extraction")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="input size for feature extraction (default: the run's crops.global_crops_size)")
     parser.add_argument("--resize", choices=EVAL_RESIZES, default="bilinear",
                         help="how images are resized (see python -m dinov2.eval.extract_features --help)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     """Extract and score the features of each checkpoint; write the table and plot."""
     from dinov2.eval.extract_features import extract_features, list_images
+    from dinov2.hub.backbones import run_image_size
 
     args = build_parser().parse_args(argv)
     protocol.setup_logging()
@@ -112,13 +114,14 @@ def main(argv: list[str] | None = None) -> dict:
             f"--data {args.data}: {unlabelled} of {len(images.paths)} images have no class; the sweep needs a "
             "<class>/<image> folder or a .csv with a label column"
         )
-    logger.info("evaluating %d checkpoints of %s", len(checkpoints), args.run_dir)
+    img_size = args.img_size or run_image_size(checkpoints[0][1]) or 224
+    logger.info("evaluating %d checkpoints of %s at %d px", len(checkpoints), args.run_dir, img_size)
     rows = []
     for iteration, path in checkpoints:
         target = output_dir / "features" / f"{path.parent.name}.h5" if args.keep_features else None
         feature_set = extract_features(
             args.data, target, model=None, weights=path, batch_size=args.batch_size, num_workers=args.num_workers,
-            img_size=args.img_size, device=device, resize=args.resize,
+            img_size=img_size, device=device, resize=args.resize,
         )
         protocol.check_labelled(feature_set, args.data)
         groups = None if args.group_by is None else protocol.path_groups(feature_set.paths, args.group_by)
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
             "n_splits": args.n_splits,
             "fold_seed": args.seed,
             "group_by": args.group_by,
-            "img_size": args.img_size,
+            "img_size": img_size,
             "resize": args.resize,
             "methods": _methods(rows),
             "std": "population standard deviation over folds (numpy ddof=0)",

@@ -55,6 +55,7 @@ from dinov2.eval.partial_features import PartialFeatures, image_list_digest
 from dinov2.cli import run_cli
 from dinov2.eval.protocol import resolve_device
 from dinov2.hub import RELEASE_URLS, load_backbone
+from dinov2.hub.backbones import run_image_size
 from dinov2.models import arch_of_width
 
 logger = logging.getLogger(__name__)
@@ -315,7 +316,7 @@ def extract_features(
     weights: str | os.PathLike[str] | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
-    img_size: int = 224,
+    img_size: int | None = None,
     device: str | torch.device = "auto",
     precision: str = "fp32",
     resize: str = "bilinear",
@@ -324,6 +325,8 @@ def extract_features(
 
     `model` is a hub name (`dinobloom_s`, `dinov2_vitb14`, ...), a module, or None to infer the
     architecture from `weights`; for a hub name without `weights` the released weights are downloaded.
+    `img_size`: None means the size the weights' training run trained at (`crops.global_crops_size` of the
+    run's config.yaml, for a run's `teacher_checkpoint.pth`), else 224.
     `resize`: "bilinear" or "pil-bicubic" (see :func:`dinov2.data.transforms.make_eval_transform`).
     """
     if output is not None:
@@ -340,6 +343,11 @@ def extract_features(
             weights = release_weights(model)
         backbone = load_backbone(model, weights)
         model_name = model or f"inferred:{arch_of_width(backbone.embed_dim) or 'vit'}"
+    if img_size is None:
+        trained_at = run_image_size(weights) if weights is not None else None
+        if trained_at is not None:
+            logger.info("images resized to %d px, the size %s was trained at (--img-size to change)", trained_at, weights)
+        img_size = trained_at or 224
     device = resolve_device(str(device))
     logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)
     partial = None
@@ -411,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--img-size", type=int, default=224, help="images are resized to this square size")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="images are resized to this square size (default: for a training run's "
+                        "teacher_checkpoint.pth the size it trained at, crops.global_crops_size; else 224)")
     parser.add_argument(
         "--resize", choices=EVAL_RESIZES, default="bilinear",
         help="bilinear (torchvision Resize, as DinoBloom's model-loading and fixed-split code; default) or pil-bicubic "

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint path or URL (default: the released weights of --model, downloaded)")
     parser.add_argument("--image", nargs="+", required=True, help="one or more cell images")
     parser.add_argument("--output", required=True, help="PNG to write")
-    parser.add_argument("--img-size", type=int, default=224, help="input size (default 224: 16x16 patches)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="input size (default: for a training run's teacher_checkpoint.pth the size it trained at, "
+                        "else 224: 16x16 patches)")
     parser.add_argument("--threshold", type=float, default=0.5, help="background cut on the scaled first component")
     parser.add_argument("--foreground", choices=FOREGROUND_MODES, default="auto", help="side of the threshold kept")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
@@ -122,15 +124,16 @@ def main(argv: list[str] | None = None) -> Path:
     from dinov2.eval import protocol
     from dinov2.eval.extract_features import release_weights
     from dinov2.hub import load_backbone
+    from dinov2.hub.backbones import run_image_size
 
     args = protocol.parse_args_with_config(build_parser(), argv)
     protocol.setup_logging()
     device = protocol.resolve_device(args.device)
     if args.model is None and args.weights is None:
-        raise SystemExit("give --model, --weights, or both")
+        raise ValueError("give --model, --weights, or both")
     weights = args.weights if args.weights is not None else release_weights(args.model)
     model = load_backbone(args.model, weights).to(device)
-    transform = make_eval_transform(args.img_size)
+    transform = make_eval_transform(args.img_size or run_image_size(weights) or 224)
     pictures = []
     for path in args.image:
         try:

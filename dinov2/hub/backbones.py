@@ -52,18 +52,41 @@ RELEASE_URLS: dict[str, str] = {**DINOBLOOM_URLS, **DINOV2_URLS}
 WeightsArg = str | os.PathLike[str] | None
 
 
+def run_config_file(weights: str | os.PathLike[str]) -> Path | None:
+    """The ``config.yaml`` of the training run a weights file belongs to, or None.
+
+    A training export lives at ``<run>/eval/training_<it>/teacher_checkpoint.pth`` next to ``<run>/config.yaml``.
+    """
+    for folder in list(Path(weights).expanduser().resolve().parents)[:3]:
+        config_file = folder / "config.yaml"
+        if config_file.is_file():
+            return config_file
+    return None
+
+
+def run_image_size(weights: str | os.PathLike[str]) -> int | None:
+    """The image size (``crops.global_crops_size``) that the training run of a weights file trained at, or None
+    for a file outside a run (a release file) or a run config that cannot be read."""
+    config_file = run_config_file(weights) if not is_url(weights) else None
+    if config_file is None:
+        return None
+    from dinov2.configs import load_config  # deferred: configs import the models
+
+    try:
+        return int(load_config(config_file, resolve=False).crops.global_crops_size)
+    except (ValueError, OSError) as err:  # a config of another tool or version
+        logger.warning("ignoring %s while reading the image size of %s: %s", config_file, weights, err)
+        return None
+
+
 def run_config_settings(weights: Path, inferred: Mapping[str, Any]) -> dict[str, Any]:
     """Settings that weight shapes cannot tell (heads, interpolation), from the training run a file belongs to.
 
-    A training export lives at ``<run>/eval/training_<it>/teacher_checkpoint.pth`` next to ``<run>/config.yaml``;
-    when that config describes a backbone of the same width and depth, its head count and position-embedding
-    interpolation settings are used instead of DINOv2's conventions (head dimension 64).
+    When the run's config (see :func:`run_config_file`) describes a backbone of the same width and depth, its head
+    count and position-embedding interpolation settings are used instead of DINOv2's conventions (head dimension 64).
     """
-    for folder in list(weights.expanduser().resolve().parents)[:3]:
-        config_file = folder / "config.yaml"
-        if config_file.is_file():
-            break
-    else:
+    config_file = run_config_file(weights)
+    if config_file is None:
         return {}
     from dinov2.configs import load_config, resolve_arch  # deferred: configs import the models
 
