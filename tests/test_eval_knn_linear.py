@@ -278,6 +278,22 @@ def test_group_by_on_the_command_line(tmp_path: Path) -> None:
                   "--group-by", "Patient"])  # fmt: skip
 
 
+def test_unshuffled_folds_on_the_command_line_are_dinobloom_stratified_kfold(tmp_path: Path) -> None:
+    """--no-shuffle: StratifiedKFold(5) over the file's order, scored as scikit-learn's kNN scores those folds."""
+    x, y = _clusters(90, 8, 3, spread=3.0, seed=4)
+    path = _write(FeatureSet(x, y, [f"c{l}/{i}.jpg" for i, l in enumerate(y)], ["a", "b", "c"], {"model": "toy"}),
+                  tmp_path / "f.h5")  # fmt: skip
+    results = knn.main(["--features", str(path), "--output-dir", str(tmp_path / "o"), "--no-figures", "--k", "1",
+                        "--no-shuffle", "--device", "cpu"])  # fmt: skip
+    expected = []
+    for train, test in StratifiedKFold(n_splits=5).split(x, y):
+        predicted = KNeighborsClassifier(n_neighbors=1).fit(x[train], y[train]).predict(x[test])
+        expected.append(balanced_accuracy_score(y[test], predicted))
+    assert [f["balanced_accuracy"] for f in results["knn_1"]["per_fold"]] == pytest.approx(expected, abs=1e-12)
+    assert results["meta"]["folds"] == "unshuffled, in the features file's order" and results["meta"]["fold_seed"] is None
+    assert "- folds: `unshuffled, in the features file's order`" in (tmp_path / "o" / "results.md").read_text()
+
+
 def test_folds_do_not_follow_the_sorted_file_order() -> None:
     """Sorted paths put a class's subtypes (or patients) in runs; a fold must not be one such run."""
     y = np.repeat([0, 1], 50)  # class 0: images 0-24 one subtype, 25-49 another
@@ -600,7 +616,8 @@ def test_temperature_weighting_votes_over_cosine_neighbours(tmp_path: Path) -> N
     assert results["meta"]["settings"]["metric"] == "cosine"
     assert results["meta"]["fold_seed"] == 0
     report = (tmp_path / "o" / "results.md").read_text()  # two runs with other settings must not read alike
-    assert "- fold seed: `0`" in report and "weighting `temperature`" in report and "metric `cosine`" in report
+    assert "- folds: `shuffled with seed 0`" in report and "weighting `temperature`" in report
+    assert "metric `cosine`" in report
     with pytest.raises(ValueError, match="temperature weighting .* needs the cosine metric, not 'euclidean'"):
         knn.main(["--features", str(path), "--output-dir", str(tmp_path / "o"), "--no-figures",
                   "--weighting", "temperature", "--metric", "euclidean"])  # fmt: skip

@@ -53,7 +53,7 @@ def score_features(
     n_splits: int,
     device: Any,
     ks: tuple[int, ...] = (1, 20),
-    seed: int = 0,
+    seed: int | None = 0,
     groups: np.ndarray | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Summary scores (mean/std over folds) of each method on one feature set."""
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         groups = None if args.group_by is None else protocol.path_groups(feature_set.paths, args.group_by)
         scores = score_features(
             feature_set.features, feature_set.labels, feature_set.class_names, args.methods, args.n_splits, device,
-            tuple(args.k), args.seed, groups,
+            tuple(args.k), protocol.fold_seed(args), groups,
         )
         rows.append({"iteration": iteration, "checkpoint": str(path), "results": scores})
         logger.info(
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
             "data": str(args.data),
             "protocol": "stratified_kfold",
             "n_splits": args.n_splits,
-            "fold_seed": args.seed,
+            "fold_seed": protocol.fold_seed(args),
+            "folds": protocol.fold_order(args),
             "group_by": args.group_by,
             "img_size": img_size,
             "resize": args.resize,

@@ -163,9 +163,14 @@ def path_groups(paths: Sequence[str], pattern: str) -> np.ndarray:
 
 
 def stratified_folds(
-    labels: np.ndarray, class_names: Sequence[str], n_splits: int = 5, seed: int = 0, groups: np.ndarray | None = None
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    n_splits: int = 5,
+    seed: int | None = 0,
+    groups: np.ndarray | None = None,
 ) -> list[Fold]:
-    """``StratifiedKFold(n_splits, shuffle=True, random_state=seed)``, with a clear error for small classes.
+    """``StratifiedKFold(n_splits, shuffle=True, random_state=seed)``, with a clear error for small classes;
+    ``seed=None``: unshuffled folds, in the samples' order (``--no-shuffle``).
 
     With ``groups`` (a patient per cell, see :func:`path_groups`) the folds are
     ``StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)``: a group's images all fall in one fold, so
@@ -175,7 +180,8 @@ def stratified_folds(
     reproduce and unrelated to the names. Over our sorted paths the unshuffled folds would be runs of neighbouring
     names, which in the public sets are cell subtypes (``MMY_``, ``MY_``, ``PMY_`` within ``ig``) and patients
     (``Patient_07_...``): a fold would be tested on a subtype or patient its training folds hardly hold. Seeded
-    shuffling keeps the folds stratified, reproducible and unrelated to the file names.
+    shuffling keeps the folds stratified, reproducible and unrelated to the file names. Unshuffled folds are there
+    for a features file in an order of one's choosing (extracted from a CSV list), e.g. DinoBloom's file order.
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
@@ -193,13 +199,14 @@ def stratified_folds(
             f"{n_splits}-fold stratified CV needs at least {n_splits} samples per class; "
             f"too few in: {', '.join(small)}"
         )
+    shuffle = seed is not None
     if groups is None:
-        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=shuffle, random_state=seed)
         return [Fold(train, test) for train, test in splitter.split(np.zeros(labels.size), labels)]
     n_groups = np.unique(groups).size
     if n_groups < n_splits:
         raise ValueError(f"{n_splits}-fold CV by group needs at least {n_splits} groups, found {n_groups}")
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=shuffle, random_state=seed)
     return [Fold(train, test) for train, test in splitter.split(np.zeros(labels.size), labels, groups)]
 
 
@@ -242,11 +249,11 @@ def run_protocol(
     test_x: np.ndarray | None = None,
     test_y: np.ndarray | None = None,
     progress: bool = False,
-    seed: int = 0,
+    seed: int | None = 0,
     groups: np.ndarray | None = None,
 ) -> ProtocolOutput:
-    """Run ``predict`` on every fold (``seed`` assigns them, keeping ``groups`` whole) or on the fixed split when
-    ``test_x`` is given."""
+    """Run ``predict`` on every fold (``seed`` assigns them, None in the samples' order, keeping ``groups`` whole) or
+    on the fixed split when ``test_x`` is given."""
     num_classes = len(class_names)
     if test_x is None:
         folds = stratified_folds(train_y, class_names, n_splits, seed, groups)
@@ -284,9 +291,22 @@ def add_fold_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-splits", type=int, default=5, help="folds of the stratified CV (default 5)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the (shuffled) fold assignment (default 0)")
+    parser.add_argument("--no-shuffle", action="store_true",
+                        help="folds in the order of the features file, unshuffled, as DinoBloom's StratifiedKFold(5) "
+                        "over its files (see the README); --seed is then not used")
     parser.add_argument("--group-by", default=None, metavar="REGEX",
                         help="keep the images of a group (a patient) in one fold: the regex's match, or its first "
                              r"group, in each stored path, e.g. 'Patient_\d+' (default: folds of images)")
+
+
+def fold_seed(args: argparse.Namespace) -> int | None:
+    """The seed that the fold options give :func:`stratified_folds` (None: unshuffled)."""
+    return None if args.no_shuffle else int(args.seed)
+
+
+def fold_order(args: argparse.Namespace) -> str:
+    """How the fold options assign the folds, in words for the reports."""
+    return "unshuffled, in the features file's order" if args.no_shuffle else f"shuffled with seed {args.seed}"
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -366,7 +386,8 @@ def build_meta(
         "classes": list(train_set.class_names),
         "protocol": "train_test" if fixed else "stratified_kfold",
         "n_splits": None if fixed else int(args.n_splits),
-        "fold_seed": None if fixed else int(args.seed),
+        "fold_seed": None if fixed or args.no_shuffle else int(args.seed),
+        "folds": None if fixed else fold_order(args),
         "group_by": None if fixed else args.group_by,
         "std": "0 by construction (one train/test split has no spread over folds)" if fixed
         else "population standard deviation over folds (numpy ddof=0)",
@@ -402,7 +423,8 @@ def run_cli_protocol(args: argparse.Namespace, predict: Predictor, settings: dic
         groups = path_groups(train_set.paths, args.group_by)
         logger.info("folds keep %d groups (%s) whole", np.unique(groups).size, args.group_by)
     output = run_protocol(
-        train_x, train_y, train_set.class_names, predict, args.n_splits, test_x, test_y, progress=True, seed=args.seed,
+        train_x, train_y, train_set.class_names, predict, args.n_splits, test_x, test_y, progress=True,
+        seed=fold_seed(args),
         groups=groups,
     )
     evaluated = test_set if test_set is not None else train_set

@@ -81,7 +81,7 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
     columns = [m for m in _METRIC_TITLES if any(m in results[name] for name in methods)]
     lines = ["# Evaluation results", ""]
     for key in ("features", "test_features", "bags", "model", "weights", "test_weights", "embed_dim", "n_samples", "n_test_samples",
-                "n_patients", "test_patients", "protocol", "n_splits", "fold_seed", "group_by"):
+                "n_patients", "test_patients", "protocol", "n_splits", "folds", "group_by"):
         if meta.get(key) not in (None, ""):
             lines.append(f"- {key.replace('_', ' ')}: `{meta[key]}`")
     settings = {key: value for key, value in (meta.get("settings") or {}).items() if value is not None}
