@@ -173,9 +173,16 @@ def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
     checkpoint_folder.mkdir(parents=True)
     with pytest.raises(CheckpointError, match=r"000000299 is a folder, not a weights file.*teacher_checkpoint\.pth"):
         load_pretrained_backbone_state(checkpoint_folder)
+    (checkpoint_folder / ".metadata").write_bytes(b"dcp")  # one shard of it, as a user might pick it
+    (checkpoint_folder / "__0_0.distcp").write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp is one shard of a torch\.distributed\.checkpoint folder"):
+        load_pretrained_backbone_state(checkpoint_folder / "__0_0.distcp")
 
     torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 4), "backbone.note": "x"}}, pickled)
-    with pytest.raises(CheckpointError, match="entries that are not tensors: note"):
+    with pytest.raises(CheckpointError, match="entries that are not tensors: note$"):
+        load_pretrained_backbone_state(pickled)
+    torch.save({"student": {"backbone.cls_token": torch.zeros(1, 1, 4)}}, pickled)  # weights under another name
+    with pytest.raises(CheckpointError, match=r"not tensors: student; 'student' holds a dict: .* torch\.save\(checkpoint"):
         load_pretrained_backbone_state(pickled)
 
     torch.save([torch.zeros(2)], pickled)

@@ -62,14 +62,20 @@ def _download(url: str) -> Path:
     return target
 
 
+_TRAINING_EXPORT_HINT = (
+    "a training run's backbone is in <run>/eval/training_<it>/teacher_checkpoint.pth (checkpoint folders hold the "
+    "full training state; `python dinov2/train/train.py --config-file <run>/config.yaml --output-dir <run> "
+    "--eval-only` exports the newest one's teacher)"
+)
+
+
 def _read_file(path: Path) -> Any:
     """Read a `.safetensors` or `torch.save` file without executing any pickled code."""
     if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a weights file; {_TRAINING_EXPORT_HINT}")
+    if path.suffix == ".distcp" or (path.parent / ".metadata").is_file():
         raise CheckpointError(
-            f"{path} is a folder, not a weights file; a training run's backbone is in "
-            "<run>/eval/training_<it>/teacher_checkpoint.pth (checkpoint folders hold the full training state; "
-            "`python dinov2/train/train.py --config-file <run>/config.yaml --output-dir <run> --eval-only` exports "
-            "the newest one's teacher)"
+            f"{path} is one shard of a torch.distributed.checkpoint folder, not a weights file; {_TRAINING_EXPORT_HINT}"
         )
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
@@ -128,7 +134,13 @@ def extract_backbone_state(obj: Any, source: str = "checkpoint") -> dict[str, to
         state = {k.removeprefix("backbone."): v for k, v in state.items()}
     not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
-        raise CheckpointError(f"{source}: entries that are not tensors: {', '.join(not_tensors[:10])}")
+        nested = [k for k in not_tensors if isinstance(state[k], Mapping)]
+        hint = (
+            f"; {nested[0]!r} holds a dict: the loader looks for weights under 'teacher', 'model' or 'state_dict', so "
+            f"save the one you want on its own, e.g. torch.save(checkpoint[{nested[0]!r}], 'backbone.pth')"
+            if nested else ""
+        )
+        raise CheckpointError(f"{source}: entries that are not tensors: {', '.join(not_tensors[:10])}{hint}")
     if not state:
         raise CheckpointError(f"{source}: no backbone weights found (empty state dict)")
     return flatten_block_chunks(state)
