@@ -551,17 +551,17 @@ def train(
             window_images += global_batch
             bad_images += new_bad
             check_bad_images(bad_images, images_seen, len(dataset), cfg.train.max_bad_image_fraction)
-            effective_rank = None
+            rankme_score = None  # (RankMe, CLS tokens it was computed on)
             if rankme is not None and rankme.wants(iteration):
                 rankme.update(model.teacher.backbone, batch["collated_global_crops"], autocast)
-                effective_rank = rankme.result(iteration, host_group)
+                rankme_score = rankme.result(iteration, host_group)
 
             is_last = iteration == max_iter - 1
             period = cfg.evaluation.eval_period_iterations
             export_now = bool(period) and ((iteration + 1) % period == 0 or is_last)
             save_now = (iteration + 1) % cfg.train.checkpoint_period == 0 or is_last or stop
             log_now = (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == start_iter
-            log_now = log_now or effective_rank is not None
+            log_now = log_now or rankme_score is not None
             if log_now or export_now or save_now:  # the loss is checked before anything is written
                 losses = finite_mean_losses(terms, iteration)
             if log_now:
@@ -573,9 +573,9 @@ def train(
                     "images_per_s": window_images / max(elapsed, 1e-9),
                     "bad_images": bad_images,
                 }
-                if effective_rank is not None:
-                    last["rankme"], last["rankme_crops"] = effective_rank
-                    logger.info("RankMe of the teacher's CLS tokens on %d global crops: %.1f", *effective_rank[::-1])
+                if rankme_score is not None:
+                    last["rankme"], last["rankme_crops"] = rankme_score
+                    logger.info("RankMe of the teacher's CLS tokens on %d global crops: %.1f", *rankme_score[::-1])
                 metrics.log(last)
                 log_progress(last, max_iter, seconds_per_step=elapsed * global_batch / max(window_images, 1))
                 window_start, window_images = time.perf_counter(), 0
