@@ -456,7 +456,7 @@ def _remove_previous(images_dir: Path, previous: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dinov2.data.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="folder to write images/, lists/ and manifest.json into")
     parser.add_argument("--images-per-class", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
