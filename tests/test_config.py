@@ -127,6 +127,20 @@ def test_types_are_checked_and_numbers_coerced() -> None:
         ("evaluation.rankme_batches=0", r"evaluation.rankme_batches=0 must lie in \[1, rankme_period_iterations\]"),
         ("evaluation.rankme_batches=2000", r"evaluation.rankme_batches=2000 must lie in \[1, rankme_period_"),
         ("evaluation.rankme_period_iterations=-1", r"evaluation.rankme_period_iterations=-1 must be >= 0"),
+        # values that trained silently the wrong way (gradient ascent, an EMA beyond the student) or crashed later
+        ("optim.min_lr=-1e-3", r"optim.min_lr must be >= 0, got -0.001"),
+        ("optim.base_lr=0", r"optim.base_lr must be positive, got 0"),
+        ("optim.weight_decay_end=-1", r"optim.weight_decay_end must be >= 0"),
+        ("optim.patch_embed_lr_mult=-1", r"optim.patch_embed_lr_mult must be >= 0"),
+        ("optim.layerwise_decay=0", r"optim.layerwise_decay=0.0 must lie in \(0, 1\]"),
+        ("optim.adamw_beta1=1.5", r"optim.adamw_beta1=1.5 must lie in \[0, 1\)"),
+        ("teacher.momentum_teacher=1.5", r"teacher.momentum_teacher=1.5 must lie in \[0, 1\]"),
+        ("teacher.teacher_temp=0", r"teacher.teacher_temp must be positive"),
+        ("student.drop_path_rate=2", r"student.drop_path_rate=2.0 must lie in \[0, 1\)"),
+        ("student.patch_size=0", r"student.patch_size must be positive"),
+        ("crops.local_crops_size=0", r"crops.local_crops_size must be positive"),
+        ("dino.head_n_prototypes=0", r"dino.head_n_prototypes must be positive"),
+        ("ibot.head_nlayers=0", r"ibot.head_nlayers must be positive"),
     ],
 )
 def test_values_are_checked(override: str, message: str) -> None:

@@ -334,8 +334,12 @@ def _check_values(cfg: DictConfig) -> None:
         value = list(OmegaConf.select(cfg, key))
         if len(value) != 2 or not 0 <= value[0] <= value[1] <= 1:
             problems.append(f"{key}={value} must be [low, high] with 0 <= low <= high <= 1")
+    heads = [f"{loss}.head_{name}" for loss in ("dino", "ibot") for name in
+             ("n_prototypes", "bottleneck_dim", "nlayers", "hidden_dim")]  # fmt: skip
     positive = ("train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "optim.epochs", "train.log_period",
-                "train.checkpoint_period", "train.keep_last_checkpoints", "crops.global_crops_size")
+                "train.checkpoint_period", "train.keep_last_checkpoints", "crops.global_crops_size",
+                "crops.local_crops_size", "student.patch_size", "optim.base_lr", "teacher.teacher_temp",
+                "teacher.warmup_teacher_temp", *heads)
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             problems.append(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
@@ -346,13 +350,21 @@ def _check_values(cfg: DictConfig) -> None:
     non_negative = ("train.seed", "train.num_workers", "train.image_resize", "train.data_timeout_s",
                     "crops.local_crops_number", "optim.clip_grad", "optim.freeze_last_layer_epochs",
                     "evaluation.eval_period_iterations", "evaluation.knn_max_images", "dino.loss_weight",
-                    "dino.koleo_loss_weight", "dino.koleo_pairwise_eps", "ibot.loss_weight")
+                    "dino.koleo_loss_weight", "dino.koleo_pairwise_eps", "ibot.loss_weight", "optim.min_lr",
+                    "optim.weight_decay", "optim.weight_decay_end", "optim.patch_embed_lr_mult",
+                    "teacher.warmup_teacher_temp_epochs")
     for key in non_negative:
         if OmegaConf.select(cfg, key) < 0:
             problems.append(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
-    for key in ("train.max_bad_image_fraction", "ibot.mask_sample_probability"):
+    for key in ("train.max_bad_image_fraction", "ibot.mask_sample_probability", "teacher.momentum_teacher",
+                "teacher.final_momentum_teacher"):
         if not 0 <= OmegaConf.select(cfg, key) <= 1:
             problems.append(f"{key}={OmegaConf.select(cfg, key)} must lie in [0, 1]")
+    for key in ("optim.adamw_beta1", "optim.adamw_beta2", "student.drop_path_rate"):
+        if not 0 <= OmegaConf.select(cfg, key) < 1:
+            problems.append(f"{key}={OmegaConf.select(cfg, key)} must lie in [0, 1)")
+    if not 0 < cfg.optim.layerwise_decay <= 1:
+        problems.append(f"optim.layerwise_decay={cfg.optim.layerwise_decay} must lie in (0, 1] (1 = no decay)")
     rankme_period, rankme_batches = cfg.evaluation.rankme_period_iterations, cfg.evaluation.rankme_batches
     if rankme_period < 0 or (rankme_period > 0 and not 1 <= rankme_batches <= rankme_period):
         problems.append(

@@ -11,10 +11,10 @@ pooled over the out-of-fold predictions (every sample is tested exactly once).
 from __future__ import annotations
 
 import argparse
-import os
 import datetime
 import difflib
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
