@@ -575,6 +575,13 @@ def test_eval_only_exports_the_teacher_of_the_newest_checkpoint(tmp_path: Path, 
     assert load_backbone(None, other / "eval" / "manual_3" / "teacher_checkpoint.pth").num_heads == 2
     with pytest.raises(ConfigError, match=r"--eval-only: .* holds no complete checkpoint and MODEL.WEIGHTS is empty"):
         _train(tmp_path / "empty", demo.lists_dir, "--eval-only")
+    # another head count fits every tensor but computes something else: refused as a resume refuses it, and the
+    # new folder gets no config.yaml that would mislabel an export
+    mislabelled = tmp_path / "mislabelled"
+    with pytest.raises(ConfigError, match="trained with another network: student.num_heads=2 in the checkpoint, 4"):
+        _train(mislabelled, demo.lists_dir, "--eval-only", "student.num_heads=4",
+               f"MODEL.WEIGHTS={out / 'checkpoints' / '000000002'}")  # fmt: skip
+    assert not (mislabelled / "config.yaml").exists()
 
 
 def test_colour_augmentation_on_the_device_trains_exactly_as_in_the_workers(tmp_path: Path, demo) -> None:

@@ -617,14 +617,16 @@ def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distribut
             "pass the run's --output-dir, or MODEL.WEIGHTS=<checkpoints/NNNNNNNNN>"
         )
     monitor = KnnMonitor.from_config(cfg, output_dir, info.device, resume=True)
-    if info.is_main_process and not (output_dir / "config.yaml").is_file():
-        write_config(cfg, output_dir)  # the export's architecture (head count) is read from it when it is loaded
     with torch.device("meta"):
         model = SSLMetaArch(cfg)
     parallelize_from_config(model.student, cfg, "student", info.device)
     parallelize_from_config(model.teacher, cfg, "teacher", info.device)
     model.to_empty(device=info.device)
-    steps = load_checkpoint(latest, model, restore_rng=False)["iteration"] + 1  # strict: every tensor is loaded
+    state = load_checkpoint(latest, model, restore_rng=False)  # strict: every tensor is loaded
+    check_same_network(latest, state.get("network"), network_record(model.student.backbone))
+    steps = state["iteration"] + 1
+    if info.is_main_process and not (output_dir / "config.yaml").is_file():
+        write_config(cfg, output_dir)  # the export's architecture (head count) is read from it when it is loaded
     path = output_dir / "eval" / f"manual_{steps}" / "teacher_checkpoint.pth"
     export_teacher(path, model.teacher)
     if monitor is not None:
