@@ -492,3 +492,13 @@ def test_local_submission_returns_while_the_job_runs(tmp_path: Path, demo_lists:
         for pid in [*_child_pids(controller), controller]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_home_relative_output_dir_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--output-dir=~/run1` reaches the launcher unexpanded (bash expands ~ only at a word's start): the job, its
+    logs and the training must all use the home folder, never a folder literally named `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    request = launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir=~/run1"])
+    assert request.output_dir == tmp_path / "run1"
+    assert request.job_dir == tmp_path / "run1" / "slurm" / "%j"
+    assert request.train_argv[2:4] == ["--output-dir", str(tmp_path / "run1")]

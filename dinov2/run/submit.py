@@ -210,7 +210,7 @@ def _validate_training_args(args: argparse.Namespace) -> Path:
     """Check the config file and overrides now rather than in the queue; return the output dir."""
     from dinov2.configs import ConfigError, load_config
 
-    config_file = Path(args.config_file)
+    config_file = Path(args.config_file).expanduser()
     if not config_file.is_file():
         raise LaunchError(f"--config-file {config_file}: no such file")
     malformed = [item for item in args.overrides if "=" not in item]
@@ -220,7 +220,8 @@ def _validate_training_args(args: argparse.Namespace) -> Path:
         cfg = load_config(str(config_file), list(args.overrides), resolve=False)  # ${oc.env:...}: the job's
     except ConfigError as error:
         raise LaunchError(f"--config-file {config_file}: {error}") from error
-    return Path(args.output_dir if args.output_dir is not None else cfg.train.output_dir)
+    # (`--output-dir=~/run` reaches us unexpanded: the shell expands ~ only at the start of a word)
+    return Path(args.output_dir if args.output_dir is not None else cfg.train.output_dir).expanduser()
 
 
 def parse_request(argv: Sequence[str] | None = None) -> LaunchRequest:
@@ -242,13 +243,13 @@ def parse_request(argv: Sequence[str] | None = None) -> LaunchRequest:
     if args.local and settings["nodes"] != 1:
         raise LaunchError(f"--local runs on this machine only: --nodes must be 1, got {settings['nodes']}")
     output_dir = _validate_training_args(args)
-    train_argv = ["--config-file", args.config_file]
+    train_argv = ["--config-file", str(Path(args.config_file).expanduser())]
     if args.output_dir is not None:
-        train_argv += ["--output-dir", args.output_dir]
+        train_argv += ["--output-dir", str(output_dir)]
     if args.no_resume:
         train_argv.append("--no-resume")
     train_argv += args.overrides
-    job_dir = args.job_dir if args.job_dir is not None else output_dir / "slurm" / "%j"
+    job_dir = Path(args.job_dir).expanduser() if args.job_dir is not None else output_dir / "slurm" / "%j"
     return LaunchRequest(settings, train_argv, output_dir, job_dir, args.local)
 
 
