@@ -68,6 +68,12 @@ def make_file_lists(
         list_file.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8", errors="surrogateescape")
         counts[list_file] = len(lines)
         logger.info("%s: %d images", list_file, len(lines))
+    others = sorted(p.name for p in output.glob("*.txt") if p not in counts)
+    if others:  # training reads every list of the folder: a stale one would add images no one asked for
+        logger.warning(
+            "%s also holds %d list(s) this run did not write (%s); train.dataset_path=%s reads them too: remove "
+            "those that should not be trained on", output, len(others), ", ".join(others[:5]), output,
+        )
     return counts
 
 

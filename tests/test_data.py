@@ -277,6 +277,11 @@ def test_symlink_loops_list_each_image_once(tmp_path: Path, caplog: pytest.LogCa
     assert len(FileListDataset(root)) == 1
     counts = load_script("make_file_lists").make_file_lists([root], tmp_path / "lists")
     assert list(counts.values()) == [1]
+    # A list left from an earlier run stays in the folder, and training would read it: the script says so.
+    (tmp_path / "lists" / "ig.txt").write_text("/data/ig/1.jpg\n")
+    with caplog.at_level(logging.WARNING):
+        load_script("make_file_lists").make_file_lists([root], tmp_path / "lists")
+    assert "also holds 1 list(s) this run did not write (ig.txt); train.dataset_path=" in caplog.text
 
 
 def _sixteen_bit_reference(values: np.ndarray) -> np.ndarray:
