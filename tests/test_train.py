@@ -856,6 +856,26 @@ def test_an_output_directory_that_cannot_be_made_is_a_config_error(tmp_path: Pat
     assert blocker.read_text() == "a file, not a folder"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_second_training_in_a_folder_in_use_stops_before_touching_it(tmp_path: Path, demo) -> None:
+    """While a run holds its output folder (here: its lock, taken by this test as that run would), a second run
+    there stops with one error naming the holder, and writes nothing; once the holder is gone, the folder is free."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with (out / ".lock").open("a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("process 4242 on node7, since 2026-11-27T10:00:00\n")
+        holder.flush()
+        with pytest.raises(ConfigError, match=r"run is in use by another training \(process 4242 on node7, since "):
+            _train(out, demo.lists_dir, epochs=1, epoch_length=2)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # not even its log
+    _train(out, demo.lists_dir, epochs=1, epoch_length=2)  # a lock left by a finished (or killed) run is no obstacle
+    assert (out / "checkpoints").is_dir()
+    _train(out, demo.lists_dir, epochs=1, epoch_length=2)  # nor is the lock of this process's own earlier run
+
+
 @pytest.mark.parametrize("mistake", ["config typo", "empty file list"])
 def test_train_script_ends_a_user_mistake_in_one_error_line(tmp_path: Path, mistake: str) -> None:
     empty = tmp_path / "lists" / "cells.txt"

@@ -51,6 +51,7 @@ from dinov2.train.data import build_train_dataset, build_train_loader
 from dinov2.train.knn_monitor import END_OF_TRAINING, KnnMonitor
 from dinov2.train.optim import apply_optim_scheduler, build_optimizer, build_param_groups
 from dinov2.train.rankme import RankMeMonitor
+from dinov2.train.run_lock import RunLock, RunLockedError
 from dinov2.train.schedules import build_schedulers, total_iterations
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.trackers import TENSORBOARD_DIR, WANDB_RUN_ID_FILE, MetricsLog, check_tracking
@@ -647,11 +648,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # FSDP2 warns that the backbone returns views (its CLS and patch tokens); the loss never modifies them in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     handlers: list[logging.Handler] = []
+    lock = RunLock(output_dir)
     try:
         try:
+            refused = ""
             if info.is_main_process:
                 output_dir.mkdir(parents=True, exist_ok=True)
-            distributed.barrier()
+                try:
+                    lock.acquire()
+                except RunLockedError as err:
+                    refused = str(err)
+            # every rank learns whether the folder is free (a collective: it also waits for the folder to exist)
+            if distributed.all_reduce_mean(torch.tensor([float(bool(refused))], device=info.device)).item() > 0:
+                raise ConfigError(refused or f"{output_dir} is in use by another training (rank 0 names it)")
             handlers = setup_logging(output_dir, info.is_main_process)
         except OSError as err:  # a file in the way, a read-only folder
             where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
@@ -680,6 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.barrier()  # every rank is done with the process group before any rank destroys it
     finally:
         distributed.destroy()
+        lock.release()
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
             handler.close()
