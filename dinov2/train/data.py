@@ -65,7 +65,9 @@ class TrainCollate:
         if not samples:  # the trainer stops on such a batch, from its own process (a worker's error would be wrapped)
             return {"n_images": len(items), "n_bad_images": len(items)}
         first = items[0][1]
-        # The batch's first draw is unique within a run, so the masks depend only on (seed, batch).
+        # The batch's first draw is unique within a run, so the masks depend only on (seed, batch). Its seed is also
+        # the one `random` gets for that sample's augmentation, which draws from torch only: an augmentation that
+        # drew from `random` would repeat the masks' numbers.
         rng = random.Random(derive_seed(self.seed, first.index, first.epoch))
         batch = collate_data_and_cast(
             samples,
