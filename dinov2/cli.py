@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -18,6 +19,22 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 # The project's own code; a virtual environment inside the checkout (``.venv``, CI's ``.ci-venv``) is not.
 _PROJECT_DIRS = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "scripts")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count, a batch size)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (a seed, warm-up steps)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def raised_outside_the_project(err: BaseException) -> str | None:

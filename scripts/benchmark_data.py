@@ -32,6 +32,7 @@ import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy, a
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from dinov2.cli import non_negative_int, positive_int  # noqa: E402
 from dinov2.configs import TRAIN_CONFIG_DIR, load_config  # noqa: E402
 from dinov2.data import FileListDataset, SampleKey, load_image  # noqa: E402
 from dinov2.data.photometric import finish_crops  # noqa: E402
@@ -145,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of the colour operations with --colour device")
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
-    parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=8, help="timed batches per loader measurement")
-    parser.add_argument("--per-worker-images", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="per-worker passes; the best is reported")
+    parser.add_argument("--workers", nargs="+", type=non_negative_int, default=[0, 2])
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--batches", type=positive_int, default=8, help="timed batches per loader measurement")
+    parser.add_argument("--per-worker-images", type=positive_int, default=128)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="per-worker passes; the best is reported")
     return parser
 
 

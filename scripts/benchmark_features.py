@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from export_timm import timm_model_config, timm_state_dict  # noqa: E402
 
+from dinov2.cli import non_negative_int, positive_int  # noqa: E402
 from dinov2.eval.protocol import resolve_device  # noqa: E402
 from dinov2.hub import load_backbone  # noqa: E402
 
@@ -95,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     parser = argparse.ArgumentParser(description="ViT-S/14 feature-extraction throughput: ours vs timm.")
     parser.add_argument("--weights", default=None, help="checkpoint (any layout the loader accepts); default random")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--img-size", type=positive_int, default=224)
+    parser.add_argument("--iters", type=positive_int, default=10)
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (CUDA if available)")
     return parser
 

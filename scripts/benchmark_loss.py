@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 from benchmark_features import time_call
 
+from dinov2.cli import non_negative_int, positive_int
 from dinov2.eval.protocol import resolve_device
 from dinov2.loss import iBOTPatchLoss
 
@@ -103,15 +104,15 @@ def benchmark(
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=2048, help="masked tokens in the step (all crops together)")
-    p.add_argument("--crops", type=int, default=256, help="global crops the tokens are spread over")
-    p.add_argument("--prototypes", type=int, default=65536, help="iBOT head prototypes")
+    p.add_argument("--tokens", type=positive_int, default=2048, help="masked tokens in the step (all crops together)")
+    p.add_argument("--crops", type=positive_int, default=256, help="global crops the tokens are spread over")
+    p.add_argument("--prototypes", type=positive_int, default=65536, help="iBOT head prototypes")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="the scores' dtype; auto: bf16 on a GPU (as under autocast), fp32 on a CPU")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (CUDA if available)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=7)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--warmup", type=non_negative_int, default=2)
+    p.add_argument("--iters", type=positive_int, default=7)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the cross-entropy and Sinkhorn-Knopp")
     return p
 

@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from dinov2.cli import non_negative_int, positive_int
 from dinov2 import distributed
 from dinov2.configs import apply_scaling_rules_to_cfg, load_config
 from dinov2.data.collate import collate_data_and_cast
@@ -162,22 +163,36 @@ def synthetic_batch(cfg: DictConfig, batch_size: int, seed: int, dtype: torch.dt
     )
 
 
+def head_sizes(text: str) -> tuple[int, int, int]:
+    """``--heads``: three positive integers, prototypes,hidden,bottleneck."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers PROTOTYPES,HIDDEN,BOTTLENECK, got {text!r}")
+    return sizes  # type: ignore[return-value]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", default="dinov2/configs/train/custom.yaml", help="training config to benchmark")
     p.add_argument("--arch", default=None, choices=sorted(ARCH_PATCH), help="backbone (overrides the config)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per rank")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per rank")
     p.add_argument("--crops", choices=("dinobloom", "dinov2", "config"), default="config",
                    help="dinobloom: 2 global crops; dinov2: 2 global + 8 local (98 px); config: as configured")
     p.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block and the student cross-entropies")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--iters", type=int, default=10, help="timed steps")
-    p.add_argument("--heads", default=None, help="prototypes,hidden,bottleneck of both heads, e.g. 65536,2048,256")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the step and the matmul rate (default: torch's)")
-    p.add_argument("--profile", default=None, help="write the operator table of one more step to this file (+ .json trace)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
+    p.add_argument("--iters", type=positive_int, default=10, help="timed steps")
+    p.add_argument("--heads", type=head_sizes, default=None,
+                   help="prototypes,hidden,bottleneck of both heads, e.g. 65536,2048,256")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for the step and the matmul rate (default: torch's)")
+    p.add_argument("--profile", default=None,
+                   help="write the operator table of one more step to this file (+ a gzipped .json.gz trace)")
     p.add_argument("opts", nargs="*", help="further key=value config overrides (before or after the options)")
     return p
 
@@ -188,8 +203,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     info = distributed.enable_distributed()
     device = info.device
@@ -271,7 +284,7 @@ def benchmark_overrides(args: argparse.Namespace, precision: str) -> list[str]:
     elif args.crops == "dinov2":
         overrides += ["crops.local_crops_number=8", "crops.local_crops_size=98", "crops.global_crops_size=224"]
     if args.heads:
-        k, hidden, bottleneck = (int(v) for v in args.heads.split(","))
+        k, hidden, bottleneck = args.heads
         for head in ("dino", "ibot"):
             overrides += [f"{head}.head_n_prototypes={k}", f"{head}.head_hidden_dim={hidden}",
                           f"{head}.head_bottleneck_dim={bottleneck}"]
@@ -309,8 +322,9 @@ def write_profile(step: Any, device: torch.device, path: Path) -> None:
         prof.key_averages().table(sort_by=sort_by, row_limit=60) + "\n"
         + prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=60)
     )
-    prof.export_chrome_trace(str(path.with_suffix(".json")))
-    logger.info("profile of one step written to %s (trace %s)", path, path.with_suffix(".json"))
+    trace = path.with_suffix(".json.gz")  # gzipped: a GPU step's trace is tens of MB as text
+    prof.export_chrome_trace(str(trace))
+    logger.info("profile of one step written to %s (trace %s)", path, trace)
 
 
 if __name__ == "__main__":

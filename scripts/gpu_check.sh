@@ -1,63 +1,88 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 8 minutes on one H100 or H200; each step has its own time limit): the CUDA/NCCL
-# training path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in bf16 (a GPU
-# profile of the ViT-S step, its iBOT loss path alone, larger batches), the ViT-g memory check, the data
-# pipeline with 16 workers, ViT-S with train.compile (blocks and cross-entropies compiled; its profile,
-# recompilations and graph breaks logged), feature extraction. The steps run most wanted first, so that a check
-# cut short still measures what is new. Every figure goes to stdout and to $LOG_DIR/*.log.
+# One prepared GPU check, within a time budget (GPU_CHECK_BUDGET_S, default 480 s: a lent GPU session is short):
+# the CUDA/NCCL training path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in
+# bf16 (a GPU profile of the ViT-S step, with and without train.compile; its iBOT loss path alone), the data
+# pipeline with 16 workers, feature extraction, larger batches and the ViT-g memory check. The steps run most
+# wanted first; each has its own time limit, cut to what is left of the budget, and a step that no longer fits is
+# skipped, so a check cut short still measures what is new.
 #
 #   bash scripts/gpu_check.sh [LOG_DIR]
 #
-# Record the printed figures in docs/benchmarks.md.
+# LOG_DIR (default $OUT, else gpu_check_logs/) receives few files, written as the steps run, so that they survive a
+# kill: gpu_check.log (everything), summary.txt (each step's exit status, time and result lines) and the two
+# profiles of the ViT-S step (.txt tables, gzipped .json.gz traces). Record the figures in docs/benchmarks.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${OUT:-gpu_check_logs}}
 mkdir -p "$LOG_DIR"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LOG="$LOG_DIR/gpu_check.log"
+SUMMARY="$LOG_DIR/summary.txt"
+: > "$LOG"
+: > "$SUMMARY"
+# Full tracebacks in the log: a one-shot check has no second chance to ask for them.
+export PYTHONUNBUFFERED=1 DINOBLOOM_TRACEBACK=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 
-step() {  # step NAME TIMEOUT_S COMMAND...: run one check, keep going if it fails
+step() {  # step NAME TIMEOUT_S COMMAND...: run one check within the budget, keep going if it fails
   local name=$1 limit=$2
   shift 2
-  echo "=== $name (limit ${limit}s) ==="
+  local left=$((BUDGET - SECONDS))
+  if ((left < 20)); then
+    echo "=== $name: skipped, ${left} s of the ${BUDGET} s budget left ===" | tee -a "$LOG" "$SUMMARY"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
   local start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.log" | grep -vE '^\s*$|it/s\]|img/s\]' | tail -n 25
-  echo "=== $name: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s ==="
+  # The step's last lines (its figures, or its error), without progress bars, go to the summary.
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG" | grep -vE '^\s*$|it/s\]|img/s\]' | tail -n 10 > "$LOG_DIR/.tail"
+  local status=${PIPESTATUS[0]}
+  { echo "=== $name: exit $status, $((SECONDS - start)) s ==="; cat "$LOG_DIR/.tail"; } >> "$SUMMARY"
+  rm -f "$LOG_DIR/.tail"
+  echo "=== $name: exit $status, $((SECONDS - start)) s ===" | tee -a "$LOG"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG" "$SUMMARY"
+# Preflight: without CUDA or the carried packages every step would fail or, worse, fall back to the CPU and spend
+# the budget there.
+if ! $PY -c "import torch, omegaconf; assert torch.cuda.is_available(), 'no CUDA device'; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" 2>&1 \
+    | tee -a "$LOG" "$SUMMARY"; then
+  echo "gpu_check: preflight failed (see above); nothing measured" | tee -a "$SUMMARY"
+  exit 1
+fi
 
 # Heads as released (65,536 prototypes, hidden 2048, bottleneck 256), 224 px global crops only (DinoBloom).
 HEADS="--heads 65536,2048,256 --crops dinobloom"
-# The NCCL path: torchrun with one process per GPU (here one) initialises NCCL and trains.
-# It also writes the operator table of one more step (sorted by GPU time) to vits14_profile.txt: where the
-# time that MFU does not account for goes.
-step vits14_nccl_bf16 120 torchrun --standalone --nproc_per_node=1 scripts/benchmark_train.py \
+# The NCCL path: torchrun (as a module of this interpreter) with one process per GPU, here one, initialises NCCL
+# and trains. The operator table of one more step (sorted by GPU time) goes to vits14_profile.txt: where the time
+# that MFU does not account for goes.
+step vits14_nccl_bf16 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 scripts/benchmark_train.py \
   --arch vit_small --batch-size 128 $HEADS --iters 10 --profile "$LOG_DIR/vits14_profile.txt"
-head -n 30 "$LOG_DIR/vits14_profile.txt" 2>/dev/null | cut -c1-160
-# The iBOT loss path of that step alone (its masked tokens x 65,536 prototypes): Sinkhorn-Knopp, cross-entropy.
-step ibot_loss_path 40 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10
-step vitl14_bf16 120 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --iters 8
 # torch.compile: does the compiled step run compiled kernels (its profile), and what made Dynamo recompile or
 # break the graph (in the log)?
 step vits14_bf16_compile 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
   --arch vit_small --batch-size 128 $HEADS --compile --iters 8 --profile "$LOG_DIR/vits14_compile_profile.txt"
-head -n 20 "$LOG_DIR/vits14_compile_profile.txt" 2>/dev/null | cut -c1-160
+# The iBOT loss path of that step alone (its masked tokens x 65,536 prototypes): Sinkhorn-Knopp, cross-entropy;
+# then compiled (Sinkhorn-Knopp too, which training compiles only if this says it pays on a GPU).
+step ibot_loss_path 40 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10
+step ibot_loss_path_compiled 75 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10 --compile
+step vitl14_bf16 120 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --iters 8
 # The input pipeline as a CUDA run has it: workers hand over uint8 crops, the colour operations run batched on the
 # GPU (its "colour on cuda" row); then, for comparison, with the colour in the workers and crops collated as bf16.
 step data_pipeline 90 $PY scripts/benchmark_data.py --demo /tmp/demo_data --recipes dinobloom dinov2 \
-  --workers 1 8 16 --batch-size 64 --batches 10
+  --workers 1 16 --batch-size 64 --batches 10
 step data_pipeline_colour_in_workers 60 $PY scripts/benchmark_data.py --demo /tmp/demo_data --recipes dinobloom \
   --workers 1 16 --batch-size 64 --batches 10 --colour workers
-# The loss path compiled (Sinkhorn-Knopp too, which training compiles only if this says it pays on a GPU).
-step ibot_loss_path_compiled 75 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10 --compile
-# Below: figures measured before, checked again. Does MFU grow with the batch (fixed per-step costs) or not
-# (per-image costs)? ViT-S x2, ViT-L x1.5, eager.
+step features_vits14 45 $PY scripts/benchmark_features.py --device cuda --batch-size 256 --iters 20
+# Below: figures measured before, checked again if time is left. Does MFU grow with the batch (fixed per-step
+# costs) or not (per-image costs)? ViT-S x2, ViT-L x1.5, eager.
 step vits14_bf16_b256 90 $PY scripts/benchmark_train.py --arch vit_small --batch-size 256 $HEADS --iters 6
 step vitl14_bf16_b96 90 $PY scripts/benchmark_train.py --arch vit_large --batch-size 96 $HEADS --iters 6
-step features_vits14 45 $PY scripts/benchmark_features.py --device cuda --batch-size 256 --iters 20
 # Memory: ViT-g/14 with SwiGLU, one GPU, activation checkpointing, DinoBloom crops.
 step vitg14_bf16_ckpt 120 $PY scripts/benchmark_train.py --arch vit_giant2 --batch-size 32 $HEADS \
   --activation-checkpointing --warmup 2 --iters 4
-echo "gpu_check done"
+echo "gpu_check done in $SECONDS s" | tee -a "$LOG" "$SUMMARY"
+echo "===== summary ====="
+cat "$SUMMARY"

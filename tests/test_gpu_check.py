@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,27 +22,39 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
                                 reason="gpu_check.sh needs bash and coreutils' timeout")  # fmt: skip
 
 
-def _recorder(path: Path, log: Path) -> None:
-    """An executable that appends its arguments to ``log`` as one JSON line and succeeds."""
+def _recorder(path: Path, log: Path, seconds: float = 0.0) -> None:
+    """An executable that appends its arguments to ``log`` as one JSON line, takes ``seconds`` and succeeds."""
     path.write_text(
-        f"#!{sys.executable}\nimport json, sys\n"
+        f"#!{sys.executable}\nimport json, sys, time\n"
         f"with open({str(log)!r}, 'a') as f:\n    f.write(json.dumps(sys.argv) + '\\n')\n"
+        f"time.sleep({seconds})\n"
     )
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def _run_check(tmp_path: Path, seconds: float = 0.0, budget: int | None = None) -> tuple[subprocess.CompletedProcess,
+                                                                                         Path]:
+    """gpu_check.sh with recording stand-ins for python and nvidia-smi; returns the run and the calls file."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bin_dir.mkdir()
+    for name in ("python", "nvidia-smi"):
+        _recorder(bin_dir / name, calls, seconds)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(bin_dir / "python")}
+    if budget is not None:
+        env["GPU_CHECK_BUDGET_S"] = str(budget)
+    run = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "logs")],
+                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return run, calls
 
 
 def test_gpu_check_passes_options_each_benchmark_accepts(
     tmp_path: Path, load_script: Callable[[str], ModuleType]
 ) -> None:
-    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
-    bin_dir.mkdir()
-    for name in ("python", "torchrun", "nvidia-smi"):
-        _recorder(bin_dir / name, calls)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(bin_dir / "python")}
-    run = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "logs")],
-                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    run, calls = _run_check(tmp_path)
     assert run.returncode == 0, run.stderr
     assert "gpu_check done" in run.stdout
+    # few files come back from a device run: one log, one summary (and the two profiles, not written here)
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["gpu_check.log", "summary.txt"]
 
     benchmarks = []
     for line in calls.read_text().splitlines():
@@ -58,3 +71,30 @@ def test_gpu_check_passes_options_each_benchmark_accepts(
             parser.parse_intermixed_args(args)
         except (SystemExit, Exception) as err:  # argparse reports unknown options by exiting
             pytest.fail(f"gpu_check.sh calls {name}.py with options it rejects: {args} ({err})")
+
+
+def test_gpu_check_keeps_within_its_time_budget(tmp_path: Path) -> None:
+    """Each step's limit is cut to what is left of GPU_CHECK_BUDGET_S, and steps that no longer fit are skipped,
+    each named in the summary; the check ends within its budget however slow the steps are."""
+    run, _ = _run_check(tmp_path, seconds=2.0, budget=28)
+    assert run.returncode == 0, run.stderr
+    limits = [int(line.split("(limit ")[1].rstrip("s) =")) for line in run.stdout.splitlines() if "(limit " in line]
+    assert limits and all(limit <= 28 for limit in limits)
+    summary = (tmp_path / "logs" / "summary.txt").read_text()
+    assert "vitg14_bf16_ckpt: skipped" in summary and "budget left" in summary
+    assert int(run.stdout.split("gpu_check done in ")[1].split()[0]) <= 28
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the preflight passes and the check would run")
+def test_gpu_check_stops_when_the_preflight_fails(tmp_path: Path) -> None:
+    """Without CUDA (or the carried packages) nothing is measured: the CPU fallback would spend the whole budget."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100, 81559 MiB'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "logs")],
+                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 1
+    assert "no CUDA device" in run.stdout and "preflight failed" in run.stdout
+    assert "=== vits14_nccl_bf16" not in run.stdout

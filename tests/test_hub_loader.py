@@ -550,7 +550,7 @@ def test_script_clis_have_help(capsys: pytest.CaptureFixture[str], load_script: 
         ("make_file_lists.py", ["absent", "--output", "lists"], "source folder absent does not exist"),
         ("benchmark_train.py", ["--config-file", "absent.yaml"], "config file absent.yaml does not exist"),
         ("benchmark_data.py", ["--data", "absent"], "dataset root absent does not exist"),
-        ("benchmark_loss.py", ["--tokens", "0", "--prototypes", "8"], "--tokens must be in 1..65536 for 256 crops"),
+        ("benchmark_loss.py", ["--tokens", "70000", "--prototypes", "8"], "--tokens must be in 1..65536 for 256 crops"),
     ],
 )
 def test_scripts_end_a_user_mistake_in_one_error_line(tmp_path: Path, script: str, args: list[str], message: str) -> None:

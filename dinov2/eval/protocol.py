@@ -26,6 +26,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from dinov2.cli import non_negative_int
 from dinov2.eval import metrics
 from dinov2.eval.features_io import FeatureSet, load_features
 
@@ -276,14 +277,6 @@ def run_protocol(
     n_train = [fold.train_index.size for fold in folds]
     results = {method: score_folds(truths, method_preds, class_names, n_train) for method, method_preds in preds.items()}
     return ProtocolOutput(results, pooled)
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0 (a seed)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_fold_arguments(parser: argparse.ArgumentParser) -> None:
