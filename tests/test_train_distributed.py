@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 import dinov2.train.ssl_meta_arch as meta_arch
 from dinov2 import distributed
 from dinov2.checkpoint import find_latest_checkpoint
-from dinov2.configs import TRAIN_CONFIG_DIR, apply_scaling_rules_to_cfg, load_config
+from dinov2.configs import TRAIN_CONFIG_DIR, ConfigError, apply_scaling_rules_to_cfg, load_config
 from dinov2.models import DinoVisionTransformer
 from dinov2.train.train import build_training_state, main
 
@@ -260,6 +260,29 @@ def _build_worker(rank: int, port: int, overrides: list[str], result_dir: str) -
         distributed.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         distributed.destroy()
+
+
+def _rank_recording_its_error(rank: int, port: int, argv: list[str], result_dir: str) -> None:
+    """Run a training rank; write the ConfigError it ends with (or "no error") to rank<N>.txt."""
+    _join_group(rank, port)
+    try:
+        main(argv)
+        outcome = "no error"
+    except ConfigError as err:
+        outcome = f"ConfigError: {err}"
+    (Path(result_dir) / f"rank{rank}.txt").write_text(outcome)
+
+
+def test_an_output_folder_rank_0_cannot_take_stops_every_rank_with_the_error(tmp_path: Path, demo) -> None:
+    """A folder rank 0 cannot lock (here `.lock` is a folder) ends every rank with a config error; the other rank
+    does not wait for rank 0 at a collective or die of its closed connection."""
+    out = tmp_path / "run"
+    (out / ".lock").mkdir(parents=True)
+    mp.start_processes(_rank_recording_its_error, args=(_free_port(), _argv(out, demo.lists_dir, B), str(tmp_path)),
+                       nprocs=WORLD, start_method="spawn")  # fmt: skip
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD))
+    assert rank0.startswith(f"ConfigError: --output-dir (train.output_dir) {out}: Is a directory: {out / '.lock'}")
+    assert rank1 == f"ConfigError: --output-dir {out} cannot be used (rank 0 says why)"
 
 
 def test_sharded_start_from_a_backbone_file(tmp_path: Path, demo) -> None:

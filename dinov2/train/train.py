@@ -373,9 +373,16 @@ def network_record(backbone: torch.nn.Module) -> dict[str, Any]:
     return {name: getattr(backbone, name) for name in SHAPE_PRESERVING_SETTINGS}
 
 
-def check_same_network(checkpoint: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+def check_same_network(
+    checkpoint: Path,
+    saved: dict[str, Any] | None,
+    current: dict[str, Any],
+    remedy: str = "continue with the settings of its run (its config.yaml), or start a new run (another --output-dir, "
+    "or --no-resume)",
+) -> None:
     """Refuse to continue ``checkpoint``'s training with a network that differs from its own in a setting that the
-    strict load cannot catch (the tensors fit). Checkpoints saved before the record was kept are not checked."""
+    strict load cannot catch (the tensors fit); ``remedy`` ends the error. Checkpoints saved before the record was
+    kept are not checked."""
     if saved is None:
         return
     changed = [
@@ -386,8 +393,7 @@ def check_same_network(checkpoint: Path, saved: dict[str, Any] | None, current: 
     if changed:
         raise ConfigError(
             f"{checkpoint} was trained with another network: {'; '.join(changed)}. Its tensors would load but "
-            "compute something else: continue with the settings of its run (its config.yaml), or start a new run "
-            "(another --output-dir, or --no-resume)"
+            f"compute something else: {remedy}"
         )
 
 
@@ -624,7 +630,8 @@ def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distribut
     parallelize_from_config(model.teacher, cfg, "teacher", info.device)
     model.to_empty(device=info.device)
     state = load_checkpoint(latest, model, restore_rng=False)  # strict: every tensor is loaded
-    check_same_network(latest, state.get("network"), network_record(model.student.backbone))
+    check_same_network(latest, state.get("network"), network_record(model.student.backbone),
+                       remedy="export it with the settings of its run (its config.yaml)")  # fmt: skip
     steps = state["iteration"] + 1
     if info.is_main_process and not (output_dir / "config.yaml").is_file():
         write_config(cfg, output_dir)  # the export's architecture (head count) is read from it when it is loaded
@@ -653,16 +660,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             refused = ""
             if info.is_main_process:
-                output_dir.mkdir(parents=True, exist_ok=True)
                 try:
+                    output_dir.mkdir(parents=True, exist_ok=True)
                     lock.acquire()
                 except RunLockedError as err:
                     refused = str(err)
-            # every rank learns whether the folder is free (a collective: it also waits for the folder to exist)
+                except OSError as err:  # a file in the way, a read-only folder
+                    where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
+                    refused = f"--output-dir (train.output_dir) {output_dir}: {err.strerror or err}{where}"
+            # Every rank learns whether rank 0 could take the folder (a collective: it also waits for the folder to
+            # exist), so that all of them stop with the error instead of waiting for rank 0 at the next collective.
             if distributed.all_reduce_mean(torch.tensor([float(bool(refused))], device=info.device)).item() > 0:
-                raise ConfigError(refused or f"{output_dir} is in use by another training (rank 0 names it)")
+                raise ConfigError(refused or f"--output-dir {output_dir} cannot be used (rank 0 says why)")
             handlers = setup_logging(output_dir, info.is_main_process)
-        except OSError as err:  # a file in the way, a read-only folder
+        except OSError as err:  # the log file cannot be written
             where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
             raise ConfigError(f"--output-dir (train.output_dir) {output_dir}: {err.strerror or err}{where}") from None
         apply_scaling_rules_to_cfg(cfg, info.world_size)
