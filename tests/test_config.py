@@ -140,12 +140,18 @@ def test_types_are_checked_and_numbers_coerced() -> None:
         ("student.patch_size=0", r"student.patch_size must be positive"),
         ("crops.local_crops_size=0", r"crops.local_crops_size must be positive"),
         ("dino.head_n_prototypes=0", r"dino.head_n_prototypes must be positive"),
-        ("ibot.head_nlayers=0", r"ibot.head_nlayers must be positive"),
+        ("dino.head_nlayers=0", r"dino.head_nlayers must be positive"),
     ],
 )
 def test_values_are_checked(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_the_ibot_head_sizes_are_checked_only_where_there_is_an_ibot_head() -> None:
+    load_config(None, ["ibot.separate_head=false", "ibot.head_nlayers=0"])  # iBOT shares DINO's head: unused
+    with pytest.raises(ConfigError, match=r"ibot.head_nlayers must be positive"):
+        load_config(None, ["ibot.separate_head=true", "ibot.head_nlayers=0"])
 
 
 def test_bad_sources_are_named(tmp_path: Path) -> None:

@@ -334,7 +334,8 @@ def _check_values(cfg: DictConfig) -> None:
         value = list(OmegaConf.select(cfg, key))
         if len(value) != 2 or not 0 <= value[0] <= value[1] <= 1:
             problems.append(f"{key}={value} must be [low, high] with 0 <= low <= high <= 1")
-    heads = [f"{loss}.head_{name}" for loss in ("dino", "ibot") for name in
+    losses_with_heads = ("dino", "ibot") if cfg.ibot.separate_head else ("dino",)  # else iBOT uses DINO's head
+    heads = [f"{loss}.head_{name}" for loss in losses_with_heads for name in
              ("n_prototypes", "bottleneck_dim", "nlayers", "hidden_dim")]  # fmt: skip
     positive = ("train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "optim.epochs", "train.log_period",
                 "train.checkpoint_period", "train.keep_last_checkpoints", "crops.global_crops_size",
