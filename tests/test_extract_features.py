@@ -573,3 +573,9 @@ def test_a_training_export_is_embedded_at_the_size_its_run_trained_at(
     assert ef.main(["--weights", str(tiny_weights[0]), "--output", str(tmp_path / "a.h5"), *common]).meta["img_size"] == 224
     told = ef.main(["--weights", str(export), "--output", str(tmp_path / "b.h5"), "--img-size", "42", *common])
     assert told.meta["img_size"] == 42
+    release_in_run = run / "DinoBloom-S.pth"  # a file placed in a run's folder is not one of its exports
+    release_in_run.write_bytes(tiny_weights[0].read_bytes())
+    in_run = ef.main(["--weights", str(release_in_run), "--output", str(tmp_path / "c.h5"), *common])
+    assert in_run.meta["img_size"] == 224
+    with pytest.raises(SystemExit):  # 0 is not a size (and must not mean "the default")
+        ef.main(["--weights", str(export), "--output", str(tmp_path / "d.h5"), "--img-size", "0", *common])

@@ -177,6 +177,8 @@ def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
     (checkpoint_folder / "__0_0.distcp").write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp is one shard of a torch\.distributed\.checkpoint folder"):
         load_pretrained_backbone_state(checkpoint_folder / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match="weights file not found"):  # a mistyped name there is just missing
+        load_pretrained_backbone_state(checkpoint_folder / "teacher_checkpoint.pth")
 
     torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 4), "backbone.note": "x"}}, pickled)
     with pytest.raises(CheckpointError, match="entries that are not tensors: note$"):

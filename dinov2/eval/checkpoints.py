@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dinov2.cli import positive_int
 from dinov2.data.transforms import EVAL_RESIZES
 from dinov2.eval import knn, linear, metrics, protocol, reports
 
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["knn"], help="default: knn")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20], help="kNN neighbour counts (default: 1 20)")
     protocol.add_fold_arguments(parser)
-    parser.add_argument("--img-size", type=int, default=None,
+    parser.add_argument("--img-size", type=positive_int, default=None,
                         help="input size for feature extraction (default: the run's crops.global_crops_size)")
     parser.add_argument("--resize", choices=EVAL_RESIZES, default="bilinear",
                         help="how images are resized (see python -m dinov2.eval.extract_features --help)")

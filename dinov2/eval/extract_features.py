@@ -52,7 +52,7 @@ from dinov2.data.datasets import IMAGE_EXTENSIONS, DatasetError, check_image_pat
 from dinov2.data.transforms import EVAL_RESIZES, IMAGE_LOAD_ERRORS, load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, check_writable, save_features
 from dinov2.eval.partial_features import PartialFeatures, image_list_digest
-from dinov2.cli import run_cli
+from dinov2.cli import positive_int, run_cli
 from dinov2.eval.protocol import resolve_device
 from dinov2.hub import RELEASE_URLS, load_backbone
 from dinov2.hub.backbones import run_image_size
@@ -376,7 +376,10 @@ def extract_features(
             "model": model_name,
             "weights": "" if weights is None else str(weights),
             # what the probes compare: the weights' bytes, and where the images are
-            "weights_sha256": file_sha256(weights) if weights is not None and Path(weights).is_file() else "",
+            "weights_sha256": (
+                file_sha256(Path(weights).expanduser())
+                if weights is not None and Path(weights).expanduser().is_file() else ""
+            ),
             "embed_dim": int(features.shape[1]),
             "img_size": img_size,
             "resize": resize,
@@ -419,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--img-size", type=int, default=None,
+    parser.add_argument("--img-size", type=positive_int, default=None,
                         help="images are resized to this square size (default: for a training run's "
                         "teacher_checkpoint.pth the size it trained at, crops.global_crops_size; else 224)")
     parser.add_argument(

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinov2.cli import positive_int
+
 logger = logging.getLogger(__name__)
 
 FOREGROUND_MODES = ("auto", "above", "below")
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint path or URL (default: the released weights of --model, downloaded)")
     parser.add_argument("--image", nargs="+", required=True, help="one or more cell images")
     parser.add_argument("--output", required=True, help="PNG to write")
-    parser.add_argument("--img-size", type=int, default=None,
+    parser.add_argument("--img-size", type=positive_int, default=None,
                         help="input size (default: for a training run's teacher_checkpoint.pth the size it trained at, "
                         "else 224: 16x16 patches)")
     parser.add_argument("--threshold", type=float, default=0.5, help="background cut on the scaled first component")

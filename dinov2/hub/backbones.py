@@ -65,10 +65,14 @@ def run_config_file(weights: str | os.PathLike[str]) -> Path | None:
 
 
 def run_image_size(weights: str | os.PathLike[str]) -> int | None:
-    """The image size (``crops.global_crops_size``) that the training run of a weights file trained at, or None
-    for a file outside a run (a release file) or a run config that cannot be read."""
-    config_file = run_config_file(weights) if not is_url(weights) else None
-    if config_file is None:
+    """The image size (``crops.global_crops_size``) that the training run of an export
+    ``<run>/eval/<name>/teacher_checkpoint.pth`` trained at, from ``<run>/config.yaml``; None for any other file (a
+    release file, also one placed inside a run's folder) or a run config that cannot be read."""
+    if is_url(weights):
+        return None
+    path = Path(weights).expanduser().resolve()
+    config_file = path.parents[2] / "config.yaml" if len(path.parents) > 2 else None
+    if path.name != "teacher_checkpoint.pth" or path.parent.parent.name != "eval" or not config_file.is_file():
         return None
     from dinov2.configs import load_config  # deferred: configs import the models
 

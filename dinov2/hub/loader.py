@@ -73,12 +73,12 @@ def _read_file(path: Path) -> Any:
     """Read a `.safetensors` or `torch.save` file without executing any pickled code."""
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a weights file; {_TRAINING_EXPORT_HINT}")
-    if path.suffix == ".distcp" or (path.parent / ".metadata").is_file():
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix == ".distcp" or path.name == ".metadata":
         raise CheckpointError(
             f"{path} is one shard of a torch.distributed.checkpoint folder, not a weights file; {_TRAINING_EXPORT_HINT}"
         )
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
