@@ -493,6 +493,10 @@ def test_train_and_test_files_are_compared_by_their_weights_bytes_and_image_loca
     with caplog.at_level("WARNING", logger="dinov2.eval.protocol"):
         knn.main(files({"data": "/cells/"}, {"data": "/cells"}, paths[20:40]))
     assert "share 20 of 20 test images" in caplog.text
+    caplog.clear()  # an older file with a newer one: both by --data
+    with caplog.at_level("WARNING", logger="dinov2.eval.protocol"):
+        knn.main(files({"data": "cells", "root": "/home/me/cells"}, {"data": "cells"}, paths[20:40]))
+    assert "share 20 of 20 test images" in caplog.text
 
 
 def test_test_features_made_another_way_are_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

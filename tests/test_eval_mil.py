@@ -397,6 +397,8 @@ def test_a_fixed_test_set_is_tested_by_every_fold_model_and_never_trained_on(
     assert saved["abmil"]["confusion_matrix"] == expected_cm
     assert [saved["abmil"]["per_class"][c]["support"] for c in ("neg", "pos")] == [4, 4]
     assert saved["abmil"]["ensemble"]["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, predicted))
+    ensemble_row = f"| abmil, mean of the fold models | {saved['abmil']['ensemble']['accuracy']:.4f} |"
+    assert ensemble_row in (tmp_path / "out" / "results.md").read_text()
     listing.write_text("P00\nP99\n")
     with pytest.raises(ValueError, match=r"1 test patients have no bag, e.g. \['P99'\]"):
         mil_main(args)

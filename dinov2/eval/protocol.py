@@ -93,16 +93,19 @@ def check_labelled(feature_set: FeatureSet, path: str | Path) -> None:
         )
 
 
-def _image_locations(feature_set: FeatureSet) -> set[str]:
-    """Where the images of ``feature_set`` lie: absolute paths under its recorded root, or, for a file written before
-    the root was recorded, its paths prefixed with its normalised ``--data``; empty when neither is known."""
-    root = feature_set.meta.get("root")
-    if root is None:
-        data = feature_set.meta.get("data")
-        if data is None:
+def _shared_images(train_set: FeatureSet, test_set: FeatureSet) -> int:
+    """How many test images are also training images: compared by absolute path under each file's recorded image
+    root, or, when a file was written before the root was recorded, by path under each file's normalised
+    ``--data``, as given (0 when that is not recorded either)."""
+    key = "root" if train_set.meta.get("root") and test_set.meta.get("root") else "data"
+
+    def locations(feature_set: FeatureSet) -> set[str]:
+        base = feature_set.meta.get(key)
+        if base is None:
             return set()
-        root = os.path.normpath(str(data))
-    return {os.path.normpath(os.path.join(root, path)) for path in feature_set.paths}
+        return {os.path.normpath(os.path.join(os.path.normpath(str(base)), path)) for path in feature_set.paths}
+
+    return len(locations(train_set) & locations(test_set))
 
 
 def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str | Path, test_path: str | Path) -> np.ndarray:
@@ -136,7 +139,7 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
     unknown = sorted(set(test_set.class_names) - set(train_set.class_names))
     if unknown:
         raise ValueError(f"{test_path}: classes {unknown} do not occur in {train_path} ({train_set.class_names})")
-    n_shared = len(_image_locations(train_set) & _image_locations(test_set))
+    n_shared = _shared_images(train_set, test_set)
     if n_shared:
         logger.warning(
             "%s and %s share %d of %d test images: the test scores are not held out",

@@ -74,6 +74,11 @@ def _format(score: Mapping[str, float] | None) -> str:
     return f"{score['mean']:.4f} ± {score['std']:.4f}"
 
 
+def _format_value(value: float | None) -> str:
+    """A single score with four decimals, or '-' when absent/undefined."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
 def markdown_summary(results: Mapping[str, Any]) -> str:
     """A Markdown report: inputs, the summary table (mean ± std over folds) and per-class scores."""
     meta = results.get("meta", {})
@@ -95,6 +100,10 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
     lines.append("|---|" + "---|" * len(columns))
     for name in methods:
         lines.append(f"| {name} | " + " | ".join(_format(results[name].get(c)) for c in columns) + " |")
+        ensemble = results[name].get("ensemble")  # MIL's fixed test set: the fold models' mean probabilities
+        if ensemble:
+            lines.append(f"| {name}, mean of the fold models | "
+                         + " | ".join(_format_value(ensemble.get(c)) for c in columns) + " |")
     # Cross-validation pools every sample's out-of-fold prediction; a fixed split scores its test set.
     cross_validated = str(meta.get("protocol", "stratified_kfold")).startswith(("stratified_kfold", "patient_"))
     pooled = "pooled over folds" if cross_validated else "test set"
@@ -274,7 +283,9 @@ def write_report(
         )
     if figures:
         for name in method_names(results):
-            title = f"{name}: balanced accuracy {_format(results[name]['balanced_accuracy'])}"
+            ensemble = results[name].get("ensemble")  # then the matrix is the ensemble's, and so is the title
+            score = _format_value(ensemble["balanced_accuracy"]) if ensemble else _format(results[name]["balanced_accuracy"])
+            title = f"{name}: balanced accuracy {score}"
             written[f"confusion_{name}"] = plot_confusion(
                 results[name]["confusion_matrix"], class_names, title, output_dir / f"confusion_{name}.png"
             )
