@@ -777,6 +777,20 @@ def test_forked_workers_ignore_the_preemption_signals() -> None:
         handler.uninstall()
 
 
+def test_only_rank_0_warns_of_a_stop_signal(caplog: pytest.LogCaptureFixture) -> None:
+    """A signal to every process of a many-rank job is one warning (rank 0's), and a rank that received nothing
+    learns of it from the votes; the other ranks say it at INFO, below what their log shows."""
+    main_rank, other_rank = PreemptionHandler(is_main=True), PreemptionHandler(is_main=False)
+    with caplog.at_level(logging.INFO, logger="dinov2"):
+        other_rank._handle(signal.SIGTERM, None)
+        assert main_rank.agree([3, 0, 0]) and main_rank.received == signal.SIGTERM
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert levels == [
+        (logging.INFO, "received SIGTERM: checkpointing at the end of this iteration"),
+        (logging.WARNING, "3 other process(es) received SIGTERM: checkpointing at the end of this iteration"),
+    ]
+
+
 @pytest.mark.parametrize("command", [
     ["dinov2/train/train.py"], ["-m", "dinov2.eval.mil"], ["scripts/benchmark_train.py"], ["scripts/benchmark_data.py"],
     ["scripts/benchmark_loss.py"], ["scripts/benchmark_features.py"],

@@ -141,7 +141,10 @@ class PreemptionHandler:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, is_main: bool = True) -> None:
+        # Rank 0 tells the user; other ranks (whose log shows warnings only) say it at INFO, so that a signal to
+        # every process of a 64-rank job is one line, not 64.
+        self.level = logging.WARNING if is_main else logging.INFO
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
         self._pid = os.getpid()
@@ -164,7 +167,8 @@ class PreemptionHandler:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         hint = " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else ""
-        logger.warning("received %s: checkpointing at the end of this iteration%s", signal.Signals(signum).name, hint)
+        logger.log(self.level, "received %s: checkpointing at the end of this iteration%s", signal.Signals(signum).name,
+                   hint)  # fmt: skip
         if self.received is None:
             self.received = signum
 
@@ -182,6 +186,8 @@ class PreemptionHandler:
         for sig, count in zip(self.SIGNALS, votes):
             if count and self.received is None:
                 self.received = int(sig)
+                logger.log(self.level, "%d other process(es) received %s: checkpointing at the end of this iteration",
+                           count, signal.Signals(sig).name)  # fmt: skip
         return stop
 
     def forward_signal(self) -> None:
@@ -514,7 +520,7 @@ def train(
     iteration = start_iter
     metrics = MetricsLog.from_config(cfg, output_dir, info.is_main_process, start_iter)
     rankme = RankMeMonitor.from_config(cfg)
-    preemption = PreemptionHandler()
+    preemption = PreemptionHandler(info.is_main_process)
     # Small per-step host values (stop votes, bad-image counts) travel over gloo, never through the GPU.
     host_group = dist.new_group(backend="gloo") if info.is_distributed else None
     preemption.install()
@@ -592,7 +598,8 @@ def train(
             if save_now:
                 checkpoint(iteration)
             if stop:
-                logger.warning("stopping after the checkpoint of iteration %d; re-run the command to resume", iteration)
+                logger.log(preemption.level, "stopping after the checkpoint of iteration %d; re-run the command to "
+                           "resume", iteration)  # fmt: skip
                 preemption.forward_signal()
 
         if monitor is not None:
