@@ -114,6 +114,8 @@ def test_types_are_checked_and_numbers_coerced() -> None:
         ("compute_precision.student.backbone.mixed_precision.buffer_dtype=fp16", r"buffer_dtype must be fp32"),
         ("compute_precision.teacher.dino_head.sharding_strategy=NO_SHARD", r"must both be NO_SHARD or both"),
         ("ibot.mask_ratio_min_max=[0.5,0.1]", r"ibot.mask_ratio_min_max=\[0.5, 0.1\] must be \[low, high\]"),
+        ("crops.local_crops_scale=[0.0,0.32]", r"crops.local_crops_scale=\[0.0, 0.32\] must be \[low, high\] with 0 < low"),
+        ("student.num_register_tokens=-1", r"student.num_register_tokens must be >= 0, got -1"),
         ("optim.warmup_epochs=200", r"optim.warmup_epochs=200 must lie in \[0, optim.epochs=100\]"),
         ("crops.global_crops_size=100", r"crops.global_crops_size=100 is not a multiple of the patch size 16"),
         ("train.batch_size_per_gpu=0", r"train.batch_size_per_gpu must be positive"),

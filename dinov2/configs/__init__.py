@@ -330,10 +330,13 @@ def _check_values(cfg: DictConfig) -> None:
         or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b <= 1 for b in blur)
     ):
         problems.append(f"crops.blur_probabilities={blur} must be null or 3 probabilities (global 1, global 2, local)")
-    for key in ("crops.global_crops_scale", "crops.local_crops_scale", "ibot.mask_ratio_min_max"):
+    for key in ("crops.global_crops_scale", "crops.local_crops_scale"):  # shares of the image: a crop is not empty
         value = list(OmegaConf.select(cfg, key))
-        if len(value) != 2 or not 0 <= value[0] <= value[1] <= 1:
-            problems.append(f"{key}={value} must be [low, high] with 0 <= low <= high <= 1")
+        if len(value) != 2 or not 0 < value[0] <= value[1] <= 1:
+            problems.append(f"{key}={value} must be [low, high] with 0 < low <= high <= 1")
+    value = list(cfg.ibot.mask_ratio_min_max)
+    if len(value) != 2 or not 0 <= value[0] <= value[1] <= 1:
+        problems.append(f"ibot.mask_ratio_min_max={value} must be [low, high] with 0 <= low <= high <= 1")
     losses_with_heads = ("dino", "ibot") if cfg.ibot.separate_head else ("dino",)  # else iBOT uses DINO's head
     heads = [f"{loss}.head_{name}" for loss in losses_with_heads for name in
              ("n_prototypes", "bottleneck_dim", "nlayers", "hidden_dim")]  # fmt: skip
@@ -353,7 +356,7 @@ def _check_values(cfg: DictConfig) -> None:
                     "evaluation.eval_period_iterations", "evaluation.knn_max_images", "dino.loss_weight",
                     "dino.koleo_loss_weight", "dino.koleo_pairwise_eps", "ibot.loss_weight", "optim.min_lr",
                     "optim.weight_decay", "optim.weight_decay_end", "optim.patch_embed_lr_mult",
-                    "teacher.warmup_teacher_temp_epochs")
+                    "teacher.warmup_teacher_temp_epochs", "student.num_register_tokens", "student.block_chunks")
     for key in non_negative:
         if OmegaConf.select(cfg, key) < 0:
             problems.append(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
