@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -303,6 +304,15 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(
     assert stop.value.code == 2
     assert capsys.readouterr().err.startswith("error: the loss is nan at iteration 3; stopping before")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000001", "latest"]
+
+
+def test_fp16_runs_log_their_loss_scale(tmp_path: Path, demo) -> None:
+    """A step skipped for overflowing fp16 gradients leaves no other trace: the loss scale is in every record."""
+    _train(tmp_path / "run", demo.lists_dir, "train.precision=fp16", epochs=1, epoch_length=3)
+    scales = [record["loss_scale"] for record in _metrics(tmp_path / "run")]
+    assert len(scales) == 3 and all(0 < s <= 2.0**16 and math.log2(s).is_integer() for s in scales)
+    _train(tmp_path / "fp32", demo.lists_dir, "train.precision=fp32", epochs=1, epoch_length=1)
+    assert "loss_scale" not in _metrics(tmp_path / "fp32")[0]
 
 
 def test_a_metrics_line_cut_short_does_not_block_resume(tmp_path: Path, demo) -> None:

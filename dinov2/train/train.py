@@ -444,9 +444,10 @@ def log_progress(record: dict[str, Any], max_iter: int, seconds_per_step: float)
         f"{k.removesuffix('_loss')} {v:.4f}" for k, v in record.items() if k.endswith("_loss") and k != "total_loss"
     )
     eta = timedelta(seconds=round((max_iter - 1 - record["iteration"]) * seconds_per_step))
+    scale = f"  loss scale {record['loss_scale']:g}" if "loss_scale" in record else ""
     logger.info(
-        "it %d/%d  loss %.4f (%s)  lr %.2e  %.1f img/s  eta %s",
-        record["iteration"], max_iter, record["total_loss"], terms, record["lr"], record["images_per_s"], eta,
+        "it %d/%d  loss %.4f (%s)  lr %.2e%s  %.1f img/s  eta %s",
+        record["iteration"], max_iter, record["total_loss"], terms, record["lr"], scale, record["images_per_s"], eta,
     )
 
 
@@ -586,6 +587,8 @@ def train(
                     "images_per_s": window_images / max(elapsed, 1e-9),
                     "bad_images": bad_images,
                 }
+                if scaler is not None:  # fp16: the scale falls while steps are skipped for overflowing gradients
+                    last["loss_scale"] = scaler.get_scale()
                 if rankme_score is not None:
                     last["rankme"], last["rankme_crops"] = rankme_score
                     logger.info("RankMe of the teacher's CLS tokens on %d global crops: %.1f", *rankme_score[::-1])
