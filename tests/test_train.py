@@ -306,6 +306,17 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_saved(
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000001", "latest"]
 
 
+def test_a_backbone_from_a_run_with_another_head_count_is_refused(tmp_path: Path, demo) -> None:
+    """student.pretrained_weights from a training export: its run's head count must be this config's (the tensors
+    fit any count that divides the width); with the same count it starts from the export's weights."""
+    _train(tmp_path / "first", demo.lists_dir, "evaluation.eval_period_iterations=1", epochs=1, epoch_length=1)
+    export = tmp_path / "first" / "eval" / "training_0" / "teacher_checkpoint.pth"
+    with pytest.raises(ConfigError, match=r"trained with 2 attention heads .* builds 4: .* set student.num_heads=2"):
+        _train(tmp_path / "second", demo.lists_dir, f"student.pretrained_weights={export}", "student.num_heads=4",
+               epochs=1, epoch_length=1)  # fmt: skip
+    _train(tmp_path / "third", demo.lists_dir, f"student.pretrained_weights={export}", epochs=1, epoch_length=1)
+
+
 def test_fp16_runs_log_their_loss_scale(tmp_path: Path, demo) -> None:
     """A step skipped for overflowing fp16 gradients leaves no other trace: the loss scale is in every record."""
     _train(tmp_path / "run", demo.lists_dir, "train.precision=fp16", epochs=1, epoch_length=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -10,8 +11,9 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from dinov2.configs import resolve_arch
-from dinov2.hub.loader import load_backbone_weights
+from dinov2.configs import ConfigError, resolve_arch
+from dinov2.hub.backbones import run_config_settings
+from dinov2.hub.loader import is_url, load_backbone_weights
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.loss.dino_clstoken_loss import dino_loss_term_scales
@@ -60,7 +62,25 @@ def initial_student_state(cfg: DictConfig) -> dict[str, Tensor]:
         if weights:
             logger.info("starting the backbone from %s", weights)
             load_backbone_weights(parts.backbone, weights)
+            check_run_head_count(parts.backbone, str(weights))
     return parts.state_dict()
+
+
+def check_run_head_count(backbone: DinoVisionTransformer, weights: str) -> None:
+    """Refuse a training export whose run's ``config.yaml`` gives another head count than ``backbone`` has.
+
+    The tensors of a backbone fit any head count that divides its width, so the strict load cannot tell; the run's
+    config can (a DINOv2 or release file has none and keeps DINOv2's 64 per head).
+    """
+    if is_url(weights):
+        return
+    trained = run_config_settings(Path(weights), {"embed_dim": backbone.embed_dim, "depth": backbone.n_blocks})
+    if "num_heads" in trained and trained["num_heads"] != backbone.num_heads:
+        raise ConfigError(
+            f"student.pretrained_weights={weights} was trained with {trained['num_heads']} attention heads (its run's "
+            f"config.yaml) but this config builds {backbone.num_heads}: its tensors would load but compute something "
+            f"else; set student.num_heads={trained['num_heads']}"
+        )
 
 
 class SSLMetaArch(nn.Module):
