@@ -268,8 +268,11 @@ def test_a_resume_that_fails_keeps_the_runs_config(tmp_path: Path, demo) -> None
     out = tmp_path / "run"
     _train(out, demo.lists_dir, epochs=1, epoch_length=2)
     before = (out / "config.yaml").read_text()
-    with pytest.raises(CheckpointError, match="does not fit this model"):
+    with pytest.raises(CheckpointError, match="does not fit this model") as refused:
         _train(out, demo.lists_dir, "student.embed_dim=96", epochs=1, epoch_length=4)
+    # the error names the settings that changed since the checkpointed run
+    assert "student.embed_dim: 64 -> 96" in str(refused.value)
+    assert "train.OFFICIAL_EPOCH_LENGTH: 2 -> 4" in str(refused.value)
     # the checkpoints and exports are the 64-wide run's; so must be the config their loading reads
     assert (out / "config.yaml").read_text() == before
     # Another head count fits every tensor: only the checkpoint's record of its network catches it.

@@ -480,14 +480,22 @@ def train(
         latest = Path(cfg.MODEL.WEIGHTS)
         logger.info("starting from the training checkpoint MODEL.WEIGHTS=%s", latest)
     if latest is not None:
-        state = load_checkpoint(latest, model, optimizer)
+        previous = OmegaConf.create(previous_config) if resuming and previous_config else None
+        run_changes = config_differences(previous, cfg) if previous is not None else []
+        try:
+            state = load_checkpoint(latest, model, optimizer)
+        except CheckpointError as err:  # a setting that renames or reshapes tensors (block_chunks, ffn_layer, ...)
+            if not run_changes:
+                raise
+            raise CheckpointError(
+                f"{err}\nSettings that differ from the checkpointed run's config.yaml: {'; '.join(run_changes[:12])}. "
+                "Resume with that run's settings, or start a new run (another --output-dir, or --no-resume)"
+            ) from None
         start_iter = state["iteration"] + 1
         check_same_network(latest, state.get("network"), network_record(model.student.backbone))
         images_seen, bad_images = state["images_seen"], state["bad_images"]
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
-        previous = OmegaConf.create(previous_config) if resuming and previous_config else None
-        run_changes = config_differences(previous, cfg) if previous is not None else []
         previous_recipe = OmegaConf.select(previous, "train.augmentation") if previous is not None else None
         warn_about_changes(
             latest, state, start_iter, global_batch, len(dataset), augmentation, run_changes, previous_recipe
