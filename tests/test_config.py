@@ -359,3 +359,13 @@ def test_write_config_round_trips(tmp_path: Path) -> None:
     text = path.read_text()
     assert "${" not in text  # resolved
     assert load_config(path) == OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_a_hub_architecture_names_each_ignored_setting_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The architecture is resolved several times per run (config check, model, initial weights): one warning."""
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        cfg = load_config(None, ["student.arch=dinov2_vits14", "student.drop_path_rate=0.123", "student.patch_size=14",
+                                 "crops.global_crops_size=56", "crops.local_crops_size=28"])  # fmt: skip
+        resolve_arch(cfg)
+        resolve_arch(cfg)
+    assert caplog.text.count("student.drop_path_rate=0.123 is ignored: student.arch=dinov2_vits14") == 1

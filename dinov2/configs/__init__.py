@@ -382,6 +382,16 @@ def _check_values(cfg: DictConfig) -> None:
     resolve_arch(cfg)
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time only: the architecture is resolved several times per run."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("%s", message)
+
+
 def resolve_arch(cfg: DictConfig) -> ArchSpec:
     """The student backbone described by `cfg.student` (and `cfg.crops.global_crops_size` as image size).
 
@@ -450,9 +460,9 @@ def resolve_arch(cfg: DictConfig) -> ArchSpec:
         cfg_names = {"init_values": "layerscale"}
         for key, value in forced.items():
             if kwargs[key] != value:
-                logger.warning(
-                    "student.%s=%r is ignored: student.arch=%s builds the hub model, which uses %r",
-                    cfg_names.get(key, key), kwargs[key], hub_name, value,
+                _warn_once(
+                    f"student.{cfg_names.get(key, key)}={kwargs[key]!r} is ignored: student.arch={hub_name} builds "
+                    f"the hub model, which uses {value!r}"
                 )
             kwargs[key] = value
     patch = kwargs["patch_size"]
