@@ -346,7 +346,8 @@ def extract_features(
     if img_size is None:
         trained_at = run_image_size(weights) if weights is not None else None
         if trained_at is not None:
-            logger.info("images resized to %d px, the size %s was trained at (--img-size to change)", trained_at, weights)
+            logger.info("images resized to %d px, the size %s was trained at (--img-size to change)", trained_at,
+                        weights)  # fmt: skip
         img_size = trained_at or 224
     device = resolve_device(str(device))
     logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)

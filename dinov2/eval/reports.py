@@ -85,8 +85,8 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
     methods = method_names(results)
     columns = [m for m in _METRIC_TITLES if any(m in results[name] for name in methods)]
     lines = ["# Evaluation results", ""]
-    for key in ("features", "test_features", "bags", "model", "weights", "test_weights", "embed_dim", "n_samples", "n_test_samples",
-                "n_patients", "test_patients", "protocol", "n_splits", "folds", "group_by"):
+    for key in ("features", "test_features", "bags", "model", "weights", "test_weights", "embed_dim", "n_samples",
+                "n_test_samples", "n_patients", "test_patients", "protocol", "n_splits", "folds", "group_by"):
         if meta.get(key) not in (None, ""):
             lines.append(f"- {key.replace('_', ' ')}: `{meta[key]}`")
     settings = {key: value for key, value in (meta.get("settings") or {}).items() if value is not None}
@@ -284,7 +284,10 @@ def write_report(
     if figures:
         for name in method_names(results):
             ensemble = results[name].get("ensemble")  # then the matrix is the ensemble's, and so is the title
-            score = _format_value(ensemble["balanced_accuracy"]) if ensemble else _format(results[name]["balanced_accuracy"])
+            if ensemble:
+                score = _format_value(ensemble["balanced_accuracy"])
+            else:
+                score = _format(results[name]["balanced_accuracy"])
             title = f"{name}: balanced accuracy {score}"
             written[f"confusion_{name}"] = plot_confusion(
                 results[name]["confusion_matrix"], class_names, title, output_dir / f"confusion_{name}.png"
