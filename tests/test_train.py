@@ -764,12 +764,14 @@ def test_a_tracker_that_is_not_installed_fails_before_anything(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_image_resize_reaches_the_dataset(demo) -> None:
+def test_image_resize_reaches_the_dataset(demo, caplog: pytest.LogCaptureFixture) -> None:
     base = [f"train.dataset_path={demo.lists_dir}"]
     assert build_train_dataset(load_config(DEMO_CONFIG, base)).resize is None
     assert build_train_dataset(load_config(DEMO_CONFIG, [*base, "train.image_resize=224"])).resize == 224
     hema = [f"train.dataset_path=HemaStandardDataset:root={demo.lists_dir}:shuffle=1"]
-    assert build_train_dataset(load_config(DEMO_CONFIG, hema)).resize == 224  # DinoBloom's spelling resizes
+    with caplog.at_level(logging.INFO, logger="dinov2"):
+        assert build_train_dataset(load_config(DEMO_CONFIG, hema)).resize == 224  # DinoBloom's spelling resizes
+    assert "images are resized to 224 x 224 px (Lanczos) before the augmentation" in caplog.text  # and says so
     assert build_train_dataset(load_config(DEMO_CONFIG, [*hema, "train.image_resize=112"])).resize == 112
     for name in ("custom", "vitb14"):
         assert load_config(TRAIN_CONFIG_DIR / f"{name}.yaml").train.image_resize == 224

@@ -108,7 +108,10 @@ def build_train_dataset(cfg: DictConfig) -> FileListDataset:
         blur_probabilities=cfg.crops.blur_probabilities,
     )
     resize = int(cfg.train.image_resize) or None
-    return make_dataset(str(cfg.train.dataset_path), transform=augmentation, resize=resize, seed=cfg.train.seed)
+    dataset = make_dataset(str(cfg.train.dataset_path), transform=augmentation, resize=resize, seed=cfg.train.seed)
+    if dataset.resize:  # (also DinoBloom's HemaStandardDataset spelling, which resizes unless told otherwise)
+        logger.info("images are resized to %d x %d px (Lanczos) before the augmentation", dataset.resize, dataset.resize)
+    return dataset
 
 
 def build_train_loader(
