@@ -351,9 +351,9 @@ def extract_features(
         img_size = trained_at or 224
     device = resolve_device(str(device))
     logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)
+    weights_file = Path(weights).expanduser() if weights is not None and Path(weights).expanduser().is_file() else None
     partial = None
     if output is not None and not isinstance(model, nn.Module):  # (a module's weights have no name to check)
-        weights_file = Path(weights) if weights is not None and Path(weights).is_file() else None
         weights_stat = weights_file.stat() if weights_file is not None else None
         partial = PartialFeatures(Path(output), {
             "model": model_name,
@@ -377,10 +377,7 @@ def extract_features(
             "model": model_name,
             "weights": "" if weights is None else str(weights),
             # what the probes compare: the weights' bytes, and where the images are
-            "weights_sha256": (
-                file_sha256(Path(weights).expanduser())
-                if weights is not None and Path(weights).expanduser().is_file() else ""
-            ),
+            "weights_sha256": file_sha256(weights_file) if weights_file is not None else "",
             "embed_dim": int(features.shape[1]),
             "img_size": img_size,
             "resize": resize,

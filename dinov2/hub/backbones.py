@@ -52,16 +52,16 @@ RELEASE_URLS: dict[str, str] = {**DINOBLOOM_URLS, **DINOV2_URLS}
 WeightsArg = str | os.PathLike[str] | None
 
 
-def run_config_file(weights: str | os.PathLike[str]) -> Path | None:
-    """The ``config.yaml`` of the training run a weights file belongs to, or None.
+def _read_run_config(config_file: Path, weights: str | os.PathLike[str]) -> Any:
+    """The run config ``config_file`` of ``weights``, unresolved (the run's variables are not ours), or None with a
+    warning for a config of another tool or version."""
+    from dinov2.configs import load_config  # deferred: configs import the models
 
-    A training export lives at ``<run>/eval/training_<it>/teacher_checkpoint.pth`` next to ``<run>/config.yaml``.
-    """
-    for folder in list(Path(weights).expanduser().resolve().parents)[:3]:
-        config_file = folder / "config.yaml"
-        if config_file.is_file():
-            return config_file
-    return None
+    try:
+        return load_config(config_file, resolve=False)
+    except (ValueError, OSError) as err:
+        logger.warning("ignoring %s while loading %s: %s", config_file, weights, err)
+        return None
 
 
 def run_image_size(weights: str | os.PathLike[str]) -> int | None:
@@ -71,34 +71,32 @@ def run_image_size(weights: str | os.PathLike[str]) -> int | None:
     if is_url(weights):
         return None
     path = Path(weights).expanduser().resolve()
-    config_file = path.parents[2] / "config.yaml" if len(path.parents) > 2 else None
-    if path.name != "teacher_checkpoint.pth" or path.parent.parent.name != "eval" or not config_file.is_file():
+    if path.name != "teacher_checkpoint.pth" or path.parent.parent.name != "eval":
         return None
-    from dinov2.configs import load_config  # deferred: configs import the models
-
-    try:
-        return int(load_config(config_file, resolve=False).crops.global_crops_size)
-    except (ValueError, OSError) as err:  # a config of another tool or version
-        logger.warning("ignoring %s while reading the image size of %s: %s", config_file, weights, err)
-        return None
+    config_file = path.parents[2] / "config.yaml"
+    cfg = _read_run_config(config_file, weights) if config_file.is_file() else None
+    return None if cfg is None else int(cfg.crops.global_crops_size)
 
 
 def run_config_settings(weights: Path, inferred: Mapping[str, Any]) -> dict[str, Any]:
     """Settings that weight shapes cannot tell (heads, interpolation), from the training run a file belongs to.
 
-    When the run's config (see :func:`run_config_file`) describes a backbone of the same width and depth, its head
-    count and position-embedding interpolation settings are used instead of DINOv2's conventions (head dimension 64).
+    A training export lives at ``<run>/eval/training_<it>/teacher_checkpoint.pth`` next to ``<run>/config.yaml``;
+    when that config describes a backbone of the same width and depth, its head count and position-embedding
+    interpolation settings are used instead of DINOv2's conventions (head dimension 64).
     """
-    config_file = run_config_file(weights)
-    if config_file is None:
+    for folder in list(weights.expanduser().resolve().parents)[:3]:
+        config_file = folder / "config.yaml"
+        if config_file.is_file():
+            break
+    else:
         return {}
-    from dinov2.configs import load_config, resolve_arch  # deferred: configs import the models
+    cfg = _read_run_config(config_file, weights)
+    if cfg is None:  # fall back to the shapes
+        return {}
+    from dinov2.configs import resolve_arch  # deferred: configs import the models
 
-    try:
-        arch = resolve_arch(load_config(config_file, resolve=False)).kwargs  # (the run's variables are not ours)
-    except (ValueError, OSError) as err:  # a config of another tool or version: fall back to the shapes
-        logger.warning("ignoring %s while loading %s: %s", config_file, weights, err)
-        return {}
+    arch = resolve_arch(cfg).kwargs  # (load_config checked it already)
     if (arch["embed_dim"], arch["depth"]) != (inferred["embed_dim"], inferred["depth"]):
         return {}
     settings = {key: arch[key] for key in ("num_heads", "interpolate_antialias", "interpolate_offset")}
