@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", choices=("dinobloom", "dinov2", "config"), default="config",
                    help="dinobloom: 2 global crops; dinov2: 2 global + 8 local (98 px); config: as configured")
     p.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block and the student cross-entropies")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile as train.compile does: each transformer block, the student cross-entropies "
+                   "and, on a GPU, Sinkhorn-Knopp")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
     p.add_argument("--iters", type=positive_int, default=10, help="timed steps")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check, within a time budget (GPU_CHECK_BUDGET_S, default 480 s: a lent GPU session is short):
 # the CUDA/NCCL training path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in
-# bf16 (a GPU profile of the ViT-S step, with and without train.compile; its iBOT loss path alone), the data
+# bf16 (a GPU profile of the ViT-S step, with and without train.compile; its iBOT loss path alone; attention), the data
 # pipeline with 16 workers, feature extraction, larger batches and the ViT-g memory check. The steps run most
 # wanted first; each has its own time limit, cut to what is left of the budget, and a step that no longer fits is
 # skipped, so a check cut short still measures what is new.
@@ -68,6 +68,8 @@ step vits14_bf16_compile 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/
 # then compiled (Sinkhorn-Knopp too, which training compiles only if this says it pays on a GPU).
 step ibot_loss_path 40 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10
 step ibot_loss_path_compiled 75 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10 --compile
+# SDPA's backends at the ViT-S and ViT-L shapes (257 tokens): is the one PyTorch picks (cuDNN on an H200) the fastest?
+step attention_backends 30 $PY scripts/benchmark_attention.py --device cuda --iters 10
 step vitl14_bf16 120 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --iters 8
 # The input pipeline as a CUDA run has it: workers hand over uint8 crops, the colour operations run batched on the
 # GPU (its "colour on cuda" row); then, for comparison, with the colour in the workers and crops collated as bf16.

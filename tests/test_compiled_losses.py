@@ -1,4 +1,4 @@
-"""``train.compile``'s compiled cross-entropies give the eager losses and gradients."""
+"""``train.compile``'s compiled cross-entropies and Sinkhorn-Knopp give the eager losses, gradients and targets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from dinov2.configs import TRAIN_CONFIG_DIR, load_config
-from dinov2.loss import DINOLoss, iBOTPatchLoss
+from dinov2.loss import DINOLoss, iBOTPatchLoss, sinkhorn_knopp
+from dinov2.loss import dino_clstoken_loss
+from dinov2.loss.dino_clstoken_loss import compiled_sinkhorn_knopp_pays
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 
 pytestmark = pytest.mark.skipif(
@@ -58,7 +60,42 @@ def test_train_compile_compiles_both_cross_entropies() -> None:
     model.compile_losses()
     assert model.dino_loss.cross_entropy._compiled_call_impl is not None
     assert model.ibot_patch_loss.cross_entropy._compiled_call_impl is not None
+    assert model.dino_loss.compile_sinkhorn_knopp and model.ibot_patch_loss.compile_sinkhorn_knopp
     assert "cross_entropy" not in "".join(model.state_dict())  # the checkpoint keys stay the same
+
+
+def test_compiled_sinkhorn_knopp_matches_stored_targets() -> None:
+    """The compiled passes (which recompute ``exp`` from the logits) give the stored version's targets, for bf16 and
+    float32 logits, a changing number of rows, an empty shard, and a temperature schedule without recompiling."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, dtype, temp in [(37, torch.float32, 0.04), (50, torch.bfloat16, 0.07), (0, torch.float32, 0.05)]:
+        logits = (2 * torch.rand(rows, 640, generator=generator) - 1).to(dtype)
+        stored = sinkhorn_knopp(logits, temp, n_samples=max(rows, 1))
+        compiled = sinkhorn_knopp(logits, temp, n_samples=max(rows, 1), compiled=True)
+        assert compiled.dtype == stored.dtype == torch.float32 and compiled.shape == (rows, 640)
+        torch.testing.assert_close(compiled, stored, rtol=1e-5, atol=1e-12)
+        if rows:
+            torch.testing.assert_close(compiled.sum(dim=1), torch.ones(rows), rtol=1e-5, atol=0)
+    # Another row count and temperature (the teacher's warm-up) reuse the kernels compiled above.
+    logits = (2 * torch.rand(45, 640, generator=generator) - 1).to(torch.bfloat16)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = sinkhorn_knopp(logits, 0.06, n_samples=45, compiled=True)
+    torch.testing.assert_close(compiled, sinkhorn_knopp(logits, 0.06, n_samples=45), rtol=1e-5, atol=1e-12)
+
+
+def test_compiled_sinkhorn_knopp_runs_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU keeps the stored passes even under ``train.compile`` (compiled, they ran at half the speed there)."""
+    assert not compiled_sinkhorn_knopp_pays(torch.zeros(2, 3))
+    assert compiled_sinkhorn_knopp_pays(torch.zeros(2, 3, device="meta"))  # any accelerator
+
+    def fail(*args: object) -> None:
+        raise AssertionError("the compiled Sinkhorn-Knopp passes ran on a CPU")
+
+    monkeypatch.setattr(dino_clstoken_loss, "_RecomputedPasses", fail)
+    for loss in (iBOTPatchLoss(64), DINOLoss(64)):
+        loss.compile_sinkhorn_knopp = True
+        args = (torch.tensor([10]),) if isinstance(loss, iBOTPatchLoss) else ()
+        assert loss.sinkhorn_knopp_teacher(torch.randn(10, 64), 0.07, *args).shape == (10, 64)
 
 
 def test_benchmark_flop_count_leaves_compiled_code_compiled(load_script: Callable[[str], ModuleType]) -> None:

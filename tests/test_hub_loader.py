@@ -612,3 +612,16 @@ def test_benchmark_flop_count_of_an_attention_layer_is_the_hand_count(load_scrip
     scores = 4 * batch * tokens**2 * dim
     assert attention == scores + 10 * batch * tokens**2 * dim
     assert total == 3 * projections + attention
+
+
+def test_attention_benchmark_times_the_backends_a_cpu_has(
+    load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``benchmark_attention.py`` times each backend that runs here, marks the others n/a and names the fastest."""
+    script = load_script("benchmark_attention")
+    assert script.main(["--arch", "vit_small", "--batch-size", "2", "--tokens", "17", "--warmup", "0", "--iters", "1",
+                        "--device", "cpu"]) == 0  # fmt: skip
+    rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
+    timed = {row[-3]: float(row[-2]) for row in rows[1:-1] if row[-1] != "n/a"}
+    assert {"MATH", "FLASH_ATTENTION"} <= set(timed) and all(ms > 0 for ms in timed.values())
+    assert rows[-1] == [f"vit_small={min(timed, key=timed.get)}"]

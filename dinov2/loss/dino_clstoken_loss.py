@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ def sinkhorn_knopp(
     teacher_temp: float,
     n_samples: int | torch.Tensor,
     n_iterations: int = 3,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Sinkhorn-Knopp teacher targets: (B, K) logits -> (B, K) probabilities whose rows sum to 1.
 
@@ -35,6 +37,12 @@ def sinkhorn_knopp(
     prototype, with the current matrix ``diag(u) Q diag(v)`` never written out: an iteration reads ``Q``
     twice (two matrix-vector products) instead of rewriting it four times, and the result is
     ``n_samples * diag(u) Q diag(v)`` after the last one, i.e. the rows of ``Q diag(v)`` normalised to 1.
+
+    ``compiled`` (``train.compile`` on a GPU, see :func:`compiled_sinkhorn_knopp_pays`): ``Q`` is not stored
+    either. Each pass is a ``torch.compile``d kernel that recomputes ``Q = exp((t - max) / T)`` from the logits
+    as it reads them (half the bytes of a float32 ``Q`` for bf16 logits) and sums it; the last one writes the
+    targets. Besides the maximum, seven reads of the logits and one write, against twelve passes over a float32
+    matrix (see ``docs/benchmarks.md``).
     """
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
@@ -48,25 +56,103 @@ def sinkhorn_knopp(
             shift = torch.full((1, teacher_output.shape[1]), float("-inf"), dtype=dtype, device=teacher_output.device)
         if _dist_ready():
             dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-        # Q = exp((t - max) / T): (B, K) samples x prototypes, in a float32 buffer of our own, updated in place
-        if teacher_output.dtype == dtype or fuses_mixed_dtypes(teacher_output):
-            q = torch.sub(teacher_output, shift)
-        else:  # a CPU upcasts half precision faster on its own
-            q = teacher_output.to(dtype).sub_(shift)
-        q.div_(teacher_temp).exp_()
-        n_prototypes = q.shape[1]
+        passes = (_RecomputedPasses if compiled else _StoredPasses)(teacher_output, shift, teacher_temp)
+        n_prototypes = teacher_output.shape[1]
         sample_mass: torch.Tensor | None = None
         for _ in range(n_iterations):
             # each prototype gets total mass 1/K (v), then each sample total mass 1/B (u = 1 / (B * sample_mass))
-            if sample_mass is None:
-                prototype_mass = q.sum(dim=0)
-            else:
-                prototype_mass = torch.mv(q.t(), 1.0 / (sample_mass * n_samples))
+            prototype_mass = passes.column_sums(None if sample_mass is None else 1.0 / (sample_mass * n_samples))
             if _dist_ready():
                 dist.all_reduce(prototype_mass)
             v = 1.0 / (prototype_mass * n_prototypes)
-            sample_mass = torch.mv(q, v)
-        return q.mul_(v).div_(sample_mass.unsqueeze(1))
+            sample_mass = passes.row_sums(v)
+        return passes.targets(v, sample_mass)
+
+
+def compiled_sinkhorn_knopp_pays(logits: torch.Tensor) -> bool:
+    """Whether ``sinkhorn_knopp(..., compiled=True)`` pays for ``logits``: on a GPU it does (9,749 x 65,536 bf16
+    logits on an H200: 7.8 ms compiled, 13.5 ms stored, ``docs/benchmarks.md``); a CPU computes the extra ``exp``
+    more slowly than it reads a stored ``Q`` (2,048 x 65,536 float32 logits: 1.0 s compiled, 0.47 s stored)."""
+    return logits.device.type != "cpu"
+
+
+class _StoredPasses:
+    """Sinkhorn-Knopp's passes over ``Q = exp((t - shift) / T)``, written once to a float32 buffer of our own."""
+
+    def __init__(self, logits: torch.Tensor, shift: torch.Tensor, temp: float) -> None:
+        if logits.dtype == shift.dtype or fuses_mixed_dtypes(logits):
+            q = torch.sub(logits, shift)
+        else:  # a CPU upcasts half precision faster on its own
+            q = logits.to(shift.dtype).sub_(shift)
+        self.q = q.div_(temp).exp_()
+
+    def column_sums(self, row_weights: torch.Tensor | None) -> torch.Tensor:
+        """``sum_i w_i Q_ik`` (all ``w_i = 1`` for None)."""
+        return self.q.sum(dim=0) if row_weights is None else torch.mv(self.q.t(), row_weights)
+
+    def row_sums(self, column_weights: torch.Tensor) -> torch.Tensor:
+        """``sum_k Q_ik v_k``."""
+        return torch.mv(self.q, column_weights)
+
+    def targets(self, column_weights: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor:
+        """``Q_ik v_k / s_i``, in place of ``Q``."""
+        return self.q.mul_(column_weights).div_(row_sums.unsqueeze(1))
+
+
+def _shifted_exp(logits: torch.Tensor, shift: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """``Q = exp((logits - shift) / temp)`` in the dtype of ``shift`` (float32 for half-precision logits)."""
+    return torch.exp((logits.to(shift.dtype) - shift) / temp)
+
+
+def _weighted_column_sums(
+    logits: torch.Tensor, shift: torch.Tensor, temp: torch.Tensor, row_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """``sum_i w_i Q_ik`` (all ``w_i = 1`` for None), ``Q`` never written out once compiled."""
+    q = _shifted_exp(logits, shift, temp)
+    return (q if row_weights is None else q * row_weights.unsqueeze(1)).sum(dim=0)
+
+
+def _weighted_row_sums(
+    logits: torch.Tensor, shift: torch.Tensor, temp: torch.Tensor, column_weights: torch.Tensor
+) -> torch.Tensor:
+    """``sum_k Q_ik v_k``, ``Q`` never written out once compiled."""
+    return (_shifted_exp(logits, shift, temp) * column_weights).sum(dim=1)
+
+
+def _balanced(
+    logits: torch.Tensor, shift: torch.Tensor, temp: torch.Tensor, column_weights: torch.Tensor, row_sums: torch.Tensor
+) -> torch.Tensor:
+    """``Q_ik v_k / s_i``: the targets, in one pass once compiled."""
+    return _shifted_exp(logits, shift, temp) * column_weights / row_sums.unsqueeze(1)
+
+
+@functools.cache
+def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn`` compiled once per process, with dynamic shapes (the number of masked tokens changes every step)."""
+    return torch.compile(fn, dynamic=True)
+
+
+class _RecomputedPasses:
+    """The same passes as compiled kernels that recompute ``Q`` from the logits instead of storing it.
+
+    The temperature travels as a tensor, so that its warm-up schedule cannot recompile the kernels every step.
+    """
+
+    def __init__(self, logits: torch.Tensor, shift: torch.Tensor, temp: float) -> None:
+        self.logits, self.shift = logits, shift
+        self.temp = torch.full((), temp, dtype=shift.dtype, device=logits.device)
+
+    def column_sums(self, row_weights: torch.Tensor | None) -> torch.Tensor:
+        """``sum_i w_i Q_ik`` (all ``w_i = 1`` for None)."""
+        return _compiled(_weighted_column_sums)(self.logits, self.shift, self.temp, row_weights)
+
+    def row_sums(self, column_weights: torch.Tensor) -> torch.Tensor:
+        """``sum_k Q_ik v_k``."""
+        return _compiled(_weighted_row_sums)(self.logits, self.shift, self.temp, column_weights)
+
+    def targets(self, column_weights: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor:
+        """``Q_ik v_k / s_i``, a new float32 tensor."""
+        return _compiled(_balanced)(self.logits, self.shift, self.temp, column_weights, row_sums)
 
 
 def dino_loss_term_scales(n_global_crops: int, n_local_crops: int) -> tuple[float, float]:
@@ -98,6 +184,7 @@ class DINOLoss(SoftmaxCentering):
         super().__init__((1, out_dim), center_momentum)
         self.student_temp = student_temp
         self.cross_entropy = SoftCrossEntropy()
+        self.compile_sinkhorn_knopp = False  # train.compile: where it pays, see sinkhorn_knopp
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -111,7 +198,8 @@ class DINOLoss(SoftmaxCentering):
         n_samples = torch.full((), teacher_output.shape[0], dtype=torch.long, device=teacher_output.device)
         if _dist_ready():
             dist.all_reduce(n_samples)
-        return sinkhorn_knopp(teacher_output, teacher_temp, n_samples, n_iterations)
+        compiled = self.compile_sinkhorn_knopp and compiled_sinkhorn_knopp_pays(teacher_output)
+        return sinkhorn_knopp(teacher_output, teacher_temp, n_samples, n_iterations, compiled)
 
     def forward(
         self,

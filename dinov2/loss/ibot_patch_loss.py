@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from dinov2.loss.centering import SoftmaxCentering, _dist_ready
 from dinov2.loss.cross_entropy import SoftCrossEntropy
-from dinov2.loss.dino_clstoken_loss import sinkhorn_knopp
+from dinov2.loss.dino_clstoken_loss import compiled_sinkhorn_knopp_pays, sinkhorn_knopp
 
 __all__ = ["iBOTPatchLoss"]
 
@@ -19,6 +19,7 @@ class iBOTPatchLoss(SoftmaxCentering):  # noqa: N801 (DINOv2's public name)
         super().__init__((1, 1, patch_out_dim), center_momentum)
         self.student_temp = student_temp
         self.cross_entropy = SoftCrossEntropy()
+        self.compile_sinkhorn_knopp = False  # train.compile: where it pays, see sinkhorn_knopp
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -36,7 +37,8 @@ class iBOTPatchLoss(SoftmaxCentering):  # noqa: N801 (DINOv2's public name)
         n_samples = n_masked_patches_tensor.detach().to(teacher_output.device, copy=True)
         if _dist_ready():
             dist.all_reduce(n_samples)
-        return sinkhorn_knopp(teacher_output, teacher_temp, n_samples, n_iterations)
+        compiled = self.compile_sinkhorn_knopp and compiled_sinkhorn_knopp_pays(teacher_output)
+        return sinkhorn_knopp(teacher_output, teacher_temp, n_samples, n_iterations, compiled)
 
     def forward_masked(
         self,

@@ -126,10 +126,14 @@ class SSLMetaArch(nn.Module):
             self.ibot_patch_loss.center.zero_()
 
     def compile_losses(self) -> None:
-        """``torch.compile`` the student-side cross-entropies (``train.compile``); row counts are dynamic."""
+        """``torch.compile`` the student-side cross-entropies and, on a GPU, Sinkhorn-Knopp (``train.compile``).
+
+        Row counts are dynamic: the number of masked tokens changes every step.
+        """
         losses = [self.dino_loss] + ([self.ibot_patch_loss] if self.do_ibot else [])
         for loss in losses:
             loss.cross_entropy.compile(dynamic=True)
+            loss.compile_sinkhorn_knopp = True
 
     @torch.no_grad()
     def _teacher_targets(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[Tensor, Tensor | None]:

@@ -1,0 +1,109 @@
+"""Forward and backward time of each `scaled_dot_product_attention` backend at a ViT's training shapes.
+
+    python scripts/benchmark_attention.py --device cuda                      # ViT-S/14 and ViT-L/14, bf16
+    python scripts/benchmark_attention.py --arch vit_small --batch-size 256   # 2 global crops x 128 images
+
+A 224 px crop gives 257 tokens (256 patches and the class token), an awkward length for the fused kernels'
+tiles of 64 or 128 tokens. This script times the attention of one block (queries, keys and values of shape
+(crops, heads, 257, 64)), forward and backward, under each backend PyTorch offers on the device, so that
+the training step's attention can be set to the fastest. Median of ``--iters`` after a warm-up; TFLOP/s
+count the two matrix products of the forward and their four of the backward (``4 N^2 d`` per head forward, 2.5
+times that forward and backward). The last line names each architecture's fastest backend,
+``vit_small=<backend> vit_large=<backend>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file from a checkout: make `dinov2` and the other benchmarks importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy, as for the commands it times
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from benchmark_features import time_call  # noqa: E402
+from benchmark_loss import resolve_dtype  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from dinov2.cli import non_negative_int, positive_int  # noqa: E402
+from dinov2.eval.protocol import resolve_device  # noqa: E402
+from dinov2.models import ARCH_SIZES  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+#: The backends timed, in PyTorch's names; those a device or dtype does not support are reported as such.
+BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def time_backend(
+    backend: str, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device, warmup: int, iters: int
+) -> float | None:
+    """Median seconds of one forward and backward under ``backend``, or None where it cannot run these inputs."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=generator, device=device, dtype=dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def step() -> None:
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            out = F.scaled_dot_product_attention(q, k, v)
+        torch.autograd.backward(out, grad)
+        q.grad = k.grad = v.grad = None
+
+    try:
+        step()
+    except RuntimeError as error:  # "No available kernel" for this device, dtype or head size
+        logger.info("%s: not available here (%s)", backend, str(error).splitlines()[0])
+        return None
+    for _ in range(warmup):
+        step()
+    return statistics.median(time_call(step, device) for _ in range(iters))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", default=["vit_small", "vit_large"], choices=sorted(ARCH_SIZES))
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="crops per step (default: 256 for ViT-S, 128 for larger: the benchmarks' batches x 2 crops)")
+    p.add_argument("--tokens", type=positive_int, default=257, help="tokens per crop (257: 224 px, patch 14)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 on a GPU (as under autocast), fp32 on a CPU")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (CUDA if available)")
+    p.add_argument("--warmup", type=non_negative_int, default=3)
+    p.add_argument("--iters", type=positive_int, default=20)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print a table of the backends per architecture and the fastest for each."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    logger.info("%s, %s, torch %s", device, dtype, torch.__version__)
+    print(f"{'arch':<12}{'shape (crops, heads, tokens, dim)':<36}{'backend':<22}{'ms':>9}{'TFLOP/s':>10}")
+    fastest: dict[str, tuple[float, str]] = {}
+    for arch in args.arch:
+        width, _, heads = ARCH_SIZES[arch]
+        crops = args.batch_size or (256 if arch == "vit_small" else 128)
+        shape = (crops, heads, args.tokens, width // heads)
+        flops = 2.5 * 4 * crops * heads * args.tokens**2 * (width // heads)
+        for backend in BACKENDS:
+            seconds = time_backend(backend, shape, dtype, device, args.warmup, args.iters)
+            if seconds is None:
+                print(f"{arch:<12}{str(shape):<36}{backend:<22}{'n/a':>9}{'':>10}")
+                continue
+            print(f"{arch:<12}{str(shape):<36}{backend:<22}{seconds * 1e3:>9.3f}{flops / seconds / 1e12:>10.1f}")
+            fastest[arch] = min(fastest.get(arch, (seconds, backend)), (seconds, backend))
+    print(" ".join(f"{arch}={backend}" for arch, (_, backend) in fastest.items()) or "none")
+    return 0 if len(fastest) == len(args.arch) else 1
+
+if __name__ == "__main__":
+    raise SystemExit(main())
