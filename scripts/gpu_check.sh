@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU check, within a time budget (GPU_CHECK_BUDGET_S, default 480 s: a lent GPU session is short):
 # the CUDA/NCCL training path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in
-# bf16 (a GPU profile of the ViT-S step, with and without train.compile; its iBOT loss path alone; attention), the data
-# pipeline with 16 workers, feature extraction, larger batches and the ViT-g memory check. The steps run most
-# wanted first; each has its own time limit, cut to what is left of the budget, and a step that no longer fits is
-# skipped, so a check cut short still measures what is new.
+# bf16 (a GPU profile of the ViT-S step, with and without train.compile; its iBOT loss path alone; attention), the
+# data pipeline with 16 workers, the training command end to end on the demo images, feature extraction, larger
+# batches and the ViT-g memory check. The steps run most wanted first; each has its own time limit, cut to what is
+# left of the budget, and a step that no longer fits is skipped, so a check cut short still measures what is new.
 #
 #   bash scripts/gpu_check.sh [LOG_DIR]
 #
@@ -65,23 +65,31 @@ step vits14_nccl_bf16 120 $PY -m torch.distributed.run --standalone --nproc_per_
 step vits14_bf16_compile 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
   --arch vit_small --batch-size 128 $HEADS --compile --iters 8 --profile "$LOG_DIR/vits14_compile_profile.txt"
 # The iBOT loss path of that step alone (its masked tokens x 65,536 prototypes): Sinkhorn-Knopp, cross-entropy;
-# then compiled (Sinkhorn-Knopp too, which training compiles only if this says it pays on a GPU).
+# then compiled, as train.compile compiles both on a GPU.
 step ibot_loss_path 40 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10
 step ibot_loss_path_compiled 75 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10 --compile
 # SDPA's backends at the ViT-S and ViT-L shapes (257 tokens): is the one PyTorch picks (cuDNN on an H200) the fastest?
 step attention_backends 30 $PY scripts/benchmark_attention.py --device cuda --iters 10
 step vitl14_bf16 120 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --iters 8
 # The input pipeline as a CUDA run has it: workers hand over uint8 crops, the colour operations run batched on the
-# GPU (its "colour on cuda" row); then, for comparison, with the colour in the workers and crops collated as bf16.
+# GPU (its "colour on cuda" row). For comparison, the colour in the workers (crops collated as bf16) runs later.
 step data_pipeline 90 $PY scripts/benchmark_data.py --demo /tmp/demo_data --recipes dinobloom dinov2 \
   --workers 1 16 --batch-size 64 --batches 10
-step data_pipeline_colour_in_workers 60 $PY scripts/benchmark_data.py --demo /tmp/demo_data --recipes dinobloom \
-  --workers 1 16 --batch-size 64 --batches 10 --colour workers
+# End to end: the training command itself on the demo images (written by the step above), ViT-S/14 compiled, 16
+# workers, colour on the GPU: do the data pipeline and the colour operations keep up with the compiled step? The
+# status lines' img/s after the compilation answer it. A fresh folder, so that it starts rather than resumes.
+rm -rf /tmp/gpu_check_train
+step train_vits14_demo_compile 150 $PY dinov2/train/train.py --config-file dinov2/configs/train/custom.yaml \
+  --output-dir /tmp/gpu_check_train train.dataset_path=/tmp/demo_data/lists student.arch=vit_small \
+  student.pretrained_weights=null train.batch_size_per_gpu=128 train.num_workers=16 train.compile=true \
+  train.OFFICIAL_EPOCH_LENGTH=100 optim.epochs=1 optim.warmup_epochs=0 teacher.warmup_teacher_temp_epochs=0
 step features_vits14 45 $PY scripts/benchmark_features.py --device cuda --batch-size 256 --iters 20
 # Below: figures measured before, checked again if time is left. Does MFU grow with the batch (fixed per-step
 # costs) or not (per-image costs)? ViT-S x2, ViT-L x1.5, eager.
 step vits14_bf16_b256 90 $PY scripts/benchmark_train.py --arch vit_small --batch-size 256 $HEADS --iters 6
 step vitl14_bf16_b96 90 $PY scripts/benchmark_train.py --arch vit_large --batch-size 96 $HEADS --iters 6
+step data_pipeline_colour_in_workers 60 $PY scripts/benchmark_data.py --demo /tmp/demo_data --recipes dinobloom \
+  --workers 1 16 --batch-size 64 --batches 10 --colour workers
 # Memory: ViT-g/14 with SwiGLU, one GPU, activation checkpointing, DinoBloom crops.
 step vitg14_bf16_ckpt 120 $PY scripts/benchmark_train.py --arch vit_giant2 --batch-size 32 $HEADS \
   --activation-checkpointing --warmup 2 --iters 4

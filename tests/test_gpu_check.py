@@ -1,5 +1,6 @@
 """``scripts/gpu_check.sh`` calls each benchmark with options that it accepts (a GPU session is too short to
-lose a step to a typo): the check runs here with recording stand-ins for python, torchrun and nvidia-smi."""
+lose a step to a typo), and the training command with overrides its config accepts: the check runs here with
+recording stand-ins for python, torchrun and nvidia-smi."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from types import ModuleType
 
 import pytest
 import torch
+
+import dinov2.train.train as train_command
+from dinov2.configs import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,11 +68,14 @@ def test_gpu_check_passes_options_each_benchmark_accepts(
             benchmarks.append((Path(argv[script]).stem, argv[script + 1 :]))
     steps = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("=== ") and "(limit" in line]
     assert len(benchmarks) == len(steps) >= 10 and len(set(steps)) == len(steps)
+    assert "train" in [name for name, _ in benchmarks]  # the end-to-end step: dinov2/train/train.py
     for name, args in benchmarks:
-        parser = load_script(name).build_parser()
+        parser = (train_command if name == "train" else load_script(name)).build_parser()
         parser.exit_on_error = False
         try:
-            parser.parse_intermixed_args(args)
+            parsed = parser.parse_intermixed_args(args)
+            if name == "train":  # and its overrides name keys and values that the config accepts
+                load_config(REPO_ROOT / parsed.config_file, parsed.opts)
         except (SystemExit, Exception) as err:  # argparse reports unknown options by exiting
             pytest.fail(f"gpu_check.sh calls {name}.py with options it rejects: {args} ({err})")
 
