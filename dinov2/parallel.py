@@ -5,7 +5,7 @@ The models stay plain PyTorch. `parallelize_model` changes them in place:
 * activation checkpointing: each transformer block's forward runs under `torch.utils.checkpoint` (non-reentrant),
   by rebinding the block's `forward`; no wrapper module, so parameter names and state-dict keys are unchanged;
 * compile: `Module.compile()` on each block, which also keeps the keys (no `_orig_mod.` prefix); the losses'
-  cross-entropies (and, on a GPU, Sinkhorn-Knopp) are compiled by `SSLMetaArch.compile_losses`;
+  cross-entropies (and, on CUDA, Sinkhorn-Knopp) are compiled by `SSLMetaArch.compile_losses`;
 * FSDP2 (`torch.distributed.fsdp.fully_shard`), only with a process group of more than one rank: each block, then
   the backbone; each head as one unit. FULL_SHARD frees the gathered parameters after forward, SHARD_GRAD_OP keeps
   them for backward, NO_SHARD replicates them: FSDP2 has no NO_SHARD, so it shards over a mesh dimension of size 1

@@ -67,8 +67,8 @@ def benchmark(
 ) -> dict[str, float]:
     """Median seconds of Sinkhorn-Knopp, of the cross-entropy forward and backward, and of both.
 
-    ``compile``: the cross-entropy and Sinkhorn-Knopp as ``train.compile`` compiles them (Sinkhorn-Knopp on a
-    GPU only, where it pays).
+    ``compile``: the cross-entropy and Sinkhorn-Knopp as ``train.compile`` compiles them (Sinkhorn-Knopp on
+    CUDA only, where it pays).
     """
     masks = random_masks(tokens, crops, seed=0).to(device)
     counts = masks.sum(dim=-1, keepdim=True).clamp(min=1)

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile as train.compile does: each transformer block, the student cross-entropies "
-                   "and, on a GPU, Sinkhorn-Knopp")
+                   "and, on CUDA, Sinkhorn-Knopp")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
     p.add_argument("--iters", type=positive_int, default=10, help="timed steps")

@@ -126,7 +126,7 @@ class SSLMetaArch(nn.Module):
             self.ibot_patch_loss.center.zero_()
 
     def compile_losses(self) -> None:
-        """``torch.compile`` the student-side cross-entropies and, on a GPU, Sinkhorn-Knopp (``train.compile``).
+        """``torch.compile`` the student-side cross-entropies and, on CUDA, Sinkhorn-Knopp (``train.compile``).
 
         Row counts are dynamic: the number of masked tokens changes every step.
         """
