@@ -5,8 +5,8 @@
 
 A 224 px crop gives 257 tokens (256 patches and the class token), an awkward length for the fused kernels'
 tiles of 64 or 128 tokens. This script times the attention of one block (queries, keys and values of shape
-(crops, heads, 257, 64)), forward and backward, under each backend PyTorch offers on the device, so that
-the training step's attention can be set to the fastest. Median of ``--iters`` after a warm-up; TFLOP/s
+(crops, heads, 257, 64)), forward and backward, under each backend PyTorch offers on the device: is the one
+PyTorch picks for the training step the fastest? Median of ``--iters`` after a warm-up; TFLOP/s
 count the two matrix products of the forward and their four of the backward (``4 N^2 d`` per head forward, 2.5
 times that forward and backward). The last line names each architecture's fastest backend,
 ``vit_small=<backend> vit_large=<backend>``.
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             fastest[arch] = min(fastest.get(arch, (seconds, backend)), (seconds, backend))
     print(" ".join(f"{arch}={backend}" for arch, (_, backend) in fastest.items()) or "none")
     return 0 if len(fastest) == len(args.arch) else 1
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

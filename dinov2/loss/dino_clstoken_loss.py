@@ -38,11 +38,11 @@ def sinkhorn_knopp(
     twice (two matrix-vector products) instead of rewriting it four times, and the result is
     ``n_samples * diag(u) Q diag(v)`` after the last one, i.e. the rows of ``Q diag(v)`` normalised to 1.
 
-    ``compiled`` (``train.compile`` on a GPU, see :func:`compiled_sinkhorn_knopp_pays`): ``Q`` is not stored
+    ``compiled`` (``train.compile`` on CUDA, see :func:`compiled_sinkhorn_knopp_pays`): ``Q`` is not stored
     either. Each pass is a ``torch.compile``d kernel that recomputes ``Q = exp((t - max) / T)`` from the logits
     as it reads them (half the bytes of a float32 ``Q`` for bf16 logits) and sums it; the last one writes the
-    targets. Besides the maximum, seven reads of the logits and one write, against twelve passes over a float32
-    matrix (see ``docs/benchmarks.md``).
+    targets. Besides the maximum, seven reads of the logits and one write, against eleven passes over a float32
+    matrix, five of which write it (see ``docs/benchmarks.md``).
     """
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
