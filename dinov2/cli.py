@@ -37,6 +37,18 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def check_file_writable(path: Path) -> None:
+    """Raise ValueError unless ``path`` can be written as a file: not a folder, below a folder that can be written
+    (missing folders are created later)."""
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a folder; name a file")
+    existing = next((parent for parent in path.parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"cannot write {path}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: no permission to write in {existing}")
+
+
 def raised_outside_the_project(err: BaseException) -> str | None:
     """The module that raised ``err`` when that is not this project's code (a library's check), else None."""
     tb = err.__traceback__

@@ -8,11 +8,12 @@ Every stage is the trainer's own, built from DinoBloom's training config (``cust
 iBOT masks from per-batch seeds, and the loader with the infinite sampler. Recipes: ``dinobloom`` (that config as
 it is: hematology views, 2 global crops of 224, no local crops) and ``dinov2`` (DINOv2's views, 2 global 224 + 8
 local 98). "per worker" rows run in this process with one thread, as one DataLoader worker would (best of
-``--repeats`` passes); "loader" rows run the training loader. ``--colour device`` (the default, as a CUDA run does)
-leaves the views' colour operations to the training device: the workers hand over uint8 crops, and a "colour on
-<device>" row times those operations on whole batches there; ``--colour workers`` runs them in the workers (as a
-CPU run does). The last line is ``images_per_s=<x>``: the loader throughput of the
-first recipe given (dinobloom by default) with the largest worker count.
+``--repeats`` passes); "loader" rows run the training loader. ``--colour device`` (the default on CUDA, as a CUDA
+run does) leaves the views' colour operations to the training device: the workers hand over uint8 crops, and a
+"colour on <device>" row times those operations on whole batches there; ``--colour workers`` (the default on a CPU,
+as a CPU run does) runs them in the workers. The crops are collated in the run's compute dtype (by default bf16 on
+CUDA, fp32 on a CPU). The last line is ``images_per_s=<x>``: the loader throughput of the first recipe given
+(dinobloom by default) with the largest worker count.
 """
 
 from __future__ import annotations
@@ -99,10 +100,12 @@ def time_per_worker(
 def time_loader(
     cfg: DictConfig, dataset: FileListDataset, batches: int, dtype: torch.dtype, defer_colour: bool
 ) -> float:
-    """Images/s of the training loader (``train.num_workers`` workers) after one warm-up batch per worker."""
+    """Images/s of the training loader (``train.num_workers`` workers) over ``batches`` batches, and at least two per
+    worker (fewer would time the workers' start rather than their steady state), after one warm-up batch per worker."""
     loader, _ = build_train_loader(cfg, dataset, start=0, rank=0, world_size=1, dtype=dtype,
                                    defer_colour=defer_colour)  # fmt: skip
     workers = int(cfg.train.num_workers)
+    batches = max(batches, 2 * workers)
     iterator = iter(loader)
     for _ in range(max(1, workers)):
         next(iterator)
@@ -134,21 +137,24 @@ def time_colour_on_device(
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="dataset: folder of .txt lists, a .txt list, an image folder or Name:root=...")
     source.add_argument("--demo", type=Path, help="generate the demo dataset here (if needed) and use it")
     parser.add_argument("--resize", type=int, default=224, help="resize images first (0: keep the size)")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                        help="dtype of the collated crops: the run's compute dtype (bf16 or fp16 on GPU, fp32 on CPU)")
-    parser.add_argument("--colour", choices=("device", "workers"), default="device",
-                        help="where the views' colour operations run (train.colour_augmentation)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device of the colour operations with --colour device")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                        help="dtype of the collated crops: the run's compute dtype (default: bf16 on CUDA, fp32 on "
+                        "CPU)")
+    parser.add_argument("--colour", choices=("device", "workers"), default=None,
+                        help="where the views' colour operations run, as train.colour_augmentation (default: device "
+                        "on CUDA, workers on CPU, as a training run does)")
+    parser.add_argument("--device", default="auto",
+                        help="the training device: cpu, cuda, cuda:1, ... or auto (CUDA if available)")
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
     parser.add_argument("--workers", nargs="+", type=non_negative_int, default=[0, 2])
     parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--batches", type=positive_int, default=8, help="timed batches per loader measurement")
+    parser.add_argument("--batches", type=positive_int, default=8,
+                        help="timed batches per loader measurement (at least two per worker are timed)")
     parser.add_argument("--per-worker-images", type=positive_int, default=128)
     parser.add_argument("--repeats", type=positive_int, default=3, help="per-worker passes; the best is reported")
     return parser
@@ -156,15 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for option in ("batch_size", "batches", "per_worker_images", "repeats"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
-    if min(args.workers) < 0:
-        parser.error(f"--workers must be >= 0, got {args.workers}")
-    if args.colour == "device":
-        resolve_device(args.device)  # a device this machine lacks is refused before any work
+    args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)  # a device this machine lacks is refused before any work
+    colour = args.colour or ("device" if device.type == "cuda" else "workers")
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
 
     if args.demo is not None:
         from dinov2.data.demo import generate_demo_dataset
@@ -172,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         data = str(generate_demo_dataset(args.demo, images_per_class=64).lists_dir)
     else:
         data = args.data
-    dtype, defer = dtype_from_name(args.dtype), args.colour == "device"
-    crops = "uint8 crops, colour on " + args.device if defer else f"crops as {args.dtype}, colour in the workers"
+    dtype, defer = dtype_from_name(dtype_name), colour == "device"
+    crops = f"uint8 crops, colour on {device}" if defer else f"crops as {dtype_name}, colour in the workers"
     headline = 0.0
     for recipe in args.recipes:
         cfg = recipe_config(recipe, data, args.resize, args.batch_size)
@@ -185,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         for stage, rate in rates.items():
             print(f"{recipe:<10} {stage:<24} {'1 (per)':>7} {rate:>10.1f}")
         if defer:
-            rate = time_colour_on_device(cfg, dataset, torch.device(args.device), dtype, args.repeats)
-            print(f"{recipe:<10} {'colour on ' + args.device:<24} {'batch':>7} {rate:>10.1f}")
+            rate = time_colour_on_device(cfg, dataset, device, dtype, args.repeats)
+            print(f"{recipe:<10} {'colour on ' + str(device):<24} {'batch':>7} {rate:>10.1f}")
         for workers in sorted(args.workers):
             cfg.train.num_workers = workers
             rate = time_loader(cfg, dataset, args.batches, dtype, defer)

@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     results = benchmark(args.weights, args.batch_size, args.img_size, args.iters, args.warmup, args.device)
     baseline = max(results.values())
-    print(f"ViT-S/14, {args.img_size} px, batch {args.batch_size}, float32, {args.device}, "
+    print(f"ViT-S/14, {args.img_size} px, batch {args.batch_size}, float32, {resolve_device(args.device)}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.iters}")
     print(f"{'implementation':<36} {'ms / batch':>11} {'images / s':>11} {'speed-up':>9}")
     for label, seconds in results.items():

@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=non_negative_int, default=2)
     p.add_argument("--iters", type=positive_int, default=7)
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--compile", action="store_true", help="torch.compile as train.compile does (Sinkhorn-Knopp on CUDA only)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile as train.compile does (Sinkhorn-Knopp on CUDA only)")
     return p
 
 

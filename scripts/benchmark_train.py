@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from dinov2.cli import non_negative_int, positive_int
+from dinov2.cli import check_file_writable, non_negative_int, positive_int
 from dinov2 import distributed
 from dinov2.configs import apply_scaling_rules_to_cfg, load_config
 from dinov2.data.collate import collate_data_and_cast
@@ -128,7 +128,8 @@ def count_step_flops(step: Any) -> tuple[int, int]:
 
 
 def cpu_busy_warning(threads: int) -> str | None:
-    """A warning when other processes keep the CPU busy (1-minute load above what this process's threads explain)."""
+    """A warning when other processes keep the CPU busy (1-minute load above what the benchmark's ``threads``, over
+    all its processes on this machine, explain)."""
     if not hasattr(os, "getloadavg"):
         return None
     load = os.getloadavg()[0]
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.setLevel(logging.INFO)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.profile:  # a path that cannot be written is refused before the work, not after it
+        check_file_writable(Path(args.profile))
     info = distributed.enable_distributed()
     device = info.device
     precision = args.precision
@@ -233,8 +236,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     peak = matmul_peak_flops(device, matmul_dtype, sizes, repeats)
     seconds, peak_mem_gb = time_steps(step, device, args.iters)
     peak = max(peak, matmul_peak_flops(device, matmul_dtype, sizes, repeats))  # and once more after the steps
-    if args.profile:
-        write_profile(step, device, Path(args.profile))
 
     images_per_s = args.batch_size * info.world_size / seconds
     achieved = flops_per_step * info.world_size / seconds  # each rank counts its own share
@@ -251,7 +252,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     if info.is_main_process:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-        busy = cpu_busy_warning(torch.get_num_threads()) if device.type == "cpu" else None
+        # every process of this machine's ranks runs as many threads as this one
+        threads = torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        busy = cpu_busy_warning(threads) if device.type == "cpu" else None
         if busy:
             logger.warning(busy)
         print(f"device: {name}; ranks: {info.world_size}; precision: {precision}; compile: {args.compile}; "
@@ -262,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for key, value in result.items():
             print(f"{key:>26}: {value:.4g}")
         print(f"images_per_s={images_per_s:.2f} mfu={mfu:.3f} peak_mem_gb={peak_mem_gb:.2f}")
+    if args.profile:  # after the figures are printed, which a failed write must not lose
+        write_profile(step, device, Path(args.profile))
     distributed.destroy()
     return result
 

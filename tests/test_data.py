@@ -674,15 +674,16 @@ def test_make_file_lists_script(
         script.main([str(image_tree), str(image_tree), "--output", str(out)])
 
 
-@pytest.mark.parametrize("colour", ["device", "workers"])
+@pytest.mark.parametrize("colour", ["device", "workers", None])
 def test_benchmark_script_smoke(
     image_tree: Path,
     capsys: pytest.CaptureFixture,
     load_script: Callable[[str], ModuleType],
     monkeypatch: pytest.MonkeyPatch,
-    colour: str,
+    colour: str | None,
 ) -> None:
-    """The benchmark times the trainer's own loader, built from DinoBloom's training config."""
+    """The benchmark times the trainer's own loader, built from DinoBloom's training config; by default (here on a
+    CPU, device auto) as a CPU training run has it: colour in the workers, crops collated as float32."""
     script = load_script("benchmark_data")
     built = []
 
@@ -692,10 +693,15 @@ def test_benchmark_script_smoke(
 
     monkeypatch.setattr(script, "build_train_loader", recording_loader)
     args = ["--data", str(image_tree), "--resize", "64", "--recipes", "dinobloom", "--workers", "0",
-            "--batch-size", "2", "--batches", "1", "--per-worker-images", "2", "--repeats", "2", "--colour", colour,
-            "--device", "cpu"]  # fmt: skip
+            "--batch-size", "2", "--batches", "1", "--per-worker-images", "2", "--repeats", "2"]  # fmt: skip
+    if colour is not None:
+        args += ["--colour", colour, "--device", "cpu"]
+    elif torch.cuda.is_available():
+        pytest.skip("the defaults follow the device, and auto picks CUDA here")
     assert script.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    if colour is None:
+        assert "crops as fp32, colour in the workers" in lines[0]
     assert any("dinobloom" in line and "loader" in line for line in lines)
     assert any("dinobloom" in line and "colour on cpu" in line for line in lines) == (colour == "device")
     assert lines[-1].startswith("images_per_s=") and float(lines[-1].split("=")[1]) > 0

@@ -547,6 +547,9 @@ def test_unavailable_device_is_a_clear_error(image_folder: Path, tiny_weights: t
     weights, _ = tiny_weights
     with pytest.raises(ValueError, match="--device cuda was requested, but CUDA is not available"):
         ef.extract_features(image_folder, weights=weights, img_size=IMG, device="cuda")
+    if not torch.backends.mps.is_available():  # another accelerator this machine lacks, refused as clearly
+        with pytest.raises(ValueError, match="--device mps was requested, but PyTorch cannot use it here"):
+            ef.extract_features(image_folder, weights=weights, img_size=IMG, device="mps")
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
         ef.extract_features(image_folder, weights=weights, img_size=IMG, device="cpu", precision="fp16")
 

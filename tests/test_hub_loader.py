@@ -545,6 +545,9 @@ def test_script_clis_have_help(capsys: pytest.CaptureFixture[str], load_script: 
         assert info.value.code == 0 and flag in capsys.readouterr().out
 
 
+NO_MPS = pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the error on a machine without MPS")
+
+
 @pytest.mark.parametrize(
     ("script", "args", "message"),
     [
@@ -553,6 +556,12 @@ def test_script_clis_have_help(capsys: pytest.CaptureFixture[str], load_script: 
         ("benchmark_train.py", ["--config-file", "absent.yaml"], "config file absent.yaml does not exist"),
         ("benchmark_data.py", ["--data", "absent"], "dataset root absent does not exist"),
         ("benchmark_loss.py", ["--tokens", "70000", "--prototypes", "8"], "--tokens must be in 1..65536 for 256 crops"),
+        # refused before the steps are timed, not after them
+        ("benchmark_train.py", ["--profile", "."], "cannot write .: it is a folder"),
+        pytest.param("benchmark_attention.py", ["--device", "mps"], "--device mps was requested, but PyTorch",
+                     marks=NO_MPS),
+        pytest.param("benchmark_data.py", ["--data", "absent", "--device", "mps"], "--device mps was requested",
+                     marks=NO_MPS),
     ],
 )
 def test_scripts_end_a_user_mistake_in_one_error_line(tmp_path: Path, script: str, args: list[str], message: str) -> None:
@@ -617,11 +626,30 @@ def test_benchmark_flop_count_of_an_attention_layer_is_the_hand_count(load_scrip
 def test_attention_benchmark_times_the_backends_a_cpu_has(
     load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``benchmark_attention.py`` times each backend that runs here, marks the others n/a and names the fastest."""
+    """``benchmark_attention.py`` times PyTorch's default and each backend that runs here, marks the others n/a and
+    names the fastest backend."""
     script = load_script("benchmark_attention")
-    assert script.main(["--arch", "vit_small", "--batch-size", "2", "--tokens", "17", "--warmup", "0", "--iters", "1",
-                        "--device", "cpu"]) == 0  # fmt: skip
+    fastest = script.main(["--arch", "vit_small", "--crops", "2", "--tokens", "17", "--warmup", "0", "--iters", "1",
+                           "--device", "cpu"])  # fmt: skip
     rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
     timed = {row[-3]: float(row[-2]) for row in rows[1:-1] if row[-1] != "n/a"}
-    assert {"MATH", "FLASH_ATTENTION"} <= set(timed) and all(ms > 0 for ms in timed.values())
-    assert rows[-1] == [f"vit_small={min(timed, key=timed.get)}"]
+    assert {"default", "MATH", "FLASH_ATTENTION"} <= set(timed) and all(ms > 0 for ms in timed.values())
+    backends = {name: ms for name, ms in timed.items() if name != "default"}
+    assert fastest == {"vit_small": min(backends, key=backends.get)}
+    assert rows[-1] == [f"vit_small={fastest['vit_small']}"]
+
+
+def test_attention_benchmark_counts_the_strict_attention_flops(load_script: Callable[[str], ModuleType]) -> None:
+    """Its TFLOP/s count the matmuls of attention forward and backward as PyTorch's FLOP counter counts them on the
+    math backend, which recomputes nothing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    script = load_script("benchmark_attention")
+    crops, heads, tokens, head_dim = 2, 3, 17, 8
+    qkv = torch.randn(crops, tokens, 3, heads, head_dim, requires_grad=True)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+    matmuls = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "mm" in str(op))
+    assert matmuls == script.attention_flops(crops, heads, tokens, head_dim) > 0

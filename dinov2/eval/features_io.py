@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from dinov2.cli import check_file_writable
+
 ARRAY_NAMES = ("features", "labels", "paths")
 _RESERVED = (*ARRAY_NAMES, "class_names")
 _SUFFIXES = (".h5", ".hdf5", ".npz")
@@ -49,11 +51,7 @@ def check_writable(path: Path) -> str:
     suffix = _check_suffix(path)
     if path.is_dir():
         raise ValueError(f"cannot write {path}: it is a folder; name a file ending in {' or '.join(_SUFFIXES)}")
-    existing = next((parent for parent in path.parents if parent.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ValueError(f"cannot write {path}: {existing} is a file, not a folder")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {path}: no permission to write in {existing}")
+    check_file_writable(path)
     return suffix
 
 

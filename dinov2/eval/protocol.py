@@ -67,6 +67,13 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} was requested, but CUDA is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, ...: a one-element allocation says whether it is usable
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as err:
+            reason = str(err).split(". ")[0].splitlines()[0] if str(err) else type(err).__name__  # its first sentence
+            raise ValueError(f"--device {name} was requested, but PyTorch cannot use it here ({reason}); "
+                             "use --device cpu or auto") from err
     return device
 
 
