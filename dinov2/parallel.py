@@ -4,8 +4,8 @@ The models stay plain PyTorch. `parallelize_model` changes them in place:
 
 * activation checkpointing: each transformer block's forward runs under `torch.utils.checkpoint` (non-reentrant),
   by rebinding the block's `forward`; no wrapper module, so parameter names and state-dict keys are unchanged;
-* compile: `Module.compile()` on each block, which also keeps the keys (no `_orig_mod.` prefix); the losses'
-  cross-entropies (and, on CUDA, Sinkhorn-Knopp) are compiled by `SSLMetaArch.compile_losses`;
+* compile: `Module.compile()` on each block (inside `block_chunks` too), which also keeps the keys (no `_orig_mod.`
+  prefix); the losses' cross-entropies (and, on CUDA, Sinkhorn-Knopp) are compiled by `SSLMetaArch.compile_losses`;
 * FSDP2 (`torch.distributed.fsdp.fully_shard`), only with a process group of more than one rank: each block, then
   the backbone; each head as one unit. FULL_SHARD frees the gathered parameters after forward, SHARD_GRAD_OP keeps
   them for backward, NO_SHARD replicates them: FSDP2 has no NO_SHARD, so it shards over a mesh dimension of size 1
@@ -19,6 +19,9 @@ precision, see `autocast_dtype`).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sys
 import types
 from collections.abc import Iterable
 from typing import Any
@@ -34,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from dinov2.configs import SHARDING_STRATEGIES, ConfigError
+from dinov2.layers.block import BlockChunk
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +150,10 @@ def parallelize_model(
         for block in getattr(part, "blocks", ()):
             if activation_checkpointing:
                 _enable_activation_checkpointing(block)
-            if compile:
-                block.compile()
+            if compile:  # each block, also inside a chunk: chunks differ in layout, and would each compile anew
+                for layer in block if isinstance(block, BlockChunk) else (block,):
+                    if not isinstance(layer, nn.Identity):
+                        layer.compile()
             if shard:
                 fully_shard(block, **fsdp_kwargs)
         if shard:
@@ -200,6 +206,20 @@ def parallelize_from_config(parts: nn.ModuleDict, cfg: DictConfig, role: str, de
             name=f"{role}.{name}",
         )
     return parts
+
+
+def check_compile_toolchain(device: torch.device) -> None:
+    """Raise ConfigError when ``train.compile`` cannot work on ``device``: on a CPU, Inductor builds its kernels with
+    a C++ compiler (``$CXX``, else g++; clang++ on macOS), and without one the first step would fail with a long
+    traceback after the data and model are built."""
+    if device.type != "cpu":
+        return
+    compiler = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    if shutil.which(compiler) is None:
+        raise ConfigError(
+            f"train.compile=true on a CPU needs a C++ compiler for torch.compile's kernels, and {compiler} is not on "
+            "PATH: install one (e.g. apt install g++), name it in $CXX, or set train.compile=false"
+        )
 
 
 def allow_tf32_matmul() -> None:

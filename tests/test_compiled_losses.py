@@ -1,4 +1,5 @@
-"""``train.compile``'s compiled cross-entropies and Sinkhorn-Knopp give the eager losses, gradients and targets."""
+"""``train.compile``: the compiled cross-entropies and Sinkhorn-Knopp give the eager losses, gradients and targets,
+and the compiled blocks stay compiled."""
 
 from __future__ import annotations
 
@@ -81,6 +82,11 @@ def test_compiled_sinkhorn_knopp_matches_stored_targets() -> None:
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = sinkhorn_knopp(logits, 0.06, n_samples=45, compiled=True)
     torch.testing.assert_close(compiled, sinkhorn_knopp(logits, 0.06, n_samples=45), rtol=1e-5, atol=1e-12)
+    # Both dtypes and the 0, 1 and many row counts fit each function's variants, none left uncompiled.
+    with torch._dynamo.config.patch(recompile_limit=6, fail_on_recompile_limit_hit=True):
+        for dtype in (torch.float32, torch.bfloat16):
+            for rows in (0, 1, 2, 45):
+                sinkhorn_knopp(torch.rand(rows, 640).to(dtype), 0.05, n_samples=max(rows, 1), compiled=True)
 
 
 def test_compiled_sinkhorn_knopp_runs_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,3 +129,25 @@ def test_benchmark_flop_count_leaves_compiled_code_compiled(load_script: Callabl
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     assert any("Torch-Compiled Region" in event.name for event in prof.events())
+
+
+def test_compiled_block_chunks_share_one_compiled_block() -> None:
+    """With ``student.block_chunks`` the blocks inside the chunks are compiled, not the chunks: chunks differ in
+    layout, and four of them, each with and without gradients, filled Dynamo's 8 variants and left the rest of the
+    run uncompiled. Per block, two variants (gradients or not) serve them all."""
+    from dinov2.layers.block import Block, BlockChunk
+    from dinov2.models import DinoVisionTransformer
+    from dinov2.parallel import parallelize_model
+
+    torch.manual_seed(0)
+    model = DinoVisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=4, num_heads=2, block_chunks=4)
+    parallelize_model(model, compile=True)
+    assert all(isinstance(chunk, BlockChunk) and chunk._compiled_call_impl is None for chunk in model.blocks)
+    blocks = [layer for chunk in model.blocks for layer in chunk if isinstance(layer, Block)]
+    assert len(blocks) == 4 and all(block._compiled_call_impl is not None for block in blocks)
+    x = torch.randn(2, 3, 28, 28)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        model(x).sum().backward()
+        with torch.no_grad():
+            model(x)

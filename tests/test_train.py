@@ -148,7 +148,8 @@ def test_demo_run_writes_its_outputs_and_learns(tmp_path: Path, demo) -> None:
 
     log = (out / "log.txt").read_text()
     assert f"training iterations 0 -> {n_iter}" in log and f"it {n_iter - 1}/{n_iter}" in log
-    assert re.search(r"it 0/40  loss .* img/s  eta \d+:\d\d:\d\d\n", log)  # time left, from the last steps' pace
+    assert re.search(r"it 0/40  loss .* img/s  eta after the start-up step\n", log)  # its pace includes start-up
+    assert re.search(r"it 9/40  loss .* img/s  eta \d+:\d\d:\d\d\n", log)  # time left, from the last steps' pace
     assert re.search(r"it 39/40  loss .* img/s  eta 0:00:00\n", log)
     assert (out / "checkpoints" / f"{n_iter - 1:09d}").is_dir()
     assert (out / "checkpoints" / "latest").read_text().strip() == f"{n_iter - 1:09d}"
@@ -466,6 +467,17 @@ def test_a_batch_without_a_readable_image_stops_the_run_with_its_iteration(tmp_p
 def test_an_unavailable_device_is_a_config_error(tmp_path: Path, demo) -> None:
     with pytest.raises(ConfigError, match=r"train.device=cuda: device 'cuda' was requested but CUDA is not available"):
         _train(tmp_path / "run", demo.lists_dir, "train.device=cuda")
+
+
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_a_config_error(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the data and model are built: without one the first step failed with a 110-line Inductor traceback."""
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    message = r"train.compile=true on a CPU needs a C\+\+ compiler .* no-such-c\+\+-compiler is not on PATH"
+    with pytest.raises(ConfigError, match=message):
+        _train(tmp_path / "run", demo.lists_dir, "train.compile=true", "train.device=cpu")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(

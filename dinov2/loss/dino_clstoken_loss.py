@@ -106,11 +106,10 @@ def _shifted_exp(logits: torch.Tensor, shift: torch.Tensor, temp: torch.Tensor) 
 
 
 def _weighted_column_sums(
-    logits: torch.Tensor, shift: torch.Tensor, temp: torch.Tensor, row_weights: torch.Tensor | None
+    logits: torch.Tensor, shift: torch.Tensor, temp: torch.Tensor, row_weights: torch.Tensor
 ) -> torch.Tensor:
-    """``sum_i w_i Q_ik`` (all ``w_i = 1`` for None), ``Q`` never written out once compiled."""
-    q = _shifted_exp(logits, shift, temp)
-    return (q if row_weights is None else q * row_weights.unsqueeze(1)).sum(dim=0)
+    """``sum_i w_i Q_ik``, ``Q`` never written out once compiled."""
+    return (_shifted_exp(logits, shift, temp) * row_weights.unsqueeze(1)).sum(dim=0)
 
 
 def _weighted_row_sums(
@@ -129,7 +128,11 @@ def _balanced(
 
 @functools.cache
 def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``fn`` compiled once per process, with dynamic shapes (the number of masked tokens changes every step)."""
+    """``fn`` compiled once per process, with dynamic shapes (the number of masked tokens changes every step).
+
+    Dynamo still keeps a variant per dtype of the logits and for 0, 1 and more rows (it specialises on 0 and 1),
+    three per dtype, well within its limit of 8.
+    """
     return torch.compile(fn, dynamic=True)
 
 
@@ -144,7 +147,9 @@ class _RecomputedPasses:
         self.temp = torch.full((), temp, dtype=shift.dtype, device=logits.device)
 
     def column_sums(self, row_weights: torch.Tensor | None) -> torch.Tensor:
-        """``sum_i w_i Q_ik`` (all ``w_i = 1`` for None)."""
+        """``sum_i w_i Q_ik`` (all ``w_i = 1`` for None: a vector of ones, so that one compiled variant serves both)."""
+        if row_weights is None:
+            row_weights = torch.ones(self.logits.shape[0], dtype=self.shift.dtype, device=self.logits.device)
         return _compiled(_weighted_column_sums)(self.logits, self.shift, self.temp, row_weights)
 
     def row_sums(self, column_weights: torch.Tensor) -> torch.Tensor:

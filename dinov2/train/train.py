@@ -44,6 +44,7 @@ from dinov2.parallel import (
     allow_tf32_matmul,
     autocast_dtype,
     build_grad_scaler,
+    check_compile_toolchain,
     clip_grad_norm,
     parallelize_from_config,
 )
@@ -438,12 +439,19 @@ def colour_augmentation_on_device(cfg: DictConfig, device: torch.device) -> bool
     return on_device
 
 
-def log_progress(record: dict[str, Any], max_iter: int, seconds_per_step: float) -> None:
-    """One log line of a logged step: the losses, lr, throughput and the time left."""
+def log_progress(record: dict[str, Any], max_iter: int, seconds_per_step: float, first: bool = False) -> None:
+    """One log line of a logged step: the losses, lr, throughput and the time left.
+
+    The ``first`` step of a run (or of a resume) carries the start-up (the loader's workers, ``torch.compile``,
+    the device's warm-up), so its pace says nothing about the time left, which the next logged step gives.
+    """
     terms = ", ".join(
         f"{k.removesuffix('_loss')} {v:.4f}" for k, v in record.items() if k.endswith("_loss") and k != "total_loss"
     )
-    eta = timedelta(seconds=round((max_iter - 1 - record["iteration"]) * seconds_per_step))
+    if first:
+        eta = "after the start-up step"
+    else:
+        eta = str(timedelta(seconds=round((max_iter - 1 - record["iteration"]) * seconds_per_step)))
     scale = f"  loss scale {record['loss_scale']:g}" if "loss_scale" in record else ""
     logger.info(
         "it %d/%d  loss %.4f (%s)  lr %.2e%s  %.1f img/s  eta %s",
@@ -601,7 +609,8 @@ def train(
                     last["rankme"], last["rankme_crops"] = rankme_score
                     logger.info("RankMe of the teacher's CLS tokens on %d global crops: %.1f", *rankme_score[::-1])
                 metrics.log(last)
-                log_progress(last, max_iter, seconds_per_step=elapsed * global_batch / max(window_images, 1))
+                log_progress(last, max_iter, seconds_per_step=elapsed * global_batch / max(window_images, 1),
+                             first=iteration == start_iter and not is_last)
                 window_start, window_images = time.perf_counter(), 0
 
             if export_now:
@@ -695,6 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
             raise ConfigError(f"--output-dir (train.output_dir) {output_dir}: {err.strerror or err}{where}") from None
         apply_scaling_rules_to_cfg(cfg, info.world_size)
+        if cfg.train.compile:
+            check_compile_toolchain(info.device)
         config_file = output_dir / "config.yaml"
         # An earlier run's config, kept in case this run starts over (its exports need it to load).
         previous = config_file.read_text() if info.is_main_process and config_file.is_file() else None
