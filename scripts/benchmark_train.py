@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(f"{key:>26}: {value:.4g}")
         print(f"images_per_s={images_per_s:.2f} mfu={mfu:.3f} peak_mem_gb={peak_mem_gb:.2f}")
     if args.profile:  # after the figures are printed, which a failed write must not lose
-        write_profile(step, device, Path(args.profile))
+        write_profile(step, device, Path(args.profile), save=info.is_main_process)
     distributed.destroy()
     return result
 
@@ -317,12 +317,17 @@ def time_steps(step: Any, device: torch.device, iters: int) -> tuple[float, floa
     return statistics.median(times), peak_mem_gb
 
 
-def write_profile(step: Any, device: torch.device, path: Path) -> None:
-    """Profile one call of ``step``: the operator table sorted by self time to ``path``, a Chrome trace beside it."""
+def write_profile(step: Any, device: torch.device, path: Path, save: bool = True) -> None:
+    """Profile one call of ``step``: the operator table sorted by self time to ``path``, a Chrome trace beside it.
+
+    Every rank runs the step (it holds collectives); only one with ``save`` writes the files.
+    """
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
         step()
         synchronize(device)
+    if not save:
+        return
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(

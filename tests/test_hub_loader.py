@@ -580,10 +580,11 @@ def test_benchmark_overrides_may_precede_options(load_script: Callable[[str], Mo
 
 
 def test_benchmark_train_reports_its_figures(
-    load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    """The demo step on this CPU: the figures of the last line agree with the result, and the options reach the
-    config (a batch of 2, the DinoBloom crops)."""
+    """The demo step on this CPU: the figures of the last line agree with the result, the options reach the
+    config (a batch of 2, the DinoBloom crops), and ``--profile`` writes its table and trace after the figures."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     script = load_script("benchmark_train")
@@ -595,9 +596,12 @@ def test_benchmark_train_reports_its_figures(
     threads = torch.get_num_threads()
     try:
         result = script.main(["--config-file", str(REPO_ROOT / "dinov2/configs/train/demo.yaml"), "--batch-size", "2",
-                              "--iters", "1", "--warmup", "0", "--threads", "1"])  # fmt: skip
+                              "--iters", "1", "--warmup", "0", "--threads", "1",
+                              "--profile", str(tmp_path / "profiles" / "step.txt")])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
+    assert "Self CPU" in (tmp_path / "profiles" / "step.txt").read_text()
+    assert (tmp_path / "profiles" / "step.json.gz").stat().st_size > 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     figures = dict(item.split("=") for item in last.split())
     assert set(figures) == {"images_per_s", "mfu", "peak_mem_gb"}
