@@ -208,17 +208,17 @@ def parallelize_from_config(parts: nn.ModuleDict, cfg: DictConfig, role: str, de
     return parts
 
 
-def check_compile_toolchain(device: torch.device) -> None:
-    """Raise ConfigError when ``train.compile`` cannot work on ``device``: on a CPU, Inductor builds its kernels with
-    a C++ compiler (``$CXX``, else g++; clang++ on macOS), and without one the first step would fail with a long
-    traceback after the data and model are built."""
+def check_compile_toolchain(device: torch.device, setting: str = "train.compile") -> None:
+    """Raise ConfigError when torch.compile cannot work on ``device``: on a CPU, Inductor builds its kernels with
+    a C++ compiler (``$CXX``, else g++; clang++ on macOS), and without one the first compiled call would fail with a
+    long traceback after the data and model are built. ``setting`` names the option that asked for compilation."""
     if device.type != "cpu":
         return
     compiler = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
     if shutil.which(compiler) is None:
         raise ConfigError(
-            f"train.compile=true on a CPU needs a C++ compiler for torch.compile's kernels, and {compiler} is not on "
-            "PATH: install one (e.g. apt install g++), name it in $CXX, or set train.compile=false"
+            f"{setting} on a CPU needs a C++ compiler for torch.compile's kernels, and {compiler} is not on "
+            f"PATH: install one (e.g. apt install g++), name it in $CXX, or turn {setting} off"
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -582,3 +583,46 @@ def test_a_training_export_is_embedded_at_the_size_its_run_trained_at(
     assert in_run.meta["img_size"] == 224
     with pytest.raises(SystemExit):  # 0 is not a size (and must not mean "the default")
         ef.main(["--weights", str(export), "--output", str(tmp_path / "d.h5"), "--img-size", "0", *common])
+
+
+def test_bf16_on_a_cpu_autocasts_and_is_recorded(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path
+) -> None:
+    """`--precision bf16` on a CPU computes in bf16 (it used to fall back to fp32 there): close to, not equal to,
+    the float32 features, and the file says so."""
+    weights, model = tiny_weights
+    output = tmp_path / "bf16.h5"
+    ef.main(["--weights", str(weights), "--data", str(image_folder), "--output", str(output), "--img-size", str(IMG),
+             "--num-workers", "0", "--device", "cpu", "--precision", "bf16"])  # fmt: skip
+    result = load_features(output)
+    assert result.meta["precision"] == "bf16" and result.features.dtype == np.float32
+    expected = np.stack([_expected_feature(model, image_folder / rel) for rel in result.paths])
+    difference = np.abs(result.features - expected).max()
+    assert 1e-4 < difference < 0.1 * np.abs(expected).max()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler (g++)")
+def test_compiled_extraction_gives_the_eager_features(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path
+) -> None:
+    """`--compile` with a batch size that leaves a short last batch (4 readable images of 5, batches of 3): the
+    padded batch's extra rows are dropped and every image keeps its own features."""
+    weights, model = tiny_weights
+    output = tmp_path / "compiled.h5"
+    ef.main(["--weights", str(weights), "--data", str(image_folder), "--output", str(output), "--img-size", str(IMG),
+             "--num-workers", "0", "--device", "cpu", "--batch-size", "3", "--compile"])  # fmt: skip
+    result = load_features(output)
+    assert len(result) == 4 and result.meta["compiled"] is True
+    for row, rel in zip(result.features, result.paths):
+        np.testing.assert_allclose(row, _expected_feature(model, image_folder / rel), atol=1e-5)
+
+
+def test_compile_without_a_cpp_compiler_is_an_error_before_any_work(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    with pytest.raises(ValueError, match=r"--compile on a CPU needs a C\+\+ compiler .* turn --compile off"):
+        ef.extract_features(image_folder, tmp_path / "f.h5", weights=tiny_weights[0], img_size=IMG, device="cpu",
+                            compile=True)  # fmt: skip
+    assert not (tmp_path / "f.h5").exists() and not (tmp_path / "f.h5.partial").exists()

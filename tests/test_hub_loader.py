@@ -538,6 +538,24 @@ def test_benchmark_runs_and_checks_agreement(
     assert "dinov2 (ours)" in table and "timm vit_small_patch14_dinov2" in table and "images / s" in table
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler (g++)")
+def test_benchmark_times_bf16_compiled_extraction(
+    capsys: pytest.CaptureFixture[str], load_script: Callable[[str], ModuleType]
+) -> None:
+    """The mode `extract_features --precision bf16 --compile` runs in, for both models; the first call compiles, so
+    it must be a warm-up call."""
+    pytest.importorskip("timm")
+    benchmark = load_script("benchmark_features")
+    with pytest.raises(SystemExit):
+        benchmark.main(["--compile", "--warmup", "0"])
+    assert "--compile needs --warmup 1 or more" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        results = benchmark.main(["--batch-size", "2", "--img-size", "28", "--iters", "1", "--warmup", "1",
+                                  "--precision", "bf16", "--compile"])  # fmt: skip
+    assert len(results) == 2 and all(math.isfinite(t) and t > 0 for t in results.values())
+    assert "batch 2, bf16, compiled, cpu" in capsys.readouterr().out
+
+
 def test_script_clis_have_help(capsys: pytest.CaptureFixture[str], load_script: Callable[[str], ModuleType]) -> None:
     for name, flag in (("export_timm", "--weights"), ("benchmark_features", "--batch-size")):
         with pytest.raises(SystemExit) as info:

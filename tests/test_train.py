@@ -474,7 +474,7 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_a_config_error(
 ) -> None:
     """Before the data and model are built: without one the first step failed with a 110-line Inductor traceback."""
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
-    message = r"train.compile=true on a CPU needs a C\+\+ compiler .* no-such-c\+\+-compiler is not on PATH"
+    message = r"train.compile on a CPU needs a C\+\+ compiler .* no-such-c\+\+-compiler is not on PATH"
     with pytest.raises(ConfigError, match=message):
         _train(tmp_path / "run", demo.lists_dir, "train.compile=true", "train.device=cpu")
     assert not (tmp_path / "run" / "checkpoints").exists()
