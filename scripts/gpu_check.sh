@@ -84,6 +84,9 @@ step train_vits14_demo_compile 150 $PY dinov2/train/train.py --config-file dinov
   student.pretrained_weights=null train.batch_size_per_gpu=128 train.num_workers=16 train.compile=true \
   train.OFFICIAL_EPOCH_LENGTH=100 optim.epochs=1 optim.warmup_epochs=0 teacher.warmup_teacher_temp_epochs=0
 step features_vits14 45 $PY scripts/benchmark_features.py --device cuda --batch-size 256 --iters 20
+# What `extract_features --precision bf16 --compile` gives on the GPU, ours and timm alike.
+step features_vits14_bf16_compile 90 $PY scripts/benchmark_features.py --device cuda --batch-size 256 --iters 20 \
+  --precision bf16 --compile
 # Below: figures measured before, checked again if time is left. Does MFU grow with the batch (fixed per-step
 # costs) or not (per-image costs)? ViT-S x2, ViT-L x1.5, eager.
 step vits14_bf16_b256 90 $PY scripts/benchmark_train.py --arch vit_small --batch-size 256 $HEADS --iters 6
