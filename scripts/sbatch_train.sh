@@ -8,7 +8,8 @@
 # Command-line sbatch flags override the #SBATCH lines below. 120 s before the time limit SLURM
 # sends SIGUSR1 to this script; it forwards the signal to the training, which saves a checkpoint
 # and exits, then requeues the job. The requeued job runs this script again with the same
-# arguments, and train.py resumes from the last checkpoint in OUTPUT_DIR.
+# arguments, and train.py resumes from the last checkpoint in OUTPUT_DIR (also when --no-resume or
+# train.resume=false started the run afresh).
 # The SIGUSR1 forwarding needs torchrun's --signals-to-handle (PyTorch >= 2.9; without it, a warning says that the
 # job is requeued from its last periodic checkpoint instead). torchrun then waits
 # --shutdown-timeout seconds for the checkpoint (PyTorch 2.14 has it); an older torchrun, without that option,
@@ -46,6 +47,16 @@ fi
 CONFIG=$1
 OUTPUT_DIR=$2
 shift 2
+TRAIN_ARGS=("$@")
+if [[ ${SLURM_RESTART_COUNT:-0} -gt 0 ]]; then
+    # A requeued job (by this script near the time limit, or by SLURM after a preemption) resumes, even when
+    # --no-resume or train.resume=false started the run afresh: the last override wins.
+    TRAIN_ARGS=()
+    for arg in "$@"; do
+        [[ $arg == --no-resume ]] || TRAIN_ARGS+=("$arg")
+    done
+    TRAIN_ARGS+=(train.resume=true)
+fi
 
 # Activate the environment that has dinobloom installed, e.g.:
 # source /path/to/venv/bin/activate
@@ -104,6 +115,6 @@ srun --kill-on-bad-exit=1 torchrun \
     --rdzv_backend c10d \
     --rdzv_endpoint "$MASTER_ADDR:$RDZV_PORT" \
     ${TORCHRUN_ARGS[@]+"${TORCHRUN_ARGS[@]}"} \
-    dinov2/train/train.py --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" "$@" &
+    dinov2/train/train.py --config-file "$CONFIG" --output-dir "$OUTPUT_DIR" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} &
 SRUN_PID=$!
 wait "$SRUN_PID"

@@ -142,13 +142,17 @@ def test_local_run_keeps_the_callers_gpus(tmp_path: Path, monkeypatch: pytest.Mo
     assert "visible_gpus" not in launcher.local_executor_parameters(launcher.parse_request(argv))
 
 
-def test_requeued_job_drops_no_resume() -> None:
-    argv = ["--config-file", "c.yaml", "--output-dir", "out", "--no-resume", "optim.epochs=3"]
+def test_requeued_job_resumes_whatever_started_it_afresh() -> None:
+    """--no-resume and train.resume=false (command line or config file) started the job afresh; its requeued job
+    must resume, or every preemption would throw the progress away."""
+    argv = ["--config-file", "c.yaml", "--output-dir", "out", "--no-resume", "optim.epochs=3", "train.resume=false"]
     job = launcher.TrainingJob(argv)
     delayed = job.checkpoint()
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     assert isinstance(delayed.function, launcher.TrainingJob)
-    assert delayed.function.argv == ["--config-file", "c.yaml", "--output-dir", "out", "optim.epochs=3"]
+    assert delayed.function.argv == [
+        "--config-file", "c.yaml", "--output-dir", "out", "optim.epochs=3", "train.resume=false", "train.resume=true"
+    ]  # fmt: skip
     assert delayed.args == () and delayed.kwargs == {}
     assert job.argv == argv  # the running job keeps its own arguments
 
@@ -205,7 +209,7 @@ def test_training_job_sets_env_then_calls_train_main(monkeypatch: pytest.MonkeyP
     # a job that SLURM requeued by itself must resume, not start over
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     launcher.TrainingJob(["--config-file", "c.yaml", "--no-resume", "a.b=1"])()
-    assert seen["argv"] == ["--config-file", "c.yaml", "a.b=1"]
+    assert seen["argv"] == ["--config-file", "c.yaml", "a.b=1", "train.resume=true"]
 
     fake_module.main = lambda argv: 1  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="exit status 1"):
@@ -347,6 +351,31 @@ def test_sbatch_script_checkpoints_before_requeue(tmp_path: Path, torchrun_versi
     # the rendezvous port is the job's own (20000 + id % 20000); srun passes sbatch's CPUs per task on
     assert events[1:] == ["srun cpus 80", "started", "checkpoint saved", "scontrol requeue 77"]
     assert "requeueing job 77" in output
+
+
+@pytest.mark.parametrize("restart_count", ["0", "1"])
+def test_sbatch_script_resumes_a_requeued_job(tmp_path: Path, restart_count: str) -> None:
+    """A run started afresh (--no-resume, train.resume=false) must resume once requeued (SLURM_RESTART_COUNT > 0),
+    or every preemption or time limit would start it over."""
+    log = tmp_path / "torchrun.log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_executable(bin_dir / "srun", '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    _write_executable(bin_dir / "scontrol", "#!/bin/bash\necho node1\n")
+    _write_executable(bin_dir / "torchrun", f'#!/bin/bash\n[[ $1 == --help ]] && exit 0\necho "$*" >> {log}\n')
+    env = dict(
+        os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_JOB_NODELIST="node1",
+        SLURM_NNODES="1", SLURM_GPUS_ON_NODE="1", SLURM_SUBMIT_DIR=str(REPO_ROOT), SLURM_RESTART_COUNT=restart_count,
+    )  # fmt: skip
+    args = ["cfg.yaml", "/scratch/run1", "--no-resume", "optim.epochs=2", "train.resume=false"]
+    result = subprocess.run(["bash", str(SBATCH_SCRIPT), *args], env=env, cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    training_args = log.read_text().split("dinov2/train/train.py ")[1].split()
+    if restart_count == "0":
+        assert training_args[4:] == ["--no-resume", "optim.epochs=2", "train.resume=false"]
+    else:
+        assert training_args[4:] == ["optim.epochs=2", "train.resume=false", "train.resume=true"]
 
 
 # ----------------------------------------------------------------------------- end to end, submitit's LocalExecutor

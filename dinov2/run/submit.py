@@ -112,9 +112,10 @@ class JobEnvironmentLike(Protocol):
     hostnames: Sequence[str]
 
 
-def strip_no_resume(argv: Sequence[str]) -> list[str]:
-    """Return the training arguments without ``--no-resume``, so that a requeued job resumes."""
-    return [arg for arg in argv if arg != "--no-resume"]
+def resuming(argv: Sequence[str]) -> list[str]:
+    """The training arguments of a requeued job: without ``--no-resume``, and with ``train.resume=true`` last (it
+    overrides a ``train.resume=false`` of the command line or the config file), so that it resumes."""
+    return [arg for arg in argv if arg != "--no-resume"] + ["train.resume=true"]
 
 
 def torchrun_env(job_env: JobEnvironmentLike) -> dict[str, str]:
@@ -144,7 +145,7 @@ class TrainingJob(Checkpointable):
         argv = list(self.argv)
         if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
             # SLURM requeued the job by itself (preemption, node failure): resume rather than start over.
-            argv = strip_no_resume(argv)
+            argv = resuming(argv)
         logger.info("%s runs: train.py %s", job_env, " ".join(argv))
         status = train_main(argv)
         if status != 0:
@@ -153,7 +154,7 @@ class TrainingJob(Checkpointable):
 
     def checkpoint(self) -> DelayedSubmission:
         """Requeue the same training; train.py resumes from the last checkpoint in its output dir."""
-        return DelayedSubmission(TrainingJob(strip_no_resume(self.argv)))
+        return DelayedSubmission(TrainingJob(resuming(self.argv)))
 
 
 def build_parser() -> argparse.ArgumentParser:
