@@ -34,7 +34,7 @@ from dinov2.models import DinoVisionTransformer
 from dinov2.train import train as train_module
 from dinov2.train.data import build_train_dataset
 from dinov2.train.knn_monitor import END_OF_TRAINING
-from dinov2.train.train import PreemptionHandler, build_parser, main, setup_logging
+from dinov2.train.train import PreemptionHandler, build_parser, check_bad_images, main, setup_logging
 
 DEMO_CONFIG = TRAIN_CONFIG_DIR / "demo.yaml"
 # Two heads of 32 dimensions: the shapes alone would suggest one head of 64, so loading an exported file with
@@ -448,6 +448,18 @@ def test_too_many_unreadable_images_stop_the_run(tmp_path: Path, demo) -> None:
     list_file, _ = _damaged_list(tmp_path, demo)
     with pytest.raises(DatasetError, match=r"train\.max_bad_image_fraction=0\.01"):
         _train(tmp_path / "run", list_file, "train.max_bad_image_fraction=0.01", epochs=1, epoch_length=8)
+
+
+def test_one_bad_image_in_a_small_data_set_is_tolerated() -> None:
+    """At 1 % of 33 images the fraction alone would stop a run at its first bad image; 0 means none at all."""
+    check_bad_images(1, images_seen=24, dataset_size=33, max_fraction=0.01)
+    with pytest.raises(DatasetError, match="2 of the 24 images read so far were unreadable"):
+        check_bad_images(2, images_seen=24, dataset_size=33, max_fraction=0.01)
+    with pytest.raises(DatasetError, match="1 of the 24 images"):
+        check_bad_images(1, images_seen=24, dataset_size=33, max_fraction=0.0)
+    check_bad_images(10, images_seen=2000, dataset_size=5000, max_fraction=0.01)  # the fraction itself above 1
+    with pytest.raises(DatasetError):
+        check_bad_images(21, images_seen=2000, dataset_size=5000, max_fraction=0.01)
 
 
 def test_a_batch_without_a_readable_image_stops_the_run_with_its_iteration(tmp_path: Path) -> None:

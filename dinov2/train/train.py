@@ -305,9 +305,11 @@ def check_bad_images(bad_images: int, images_seen: int, dataset_size: int, max_f
     """Raise when more than ``max_fraction`` of the images read so far were unreadable.
 
     Until ``min(dataset_size, 1000)`` images have been read the fraction is taken of that many, so that one bad image
-    in the first batch does not stop a run.
+    in the first batch does not stop a run; one bad image is always tolerated unless ``max_fraction`` is 0 (in a
+    data set of fewer than 100 images the fraction alone would allow none).
     """
-    if bad_images > max_fraction * max(images_seen, min(dataset_size, 1000)):
+    allowed = max_fraction * max(images_seen, min(dataset_size, 1000))
+    if bad_images > (max(allowed, 1.0) if max_fraction > 0 else 0.0):
         raise DatasetError(
             f"{bad_images} of the {images_seen} images read so far were unreadable, more than "
             f"train.max_bad_image_fraction={max_fraction} allows; the 'skipping unreadable image' warnings in "
