@@ -12,6 +12,14 @@
 # kill: gpu_check.log (everything), summary.txt (each step's exit status, time and result lines) and the two
 # profiles of the ViT-S step (.txt tables, gzipped .json.gz traces). Record the figures in docs/benchmarks.md.
 set -uo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p}' "$0"
+    exit 0
+fi
+if [[ ${1:-} == -* ]]; then
+    echo "error: unknown option $1 (usage: bash scripts/gpu_check.sh [LOG_DIR]; --help for more)" >&2
+    exit 2
+fi
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${OUT:-gpu_check_logs}}
 mkdir -p "$LOG_DIR"

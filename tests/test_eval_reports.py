@@ -307,3 +307,5 @@ def test_shipped_configs_parse_with_their_cli(name: str) -> None:
     args = protocol.parse_args_with_config(parser, ["--config", str(config), *required])
     for key, value in yaml.safe_load(config.read_text()).items():
         assert getattr(args, key) == value, key
+    if name == "pca":  # the size then follows the weights (a training export's trained size), as without --config
+        assert args.img_size is None

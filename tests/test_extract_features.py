@@ -626,3 +626,14 @@ def test_compile_without_a_cpp_compiler_is_an_error_before_any_work(
         ef.extract_features(image_folder, tmp_path / "f.h5", weights=tiny_weights[0], img_size=IMG, device="cpu",
                             compile=True)  # fmt: skip
     assert not (tmp_path / "f.h5").exists() and not (tmp_path / "f.h5.partial").exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [("--batch-size", "0", "must be >= 1"),
+                                                        ("--num-workers", "-1", "must be >= 0")])
+def test_counts_are_checked_by_the_command_line(
+    flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The option is named (it used to be torch's DataLoader error, after the model was loaded)."""
+    with pytest.raises(SystemExit) as info:
+        ef.main(["--data", "cells", "--output", "f.h5", flag, value])
+    assert info.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err

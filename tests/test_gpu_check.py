@@ -105,3 +105,13 @@ def test_gpu_check_stops_when_the_preflight_fails(tmp_path: Path) -> None:
     assert run.returncode == 1
     assert "no CUDA device" in run.stdout and "preflight failed" in run.stdout
     assert "=== vits14_nccl_bf16" not in run.stdout
+
+
+def test_gpu_check_help_and_a_mistyped_option_start_nothing(tmp_path: Path) -> None:
+    """`--help` used to be taken as the log folder, and the check then spent a lent GPU's whole budget."""
+    script = str(REPO_ROOT / "scripts" / "gpu_check.sh")
+    shown = subprocess.run(["bash", script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "bash scripts/gpu_check.sh [LOG_DIR]" in shown.stdout
+    refused = subprocess.run(["bash", script, "--log-dir"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "unknown option --log-dir" in refused.stderr
+    assert list(tmp_path.iterdir()) == [] and not (REPO_ROOT / "--log-dir").exists()

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dinov2.cli import positive_int
+from dinov2.cli import non_negative_int, positive_int
 from dinov2.data.transforms import EVAL_RESIZES
 from dinov2.eval import knn, linear, metrics, protocol, reports
 
@@ -90,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input size for feature extraction (default: the run's crops.global_crops_size)")
     parser.add_argument("--resize", choices=EVAL_RESIZES, default="bilinear",
                         help="how images are resized (see python -m dinov2.eval.extract_features --help)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-    parser.add_argument("--num-workers", type=int, default=0, help="image-loading processes for extraction")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0,
+                        help="image-loading processes for extraction (default 0)")
     parser.add_argument("--keep-features", action="store_true",
                         help="also write features/<checkpoint folder>.h5 (training_init.h5, training_149.h5, ...)")
     return parser

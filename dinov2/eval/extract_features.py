@@ -54,7 +54,7 @@ from dinov2.data.datasets import IMAGE_EXTENSIONS, DatasetError, check_image_pat
 from dinov2.data.transforms import EVAL_RESIZES, IMAGE_LOAD_ERRORS, load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, check_writable, save_features
 from dinov2.eval.partial_features import PartialFeatures, image_list_digest
-from dinov2.cli import positive_int, run_cli
+from dinov2.cli import non_negative_int, positive_int, run_cli
 from dinov2.eval.protocol import resolve_device
 from dinov2.hub import RELEASE_URLS, load_backbone
 from dinov2.hub.backbones import run_image_size
@@ -451,8 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="image folder (<label>/.../<image>), .txt list or .csv (path,label)"
     )
     parser.add_argument("--output", required=True, help="features file to write (.h5 or .npz)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--num-workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
+                        help="image-loading processes (default: the CPU count, at most 8)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--img-size", type=positive_int, default=None,
                         help="images are resized to this square size (default: for a training run's "

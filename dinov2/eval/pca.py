@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=positive_int, default=None,
                         help="input size (default: for a training run's teacher_checkpoint.pth the size it trained at, "
                         "else 224: 16x16 patches)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="background cut on the scaled first component")
-    parser.add_argument("--foreground", choices=FOREGROUND_MODES, default="auto", help="side of the threshold kept")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="background cut on the scaled first component (default 0.5)")
+    parser.add_argument("--foreground", choices=FOREGROUND_MODES, default="auto",
+                        help="side of the threshold kept (default auto)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     return parser
 
