@@ -167,8 +167,14 @@ def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"fake\.safetensors is not a valid safetensors file"):
         load_pretrained_backbone_state(fake_st)
 
-    with pytest.raises(CheckpointError, match="weights file not found"):
+    with pytest.raises(CheckpointError, match=r"weights file not found: \S*absent\.pth$"):
         load_pretrained_backbone_state(tmp_path / "absent.pth")
+    # a published file not downloaded yet: where to get it (the README's training commands name these files)
+    for name, url in (("DinoBloom-S.pth", "https://zenodo.org/records/10908163/files/DinoBloom-S.pth"),
+                      ("dinov2_vitb14_pretrain.pth",
+                       "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth")):
+        with pytest.raises(CheckpointError, match=f"weights file not found: .*{name}; .*download it from {url}"):
+            load_pretrained_backbone_state(tmp_path / "weights" / name)
     checkpoint_folder = tmp_path / "checkpoints" / "000000299"
     checkpoint_folder.mkdir(parents=True)
     with pytest.raises(CheckpointError, match=r"000000299 is a folder, not a weights file.*teacher_checkpoint\.pth"):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinov2.hub.releases import release_url_of_file
 from dinov2.models.vision_transformer import ARCH_SIZES, arch_of_width, resample_pos_embed
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ def _read_file(path: Path) -> Any:
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a weights file; {_TRAINING_EXPORT_HINT}")
     if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
+        url = release_url_of_file(path.name)
+        hint = f"; it is a published file: download it from {url}, or give that URL instead" if url else ""
+        raise CheckpointError(f"weights file not found: {path}{hint}")
     if path.suffix == ".distcp" or path.name == ".metadata":
         raise CheckpointError(
             f"{path} is one shard of a torch.distributed.checkpoint folder, not a weights file; {_TRAINING_EXPORT_HINT}"
