@@ -255,7 +255,11 @@ def load_checkpoint(
         with _single_process_is_intended():
             dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
     except CheckpointException as err:
-        causes = "; ".join(f"rank {rank}: {failure}" for rank, failure in err.failures.items())
+        # each failure is an exception, or (in some PyTorch versions) a tuple of it and its traceback's frames
+        causes = "; ".join(
+            f"rank {rank}: {failure[0] if isinstance(failure, tuple) else failure}"
+            for rank, failure in err.failures.items()
+        )
         raise CheckpointError(
             f"{path}: cannot load into this model/optimizer: {causes} (if the folder is damaged, remove it to resume "
             "from the checkpoint before it)"

@@ -348,6 +348,9 @@ def test_config_differences_name_each_changed_key() -> None:
         "crops.global_crops_scale: [0.32, 1.0] -> [0.4, 1.0]",
         f"optim.base_lr: {before.optim.base_lr} -> 0.001",
     ]
+    assert config_differences(before, after, ignore=("optim.base_lr",)) == [
+        "crops.global_crops_scale: [0.32, 1.0] -> [0.4, 1.0]"
+    ]
     older = OmegaConf.create({"train": {"retired_key": 1}})
     assert config_differences(older, OmegaConf.create({})) == ["train.retired_key: 1 -> (absent)"]
 

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -407,6 +408,13 @@ def test_settings_changed_on_resume_are_said_and_used(tmp_path: Path, demo) -> N
     assert "saw 32 images in 4 steps; this run takes 4 per step, so its data order and learning rate differ" in (
         out / "log.txt"
     ).read_text()
+    # A run folder moved elsewhere resumes there; its new place is not a changed setting.
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    _train(moved, demo.lists_dir, "train.batch_size_per_gpu=4", "optim.layerwise_decay=0.9",
+           "optim.adamw_beta2=0.95", epochs=4, epoch_length=2)  # fmt: skip
+    resumed = (moved / "log.txt").read_text().split("resuming at iteration")[-2]
+    assert "optim.epochs: 3 -> 4" in resumed and "train.output_dir" not in resumed
 
 
 def _damaged_list(tmp_path: Path, demo) -> tuple[Path, list[str]]:

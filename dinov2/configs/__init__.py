@@ -515,14 +515,15 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def config_differences(before: DictConfig, after: DictConfig) -> list[str]:
-    """``key: old -> new`` for each dotted key whose value differs between two configs (lists compare whole)."""
+def config_differences(before: DictConfig, after: DictConfig, ignore: Sequence[str] = ()) -> list[str]:
+    """``key: old -> new`` for each dotted key whose value differs between two configs (lists compare whole), except
+    the keys in ``ignore``."""
     old, new = flat_config(before), flat_config(after)
     absent = "(absent)"
     return [
         f"{key}: {old.get(key, absent)} -> {new.get(key, absent)}"
         for key in sorted(old.keys() | new.keys())
-        if old.get(key, absent) != new.get(key, absent)
+        if old.get(key, absent) != new.get(key, absent) and key not in ignore
     ]
 
 

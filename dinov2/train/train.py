@@ -491,7 +491,8 @@ def train(
         logger.info("starting from the training checkpoint MODEL.WEIGHTS=%s", latest)
     if latest is not None:
         previous = OmegaConf.create(previous_config) if resuming and previous_config else None
-        run_changes = config_differences(previous, cfg) if previous is not None else []
+        # (a run folder that was moved or copied is not a changed setting)
+        run_changes = config_differences(previous, cfg, ignore=("train.output_dir",)) if previous is not None else []
         try:
             state = load_checkpoint(latest, model, optimizer)
         except CheckpointError as err:  # a setting that renames or reshapes tensors (block_chunks, ffn_layer, ...)
