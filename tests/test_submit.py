@@ -227,9 +227,12 @@ def test_slurm_submission_writes_the_expected_sbatch_file(
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "run"
 
+    lists = tmp_path / "lists"
+    lists.mkdir()
     status = launcher.main(
         ["--nodes", "2", "--ngpus", "8", "--partition", "gpu", "--account", "hema",
-         "--config-file", str(DEMO_CONFIG), "--output-dir", str(out), "--no-resume", "optim.epochs=2"]
+         "--config-file", str(DEMO_CONFIG), "--output-dir", str(out), "--no-resume", "optim.epochs=2",
+         f"train.dataset_path={lists}"]
     )  # fmt: skip
 
     assert status == 0
@@ -254,6 +257,7 @@ def test_slurm_submission_writes_the_expected_sbatch_file(
     delayed = submitit.helpers.DelayedSubmission.load(out / "slurm" / "4242" / "4242_submitted.pkl")
     assert delayed.function.argv == [
         "--config-file", str(DEMO_CONFIG), "--output-dir", str(out), "--no-resume", "optim.epochs=2",
+        f"train.dataset_path={lists}",
     ]  # fmt: skip
 
 
@@ -290,6 +294,33 @@ def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: p
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun: not a SLURM cluster
     with pytest.raises(launcher.LaunchError, match="pass --local to run on this machine"):
         launcher.submit(["--config-file", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "run")])
+
+
+def test_a_job_whose_data_or_weights_are_missing_is_not_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It would wait in the queue for hours, then fail at once. Paths resolved only in the job (${...}) and URLs are
+    not checked, and --no-path-check submits anyway (data that only the compute nodes see)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_executable(bin_dir / "srun", "#!/bin/sh\nexit 0\n")
+    _write_executable(bin_dir / "sbatch", '#!/bin/sh\necho "Submitted batch job 4242"\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    base = ["--config-file", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "run")]
+    absent_data, absent_weights = tmp_path / "no_lists", tmp_path / "dinov2_vits14_pretrain.pth"
+
+    argv = [*base, f"train.dataset_path=HemaStandardDataset:root={absent_data}:shuffle=1",
+            f"student.pretrained_weights={absent_weights}"]  # fmt: skip
+    assert launcher.main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"train.dataset_path={absent_data}, student.pretrained_weights={absent_weights}: not found" in error
+    assert "--no-path-check" in error and not (tmp_path / "run" / "slurm").exists()
+
+    assert launcher.main([*argv, "--no-path-check"]) == 0
+    assert "Submitted job 4242" in capsys.readouterr().out
+    later = [*base, "train.dataset_path=${oc.env:SLURM_TMPDIR}/lists",
+             "student.pretrained_weights=https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"]
+    assert launcher.main(later) == 0
 
 
 def test_missing_submitit_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -378,6 +378,20 @@ def _parse_dataset_spec(dataset_str: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
+def _names_a_path(dataset_str: str) -> bool:
+    """Whether ``dataset_str`` is a path rather than DinoBloom's ``Name:key=value`` spelling."""
+    head = dataset_str.split(":", 1)[0]
+    return ":" not in dataset_str or "/" in head or os.sep in head or "." in head
+
+
+def dataset_root(dataset_str: str) -> str:
+    """The folder or list file that a dataset string names: the path itself, or the ``root=`` of its spelled form
+    ('' when it has none)."""
+    if _names_a_path(dataset_str):
+        return dataset_str
+    return _parse_dataset_spec(dataset_str)[1].get("root", "")
+
+
 def make_dataset(
     dataset_str: str,
     transform: Callable[[Image.Image], Any] | None = None,
@@ -394,8 +408,7 @@ def make_dataset(
     otherwise; ``FileListDataset:...`` and plain paths do not resize by default. A ``resize`` argument
     overrides the default but must agree with a ``resize=`` in the string.
     """
-    head = dataset_str.split(":", 1)[0]
-    if ":" not in dataset_str or "/" in head or os.sep in head or "." in head:
+    if _names_a_path(dataset_str):
         return FileListDataset(dataset_str, transform, target_transform, resize=resize, seed=seed)
     name, options = _parse_dataset_spec(dataset_str)
     if name not in _DATASET_NAMES:

@@ -33,7 +33,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dinov2.distributed import slurm_master_port
@@ -99,6 +99,7 @@ class LaunchRequest:
     output_dir: Path
     job_dir: Path
     local: bool
+    missing_inputs: list[str]  # settings naming files or folders that this machine does not have
 
 
 class JobEnvironmentLike(Protocol):
@@ -174,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launcher.add_argument("--job-dir", type=Path, default=None, help="submitit logs (default: OUTPUT_DIR/slurm/%%j)")
     launcher.add_argument("--local", action="store_true", help="run on this machine (no SLURM), one node")
+    launcher.add_argument(
+        "--no-path-check", action="store_true",
+        help="submit even when the data or weights paths do not exist on this machine (only the nodes see them)",
+    )
     training = parser.add_argument_group("training (passed to dinov2/train/train.py)")
     training.add_argument("--config-file", required=True, help="training config yaml")
     training.add_argument("--output-dir", default=None, help="checkpoints and logs (default: train.output_dir)")
@@ -207,8 +212,9 @@ def load_slurm_settings(path: Path) -> dict[str, Any]:
     return settings
 
 
-def _validate_training_args(args: argparse.Namespace) -> Path:
-    """Check the config file and overrides now rather than in the queue; return the output dir."""
+def _validate_training_args(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """Check the config file and overrides now rather than in the queue; return the output dir and the data and
+    weights settings whose paths this machine does not have (none with ``--no-path-check``)."""
     from dinov2.configs import ConfigError, load_config
 
     config_file = Path(args.config_file).expanduser()
@@ -222,7 +228,28 @@ def _validate_training_args(args: argparse.Namespace) -> Path:
     except ConfigError as error:
         raise LaunchError(f"--config-file {config_file}: {error}") from error
     # (`--output-dir=~/run` reaches us unexpanded: the shell expands ~ only at the start of a word)
-    return Path(args.output_dir if args.output_dir is not None else cfg.train.output_dir).expanduser()
+    output_dir = Path(args.output_dir if args.output_dir is not None else cfg.train.output_dir).expanduser()
+    return output_dir, [] if args.no_path_check else _inputs_missing_here(cfg)
+
+
+def _inputs_missing_here(cfg: DictConfig) -> list[str]:
+    """``key=value`` of the data and weights settings whose paths do not exist on this machine; values with
+    ``${...}`` interpolations (resolved in the job) and URLs are not checked."""
+    from dinov2.data.datasets import DatasetError, dataset_root
+    from dinov2.hub.loader import is_url
+
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    try:
+        data = dataset_root(str(raw["train"]["dataset_path"] or ""))
+    except DatasetError:  # a malformed spelling: train.py says what is wrong with it
+        data = ""
+    paths = {"train.dataset_path": data, "student.pretrained_weights": raw["student"]["pretrained_weights"],
+             "MODEL.WEIGHTS": raw["MODEL"]["WEIGHTS"]}  # fmt: skip
+    return [
+        f"{key}={value}"
+        for key, value in paths.items()
+        if value and "${" not in str(value) and not is_url(str(value)) and not Path(str(value)).expanduser().exists()
+    ]
 
 
 def parse_request(argv: Sequence[str] | None = None) -> LaunchRequest:
@@ -243,7 +270,7 @@ def parse_request(argv: Sequence[str] | None = None) -> LaunchRequest:
             raise LaunchError(f"{name} must be a positive integer (--{flag} or the SLURM yaml), got {value!r}")
     if args.local and settings["nodes"] != 1:
         raise LaunchError(f"--local runs on this machine only: --nodes must be 1, got {settings['nodes']}")
-    output_dir = _validate_training_args(args)
+    output_dir, missing_inputs = _validate_training_args(args)
     train_argv = ["--config-file", str(Path(args.config_file).expanduser())]
     if args.output_dir is not None:
         train_argv += ["--output-dir", str(output_dir)]
@@ -251,7 +278,7 @@ def parse_request(argv: Sequence[str] | None = None) -> LaunchRequest:
         train_argv.append("--no-resume")
     train_argv += args.overrides
     job_dir = Path(args.job_dir).expanduser() if args.job_dir is not None else output_dir / "slurm" / "%j"
-    return LaunchRequest(settings, train_argv, output_dir, job_dir, args.local)
+    return LaunchRequest(settings, train_argv, output_dir, job_dir, args.local, missing_inputs)
 
 
 def executor_parameters(request: LaunchRequest) -> dict[str, Any]:
@@ -354,6 +381,11 @@ def submit(argv: Sequence[str] | None = None) -> submitit.Job:
         executor = submitit.LocalExecutor(folder=request.job_dir, **extra)
         executor.update_parameters(**local_executor_parameters(request))
     else:
+        if request.missing_inputs:  # the job would wait in the queue, then fail at once
+            raise LaunchError(
+                f"{', '.join(request.missing_inputs)}: not found on this machine, so the job would fail when it "
+                "starts; fix the path, or pass --no-path-check if only the compute nodes see it"
+            )
         extra = {"slurm_max_num_timeout": max_num_timeout} if max_num_timeout is not None else {}
         try:
             executor = submitit.AutoExecutor(folder=request.job_dir, cluster="slurm", **extra)
