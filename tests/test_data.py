@@ -78,7 +78,12 @@ def test_empty_list_names_the_file(tmp_path: Path) -> None:
 
 def test_folder_without_images_or_lists(tmp_path: Path) -> None:
     (tmp_path / "notes.md").write_text("no images here")
-    with pytest.raises(ValueError, match="no .txt file lists and no images"):
+    with pytest.raises(ValueError, match=r"no \.txt file lists directly in \S+ and no images \(.*\) under it$"):
+        FileListDataset(tmp_path)
+    # lists one level down: the folder that holds them is named
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "cells.txt").write_text("/data/a.jpg\n")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'lists'} holds some: name that folder$"):
         FileListDataset(tmp_path)
 
 

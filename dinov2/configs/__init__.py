@@ -275,7 +275,11 @@ def _dotted_keys(tree: Any, prefix: str = "") -> list[str]:
 
 
 def closest_key(key: str, valid_keys: Sequence[str]) -> str | None:
-    """The valid key `key` most likely meant: the same leaf name in another section, else the closest spelling."""
+    """The valid key `key` most likely meant: the same key in other letter case (`model.weights` for
+    `MODEL.WEIGHTS`), the same leaf name in another section, else the closest spelling."""
+    same_letters = [k for k in valid_keys if k.lower() == key.lower()]
+    if same_letters:
+        return same_letters[0]
     leaf = key.rsplit(".", 1)[-1]
     same_leaf = [k for k in valid_keys if k.rsplit(".", 1)[-1] == leaf]
     if same_leaf:

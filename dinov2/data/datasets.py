@@ -286,8 +286,11 @@ class FileListDataset(torch.utils.data.Dataset):
             return paths, _parent_name
         paths = find_images(root)
         if not paths:
+            deeper = sorted(str(p.parent) for p in root.glob("*/*.txt") if not p.name.startswith("."))
+            hint = (f"; .txt lists are read only directly in the folder, and {deeper[0]} holds some: name that folder"
+                    if deeper else "")  # fmt: skip
             raise DatasetError(
-                f"no .txt file lists and no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}"
+                f"no .txt file lists directly in {root} and no images ({', '.join(IMAGE_EXTENSIONS)}) under it{hint}"
             )
         root_str = str(root)
 
