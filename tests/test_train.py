@@ -547,7 +547,8 @@ class _NoModel:
     ],
 )
 def test_bad_data_paths_fail_before_any_model_is_built(
-    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch, setting: str, error: type, message: str
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch, setting: str, error: type, message: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(train_module, "SSLMetaArch", _NoModel)
     empty = tmp_path / "lists"
@@ -571,6 +572,7 @@ def test_bad_data_paths_fail_before_any_model_is_built(
         _train(out, dataset, *extra)
     assert not (out / "checkpoints").exists() and not (out / "training_metrics.json").exists()
     assert f"ERROR dinov2: stopped: {raised.value}" in (out / "log.txt").read_text()  # the log says why, too
+    assert "stopped: " not in capsys.readouterr().out  # the console: the command line's one error line says it
 
 
 def test_knn_monitor_scores_initialisation_and_end(tmp_path: Path, demo) -> None:

@@ -88,11 +88,18 @@ def _prints_to_console(handler: logging.Handler) -> bool:
     return isinstance(handler, logging.StreamHandler) and any(handler.stream is c for c in consoles)
 
 
+LOG_FILE_ONLY = {"log_file_only": True}  # `extra` of a record that the console handler leaves out
+
+
 class _NotPrintedElsewhere(logging.Filter):
-    """Drop records that a console handler of their own logger already prints (submitit's logger has one)."""
+    """Drop records that a console handler of their own logger already prints (submitit's logger has one), and
+    those meant for log.txt only (``extra=LOG_FILE_ONLY``: the command line prints them itself)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """False when a logger between the record's and the root has a console handler."""
+        """False for a log-file-only record, or when a logger between the record's and the root has a console
+        handler."""
+        if getattr(record, "log_file_only", False):
+            return False
         current: logging.Logger | None = logging.getLogger(record.name)
         while current is not None and current is not logging.root:
             if any(_prints_to_console(h) for h in current.handlers):
@@ -723,8 +730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit:  # a stop all ranks agreed on (preemption): they all leave here
             distributed.barrier()
             raise
-        except CLI_ERRORS as err:  # log.txt says why the run ended (the command line says it on stderr too)
-            logger.error("stopped: %s", err)
+        except CLI_ERRORS as err:  # log.txt says why the run ended; the command line says it on stderr
+            logger.error("stopped: %s", err, extra=LOG_FILE_ONLY)
             raise
         except Exception as err:  # its traceback follows on stderr
             logger.error("stopped by an unexpected error: %s: %s", type(err).__name__, err)
