@@ -393,11 +393,15 @@ def test_an_unknown_width_warns_that_the_head_count_is_a_guess(
     torch.save(teacher_checkpoint(tiny_model()), path)  # 128 wide: not a DINOv2 width, and no run config.yaml
     with caplog.at_level("WARNING", logger="dinov2.hub.backbones"):
         assert load_backbone(None, path).num_heads == 2
-    assert "head count cannot be read from its weights; assuming 2" in caplog.text
+    assert "head count cannot be read from its weights; assuming 2 (64 per head)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="dinov2.hub.backbones"):
         assert load_backbone(None, path, num_heads=4).num_heads == 4
     assert "head count" not in caplog.text
+    torch.save(teacher_checkpoint(tiny_model(embed_dim=96, num_heads=1)), path)  # one head of 96, not of 64
+    with caplog.at_level("WARNING", logger="dinov2.hub.backbones"):
+        assert load_backbone(None, path).num_heads == 1
+    assert "assuming 1 (96 per head)" in caplog.text
 
 
 def test_weights_url_is_downloaded_once_into_the_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

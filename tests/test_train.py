@@ -175,6 +175,13 @@ def test_demo_run_writes_its_outputs_and_learns(tmp_path: Path, demo) -> None:
     x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), trained(x), rtol=0, atol=1e-6)
+    # The file cannot record 2 heads, which its 64-wide weights do not imply: the run said so, with the way out.
+    assert ("2 attention heads where 64-wide weights imply 1 (DINOv2's convention)" in log
+            and "a copy elsewhere needs load_backbone(None, path, num_heads=2)" in log)  # fmt: skip
+    copy = tmp_path / "copied.pth"
+    shutil.copy(release, copy)
+    with torch.no_grad():
+        torch.testing.assert_close(load_backbone(None, copy, num_heads=2)(x), trained(x), rtol=0, atol=1e-6)
 
 
 def _interrupt_at(monkeypatch: pytest.MonkeyPatch, call: int, how: str) -> None:

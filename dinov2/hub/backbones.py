@@ -123,8 +123,9 @@ def load_backbone(
         config.update(from_run)
         if "num_heads" not in from_run and "num_heads" not in kwargs and arch_of_width(config["embed_dim"]) is None:
             logger.warning(
-                "%s: a %d-wide backbone's head count cannot be read from its weights; assuming %d (64 per head). "
+                "%s: a %d-wide backbone's head count cannot be read from its weights; assuming %d (%d per head). "
                 "Pass num_heads=... if it was trained with another", weights, config["embed_dim"], config["num_heads"],
+                config["embed_dim"] // config["num_heads"],
             )
         if img_size is not None:
             config["img_size"] = img_size

@@ -308,6 +308,13 @@ def load_backbone_state(
     return model
 
 
+def conventional_num_heads(embed_dim: int) -> int:
+    """The head count that weights of width ``embed_dim`` imply, which they cannot record: DINOv2's for its
+    architectures, else one head per 64 dimensions (at least one)."""
+    arch = arch_of_width(embed_dim)
+    return ARCH_SIZES[arch][2] if arch else max(embed_dim // 64, 1)
+
+
 def infer_backbone_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Constructor arguments of `DinoVisionTransformer` inferred from the shapes of a flat backbone state dict.
 
@@ -330,7 +337,7 @@ def infer_backbone_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         in_chans=patch_weight.shape[1],
         embed_dim=embed_dim,
         depth=depth,
-        num_heads=ARCH_SIZES[arch][2] if (arch := arch_of_width(embed_dim)) else max(embed_dim // 64, 1),
+        num_heads=conventional_num_heads(embed_dim),
         qkv_bias="blocks.0.attn.qkv.bias" in state,
         proj_bias="blocks.0.attn.proj.bias" in state,
         init_values=1.0 if "blocks.0.ls1.gamma" in state else None,

@@ -35,11 +35,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from dinov2 import distributed
 from dinov2.checkpoint import export_teacher, find_latest_checkpoint, load_checkpoint, save_checkpoint
-from dinov2.configs import ConfigError, apply_scaling_rules_to_cfg, config_differences, load_config, write_config
+from dinov2.configs import (
+    ConfigError,
+    apply_scaling_rules_to_cfg,
+    config_differences,
+    load_config,
+    resolve_arch,
+    write_config,
+)
 from dinov2.data import DatasetError
 from dinov2.data.loaders import batches
 from dinov2.data.photometric import finish_crops
-from dinov2.hub.loader import CheckpointError
+from dinov2.hub.loader import CheckpointError, conventional_num_heads
 from dinov2.parallel import (
     allow_tf32_matmul,
     autocast_dtype,
@@ -324,6 +331,20 @@ def check_bad_images(bad_images: int, images_seen: int, dataset_size: int, max_f
         )
 
 
+def warn_if_exports_need_num_heads(cfg: DictConfig) -> None:
+    """Warn when the backbone's head count is not the one its weights imply: the exported files cannot record it,
+    so a copy loaded outside the run folder (away from its config.yaml) would get the wrong attention."""
+    arch = resolve_arch(cfg).kwargs
+    implied = conventional_num_heads(arch["embed_dim"])
+    if arch["num_heads"] != implied:
+        logger.warning(
+            "%d attention heads where %d-wide weights imply %d (DINOv2's convention): this run's exported "
+            "teacher_checkpoint.pth files load with %d heads inside the run folder, next to its config.yaml; a copy "
+            "elsewhere needs load_backbone(None, path, num_heads=%d)", arch["num_heads"], arch["embed_dim"], implied,
+            arch["num_heads"], arch["num_heads"],
+        )
+
+
 def warn_about_changes(
     checkpoint: Path,
     state: dict[str, Any],
@@ -487,6 +508,8 @@ def train(
     monitor = KnnMonitor.from_config(cfg, output_dir, device, resume=latest is not None)
 
     model, optimizer, scaler = build_training_state(cfg, device)
+    if info.is_main_process:
+        warn_if_exports_need_num_heads(cfg)
     schedules = build_schedulers(cfg)
     max_iter = total_iterations(cfg)
     global_batch = int(cfg.train.batch_size_per_gpu) * info.world_size
