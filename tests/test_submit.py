@@ -277,6 +277,13 @@ def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: p
     slurm_yaml.write_text("timeout: two days\n")
     with pytest.raises(launcher.LaunchError, match=r"'timeout' must be int or null, got 'two days'"):
         launcher.parse_request(["--slurm-config", str(slurm_yaml), "--config-file", str(DEMO_CONFIG)])
+    with pytest.raises(launcher.LaunchError, match=r"absent\.yaml not found; pass --slurm-config FILE$"):
+        launcher.parse_request(["--slurm-config", str(tmp_path / "absent.yaml"), "--config-file", str(DEMO_CONFIG)])
+    # an installed (not editable) package has no configs/ folder: the error says where the default was
+    with monkeypatch.context() as patched:
+        patched.setattr(launcher, "DEFAULT_SLURM_CONFIG", tmp_path / "site-packages" / "configs" / "default.yaml")
+        with pytest.raises(launcher.LaunchError, match=r"repository's configs/slurm/default\.yaml.*--slurm-config"):
+            launcher.parse_request(["--config-file", str(DEMO_CONFIG)])
 
     with pytest.raises(launcher.LaunchError, match="--local runs on this machine only: --nodes must be 1, got 2"):
         launcher.parse_request(["--local", "--nodes", "2", "--config-file", str(DEMO_CONFIG), "--output-dir", "o"])

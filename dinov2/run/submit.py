@@ -190,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 def load_slurm_settings(path: Path) -> dict[str, Any]:
     """Read launcher defaults from a SLURM yaml; unknown keys and wrong types are errors naming the file."""
     if not path.is_file():
-        raise LaunchError(f"SLURM config {path} not found (pass --slurm-config FILE)")
+        where = (" (it is the repository's configs/slurm/default.yaml, which only a checkout or an editable install "
+                 "has)" if path == DEFAULT_SLURM_CONFIG else "")  # fmt: skip
+        raise LaunchError(f"SLURM config {path} not found{where}; pass --slurm-config FILE")
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path))
     except (OmegaConfBaseException, OSError, yaml.YAMLError) as error:
