@@ -547,7 +547,31 @@ def test_linear_cli_cross_validation_schema(tmp_path: Path) -> None:
         assert fold["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y[test], expected[test]), abs=1e-12)
         assert fold["accuracy"] == pytest.approx(accuracy_score(y[test], expected[test]), abs=1e-12)
     with (tmp_path / "out" / "predictions.csv").open() as handle:
-        assert [r["logreg"] for r in csv.DictReader(handle)] == [["a", "b", "c"][p] for p in expected]
+        rows = list(csv.DictReader(handle))
+    assert [r["logreg"] for r in rows] == [["a", "b", "c"][p] for p in expected]
+    # the fold that tested each image, the same folds as above
+    splits = StratifiedKFold(n_splits=5, shuffle=True, random_state=0).split(x, y)
+    tested_in = {int(i): number for number, (_, test) in enumerate(splits) for i in test}
+    assert [int(r["fold"]) for r in rows] == [tested_in[i] for i in range(100)]
+
+
+def test_a_reused_output_folder_holds_one_runs_report(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """kNN, then the linear probe into the same folder: results.json holds only the probe, the kNN figures are gone
+    (they would sit beside the probe's report), and the log says what was replaced."""
+    x, y = _clusters(60, 8, 3, spread=2.0, seed=5)
+    path = _write(FeatureSet(x, y, [f"c{l}/{i}.jpg" for i, l in enumerate(y)], ["a", "b", "c"], {"model": "toy"}),
+                  tmp_path / "f.h5")  # fmt: skip
+    out = tmp_path / "out"
+    (out / "notes.txt").parent.mkdir()
+    (out / "notes.txt").write_text("mine")
+    knn.main(["--features", str(path), "--output-dir", str(out), "--k", "1", "--device", "cpu"])
+    assert (out / "confusion_knn_1.png").is_file() and (out / "embedding.png").is_file()
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.reports"):
+        linear.main(["--features", str(path), "--output-dir", str(out), "--no-figures"])
+    assert set(json.loads((out / "results.json").read_text())) == {"meta", "logreg"}
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "predictions.csv", "results.json", "results.md"]
+    assert "held an earlier run's report (results of knn_1)" in caplog.text
+    assert "confusion_knn_1.png, embedding.png were removed" in caplog.text
 
 
 def test_cli_input_mistakes_end_in_one_error_line(tmp_path: Path) -> None:

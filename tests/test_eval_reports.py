@@ -58,7 +58,7 @@ def test_knn_cli_writes_json_markdown_and_figures(tmp_path: Path) -> None:
     markdown = (out / "results.md").read_text()
     assert "| knn_20 |" in markdown and "balanced accuracy" in markdown and "ddof=0" in markdown
     predictions = (out / "predictions.csv").read_text().splitlines()
-    assert predictions[0] == "path,label,knn_1,knn_20" and len(predictions) == 61
+    assert predictions[0] == "path,label,fold,knn_1,knn_20" and len(predictions) == 61
     # each row's predicted classes are scikit-learn's out-of-fold kNN votes for that path, not e.g. its true label
     rows = list(csv.DictReader(predictions))
     assert [r["path"] for r in rows] == [f"{names[l]}/{i}.jpg" for i, l in enumerate(y)]

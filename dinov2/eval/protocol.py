@@ -46,10 +46,12 @@ class Fold:
 
 @dataclass
 class ProtocolOutput:
-    """Scores per method, and the out-of-fold predictions (index into class_names) per method."""
+    """Scores per method, the out-of-fold predictions (index into class_names) per method, and the fold that tested
+    each sample (None for a fixed split)."""
 
     results: dict[str, dict[str, Any]]
     predictions: dict[str, np.ndarray]
+    test_folds: np.ndarray | None = None
 
 
 def setup_logging() -> None:
@@ -286,7 +288,12 @@ def run_protocol(
             pooled.setdefault(method, np.full(eval_y.size, -1, dtype=np.int64))[fold.test_index] = prediction
     n_train = [fold.train_index.size for fold in folds]
     results = {method: score_folds(truths, method_preds, class_names, n_train) for method, method_preds in preds.items()}
-    return ProtocolOutput(results, pooled)
+    test_folds = None
+    if test_x is None:
+        test_folds = np.empty(eval_y.size, dtype=np.int64)
+        for number, fold in enumerate(folds):
+            test_folds[fold.test_index] = number
+    return ProtocolOutput(results, pooled, test_folds)
 
 
 def add_fold_arguments(parser: argparse.ArgumentParser) -> None:
@@ -444,6 +451,7 @@ def run_cli_protocol(args: argparse.Namespace, predict: Predictor, settings: dic
         labels=evaluated_y,
         embedding_features=None if args.no_figures else evaluated.features,
         figures=not args.no_figures,
+        folds=output.test_folds,
     )
     for method, result in output.results.items():
         logger.info(

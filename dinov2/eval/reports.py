@@ -217,10 +217,12 @@ def write_predictions_csv(
     class_names: Sequence[str],
     id_column: str = "path",
     probabilities: np.ndarray | None = None,
+    folds: np.ndarray | None = None,
 ) -> Path:
     """One row per evaluated sample (or patient): its id, true class and each method's predicted class.
 
-    ``probabilities`` (samples, classes), given for a single method, adds a ``p_<class>`` column per class.
+    ``probabilities`` (samples, classes), given for a single method, adds a ``p_<class>`` column per class;
+    ``folds`` (the cross-validation fold that tested each sample) a ``fold`` column after the label.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,9 +235,11 @@ def write_predictions_csv(
     probability_columns = [f"p_{c}" for c in class_names] if probabilities is not None else []
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([id_column, "label", *methods, *probability_columns])
+        fold_column = ["fold"] if folds is not None else []
+        writer.writerow([id_column, "label", *fold_column, *methods, *probability_columns])
         for i, sample in enumerate(paths):
-            row = [sample, class_names[labels[i]], *(class_names[predictions[m][i]] for m in methods)]
+            fold = [int(folds[i])] if folds is not None else []
+            row = [sample, class_names[labels[i]], *fold, *(class_names[predictions[m][i]] for m in methods)]
             if probabilities is not None:
                 row += [repr(float(p)) for p in probabilities[i]]  # all digits: near-ties decide ROC curves
             writer.writerow(row)
@@ -256,6 +260,33 @@ def prepare_output_dir(path: str | Path) -> Path:
     return path
 
 
+REPORT_FILE_PATTERNS = ("predictions.csv", "confusion_*.png", "embedding.png")  # beside results.json and .md
+
+
+def _methods_of_report(results_file: Path) -> list[str]:
+    """The methods in an earlier run's results.json ([] when there is none, or it cannot be read)."""
+    try:
+        return method_names(json.loads(results_file.read_text()))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def _remove_earlier_report(output_dir: Path, earlier: Sequence[str], now: Sequence[str], written: set[Path]) -> None:
+    """Remove the report files an earlier run left in ``output_dir`` that this run did not write (a confusion matrix
+    of a method it did not run, its predictions), and say what the new results.json replaced, so that the folder
+    holds one run's report only."""
+    stale = sorted(p for pattern in REPORT_FILE_PATTERNS for p in output_dir.glob(pattern) if p not in written)
+    for path in stale:
+        path.unlink()
+    replaced = [name for name in earlier if name not in now]
+    if replaced or stale:
+        logger.warning(
+            "%s held an earlier run's report%s; this run's replaces it%s", output_dir,
+            f" (results of {', '.join(replaced)})" if replaced else "",
+            f", and its {', '.join(p.name for p in stale)} were removed" if stale else "",
+        )
+
+
 def write_report(
     output_dir: str | Path,
     results: Mapping[str, Any],
@@ -266,20 +297,23 @@ def write_report(
     figures: bool = True,
     id_column: str = "path",
     probabilities: np.ndarray | None = None,
+    folds: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Write results.json, results.md, predictions.csv (when given) and the figures; return their paths.
 
-    ``probabilities`` (samples, classes) of a single method become predictions.csv's ``p_<class>`` columns.
+    ``probabilities`` (samples, classes) of a single method become predictions.csv's ``p_<class>`` columns, and
+    ``folds`` (the fold that tested each sample) its ``fold`` column.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     class_names = results["meta"]["classes"]
+    earlier_methods = _methods_of_report(output_dir / "results.json")
     written = {"json": write_json(output_dir / "results.json", results)}
     written["markdown"] = output_dir / "results.md"
     written["markdown"].write_text(markdown_summary(results))
     if predictions is not None and paths is not None and labels is not None:
         written["predictions"] = write_predictions_csv(
-            output_dir / "predictions.csv", paths, labels, predictions, class_names, id_column, probabilities
+            output_dir / "predictions.csv", paths, labels, predictions, class_names, id_column, probabilities, folds
         )
     if figures:
         for name in method_names(results):
@@ -298,4 +332,5 @@ def write_report(
                 embedding_features, labels, class_names, output_dir / "embedding.png", title=str(model)
             )
     logger.info("wrote %s", ", ".join(str(p) for p in written.values()))
+    _remove_earlier_report(output_dir, earlier_methods, method_names(results), set(written.values()))
     return written
