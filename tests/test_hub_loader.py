@@ -181,8 +181,12 @@ def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
         load_pretrained_backbone_state(checkpoint_folder)
     (checkpoint_folder / ".metadata").write_bytes(b"dcp")  # one shard of it, as a user might pick it
     (checkpoint_folder / "__0_0.distcp").write_bytes(b"\x00" * 16)
-    with pytest.raises(CheckpointError, match=r"__0_0\.distcp is one shard of a torch\.distributed\.checkpoint folder"):
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp is part of a torch\.distributed\.checkpoint folder"):
         load_pretrained_backbone_state(checkpoint_folder / "__0_0.distcp")
+    # its other files hold no weights either (extra_state.pt used to get advice to save a dict from it)
+    torch.save({"extra_state": {"iteration": 9}, "iteration": 9}, checkpoint_folder / "extra_state.pt")
+    with pytest.raises(CheckpointError, match=r"extra_state\.pt is part of .*/teacher_checkpoint\.pth"):
+        load_pretrained_backbone_state(checkpoint_folder / "extra_state.pt")
     with pytest.raises(CheckpointError, match="weights file not found"):  # a mistyped name there is just missing
         load_pretrained_backbone_state(checkpoint_folder / "teacher_checkpoint.pth")
 

@@ -78,9 +78,10 @@ def _read_file(path: Path) -> Any:
         url = release_url_of_file(path.name)
         hint = f"; it is a published file: download it from {url}, or give that URL instead" if url else ""
         raise CheckpointError(f"weights file not found: {path}{hint}")
-    if path.suffix == ".distcp" or path.name == ".metadata":
+    if path.suffix == ".distcp" or path.name == ".metadata" or (path.parent / ".metadata").is_file():
         raise CheckpointError(
-            f"{path} is one shard of a torch.distributed.checkpoint folder, not a weights file; {_TRAINING_EXPORT_HINT}"
+            f"{path} is part of a torch.distributed.checkpoint folder ({path.parent}), not a weights file; "
+            f"{_TRAINING_EXPORT_HINT}"
         )
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
