@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dinov2.data.datasets import IMAGE_EXTENSIONS, DatasetError, check_image_path, find_images, read_list_entries
 from dinov2.data.transforms import EVAL_RESIZES, IMAGE_LOAD_ERRORS, load_image, make_eval_transform
@@ -287,8 +288,9 @@ def embed_images(
     batches: list[_Batch] = []
     last_save = time.monotonic()
     saving = _saved_when_interrupted(partial, batches, len(image_list.paths)) if partial is not None else nullcontext()
-    with saving, tqdm(total=len(image_list.paths), initial=start, desc="extracting features", unit="img",
-                      disable=not progress) as bar:
+    # (log lines, e.g. an unreadable image's path, print above the progress bar, not glued to it)
+    with saving, logging_redirect_tqdm(), tqdm(total=len(image_list.paths), initial=start,
+                                               desc="extracting features", unit="img", disable=not progress) as bar:
         for indices, images, failed in loader:
             for index, reason in failed:
                 logger.warning("skipping unreadable image %s (%s)", image_list.root / image_list.paths[index], reason)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dinov2.cli import non_negative_int
 from dinov2.eval import metrics
@@ -279,13 +280,15 @@ def run_protocol(
     truths: list[np.ndarray] = []
     preds: dict[str, list[np.ndarray]] = {}
     pooled: dict[str, np.ndarray] = {}
-    for fold in tqdm(folds, desc="folds", disable=not progress or len(folds) == 1):
-        scores = predict(train_x[fold.train_index], train_y[fold.train_index], eval_x[fold.test_index], num_classes)
-        truths.append(eval_y[fold.test_index])
-        for method, method_scores in scores.items():
-            prediction = np.argmax(method_scores, axis=1)
-            preds.setdefault(method, []).append(prediction)
-            pooled.setdefault(method, np.full(eval_y.size, -1, dtype=np.int64))[fold.test_index] = prediction
+    with logging_redirect_tqdm():  # log lines (a solver's warnings) print above the progress bar, not glued to it
+        for fold in tqdm(folds, desc="folds", disable=not progress or len(folds) == 1):
+            train_index, test_index = fold.train_index, fold.test_index
+            scores = predict(train_x[train_index], train_y[train_index], eval_x[test_index], num_classes)
+            truths.append(eval_y[fold.test_index])
+            for method, method_scores in scores.items():
+                prediction = np.argmax(method_scores, axis=1)
+                preds.setdefault(method, []).append(prediction)
+                pooled.setdefault(method, np.full(eval_y.size, -1, dtype=np.int64))[fold.test_index] = prediction
     n_train = [fold.train_index.size for fold in folds]
     results = {method: score_folds(truths, method_preds, class_names, n_train) for method, method_preds in preds.items()}
     test_folds = None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dinov2.eval import protocol, reports
 from dinov2.eval.features_io import load_features
@@ -124,9 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "--val-fraction %s is not used with --test-patients: each fold's held-out part of the other "
                 "patients is its validation set (--n-splits sets its size)", config.val_fraction,
             )
-    result, records, probabilities = cross_validate(
-        bag_set, config, device, source, progress=True, test_index=test_index
-    )
+    with logging_redirect_tqdm():  # each fold's log lines print above the progress bar, not glued to it
+        result, records, probabilities = cross_validate(
+            bag_set, config, device, source, progress=True, test_index=test_index
+        )
     tested = ~np.isnan(probabilities).any(axis=1)
     from dinov2 import __version__
 
