@@ -163,6 +163,21 @@ def test_pca_cli_writes_side_by_side_png(tmp_path: Path) -> None:
     _assert_png(output)
     width, height = Image.open(output).size
     assert height == width * len(images) / 2  # one row per image, two square panels per row
+    # no suffix: a PNG, and the path printed is the file written
+    plain = pca.main(["--weights", str(weights), "--image", *map(str, images), "--output", str(tmp_path / "plain"),
+                      "--img-size", "56", "--device", "cpu"])  # fmt: skip
+    assert plain == tmp_path / "plain.png"
+    _assert_png(plain)
+
+
+def test_pca_cli_refuses_an_output_it_cannot_write_before_the_work(tmp_path: Path) -> None:
+    images = _images(tmp_path / "cells", 1)
+    absent = str(tmp_path / "absent.pth")  # never read: the output is refused first
+    with pytest.raises(ValueError, match=r"--output .*pca\.xyz: a figure is written as \.png, .*; got '\.xyz'"):
+        pca.main(["--weights", absent, "--image", *map(str, images), "--output", str(tmp_path / "pca.xyz")])
+    (tmp_path / "figure.png").mkdir()
+    with pytest.raises(ValueError, match=r"cannot write .*figure\.png: it is a folder"):
+        pca.main(["--weights", absent, "--image", *map(str, images), "--output", str(tmp_path / "figure.png")])
 
 
 def test_pca_cli_names_an_image_it_cannot_read(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinov2.cli import positive_int
+from dinov2.cli import check_file_writable, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,21 @@ def save_figure(images: Sequence[np.ndarray], rgb_maps: np.ndarray, titles: Sequ
     return path
 
 
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def figure_path(output: str) -> Path:
+    """The file ``--output`` names, ``.png`` added when it has no suffix; ValueError for another format or a path
+    that cannot be written."""
+    path = Path(output)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    if path.suffix.lower() not in FIGURE_SUFFIXES:
+        raise ValueError(f"--output {output}: a figure is written as {', '.join(FIGURE_SUFFIXES)}; got {path.suffix!r}")
+    check_file_writable(path)
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of ``python -m dinov2.eval.pca``."""
     parser = argparse.ArgumentParser(prog="python -m dinov2.eval.pca", description=__doc__.split("\n\n")[0])
@@ -110,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default=None,
                         help="checkpoint path or URL (default: the released weights of --model, downloaded)")
     parser.add_argument("--image", nargs="+", required=True, help="one or more cell images")
-    parser.add_argument("--output", required=True, help="PNG to write")
+    parser.add_argument("--output", required=True, help="figure to write: .png (added when there is no suffix), .pdf, .svg or .jpg")
     parser.add_argument("--img-size", type=positive_int, default=None,
                         help="input size (default: for a training run's teacher_checkpoint.pth the size it trained at, "
                         "else 224: 16x16 patches)")
@@ -132,6 +147,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     args = protocol.parse_args_with_config(build_parser(), argv)
     protocol.setup_logging()
+    output = figure_path(args.output)  # checked before the model is loaded
     device = protocol.resolve_device(args.device)
     if args.model is None and args.weights is None:
         raise ValueError("give --model, --weights, or both")
@@ -147,7 +163,7 @@ def main(argv: list[str] | None = None) -> Path:
     batch = torch.stack([transform(p) for p in pictures]).to(device)
     rgb, mask = patch_pca_rgb(patch_tokens_of(model, batch), args.threshold, args.foreground)
     logger.info("foreground: %.1f%% of patches", 100.0 * mask.mean())
-    path = save_figure([np.asarray(p) for p in pictures], rgb, [Path(p).name for p in args.image], args.output)
+    path = save_figure([np.asarray(p) for p in pictures], rgb, [Path(p).name for p in args.image], output)
     print(path)
     return path
 
