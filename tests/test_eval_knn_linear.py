@@ -555,6 +555,13 @@ def test_linear_cli_cross_validation_schema(tmp_path: Path) -> None:
     assert [int(r["fold"]) for r in rows] == [tested_in[i] for i in range(100)]
 
 
+def test_linear_probe_needs_at_least_one_iteration(capsys: pytest.CaptureFixture[str]) -> None:
+    """--max-iter 0 used to report the scores of an unfitted model."""
+    with pytest.raises(SystemExit):
+        linear.main(["--features", "f.h5", "--output-dir", "o", "--max-iter", "0"])
+    assert "argument --max-iter: must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_a_reused_output_folder_holds_one_runs_report(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """kNN, then the linear probe into the same folder: results.json holds only the probe, the kNN figures are gone
     (they would sit beside the probe's report), and the log says what was replaced."""

@@ -207,6 +207,8 @@ def test_too_few_patients_per_class_fails_clearly() -> None:
     bags = [Bag(f"P{i}", int(i < 2), np.zeros((3, 4), np.float32), ["a"] * 3) for i in range(8)]
     with pytest.raises(ValueError, match=r"needs 3 patients per class; too few in 'APL' \(2\)"):
         cross_validate(BagSet(bags, ["AML", "APL"]), MILConfig(**FAST))
+    with pytest.raises(ValueError, match=r"^--n-splits must be at least 2, got 1$"):  # (it was scikit-learn's text)
+        cross_validate(BagSet(bags, ["AML", "APL"]), MILConfig(**{**FAST, "n_splits": 1}))
 
 
 def _feature_set(paths: list[str], dim: int = 4) -> FeatureSet:

@@ -179,7 +179,9 @@ def bags_from_csv(
 
 
 def check_bags(bag_set: BagSet, n_splits: int, source: str) -> None:
-    """Raise unless there are two classes and every class has at least ``n_splits`` patients."""
+    """Raise unless ``n_splits`` is at least 2, there are two classes and every class has ``n_splits`` patients."""
+    if n_splits < 2:
+        raise ValueError(f"--n-splits must be at least 2, got {n_splits}")
     counts = np.bincount(bag_set.labels, minlength=len(bag_set.class_names))
     if len(bag_set.class_names) < 2:
         only = bag_set.class_names[0] if bag_set.class_names else "none"
