@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -175,6 +176,7 @@ def test_an_interrupted_extraction_continues_where_it_stopped(
         ef.main([*args, "--output", str(output)])
     assert not output.exists() and (tmp_path / "features.h5.partial").is_dir()
     backbones = _counting_backbones(monkeypatch)
+    caplog.clear()
     with caplog.at_level(logging.INFO):
         ef.main([*args, "--output", str(output)])
     assert re.search(r"continuing .*features\.h5\.partial: 3 images already processed", caplog.text)
@@ -183,6 +185,10 @@ def test_an_interrupted_extraction_continues_where_it_stopped(
     assert resumed.paths == whole.paths and np.array_equal(resumed.features, whole.features)
     assert resumed.labels.tolist() == whole.labels.tolist() and resumed.meta["n_skipped"] == 1
     assert not (tmp_path / "features.h5.partial").exists()
+    # the unreadable image was met before the interruption; the resumed run still names it, and so does the file
+    assert "skipping unreadable image" not in caplog.text
+    assert "skipped 1 of 5 images that could not be read: basophil/broken.jpg" in caplog.text
+    assert json.loads(resumed.meta["skipped_paths"]) == ["basophil/broken.jpg"]
 
     _counting_backbones(monkeypatch, stop_at=3)
     with pytest.raises(KeyboardInterrupt):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -313,9 +314,16 @@ def embed_images(
         raise ValueError(
             f"none of the {len(image_list.paths)} images could be read, e.g. {examples} (see the warnings above)"
         )
-    if n_failed:
-        logger.warning("skipped %d of %d images that could not be read", n_failed, len(image_list.paths))
+    if n_failed:  # all of them, also those skipped before an interruption, whose warnings are in an earlier log
+        logger.warning("skipped %d of %d images that could not be read: %s", n_failed, len(image_list.paths),
+                       ", ".join(_skipped_paths(image_list, kept)))  # fmt: skip
     return np.concatenate([c for c in chunks if c.shape[0]]), kept
+
+
+def _skipped_paths(image_list: ImageList, kept: Sequence[int]) -> list[str]:
+    """The paths (as listed) of the images that are not among the ``kept`` indices."""
+    read = set(kept)
+    return [path for index, path in enumerate(image_list.paths) if index not in read]
 
 
 def compiled_forward(model: nn.Module, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -422,6 +430,7 @@ def extract_features(
             "data": str(data),
             "root": str(image_list.root.resolve()),  # the paths are relative to it (or absolute)
             "n_skipped": len(image_list.paths) - len(kept),
+            "skipped_paths": json.dumps(_skipped_paths(image_list, kept)),  # (a JSON list: metadata are scalars)
         },
     )
     if output is not None:
