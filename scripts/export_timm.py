@@ -30,10 +30,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 if __package__ in (None, ""):  # run as a file from a checkout: make `dinov2` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy, as for every command
+
+import torch  # noqa: E402
 
 from dinov2.hub import load_backbone  # noqa: E402
 from dinov2.hub.loader import flatten_block_chunks  # noqa: E402
