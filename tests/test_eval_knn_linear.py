@@ -569,16 +569,24 @@ def test_a_reused_output_folder_holds_one_runs_report(tmp_path: Path, caplog: py
     path = _write(FeatureSet(x, y, [f"c{l}/{i}.jpg" for i, l in enumerate(y)], ["a", "b", "c"], {"model": "toy"}),
                   tmp_path / "f.h5")  # fmt: skip
     out = tmp_path / "out"
-    (out / "notes.txt").parent.mkdir()
-    (out / "notes.txt").write_text("mine")
+    out.mkdir()
+    # a user's files of the same names, in a folder that held no report of ours: never touched
+    for name in ("notes.txt", "embedding.png", "confusion_from_the_paper.png", "predictions.csv"):
+        (out / name).write_text("mine")
+    linear.main(["--features", str(path), "--output-dir", str(out), "--no-figures"])
+    assert (out / "embedding.png").read_text() == "mine" and (out / "confusion_from_the_paper.png").is_file()
+    for name in ("results.json", "embedding.png", "predictions.csv"):
+        (out / name).unlink()
     knn.main(["--features", str(path), "--output-dir", str(out), "--k", "1", "--device", "cpu"])
     assert (out / "confusion_knn_1.png").is_file() and (out / "embedding.png").is_file()
     with caplog.at_level(logging.WARNING, logger="dinov2.eval.reports"):
         linear.main(["--features", str(path), "--output-dir", str(out), "--no-figures"])
     assert set(json.loads((out / "results.json").read_text())) == {"meta", "logreg"}
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "predictions.csv", "results.json", "results.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion_from_the_paper.png", "notes.txt", "predictions.csv", "results.json", "results.md"
+    ]
     assert "held an earlier run's report (results of knn_1)" in caplog.text
-    assert "confusion_knn_1.png, embedding.png were removed" in caplog.text
+    assert "and its embedding.png, confusion_knn_1.png were removed" in caplog.text
 
 
 def test_cli_input_mistakes_end_in_one_error_line(tmp_path: Path) -> None:

@@ -352,6 +352,9 @@ def test_mil_cli_writes_results_and_attention(tmp_path: Path) -> None:
     predicted = [["neg", "pos"].index(p["abmil"]) for p in patients]
     assert balanced_accuracy_score(bag_set.labels, predicted) >= 0.9
     assert (tmp_path / "out" / "confusion_abmil.png").stat().st_size > 1000
+    # ... and the fold that tested the patient, as attention.json records it
+    fold_of = {r["patient"]: r["fold"] for r in records}
+    assert [int(p["fold"]) for p in patients] == [fold_of[b.patient] for b in bag_set.bags]
 
 
 def test_a_fixed_test_set_is_tested_by_every_fold_model_and_never_trained_on(
@@ -381,6 +384,7 @@ def test_a_fixed_test_set_is_tested_by_every_fold_model_and_never_trained_on(
     with (tmp_path / "out" / "predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["patient"] for r in rows] == test_patients
+    assert "fold" not in rows[0]  # every fold model tested these patients
     labels = {b.patient: ["neg", "pos"][b.label] for b in bag_set.bags}
     assert sum(r["abmil"] == labels[r["patient"]] for r in rows) >= 7  # the planted signal, learnt without them
     # each test patient's probabilities are the mean of every fold model's (attention.json keeps each), and the

@@ -155,6 +155,7 @@ def test_requeued_job_resumes_whatever_started_it_afresh() -> None:
     ]  # fmt: skip
     assert delayed.args == () and delayed.kwargs == {}
     assert job.argv == argv  # the running job keeps its own arguments
+    assert launcher.resuming(delayed.function.argv) == delayed.function.argv  # requeued again: the same arguments
 
 
 def test_torchrun_env_from_job_environment() -> None:
@@ -227,12 +228,9 @@ def test_slurm_submission_writes_the_expected_sbatch_file(
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "run"
 
-    lists = tmp_path / "lists"
-    lists.mkdir()
     status = launcher.main(
-        ["--nodes", "2", "--ngpus", "8", "--partition", "gpu", "--account", "hema",
-         "--config-file", str(DEMO_CONFIG), "--output-dir", str(out), "--no-resume", "optim.epochs=2",
-         f"train.dataset_path={lists}"]
+        ["--nodes", "2", "--ngpus", "8", "--partition", "gpu", "--account", "hema", "--no-path-check",
+         "--config-file", str(DEMO_CONFIG), "--output-dir", str(out), "--no-resume", "optim.epochs=2"]
     )  # fmt: skip
 
     assert status == 0
@@ -257,7 +255,6 @@ def test_slurm_submission_writes_the_expected_sbatch_file(
     delayed = submitit.helpers.DelayedSubmission.load(out / "slurm" / "4242" / "4242_submitted.pkl")
     assert delayed.function.argv == [
         "--config-file", str(DEMO_CONFIG), "--output-dir", str(out), "--no-resume", "optim.epochs=2",
-        f"train.dataset_path={lists}",
     ]  # fmt: skip
 
 
@@ -317,15 +314,17 @@ def test_a_job_whose_data_or_weights_are_missing_is_not_queued(
     absent_data, absent_weights = tmp_path / "no_lists", tmp_path / "dinov2_vits14_pretrain.pth"
 
     argv = [*base, f"train.dataset_path=HemaStandardDataset:root={absent_data}:shuffle=1",
-            f"student.pretrained_weights={absent_weights}"]  # fmt: skip
+            f"student.pretrained_weights={absent_weights}", f"evaluation.knn_data={tmp_path / 'no_cells'}"]  # fmt: skip
     assert launcher.main(argv) == 2
     error = capsys.readouterr().err
-    assert f"train.dataset_path={absent_data}, student.pretrained_weights={absent_weights}: not found" in error
+    assert (f"train.dataset_path={absent_data}, evaluation.knn_data={tmp_path / 'no_cells'}, "
+            f"student.pretrained_weights={absent_weights}: not found") in error  # fmt: skip
     assert "--no-path-check" in error and not (tmp_path / "run" / "slurm").exists()
 
     assert launcher.main([*argv, "--no-path-check"]) == 0
     assert "Submitted job 4242" in capsys.readouterr().out
     later = [*base, "train.dataset_path=${oc.env:SLURM_TMPDIR}/lists",
+             "evaluation.knn_data=${oc.env:SLURM_TMPDIR}/knn",
              "student.pretrained_weights=https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"]
     assert launcher.main(later) == 0
 

@@ -400,13 +400,14 @@ def test_the_augmentation_used_is_recorded_and_a_change_on_resume_is_said(tmp_pa
 
 def test_settings_changed_on_resume_are_said_and_used(tmp_path: Path, demo) -> None:
     out = tmp_path / "run"
-    _train(out, demo.lists_dir, epochs=1, epoch_length=2)
+    _train(out, demo.lists_dir, "train.resume=false", epochs=1, epoch_length=2)  # (as a requeued job's first run)
     # Layer-wise decay regroups the optimizer's parameters: the saved moments still load, by parameter name.
     _train(out, demo.lists_dir, "optim.layerwise_decay=0.9", "optim.adamw_beta2=0.95", epochs=2, epoch_length=2)
     log = (out / "log.txt").read_text()
     assert "differ from the checkpointed run's config.yaml; they apply from iteration 2 on" in log
     for change in ("optim.layerwise_decay: 1.0 -> 0.9", "optim.adamw_beta2: 0.999 -> 0.95", "optim.epochs: 1 -> 2"):
         assert change in log
+    assert "train.resume" not in log  # a requeued job told to resume changes no setting
     assert [r["iteration"] for r in _metrics(out)] == [0, 1, 2, 3]
     assert "per step, so its data order" not in log
     # Another batch size: the run goes on, and says that its data order and learning rate are not the same.

@@ -21,7 +21,7 @@ L2-normalised: DinoBloom's kNN and logistic-regression probes work on exactly th
 assumes their scale). The backbone runs in float32 unless `--precision bf16` (autocast on CUDA or a CPU; on a CPU it
 pays where the CPU computes bf16 natively, as Xeons with AMX or AVX-512 BF16 do). `--compile` runs the backbone
 through `torch.compile` (with its weights frozen into the compiled code, and every batch the same size), which
-pays from a few hundred images on. Images that cannot be read are logged by path and skipped, with a
+pays back on a CPU from a few thousand images on. Images that cannot be read are logged by path and skipped, with a
 count at the end. Progress is saved every minute in `<output>.partial/`, and when the extraction is interrupted
 (Ctrl-C, or SIGTERM as from `kill` or a job scheduler), so that the same command, run again, continues where it
 stopped.
@@ -271,11 +271,12 @@ def embed_images(
         logger.warning("--precision bf16 applies on CUDA and CPUs only; computing the features in fp32 on %s", device)
     bf16 = precision == "bf16" and device.type in BF16_DEVICE_TYPES
     model = model.to(device).eval()
-    forward = compiled_forward(model, batch_size) if compile else model
     dataset: Dataset = _ImageDataset(image_list, img_size, resize)
     start = partial.done if partial is not None else 0
     if start:
         dataset = Subset(dataset, range(start, len(image_list.paths)))
+    # (one compiled shape: batches padded to the longest one there can be)
+    forward = compiled_forward(model, min(batch_size, len(dataset))) if compile else model
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -290,8 +291,9 @@ def embed_images(
     last_save = time.monotonic()
     saving = _saved_when_interrupted(partial, batches, len(image_list.paths)) if partial is not None else nullcontext()
     # (log lines, e.g. an unreadable image's path, print above the progress bar, not glued to it)
-    with saving, logging_redirect_tqdm(), tqdm(total=len(image_list.paths), initial=start,
-                                               desc="extracting features", unit="img", disable=not progress) as bar:
+    redirect = logging_redirect_tqdm() if progress else nullcontext()
+    with saving, redirect, tqdm(total=len(image_list.paths), initial=start, desc="extracting features", unit="img",
+                                disable=not progress) as bar:
         for indices, images, failed in loader:
             for index, reason in failed:
                 logger.warning("skipping unreadable image %s (%s)", image_list.root / image_list.paths[index], reason)
@@ -315,8 +317,10 @@ def embed_images(
             f"none of the {len(image_list.paths)} images could be read, e.g. {examples} (see the warnings above)"
         )
     if n_failed:  # all of them, also those skipped before an interruption, whose warnings are in an earlier log
-        logger.warning("skipped %d of %d images that could not be read: %s", n_failed, len(image_list.paths),
-                       ", ".join(_skipped_paths(image_list, kept)))  # fmt: skip
+        skipped = _skipped_paths(image_list, kept)
+        more = f" and {len(skipped) - 20} more (the features file lists them all)" if len(skipped) > 20 else ""
+        logger.warning("skipped %d of %d images that could not be read: %s%s", n_failed, len(image_list.paths),
+                       ", ".join(skipped[:20]), more)  # fmt: skip
     return np.concatenate([c for c in chunks if c.shape[0]]), kept
 
 
@@ -368,7 +372,10 @@ def extract_features(
     `precision` ("fp32" or "bf16") and `compile`: see :func:`embed_images`.
     """
     if output is not None:
-        check_writable(Path(output))  # before the model is loaded and every image embedded
+        check_writable(Path(output))  # before the model is loaded (perhaps downloaded) and every image embedded
+    device = resolve_device(str(device))
+    if compile:
+        check_compile_toolchain(device, "--compile")
     image_list = list_images(data)
     if isinstance(model, nn.Module):
         if weights is not None:
@@ -387,10 +394,7 @@ def extract_features(
             logger.info("images resized to %d px, the size %s was trained at (--img-size to change)", trained_at,
                         weights)  # fmt: skip
         img_size = trained_at or 224
-    device = resolve_device(str(device))
     used_precision = precision if device.type in BF16_DEVICE_TYPES else "fp32"
-    if compile:
-        check_compile_toolchain(device, "--compile")
     logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)
     weights_file = Path(weights).expanduser() if weights is not None and Path(weights).expanduser().is_file() else None
     partial = None
@@ -403,7 +407,7 @@ def extract_features(
             "img_size": img_size,
             "resize": resize,
             "precision": used_precision,
-            "compiled": compile,
+            **({"compiled": True} if compile else {}),  # (absent otherwise: older partial folders still match)
             "device_type": device.type,
             "images": [str(image_list.root), len(image_list.paths), image_list_digest(image_list.paths)],
         })  # fmt: skip
@@ -479,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "slightly; on a CPU only where it computes bf16 natively, e.g. Xeons with AMX)")
     parser.add_argument("--compile", action="store_true",
                         help="run the backbone through torch.compile: a minute or less to compile, then faster "
-                        "batches; pays from a few hundred images on (on a CPU it needs a C++ compiler)")
+                        "batches; pays back on a CPU from a few thousand images on (there it needs a C++ compiler)")
     return parser
 
 

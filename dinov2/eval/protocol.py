@@ -17,6 +17,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,7 +281,8 @@ def run_protocol(
     truths: list[np.ndarray] = []
     preds: dict[str, list[np.ndarray]] = {}
     pooled: dict[str, np.ndarray] = {}
-    with logging_redirect_tqdm():  # log lines (a solver's warnings) print above the progress bar, not glued to it
+    # (log lines, e.g. a solver's warnings, print above the progress bar, not glued to it)
+    with logging_redirect_tqdm() if progress else nullcontext():
         for fold in tqdm(folds, desc="folds", disable=not progress or len(folds) == 1):
             train_index, test_index = fold.train_index, fold.test_index
             scores = predict(train_x[train_index], train_y[train_index], eval_x[test_index], num_classes)

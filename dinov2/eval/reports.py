@@ -261,25 +261,31 @@ def prepare_output_dir(path: str | Path) -> Path:
     return path
 
 
-REPORT_FILE_PATTERNS = ("predictions.csv", "confusion_*.png", "embedding.png")  # beside results.json and .md
-
-
-def _methods_of_report(results_file: Path) -> list[str]:
-    """The methods in an earlier run's results.json ([] when there is none, or it cannot be read)."""
+def _earlier_report_files(output_dir: Path) -> tuple[list[str], list[Path]]:
+    """The methods of the report an earlier run of ours left in ``output_dir`` (its results.json, with our
+    ``meta.dinobloom_version``) and the files that report wrote: its predictions, its confusion matrices, the
+    embedding and MIL's attention files. Nothing when the folder holds no such results.json."""
     try:
-        return method_names(json.loads(results_file.read_text()))
+        earlier = json.loads((output_dir / "results.json").read_text())
+        if not isinstance(earlier, dict) or "dinobloom_version" not in earlier.get("meta", {}):
+            return [], []
     except (OSError, ValueError, AttributeError):
-        return []
+        return [], []
+    methods = method_names(earlier)
+    names = ["predictions.csv", "embedding.png", "attention.json", "attention.csv",
+             *(f"confusion_{name}.png" for name in methods)]  # fmt: skip
+    return methods, [output_dir / name for name in names if (output_dir / name).is_file()]
 
 
-def _remove_earlier_report(output_dir: Path, earlier: Sequence[str], now: Sequence[str], written: set[Path]) -> None:
-    """Remove the report files an earlier run left in ``output_dir`` that this run did not write (a confusion matrix
-    of a method it did not run, its predictions), and say what the new results.json replaced, so that the folder
-    holds one run's report only."""
-    stale = sorted(p for pattern in REPORT_FILE_PATTERNS for p in output_dir.glob(pattern) if p not in written)
+def _remove_earlier_report(output_dir: Path, earlier: tuple[list[str], list[Path]], now: Sequence[str],
+                          written: set[Path]) -> None:  # fmt: skip
+    """Remove the files of an earlier run's report (see :func:`_earlier_report_files`) that this run did not
+    write, and say what the new results.json replaced, so that the folder holds one run's report only."""
+    methods, files = earlier
+    stale = [path for path in files if path not in written]
     for path in stale:
-        path.unlink()
-    replaced = [name for name in earlier if name not in now]
+        path.unlink(missing_ok=True)
+    replaced = [name for name in methods if name not in now]
     if replaced or stale:
         logger.warning(
             "%s held an earlier run's report%s; this run's replaces it%s", output_dir,
@@ -299,16 +305,19 @@ def write_report(
     id_column: str = "path",
     probabilities: np.ndarray | None = None,
     folds: np.ndarray | None = None,
+    keep: Sequence[Path] | None = None,
 ) -> dict[str, Path]:
     """Write results.json, results.md, predictions.csv (when given) and the figures; return their paths.
 
     ``probabilities`` (samples, classes) of a single method become predictions.csv's ``p_<class>`` columns, and
-    ``folds`` (the fold that tested each sample) its ``fold`` column.
+    ``folds`` (the fold that tested each sample) its ``fold`` column. The files of an earlier run's report in
+    ``output_dir`` that this run does not write are removed, except those in ``keep`` (which the caller writes
+    next).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     class_names = results["meta"]["classes"]
-    earlier_methods = _methods_of_report(output_dir / "results.json")
+    earlier = _earlier_report_files(output_dir)
     written = {"json": write_json(output_dir / "results.json", results)}
     written["markdown"] = output_dir / "results.md"
     written["markdown"].write_text(markdown_summary(results))
@@ -333,5 +342,5 @@ def write_report(
                 embedding_features, labels, class_names, output_dir / "embedding.png", title=str(model)
             )
     logger.info("wrote %s", ", ".join(str(p) for p in written.values()))
-    _remove_earlier_report(output_dir, earlier_methods, method_names(results), set(written.values()))
+    _remove_earlier_report(output_dir, earlier, method_names(results), {*written.values(), *(keep or ())})
     return written

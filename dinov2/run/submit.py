@@ -116,7 +116,8 @@ class JobEnvironmentLike(Protocol):
 def resuming(argv: Sequence[str]) -> list[str]:
     """The training arguments of a requeued job: without ``--no-resume``, and with ``train.resume=true`` last (it
     overrides a ``train.resume=false`` of the command line or the config file), so that it resumes."""
-    return [arg for arg in argv if arg != "--no-resume"] + ["train.resume=true"]
+    kept = [arg for arg in argv if arg != "--no-resume"]
+    return kept if kept[-1:] == ["train.resume=true"] else [*kept, "train.resume=true"]  # (once, however often)
 
 
 def torchrun_env(job_env: JobEnvironmentLike) -> dict[str, str]:
@@ -245,8 +246,12 @@ def _inputs_missing_here(cfg: DictConfig) -> list[str]:
         data = dataset_root(str(raw["train"]["dataset_path"] or ""))
     except DatasetError:  # a malformed spelling: train.py says what is wrong with it
         data = ""
-    paths = {"train.dataset_path": data, "student.pretrained_weights": raw["student"]["pretrained_weights"],
-             "MODEL.WEIGHTS": raw["MODEL"]["WEIGHTS"]}  # fmt: skip
+    paths = {
+        "train.dataset_path": data,
+        "evaluation.knn_data": raw["evaluation"]["knn_data"],
+        "student.pretrained_weights": raw["student"]["pretrained_weights"],
+        "MODEL.WEIGHTS": raw["MODEL"]["WEIGHTS"],
+    }
     return [
         f"{key}={value}"
         for key, value in paths.items()
@@ -383,16 +388,16 @@ def submit(argv: Sequence[str] | None = None) -> submitit.Job:
         executor = submitit.LocalExecutor(folder=request.job_dir, **extra)
         executor.update_parameters(**local_executor_parameters(request))
     else:
-        if request.missing_inputs:  # the job would wait in the queue, then fail at once
-            raise LaunchError(
-                f"{', '.join(request.missing_inputs)}: not found on this machine, so the job would fail when it "
-                "starts; fix the path, or pass --no-path-check if only the compute nodes see it"
-            )
         extra = {"slurm_max_num_timeout": max_num_timeout} if max_num_timeout is not None else {}
         try:
             executor = submitit.AutoExecutor(folder=request.job_dir, cluster="slurm", **extra)
         except RuntimeError as error:
             raise LaunchError(f"cannot submit to SLURM here ({error}); pass --local to run on this machine") from error
+        if request.missing_inputs:  # the job would wait in the queue, then fail at once
+            raise LaunchError(
+                f"{', '.join(request.missing_inputs)}: not found on this machine, so the job would fail when it "
+                "starts; fix the path, or pass --no-path-check if only the compute nodes see it"
+            )
         executor.update_parameters(**executor_parameters(request))
     # Inherited by the local controller and, through sbatch's environment export, by SLURM tasks.
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = PREEMPT_SIGNAL

@@ -521,8 +521,9 @@ def train(
         logger.info("starting from the training checkpoint MODEL.WEIGHTS=%s", latest)
     if latest is not None:
         previous = OmegaConf.create(previous_config) if resuming and previous_config else None
-        # (a run folder that was moved or copied is not a changed setting)
-        run_changes = config_differences(previous, cfg, ignore=("train.output_dir",)) if previous is not None else []
+        # (a run folder moved or copied, or a requeued job told to resume, is not a changed setting)
+        unchanged = ("train.output_dir", "train.resume")
+        run_changes = config_differences(previous, cfg, ignore=unchanged) if previous is not None else []
         try:
             state = load_checkpoint(latest, model, optimizer)
         except CheckpointError as err:  # a setting that renames or reshapes tensors (block_chunks, ffn_layer, ...)

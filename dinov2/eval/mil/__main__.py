@@ -163,15 +163,19 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "abmil": result,
     }
+    tested_bags = [bag for bag, test in zip(bag_set.bags, tested) if test]
+    fold_of = {record["patient"]: record["fold"] for record in records}  # (cross-validation: one fold per patient)
     reports.write_report(
         output_dir,
         results,
         predictions={"abmil": probabilities[tested].argmax(axis=1)},
         probabilities=probabilities[tested],
-        paths=[bag.patient for bag, test in zip(bag_set.bags, tested) if test],
+        paths=[bag.patient for bag in tested_bags],
         labels=bag_set.labels[tested],
         figures=not args.no_figures,
         id_column="patient",
+        folds=None if test_index is not None else np.array([fold_of[bag.patient] for bag in tested_bags]),
+        keep=[output_dir / "attention.json", output_dir / "attention.csv"],
     )
     write_attention(output_dir, records)
     print(output_dir / "results.json")
