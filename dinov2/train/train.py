@@ -339,9 +339,9 @@ def warn_if_exports_need_num_heads(cfg: DictConfig) -> None:
     if arch["num_heads"] != implied:
         logger.warning(
             "%d attention heads where %d-wide weights imply %d (DINOv2's convention): this run's exported "
-            "teacher_checkpoint.pth files load with %d heads inside the run folder, next to its config.yaml; a copy "
-            "elsewhere needs load_backbone(None, path, num_heads=%d)", arch["num_heads"], arch["embed_dim"], implied,
-            arch["num_heads"], arch["num_heads"],
+            "teacher_checkpoint.pth files load with %d heads inside the run folder, next to its config.yaml (so do "
+            "the command-line tools); a copy elsewhere needs load_backbone(None, path, num_heads=%d)",
+            arch["num_heads"], arch["embed_dim"], implied, arch["num_heads"], arch["num_heads"],
         )
 
 
