@@ -426,4 +426,5 @@ def test_sinkhorn_knopp_over_ranks_with_unequal_rows_equals_one_rank(tmp_path: P
     two_ranks = torch.cat([torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)])
     logits = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
     one_rank = DINOLoss(16).sinkhorn_knopp_teacher(logits, teacher_temp=0.1)
-    torch.testing.assert_close(two_ranks, one_rank, rtol=0 if not compiled else 1e-6, atol=1e-7)
+    # The compiled passes fold the maximum and the prototype weights into one exponent: float32 rounding of 1e-5.
+    torch.testing.assert_close(two_ranks, one_rank, rtol=0 if not compiled else 1e-5, atol=1e-7)

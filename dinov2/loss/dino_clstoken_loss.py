@@ -39,10 +39,11 @@ def sinkhorn_knopp(
     ``n_samples * diag(u) Q diag(v)`` after the last one, i.e. the rows of ``Q diag(v)`` normalised to 1.
 
     ``compiled`` (``train.compile`` on CUDA, see :func:`compiled_sinkhorn_knopp_pays`): ``Q`` is not stored
-    either. Each pass is a ``torch.compile``d kernel that recomputes ``Q = exp((t - max) / T)`` from the logits
-    as it reads them (half the bytes of a float32 ``Q`` for bf16 logits) and sums it; the last one writes the
-    targets. Besides the maximum, seven reads of the logits and one write, against eleven passes over a float32
-    matrix, five of which write it (see ``docs/benchmarks.md``).
+    either. Each pass is a ``torch.compile``d kernel that recomputes ``Q diag(v) = exp(t / T + log v - max / T)``
+    from the logits as it reads them (half the bytes of a float32 ``Q`` for bf16 logits) and sums it; the last one
+    writes the targets. Besides the maximum, seven reads of the logits and one write, against eleven passes over a
+    float32 matrix, five of which write it (see ``docs/benchmarks.md``). The targets agree with the stored
+    version's to about 1e-5 relative (float32 rounding of the exponent, ``t / T`` near 25 at ``T = 0.04``).
     """
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
@@ -71,8 +72,9 @@ def sinkhorn_knopp(
 
 def compiled_sinkhorn_knopp_pays(logits: torch.Tensor) -> bool:
     """Whether ``sinkhorn_knopp(..., compiled=True)`` pays for ``logits``: on a CUDA GPU it does (9,749 x 65,536
-    bf16 logits on an H200: 7.8 ms compiled, 13.5 ms stored, ``docs/benchmarks.md``); a CPU computes the extra
-    ``exp`` more slowly than it reads a stored ``Q`` (2,048 x 65,536 float32 logits: 1.0 s compiled, 0.47 s
+    bf16 logits on an H200: 13.5 ms stored, 7.8 ms compiled; since the passes read one value per prototype, the
+    compiled DINO and iBOT passes of a ViT-S step take 3.8 ms together, ``docs/benchmarks.md``); a CPU computes the
+    extra ``exp`` more slowly than it reads a stored ``Q`` (2,048 x 65,536 float32 logits: 1.0 s compiled, 0.47 s
     stored). Other devices, unmeasured, keep the stored version."""
     return logits.device.type == "cuda"
 
@@ -100,65 +102,86 @@ class _StoredPasses:
         return self.q.mul_(column_weights).div_(row_sums.unsqueeze(1))
 
 
-def _shifted_exp(logits: torch.Tensor, shift: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
-    """``Q = exp((logits - shift) / temp)`` in the dtype of ``shift`` (float32 for half-precision logits)."""
-    return torch.exp((logits.to(shift.dtype) - shift) / temp)
+def _exp_affine(logits: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``exp(scale * logits + offset)`` in the dtype of ``offset`` (float32 for half-precision logits).
+
+    With ``scale = 1 / T`` and a per-prototype ``offset``, one fused multiply-add per element gives ``Q`` times any
+    per-prototype factor folded into the offset: ``exp((t - m) / T) * v = exp(t / T + (log v - m / T))``.
+    """
+    return torch.exp(logits.to(offset.dtype) * scale + offset)
 
 
 def _weighted_column_sums(
-    logits: torch.Tensor, shift: torch.Tensor, temp: torch.Tensor, row_weights: torch.Tensor
+    logits: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, row_weights: torch.Tensor
 ) -> torch.Tensor:
-    """``sum_i w_i Q_ik``, ``Q`` never written out once compiled."""
-    return (_shifted_exp(logits, shift, temp) * row_weights.unsqueeze(1)).sum(dim=0)
+    """``sum_i w_i exp(scale t_ik + offset_k)``, the matrix never written out once compiled."""
+    return (_exp_affine(logits, scale, offset) * row_weights.unsqueeze(1)).sum(dim=0)
 
 
-def _weighted_row_sums(
-    logits: torch.Tensor, shift: torch.Tensor, temp: torch.Tensor, column_weights: torch.Tensor
+def _row_sums(logits: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``sum_k exp(scale t_ik + offset_k)``, the matrix never written out once compiled."""
+    return _exp_affine(logits, scale, offset).sum(dim=1)
+
+
+def _normalised_rows(
+    logits: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, row_sums: torch.Tensor
 ) -> torch.Tensor:
-    """``sum_k Q_ik v_k``, ``Q`` never written out once compiled."""
-    return (_shifted_exp(logits, shift, temp) * column_weights).sum(dim=1)
-
-
-def _balanced(
-    logits: torch.Tensor, shift: torch.Tensor, temp: torch.Tensor, column_weights: torch.Tensor, row_sums: torch.Tensor
-) -> torch.Tensor:
-    """``Q_ik v_k / s_i``: the targets, in one pass once compiled."""
-    return _shifted_exp(logits, shift, temp) * column_weights / row_sums.unsqueeze(1)
+    """``exp(scale t_ik + offset_k) / s_i``: the targets, in one pass once compiled."""
+    return _exp_affine(logits, scale, offset) / row_sums.unsqueeze(1)
 
 
 @functools.cache
 def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``fn`` compiled once per process, with dynamic shapes (the number of masked tokens changes every step).
+    """``fn`` compiled once per process, with a dynamic row count (the number of masked tokens changes every step).
 
-    Dynamo still keeps a variant per dtype of the logits and for 0, 1 and more rows (it specialises on 0 and 1),
-    three per dtype, well within its limit of 8.
+    The prototype count stays static (see :class:`_RecomputedPasses`). Dynamo keeps a variant per dtype of the
+    logits, per prototype count (the DINO and iBOT heads may differ) and for 0, 1 and more rows (it specialises
+    on 0 and 1); training needs at most six, within its limit of 8.
     """
-    return torch.compile(fn, dynamic=True)
+    return torch.compile(fn)
+
+
+def _rows_dynamic(*tensors: torch.Tensor) -> None:
+    """Mark dimension 0 of ``tensors`` dynamic for the compiler (a no-op where it specialises 0 and 1 rows)."""
+    for tensor in tensors:
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
 class _RecomputedPasses:
     """The same passes as compiled kernels that recompute ``Q`` from the logits instead of storing it.
 
+    Each element costs one fused multiply-add and one ``exp`` of ``scale * t + offset``: ``scale = 1 / T``, and
+    the per-prototype offset folds the maximum and the prototype weights ``v`` together
+    (``log v_k - m_k / T``), so a pass reads one float32 value per prototype beside the logits, not two or
+    three. The row count is dynamic, the prototype count static, which lets the compiler size its reductions.
     The temperature travels as a tensor, so that its warm-up schedule cannot recompile the kernels every step.
     """
 
     def __init__(self, logits: torch.Tensor, shift: torch.Tensor, temp: float) -> None:
-        self.logits, self.shift = logits, shift
-        self.temp = torch.full((), temp, dtype=shift.dtype, device=logits.device)
+        self.logits = logits
+        self.scale = torch.full((), 1.0 / temp, dtype=shift.dtype, device=logits.device)
+        self.shift_offset = (shift * -self.scale).flatten()  # -m_k / T
+        _rows_dynamic(logits)
 
     def column_sums(self, row_weights: torch.Tensor | None) -> torch.Tensor:
         """``sum_i w_i Q_ik`` (all ``w_i = 1`` for None: a vector of ones, so that one compiled variant serves both)."""
         if row_weights is None:
-            row_weights = torch.ones(self.logits.shape[0], dtype=self.shift.dtype, device=self.logits.device)
-        return _compiled(_weighted_column_sums)(self.logits, self.shift, self.temp, row_weights)
+            row_weights = torch.ones(self.logits.shape[0], dtype=self.scale.dtype, device=self.logits.device)
+        _rows_dynamic(row_weights)
+        return _compiled(_weighted_column_sums)(self.logits, self.scale, self.shift_offset, row_weights)
 
     def row_sums(self, column_weights: torch.Tensor) -> torch.Tensor:
         """``sum_k Q_ik v_k``."""
-        return _compiled(_weighted_row_sums)(self.logits, self.shift, self.temp, column_weights)
+        return _compiled(_row_sums)(self.logits, self.scale, self._offset(column_weights))
 
     def targets(self, column_weights: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor:
         """``Q_ik v_k / s_i``, a new float32 tensor."""
-        return _compiled(_balanced)(self.logits, self.shift, self.temp, column_weights, row_sums)
+        _rows_dynamic(row_sums)
+        return _compiled(_normalised_rows)(self.logits, self.scale, self._offset(column_weights), row_sums)
+
+    def _offset(self, column_weights: torch.Tensor) -> torch.Tensor:
+        """``log v_k - m_k / T``: ``Q_ik v_k = exp(t_ik / T + offset_k)``."""
+        return self.shift_offset + torch.log(column_weights)
 
 
 def dino_loss_term_scales(n_global_crops: int, n_local_crops: int) -> tuple[float, float]:
