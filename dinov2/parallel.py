@@ -4,8 +4,9 @@ The models stay plain PyTorch. `parallelize_model` changes them in place:
 
 * activation checkpointing: each transformer block's forward runs under `torch.utils.checkpoint` (non-reentrant),
   by rebinding the block's `forward`; no wrapper module, so parameter names and state-dict keys are unchanged;
-* compile: `Module.compile()` on each block (inside `block_chunks` too), which also keeps the keys (no `_orig_mod.`
-  prefix); the losses' cross-entropies (and, on CUDA, Sinkhorn-Knopp) are compiled by `SSLMetaArch.compile_losses`;
+* compile: `Module.compile()` on each block (inside `block_chunks` too) and on each head (with dynamic shapes),
+  which also keeps the keys (no `_orig_mod.` prefix); the losses' cross-entropies (and, on CUDA, Sinkhorn-Knopp)
+  are compiled by `SSLMetaArch.compile_losses`;
 * FSDP2 (`torch.distributed.fsdp.fully_shard`), only with a process group of more than one rank: each block, then
   the backbone; each head as one unit. FULL_SHARD frees the gathered parameters after forward, SHARD_GRAD_OP keeps
   them for backward, NO_SHARD replicates them: FSDP2 has no NO_SHARD, so it shards over a mesh dimension of size 1
@@ -117,6 +118,7 @@ def parallelize_model(
     reduce_dtype: str | torch.dtype = "fp32",
     activation_checkpointing: bool = False,
     compile: bool = False,
+    compile_tuning: bool = False,
     device_mesh: DeviceMesh | None = None,
     reshard_after_forward: bool | None = None,
     name: str = "model",
@@ -127,7 +129,8 @@ def parallelize_model(
     applied over `device_mesh` when one is given, else when a process group with more than one rank exists (over all
     ranks; a (world, 1) mesh for NO_SHARD). `reshard_after_forward` overrides the strategy's choice (True for a model
     that only runs forward, so its parameters are DTensors again after each forward); `name` labels the part in the
-    log. The model must already be on its device, or on the meta device: then `to_empty(device=...)` it afterwards
+    log. `compile_tuning` compiles the blocks with Inductor's coordinate-descent tuning (`train.compile_tuning`).
+    The model must already be on its device, or on the meta device: then `to_empty(device=...)` it afterwards
     and load its weights (the trainer does so, see `SSLMetaArch.init_weights`), so that only rank 0 ever holds a
     full copy, while initialising.
     """
@@ -146,14 +149,17 @@ def parallelize_model(
         reshard_after_forward = sharding_strategy == "FULL_SHARD"
     fsdp_kwargs = dict(mesh=device_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     parts = list(model.values()) if isinstance(model, nn.ModuleDict) else [model]
+    block_options = {"coordinate_descent_tuning": True} if compile_tuning else None
     for part in parts:
+        if compile and not hasattr(part, "blocks"):  # a head: its row count changes (iBOT's masked tokens)
+            part.compile(dynamic=True)
         for block in getattr(part, "blocks", ()):
             if activation_checkpointing:
                 _enable_activation_checkpointing(block)
             if compile:  # each block, also inside a chunk: chunks differ in layout, and would each compile anew
                 for layer in block if isinstance(block, BlockChunk) else (block,):
                     if not isinstance(layer, nn.Identity):
-                        layer.compile()
+                        layer.compile(options=block_options)
             if shard:
                 fully_shard(block, **fsdp_kwargs)
         if shard:
@@ -201,6 +207,7 @@ def parallelize_from_config(parts: nn.ModuleDict, cfg: DictConfig, role: str, de
             reduce_dtype=reduce_dtype,
             activation_checkpointing=bool(cfg.train.activation_checkpointing) and role == "student",
             compile=bool(cfg.train.compile),
+            compile_tuning=bool(cfg.train.compile_tuning),
             device_mesh=meshes.get(replicate),
             reshard_after_forward=True if role == "teacher" else None,
             name=f"{role}.{name}",

@@ -80,10 +80,8 @@ def time_backend(
     return statistics.median(time_call(step, device) for _ in range(iters))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", nargs="+", default=["vit_small", "vit_large"], choices=sorted(ARCH_SIZES))
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that set a block's training shape, dtype, device and timing (shared with benchmark_block)."""
     p.add_argument("--crops", type=positive_int, default=None,
                    help="crops per step (default: 256 for ViT-S, 128 for larger: the GPU check's batches x 2 global "
                    "crops)")
@@ -93,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (CUDA if available)")
     p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--iters", type=positive_int, default=20)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", default=["vit_small", "vit_large"], choices=sorted(ARCH_SIZES))
+    add_shape_arguments(p)
     return p
 
 

@@ -1,5 +1,5 @@
-"""``train.compile``: the compiled cross-entropies and Sinkhorn-Knopp give the eager losses, gradients and targets,
-and the compiled blocks stay compiled."""
+"""``train.compile``: the compiled cross-entropies, Sinkhorn-Knopp and heads give the eager losses, gradients and
+targets, and the compiled blocks stay compiled."""
 
 from __future__ import annotations
 
@@ -151,3 +151,66 @@ def test_compiled_block_chunks_share_one_compiled_block() -> None:
         model(x).sum().backward()
         with torch.no_grad():
             model(x)
+
+
+def test_compiled_head_follows_the_row_count_without_recompiling() -> None:
+    """A head compiled by ``train.compile`` gives the eager scores and gradients, and one compiled variant with
+    gradients and one without serve every row count (the iBOT head's masked tokens change every step)."""
+    from dinov2.layers import DINOHead
+    from dinov2.parallel import parallelize_model
+
+    torch.manual_seed(0)
+    head = DINOHead(16, 40, hidden_dim=24, bottleneck_dim=8)
+    eager = DINOHead(16, 40, hidden_dim=24, bottleneck_dim=8)
+    eager.load_state_dict(head.state_dict())
+    parallelize_model(head, compile=True)
+    assert head._compiled_call_impl is not None and list(head.state_dict()) == list(eager.state_dict())
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for rows in (5, 9, 13):
+            x = torch.randn(rows, 16)
+            torch.testing.assert_close(head(x), eager(x), rtol=1e-5, atol=1e-6)
+            head(x).square().sum().backward()
+            eager(x).square().sum().backward()
+            with torch.no_grad():
+                torch.testing.assert_close(head(x), eager(x), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(head.named_parameters(), eager.parameters()):
+        scale = q.grad.abs().max().item()  # float32 sums in another order: equal to a millionth of the largest
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_block_benchmark_times_each_compile_setting(
+    load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``benchmark_block.py`` times a block eagerly, compiled and compiled with coordinate-descent tuning (the
+    GPU check's comparison), each with the block's own numbers, and ends with one ``mode=ms`` line."""
+    script = load_script("benchmark_block")
+    results = script.main(["--device", "cpu", "--crops", "2", "--tokens", "17", "--warmup", "0", "--iters", "1",
+                           "--modes", "eager", "compiled", "coordinate-descent"])  # fmt: skip
+    assert list(results) == ["eager", "compiled", "coordinate-descent"] and all(ms > 0 for ms in results.values())
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == " ".join(f"{mode}={ms:.3f}" for mode, ms in results.items())
+    assert [line.split()[0] for line in lines[1:-1]] == list(results)
+    with pytest.raises(SystemExit):
+        script.main(["--modes", "fastest"])
+
+
+def test_compile_tuning_reaches_the_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.compile_tuning`` compiles each block with coordinate-descent tuning (heads and losses as before), and
+    without ``train.compile`` it is a configuration error rather than a setting that silently does nothing."""
+    from torch import nn
+
+    from dinov2.configs import ConfigError
+    from dinov2.models import DinoVisionTransformer
+    from dinov2.parallel import parallelize_from_config
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append((type(self).__name__, kwargs)))
+    cfg = load_config(TRAIN_CONFIG_DIR / "demo.yaml",
+                      ["train.dataset_path=unused", "train.compile=true", "train.compile_tuning=true"])  # fmt: skip
+    backbone = DinoVisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2)
+    parts = nn.ModuleDict({"backbone": backbone, "dino_head": nn.Linear(32, 8)})
+    parallelize_from_config(parts, cfg, "student", torch.device("cpu"))
+    assert calls == [("Block", {"options": {"coordinate_descent_tuning": True}})] * 2 + [("Linear", {"dynamic": True})]
+    with pytest.raises(ConfigError, match="train.compile_tuning=true tunes what train.compile compiles"):
+        load_config(TRAIN_CONFIG_DIR / "demo.yaml", ["train.dataset_path=unused", "train.compile_tuning=true"])

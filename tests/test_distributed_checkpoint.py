@@ -373,10 +373,11 @@ def test_single_process_parallelize_keeps_the_plain_model() -> None:
     keys = list(model.state_dict())
     parallelize_model(model, sharding_strategy="FULL_SHARD", activation_checkpointing=True, compile=True)
     assert not _is_sharded(model) and list(model.state_dict()) == keys
-    assert all(block._compiled_call_impl is not None for block in model["backbone"].blocks)
-    # Checkpointed blocks give the same gradients (compile is checked on the GPU only: it is slow on 2 CPU cores).
-    for block in model["backbone"].blocks:
-        block._compiled_call_impl = None
+    compiled = [*model["backbone"].blocks, model["dino_head"], model["ibot_head"]]
+    assert all(module._compiled_call_impl is not None for module in compiled)
+    # Checkpointed blocks give the same gradients (compiled blocks: tests/test_compiled_losses.py).
+    for module in compiled:
+        module._compiled_call_impl = None
     for m in (model, reference):
         _loss(m, _images(0))[0].backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):

@@ -379,6 +379,8 @@ def _check_values(cfg: DictConfig) -> None:
             f"evaluation.rankme_period_iterations={rankme_period} must be >= 0 (0 = no RankMe), and "
             f"evaluation.rankme_batches={rankme_batches} must lie in [1, rankme_period_iterations]"
         )
+    if cfg.train.compile_tuning and not cfg.train.compile:
+        problems.append("train.compile_tuning=true tunes what train.compile compiles: set train.compile=true too")
     if cfg.dino.loss_weight <= 0 and cfg.ibot.loss_weight <= 0:
         problems.append("dino.loss_weight and ibot.loss_weight are both 0: nothing would be trained")
     if problems:
