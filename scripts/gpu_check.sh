@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check, within a time budget (GPU_CHECK_BUDGET_S, default 480 s: a lent GPU session is short):
 # the CUDA/NCCL training path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in
-# bf16 (a GPU profile of the ViT-S step, with and without train.compile; its iBOT loss path alone; attention), the
-# data pipeline with 16 workers, the training command end to end on the demo images, feature extraction, larger
-# batches and the ViT-g memory check. The steps run most wanted first; each has its own time limit, cut to what is
+# bf16 (ViT-S with train.compile and train.compile_tuning, a GPU profile of its step with and without them, one block
+# under each compile setting; its iBOT loss path alone; attention), the data pipeline with 16 workers, the training
+# command end to end on the demo images, feature extraction, larger batches and the ViT-g memory check. The steps run most wanted first; each has its own time limit, cut to what is
 # left of the budget, and a step that no longer fits is skipped, so a check cut short still measures what is new.
 #
 #   bash scripts/gpu_check.sh [LOG_DIR]
@@ -63,19 +63,25 @@ fi
 
 # Heads as released (65,536 prototypes, hidden 2048, bottleneck 256), 224 px global crops only (DinoBloom).
 HEADS="--heads 65536,2048,256 --crops dinobloom"
+# torch.compile as train.compile does it (blocks, heads, cross-entropies, Sinkhorn-Knopp); what made Dynamo
+# recompile or break the graph goes to the log.
+step vits14_bf16_compile 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
+  --arch vit_small --batch-size 128 $HEADS --compile --iters 8
+# train.compile_tuning (coordinate-descent tuning of the blocks' kernels; a ViT-S block ran 10 % faster): does the
+# whole step gain as much, and how long does the compilation take (a run of 110 s was cut short)? Its operator table
+# (sorted by GPU time) goes to vits14_compile_profile.txt: where the time that MFU does not account for goes.
+step vits14_bf16_compile_tuning 240 $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS \
+  --compile --iters 8 --profile "$LOG_DIR/vits14_compile_profile.txt" train.compile_tuning=true
+# One block under each compile setting (max-autotune left out: cuBLAS beat its templates, and it compiles for minutes).
+step block_compile_modes 90 $PY scripts/benchmark_block.py --device cuda --modes eager compiled coordinate-descent
 # The NCCL path: torchrun (as a module of this interpreter) with one process per GPU, here one, initialises NCCL
-# and trains. The operator table of one more step (sorted by GPU time) goes to vits14_profile.txt: where the time
-# that MFU does not account for goes.
+# and trains, eagerly; its operator table goes to vits14_profile.txt.
 step vits14_nccl_bf16 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 scripts/benchmark_train.py \
   --arch vit_small --batch-size 128 $HEADS --iters 10 --profile "$LOG_DIR/vits14_profile.txt"
-# torch.compile: does the compiled step run compiled kernels (its profile), and what made Dynamo recompile or
-# break the graph (in the log)?
-step vits14_bf16_compile 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
-  --arch vit_small --batch-size 128 $HEADS --compile --iters 8 --profile "$LOG_DIR/vits14_compile_profile.txt"
-# The iBOT loss path of that step alone (its masked tokens x 65,536 prototypes): Sinkhorn-Knopp, cross-entropy;
-# then compiled, as train.compile compiles both on a GPU.
-step ibot_loss_path 40 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10
-step ibot_loss_path_compiled 75 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10 --compile
+# The iBOT loss path of that step alone (its masked tokens x 65,536 prototypes): Sinkhorn-Knopp and cross-entropy,
+# compiled as train.compile compiles them on a GPU (eager: 13.5 and 14.2 ms on an H200). Its compilation took over
+# 60 s once.
+step ibot_loss_path_compiled 120 $PY scripts/benchmark_loss.py --device cuda --tokens 9749 --iters 10 --compile
 # SDPA's backends at the ViT-S and ViT-L shapes (257 tokens): is the one PyTorch picks (cuDNN on an H200) the fastest?
 step attention_backends 30 $PY scripts/benchmark_attention.py --device cuda --iters 10
 step vitl14_bf16 120 $PY scripts/benchmark_train.py --arch vit_large --batch-size 64 $HEADS --iters 8
