@@ -3,8 +3,9 @@
 # the CUDA/NCCL training path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in
 # bf16 (ViT-S with train.compile and train.compile_tuning, a GPU profile of its step with and without them, one block
 # under each compile setting; its iBOT loss path alone; attention), the data pipeline with 16 workers, the training
-# command end to end on the demo images, feature extraction, larger batches and the ViT-g memory check. The steps run most wanted first; each has its own time limit, cut to what is
-# left of the budget, and a step that no longer fits is skipped, so a check cut short still measures what is new.
+# command end to end on the demo images, feature extraction, larger batches and the ViT-g memory check. The steps
+# run most wanted first; each has its own time limit, cut to what is left of the budget, and a step that no longer
+# fits is skipped, so a check cut short still measures what is new.
 #
 #   bash scripts/gpu_check.sh [LOG_DIR]
 #
