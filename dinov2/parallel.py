@@ -110,6 +110,10 @@ def _device_mesh(sharding_strategy: str, device_type: str | None = None) -> Devi
     return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
 
 
+#: Inductor options of the blocks under `train.compile_tuning`: coordinate-descent tuning of the fused kernels.
+COMPILE_TUNING_OPTIONS = {"coordinate_descent_tuning": True}
+
+
 def parallelize_model(
     model: nn.Module,
     *,
@@ -149,7 +153,7 @@ def parallelize_model(
         reshard_after_forward = sharding_strategy == "FULL_SHARD"
     fsdp_kwargs = dict(mesh=device_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     parts = list(model.values()) if isinstance(model, nn.ModuleDict) else [model]
-    block_options = {"coordinate_descent_tuning": True} if compile_tuning else None
+    block_options = COMPILE_TUNING_OPTIONS if compile_tuning else None
     for part in parts:
         if compile and not hasattr(part, "blocks"):  # a head: its row count changes (iBOT's masked tokens)
             part.compile(dynamic=True)

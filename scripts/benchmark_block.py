@@ -43,6 +43,7 @@ from torch import nn  # noqa: E402
 
 from dinov2.eval.protocol import resolve_device  # noqa: E402
 from dinov2.models import ARCH_SIZES, DinoVisionTransformer  # noqa: E402
+from dinov2.parallel import COMPILE_TUNING_OPTIONS  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def prepare(block: nn.Module, mode: str) -> nn.Module:
     if mode == "compiled":
         block.compile()
     elif mode == "coordinate-descent":
-        block.compile(options={"coordinate_descent_tuning": True})
+        block.compile(options=COMPILE_TUNING_OPTIONS)
     elif mode == "max-autotune":
         block.compile(mode="max-autotune-no-cudagraphs")
     elif mode != "eager":
@@ -66,12 +67,15 @@ def prepare(block: nn.Module, mode: str) -> nn.Module:
 def time_block(
     block: nn.Module, tokens: torch.Tensor, dtype: torch.dtype, warmup: int, iters: int
 ) -> dict[str, float]:
-    """Seconds of the first training call, and the medians of a forward and backward (the student's) and of a
-    forward without gradients (the teacher's), under autocast to ``dtype`` (none for float32)."""
+    """Seconds of the first two calls (with and without gradients: mostly compilation), and the medians of a
+    forward and backward (the student's) and of a forward without gradients (the teacher's), under autocast to
+    ``dtype`` (none for float32). Gradients are cleared before each backward, as a training step's are."""
     device = tokens.device
     grad = torch.randn_like(tokens)
 
     def train() -> None:
+        block.zero_grad(set_to_none=True)
+        tokens.grad = None
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = block(tokens)
         torch.autograd.backward(out, grad)
@@ -85,6 +89,7 @@ def time_block(
     for _ in range(warmup):
         train()
         teacher()
+
     def median(fn: Callable[[], None]) -> float:
         return statistics.median(time_call(fn, device) for _ in range(iters))
 
