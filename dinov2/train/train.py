@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -489,6 +489,56 @@ def log_progress(record: dict[str, Any], max_iter: int, seconds_per_step: float,
     )
 
 
+class Progress(NamedTuple):
+    """Where a run stands: the next iteration, the images read so far and how many of them were unreadable."""
+
+    iteration: int = 0
+    images_seen: int = 0
+    bad_images: int = 0
+
+
+def resume_from_checkpoint(
+    checkpoint: Path,
+    model: SSLMetaArch,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    cfg: DictConfig,
+    previous_config: str | None,
+    global_batch: int,
+    dataset_size: int,
+    augmentation: dict[str, Any],
+) -> Progress:
+    """Load a training checkpoint strictly into the model, the optimiser and the loss scaler; return its progress.
+
+    ``previous_config``: the text of the config.yaml of the run being resumed (None when starting from
+    ``MODEL.WEIGHTS``). The settings that differ from it are named when the checkpoint does not fit, and in a
+    warning when it does; so is any other way in which this run will differ from the one that wrote the checkpoint.
+    """
+    previous = OmegaConf.create(previous_config) if previous_config else None
+    # (a run folder moved or copied, or a requeued job told to resume, is not a changed setting)
+    unchanged = ("train.output_dir", "train.resume")
+    run_changes = config_differences(previous, cfg, ignore=unchanged) if previous is not None else []
+    try:
+        state = load_checkpoint(checkpoint, model, optimizer)
+    except CheckpointError as err:  # a setting that renames or reshapes tensors (block_chunks, ffn_layer, ...)
+        if not run_changes:
+            raise
+        raise CheckpointError(
+            f"{err}\nSettings that differ from the checkpointed run's config.yaml: {'; '.join(run_changes[:12])}. "
+            "Resume with that run's settings, or start a new run (another --output-dir, or --no-resume)"
+        ) from None
+    start_iter = state["iteration"] + 1
+    check_same_network(checkpoint, state.get("network"), network_record(model.student.backbone))
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
+    previous_recipe = OmegaConf.select(previous, "train.augmentation") if previous is not None else None
+    warn_about_changes(
+        checkpoint, state, start_iter, global_batch, dataset_size, augmentation, run_changes, previous_recipe
+    )
+    logger.info("resuming at iteration %d from %s", start_iter, checkpoint)
+    return Progress(start_iter, state["images_seen"], state["bad_images"])
+
+
 def train(
     cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.DistInfo, previous_config: str | None = None
 ) -> dict[str, Any]:
@@ -514,35 +564,17 @@ def train(
     max_iter = total_iterations(cfg)
     global_batch = int(cfg.train.batch_size_per_gpu) * info.world_size
 
-    start_iter, images_seen, bad_images = 0, 0, 0
+    progress = Progress()
     resuming = latest is not None
     if latest is None and cfg.MODEL.WEIGHTS:
         latest = Path(cfg.MODEL.WEIGHTS)
         logger.info("starting from the training checkpoint MODEL.WEIGHTS=%s", latest)
     if latest is not None:
-        previous = OmegaConf.create(previous_config) if resuming and previous_config else None
-        # (a run folder moved or copied, or a requeued job told to resume, is not a changed setting)
-        unchanged = ("train.output_dir", "train.resume")
-        run_changes = config_differences(previous, cfg, ignore=unchanged) if previous is not None else []
-        try:
-            state = load_checkpoint(latest, model, optimizer)
-        except CheckpointError as err:  # a setting that renames or reshapes tensors (block_chunks, ffn_layer, ...)
-            if not run_changes:
-                raise
-            raise CheckpointError(
-                f"{err}\nSettings that differ from the checkpointed run's config.yaml: {'; '.join(run_changes[:12])}. "
-                "Resume with that run's settings, or start a new run (another --output-dir, or --no-resume)"
-            ) from None
-        start_iter = state["iteration"] + 1
-        check_same_network(latest, state.get("network"), network_record(model.student.backbone))
-        images_seen, bad_images = state["images_seen"], state["bad_images"]
-        if scaler is not None and state.get("grad_scaler"):
-            scaler.load_state_dict(state["grad_scaler"])
-        previous_recipe = OmegaConf.select(previous, "train.augmentation") if previous is not None else None
-        warn_about_changes(
-            latest, state, start_iter, global_batch, len(dataset), augmentation, run_changes, previous_recipe
+        progress = resume_from_checkpoint(
+            latest, model, optimizer, scaler, cfg, previous_config if resuming else None, global_batch,
+            len(dataset), augmentation,
         )
-        logger.info("resuming at iteration %d from %s", start_iter, latest)
+    start_iter, images_seen, bad_images = progress
     if not resuming:  # after loading MODEL.WEIGHTS, which may lie in this folder's checkpoints
         distributed.barrier()  # every rank has read them before they are moved
         if info.is_main_process:
