@@ -5,7 +5,10 @@
     torchrun --nproc_per_node=8 scripts/benchmark_train.py --arch vit_large --batch-size 64   # FSDP2
 
 Times full training steps (forward and backward of the student on every crop, teacher forward, clipping,
-AdamW, EMA) on synthetic images after a warm-up, and reports the median. FLOPs of one step are counted
+AdamW, EMA) on synthetic images after a warm-up, twice: as a training run steps, with the device synchronised only
+every ``--window`` steps (the median over such windows of their time per step: the images/s and MFU reported),
+and with a synchronisation after every step (the median step: ``s_per_iter_synced``, the latency of one step,
+which also holds the time the device waits for the host to queue each step's first work). FLOPs of one step are counted
 with ``torch.utils.flop_counter``, attention included (PyTorch's table has no entry for the CPU flash-attention
 kernels, so they are added here, and xFormers is switched off while counting). MFU is achieved FLOP/s over the
 dense matrix-multiply rate that this script measures on the same device, dtype and thread count (fp32 on CPU,
@@ -189,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "and, on CUDA, Sinkhorn-Knopp")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
-    p.add_argument("--iters", type=positive_int, default=10, help="timed steps")
+    p.add_argument("--iters", type=positive_int, default=10,
+                   help="timed steps of each timing (windows, then synchronised steps)")
+    p.add_argument("--window", type=positive_int, default=5,
+                   help="steps between two synchronisations of the device when timing throughput (a training run "
+                   "synchronises only on its logging steps)")
     p.add_argument("--heads", type=head_sizes, default=None,
                    help="prototypes,hidden,bottleneck of both heads, e.g. 65536,2048,256")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -234,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     sizes, repeats = ((4096, 8192), 10) if device.type == "cuda" else ((1024, 2048, 3072), 3)
     peak = matmul_peak_flops(device, matmul_dtype, sizes, repeats)
-    seconds, peak_mem_gb = time_steps(step, device, args.iters)
+    seconds_synced, peak_mem_gb = time_steps(step, device, args.iters)
+    seconds = time_step_windows(step, device, args.iters, args.window)
     peak = max(peak, matmul_peak_flops(device, matmul_dtype, sizes, repeats))  # and once more after the steps
 
     images_per_s = args.batch_size * info.world_size / seconds
@@ -243,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     result = {
         "images_per_s": images_per_s,
         "s_per_iter": seconds,
+        "s_per_iter_synced": seconds_synced,
         "tflops_per_step": flops_per_step / 1e12,
         "attention_flop_share": attention_flops / max(flops_per_step, 1),
         "achieved_tflops_per_rank": achieved / info.world_size / 1e12,
@@ -315,6 +324,22 @@ def time_steps(step: Any, device: torch.device, iters: int) -> tuple[float, floa
     else:  # Linux reports KiB
         peak_mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return statistics.median(times), peak_mem_gb
+
+
+def time_step_windows(step: Any, device: torch.device, iters: int, window: int) -> float:
+    """Seconds per call of ``step`` as a training run calls it: ``iters`` calls in windows of ``window`` (the last
+    one shorter) with the device synchronised only between windows, so that the host queues each step while the
+    device still runs the one before; the median over the windows of their time per call."""
+    per_call = []
+    synchronize(device)
+    for first in range(0, iters, window):
+        calls = min(window, iters - first)
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        synchronize(device)
+        per_call.append((time.perf_counter() - start) / calls)
+    return statistics.median(per_call)
 
 
 def write_profile(step: Any, device: torch.device, path: Path, save: bool = True) -> None:

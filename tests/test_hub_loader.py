@@ -639,6 +639,25 @@ def test_benchmark_train_reports_its_figures(
     assert set(figures) == {"images_per_s", "mfu", "peak_mem_gb"}
     assert float(figures["images_per_s"]) == pytest.approx(result["images_per_s"], rel=1e-2)
     assert result["images_per_s"] == pytest.approx(2 / result["s_per_iter"]) and 0 < result["mfu"]
+    assert result["s_per_iter_synced"] > 0
+
+
+def test_benchmark_step_windows_time_each_step_once_and_take_the_median_window(
+    load_script: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seven steps in windows of three (3, 3, 1) on a clock that each step advances by its own duration: each step
+    runs once and the figure is the median of the windows' times per step."""
+    script = load_script("benchmark_train")
+    durations = iter([1.0, 1.0, 1.0, 2.0, 2.0, 5.0, 9.0])
+    clock = [0.0]
+    monkeypatch.setattr(script.time, "perf_counter", lambda: clock[0])
+
+    def step() -> None:
+        clock[0] += next(durations)
+
+    seconds = script.time_step_windows(step, torch.device("cpu"), iters=7, window=3)
+    assert seconds == pytest.approx(3.0)  # windows 1.0, 3.0 and 9.0 per step
+    assert next(durations, None) is None
 
 
 def test_benchmark_flop_count_of_an_attention_layer_is_the_hand_count(load_script: Callable[[str], ModuleType]) -> None:
