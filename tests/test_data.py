@@ -636,8 +636,13 @@ def test_sampler_resumes_from_a_global_draw() -> None:
     # same global batch on one rank: continues the same global stream
     one_rank = InfiniteSampler(10, seed=8, start=16, batch_size=4)
     assert _take(one_rank, 4)[2:] == full[8:10]
-    with pytest.raises(ValueError, match="multiple of world_size \\* batch_size = 4"):
-        InfiniteSampler(10, start=6, world_size=2, batch_size=2)
+    # a start inside a global step (a run resumed with another batch size): the stream from that draw on
+    rank_0 = _take(InfiniteSampler(10, seed=8, start=6, world_size=2, batch_size=2), 4)
+    rank_1 = _take(InfiniteSampler(10, seed=8, start=6, rank=1, world_size=2, batch_size=2), 4)
+    stream = _take(InfiniteSampler(10, seed=8), 14)
+    assert rank_0 + rank_1 == stream[6:8] + stream[10:12] + stream[8:10] + stream[12:14]
+    with pytest.raises(ValueError, match="start must be non-negative"):
+        InfiniteSampler(10, start=-4, world_size=2, batch_size=2)
     with pytest.raises(ValueError, match="rank"):
         InfiniteSampler(10, rank=2, world_size=2)
 

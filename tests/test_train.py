@@ -409,13 +409,16 @@ def test_settings_changed_on_resume_are_said_and_used(tmp_path: Path, demo) -> N
         assert change in log
     assert "train.resume" not in log  # a requeued job told to resume changes no setting
     assert [r["iteration"] for r in _metrics(out)] == [0, 1, 2, 3]
-    assert "per step, so its data order" not in log
-    # Another batch size: the run goes on, and says that its data order and learning rate are not the same.
+    assert "per step: it goes on" not in log
+    # Another batch size: the run goes on from the first image its checkpoint had not seen (draw 32, not 4 steps
+    # of 4), and says that its steps and learning rate are not those of an uninterrupted run.
     _train(out, demo.lists_dir, "train.batch_size_per_gpu=4", "optim.layerwise_decay=0.9", "optim.adamw_beta2=0.95",
            epochs=3, epoch_length=2)  # fmt: skip
-    assert "saw 32 images in 4 steps; this run takes 4 per step, so its data order and learning rate differ" in (
-        out / "log.txt"
-    ).read_text()
+    log = (out / "log.txt").read_text()
+    warning = "saw 32 images in 4 steps; this run takes 4 per step: it goes on with the next images"
+    assert warning in log
+    sampler = next(line for line in log.split(warning)[-1].splitlines() if "InfiniteSampler(" in line)
+    assert "start=32," in sampler
     # A run folder moved elsewhere resumes there; its new place is not a changed setting.
     moved = tmp_path / "moved"
     shutil.move(out, moved)

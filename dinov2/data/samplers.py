@@ -14,7 +14,8 @@ rank ``r`` takes the contiguous block ``[i*W*B + r*B, i*W*B + (r+1)*B)``. Hence 
 batch ``W*B`` at step ``i`` is exactly ``[rank 0's B, rank 1's B, ..., rank W-1's B]`` in this order, and a
 run resumed at step ``i`` (``start = i*W*B``) sees exactly what an uninterrupted run would have seen,
 also after a change of ``W`` that keeps the global batch ``W*B``: the same samples with the same
-augmentations. (The trainer draws iBOT masks per rank batch, as DINOv2 spreads mask ratios over a batch, so
+augmentations. A run resumed with another global batch starts at the draw after the last one its checkpoint
+consumed, so that no image of the data order is skipped or repeated. (The trainer draws iBOT masks per rank batch, as DINOv2 spreads mask ratios over a batch, so
 the masks are the same only when ``W`` and ``B`` are.) All of this holds while N stays the same: the trainer
 warns when a run resumes on lists of another length.
 """
@@ -53,8 +54,8 @@ class InfiniteSampler(Sampler[SampleKey]):
         sample_count: number of samples in the dataset (N).
         shuffle: a fresh permutation per epoch from ``(seed, epoch)``; otherwise ``0..N-1`` every epoch.
         seed: seed of the permutations.
-        start: global draw position to start from (samples consumed by all ranks together); a multiple of
-            ``world_size * batch_size``.
+        start: global draw position to start from: the draws consumed by all ranks together, e.g. the images a
+            resumed run's checkpoint has seen (a multiple of ``world_size * batch_size`` unless the batch changed).
         rank, world_size: this rank and the number of ranks.
         batch_size: per-rank batch size, the length of the contiguous block a rank takes per step. With
             ``batch_size=1`` rank ``r`` takes every ``world_size``-th draw.
@@ -79,11 +80,8 @@ class InfiniteSampler(Sampler[SampleKey]):
         if seed < 0:
             raise ValueError(f"InfiniteSampler: seed must be non-negative, got {seed}")
         self.samples_per_step = world_size * batch_size
-        if start < 0 or start % self.samples_per_step:
-            raise ValueError(
-                f"InfiniteSampler: start={start} must be a non-negative multiple of world_size * batch_size "
-                f"= {self.samples_per_step} (a whole number of global steps)"
-            )
+        if start < 0:
+            raise ValueError(f"InfiniteSampler: start must be non-negative, got {start}")
         super().__init__()
         self.sample_count = int(sample_count)
         self.shuffle = shuffle

@@ -361,8 +361,9 @@ def warn_about_changes(
     """
     if state["images_seen"] != start_iter * global_batch:
         logger.warning(
-            "%s saw %d images in %d steps; this run takes %d per step, so its data order and learning rate "
-            "differ from those of an uninterrupted run", checkpoint, state["images_seen"], start_iter, global_batch,
+            "%s saw %d images in %d steps; this run takes %d per step: it goes on with the next images of the data "
+            "order, but its steps and learning rate differ from those of an uninterrupted run", checkpoint,
+            state["images_seen"], start_iter, global_batch,
         )
     if state.get("dataset_size", dataset_size) != dataset_size:
         logger.warning(
@@ -618,7 +619,7 @@ def train(
         colour_on_device = colour_augmentation_on_device(cfg, device)
         compute_dtype = autocast_dtype(cfg, device)
         loader, _ = build_train_loader(
-            cfg, dataset, start=start_iter * global_batch, rank=info.rank, world_size=info.world_size,
+            cfg, dataset, start=images_seen, rank=info.rank, world_size=info.world_size,
             dtype=compute_dtype, defer_colour=colour_on_device,
         )
         autocast = make_autocast(cfg, device)
