@@ -426,8 +426,31 @@ def test_weights_url_is_downloaded_once_into_the_hub_cache(tmp_path: Path, monke
         for _ in range(2):
             state = load_pretrained_backbone_state(url)
         assert calls == [url]
-        assert (tmp_path / "hub" / "checkpoints" / "DinoBloom-T.pth").is_file()
+        assert [p.name for p in (tmp_path / "hub" / "checkpoints").rglob("*.pth")] == ["DinoBloom-T.pth"]
         assert torch.equal(state["cls_token"], source.cls_token)
+    finally:
+        torch.hub.set_dir(previous_dir)
+
+
+def test_urls_of_files_with_one_name_are_cached_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs' exports, both called teacher_checkpoint.pth: the second address gets its own weights."""
+    served = {}
+    for shift, run in enumerate(("run1", "run2")):
+        model = tiny_model()
+        with torch.no_grad():
+            model.cls_token.add_(shift)  # (tiny_model seeds itself: the two runs differ here)
+        served[f"https://example.org/{run}/eval/training_9/teacher_checkpoint.pth"] = model.cls_token.detach().clone()
+        torch.save(teacher_checkpoint(model), tmp_path / f"{run}.pth")
+
+    def fake_download(url: str, dst: str, progress: bool = True) -> None:
+        shutil.copy(tmp_path / f"{url.split('/')[3]}.pth", dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    previous_dir = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        for url, cls_token in served.items():
+            assert torch.equal(load_pretrained_backbone_state(url)["cls_token"], cls_token)
     finally:
         torch.hub.set_dir(previous_dir)
 
@@ -444,7 +467,7 @@ def test_a_failed_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
     try:
         with pytest.raises(CheckpointError, match=r"could not download https://\S+/DinoBloom-T.pth .*local path"):
             load_pretrained_backbone_state("https://zenodo.org/records/10908163/files/DinoBloom-T.pth")
-        assert not (tmp_path / "hub" / "checkpoints" / "DinoBloom-T.pth").exists()
+        assert not list((tmp_path / "hub").rglob("DinoBloom-T.pth"))
     finally:
         torch.hub.set_dir(previous_dir)
 

@@ -13,6 +13,7 @@ Accepted layouts (after `torch.load(weights_only=True)` or safetensors):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -49,8 +50,13 @@ def is_url(path_or_url: str | os.PathLike[str]) -> bool:
 
 
 def _download(url: str) -> Path:
-    """Download `url` once into torch.hub's checkpoint cache and return the local path."""
-    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    """Download `url` once into torch.hub's checkpoint cache and return the local path.
+
+    The cached copy lies in a folder named after the whole URL's hash: files of one name from different addresses
+    (every training export is a `teacher_checkpoint.pth`) never stand in for one another.
+    """
+    folder = hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = Path(torch.hub.get_dir()) / "checkpoints" / folder / Path(urlparse(url).path).name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         logger.info("downloading %s to %s", url, target)
