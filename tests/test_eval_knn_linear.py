@@ -261,12 +261,20 @@ def test_folds_by_patient_keep_each_patient_in_one_fold_as_stratified_group_kfol
         protocol.stratified_folds(y[:20], ["a", "b", "c"], 5, groups=np.array(["p", "q"] * 10))
 
 
-def test_group_by_on_the_command_line(tmp_path: Path) -> None:
+def test_group_by_on_the_command_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     x, y = _clusters(90, 8, 3, spread=2.0, seed=9)
     paths = [f"{'abc'[label]}/Patient_{i % 9}_{i}.jpg" for i, label in enumerate(y)]
     path = _write(FeatureSet(x, y, paths, ["a", "b", "c"], {"model": "toy"}), tmp_path / "f.h5")
-    results = knn.main(["--features", str(path), "--output-dir", str(tmp_path / "o"), "--no-figures", "--k", "1",
-                        "--group-by", r"Patient_\d+"])  # fmt: skip
+    # Folds of images over paths that name patients: said, with the --group-by that keeps patients whole.
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.protocol"):
+        knn.main(["--features", str(path), "--output-dir", str(tmp_path / "cells"), "--no-figures", "--k", "1"])
+    assert "the 90 images come from 9 patients (e.g. 'Patient_0')" in caplog.text
+    assert "--group-by 'Patient_\\d+' keeps each patient's images in one fold" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.protocol"):
+        results = knn.main(["--features", str(path), "--output-dir", str(tmp_path / "o"), "--no-figures", "--k", "1",
+                            "--group-by", r"Patient_\d+"])  # fmt: skip
+    assert "patients" not in caplog.text
     assert results["meta"]["group_by"] == r"Patient_\d+"
     report = (tmp_path / "o" / "results.md").read_text()
     assert "- group by: `Patient_\\d+`" in report and "## knn_1: per class (pooled over folds)" in report

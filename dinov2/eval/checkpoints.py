@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         protocol.check_labelled(feature_set, args.data)
         groups = None if args.group_by is None else protocol.path_groups(feature_set.paths, args.group_by)
+        if groups is None and not rows:  # (the same images for every checkpoint: said once)
+            protocol.warn_if_folds_split_patients(feature_set.paths, args.n_splits)
         scores = score_features(
             feature_set.features, feature_set.labels, feature_set.class_names, args.methods, args.n_splits, device,
             tuple(args.k), protocol.fold_seed(args), groups,

@@ -177,6 +177,30 @@ def path_groups(paths: Sequence[str], pattern: str) -> np.ndarray:
     return np.asarray(groups)
 
 
+_PATIENT_ID = re.compile(r"(?i)(?:^|[/_.\- ])((patient|subject|donor)([_\- ]?)\d+)")
+
+
+def warn_if_folds_split_patients(paths: Sequence[str], n_splits: int) -> str | None:
+    """Warn when every stored path names a patient (``Patient_07``, ``subject-3``, ...) and patients have several
+    images, but the folds are of images: cells of one patient then fall in training and test folds. Returns the
+    ``--group-by`` pattern the warning suggests, or None when there is nothing to warn about."""
+    found = [_PATIENT_ID.search(path) for path in paths]
+    if not paths or any(match is None for match in found):
+        return None
+    ids = {match.group(1).lower() for match in found}
+    if len(ids) < n_splits or len(ids) == len(paths):  # cannot be grouped, or one image per patient
+        return None
+    first = found[0]
+    pattern = f"{re.escape(first.group(2) + first.group(3))}\\d+"
+    logger.warning(
+        "the %d images come from %d patients (e.g. %r), and the folds are of images, as in DinoBloom: cells of one "
+        "patient fall in training and test folds, which measures recognition across cells more than across "
+        "patients; --group-by '%s' keeps each patient's images in one fold",
+        len(paths), len(ids), first.group(1), pattern,
+    )
+    return pattern
+
+
 def stratified_folds(
     labels: np.ndarray,
     class_names: Sequence[str],
@@ -437,6 +461,8 @@ def run_cli_protocol(args: argparse.Namespace, predict: Predictor, settings: dic
             raise ValueError("--group-by sets the cross-validation folds; --test-features has none")
         groups = path_groups(train_set.paths, args.group_by)
         logger.info("folds keep %d groups (%s) whole", np.unique(groups).size, args.group_by)
+    elif not args.test_features:
+        warn_if_folds_split_patients(train_set.paths, args.n_splits)
     output = run_protocol(
         train_x, train_y, train_set.class_names, predict, args.n_splits, test_x, test_y, progress=True,
         seed=fold_seed(args),
