@@ -591,6 +591,36 @@ def test_a_training_export_is_embedded_at_the_size_its_run_trained_at(
         ef.main(["--weights", str(export), "--output", str(tmp_path / "d.h5"), "--img-size", "0", *common])
 
 
+def test_a_named_model_for_a_run_trained_at_another_size_is_warned_about(
+    image_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--model dinobloom_s (built for 224 px) with the export of a run trained at 28 px: the run's position embedding
+    is resampled twice, so the features are not the run's; said, with the remedy. Without --model: nothing to say."""
+    from omegaconf import OmegaConf
+
+    from dinov2.configs import load_config
+    from dinov2.models import build_model
+
+    run = tmp_path / "run"
+    export = run / "eval" / "training_9" / "teacher_checkpoint.pth"
+    export.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    small = build_model("vit_small", img_size=IMG, init_values=1.0)  # LayerScale, as the hub entries have
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in small.state_dict().items()}}, export)
+    config = load_config(Path(__file__).resolve().parents[1] / "dinov2/configs/train/demo.yaml",
+                         [f"crops.global_crops_size={IMG}"])  # fmt: skip
+    OmegaConf.save(config, run / "config.yaml")
+    common = ["--weights", str(export), "--data", str(image_folder), "--num-workers", "0", "--device", "cpu"]
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.extract_features"):
+        ef.main(["--model", "dinobloom_s", "--output", str(tmp_path / "named.h5"), *common])
+    assert f"--model dinobloom_s is built for 224 px: the run's {IMG} px position embedding" in caplog.text
+    assert "leave --model out" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.extract_features"):
+        ef.main(["--output", str(tmp_path / "inferred.h5"), *common])
+    assert "position embedding" not in caplog.text
+
+
 def test_bf16_on_a_cpu_autocasts_and_is_recorded(
     image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path
 ) -> None:

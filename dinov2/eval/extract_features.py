@@ -393,6 +393,14 @@ def extract_features(
         if trained_at is not None:
             logger.info("images resized to %d px, the size %s was trained at (--img-size to change)", trained_at,
                         weights)  # fmt: skip
+            built_at = backbone.patch_embed.img_size[0]
+            if model is not None and built_at != trained_at:
+                logger.warning(
+                    "--model %s is built for %d px: the run's %d px position embedding was resampled to %d px when "
+                    "it loaded, and is resampled back for the %d px images, which changes the features; leave "
+                    "--model out to embed them with the run's own network", model, built_at, trained_at, built_at,
+                    trained_at,
+                )
         img_size = trained_at or 224
     used_precision = precision if device.type in BF16_DEVICE_TYPES else "fp32"
     logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)
