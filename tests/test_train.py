@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -959,6 +960,37 @@ def test_a_second_training_in_a_folder_in_use_stops_before_touching_it(tmp_path:
     _train(out, demo.lists_dir, epochs=1, epoch_length=2)  # a lock left by a finished (or killed) run is no obstacle
     assert (out / "checkpoints").is_dir()
     _train(out, demo.lists_dir, epochs=1, epoch_length=2)  # nor is the lock of this process's own earlier run
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forked data-loader workers are POSIX")
+def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path: Path) -> None:
+    """A data-loader worker (a forked child) that outlives its trainer, which was killed, must not hold the folder:
+    the re-run that resumes takes the lock while the child still runs."""
+    import multiprocessing
+
+    from dinov2.train.run_lock import RunLock
+
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    context = multiprocessing.get_context("fork")
+    child_started, trainer_gone = context.Event(), context.Event()
+    child = context.Process(target=_wait_as_a_worker, args=(child_started, trainer_gone))
+    child.start()
+    try:
+        assert child_started.wait(30)
+        lock.release()  # as the kernel releases the descriptors of a killed trainer
+        rerun = RunLock(tmp_path)
+        rerun.acquire()  # refused ("in use by another training") while the child held its copy
+        rerun.release()
+    finally:
+        trainer_gone.set()
+        child.join(30)
+    assert child.exitcode == 0
+
+
+def _wait_as_a_worker(started: Any, trainer_gone: Any) -> None:
+    started.set()
+    trainer_gone.wait(30)
 
 
 @pytest.mark.parametrize("mistake", ["config typo", "empty file list"])
