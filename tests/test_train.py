@@ -734,6 +734,34 @@ def test_an_end_of_training_score_finished_by_a_rerun_reaches_the_trackers(
     assert logged == [(r["iteration"], pytest.approx(r["balanced_accuracy"], rel=1e-6)) for r in knn]
 
 
+def test_a_stop_signal_after_the_last_step_ends_the_run_before_its_score(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGUSR1 while the last checkpoint is written (after the last step's vote): the run stops before the
+    end-of-training score and hands the signal on (exit 128 + 10), instead of ignoring it; the re-run scores."""
+    out, save = tmp_path / "run", train_module.save_checkpoint
+
+    def signalled_while_saving(ckpt_dir, iteration, *args, **kwargs):
+        result = save(ckpt_dir, iteration, *args, **kwargs)
+        if iteration == 2:  # the last of 3 iterations
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(train_module, "save_checkpoint", signalled_while_saving)
+    args = (f"evaluation.knn_data={demo.images_dir}",)
+    with pytest.raises(SystemExit) as exit_info:
+        _train(out, demo.lists_dir, *args, epochs=1, epoch_length=3)
+    assert exit_info.value.code == 128 + signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    knn = json.loads((out / "knn_monitor.json").read_text())
+    assert [r["stage"] for r in knn] == ["initialisation"]
+    assert "stopping before the end-of-training kNN score" in (out / "log.txt").read_text()
+    monkeypatch.undo()
+    _train(out, demo.lists_dir, *args, epochs=1, epoch_length=3)
+    knn = json.loads((out / "knn_monitor.json").read_text())
+    assert [(r["stage"], r["iteration"]) for r in knn] == [("initialisation", 0), (END_OF_TRAINING, 3)]
+
+
 def _wandb_records(path: Path) -> list:
     """The protobuf records of a W&B ``.wandb`` file (LevelDB log framing: 32 KiB blocks of 7-byte-header chunks)."""
     from wandb.proto.wandb_internal_pb2 import Record

@@ -690,6 +690,14 @@ def train(
                 preemption.forward_signal()
 
         if monitor is not None:
+            # A stop signal that came after the last step's vote (the last checkpoint is written) ends the run before
+            # its end-of-training score, which a re-run of the command computes; one during the score acts as it
+            # would without this handler (submitit's requeue, or the signal's default).
+            if preemption.agree(sum_over_ranks(preemption.vote(), host_group)):
+                logger.log(preemption.level, "stopping before the end-of-training kNN score; re-run the command to "
+                           "score the last checkpoint")  # fmt: skip
+                preemption.forward_signal()
+            preemption.uninstall()
             score = monitor.evaluate(model.teacher.backbone, END_OF_TRAINING, iteration + 1)
             metrics.log({"iteration": iteration + 1, "knn_balanced_accuracy": score}, to_file=False)
             monitor.log_summary()
