@@ -272,23 +272,27 @@ def test_layer_norm_keeps_a_half_precision_stream_under_autocast() -> None:
     assert set(norm.state_dict()) == {"weight", "bias"}
 
 
-def test_blocks_run_in_the_autocast_dtype() -> None:
-    """A mixed-precision forward keeps the tokens between blocks in bf16 (as FSDP mixed precision does) and
-    gives the float32 model's features to bf16 accuracy."""
+def test_autocast_stream_is_the_compute_dtype_in_training_and_float32_in_eval() -> None:
+    """Training under autocast keeps the tokens between blocks in bf16 (as DINOv2's FSDP mixed precision does); an
+    eval-mode model keeps them float32, as DINOv2's hub models do under autocast, and returns float32 features
+    that are closer to the float32 model's than the bf16 stream's."""
     torch.manual_seed(0)
     model = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=64, depth=3, num_heads=4, init_values=1.0)
-    model.eval()
     stream_dtypes = []
     for block in model.blocks:
         block.register_forward_hook(lambda module, args, out: stream_dtypes.append((args[0].dtype, out.dtype)))
     images = torch.randn(4, 3, 56, 56)
     with torch.no_grad():
-        reference = model(images)
+        reference = model.eval()(images)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            mixed = model(images)
-    assert stream_dtypes[3:] == [(torch.bfloat16, torch.bfloat16)] * 3
-    assert mixed.dtype == torch.bfloat16
-    torch.testing.assert_close(mixed.float(), reference, rtol=0.05, atol=0.05)
+            in_eval = model(images)
+            in_training = model.train()(images)
+    assert stream_dtypes[3:6] == [(torch.float32, torch.float32)] * 3
+    assert stream_dtypes[6:] == [(torch.bfloat16, torch.bfloat16)] * 3
+    assert in_eval.dtype == torch.float32 and in_training.dtype == torch.bfloat16
+    torch.testing.assert_close(in_training.float(), reference, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(in_eval, reference, rtol=0.05, atol=0.05)
+    assert (in_eval - reference).abs().mean() < (in_training.float() - reference).abs().mean()
 
 
 def test_ffn_layer_choices() -> None:

@@ -645,6 +645,7 @@ def test_compiled_extraction_gives_the_eager_features(
     padded batch's extra rows are dropped and every image keeps its own features."""
     weights, model = tiny_weights
     output = tmp_path / "compiled.h5"
+    torch._dynamo.reset()  # forget other tests' compilations of the same code (e.g. under bf16 autocast)
     with torch._dynamo.config.patch(error_on_recompile=True):  # one compilation for batches of 3 and of 1
         ef.main(["--weights", str(weights), "--data", str(image_folder), "--output", str(output), "--img-size",
                  str(IMG), "--num-workers", "0", "--device", "cpu", "--batch-size", "3", "--compile"])  # fmt: skip

@@ -205,10 +205,12 @@ class DinoVisionTransformer(nn.Module):
         x = x + self.interpolate_pos_encoding(x, height, width)
         if self.register_tokens is not None:
             x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
-        if torch.is_autocast_enabled(x.device.type):
-            # The blocks' residual stream in the compute dtype, as DINOv2 and our multi-GPU runs have it (their
-            # FSDP mixed precision casts the parameters, and so the tokens, to it); the float32 parameters above
-            # would otherwise keep it float32, and every block would pay for float32 adds and casts.
+        if self.training and torch.is_autocast_enabled(x.device.type):
+            # Training: the blocks' residual stream in the compute dtype, as DINOv2's training and our multi-GPU
+            # runs have it (their FSDP mixed precision casts the parameters, and so the tokens, to it); the float32
+            # parameters above would otherwise keep it float32, and every block would pay for float32 adds and
+            # casts. In eval mode it stays float32 under autocast, as in DINOv2's hub models, whose features (and
+            # their float32 dtype) a user of the released weights compares with.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return x
 
