@@ -164,6 +164,17 @@ def test_bad_sources_are_named(tmp_path: Path) -> None:
         load_config(None, ["optim.base_lr"])
     with pytest.raises(ConfigError, match=r"cannot parse the YAML"):
         load_config(_write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match=r"override 'crops.blur_probabilities=\[0.9,0.9' cannot be parsed: while"):
+        load_config(None, ["train.seed=1", "crops.blur_probabilities=[0.9,0.9"])
+
+
+def test_text_settings_keep_the_command_lines_spelling() -> None:
+    """YAML reads `0123` as the octal 83, `12:30` as 750 (base 60) and `1e3` as 1000.0; a folder or a name keeps
+    what was typed. Number settings still read numbers."""
+    cfg = load_config(None, ["train.output_dir=0123", "tracking.wandb_name=12:30", "MODEL.WEIGHTS=1e3",
+                             "train.batch_size_per_gpu=12"])  # fmt: skip
+    assert (cfg.train.output_dir, cfg.tracking.wandb_name, cfg.MODEL.WEIGHTS) == ("0123", "12:30", "1e3")
+    assert cfg.train.batch_size_per_gpu == 12
 
 
 def test_interpolations_resolve_at_load_or_name_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -294,6 +294,14 @@ def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: p
         ["--config-file", str(DEMO_CONFIG), "--output-dir", "o", "train.dataset_path=${oc.env:SLURM_TMPDIR}/lists"]
     )
     assert "train.dataset_path=${oc.env:SLURM_TMPDIR}/lists" in request.train_argv
+    # ... also where a checked setting needs one (the job checks it), but not where the launcher itself needs it
+    monkeypatch.delenv("JOB_BATCH", raising=False)
+    request = launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "o",
+                                      "train.batch_size_per_gpu=${oc.decode:${oc.env:JOB_BATCH}}"])  # fmt: skip
+    assert "train.batch_size_per_gpu=${oc.decode:${oc.env:JOB_BATCH}}" in request.train_argv
+    with pytest.raises(launcher.LaunchError, match=r"train.output_dir=\$\{oc.env:SLURM_TMPDIR\}/run cannot be "
+                       r"resolved here .*pass --output-dir"):  # fmt: skip
+        launcher.parse_request(["--config-file", str(DEMO_CONFIG), "train.output_dir=${oc.env:SLURM_TMPDIR}/run"])
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun: not a SLURM cluster
     with pytest.raises(launcher.LaunchError, match="pass --local to run on this machine"):

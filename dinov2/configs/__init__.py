@@ -113,17 +113,47 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"command-line override {item!r} is not of the form key=value")
-        try:
-            override_cfg = OmegaConf.from_dotlist(list(overrides))
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"cannot parse the command-line overrides {list(overrides)}: {err}") from err
+            try:
+                OmegaConf.from_dotlist([item])
+            except (OmegaConfBaseException, yaml.YAMLError) as err:
+                reason = str(err).splitlines()[0]
+                raise ConfigError(f"command-line override {item!r} cannot be parsed: {reason}") from None
+        override_cfg = OmegaConf.from_dotlist(list(overrides))
+        _keep_spelling_of_text_settings(override_cfg, overrides, default_tree)
         layers.append(_checked_layer(override_cfg, default_tree, valid_keys, "command line"))
     cfg = OmegaConf.merge(*layers)
     assert isinstance(cfg, DictConfig)
     if resolve:
         cfg = _resolved(cfg, default_tree, valid_keys)
-    _check_values(cfg)
+        _check_values(cfg)
+    else:  # values that need the job's environment are checked when the job loads the config
+        _check_values(_with_defaults_for_unresolvable(cfg, defaults))
     return cfg
+
+
+def _keep_spelling_of_text_settings(override_cfg: DictConfig, overrides: Sequence[str], default_tree: dict) -> None:
+    """Give text settings (paths, names) the command line's own spelling where YAML read a number: `0123` is not
+    83, `12:30` not 750, `1e3` not 1000.0 (quoting, `key="'0123'"`, is then no longer needed)."""
+    for item in overrides:
+        key, text = item.split("=", 1)
+        default = default_tree
+        for name in key.split("."):
+            default = default.get(name) if isinstance(default, dict) else None
+        value = OmegaConf.select(override_cfg, key, default=None, throw_on_resolution_failure=False)
+        if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            OmegaConf.update(override_cfg, key, text.strip(), merge=False)
+
+
+def _with_defaults_for_unresolvable(cfg: DictConfig, defaults: DictConfig) -> DictConfig:
+    """A copy of `cfg` in which each interpolation that cannot be resolved here (an environment variable only a
+    job will have) holds the key's default, so that the other values can be checked."""
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for key in _dotted_keys(OmegaConf.to_container(cfg, resolve=False)):
+        try:
+            OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        except OmegaConfBaseException:
+            OmegaConf.update(copy, key, OmegaConf.select(defaults, key), merge=False)
+    return copy
 
 
 def _resolved(cfg: DictConfig, default_tree: dict, valid_keys: list[str]) -> DictConfig:

@@ -231,7 +231,17 @@ def _validate_training_args(args: argparse.Namespace) -> tuple[Path, list[str]]:
     except ConfigError as error:
         raise LaunchError(f"--config-file {config_file}: {error}") from error
     # (`--output-dir=~/run` reaches us unexpanded: the shell expands ~ only at the start of a word)
-    output_dir = Path(args.output_dir if args.output_dir is not None else cfg.train.output_dir).expanduser()
+    output_text = args.output_dir
+    if output_text is None:
+        try:
+            output_text = cfg.train.output_dir
+        except OmegaConfBaseException as error:  # e.g. ${oc.env:SCRATCH} set only inside jobs
+            raise LaunchError(
+                f"train.output_dir={cfg.train._get_node('output_dir')._value()} cannot be resolved here "
+                f"({str(error).splitlines()[0]}); the launcher writes the job's files there: pass --output-dir, or "
+                "set the variable in this shell"
+            ) from None
+    output_dir = Path(output_text).expanduser()
     return output_dir, [] if args.no_path_check else _inputs_missing_here(cfg)
 
 
