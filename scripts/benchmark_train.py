@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from dinov2.cli import check_file_writable, non_negative_int, positive_int
 from dinov2 import distributed
-from dinov2.configs import apply_scaling_rules_to_cfg, load_config
+from dinov2.configs import TRAIN_CONFIG_DIR, apply_scaling_rules_to_cfg, load_config
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.masking import MaskingGenerator
 from dinov2.data.photometric import finish_crops
@@ -181,7 +181,8 @@ def head_sizes(text: str) -> tuple[int, int, int]:
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default="dinov2/configs/train/custom.yaml", help="training config to benchmark")
+    p.add_argument("--config-file", default=str(TRAIN_CONFIG_DIR / "custom.yaml"),
+                   help="training config to benchmark (default: the packaged custom.yaml)")
     p.add_argument("--arch", default=None, choices=sorted(ARCH_PATCH), help="backbone (overrides the config)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per rank")
     p.add_argument("--crops", choices=("dinobloom", "dinov2", "config"), default="config",

@@ -160,6 +160,8 @@ def test_the_ibot_head_sizes_are_checked_only_where_there_is_an_ibot_head() -> N
 def test_bad_sources_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"does not exist"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"is a folder; name a .yaml file in it"):
+        load_config(tmp_path)
     with pytest.raises(ConfigError, match=r"'optim.base_lr' is not of the form key=value"):
         load_config(None, ["optim.base_lr"])
     with pytest.raises(ConfigError, match=r"cannot parse the YAML"):

@@ -99,7 +99,9 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
     valid_keys = _dotted_keys(default_tree)
     layers: list[Any] = [defaults]
     if config_file is not None:
-        path = Path(config_file)
+        path = Path(config_file).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; name a .yaml file in it")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
