@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check, within a time budget (GPU_CHECK_BUDGET_S, default 480 s: a lent GPU session is short):
-# the CUDA/NCCL training path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in
+# the torchrun launch path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in
 # bf16 (ViT-S with train.compile and train.compile_tuning, a GPU profile of its step with and without them, one block
 # under each compile setting; its iBOT loss path alone; attention), the data pipeline with 16 workers, the training
 # command end to end on the demo images, feature extraction, larger batches and the ViT-g memory check. The steps
@@ -75,9 +75,9 @@ step vits14_bf16_compile_tuning 240 $PY scripts/benchmark_train.py --arch vit_sm
   --compile --iters 8 --profile "$LOG_DIR/vits14_compile_profile.txt" train.compile_tuning=true
 # One block under each compile setting (max-autotune left out: cuBLAS beat its templates, and it compiles for minutes).
 step block_compile_modes 90 $PY scripts/benchmark_block.py --device cuda --modes eager compiled coordinate-descent
-# The NCCL path: torchrun (as a module of this interpreter) with one process per GPU, here one, initialises NCCL
-# and trains, eagerly; its operator table goes to vits14_profile.txt.
-step vits14_nccl_bf16 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 scripts/benchmark_train.py \
+# The torchrun launch path (as a module of this interpreter), one process: with one rank no process group is made
+# (NCCL and FSDP2 need two GPUs); trains eagerly, and its operator table goes to vits14_profile.txt.
+step vits14_torchrun_bf16 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 scripts/benchmark_train.py \
   --arch vit_small --batch-size 128 $HEADS --iters 10 --profile "$LOG_DIR/vits14_profile.txt"
 # The iBOT loss path of that step alone (its masked tokens x 65,536 prototypes): Sinkhorn-Knopp and cross-entropy,
 # compiled as train.compile compiles them on a GPU (eager: 13.5 and 14.2 ms on an H200). Its compilation took over

@@ -104,7 +104,7 @@ def test_gpu_check_stops_when_the_preflight_fails(tmp_path: Path) -> None:
                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 1
     assert "no CUDA device" in run.stdout and "preflight failed" in run.stdout
-    assert "=== vits14_nccl_bf16" not in run.stdout
+    assert "=== vits14_torchrun_bf16" not in run.stdout
 
 
 def test_gpu_check_help_and_a_mistyped_option_start_nothing(tmp_path: Path) -> None:

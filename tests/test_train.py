@@ -877,6 +877,27 @@ def test_forked_workers_ignore_the_preemption_signals() -> None:
         handler.uninstall()
 
 
+def test_a_previous_handler_that_fails_still_ends_in_the_agreed_exit(caplog: pytest.LogCaptureFixture) -> None:
+    """submitit's handler raises when it will not requeue (timed out too many times): the rank still leaves with
+    SystemExit, which every rank's stop ends with (its barrier), and says why."""
+
+    def will_not_requeue(signum: int, frame: Any) -> None:
+        raise RuntimeError("Job not requeued because: timed-out too many times.")
+
+    previous = signal.signal(signal.SIGUSR1, will_not_requeue)
+    handler = PreemptionHandler()
+    try:
+        handler.install()
+        handler._handle(signal.SIGUSR1, None)
+        with caplog.at_level(logging.WARNING, logger="dinov2"), pytest.raises(SystemExit) as exit_info:
+            handler.forward_signal()
+        assert exit_info.value.code == 128 + signal.SIGUSR1
+        assert "the stop ends here: RuntimeError: Job not requeued because: timed-out too many times." in caplog.text
+    finally:
+        handler.uninstall()
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_only_rank_0_warns_of_a_stop_signal(caplog: pytest.LogCaptureFixture) -> None:
     """A signal to every process of a many-rank job is one warning (rank 0's), and a rank that received nothing
     learns of it from the votes; the other ranks say it at INFO, below what their log shows."""

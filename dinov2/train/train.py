@@ -211,7 +211,11 @@ class PreemptionHandler:
         previous = self.previous.get(self.received)
         self.uninstall()
         if callable(previous) and previous is not signal.default_int_handler:  # Python's raises KeyboardInterrupt
-            previous(self.received, None)
+            try:
+                previous(self.received, None)
+            except Exception as err:  # e.g. submitit's "not requeued: timed-out too many times"
+                # Still a SystemExit: every rank leaves through the barrier the agreed stop ends with.
+                logger.warning("the stop ends here: %s: %s", type(err).__name__, err)
         raise SystemExit(128 + self.received)
 
 
