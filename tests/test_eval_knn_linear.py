@@ -443,9 +443,13 @@ def test_config_values_take_the_options_types(tmp_path: Path, capsys: pytest.Cap
     required = ["--config", str(config), "--features", "x.h5", "--output-dir", str(tmp_path)]
     args = protocol.parse_args_with_config(knn.build_parser(), required)
     assert args.k == [20] and args.batch_size == 8
+    config.write_text("no_shuffle: true\n")
+    assert protocol.parse_args_with_config(knn.build_parser(), required).no_shuffle is True
     for bad, message in (("k: [1, twenty]", "k=[1, 'twenty'] is not a valid value"),
                          ("k: 20.7", "k=20.7 is not a valid value"), ("batch_size: true", "batch_size=True is not"),
-                         ("k: []", "k needs at least one value")):
+                         ("k: []", "k needs at least one value"),
+                         ('no_shuffle: "false"', "no_shuffle must be true or false, got 'false'"),
+                         ("no_figures: 2", "no_figures must be true or false, got 2")):
         config.write_text(bad + "\n")
         with pytest.raises(SystemExit):
             protocol.parse_args_with_config(knn.build_parser(), required)

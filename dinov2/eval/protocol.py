@@ -387,7 +387,10 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
             values = list(value) if many and isinstance(value, (list, tuple)) else [value]
             if action.nargs == "+" and (not values or None in values):
                 parser.error(f"{path}: {key} needs at least one value, got {value!r}")
-            if action.type is not None:
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                if not isinstance(value, bool):  # "false" (a string) would be true
+                    parser.error(f"{path}: {key} must be true or false, got {value!r}")
+            elif action.type is not None:
                 try:  # through str, as from the command line: 20.7 or true is not an int
                     values = [v if v is None else action.type(v if isinstance(v, str) else str(v)) for v in values]
                 except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
