@@ -6,6 +6,7 @@ import csv
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -302,6 +303,32 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
     assert bicubic["meta"]["resize"] == "pil-bicubic" and saved["meta"]["resize"] == "bilinear"
     kept = sorted((tmp_path / "bicubic" / "features").glob("*.h5"))
     assert len(kept) == 3 and {load_features(p).meta["resize"] for p in kept} == {"pil-bicubic"}
+
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--k", "0"], r"--k 0: k must lie in \[1, \d+\]"),
+    (["--n-splits", "1"], "n_splits must be at least 2"),
+    (["--group-by", "Patient_("], "is not a regular expression"),
+])
+def test_checkpoints_cli_checks_its_settings_before_embedding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: list[str], message: str
+) -> None:
+    """A setting the scoring would refuse is refused before the first checkpoint is embedded (which can take long)."""
+    from dinov2.eval import extract_features
+
+    target = tmp_path / "run" / "eval" / "training_init" / "teacher_checkpoint.pth"
+    target.parent.mkdir(parents=True)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in _tiny_vit_state(0).items()}}, target)
+    _images(tmp_path / "data", 6, shift=10, noise=200)
+
+    def embedded(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a checkpoint was embedded before the settings were checked")
+
+    monkeypatch.setattr(extract_features, "extract_features", embedded)
+    with pytest.raises(ValueError, match=message):
+        checkpoints.main(["--run-dir", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--output-dir",
+                          str(tmp_path / "o"), "--img-size", "28", "--device", "cpu", *option])  # fmt: skip
 
 
 def test_sweep_table_orders_k_by_number() -> None:

@@ -99,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_sweep_settings(args: argparse.Namespace, labels: np.ndarray, class_names: list[str]) -> None:
+    """The fold, grouping and kNN settings checked on the listed images' labels, before any checkpoint is embedded
+    (the sweep's first extraction can take long)."""
+    if args.group_by is not None:
+        protocol.path_groups([], args.group_by)  # a pattern that does not compile
+    folds = protocol.stratified_folds(labels, class_names, args.n_splits, protocol.fold_seed(args))
+    smallest = min(fold.train_index.size for fold in folds)
+    wrong = [k for k in args.k if not 1 <= k <= smallest]
+    if "knn" in args.methods and wrong:
+        raise ValueError(f"--k {' '.join(map(str, wrong))}: k must lie in [1, {smallest}] (the smallest training fold "
+                         f"of {args.n_splits}-fold CV over these {labels.size} images)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Extract and score the features of each checkpoint; write the table and plot."""
     from dinov2.eval.extract_features import extract_features, list_images
@@ -116,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"--data {args.data}: {unlabelled} of {len(images.paths)} images have no class; the sweep needs a "
             "<class>/<image> folder or a .csv with a label column"
         )
+    check_sweep_settings(args, np.asarray(images.labels), images.class_names)
     img_size = args.img_size or run_image_size(checkpoints[0][1]) or 224
     logger.info("evaluating %d checkpoints of %s at %d px", len(checkpoints), args.run_dir, img_size)
     rows = []
