@@ -274,6 +274,17 @@ def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: p
     slurm_yaml.write_text("timeout: two days\n")
     with pytest.raises(launcher.LaunchError, match=r"'timeout' must be int or null, got 'two days'"):
         launcher.parse_request(["--slurm-config", str(slurm_yaml), "--config-file", str(DEMO_CONFIG)])
+    # A cluster file naming only what it changes keeps the packaged defaults for the rest; ranges are checked.
+    slurm_yaml.write_text("partition: gpu\nmem_gb: 200\n")
+    request = launcher.parse_request(["--slurm-config", str(slurm_yaml), "--config-file", str(DEMO_CONFIG)])
+    packaged = launcher.load_slurm_settings(launcher.DEFAULT_SLURM_CONFIG)
+    assert request.settings == {**packaged, "partition": "gpu", "mem_gb": 200}
+    for bad, message in (("cpus_per_task: 0", "cpus_per_task must be at least 1"),
+                         ("mem_gb: -5", "mem_gb must be at least 0"),
+                         ("max_num_timeout: -1", "max_num_timeout must be at least 0")):  # fmt: skip
+        slurm_yaml.write_text(bad + "\n")
+        with pytest.raises(launcher.LaunchError, match=message):
+            launcher.parse_request(["--slurm-config", str(slurm_yaml), "--config-file", str(DEMO_CONFIG)])
     with pytest.raises(launcher.LaunchError, match=r"absent\.yaml not found; pass --slurm-config FILE$"):
         launcher.parse_request(["--slurm-config", str(tmp_path / "absent.yaml"), "--config-file", str(DEMO_CONFIG)])
     # an installed (not editable) package has no configs/ folder: the error says where the default was

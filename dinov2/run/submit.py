@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--slurm-config",
         type=Path,
         default=None,
-        help=f"yaml with the launcher defaults (default: {DEFAULT_SLURM_CONFIG})",
+        help=f"yaml with launcher settings, over the defaults of {DEFAULT_SLURM_CONFIG} (keys it leaves out keep them)",
     )
     launcher.add_argument("--job-dir", type=Path, default=None, help="submitit logs (default: OUTPUT_DIR/slurm/%%j)")
     launcher.add_argument("--local", action="store_true", help="run on this machine (no SLURM), one node")
@@ -272,7 +272,13 @@ def _inputs_missing_here(cfg: DictConfig) -> list[str]:
 def parse_request(argv: Sequence[str] | None = None) -> LaunchRequest:
     """Parse the command line into a ``LaunchRequest`` (launcher settings and training argv)."""
     args = build_parser().parse_intermixed_args(argv)
-    settings = load_slurm_settings(args.slurm_config or DEFAULT_SLURM_CONFIG)
+    # A --slurm-config file may name only what it changes; the rest keeps the packaged defaults (when there are any:
+    # an installed copy without the repository's configs/ uses the given file alone).
+    settings = {}
+    if args.slurm_config is None or DEFAULT_SLURM_CONFIG.is_file():
+        settings = load_slurm_settings(DEFAULT_SLURM_CONFIG)
+    if args.slurm_config is not None:
+        settings.update(load_slurm_settings(args.slurm_config))
     for name in SETTINGS:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
@@ -285,6 +291,11 @@ def parse_request(argv: Sequence[str] | None = None) -> LaunchRequest:
         if not isinstance(value, int) or value < 1:
             flag = name.replace("_", "-")
             raise LaunchError(f"{name} must be a positive integer (--{flag} or the SLURM yaml), got {value!r}")
+    for name, least in (("cpus_per_task", 1), ("mem_gb", 0), ("max_num_timeout", 0)):
+        value = settings.get(name)
+        if value is not None and value < least:
+            flag = name.replace("_", "-")
+            raise LaunchError(f"{name} must be at least {least} (--{flag} or the SLURM yaml), got {value}")
     if args.local and settings["nodes"] != 1:
         raise LaunchError(f"--local runs on this machine only: --nodes must be 1, got {settings['nodes']}")
     output_dir, missing_inputs = _validate_training_args(args)
