@@ -73,7 +73,8 @@ def test_every_unknown_key_is_reported_at_once(tmp_path: Path) -> None:
     ("override", "meant"),
     [("train.patch_size=14", "student.patch_size"), ("dino.separate_head=true", "ibot.separate_head"),
      ("train.arch=vit_base", "student.arch"), ("teacher.base_lr=1.0", "optim.base_lr"),
-     ("model.weights=run/checkpoints/000000009", "MODEL.WEIGHTS"), ("Train.Seed=1", "train.seed")],
+     ("model.weights=run/checkpoints/000000009", "MODEL.WEIGHTS"), ("Train.Seed=1", "train.seed"),
+     ("optim.epoch_length=5", "train.OFFICIAL_EPOCH_LENGTH")],
 )
 def test_misplaced_key_points_to_its_section(override: str, meant: str) -> None:
     with pytest.raises(ConfigError, match=rf"did you mean {meant}\?"):

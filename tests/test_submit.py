@@ -339,6 +339,11 @@ def test_a_job_whose_data_or_weights_are_missing_is_not_queued(
     assert (f"train.dataset_path={absent_data}, evaluation.knn_data={tmp_path / 'no_cells'}, "
             f"student.pretrained_weights={absent_weights}: not found") in error  # fmt: skip
     assert "--no-path-check" in error and not (tmp_path / "run" / "slurm").exists()
+    # nor is a --local one, which would fail in the background while the command reported it started
+    assert launcher.main([*argv, "--local"]) == 2
+    error = capsys.readouterr().err
+    assert "not found on this machine" in error and "--no-path-check" not in error
+    assert not (tmp_path / "run" / "slurm").exists()
 
     assert launcher.main([*argv, "--no-path-check"]) == 0
     assert "Submitted job 4242" in capsys.readouterr().out

@@ -316,6 +316,10 @@ def closest_key(key: str, valid_keys: Sequence[str]) -> str | None:
     same_leaf = [k for k in valid_keys if k.rsplit(".", 1)[-1] == leaf]
     if same_leaf:
         return difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0)[0]
+    # a part of one key's name: `optim.epoch_length` for `train.OFFICIAL_EPOCH_LENGTH`
+    inside = [k for k in valid_keys if len(leaf) >= 5 and leaf.lower() in k.rsplit(".", 1)[-1].lower()]
+    if len(inside) == 1:
+        return inside[0]
     match = difflib.get_close_matches(key, valid_keys, n=1, cutoff=0.6)
     if match:
         return match[0]

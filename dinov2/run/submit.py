@@ -400,11 +400,22 @@ def _output_to(log_file: Path) -> Iterator[None]:
             os.close(original)
 
 
+def _refuse_missing_inputs(request: LaunchRequest) -> None:
+    """A LaunchError naming the data and weights settings whose paths this machine does not have, if any."""
+    if request.missing_inputs:
+        remedy = "" if request.local else ", or pass --no-path-check if only the compute nodes see it"
+        raise LaunchError(
+            f"{', '.join(request.missing_inputs)}: not found on this machine, so the job would fail when it starts; "
+            f"fix the path{remedy}"
+        )
+
+
 def submit(argv: Sequence[str] | None = None) -> submitit.Job:
     """Submit the training described by the command line; return the submitit job."""
     request = parse_request(argv)
     max_num_timeout = request.settings.get("max_num_timeout")
     if request.local:
+        _refuse_missing_inputs(request)  # the job would fail in the background, the command having said it started
         extra = {"max_num_timeout": max_num_timeout} if max_num_timeout is not None else {}
         executor = submitit.LocalExecutor(folder=request.job_dir, **extra)
         executor.update_parameters(**local_executor_parameters(request))
@@ -414,11 +425,7 @@ def submit(argv: Sequence[str] | None = None) -> submitit.Job:
             executor = submitit.AutoExecutor(folder=request.job_dir, cluster="slurm", **extra)
         except RuntimeError as error:
             raise LaunchError(f"cannot submit to SLURM here ({error}); pass --local to run on this machine") from error
-        if request.missing_inputs:  # the job would wait in the queue, then fail at once
-            raise LaunchError(
-                f"{', '.join(request.missing_inputs)}: not found on this machine, so the job would fail when it "
-                "starts; fix the path, or pass --no-path-check if only the compute nodes see it"
-            )
+        _refuse_missing_inputs(request)  # the job would wait in the queue, then fail at once
         executor.update_parameters(**executor_parameters(request))
     # Inherited by the local controller and, through sbatch's environment export, by SLURM tasks.
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = PREEMPT_SIGNAL
