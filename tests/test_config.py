@@ -343,6 +343,22 @@ def test_scaling_rules() -> None:
         apply_scaling_rules_to_cfg(cfg, 1)
 
 
+def test_schedules_that_are_rarely_meant_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """Valid, but seldom what was meant; the shipped configs warn of none of them."""
+    for name in ("custom.yaml", "demo.yaml"):
+        with caplog.at_level(logging.WARNING, logger="dinov2.configs"):
+            apply_scaling_rules_to_cfg(load_config(TRAIN_CONFIG_DIR / name), 1)
+        assert not caplog.records, name
+    cfg = load_config(None, ["optim.epochs=20", "optim.min_lr=1.0", "optim.freeze_last_layer_epochs=20",
+                             "teacher.warmup_teacher_temp_epochs=500"])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="dinov2.configs"):
+        apply_scaling_rules_to_cfg(cfg, 1)
+    assert "optim.min_lr=1 is above the learning rate" in caplog.text
+    assert "optim.freeze_last_layer_epochs=20 is not shorter than the run's optim.epochs=20" in caplog.text
+    assert "teacher.warmup_teacher_temp_epochs=500 is not shorter" in caplog.text
+    assert "optim.warmup_epochs" not in caplog.text
+
+
 def test_an_optim_lr_that_scaling_replaces_is_named(caplog: pytest.LogCaptureFixture) -> None:
     cfg = load_config(None, ["train.batch_size_per_gpu=64", "optim.base_lr=1e-3", "optim.lr=0.01"])
     with caplog.at_level(logging.WARNING, logger="dinov2.configs"):

@@ -363,6 +363,17 @@ def test_more_local_ranks_than_gpus_is_said(monkeypatch: pytest.MonkeyPatch, cap
     assert not caplog.text
 
 
+def test_two_ranks_of_one_machine_on_one_gpu_are_named() -> None:
+    """srun --gpu-bind=closest shows local ranks 0 and 4 of an 8-GPU node the same 4 GPUs: both take cuda:0. The
+    ranks' (host, GPU) records say so before NCCL fails; one GPU per rank, also on two machines, is fine."""
+    fine = [("gpu01", "GPU-a"), ("gpu01", "GPU-b"), ("gpu02", "GPU-a"), ("gpu02", "GPU-b")]
+    assert distributed.shared_gpu_problem(fine) is None
+    closest = [("gpu01", f"GPU-{'abcdabcd'[rank]}") for rank in range(8)]
+    problem = distributed.shared_gpu_problem(closest)
+    assert problem is not None and problem.startswith("ranks 0 and 4 on gpu01 both got GPU GPU-a")
+    assert "--gpus-per-task=1" in problem
+
+
 def test_bad_nodelist_is_named() -> None:
     with pytest.raises(ValueError, match=r"'a-b' in the SLURM node list 'n\[a-b\]'"):
         expand_nodelist("n[a-b]")

@@ -540,7 +540,24 @@ def apply_scaling_rules_to_cfg(cfg: DictConfig, world_size: int) -> DictConfig:
         )
     cfg.optim.lr = lr
     logger.info("%s: base lr %.3g, total batch %d -> lr %.3g", rule, cfg.optim.base_lr, total_batch, cfg.optim.lr)
+    warn_about_schedules(cfg)
     return cfg
+
+
+def warn_about_schedules(cfg: DictConfig) -> None:
+    """Warn of schedule settings that are valid but rarely meant: a final learning rate above the peak, or a
+    warm-up or last-layer freeze as long as the whole run."""
+    epochs = cfg.optim.epochs
+    if cfg.optim.min_lr > cfg.optim.lr:
+        logger.warning("optim.min_lr=%g is above the learning rate %g: after the warm-up the learning rate rises "
+                       "to it instead of decaying", cfg.optim.min_lr, cfg.optim.lr)  # fmt: skip
+    for key, what in (("optim.warmup_epochs", "the learning rate never reaches its peak"),
+                      ("optim.freeze_last_layer_epochs", "the heads' last layers never train"),
+                      ("teacher.warmup_teacher_temp_epochs", "the teacher temperature never reaches "
+                       "teacher.teacher_temp")):  # fmt: skip
+        value = OmegaConf.select(cfg, key)
+        if value >= epochs > 0:
+            logger.warning("%s=%s is not shorter than the run's optim.epochs=%s: %s", key, value, epochs, what)
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:

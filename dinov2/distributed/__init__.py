@@ -21,8 +21,11 @@ import itertools
 import logging
 import os
 import re
+import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -226,11 +229,38 @@ def enable_distributed(*, device: str = "auto", timeout: timedelta = timedelta(m
                 timeout=timeout,
                 device_id=dev if dev.type == "cuda" else None,
             )
+        if dev.type == "cuda":
+            _check_one_gpu_per_rank(dev)
     info = DistInfo(rank, local_rank, world, local_world, launcher, dev, backend, addr, port)
     logger.info(
         "%s: rank %d/%d (local %d), device %s, backend %s", launcher, rank, world, local_rank, dev, backend or "none"
     )
     return info
+
+
+def _check_one_gpu_per_rank(dev: torch.device) -> None:
+    """Refuse two ranks of one machine on one GPU, before NCCL fails on it with less to say."""
+    record = (socket.gethostname(), str(torch.cuda.get_device_properties(dev).uuid))
+    records: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(records, record)
+    problem = shared_gpu_problem(records)
+    if problem:
+        raise DeviceUnavailableError(problem)
+
+
+def shared_gpu_problem(records: Sequence[tuple[str, str]]) -> str | None:
+    """What is wrong when two ranks' ``(host, GPU uuid)`` records, indexed by rank, are the same; else None."""
+    first_rank: dict[tuple[str, str], int] = {}
+    for rank, record in enumerate(records):
+        if record in first_rank:
+            host, gpu = record
+            return (
+                f"ranks {first_rank[record]} and {rank} on {host} both got GPU {gpu}: a process that sees only some "
+                "of the machine's GPUs (e.g. srun --gpu-bind=closest) takes its local rank modulo their number; bind "
+                "one GPU to each task (--gpus-per-task=1) or let every task see all of them"
+            )
+        first_rank[record] = rank
+    return None
 
 
 def get_rank() -> int:
