@@ -237,7 +237,7 @@ def _validate_training_args(args: argparse.Namespace) -> tuple[Path, list[str]]:
             output_text = cfg.train.output_dir
         except OmegaConfBaseException as error:  # e.g. ${oc.env:SCRATCH} set only inside jobs
             raise LaunchError(
-                f"train.output_dir={cfg.train._get_node('output_dir')._value()} cannot be resolved here "
+                f"train.output_dir={OmegaConf.to_container(cfg.train)['output_dir']} cannot be resolved here "
                 f"({str(error).splitlines()[0]}); the launcher writes the job's files there: pass --output-dir, or "
                 "set the variable in this shell"
             ) from None
