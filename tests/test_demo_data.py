@@ -100,9 +100,12 @@ def test_output_does_not_depend_on_worker_count(tmp_path: Path) -> None:
     kwargs = {"images_per_class": 2, "image_size": 48, "seed": 5, "classes": ["eosinophil", "platelet"]}
     serial = generate_demo_dataset(tmp_path / "serial", num_workers=0, **kwargs)
     parallel = generate_demo_dataset(tmp_path / "parallel", num_workers=2, **kwargs)
-    for path in sorted(serial.images_dir.rglob("*.png")):
-        twin = parallel.images_dir / path.relative_to(serial.images_dir)
-        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(twin)))
+    names = sorted(p.relative_to(serial.images_dir) for p in serial.images_dir.rglob("*.png"))
+    assert len(names) == 4 and names == sorted(p.relative_to(parallel.images_dir)
+                                               for p in parallel.images_dir.rglob("*.png"))  # fmt: skip
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(serial.images_dir / name)),
+                              np.asarray(Image.open(parallel.images_dir / name)))  # fmt: skip
 
 
 def test_demo_feeds_the_datasets(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -161,19 +162,28 @@ def _args(weights: Path, image_folder: Path) -> list[str]:
             "--batch-size", "1", "--device", "cpu"]  # fmt: skip
 
 
-def test_an_interrupted_extraction_continues_where_it_stopped(
-    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Progress saved after every batch (interval 0 s): the re-run embeds only the images not yet saved, the file
-    equals an uninterrupted extraction's, and progress kept under other settings is discarded, not mixed in."""
-    args = _args(tiny_weights[0], image_folder)
+def _interrupted_at_the_third_image(
+    weights: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[str], Path]:
+    """An uninterrupted extraction to whole.h5, then one to features.h5 that saves after every batch and is
+    interrupted at the third backbone call; its command-line arguments and output."""
+    args = _args(weights, image_folder)
     ef.main([*args, "--output", str(tmp_path / "whole.h5")])
     monkeypatch.setattr(ef, "PARTIAL_SAVE_SECONDS", 0.0)
     output = tmp_path / "features.h5"
     _counting_backbones(monkeypatch, stop_at=3)
     with pytest.raises(KeyboardInterrupt):
         ef.main([*args, "--output", str(output)])
+    return args, output
+
+
+def test_an_interrupted_extraction_continues_where_it_stopped(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Progress saved after every batch (interval 0 s): the re-run embeds only the images not yet saved, the file
+    equals an uninterrupted extraction's, and progress kept under other settings is discarded, not mixed in."""
+    args, output = _interrupted_at_the_third_image(tiny_weights[0], image_folder, tmp_path, monkeypatch)
     assert not output.exists() and (tmp_path / "features.h5.partial").is_dir()
     backbones = _counting_backbones(monkeypatch)
     caplog.clear()
@@ -198,6 +208,25 @@ def test_an_interrupted_extraction_continues_where_it_stopped(
         ef.main([*args, "--img-size", "42", "--output", str(output)])  # (the last --img-size counts)
     assert re.search(r"discarding .*features\.h5\.partial: computed with other settings \(img_size\)", caplog.text)
     assert backbones[0].calls == 4
+
+
+def test_a_damaged_progress_file_is_embedded_again(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A chunk cut short (a machine that went down before it reached the disk): named, dropped, and its images and
+    the later ones embedded again, to the uninterrupted extraction's features."""
+    args, output = _interrupted_at_the_third_image(tiny_weights[0], image_folder, tmp_path, monkeypatch)
+    second = sorted((tmp_path / "features.h5.partial").glob("chunk_*"))[1]
+    second.write_bytes(second.read_bytes()[:100])
+    backbones = _counting_backbones(monkeypatch)
+    with caplog.at_level(logging.INFO):
+        ef.main([*args, "--output", str(output)])
+    assert f"discarding the damaged progress file {second} (BadZipFile" in caplog.text
+    assert re.search(r"continuing .*features\.h5\.partial: 1 images already processed", caplog.text)
+    whole, resumed = load_features(tmp_path / "whole.h5"), load_features(output)
+    assert resumed.paths == whole.paths and np.array_equal(resumed.features, whole.features)
+    assert backbones[0].calls == 4  # the first chunk, kept, held the unreadable image; the 4 readable ones again
 
 
 def test_an_interrupt_saves_what_was_computed_since_the_last_save(
@@ -307,6 +336,7 @@ def test_sigterm_saves_the_work_and_still_ends_the_process(
                             timeout=300, start_new_session=True)
     assert killed.returncode == -signal.SIGTERM, killed.stderr
     assert f"interrupted: 3 of 5 images are saved in {partial}; run the same command to continue" in killed.stderr
+    assert "killed by signal" not in killed.stderr  # the workers let this process save and end them
     assert [p.name for p in partial.glob("chunk_*")] == ["chunk_000000000_000000003.npz"]
     backbones = _counting_backbones(monkeypatch)
     ef.main([*args, "--output", str(output)])
@@ -456,6 +486,22 @@ def test_a_txt_list_follows_the_training_lists_rules(
     assert ef.list_images("~/cells").paths == ["a.png"]
     with pytest.raises(FileNotFoundError, match="^evaluation.knn_data not found: "):
         ef.list_images("~/nowhere", setting="evaluation.knn_data")
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="file names of any bytes are a Linux matter")
+def test_a_name_an_h5_file_cannot_store_is_refused_before_any_work(
+    tmp_path: Path, tiny_weights: tuple[Path, DinoVisionTransformer]
+) -> None:
+    """A file name that is not UTF-8 (kept by the loader as it is) fits an .npz, not an .h5: said up front."""
+    _image(tmp_path / "cells" / "a" / os.fsdecode(b"\xff\xfe.jpg"), seed=1)
+    _image(tmp_path / "cells" / "a" / "ok.jpg", seed=2)
+    args = ["--weights", str(tiny_weights[0]), "--data", str(tmp_path / "cells"), "--img-size", str(IMG),
+            "--num-workers", "0", "--device", "cpu"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"a/\\xff\\xfe\.jpg: the name is not UTF-8, which an \.h5 file cannot store"):
+        ef.main([*args, "--output", str(tmp_path / "f.h5")])
+    assert not (tmp_path / "f.h5.partial").exists()
+    stored = ef.main([*args, "--output", str(tmp_path / "f.npz")])
+    assert len(stored) == 2 and load_features(tmp_path / "f.npz").paths == stored.paths
 
 
 def test_output_suffix_is_checked_before_any_work(monkeypatch: pytest.MonkeyPatch, image_folder: Path,

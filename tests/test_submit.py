@@ -28,6 +28,13 @@ SBATCH_SCRIPT = REPO_ROOT / "scripts" / "sbatch_train.sh"
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+@pytest.fixture(autouse=True)
+def _preempt_signal_variable_stays_in_the_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`submit` exports SUBMITIT_PREEMPT_SIGNAL for the jobs it starts; set here, monkeypatch removes it afterwards,
+    so that it does not reach the processes of later tests."""
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", launcher.PREEMPT_SIGNAL)
+
+
 def _write_executable(path: Path, text: str) -> Path:
     path.write_text(text)
     path.chmod(0o755)

@@ -53,6 +53,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dinov2.data.datasets import IMAGE_EXTENSIONS, DatasetError, check_image_path, find_images, read_list_entries
+from dinov2.data.loaders import init_worker
 from dinov2.data.transforms import EVAL_RESIZES, IMAGE_LOAD_ERRORS, load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, check_writable, save_features
 from dinov2.eval.partial_features import PartialFeatures, image_list_digest
@@ -283,6 +284,7 @@ def embed_images(
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
+        worker_init_fn=init_worker,  # workers ignore a SIGTERM to the process group: this process saves first
     )
     chunks = list(partial.features) if partial is not None else []
     kept = [int(i) for part in partial.indices for i in part] if partial is not None else []
@@ -349,6 +351,19 @@ def compiled_forward(model: nn.Module, batch_size: int) -> Callable[[torch.Tenso
     return forward
 
 
+def _check_h5_can_store_names(image_list: ImageList) -> None:
+    """HDF5 stores UTF-8 text: a file name in another encoding is refused before the work, not after it."""
+    for path in image_list.paths:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ValueError(
+                f"{image_list.root / shown}: the name is not UTF-8, which an .h5 file cannot store; write an .npz "
+                "instead (--output NAME.npz), or rename the file"
+            ) from None
+
+
 def extract_features(
     data: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
@@ -377,6 +392,8 @@ def extract_features(
     if compile:
         check_compile_toolchain(device, "--compile")
     image_list = list_images(data)
+    if output is not None and Path(output).suffix == ".h5":
+        _check_h5_can_store_names(image_list)
     if isinstance(model, nn.Module):
         if weights is not None:
             raise ValueError("pass either a model module or weights, not both")

@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import shutil
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +69,17 @@ class PartialFeatures:
         for first, end, path in chunks:
             if first != self.done:  # a gap (a chunk removed by hand): continue from before it
                 break
-            with np.load(path) as chunk:
-                self.features.append(chunk["features"])
-                self.indices.append(chunk["indices"])
+            try:
+                with np.load(path) as chunk:
+                    features, indices = chunk["features"], chunk["indices"]
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+                # e.g. cut short by a machine that went down before the file reached the disk
+                logger.warning("discarding the damaged progress file %s (%s: %s); its images are embedded again",
+                               path, type(err).__name__, err)  # fmt: skip
+                path.unlink(missing_ok=True)
+                break
+            self.features.append(features)
+            self.indices.append(indices)
             self.done = end
         if self.done:
             logger.info("continuing %s: %d images already processed", self.folder, self.done)

@@ -761,6 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # FSDP2 warns that the backbone returns views (its CLS and patch tokens); the loss never modifies them in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     handlers: list[logging.Handler] = []
+    root_level = logging.getLogger().level  # restored at the end, with the handlers (main may run in a notebook)
     lock = RunLock(output_dir)
     try:
         try:
@@ -812,6 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
             handler.close()
+        logging.getLogger().setLevel(root_level)
     return 0
 
 
