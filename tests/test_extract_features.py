@@ -429,11 +429,13 @@ def test_symlinked_class_folders_are_followed_once(tmp_path: Path, caplog: pytes
     _image(tmp_path / "elsewhere" / "basophil" / "b.png", 1)
     (root / "basophil").symlink_to(tmp_path / "elsewhere" / "basophil", target_is_directory=True)
     (root / "neutrophil" / "loop").symlink_to(root, target_is_directory=True)  # must not be walked forever
+    (root / "neutrophil" / "gone.png").symlink_to(tmp_path / "moved_away.png")  # a broken link is named
     with caplog.at_level(logging.WARNING):
         images = ef.list_images(root)
     assert images.paths == ["basophil/b.png", "neutrophil/a.png"]
     assert images.class_names == ["basophil", "neutrophil"] and images.labels == [0, 1]
     assert f"skipping {root / 'neutrophil' / 'loop'}" in caplog.text
+    assert f"skipping {root / 'neutrophil' / 'gone.png'}: a link to {tmp_path / 'moved_away.png'}" in caplog.text
 
 
 def test_lists_with_a_byte_order_mark(tmp_path: Path) -> None:

@@ -153,6 +153,8 @@ def test_demo_run_writes_its_outputs_and_learns(tmp_path: Path, demo) -> None:
     assert re.search(r"it 0/40  loss .* img/s  eta after the start-up step\n", log)  # its pace includes start-up
     assert re.search(r"it 9/40  loss .* img/s  eta \d+:\d\d:\d\d\n", log)  # time left, from the last steps' pace
     assert re.search(r"it 39/40  loss .* img/s  eta 0:00:00\n", log)
+    # dated lines: a resumed run appends to the file, maybe days later
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING) ", line) for line in log.splitlines())
     assert (out / "checkpoints" / f"{n_iter - 1:09d}").is_dir()
     assert (out / "checkpoints" / "latest").read_text().strip() == f"{n_iter - 1:09d}"
     # The same command again finds the run finished and changes nothing.

@@ -183,9 +183,11 @@ def find_images(folder: str | Path) -> list[str]:
         except OSError as error:
             logger.warning("skipping folder %s: %s", directory, error)
             continue
-        found.extend(
-            e.path for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-        )
+        images = [e for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
+        found.extend(e.path for e in images if e.is_file())
+        for entry in images:
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                logger.warning("skipping %s: a link to %s, which does not exist", entry.path, os.readlink(entry.path))
         pending.extend(e.path for e in reversed(entries) if e.is_dir())  # depth first, in name order
     return sorted(found)
 

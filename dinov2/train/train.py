@@ -127,16 +127,18 @@ def setup_logging(output_dir: Path, is_main: bool) -> list[logging.Handler]:
         if getattr(handler, "_dinov2", False):
             root.removeHandler(handler)
             handler.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    line = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handlers: list[logging.Handler] = []
     if not any(_prints_to_console(h) for h in root.handlers):
         console = logging.StreamHandler(sys.stdout)
         console.addFilter(_NotPrintedElsewhere())
+        console.setFormatter(logging.Formatter(line, "%H:%M:%S"))
         handlers.append(console)
-    if is_main:
-        handlers.append(logging.FileHandler(output_dir / "log.txt"))
+    if is_main:  # with the date: a resumed run appends to the file, days later
+        log_file = logging.FileHandler(output_dir / "log.txt")
+        log_file.setFormatter(logging.Formatter(line, "%Y-%m-%d %H:%M:%S"))
+        handlers.append(log_file)
     for handler in handlers:
-        handler.setFormatter(fmt)
         handler._dinov2 = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.INFO if is_main else logging.WARNING)
