@@ -227,6 +227,11 @@ def test_a_damaged_progress_file_is_embedded_again(
     whole, resumed = load_features(tmp_path / "whole.h5"), load_features(output)
     assert resumed.paths == whole.paths and np.array_equal(resumed.features, whole.features)
     assert backbones[0].calls == 4  # the first chunk, kept, held the unreadable image; the 4 readable ones again
+    # a file where the progress folder goes is said before any image is embedded, not at the first save
+    (tmp_path / "other.h5.partial").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"other\.h5\.partial is in the way: this extraction saves its progress"):
+        ef.main([*args, "--output", str(tmp_path / "other.h5")])
+    assert backbones[0].calls == 4
 
 
 def test_an_interrupt_saves_what_was_computed_since_the_last_save(

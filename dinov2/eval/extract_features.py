@@ -338,7 +338,8 @@ def compiled_forward(model: nn.Module, batch_size: int) -> Callable[[torch.Tenso
     The weights are frozen into the compiled code (Inductor's `freezing`: constants folded, and on a CPU the
     matmul weights pre-packed once), so the model must not change while the returned function is used. Shorter
     batches (the last one, or one with unreadable images) are padded with zeros and the padding's rows dropped,
-    so that one compilation serves the whole extraction; each image's features do not depend on its batch.
+    so that one compilation serves the whole extraction; the padding does not change the other rows' features
+    (a batch of another size may round them differently, by about 1e-6, as in eager mode).
     """
     compiled = torch.compile(model, dynamic=False, options={"freezing": True})
 

@@ -47,6 +47,9 @@ class PartialFeatures:
         self.done = 0  # images [0, done) of the list were processed (embedded or found unreadable)
         if self.folder.is_dir():
             self._load()
+        elif os.path.lexists(self.folder):  # said before the work, not at the first save
+            raise ValueError(f"{self.folder} is in the way: this extraction saves its progress in a folder of that "
+                             "name; move it, or choose another --output")  # fmt: skip
 
     def _load(self) -> None:
         settings_file = self.folder / "settings.json"
