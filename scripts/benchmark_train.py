@@ -8,15 +8,15 @@ Times full training steps (forward and backward of the student on every crop, te
 AdamW, EMA) on synthetic images after a warm-up, twice: as a training run steps, with the device synchronised only
 every ``--window`` steps (the median over such windows of their time per step: the images/s and MFU reported),
 and with a synchronisation after every step (the median step: ``s_per_iter_synced``, the latency of one step,
-which also holds the time the device waits for the host to queue each step's first work). FLOPs of one step are counted
-with ``torch.utils.flop_counter``, attention included (PyTorch's table has no entry for the CPU flash-attention
-kernels, so they are added here, and xFormers is switched off while counting). MFU is achieved FLOP/s over the
-dense matrix-multiply rate that this script measures on the same device, dtype and thread count (fp32 on CPU,
-bf16 on GPU): the best of several square sizes, each warmed up, measured before and after the timed steps. On a
-CPU shared with other busy processes both rates drop and the MFU is unreliable; a warning says so. The last line
-reads ``images_per_s=<x> mfu=<fraction> peak_mem_gb=<z>`` (peak memory: of the GPU's allocator, or on a CPU the
-process's peak resident memory). ``--profile FILE`` writes the per-operator
-table of one more step (with CUDA kernel times on a GPU) and a Chrome trace next to it.
+which also holds the time the device waits for the host to queue each step's first work). FLOPs of one step
+are counted with ``torch.utils.flop_counter``, attention included (PyTorch's table has no entry for the CPU
+flash-attention kernels, so they are added here, and xFormers is switched off while counting). MFU is achieved
+FLOP/s over the dense matrix-multiply rate that this script measures on the same device, dtype and thread count
+(fp32 on CPU, bf16 on GPU): the best of several square sizes, each warmed up, measured before and after the timed
+steps. On a CPU shared with other busy processes both rates drop and the MFU is unreliable; a warning says so.
+The last line reads ``images_per_s=<x> mfu=<fraction> peak_mem_gb=<z>`` (peak memory: of the GPU's allocator, or
+on a CPU the process's peak resident memory). ``--profile FILE`` writes the per-operator table of one more step
+(with CUDA kernel times on a GPU) and a Chrome trace next to it.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
     p.add_argument("--iters", type=positive_int, default=10,
-                   help="timed steps of each timing (windows, then synchronised steps)")
+                   help="timed steps of each timing (synchronised steps, then windows)")
     p.add_argument("--window", type=positive_int, default=5,
                    help="steps between two synchronisations of the device when timing throughput (a training run "
                    "synchronises only on its logging steps)")

@@ -15,7 +15,8 @@ batch ``W*B`` at step ``i`` is exactly ``[rank 0's B, rank 1's B, ..., rank W-1'
 run resumed at step ``i`` (``start = i*W*B``) sees exactly what an uninterrupted run would have seen,
 also after a change of ``W`` that keeps the global batch ``W*B``: the same samples with the same
 augmentations. A run resumed with another global batch starts at the draw after the last one its checkpoint
-consumed, so that no image of the data order is skipped or repeated. (The trainer draws iBOT masks per rank batch, as DINOv2 spreads mask ratios over a batch, so
+consumed, so that no image of the data order is skipped or repeated. (The trainer draws iBOT masks per rank
+batch, as DINOv2 spreads mask ratios over a batch, so
 the masks are the same only when ``W`` and ``B`` are.) All of this holds while N stays the same: the trainer
 warns when a run resumes on lists of another length.
 """
