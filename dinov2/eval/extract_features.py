@@ -55,7 +55,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dinov2.data.datasets import IMAGE_EXTENSIONS, DatasetError, check_image_path, find_images, read_list_entries
 from dinov2.data.loaders import init_worker
 from dinov2.data.transforms import EVAL_RESIZES, IMAGE_LOAD_ERRORS, load_image, make_eval_transform
-from dinov2.eval.features_io import FeatureSet, check_writable, save_features
+from dinov2.eval.features_io import FeatureSet, check_names_storable, check_writable, save_features
 from dinov2.eval.partial_features import PartialFeatures, image_list_digest
 from dinov2.cli import non_negative_int, positive_int, run_cli
 from dinov2.eval.protocol import resolve_device
@@ -352,19 +352,6 @@ def compiled_forward(model: nn.Module, batch_size: int) -> Callable[[torch.Tenso
     return forward
 
 
-def _check_h5_can_store_names(image_list: ImageList) -> None:
-    """HDF5 stores UTF-8 text: a file name in another encoding is refused before the work, not after it."""
-    for path in image_list.paths:
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:
-            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            raise ValueError(
-                f"{image_list.root / shown}: the name is not UTF-8, which an .h5 file cannot store; write an .npz "
-                "instead (--output NAME.npz), or rename the file"
-            ) from None
-
-
 def extract_features(
     data: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
@@ -393,8 +380,8 @@ def extract_features(
     if compile:
         check_compile_toolchain(device, "--compile")
     image_list = list_images(data)
-    if output is not None and Path(output).suffix == ".h5":
-        _check_h5_can_store_names(image_list)
+    if output is not None:
+        check_names_storable(Path(output), image_list.paths, image_list.root)
     if isinstance(model, nn.Module):
         if weights is not None:
             raise ValueError("pass either a model module or weights, not both")

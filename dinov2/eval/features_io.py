@@ -55,6 +55,22 @@ def check_writable(path: Path) -> str:
     return suffix
 
 
+def check_names_storable(path: Path, names: Sequence[str], root: Path) -> None:
+    """Refuse, before any work, image names that the output's format cannot store: an .h5 file stores UTF-8 text,
+    and a file name may be in another encoding (an .npz keeps it)."""
+    if _check_suffix(path) != ".h5":
+        return
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ValueError(
+                f"{root / shown}: the name is not UTF-8, which an .h5 file cannot store; write an .npz instead "
+                "(--output NAME.npz), or rename the file"
+            ) from None
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars / bytes to plain Python values."""
     if isinstance(value, bytes):
