@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default=None,
                         help="checkpoint path or URL (default: the released weights of --model, downloaded)")
     parser.add_argument("--image", nargs="+", required=True, help="one or more cell images")
-    parser.add_argument("--output", required=True, help="figure to write: .png (added when there is no suffix), .pdf, .svg or .jpg")
+    parser.add_argument("--output", required=True,
+                        help="figure to write: .png (added when there is no suffix), .pdf, .svg or .jpg")
     parser.add_argument("--img-size", type=positive_int, default=None,
                         help="input size (default: for a training run's teacher_checkpoint.pth the size it trained at, "
                         "else 224: 16x16 patches)")
