@@ -8,7 +8,9 @@ Times full training steps (forward and backward of the student on every crop, te
 AdamW, EMA) on synthetic images after a warm-up, twice: as a training run steps, with the device synchronised only
 every ``--window`` steps (the median over such windows of their time per step: the images/s and MFU reported),
 and with a synchronisation after every step (the median step: ``s_per_iter_synced``, the latency of one step,
-which also holds the time the device waits for the host to queue each step's first work). FLOPs of one step
+which also holds the time the device waits for the host to queue each step's first work). ``host_s_per_iter`` is
+the host's time to queue a step: near ``s_per_iter``, the host sets the pace. On CUDA, ``device_syncs_per_step``
+counts the times one step makes the host wait for the device, and a warning names each place. FLOPs of one step
 are counted with ``torch.utils.flop_counter``, attention included (PyTorch's table has no entry for the CPU
 flash-attention kernels, so they are added here, and xFormers is switched off while counting). MFU is achieved
 FLOP/s over the dense matrix-multiply rate that this script measures on the same device, dtype and thread count
@@ -35,6 +37,7 @@ import random
 import resource
 import statistics
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     sizes, repeats = ((4096, 8192), 10) if device.type == "cuda" else ((1024, 2048, 3072), 3)
     peak = matmul_peak_flops(device, matmul_dtype, sizes, repeats)
     seconds_synced, peak_mem_gb = time_steps(step, device, args.iters)
-    seconds = time_step_windows(step, device, args.iters, args.window)
+    seconds, host_seconds = time_step_windows(step, device, args.iters, args.window)
+    syncs = count_device_syncs(step, device)
     peak = max(peak, matmul_peak_flops(device, matmul_dtype, sizes, repeats))  # and once more after the steps
 
     images_per_s = args.batch_size * info.world_size / seconds
@@ -253,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "images_per_s": images_per_s,
         "s_per_iter": seconds,
         "s_per_iter_synced": seconds_synced,
+        "host_s_per_iter": host_seconds,
         "tflops_per_step": flops_per_step / 1e12,
         "attention_flop_share": attention_flops / max(flops_per_step, 1),
         "achieved_tflops_per_rank": achieved / info.world_size / 1e12,
@@ -260,6 +265,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "mfu": mfu,
         "peak_mem_gb": peak_mem_gb,
     }
+    if syncs is not None:
+        result["device_syncs_per_step"] = syncs[0]
+        for where in syncs[1]:
+            logger.warning("the step waits for the device: %s", where)
     if info.is_main_process:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
         # every process of this machine's ranks runs as many threads as this one
@@ -327,20 +336,40 @@ def time_steps(step: Any, device: torch.device, iters: int) -> tuple[float, floa
     return statistics.median(times), peak_mem_gb
 
 
-def time_step_windows(step: Any, device: torch.device, iters: int, window: int) -> float:
+def time_step_windows(step: Any, device: torch.device, iters: int, window: int) -> tuple[float, float]:
     """Seconds per call of ``step`` as a training run calls it: ``iters`` calls in windows of ``window`` (the last
     one shorter) with the device synchronised only between windows, so that the host queues each step while the
-    device still runs the one before; the median over the windows of their time per call."""
-    per_call = []
+    device still runs the one before; the median over the windows of their time per call. Also the median of the
+    host's time per call, until its last call of the window returned: close to the first figure, the host, not the
+    device, sets the pace (or the step waits for the device inside)."""
+    per_call, host_per_call = [], []
     synchronize(device)
     for first in range(0, iters, window):
         calls = min(window, iters - first)
         start = time.perf_counter()
         for _ in range(calls):
             step()
+        host_per_call.append((time.perf_counter() - start) / calls)
         synchronize(device)
         per_call.append((time.perf_counter() - start) / calls)
-    return statistics.median(per_call)
+    return statistics.median(per_call), statistics.median(host_per_call)
+
+
+def count_device_syncs(step: Any, device: torch.device) -> tuple[int, list[str]] | None:
+    """How often one call of ``step`` makes the host wait for a CUDA device (``torch.cuda.set_sync_debug_mode``),
+    and the distinct warnings that say where; None on other devices, which have no such mode."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.message} ({w.filename}:{w.lineno})" for w in caught if "synchroniz" in str(w.message)]
+    return len(syncs), sorted(set(syncs))
 
 
 def write_profile(step: Any, device: torch.device, path: Path, save: bool = True) -> None:

@@ -36,8 +36,8 @@ def _recorder(path: Path, log: Path, seconds: float = 0.0) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def _run_check(tmp_path: Path, seconds: float = 0.0, budget: int | None = None) -> tuple[subprocess.CompletedProcess,
-                                                                                         Path]:
+def _run_check(tmp_path: Path, seconds: float = 0.0, budget: int | None = None,
+               steps: str | None = None) -> tuple[subprocess.CompletedProcess, Path]:
     """gpu_check.sh with recording stand-ins for python and nvidia-smi; returns the run and the calls file."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
     bin_dir.mkdir()
@@ -46,6 +46,8 @@ def _run_check(tmp_path: Path, seconds: float = 0.0, budget: int | None = None) 
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(bin_dir / "python")}
     if budget is not None:
         env["GPU_CHECK_BUDGET_S"] = str(budget)
+    if steps is not None:
+        env["GPU_CHECK_STEPS"] = steps
     run = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "logs")],
                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     return run, calls
@@ -90,6 +92,22 @@ def test_gpu_check_keeps_within_its_time_budget(tmp_path: Path) -> None:
     summary = (tmp_path / "logs" / "summary.txt").read_text()
     assert "vitg14_bf16_ckpt: skipped" in summary and "budget left" in summary
     assert int(run.stdout.split("gpu_check done in ")[1].split()[0]) <= 28
+
+
+def test_gpu_check_runs_only_the_steps_named(tmp_path: Path) -> None:
+    """GPU_CHECK_STEPS (spaces or commas) runs the steps named, in the script's order; a misspelt name is refused
+    before anything runs, since a lent GPU's time is short."""
+    run, calls = _run_check(tmp_path, steps="vitl14_bf16,vits14_bf16_compile")
+    assert run.returncode == 0, run.stderr
+    steps = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("=== ") and "(limit" in line]
+    assert steps == ["vits14_bf16_compile", "vitl14_bf16"]
+    benchmarks = [json.loads(line) for line in calls.read_text().splitlines() if "benchmark_train.py" in line]
+    assert [argv[argv.index("--arch") + 1] for argv in benchmarks] == ["vit_small", "vit_large"]
+
+    (tmp_path / "typo").mkdir()
+    refused, refused_calls = _run_check(tmp_path / "typo", steps="vits14_bf16_compile vitl14")
+    assert refused.returncode == 2 and "GPU_CHECK_STEPS names vitl14, which is no step" in refused.stderr
+    assert not refused_calls.exists() and not (tmp_path / "typo" / "logs").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the preflight passes and the check would run")

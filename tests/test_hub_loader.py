@@ -668,19 +668,50 @@ def test_benchmark_train_reports_its_figures(
 def test_benchmark_step_windows_time_each_step_once_and_take_the_median_window(
     load_script: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Seven steps in windows of three (3, 3, 1) on a clock that each step advances by its own duration: each step
-    runs once and the figure is the median of the windows' times per step."""
+    """Seven steps in windows of three (3, 3, 1) on a clock that each step advances by its own duration and each
+    synchronisation by 3 s: each step runs once, the figure is the median of the windows' times per step, and the
+    host's figure leaves out the wait for the device at the window's end."""
     script = load_script("benchmark_train")
     durations = iter([1.0, 1.0, 1.0, 2.0, 2.0, 5.0, 9.0])
     clock = [0.0]
     monkeypatch.setattr(script.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(script, "synchronize", lambda device: clock.__setitem__(0, clock[0] + 3.0))
 
     def step() -> None:
         clock[0] += next(durations)
 
-    seconds = script.time_step_windows(step, torch.device("cpu"), iters=7, window=3)
-    assert seconds == pytest.approx(3.0)  # windows 1.0, 3.0 and 9.0 per step
+    seconds, host_seconds = script.time_step_windows(step, torch.device("cpu"), iters=7, window=3)
+    assert seconds == pytest.approx(4.0)  # windows (3 + 3) / 3, (9 + 3) / 3 and (9 + 3) / 1 per step
+    assert host_seconds == pytest.approx(3.0)  # 1.0, 3.0 and 9.0 per step
     assert next(durations, None) is None
+
+
+def test_benchmark_counts_the_steps_waits_for_the_device(
+    load_script: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA each synchronising operation of one step (a warning under ``set_sync_debug_mode("warn")``) is
+    counted and its place named once; the mode is reset after the step, also when it fails; other warnings are not
+    counted. Other devices have no such mode: None."""
+    script = load_script("benchmark_train")
+    modes = []
+    monkeypatch.setattr(script.torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(script, "synchronize", lambda device: None)
+
+    def step() -> None:
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+
+    count, places = script.count_device_syncs(step, torch.device("cuda"))
+    assert count == 2 and len(places) == 1 and "synchronizing" in places[0] and modes == ["warn", "default"]
+
+    def failing_step() -> None:
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        script.count_device_syncs(failing_step, torch.device("cuda"))
+    assert modes[-1] == "default"
+    assert script.count_device_syncs(step, torch.device("cpu")) is None
 
 
 def test_benchmark_flop_count_of_an_attention_layer_is_the_hand_count(load_script: Callable[[str], ModuleType]) -> None:
