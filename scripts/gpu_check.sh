@@ -83,12 +83,12 @@ HEADS="--heads 65536,2048,256 --crops dinobloom"
 # recompile or break the graph goes to the log.
 step vits14_bf16_compile 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
   --arch vit_small --batch-size 128 $HEADS --compile --iters 8
-# train.compile_tuning (coordinate-descent tuning of the blocks' kernels; a ViT-S block ran 10 % faster): does the
-# whole step gain as much, and how long does the compilation take (a run of 110 s was cut short)? Its operator table
-# (sorted by GPU time) goes to vits14_compile_profile.txt: where the time that MFU does not account for goes.
+# train.compile_tuning (coordinate-descent tuning of the blocks' kernels): it took 4 ms of GPU time off the step,
+# whose pace the host's work set (host_s_per_iter); 150-230 s with its compilation. Its operator table (sorted by GPU
+# time) goes to vits14_compile_profile.txt: where the time that MFU does not account for goes.
 step vits14_bf16_compile_tuning 240 $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS \
   --compile --iters 8 --profile "$LOG_DIR/vits14_compile_profile.txt" train.compile_tuning=true
-# The same at batch 256, where the untuned step reached 30.9 % MFU: the goal is 35 %.
+# The same at batch 256 (31.6 % MFU; untuned 30.9 %): the goal is 35 %.
 step vits14_bf16_b256_compile_tuning 240 $PY scripts/benchmark_train.py --arch vit_small --batch-size 256 $HEADS \
   --compile --iters 8 train.compile_tuning=true
 # One block under each compile setting (max-autotune left out: cuBLAS beat its templates, and it compiles for minutes).
