@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy, as for the commands it times
 
 import argparse
+import ast
 import logging
 import os
 import random
@@ -41,6 +42,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch._inductor.config as inductor_config
 from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -181,6 +183,20 @@ def head_sizes(text: str) -> tuple[int, int, int]:
     return sizes  # type: ignore[return-value]
 
 
+def inductor_setting(text: str) -> tuple[str, Any]:
+    """``--inductor``: NAME=VALUE of ``torch._inductor.config`` (dotted for nested settings, e.g.
+    ``triton.cudagraphs``), the value read as a Python literal (True, 8, 'x') and otherwise kept as text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if name not in inductor_config.get_config_copy():
+        raise argparse.ArgumentTypeError(f"torch._inductor.config has no setting {name!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,17 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for the step and the matmul rate (default: torch's)")
     p.add_argument("--profile", default=None,
                    help="write the operator table of one more step to this file (+ a gzipped .json.gz trace)")
+    p.add_argument("--inductor", type=inductor_setting, action="append", default=[], metavar="NAME=VALUE",
+                   help="set torch._inductor.config.NAME for everything compiled (repeatable), e.g. cpp_wrapper=True "
+                   "to launch the kernels from C++ rather than Python")
     p.add_argument("opts", nargs="*", help="further key=value config overrides (before or after the options)")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the benchmark and print its figures."""
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.inductor and not args.compile:
+        parser.error("--inductor sets how --compile compiles: add --compile")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    for name, value in args.inductor:
+        setattr(inductor_config, name, value)
     if args.profile:  # a path that cannot be written is refused before the work, not after it
         check_file_writable(Path(args.profile))
     info = distributed.enable_distributed()
@@ -277,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if busy:
             logger.warning(busy)
         print(f"device: {name}; ranks: {info.world_size}; precision: {precision}; compile: {args.compile}; "
-              f"activation checkpointing: {args.activation_checkpointing}")
+              f"activation checkpointing: {args.activation_checkpointing}"
+              + "".join(f"; inductor {name}={value!r}" for name, value in args.inductor))
         print(f"model: {cfg.student.arch} ({n_params / 1e6:.1f} M backbone params), crops {args.crops} "
               f"(global {cfg.crops.global_crops_size} px, {effective_local_crops(cfg)} local), batch {args.batch_size}/rank, "
               f"heads {cfg.dino.head_n_prototypes} prototypes")

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One prepared GPU check, within a time budget (GPU_CHECK_BUDGET_S, default 480 s: a lent GPU session is short):
 # the torchrun launch path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in
-# bf16 (ViT-S with train.compile and train.compile_tuning, a GPU profile of its step with and without them, one block
-# under each compile setting; its iBOT loss path alone; attention), the data pipeline with 16 workers, the training
-# command end to end on the demo images, feature extraction, larger batches and the ViT-g memory check. The steps
-# run most wanted first; each has its own time limit, cut to what is left of the budget, and a step that no longer
-# fits is skipped, so a check cut short still measures what is new.
+# bf16 (ViT-S with train.compile, with Inductor's C++ wrapper and with train.compile_tuning, a GPU profile of its step
+# with and without them, one block under each compile setting; its iBOT loss path alone; attention), the data
+# pipeline with 16 workers, the training command end to end on the demo images, feature extraction, larger batches
+# and the ViT-g memory check. The steps run most wanted first; each has its own time limit, cut to what is left of
+# the budget, and a step that no longer fits is skipped, so a check cut short still measures what is new.
 #
 #   bash scripts/gpu_check.sh [LOG_DIR]
 #
@@ -83,6 +83,10 @@ HEADS="--heads 65536,2048,256 --crops dinobloom"
 # recompile or break the graph goes to the log.
 step vits14_bf16_compile 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
   --arch vit_small --batch-size 128 $HEADS --compile --iters 8
+# The host's work per step set the pace of the compiled ViT-S step (62-64 ms to queue 58 ms of kernels). Inductor's
+# C++ wrapper launches the compiled kernels from C++, not Python: does host_s_per_iter fall, and the step with it?
+step vits14_bf16_compile_cpp_wrapper 180 $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS \
+  --compile --iters 8 --inductor cpp_wrapper=True
 # train.compile_tuning (coordinate-descent tuning of the blocks' kernels): it took 4 ms of GPU time off the step,
 # whose pace the host's work set (host_s_per_iter); 150-230 s with its compilation. Its operator table (sorted by GPU
 # time) goes to vits14_compile_profile.txt: where the time that MFU does not account for goes.

@@ -665,6 +665,25 @@ def test_benchmark_train_reports_its_figures(
     assert result["s_per_iter_synced"] > 0
 
 
+def test_benchmark_inductor_settings_are_read_and_checked_before_the_work(
+    load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture
+) -> None:
+    """``--inductor NAME=VALUE`` (repeatable) reads its value as a Python literal, else as text; a setting that
+    Inductor does not have, a missing value, or settings without ``--compile`` end in an argparse error at once."""
+    script = load_script("benchmark_train")
+    args = script.build_parser().parse_intermixed_args(
+        ["--compile", "--inductor", "cpp_wrapper=True", "--inductor", "triton.cudagraphs=False",
+         "--inductor", "compile_threads=8", "--inductor", "max_autotune_gemm_backends=ATEN,TRITON"])  # fmt: skip
+    assert args.inductor == [("cpp_wrapper", True), ("triton.cudagraphs", False), ("compile_threads", 8),
+                             ("max_autotune_gemm_backends", "ATEN,TRITON")]  # fmt: skip
+    for argv, message in ((["--compile", "--inductor", "cpp_wraper=True"], "has no setting 'cpp_wraper'"),
+                          (["--compile", "--inductor", "cpp_wrapper"], "expected NAME=VALUE"),
+                          (["--inductor", "cpp_wrapper=True"], "add --compile")):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            script.main(argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_benchmark_step_windows_time_each_step_once_and_take_the_median_window(
     load_script: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
 ) -> None:
