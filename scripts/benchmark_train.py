@@ -185,16 +185,29 @@ def head_sizes(text: str) -> tuple[int, int, int]:
 
 def inductor_setting(text: str) -> tuple[str, Any]:
     """``--inductor``: NAME=VALUE of ``torch._inductor.config`` (dotted for nested settings, e.g.
-    ``triton.cudagraphs``), the value read as a Python literal (True, 8, 'x') and otherwise kept as text."""
+    ``triton.cudagraphs``), the value read as the setting's type: true/false for a flag, a number, text; other
+    settings take a Python literal."""
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    if name not in inductor_config.get_config_copy():
+    settings = inductor_config.get_config_copy()
+    if name not in settings:
         raise argparse.ArgumentTypeError(f"torch._inductor.config has no setting {name!r}")
+    default = settings[name]
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"{name} is a flag: expected true or false, got {value!r}")
+        return name, value.lower() == "true"
+    if isinstance(default, (int, float, str)):
+        try:
+            return name, type(default)(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} is a {type(default).__name__}, got {value!r}") from None
     try:
         return name, ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        return name, value
+        message = f"{name} takes a Python literal (e.g. None, 3, 'text'), got {value!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,8 +9,8 @@
 #
 #   bash scripts/gpu_check.sh [LOG_DIR]
 #
-# GPU_CHECK_STEPS="NAME ..." runs only the steps named (in the script's order); a name that is no step is refused
-# before anything runs. `grep '^step ' scripts/gpu_check.sh` lists them.
+# GPU_CHECK_STEPS="NAME ..." (spaces or commas) runs only the steps named, in the script's order; a name that is no
+# step is refused before anything runs, with the list of steps.
 #
 # LOG_DIR (default $OUT, else gpu_check_logs/) receives few files, written as the steps run, so that they survive a
 # kill: gpu_check.log (everything), summary.txt (each step's exit status, time and result lines) and the two
@@ -25,17 +25,24 @@ if [[ ${1:-} == -* ]]; then
     exit 2
 fi
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
-cd "$(dirname "$0")/.."
+mapfile -t ALL_STEPS < <(sed -n 's/^step \([^ ]*\) .*/\1/p' "$SELF")
 STEPS=${GPU_CHECK_STEPS:-}
-read -ra SELECTED <<< "${STEPS//,/ }"
-for name in "${SELECTED[@]}"; do
-  if ! grep -qE "^step $name " "$SELF"; then
-    echo "error: GPU_CHECK_STEPS names $name, which is no step of gpu_check.sh (grep '^step ' lists them)" >&2
+read -ra SELECTED <<< "$(tr ',\n' '  ' <<< "$STEPS")"
+if [[ -n $STEPS ]] && ((${#SELECTED[@]} == 0)); then
+  echo "error: GPU_CHECK_STEPS is set but names no step; the steps: ${ALL_STEPS[*]}" >&2
+  exit 2
+fi
+for name in "${SELECTED[@]}"; do  # compared as text, not as patterns
+  if [[ " ${ALL_STEPS[*]} " != *" $name "* ]]; then
+    echo "error: GPU_CHECK_STEPS names $name, which is no step of gpu_check.sh; the steps: ${ALL_STEPS[*]}" >&2
     exit 2
   fi
 done
+# A relative LOG_DIR is the caller's, made absolute before the check moves to the repository's root.
 LOG_DIR=${1:-${OUT:-gpu_check_logs}}
 mkdir -p "$LOG_DIR"
+LOG_DIR=$(cd "$LOG_DIR" && pwd)
+cd "$(dirname "$0")/.."
 LOG="$LOG_DIR/gpu_check.log"
 SUMMARY="$LOG_DIR/summary.txt"
 : > "$LOG"
@@ -79,20 +86,20 @@ fi
 
 # Heads as released (65,536 prototypes, hidden 2048, bottleneck 256), 224 px global crops only (DinoBloom).
 HEADS="--heads 65536,2048,256 --crops dinobloom"
-# torch.compile as train.compile does it (blocks, heads, cross-entropies, Sinkhorn-Knopp); what made Dynamo
+# train.compile with train.compile_tuning (coordinate-descent tuning of the blocks' kernels): 58 ms of kernels per
+# step, which the host took 64.5 ms to queue on one machine (host_s_per_iter); 2-4 minutes with its compilation.
+# Its operator table (sorted by GPU time) goes to vits14_compile_profile.txt.
+step vits14_bf16_compile_tuning 240 $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS \
+  --compile --iters 8 --profile "$LOG_DIR/vits14_compile_profile.txt" train.compile_tuning=true
+# The same with Inductor's C++ wrapper, which launches the compiled kernels from C++, not Python: does
+# host_s_per_iter fall, and the step with it? (The tuned kernels come from the step above's cache.)
+step vits14_bf16_compile_tuning_cpp_wrapper 240 $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 \
+  $HEADS --compile --iters 8 --inductor cpp_wrapper=True train.compile_tuning=true
+# torch.compile as train.compile does it (blocks, heads, cross-entropies, Sinkhorn-Knopp), untuned; what made Dynamo
 # recompile or break the graph goes to the log.
 step vits14_bf16_compile 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
   --arch vit_small --batch-size 128 $HEADS --compile --iters 8
-# The host's work per step set the pace of the compiled ViT-S step (62-64 ms to queue 58 ms of kernels). Inductor's
-# C++ wrapper launches the compiled kernels from C++, not Python: does host_s_per_iter fall, and the step with it?
-step vits14_bf16_compile_cpp_wrapper 180 $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS \
-  --compile --iters 8 --inductor cpp_wrapper=True
-# train.compile_tuning (coordinate-descent tuning of the blocks' kernels): it took 4 ms of GPU time off the step,
-# whose pace the host's work set (host_s_per_iter); 150-230 s with its compilation. Its operator table (sorted by GPU
-# time) goes to vits14_compile_profile.txt: where the time that MFU does not account for goes.
-step vits14_bf16_compile_tuning 240 $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS \
-  --compile --iters 8 --profile "$LOG_DIR/vits14_compile_profile.txt" train.compile_tuning=true
-# The same at batch 256 (31.6 % MFU; untuned 30.9 %): the goal is 35 %.
+# Tuned at batch 256 (31.6 % MFU; untuned, on another machine, 30.9 %): the goal is 35 %.
 step vits14_bf16_b256_compile_tuning 240 $PY scripts/benchmark_train.py --arch vit_small --batch-size 256 $HEADS \
   --compile --iters 8 train.compile_tuning=true
 # One block under each compile setting (max-autotune left out: cuBLAS beat its templates, and it compiles for minutes).

@@ -104,10 +104,31 @@ def test_gpu_check_runs_only_the_steps_named(tmp_path: Path) -> None:
     benchmarks = [json.loads(line) for line in calls.read_text().splitlines() if "benchmark_train.py" in line]
     assert [argv[argv.index("--arch") + 1] for argv in benchmarks] == ["vit_small", "vit_large"]
 
-    (tmp_path / "typo").mkdir()
-    refused, refused_calls = _run_check(tmp_path / "typo", steps="vits14_bf16_compile vitl14")
-    assert refused.returncode == 2 and "GPU_CHECK_STEPS names vitl14, which is no step" in refused.stderr
-    assert not refused_calls.exists() and not (tmp_path / "typo" / "logs").exists()
+    # names are compared as text: a pattern, or a name with a regex's dot, is no step either
+    for i, (steps, message) in enumerate([("vits14_bf16_compile vitl14", "names vitl14, which is no step"),
+                                          ("*", "names *, which is no step"),
+                                          ("vitl14.bf16", "names vitl14.bf16, which is no step"),
+                                          (" , ", "is set but names no step")]):  # fmt: skip
+        (tmp_path / f"typo{i}").mkdir()
+        refused, refused_calls = _run_check(tmp_path / f"typo{i}", steps=steps)
+        assert refused.returncode == 2 and message in refused.stderr and "vitl14_bf16" in refused.stderr
+        assert not refused_calls.exists() and not (tmp_path / f"typo{i}" / "logs").exists()
+
+
+def test_gpu_check_writes_a_relative_log_dir_where_it_is_called(tmp_path: Path) -> None:
+    """`bash path/to/scripts/gpu_check.sh logs` writes ./logs, not logs/ in the repository it moves to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "nvidia-smi"):
+        _recorder(bin_dir / name, tmp_path / "calls.jsonl")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
+           "GPU_CHECK_STEPS": "vitl14_bf16"}  # fmt: skip
+    env.pop("OUT", None)
+    name = f"rel_logs_{tmp_path.name}"
+    run = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), name], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / name / "summary.txt").is_file() and not (REPO_ROOT / name).exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the preflight passes and the check would run")

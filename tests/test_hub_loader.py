@@ -668,15 +668,18 @@ def test_benchmark_train_reports_its_figures(
 def test_benchmark_inductor_settings_are_read_and_checked_before_the_work(
     load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture
 ) -> None:
-    """``--inductor NAME=VALUE`` (repeatable) reads its value as a Python literal, else as text; a setting that
-    Inductor does not have, a missing value, or settings without ``--compile`` end in an argparse error at once."""
+    """``--inductor NAME=VALUE`` (repeatable) reads its value as the setting's type (a flag's ``false`` must not
+    become the text "false", which Python takes as true); a setting that Inductor does not have, a value of another
+    type, a missing value, or settings without ``--compile`` end in an argparse error at once."""
     script = load_script("benchmark_train")
     args = script.build_parser().parse_intermixed_args(
-        ["--compile", "--inductor", "cpp_wrapper=True", "--inductor", "triton.cudagraphs=False",
+        ["--compile", "--inductor", "cpp_wrapper=false", "--inductor", "triton.cudagraphs=True",
          "--inductor", "compile_threads=8", "--inductor", "max_autotune_gemm_backends=ATEN,TRITON"])  # fmt: skip
-    assert args.inductor == [("cpp_wrapper", True), ("triton.cudagraphs", False), ("compile_threads", 8),
+    assert args.inductor == [("cpp_wrapper", False), ("triton.cudagraphs", True), ("compile_threads", 8),
                              ("max_autotune_gemm_backends", "ATEN,TRITON")]  # fmt: skip
     for argv, message in ((["--compile", "--inductor", "cpp_wraper=True"], "has no setting 'cpp_wraper'"),
+                          (["--compile", "--inductor", "cpp_wrapper=1"], "cpp_wrapper is a flag: expected true"),
+                          (["--compile", "--inductor", "compile_threads=eight"], "compile_threads is a int"),
                           (["--compile", "--inductor", "cpp_wrapper"], "expected NAME=VALUE"),
                           (["--inductor", "cpp_wrapper=True"], "add --compile")):  # fmt: skip
         with pytest.raises(SystemExit) as info:
@@ -709,8 +712,9 @@ def test_benchmark_counts_the_steps_waits_for_the_device(
     load_script: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On CUDA each synchronising operation of one step (a warning under ``set_sync_debug_mode("warn")``) is
-    counted and its place named once; the mode is reset after the step, also when it fails; other warnings (the
-    mode's own, that it is a prototype, on a GPU counted as a wait once) are not counted. Other devices have no such mode: None."""
+    counted and its place named once; the mode is reset after the step, also when it fails. Other warnings are not
+    counted, such as the mode's own that it is a prototype (which a GPU run once counted as a wait). Other devices
+    have no such mode: None."""
     script = load_script("benchmark_train")
     modes = []
     monkeypatch.setattr(script.torch.cuda, "set_sync_debug_mode", modes.append)
