@@ -272,6 +272,36 @@ def test_bags_from_csv_matches_paths_by_tail(tmp_path: Path, caplog: pytest.LogC
         bags_from_csv(fs, table)
 
 
+def test_bags_from_csv_leaves_out_only_the_images_the_extraction_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A features file that lists its skipped images lets only those CSV rows go: a misspelt path (here one that
+    would give patient X a second label) is an error even when the skipped count would cover it; a patient whose
+    every cell was skipped is named; blank fields are errors with their CSV line."""
+    fs = _feature_set(["APL/P1/a.jpg", "AML/P2/b.jpg", "APL/P1/c.jpg"])
+    fs.meta.update(n_skipped=2, skipped_paths=json.dumps(["/data/mil/APL/P1/bad.jpg", "/data/mil/AML/P3/bad.jpg"]))
+    table = tmp_path / "bags.csv"
+    table.write_text("patient,label,path\nX,pos,APL/P1/a.jpg\nX,neg,APL/P1/typo.jpg\nY,neg,AML/P2/b.jpg\n")
+    with pytest.raises(ValueError, match=r"1 of 3 cell paths match no single path .*'APL/P1/typo.jpg'"):
+        bags_from_csv(fs, table)
+    table.write_text("patient,label,path\nX,pos,APL/P1/a.jpg\nX,pos,APL/P1/bad.jpg\nY,neg,AML/P2/b.jpg\n"
+                     "Z,neg,AML/P3/bad.jpg\n")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.mil.data"):
+        kept = bags_from_csv(fs, table)
+    assert [b.patient for b in kept.bags] == ["X", "Y"]
+    assert "2 cell paths match no path" in caplog.text and "patients left with no cells: ['Z']" in caplog.text
+    for body, message in (("X,,APL/P1/a.jpg\n", "line 3: no label"),
+                          (" ,pos,\n", "line 3: no patient and no path")):  # fmt: skip
+        table.write_text("patient,label,path\nY,neg,AML/P2/b.jpg\n" + body)
+        with pytest.raises(ValueError, match=message):
+            bags_from_csv(fs, table)
+
+
+def test_one_patient_name_under_two_labels_suggests_names_that_differ() -> None:
+    with pytest.raises(ValueError, match=r"'P0' has cells labelled both 'AML' and 'APL' .*names that differ"):
+        bags_from_paths(_feature_set(["AML/P0/a.jpg", "APL/P0/b.jpg"]))
+
+
 _CELLS = ["APL/P1/a.jpg", "AML/P2/b.jpg", "AML/P2/c.jpg", "AML/P4/c.jpg"]
 
 
@@ -303,14 +333,16 @@ def test_bags_csv_with_a_byte_order_mark(tmp_path: Path) -> None:
     assert [(b.patient, b.label) for b in bag_set.bags] == [("X", 1), ("Y", 0)]
 
 
-def test_mil_cli_writes_results_and_attention(tmp_path: Path) -> None:
+def test_mil_cli_writes_results_and_attention(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bag_set = _planted(18, dim=8, seed=1)
     features = np.concatenate([b.features for b in bag_set.bags])
     paths = [p for b in bag_set.bags for p in b.paths]
     path = save_features(tmp_path / "mil.h5", features, np.full(len(paths), -1), paths, [], {"model": "toy"})
     args = ["--features", str(path), "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
-    results = mil_main(args)
+    with caplog.at_level(logging.INFO, logger="dinov2.eval.mil.__main__"):
+        results = mil_main(args)
+    assert f"wrote {tmp_path / 'out' / 'attention.json'}, {tmp_path / 'out' / 'attention.csv'}" in caplog.text
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(saved) == {"meta", "abmil"}
     for key in ("accuracy", "balanced_accuracy", "weighted_f1", "auroc"):

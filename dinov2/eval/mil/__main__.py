@@ -85,6 +85,7 @@ def write_attention(output_dir: Path, records: list[dict[str, Any]]) -> None:
                     [record["patient"], record["label"], record["prediction"], record["fold"], *probs,
                      cell["path"], f"{cell['attention']:.6f}"]
                 )
+    logger.info("wrote %s, %s", output_dir / "attention.json", output_dir / "attention.csv")
 
 
 def read_patient_list(path: str | Path) -> list[str]:

@@ -9,6 +9,7 @@ folder such as ``mil/APL/Patient_00/000.jpg``), or from a CSV with the columns
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,7 +57,10 @@ def _assemble(
     members: dict[str, list[int]] = {}
     for patient, label, row in rows:
         if patient_label.setdefault(patient, label) != label:
-            raise ValueError(f"{source}: patient {patient!r} has cells labelled both {patient_label[patient]!r} and {label!r}")
+            raise ValueError(
+                f"{source}: patient {patient!r} has cells labelled both {patient_label[patient]!r} and {label!r} (if "
+                "these are two patients, give their folders names that differ across classes, or pass --bags CSV)"
+            )
         members.setdefault(patient, []).append(row)
     bags = [
         Bag(
@@ -102,6 +106,18 @@ def _suffixes(path: str) -> list[str]:
     return ["/".join(parts[i:]) for i in range(len(parts))]
 
 
+def _path_index(paths: Sequence[str]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """The rows of ``paths`` by each trailing component sequence of their path, and by their whole path."""
+    by_suffix: dict[str, list[int]] = {}
+    by_path: dict[str, list[int]] = {}
+    for row, path in enumerate(paths):
+        suffixes = _suffixes(path)
+        for suffix in suffixes:
+            by_suffix.setdefault(suffix, []).append(row)
+        by_path.setdefault(suffixes[0] if suffixes else "", []).append(row)
+    return by_suffix, by_path
+
+
 def _matching_rows(path: str, by_suffix: dict[str, list[int]], by_path: dict[str, list[int]]) -> list[int]:
     """Feature rows whose path ends with all of ``path``'s components, else those whose whole path ``path`` ends with.
 
@@ -120,8 +136,9 @@ def bags_from_csv(
 
     A CSV path matches the one feature path that ends with it or that it ends with, compared by whole path
     components (``mil/APL/P1/a.jpg`` and ``APL/P1/a.jpg`` match; ``AML/P3/a.jpg`` and ``APL/P1/a.jpg`` do not).
-    Rows that match no feature path are an error, unless they are no more than the unreadable images the
-    extraction skipped (``meta["n_skipped"]``): those are left out with a warning.
+    Rows that match no feature path are an error, unless they are unreadable images that the extraction skipped
+    (``meta["skipped_paths"]``; for files without that list, no more of them than ``meta["n_skipped"]``): those are
+    left out with a warning that names any patient left with no cells. A blank patient, label or path is an error.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -138,13 +155,11 @@ def bags_from_csv(
         entries = [(r[patient_column].strip(), r[label_column].strip(), r[path_column].strip()) for r in reader]
     if not entries:
         raise ValueError(f"{csv_path}: no rows")
-    by_suffix: dict[str, list[int]] = {}
-    by_path: dict[str, list[int]] = {}
-    for row, path in enumerate(feature_set.paths):
-        suffixes = _suffixes(path)
-        for suffix in suffixes:
-            by_suffix.setdefault(suffix, []).append(row)
-        by_path.setdefault(suffixes[0] if suffixes else "", []).append(row)
+    for line, entry in enumerate(entries, start=2):  # line 1 is the header
+        blank = [column for column, value in zip(columns, entry) if not value]
+        if blank:
+            raise ValueError(f"{csv_path}, line {line}: no {' and no '.join(blank)}")
+    by_suffix, by_path = _path_index(feature_set.paths)
     rows, unmatched, absent = [], [], []
     claimed: dict[int, tuple[str, str]] = {}  # feature row -> (patient, CSV path) that matched it first
     for patient, label, path in entries:
@@ -163,10 +178,14 @@ def bags_from_csv(
         claimed[row] = (patient, path)
         rows.append((patient, label, row))
     skipped = int(feature_set.meta.get("n_skipped") or 0)
-    if absent and len(absent) <= skipped and not unmatched:  # the images the extraction could not read, presumably
+    if absent and not unmatched and _all_skipped(absent, feature_set.meta.get("skipped_paths"), skipped):
+        absent_paths = set(absent)
+        left_out = sorted({patient for patient, _, path in entries if path in absent_paths}
+                          - {patient for patient, _, _ in rows})  # fmt: skip
         logger.warning(
             "%s: %d cell paths match no path of the features file, whose extraction skipped %d unreadable images; "
-            "leaving them out, e.g. %s", csv_path, len(absent), skipped, absent[:3],
+            "leaving them out, e.g. %s%s", csv_path, len(absent), skipped, absent[:3],
+            f"; patients left with no cells: {left_out}" if left_out else "",
         )
         absent = []
     if unmatched or absent:
@@ -176,6 +195,15 @@ def bags_from_csv(
             f"{skipped} unreadable images)"
         )
     return _assemble(feature_set, rows, str(csv_path))
+
+
+def _all_skipped(absent: list[str], skipped_paths: str | None, n_skipped: int) -> bool:
+    """Whether the CSV paths that match no feature are images the extraction skipped: by path where the features
+    file lists them (``meta["skipped_paths"]``, a JSON list), else (older files) by count."""
+    if skipped_paths is None:
+        return len(absent) <= n_skipped
+    by_suffix, by_path = _path_index(json.loads(skipped_paths))
+    return all(_matching_rows(path, by_suffix, by_path) for path in absent)
 
 
 def check_bags(bag_set: BagSet, n_splits: int, source: str) -> None:
