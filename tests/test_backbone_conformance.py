@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from dinov2.hub import (
@@ -367,6 +368,28 @@ def test_forward_variants() -> None:
         model(torch.randn(1, 3, 50, 56))
     with pytest.raises(ValueError, match="2 image batches but 1 masks"):
         model.forward_features([x, x_small], masks=[None])
+    with torch.no_grad():  # a list of batches through model(x): one CLS tensor per batch, as forward_features
+        cls_tokens = model([x, x_small])
+    assert isinstance(cls_tokens, list)
+    torch.testing.assert_close(cls_tokens[1], small["x_norm_clstoken"])
+
+
+def test_a_wrong_input_is_named_with_its_remedy() -> None:
+    """What a notebook user passes by mistake is refused before torch's own errors (a concatenation's sizes, a
+    convolution's types), which name neither the input nor the fix."""
+    model = _tiny()
+    image = torch.randn(3, 28, 28)
+    for x, error, message in (
+        (image, ValueError, r"got shape \(3, 28, 28\); one image: add the batch dimension, x.unsqueeze\(0\)"),
+        (image.permute(1, 2, 0)[None], ValueError, r"channels last: x.permute\(0, 3, 1, 2\)"),
+        ((image * 255).to(torch.uint8)[None], TypeError, "expected float images, normalised as .*got torch.uint8"),
+        (Image.new("RGB", (28, 28)), TypeError, "got a Image; make one with .*make_eval_transform"),
+        (image[None].double(), TypeError, "images are torch.float64 but the model's weights are torch.float32"),
+    ):
+        with pytest.raises(error, match=message):
+            model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the dtypes may differ
+        assert model(image[None].bfloat16()).shape == (1, 32)
 
 
 def test_drop_path_in_training_only() -> None:

@@ -410,6 +410,16 @@ def test_eval_transform_is_dinobloom_recipe(image_tree: Path) -> None:
     assert (make_eval_transform(224)(image) - pil_resized).abs().mean() > 1e-3  # the two resizes differ
     with pytest.raises(ValueError, match="resize must be one of bilinear, pil-bicubic"):
         make_eval_transform(224, "nearest")
+    # what a notebook passes by mistake is named, with the remedy, before the resize can blur the evidence
+    array = np.asarray(image)
+    for wrong, error, message in (
+        (array, TypeError, r"got a ndarray \(Image.fromarray\(array\) makes a PIL image of it\)"),
+        (torch.from_numpy(array), ValueError,
+         rf"got shape \({array.shape[0]}, {array.shape[1]}, 3\); channels last: image.permute\(2, 0, 1\)"),
+        (as_tensor.float(), TypeError, "expected a uint8 image tensor, got torch.float32"),
+    ):
+        with pytest.raises(error, match=message):
+            make_eval_transform(224)(wrong)
 
 
 @pytest.mark.parametrize(

@@ -290,7 +290,8 @@ def test_registers_are_part_of_the_architecture(tmp_path: Path) -> None:
 
 
 def test_keys_of_another_naming_are_listed_briefly(tmp_path: Path) -> None:
-    """A wrong prefix leaves no architecture to compare: the first keys of each list are named, then a count."""
+    """A wrong prefix leaves no architecture to compare: the first keys of each list are named, then a count, and
+    the prefix to strip."""
     state = {f"encoder.{k}": v for k, v in tiny_model().state_dict().items()}
     path = _save(tmp_path, state)
     with pytest.raises(CheckpointError) as info:
@@ -298,8 +299,15 @@ def test_keys_of_another_naming_are_listed_briefly(tmp_path: Path) -> None:
     first = "cls_token, pos_embed, mask_token, patch_embed.proj.weight, patch_embed.proj.bias"
     assert str(info.value) == (
         f"{path} does not match the model; missing keys: {first}, ... and {len(state) - 5} more; "
-        f"unexpected keys: encoder.{first.replace(', ', ', encoder.')}, ... and {len(state) - 5} more"
+        f"unexpected keys: encoder.{first.replace(', ', ', encoder.')}, ... and {len(state) - 5} more; "
+        "every unexpected key starts with 'encoder.', and without it names a missing key: strip it, e.g. "
+        "{k.removeprefix('encoder.'): v for k, v in state_dict.items()}"
     )
+    # a prefix that only some keys carry, or that leaves a key the model lacks, is no such case
+    state["encoder.extra"] = state.pop("encoder.cls_token")
+    with pytest.raises(CheckpointError) as info:
+        load_backbone_weights(tiny_model(), _save(tmp_path, state))
+    assert "strip it" not in str(info.value)
 
 
 def test_a_run_export_named_from_home_takes_its_heads_from_the_run(

@@ -55,7 +55,9 @@ IMAGE_LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SyntaxErr
 
 
 def load_image(path: str | Path, resize: int | None = None) -> Image.Image:
-    """Decode an image file to RGB, optionally resized to ``resize`` x ``resize`` with Lanczos (as DinoBloom).
+    """Decode an image file to RGB, optionally resized to ``resize`` x ``resize`` with Lanczos (as DinoBloom's
+    training data were). For features as ``extract_features`` and the README compute them, leave ``resize`` None
+    and pass the image to :func:`make_eval_transform`, which resizes bilinearly as DinoBloom's evaluation code did.
 
     16-bit grayscale (microscopy PNG and TIFF) is scaled to 8 bits (``round(value * 255 / 65535)``, values
     outside 0..65535 clipped); a floating-point image raises ``ValueError``, as its range is unknown.
@@ -83,17 +85,27 @@ def as_rgb(image: Image.Image, source: str = "image") -> Image.Image:
     return image.convert("RGB")
 
 
-def _pil_as_rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
-    return as_rgb(image) if isinstance(image, Image.Image) else image
+def _checked_rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+    """A PIL image made RGB (:func:`as_rgb`), or a uint8 (3, H, W) tensor as it is; anything else is refused with
+    what to pass instead."""
+    if isinstance(image, Image.Image):
+        return as_rgb(image)
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"expected a PIL image or a uint8 (3, H, W) tensor, got a {type(image).__name__}"
+                        + (" (Image.fromarray(array) makes a PIL image of it)" if isinstance(image, np.ndarray) else ""))
+    if image.dtype != torch.uint8:
+        raise TypeError(f"expected a uint8 image tensor, got {image.dtype}")
+    if image.ndim != 3 or image.shape[0] != 3:
+        hint = "; channels last: image.permute(2, 0, 1)" if image.ndim == 3 and image.shape[-1] == 3 else ""
+        raise ValueError(f"expected a uint8 (3, H, W) image tensor, got shape {tuple(image.shape)}{hint}")
+    return image
 
 
 def to_float_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
     """PIL image or uint8 (3, H, W) tensor to float32 in [0, 1], dividing by 255 exactly as ``ToTensor``."""
     if isinstance(image, Image.Image):
         image = F.pil_to_tensor(image)
-    if image.dtype != torch.uint8:
-        raise TypeError(f"expected a uint8 image tensor, got {image.dtype}")
-    return image.to(torch.float32).div_(255.0)
+    return _checked_rgb(image).to(torch.float32).div_(255.0)
 
 
 def normalize_(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +124,9 @@ def _pil_bicubic_resize(image: Image.Image | torch.Tensor, size: int) -> Image.I
     return image.resize((size, size), Image.Resampling.BICUBIC)
 
 
-def make_eval_transform(size: int = 224, resize: str = "bilinear") -> Callable[[Image.Image], torch.Tensor]:
+def make_eval_transform(
+    size: int = 224, resize: str = "bilinear"
+) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
     """DinoBloom's evaluation preprocessing: a resize to ``size`` x ``size``, ``ToTensor``, ImageNet norm.
 
     ``resize="bilinear"``: torchvision's ``Resize((size, size))`` (antialiased), as DinoBloom's model-loading and
@@ -129,7 +143,7 @@ def make_eval_transform(size: int = 224, resize: str = "bilinear") -> Callable[[
         resizing = v2.Lambda(functools.partial(_pil_bicubic_resize, size=size))
     return v2.Compose(
         [
-            v2.Lambda(_pil_as_rgb),
+            v2.Lambda(_checked_rgb),
             resizing,
             v2.Lambda(to_float_tensor),
             v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),

@@ -517,8 +517,9 @@ def main(argv: Sequence[str] | None = None) -> FeatureSet:
         resize=args.resize,
         compile=args.compile,
     )
+    skipped = int(result.meta["n_skipped"])
     print(f"wrote {len(result)} features (dim {result.features.shape[1]}) to {args.output}; "
-          f"skipped {result.meta['n_skipped']} unreadable images")
+          f"skipped {skipped} unreadable image{'' if skipped == 1 else 's'}")
     return result
 
 

@@ -173,7 +173,9 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def dinobloom_s(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+def dinobloom_s(
+    *, weights: WeightsArg = None, pretrained: bool = False, img_size: int | None = None, **kwargs: Any
+) -> DinoVisionTransformer:
     """DinoBloom-S: ViT-S/14 (384-d features, 22M parameters) for single blood-cell images at 224 px.
 
     weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_s"] =
@@ -181,10 +183,12 @@ def dinobloom_s(*, weights: WeightsArg = None, img_size: int | None = None, **kw
     img_size: input size (default 224; a checkpoint's position embedding is resized to it once, at load).
     Returns the model in eval mode; `model(x)` gives the CLS token after the final LayerNorm.
     """
-    return load_backbone("dinobloom_s", weights, img_size, **kwargs)
+    return load_backbone("dinobloom_s", weights, img_size, pretrained=pretrained, **kwargs)
 
 
-def dinobloom_b(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+def dinobloom_b(
+    *, weights: WeightsArg = None, pretrained: bool = False, img_size: int | None = None, **kwargs: Any
+) -> DinoVisionTransformer:
     """DinoBloom-B: ViT-B/14 (768-d features, 86M parameters) for single blood-cell images at 224 px.
 
     weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_b"] =
@@ -192,10 +196,12 @@ def dinobloom_b(*, weights: WeightsArg = None, img_size: int | None = None, **kw
     img_size: input size (default 224; a checkpoint's position embedding is resized to it once, at load).
     Returns the model in eval mode; `model(x)` gives the CLS token after the final LayerNorm.
     """
-    return load_backbone("dinobloom_b", weights, img_size, **kwargs)
+    return load_backbone("dinobloom_b", weights, img_size, pretrained=pretrained, **kwargs)
 
 
-def dinobloom_l(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+def dinobloom_l(
+    *, weights: WeightsArg = None, pretrained: bool = False, img_size: int | None = None, **kwargs: Any
+) -> DinoVisionTransformer:
     """DinoBloom-L: ViT-L/14 (1024-d features, 303M parameters) for single blood-cell images at 224 px.
 
     weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_l"] =
@@ -203,10 +209,12 @@ def dinobloom_l(*, weights: WeightsArg = None, img_size: int | None = None, **kw
     img_size: input size (default 224; a checkpoint's position embedding is resized to it once, at load).
     Returns the model in eval mode; `model(x)` gives the CLS token after the final LayerNorm.
     """
-    return load_backbone("dinobloom_l", weights, img_size, **kwargs)
+    return load_backbone("dinobloom_l", weights, img_size, pretrained=pretrained, **kwargs)
 
 
-def dinobloom_g(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+def dinobloom_g(
+    *, weights: WeightsArg = None, pretrained: bool = False, img_size: int | None = None, **kwargs: Any
+) -> DinoVisionTransformer:
     """DinoBloom-G: ViT-g/14 with SwiGLU (1536-d features, 1.1B parameters) for blood cells at 224 px.
 
     weights: path or URL of a checkpoint (released file: DINOBLOOM_URLS["dinobloom_g"] =
@@ -214,7 +222,7 @@ def dinobloom_g(*, weights: WeightsArg = None, img_size: int | None = None, **kw
     img_size: input size (default 224; a checkpoint's position embedding is resized to it once, at load).
     Returns the model in eval mode; `model(x)` gives the CLS token after the final LayerNorm.
     """
-    return load_backbone("dinobloom_g", weights, img_size, **kwargs)
+    return load_backbone("dinobloom_g", weights, img_size, pretrained=pretrained, **kwargs)
 
 
 def dinov2_vits14(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:

@@ -305,6 +305,12 @@ def load_backbone_state(
             problems.append(f"unexpected keys: {_format_keys(unexpected)}")
         if mis_shaped:
             problems.append(f"mis-shaped keys: {_format_keys(mis_shaped)}")
+        prefix = _common_extra_prefix(unexpected, missing)
+        if prefix:
+            problems.append(
+                f"every unexpected key starts with {prefix!r}, and without it names a missing key: strip it, e.g. "
+                f"{{k.removeprefix({prefix!r}): v for k, v in state_dict.items()}}"
+            )
         if "mask_token" in missing and set(missing) <= {"mask_token", "register_tokens"}:  # every DINOv2 file has it
             problems.append(
                 "this looks like timm's layout (scripts/export_timm.py drops mask_token): load it with timm, or load "
@@ -313,6 +319,18 @@ def load_backbone_state(
         raise CheckpointError(f"{source} does not match the model; " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _common_extra_prefix(unexpected: list[str], missing: list[str]) -> str | None:
+    """The prefix (``encoder.``) that all of ``unexpected`` carry and that, removed, turns each into a key of
+    ``missing``; None if there is no such prefix."""
+    if not unexpected or not missing:
+        return None
+    prefix = unexpected[0].split(".", 1)[0] + "."
+    stripped = {key.removeprefix(prefix) for key in unexpected if key.startswith(prefix)}
+    if len(stripped) == len(unexpected) and stripped <= set(missing):
+        return prefix
+    return None
 
 
 def conventional_num_heads(embed_dim: int) -> int:

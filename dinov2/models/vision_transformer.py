@@ -195,8 +195,36 @@ class DinoVisionTransformer(nn.Module):
         )
         return pos_embed.to(x.dtype)
 
+    def _check_images(self, x: torch.Tensor) -> None:
+        """Refuse what the model cannot embed, saying what to pass instead (torch's own errors come later and
+        name neither the input nor the remedy)."""
+        channels = self.patch_embed.in_chans
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"expected images as a (B, {channels}, H, W) float tensor, got a {type(x).__name__}; make one with "
+                "dinov2.data.transforms.make_eval_transform() (torch.stack several)"
+            )
+        if x.ndim != 4 or x.shape[1] != channels:
+            hint = ""
+            if x.ndim == 3 and x.shape[0] == channels:
+                hint = "; one image: add the batch dimension, x.unsqueeze(0)"
+            elif x.ndim == 4 and x.shape[-1] == channels:
+                hint = "; channels last: x.permute(0, 3, 1, 2)"
+            raise ValueError(f"expected images as a (B, {channels}, H, W) tensor, got shape {tuple(x.shape)}{hint}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected float images, normalised as dinov2.data.transforms.make_eval_transform() does, got {x.dtype}"
+            )
+        weight = self.patch_embed.proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"the images are {x.dtype} but the model's weights are {weight.dtype}: convert one to the other "
+                f"(x.to({weight.dtype}) or model.to(...)), or run under torch.autocast"
+            )
+
     def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Patch-embed images (B, C, H, W), replace masked patches by `mask_token`, add cls/pos/registers."""
+        self._check_images(x)
         height, width = x.shape[-2:]
         x = self.patch_embed(x)
         if masks is not None:
@@ -284,11 +312,19 @@ class DinoVisionTransformer(nn.Module):
             return tuple(zip(patches, class_tokens))
         return tuple(patches)
 
-    def forward(self, *args: object, is_training: bool = False, **kwargs: object) -> object:
-        """The normalised cls token (B, D); with `is_training=True` the full `forward_features` output."""
-        features = self.forward_features(*args, **kwargs)
+    def forward(
+        self,
+        x: torch.Tensor | list[torch.Tensor],
+        masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        is_training: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor] | dict[str, torch.Tensor | None] | list[dict[str, torch.Tensor | None]]:
+        """The normalised cls token (B, D), one per batch for a list of batches; with `is_training=True` the full
+        `forward_features` output."""
+        features = self.forward_features(x, masks)
         if is_training:
             return features
+        if isinstance(features, list):
+            return [self.head(f["x_norm_clstoken"]) for f in features]
         return self.head(features["x_norm_clstoken"])
 
 
