@@ -91,8 +91,8 @@ def _checked_rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tenso
     if isinstance(image, Image.Image):
         return as_rgb(image)
     if not isinstance(image, torch.Tensor):
-        raise TypeError(f"expected a PIL image or a uint8 (3, H, W) tensor, got a {type(image).__name__}"
-                        + (" (Image.fromarray(array) makes a PIL image of it)" if isinstance(image, np.ndarray) else ""))
+        hint = " (Image.fromarray(array) makes a PIL image of it)" if isinstance(image, np.ndarray) else ""
+        raise TypeError(f"expected a PIL image or a uint8 (3, H, W) tensor, got a {type(image).__name__}{hint}")
     if image.dtype != torch.uint8:
         raise TypeError(f"expected a uint8 image tensor, got {image.dtype}")
     if image.ndim != 3 or image.shape[0] != 3:
