@@ -338,8 +338,9 @@ def _check_model_keys(path: Path, model_state: Mapping[str, Any]) -> None:
 def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
     """Write the teacher as DinoBloom's release file `{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}`.
 
-    Full float32 tensors on CPU, keys ordered backbone, dino_head, ibot_head; rank 0 writes the file atomically.
-    Call on every rank (the full tensors are gathered from all of them). Returns the path on rank 0, None elsewhere.
+    Full float32 tensors on CPU, keys ordered backbone, dino_head, ibot_head; rank 0 writes the file atomically, and
+    removes what an export killed while writing it left. Call on every rank (the full tensors are gathered from all
+    of them). Returns the path on rank 0, None elsewhere.
     """
     path = Path(path)
     # Checked on every rank before the collective gather, so that no rank is left waiting for the others.
@@ -356,6 +357,8 @@ def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
             if key.split(".", 1)[0] == part
         }
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # an export killed while writing (the run is locked)
+            stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         torch.save({"teacher": ordered}, tmp)
         os.replace(tmp, path)

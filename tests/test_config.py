@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from dinov2 import distributed
 from dinov2.configs import (
     TRAIN_CONFIG_DIR,
     ConfigError,
@@ -343,7 +344,9 @@ def test_scaling_rules() -> None:
         apply_scaling_rules_to_cfg(cfg, 1)
 
 
-def test_schedules_that_are_rarely_meant_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+def test_schedules_that_are_rarely_meant_are_warned_about(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Valid, but seldom what was meant; the shipped configs warn of none of them."""
     for name in ("custom.yaml", "demo.yaml"):
         with caplog.at_level(logging.WARNING, logger="dinov2.configs"):
@@ -357,6 +360,12 @@ def test_schedules_that_are_rarely_meant_are_warned_about(caplog: pytest.LogCapt
     assert "optim.freeze_last_layer_epochs=20 is not shorter than the run's optim.epochs=20" in caplog.text
     assert "teacher.warmup_teacher_temp_epochs=500 is not shorter" in caplog.text
     assert "optim.warmup_epochs" not in caplog.text
+    # every rank has the config: rank 0 alone says it, not once per rank
+    caplog.clear()
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="dinov2.configs"):
+        apply_scaling_rules_to_cfg(cfg, 1)
+    assert not caplog.records
 
 
 def test_an_optim_lr_that_scaling_replaces_is_named(caplog: pytest.LogCaptureFixture) -> None:

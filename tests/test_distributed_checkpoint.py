@@ -484,7 +484,11 @@ def test_loading_what_is_not_a_checkpoint_says_what_it_is(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {tmp_path / 'nope'} does not exist")):
         load_checkpoint(tmp_path / "nope", model)
 
+    stale = tmp_path / "eval" / "training_9" / ".teacher_checkpoint.pth.tmp-99999"  # an export killed while writing
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"partial")
     export = export_teacher(tmp_path / "eval" / "training_9" / "teacher_checkpoint.pth", model)
+    assert sorted(p.name for p in export.parent.iterdir()) == ["teacher_checkpoint.pth"]
     with pytest.raises(CheckpointError) as raised:
         load_checkpoint(export, model)
     assert str(raised.value) == (

@@ -418,17 +418,43 @@ def test_settings_changed_on_resume_are_said_and_used(tmp_path: Path, demo) -> N
     _train(out, demo.lists_dir, "train.batch_size_per_gpu=4", "optim.layerwise_decay=0.9", "optim.adamw_beta2=0.95",
            epochs=3, epoch_length=2)  # fmt: skip
     log = (out / "log.txt").read_text()
-    warning = "saw 32 images in 4 steps; this run takes 4 per step: it goes on with the next images"
+    warning = "was trained with 8 images per step; this run takes 4: it goes on with the next images"
     assert warning in log
     sampler = next(line for line in log.split(warning)[-1].splitlines() if "InfiniteSampler(" in line)
     assert "start=32," in sampler
-    # A run folder moved elsewhere resumes there; its new place is not a changed setting.
+    # A run folder moved elsewhere resumes there; its new place is not a changed setting, and its batch, the same
+    # as the last run's, is not either (32 + 2 x 4 images in 6 steps no longer says so).
     moved = tmp_path / "moved"
     shutil.move(out, moved)
     _train(moved, demo.lists_dir, "train.batch_size_per_gpu=4", "optim.layerwise_decay=0.9",
            "optim.adamw_beta2=0.95", epochs=4, epoch_length=2)  # fmt: skip
     resumed = (moved / "log.txt").read_text().split("resuming at iteration")[-2]
     assert "optim.epochs: 3 -> 4" in resumed and "train.output_dir" not in resumed
+    assert "this run takes" not in resumed
+    # A checkpoint of an earlier version, which did not record its batch: inferred from the images it saw
+    latest = find_latest_checkpoint(moved / "checkpoints") / EXTRA_STATE_FILE
+    record = torch.load(latest, weights_only=True)
+    del record["extra_state"]["global_batch"]
+    torch.save(record, latest)
+    _train(moved, demo.lists_dir, "train.batch_size_per_gpu=4", "optim.layerwise_decay=0.9",
+           "optim.adamw_beta2=0.95", epochs=5, epoch_length=2)  # fmt: skip
+    resumed = (moved / "log.txt").read_text().split("resuming at iteration")[-2]
+    assert "saw 48 images in 8 steps; this run takes 4 per step" in resumed
+
+
+def test_only_rank_0_warns_of_what_a_resume_changes(caplog: pytest.LogCaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Every rank would say the same: a 64-rank job says it once."""
+    state = {"images_seen": 32, "global_batch": 8, "dataset_size": 100, "augmentation": {"blur": [0.9, 0.9, 0.5]}}
+    args = (Path("ckpt"), state, 4, 4, 90, {"blur": [0.0, 0.9, 0.5]}, ["optim.epochs: 1 -> 2"])
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        train_module.warn_about_changes(*args)
+    assert len(caplog.records) == 4  # the batch, the data, the augmentation and the settings
+    caplog.clear()
+    monkeypatch.setattr(train_module.distributed, "is_main_process", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        train_module.warn_about_changes(*args)
+    assert not caplog.records
 
 
 def _damaged_list(tmp_path: Path, demo) -> tuple[Path, list[str]]:
@@ -764,6 +790,36 @@ def test_a_stop_signal_after_the_last_step_ends_the_run_before_its_score(
     assert [(r["stage"], r["iteration"]) for r in knn] == [("initialisation", 0), (END_OF_TRAINING, 3)]
 
 
+def test_a_stop_signal_while_the_last_vote_is_counted_reaches_the_previous_handler(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGUSR1 after the last vote was read but before the handlers are restored: no rank stops for it, so it is
+    raised again for the restored handler (here one that records it and raises, as submitit's may), which acts
+    before the end-of-training score, instead of the signal being ignored."""
+    out, count = tmp_path / "run", train_module.sum_over_ranks
+    seen = []
+
+    def previous_handler(signum, frame):
+        seen.append(signum)
+        raise RuntimeError("requeued")
+
+    def signalled_during_the_last_vote(values, group):
+        result = count(values, group)
+        if len(values) == len(train_module.PreemptionHandler.SIGNALS):  # the vote after the last step
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(train_module, "sum_over_ranks", signalled_during_the_last_vote)
+    original = signal.signal(signal.SIGUSR1, previous_handler)
+    try:
+        with pytest.raises(RuntimeError, match="requeued"):
+            _train(out, demo.lists_dir, f"evaluation.knn_data={demo.images_dir}", epochs=1, epoch_length=3)
+    finally:
+        signal.signal(signal.SIGUSR1, original)
+    assert seen == [signal.SIGUSR1]
+    assert [r["stage"] for r in json.loads((out / "knn_monitor.json").read_text())] == ["initialisation"]
+
+
 def _wandb_records(path: Path) -> list:
     """The protobuf records of a W&B ``.wandb`` file (LevelDB log framing: 32 KiB blocks of 7-byte-header chunks)."""
     from wandb.proto.wandb_internal_pb2 import Record
@@ -894,10 +950,37 @@ def test_a_previous_handler_that_fails_still_ends_in_the_agreed_exit(caplog: pyt
         with caplog.at_level(logging.WARNING, logger="dinov2"), pytest.raises(SystemExit) as exit_info:
             handler.forward_signal()
         assert exit_info.value.code == 128 + signal.SIGUSR1
+        assert isinstance(exit_info.value.handler_error, RuntimeError)  # for main to raise after the barrier
         assert "the stop ends here: RuntimeError: Job not requeued because: timed-out too many times." in caplog.text
     finally:
         handler.uninstall()
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_the_training_command_raises_the_previous_handlers_error_after_the_checkpoint(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop whose previous handler raises (submitit's, when it will not requeue) ends the command with that error,
+    after the checkpoint, so that the launcher records why (submitit writes it as the job's result)."""
+    out, save = tmp_path / "run", train_module.save_checkpoint
+
+    def will_not_requeue(signum: int, frame: Any) -> None:
+        raise RuntimeError("Job not requeued because: timed-out too many times.")
+
+    def signalled_while_saving(ckpt_dir, iteration, *args, **kwargs):
+        if iteration == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return save(ckpt_dir, iteration, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", signalled_while_saving)
+    previous = signal.signal(signal.SIGUSR1, will_not_requeue)
+    try:
+        with pytest.raises(RuntimeError, match="timed-out too many times"):
+            _train(out, demo.lists_dir, "train.checkpoint_period=1", epochs=1, epoch_length=5)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert (out / "checkpoints" / "000000001").is_dir()  # the stop's checkpoint, the iteration after the signal
+    assert not (out / "checkpoints" / "000000002").exists()
 
 
 def test_only_rank_0_warns_of_a_stop_signal(caplog: pytest.LogCaptureFixture) -> None:

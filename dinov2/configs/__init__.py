@@ -546,7 +546,11 @@ def apply_scaling_rules_to_cfg(cfg: DictConfig, world_size: int) -> DictConfig:
 
 def warn_about_schedules(cfg: DictConfig) -> None:
     """Warn of schedule settings that are valid but rarely meant: a final learning rate above the peak, or a
-    warm-up or last-layer freeze as long as the whole run."""
+    warm-up or last-layer freeze as long as the whole run. Rank 0 only: every rank has the same config."""
+    from dinov2 import distributed
+
+    if not distributed.is_main_process():
+        return
     epochs = cfg.optim.epochs
     if cfg.optim.min_lr > cfg.optim.lr:
         logger.warning("optim.min_lr=%g is above the learning rate %g: after the warm-up the learning rate rises "

@@ -207,6 +207,12 @@ class PreemptionHandler:
                            count, signal.Signals(sig).name)  # fmt: skip
         return stop
 
+    def replay_late_signal(self) -> None:
+        """After :meth:`uninstall`: a signal that came after the last vote was read (so no rank stopped for it) is
+        raised again, for the handler now restored to act on it, as on a signal that comes later."""
+        if self.received is not None:
+            signal.raise_signal(self.received)
+
     def forward_signal(self) -> None:
         """Hand the signal to the previous handler, or exit with 128 + signal number."""
         assert self.received is not None
@@ -216,8 +222,12 @@ class PreemptionHandler:
             try:
                 previous(self.received, None)
             except Exception as err:  # e.g. submitit's "not requeued: timed-out too many times"
-                # Still a SystemExit: every rank leaves through the barrier the agreed stop ends with.
+                # Still a SystemExit: every rank leaves through the barrier the agreed stop ends with; `main`
+                # raises the handler's error after it, for the launcher to record (submitit's job result).
                 logger.warning("the stop ends here: %s: %s", type(err).__name__, err)
+                stop = SystemExit(128 + self.received)
+                stop.handler_error = err  # type: ignore[attr-defined]
+                raise stop from err
         raise SystemExit(128 + self.received)
 
 
@@ -361,11 +371,21 @@ def warn_about_changes(
     config_changes: Sequence[str],
     previous_recipe: str | None = None,
 ) -> None:
-    """Warn where a run continued from ``checkpoint`` will differ from the run that wrote it.
+    """Warn where a run continued from ``checkpoint`` will differ from the run that wrote it (on rank 0: every rank
+    would say the same).
 
     ``previous_recipe``: ``train.augmentation`` of the run's earlier config.yaml, when there is one.
     """
-    if state["images_seen"] != start_iter * global_batch:
+    if not distributed.is_main_process():
+        return
+    trained_batch = state.get("global_batch")  # recorded since 2026-11-28; before, inferred from the images seen
+    if trained_batch is not None and trained_batch != global_batch:
+        logger.warning(
+            "%s was trained with %d images per step; this run takes %d: it goes on with the next images of the "
+            "data order, but its steps and learning rate differ from those of an uninterrupted run", checkpoint,
+            trained_batch, global_batch,
+        )
+    elif trained_batch is None and state["images_seen"] != start_iter * global_batch:
         logger.warning(
             "%s saw %d images in %d steps; this run takes %d per step: it goes on with the next images of the data "
             "order, but its steps and learning rate differ from those of an uninterrupted run", checkpoint,
@@ -599,7 +619,7 @@ def train(
         model.apply_center_updates()
         extra = {
             "images_seen": images_seen, "bad_images": bad_images, "dataset_size": len(dataset),
-            "augmentation": augmentation,
+            "global_batch": global_batch, "augmentation": augmentation,
             "network": network_record(model.student.backbone),
         }
         if scaler is not None:
@@ -704,6 +724,7 @@ def train(
                            "score the last checkpoint")  # fmt: skip
                 preemption.forward_signal()
             preemption.uninstall()
+            preemption.replay_late_signal()
             score = monitor.evaluate(model.teacher.backbone, END_OF_TRAINING, iteration + 1)
             metrics.log({"iteration": iteration + 1, "knn_balanced_accuracy": score}, to_file=False)
             monitor.log_summary()
@@ -799,8 +820,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 train(cfg, output_dir, resume=cfg.train.resume and not args.no_resume, info=info,
                       previous_config=previous)  # fmt: skip
-        except SystemExit:  # a stop all ranks agreed on (preemption): they all leave here
+        except SystemExit as stop:  # a stop all ranks agreed on (preemption): they all leave here
             distributed.barrier()
+            handler_error = getattr(stop, "handler_error", None)
+            if handler_error is not None:  # the previous signal handler's (see PreemptionHandler.forward_signal)
+                raise handler_error from None
             raise
         except CLI_ERRORS as err:  # log.txt says why the run ended; the command line says it on stderr
             logger.error("stopped: %s", err, extra=LOG_FILE_ONLY)
