@@ -205,6 +205,29 @@ def test_lists_with_a_byte_order_mark_and_an_upper_case_suffix(tmp_path: Path, i
     assert [dataset.path(i) for i in range(len(dataset))] == [str(first), str(second), str(third)]
     assert all(dataset[i] is not None for i in range(3))
     assert len(FileListDataset(lists / "b.TXT")) == 1
+    # two such files joined into one (`cat a.txt b.txt`): the second mark, mid-file, is no part of a path
+    joined = tmp_path / "joined.txt"
+    joined.write_bytes((lists / "a.txt").read_bytes() + (lists / "b.TXT").read_bytes())
+    assert FileListDataset(joined).path(1) == str(second)
+
+
+def test_an_image_listed_twice_is_said(tmp_path: Path, image_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Lists of nested folders, or one list copied into another, name images twice: they are drawn twice as often,
+    which is rarely meant, so the dataset says how many and where."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    first, second = image_tree / "lymphocyte" / "l0.png", image_tree / "neutrophil" / "n1.jpg"
+    (lists / "a.txt").write_text(f"{first}\n{second}\n")
+    (lists / "b.txt").write_text(f"{image_tree}/neutrophil/../neutrophil/n1.jpg\n")
+    with caplog.at_level(logging.WARNING, logger="dinov2.data"):
+        assert len(FileListDataset(lists)) == 3
+    repeated = f"{image_tree}/neutrophil/../neutrophil/n1.jpg"
+    assert f"1 of the 3 listed images are listed more than once (e.g. {repeated}, in a.txt and b.txt)" in caplog.text
+    caplog.clear()
+    (lists / "b.txt").unlink()
+    with caplog.at_level(logging.WARNING, logger="dinov2.data"):
+        FileListDataset(lists)
+    assert "more than once" not in caplog.text
 
 
 @pytest.mark.parametrize(

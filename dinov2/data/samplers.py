@@ -6,8 +6,8 @@ All ranks share one global stream of *draws* ``d = 0, 1, 2, ...``. Draw ``d`` be
 ``e = d // N`` (N = number of samples) and picks sample ``perm_e[d % N]``, where ``perm_e`` is a
 permutation drawn from ``(seed, e)`` (the identity when ``shuffle=False``). The sampler yields
 :class:`SampleKey` ``(index, epoch)`` pairs; the dataset seeds the augmentation of that sample from
-``(dataset seed, index, epoch)``, which is unique per draw, so the images a run sees depend only on the
-draw numbers.
+``(dataset seed, index, epoch)``, a different key for every draw, so the images a run sees depend only on
+the draw numbers.
 
 Training step ``i`` with per-rank batch ``B`` on ``W`` ranks consumes draws ``[i*W*B, (i+1)*W*B)``, and
 rank ``r`` takes the contiguous block ``[i*W*B + r*B, i*W*B + (r+1)*B)``. Hence the batch of one rank with
@@ -41,7 +41,12 @@ class SampleKey(NamedTuple):
 
 
 def derive_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from non-negative integers, e.g. ``derive_seed(seed, index, epoch)``."""
+    """A well-mixed 63-bit seed from non-negative integers, e.g. ``derive_seed(seed, index, epoch)``.
+
+    NumPy's ``SeedSequence`` mixes the keys' 32-bit words; so keys that differ only by trailing zeros give the same
+    seed (``derive_seed(0, 7) == derive_seed(0, 7, 0)``), as does a key of 2**32 or more and its words as keys
+    (``derive_seed(2**32) == derive_seed(0, 1)``): pass the same number of keys, of the same sizes, every time. Torch's
+    CPU generator and NumPy's legacy ``seed`` use the low 32 bits of the seed."""
     if any(int(k) < 0 for k in keys):
         raise ValueError(f"seed keys must be non-negative integers, got {keys}")
     words = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
