@@ -13,8 +13,8 @@
 ``dataset[SampleKey(index, epoch)]`` (what :class:`dinov2.data.samplers.InfiniteSampler` yields) runs the
 transform with torch's CPU generator, Python's ``random`` and NumPy's global generator all seeded from
 ``derive_seed(seed, index, epoch)`` (and restores them afterwards, outside a DataLoader worker), so a
-sample's augmentation is the same in every run, in every worker and after a resume. ``dataset[index]`` runs it with whatever state the
-generators are in.
+sample's augmentation is the same in every run, in every worker and after a resume. ``dataset[index]`` runs
+it with whatever state the generators are in.
 
 An image that cannot be read is logged once (with its path) and returned as ``None``;
 :class:`dinov2.train.data.TrainCollate` leaves those out of a batch and counts them.
@@ -172,7 +172,8 @@ def _warn_of_repeated_paths(root: Path, listed: Sequence[tuple[Path, list[str]]]
         total = sum(len(entries) for _, entries in listed)
         logger.warning(
             "%s: %d of the %d listed images are listed more than once (e.g. %s, in %s%s); each is drawn as often as "
-            "it is listed", root, len(repeated), total, path, first.name, "" if again == first else f" and {again.name}",
+            "it is listed", root, len(repeated), total, path, first.name,
+            "" if again == first else f" and {again.name}",
         )
 
 
