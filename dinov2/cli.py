@@ -37,6 +37,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (a tolerance)."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def check_file_writable(path: Path) -> None:
     """Raise ValueError unless ``path`` can be written as a file: not a folder, below a folder that can be written
     (missing folders are created later)."""

@@ -133,7 +133,7 @@ def test_knn_chunking_does_not_change_predictions() -> None:
 
 def test_knn_rejects_k_above_training_size() -> None:
     x, y = _clusters(30, 8, 2, spread=1.0, seed=7)
-    with pytest.raises(ValueError, match=r"k must lie in \[1, 20\]"):
+    with pytest.raises(ValueError, match=r"k must lie in \[1, 20\] \(the number of training images of this split or"):
         knn.knn_probabilities(x[:20], y[:20], x[20:], (1, 25), 2)
 
 
@@ -259,6 +259,32 @@ def test_folds_by_patient_keep_each_patient_in_one_fold_as_stratified_group_kfol
         protocol.path_groups(paths, "Patient_(")
     with pytest.raises(ValueError, match="needs at least 5 groups, found 2"):
         protocol.stratified_folds(y[:20], ["a", "b", "c"], 5, groups=np.array(["p", "q"] * 10))
+
+
+def test_group_folds_that_lack_a_class_or_are_uneven_are_said(caplog: pytest.LogCaptureFixture) -> None:
+    """Whole groups can leave a class out of a fold's training (it can then only be misclassified) or make folds of
+    very different sizes; both are said, and neither happens with groups that spread over the classes."""
+    y = np.repeat([0, 1, 2], 20)
+    spread = np.arange(60) % 10  # ten groups, each holding all three classes
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.protocol"):
+        protocol.stratified_folds(y, ["a", "b", "c"], 5, groups=spread)
+    assert not caplog.records
+    one_class_groups = np.where(y == 0, 0, np.arange(60) % 6 + 1)  # class 'a' in one group only
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.protocol"):
+        folds = protocol.stratified_folds(y, ["a", "b", "c"], 5, groups=one_class_groups)
+    fold = next(i for i, f in enumerate(folds) if 0 in y[f.test_index])
+    assert f"fold {fold} tests images of 'a' (20), which its training folds lack" in caplog.text
+    assert "the groups make test folds of" in caplog.text  # 20 images of 'a' in one fold, about 8 in the others
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.protocol"):
+        protocol.stratified_folds(y, ["a", "b", "c"], 5, groups=one_class_groups, warn=False)
+    assert not caplog.records
+
+
+def test_a_fixed_split_needs_two_classes_to_train_on() -> None:
+    x, y = _clusters(40, 8, 2, spread=1.0, seed=3)
+    with pytest.raises(ValueError, match="at least 2 classes in the training features, found only 'a'"):
+        protocol.run_protocol(x[y == 0], y[y == 0], ["a", "b"], lambda *args: {}, test_x=x, test_y=y)
 
 
 def test_group_by_on_the_command_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -572,6 +598,9 @@ def test_linear_probe_needs_at_least_one_iteration(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         linear.main(["--features", "f.h5", "--output-dir", "o", "--max-iter", "0"])
     assert "argument --max-iter: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the torch backend took a negative tolerance as "never converged"
+        linear.main(["--features", "f.h5", "--output-dir", "o", "--tol", "-1"])
+    assert "argument --tol: must be a finite number >= 0, got -1" in capsys.readouterr().err
 
 
 def test_a_reused_output_folder_holds_one_runs_report(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

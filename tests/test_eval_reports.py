@@ -310,6 +310,9 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
     (["--k", "0"], r"--k 0: k must lie in \[1, \d+\]"),
     (["--n-splits", "1"], "n_splits must be at least 2"),
     (["--group-by", "Patient_("], "is not a regular expression"),
+    (["--group-by", "Patient_\\d+"], r"matches nothing in 'neutrophil/0.png'"),  # checked on the listed paths
+    # groups of 8, 2 and 2 images: a group fold trains on 2 where image folds would train on 6
+    (["--group-by", r"/(?=[0-3])|/4|/5", "--n-splits", "2", "--k", "3"], r"--k 3: k must lie in \[1, 2\]"),
 ])
 def test_checkpoints_cli_checks_its_settings_before_embedding(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: list[str], message: str

@@ -68,7 +68,9 @@ def score_features(
             scores["logreg"] = linear.logreg_sklearn(train_x, train_y, test_x, num_classes)
         return scores
 
-    output = protocol.run_protocol(features, labels, class_names, predict, n_splits, seed=seed, groups=groups)
+    # (the folds' warnings were said once, before the first checkpoint: check_sweep_settings)
+    output = protocol.run_protocol(features, labels, class_names, predict, n_splits, seed=seed, groups=groups,
+                                   warn=False)  # fmt: skip
     return {
         method: {name: result[name] for name in metrics.SUMMARY_METRICS} for method, result in output.results.items()
     }
@@ -99,12 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_sweep_settings(args: argparse.Namespace, labels: np.ndarray, class_names: list[str]) -> None:
-    """The fold, grouping and kNN settings checked on the listed images' labels, before any checkpoint is embedded
-    (the sweep's first extraction can take long)."""
-    if args.group_by is not None:
-        protocol.path_groups([], args.group_by)  # a pattern that does not compile
-    folds = protocol.stratified_folds(labels, class_names, args.n_splits, protocol.fold_seed(args))
+def check_sweep_settings(
+    args: argparse.Namespace, paths: list[str], labels: np.ndarray, class_names: list[str]
+) -> None:
+    """The fold, grouping and kNN settings checked on the listed images' paths and labels, before any checkpoint is
+    embedded (the sweep's first extraction can take long)."""
+    groups = None if args.group_by is None else protocol.path_groups(paths, args.group_by)
+    folds = protocol.stratified_folds(labels, class_names, args.n_splits, protocol.fold_seed(args), groups)
     smallest = min(fold.train_index.size for fold in folds)
     wrong = [k for k in args.k if not 1 <= k <= smallest]
     if "knn" in args.methods and wrong:
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"--data {args.data}: {unlabelled} of {len(images.paths)} images have no class; the sweep needs a "
             "<class>/<image> folder or a .csv with a label column"
         )
-    check_sweep_settings(args, np.asarray(images.labels), images.class_names)
+    check_sweep_settings(args, images.paths, np.asarray(images.labels), images.class_names)
     img_size = args.img_size or run_image_size(checkpoints[0][1]) or 224
     logger.info("evaluating %d checkpoints of %s at %d px", len(checkpoints), args.run_dir, img_size)
     rows = []

@@ -18,8 +18,9 @@ different GEMM tiles) can tie for one implementation and not for the other.
 
 The query set is processed in chunks; memory is O(chunk x n_train), never n x n.
 Options: cosine distance (``1 - cos``, ties again to the smaller index), and DINOv2's
-temperature-weighted vote (softmax of cosine similarity / T over the k nearest neighbours by cosine
-similarity, so it requires ``metric="cosine"``; the command line picks cosine for it by default).
+temperature-weighted vote (DINOv2's: the softmax of cosine similarity / T over the largest k asked for, of which
+the k nearest vote with their weights; the prediction is that of a softmax over the k alone, the scores differ in
+scale; it requires ``metric="cosine"``, which the command line picks for it by default).
 """
 
 from __future__ import annotations
@@ -222,7 +223,8 @@ def knn_probabilities(
         raise ValueError(f"{labels.shape[0]} labels for {train.shape[0]} training features")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1 or ks[-1] > train.shape[0]:
-        raise ValueError(f"k must lie in [1, {train.shape[0]}] (the training set size), got {ks}")
+        raise ValueError(f"k must lie in [1, {train.shape[0]}] (the number of training images of this split or fold), "
+                         f"got {ks}")
     if num_classes is None:
         num_classes = int(labels.max()) + 1
     if labels.min() < 0 or labels.max() >= num_classes:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinov2.cli import positive_int
+from dinov2.cli import non_negative_float, positive_int
 from dinov2.eval import protocol
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--C", type=float, default=None,
                         help="inverse L2 strength of the multinomial model (default: dim * classes / 100)")
     parser.add_argument("--max-iter", type=positive_int, default=1000, help="L-BFGS iterations (default 1000)")
-    parser.add_argument("--tol", type=float, default=1e-4, help="gradient tolerance (default 1e-4, sklearn's)")
+    parser.add_argument("--tol", type=non_negative_float, default=1e-4,
+                        help="gradient tolerance (default 1e-4, sklearn's)")
     return parser
 
 

@@ -207,13 +207,15 @@ def stratified_folds(
     n_splits: int = 5,
     seed: int | None = 0,
     groups: np.ndarray | None = None,
+    warn: bool = True,
 ) -> list[Fold]:
     """``StratifiedKFold(n_splits, shuffle=True, random_state=seed)``, with a clear error for small classes;
     ``seed=None``: unshuffled folds, in the samples' order (``--no-shuffle``).
 
     With ``groups`` (a patient per cell, see :func:`path_groups`) the folds are
     ``StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)``: a group's images all fall in one fold, so
-    no test cell has cells of its own patient in the training folds.
+    no test cell has cells of its own patient in the training folds; ``warn``: say where that leaves a fold
+    lacking a class, or the folds uneven (:func:`warn_of_uneven_group_folds`).
 
     DinoBloom ran ``StratifiedKFold(n_splits)`` unshuffled over its files in directory order, an order no one can
     reproduce and unrelated to the names. Over our sorted paths the unshuffled folds would be runs of neighbouring
@@ -246,7 +248,33 @@ def stratified_folds(
     if n_groups < n_splits:
         raise ValueError(f"{n_splits}-fold CV by group needs at least {n_splits} groups, found {n_groups}")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=shuffle, random_state=seed)
-    return [Fold(train, test) for train, test in splitter.split(np.zeros(labels.size), labels, groups)]
+    folds = [Fold(train, test) for train, test in splitter.split(np.zeros(labels.size), labels, groups)]
+    if warn:
+        warn_of_uneven_group_folds(folds, labels, class_names)
+    return folds
+
+
+def warn_of_uneven_group_folds(folds: Sequence[Fold], labels: np.ndarray, class_names: Sequence[str]) -> None:
+    """Warn of what whole groups can do to folds: a fold that tests a class its training folds lack (a class held
+    by fewer groups than needed), and folds of very different sizes (each counts equally in the mean)."""
+    for index, fold in enumerate(folds):
+        tested = np.unique(labels[fold.test_index])
+        trained = np.unique(labels[fold.train_index])
+        lacking = [f"{class_names[c]!r} ({int((labels[fold.test_index] == c).sum())})"
+                   for c in np.setdiff1d(tested, trained)]  # fmt: skip
+        if lacking:
+            logger.warning(
+                "fold %d tests images of %s, which its training folds lack (all their groups are in this fold): "
+                "they can only be misclassified; use a --group-by pattern with more groups per class, or fewer folds",
+                index, ", ".join(lacking),
+            )
+    sizes = [fold.test_index.size for fold in folds]
+    if max(sizes) > 2 * min(sizes):
+        logger.warning(
+            "the groups make test folds of %s images: each fold counts equally in the mean, so the small ones weigh "
+            "as much as the large; a --group-by pattern with more, smaller groups evens them out",
+            ", ".join(map(str, sizes)),
+        )
 
 
 def score_folds(
@@ -290,16 +318,21 @@ def run_protocol(
     progress: bool = False,
     seed: int | None = 0,
     groups: np.ndarray | None = None,
+    warn: bool = True,
 ) -> ProtocolOutput:
     """Run ``predict`` on every fold (``seed`` assigns them, None in the samples' order, keeping ``groups`` whole) or
-    on the fixed split when ``test_x`` is given."""
+    on the fixed split when ``test_x`` is given; ``warn`` as for :func:`stratified_folds`."""
     num_classes = len(class_names)
     if test_x is None:
-        folds = stratified_folds(train_y, class_names, n_splits, seed, groups)
+        folds = stratified_folds(train_y, class_names, n_splits, seed, groups, warn)
         eval_x, eval_y = train_x, train_y
     else:
         if test_y is None:
             raise ValueError("test_y is required with test_x")
+        present = np.unique(train_y)
+        if present.size < 2:
+            only = class_names[present[0]] if present.size else "none"
+            raise ValueError(f"classification needs at least 2 classes in the training features, found only {only!r}")
         folds = [Fold(np.arange(train_y.size), np.arange(test_y.size))]
         eval_x, eval_y = test_x, test_y
     truths: list[np.ndarray] = []
