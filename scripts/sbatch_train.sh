@@ -68,13 +68,30 @@ GPUS=${SLURM_GPUS_ON_NODE:-8}
 HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
 MASTER_ADDR=${HOSTS%%$'\n'*}
 # A port of this job's own (as dinov2.distributed derives it): two jobs sharing a node must not share a rendezvous.
-RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))
+# Below 32768, where Linux starts the ports it hands to outgoing connections, which could hold it.
+RDZV_PORT=$((10000 + SLURM_JOB_ID % 20000))
 # Since SLURM 22.05 srun no longer inherits sbatch's --cpus-per-task; without this torchrun's ranks share one CPU.
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
     export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
 fi
 # torchrun waits this long (seconds) for the training processes to save their checkpoint after SIGUSR1.
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-100}
+
+checkpoint_and_requeue() {
+    echo "$(date '+%F %T') SIGUSR1: near the time limit; asking the training to save a checkpoint"
+    # srun forwards the signal to torchrun on every machine, torchrun to every training process;
+    # train.py saves a checkpoint at the next iteration boundary and exits.
+    if [ -n "${SRUN_PID:-}" ]; then  # (a signal before the training started has nothing to save)
+        kill -USR1 "$SRUN_PID" || true
+        wait "$SRUN_PID" || true
+    fi
+    # Requeue only now: requeueing a running job kills it, which would cut the checkpoint short.
+    echo "$(date '+%F %T') requeueing job $SLURM_JOB_ID; it resumes from the last checkpoint in $OUTPUT_DIR"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+}
+trap checkpoint_and_requeue USR1
+
 TORCHRUN_ARGS=()
 # (grep reads all of the help: with -q it could stop early, and pipefail would count torchrun's broken pipe.)
 TORCHRUN_HELP=$(torchrun --help 2>/dev/null || true)
@@ -92,23 +109,11 @@ else
         "cut a large model's checkpoint short (the previous one stays); PyTorch 2.14 has the option" >&2
 fi
 
-checkpoint_and_requeue() {
-    echo "$(date '+%F %T') SIGUSR1: near the time limit; asking the training to save a checkpoint"
-    # srun forwards the signal to torchrun on every machine, torchrun to every training process;
-    # train.py saves a checkpoint at the next iteration boundary and exits.
-    kill -USR1 "$SRUN_PID" || true
-    wait "$SRUN_PID" || true
-    # Requeue only now: requeueing a running job kills it, which would cut the checkpoint short.
-    echo "$(date '+%F %T') requeueing job $SLURM_JOB_ID; it resumes from the last checkpoint in $OUTPUT_DIR"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
-}
-trap checkpoint_and_requeue USR1
-
 echo "$(date '+%F %T') job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}):" \
     "$SLURM_NNODES x $GPUS processes, rendezvous $MASTER_ADDR:$RDZV_PORT"
 # In the background so that bash runs the trap as soon as SIGUSR1 arrives (it waits for foreground commands).
-srun --kill-on-bad-exit=1 torchrun \
+# One torchrun per machine, whatever --ntasks-per-node the job was given: each starts that machine's processes.
+srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 torchrun \
     --nnodes "$SLURM_NNODES" \
     --nproc_per_node "$GPUS" \
     --rdzv_id "$SLURM_JOB_ID" \

@@ -15,10 +15,12 @@ import signal
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -59,7 +61,7 @@ def _is_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-def _free_port(low: int = 20000, high: int = 40000) -> int:
+def _free_port(low: int = 10000, high: int = 30000) -> int:
     """A free TCP port in [low, high) (the range SLURM job ids map to)."""
     for _ in range(200):
         port = random.randrange(low, high)
@@ -84,9 +86,9 @@ def _torchrun_env(rank: int, port: int) -> dict[str, str]:
 
 
 def _slurm_env(rank: int, port: int) -> dict[str, str]:
-    # The first host of the node list is the master; the port comes from the job id (20000 + id % 20000).
+    # The first host of the node list is the master; the port comes from the job id (10000 + id % 20000).
     return {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_STEP_NUM_TASKS": str(WORLD),
-            "SLURM_JOB_NODELIST": "127.0.0.[1-2]", "SLURM_JOB_ID": str(port - 20000 + 20000 * 7), "SLURM_NNODES": "1"}
+            "SLURM_JOB_NODELIST": "127.0.0.[1-2]", "SLURM_JOB_ID": str(port - 10000 + 20000 * 7), "SLURM_NNODES": "1"}
 
 
 def _parts(seed: int, with_ibot: bool = True) -> nn.ModuleDict:
@@ -337,9 +339,9 @@ def test_slurm_steps_of_one_job_get_their_own_port(monkeypatch: pytest.MonkeyPat
     for step in ("0", "1"):
         monkeypatch.setenv("SLURM_STEP_ID", step)
         launcher, *_, addr, port = distributed._read_launcher_env()
-        assert (launcher, addr) == ("slurm", "gpu01") and 20000 <= port < 40000
+        assert (launcher, addr) == ("slurm", "gpu01") and 10000 <= port < 30000  # below Linux's outgoing ports
         ports.append(port)
-    assert ports[0] == 25150 and ports[1] != ports[0]  # step 0 keeps the job's port, as sbatch_train.sh uses it
+    assert ports[0] == 15150 and ports[1] != ports[0]  # step 0 keeps the job's port, as sbatch_train.sh uses it
     monkeypatch.setenv("MASTER_PORT", "29500x")
     with pytest.raises(RuntimeError, match=r"MASTER_PORT='29500x' is not an integer"):
         distributed._read_launcher_env()
@@ -361,6 +363,48 @@ def test_more_local_ranks_than_gpus_is_said(monkeypatch: pytest.MonkeyPatch, cap
     with caplog.at_level(logging.WARNING, logger="dinov2.distributed"):
         assert distributed.get_device("cuda", local_rank=5) == torch.device("cuda", 0)
     assert not caplog.text
+    # torchrun (inside a SLURM GPU job too) starts more processes than the GPUs it shows them: an error, at once
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "77")
+    with pytest.raises(distributed.DeviceUnavailableError, match="torchrun --nproc_per_node must not exceed"):
+        distributed.get_device("auto", local_rank=1)
+
+
+def test_a_half_set_torchrun_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WORLD_SIZE=2 without RANK (or RANK=1 without WORLD_SIZE) used to run as a single process, unsaid; a lone
+    WORLD_SIZE=1 or RANK=0, as some notebooks export, is one process indeed."""
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value, other in (("WORLD_SIZE", "2", "RANK"), ("RANK", "1", "WORLD_SIZE")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(RuntimeError, match=f"{name}={value} is set but {other} is not"):
+            distributed._read_launcher_env()
+        monkeypatch.delenv(name)
+    for name, value in (("WORLD_SIZE", "1"), ("RANK", "0")):
+        monkeypatch.setenv(name, value)
+        assert distributed._read_launcher_env()[0] == "single"
+        monkeypatch.delenv(name)
+
+
+def test_nccls_refusal_of_two_ranks_on_one_gpu_gets_the_remedy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With device_id NCCL starts at once and refuses a GPU shared by two ranks itself: its error gets our remedy."""
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "12345"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "get_device", lambda preference, local_rank: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def nccl_refuses(**kwargs: Any) -> None:
+        raise dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1234, invalid usage\nLast error:\n"
+                                    "Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1a000")  # fmt: skip
+
+    monkeypatch.setattr(dist, "init_process_group", nccl_refuses)
+    with pytest.raises(distributed.DeviceUnavailableError) as raised:
+        distributed.enable_distributed()
+    assert str(raised.value).startswith("two ranks of one machine got one GPU (Duplicate GPU detected : rank 1 and")
+    assert "--gpus-per-task=1" in str(raised.value)
 
 
 def test_two_ranks_of_one_machine_on_one_gpu_are_named() -> None:

@@ -177,7 +177,7 @@ def test_torchrun_env_from_job_environment() -> None:
         "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "gpu-a17",
     }  # fmt: skip
     port = int(env["MASTER_PORT"])
-    assert 20_000 <= port < 40_000
+    assert 10_000 <= port < 30_000  # below the ports Linux gives outgoing connections (32768 on)
     # every task of a job agrees on the port (it must not depend on the rank or on Python's hash seed)
     assert launcher.torchrun_env(fake_env("4242", 0, 0))["MASTER_PORT"] == env["MASTER_PORT"]
     other = subprocess.run(
@@ -373,7 +373,9 @@ def test_sbatch_script_checkpoints_before_requeue(tmp_path: Path, torchrun_versi
     log = tmp_path / "events.log"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    _write_executable(bin_dir / "srun", '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    _write_executable(bin_dir / "srun",
+                      f'#!/bin/bash\nopts=()\nwhile [[ $1 == --* ]]; do opts+=("$1"); shift; done\n'
+                      f'echo "srun ${{opts[*]}}" >> {log}\nexec "$@"\n')  # fmt: skip
     _write_executable(
         bin_dir / "scontrol",
         # (a pause between the host names, as a long node list has: reading only the first must not kill scontrol)
@@ -408,15 +410,17 @@ def test_sbatch_script_checkpoints_before_requeue(tmp_path: Path, torchrun_versi
         proc.kill()
     assert proc.returncode == 0, output
     events = log.read_text().splitlines()
+    # one torchrun per machine, whatever --ntasks-per-node the job has
+    assert events.pop(0) == "srun --kill-on-bad-exit=1 --nodes=2 --ntasks=2 --ntasks-per-node=1"
     assert events[0] == (
-        "torchrun --nnodes 2 --nproc_per_node 4 --rdzv_id 77 --rdzv_backend c10d --rdzv_endpoint node1:20077 "
+        "torchrun --nnodes 2 --nproc_per_node 4 --rdzv_id 77 --rdzv_backend c10d --rdzv_endpoint node1:10077 "
         + ("--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 " if torchrun_version != "2.8" else "")
         + ("--shutdown-timeout 100 " if torchrun_version == "2.14" else "")
         + "dinov2/train/train.py --config-file cfg.yaml --output-dir /scratch/run1 optim.epochs=2"
     )
     assert ("has no --shutdown-timeout" in output) == (torchrun_version != "2.14")
     assert ("cannot forward SIGUSR1" in output) == (torchrun_version == "2.8")
-    # the rendezvous port is the job's own (20000 + id % 20000); srun passes sbatch's CPUs per task on
+    # the rendezvous port is the job's own (10000 + id % 20000); srun passes sbatch's CPUs per task on
     assert events[1:] == ["srun cpus 80", "started", "checkpoint saved", "scontrol requeue 77"]
     assert "requeueing job 77" in output
 

@@ -91,12 +91,13 @@ def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
 
 
 def slurm_master_port(job_id: str, step_id: str = "0") -> int:
-    """A port in [20000, 40000) that every task of a job step derives alike: ``20000 + (job + 7919 step) % 20000``.
+    """A port in [10000, 30000) that every task of a job step derives alike: ``10000 + (job + 7919 step) % 20000``.
 
-    The step enters too: two steps of one allocation on one node (a sweep of two 4-GPU runs) must not share it.
+    The step enters too: two steps of one allocation on one node (a sweep of two 4-GPU runs) must not share it. The
+    range stays below 32768, where Linux starts the ports it gives outgoing connections, which could hold it.
     """
     job, step = (int(re.sub(r"\D", "", value) or 0) for value in (job_id, step_id))
-    return 20000 + (job + 7919 * step) % 20000
+    return 10000 + (job + 7919 * step) % 20000
 
 
 def _env_int(name: str, default: int | None = None) -> int:
@@ -113,6 +114,13 @@ def _env_int(name: str, default: int | None = None) -> int:
 
 def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | None]:
     """(launcher, rank, local_rank, world_size, local_world_size, master_addr, master_port) from the environment."""
+    if ("RANK" in os.environ) != ("WORLD_SIZE" in os.environ):  # one of torchrun's pair: a launch half set up
+        name, other = ("RANK", "WORLD_SIZE") if "RANK" in os.environ else ("WORLD_SIZE", "RANK")
+        if _env_int(name) > (0 if name == "RANK" else 1):
+            raise RuntimeError(
+                f"{name}={os.environ[name]} is set but {other} is not: start the processes with torchrun (or srun), "
+                f"or unset {name} for one process"
+            )
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         world = _env_int("WORLD_SIZE")
         return (
@@ -178,6 +186,11 @@ def get_device(preference: str = "auto", local_rank: int | None = None) -> torch
         # Modulo: a scheduler that shows each process only its own GPU(s) (SLURM's GPU binding) leaves fewer devices
         # than local ranks; without such binding, more processes than GPUs would share them, which is said.
         n_gpus = torch.cuda.device_count()
+        if local_rank >= n_gpus and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: more processes than GPUs
+            raise DeviceUnavailableError(
+                f"local rank {local_rank} but only {n_gpus} GPU(s) visible: torchrun --nproc_per_node must not "
+                "exceed the GPUs this machine shows its processes (CUDA_VISIBLE_DEVICES)"
+            )
         if local_rank >= n_gpus and "SLURM_STEP_GPUS" not in os.environ and "SLURM_JOB_GPUS" not in os.environ:
             logger.warning(
                 "local rank %d but only %d GPU(s) visible: it shares cuda:%d with another process; start at most "
@@ -221,14 +234,21 @@ def enable_distributed(*, device: str = "auto", timeout: timedelta = timedelta(m
                 WORLD_SIZE=str(world),
                 LOCAL_RANK=str(local_rank),
             )
-            dist.init_process_group(
-                backend=backend,
-                init_method="env://",
-                rank=rank,
-                world_size=world,
-                timeout=timeout,
-                device_id=dev if dev.type == "cuda" else None,
-            )
+            try:
+                dist.init_process_group(
+                    backend=backend,
+                    init_method="env://",
+                    rank=rank,
+                    world_size=world,
+                    timeout=timeout,
+                    device_id=dev if dev.type == "cuda" else None,
+                )
+            except Exception as err:  # NCCL refuses two ranks on one GPU as it starts (device_id: at once)
+                if "Duplicate GPU" not in str(err):
+                    raise
+                nccl = next(line.strip() for line in str(err).splitlines() if "Duplicate GPU" in line)
+                message = f"two ranks of one machine got one GPU ({nccl}): {SHARED_GPU_ADVICE}"
+                raise DeviceUnavailableError(message) from err
         if dev.type == "cuda":
             _check_one_gpu_per_rank(dev)
     info = DistInfo(rank, local_rank, world, local_world, launcher, dev, backend, addr, port)
@@ -239,7 +259,7 @@ def enable_distributed(*, device: str = "auto", timeout: timedelta = timedelta(m
 
 
 def _check_one_gpu_per_rank(dev: torch.device) -> None:
-    """Refuse two ranks of one machine on one GPU, before NCCL fails on it with less to say."""
+    """Refuse two ranks of one machine on one GPU where NCCL's start did not (a lazily started communicator)."""
     record = (socket.gethostname(), str(torch.cuda.get_device_properties(dev).uuid))
     records: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(records, record)
@@ -254,13 +274,16 @@ def shared_gpu_problem(records: Sequence[tuple[str, str]]) -> str | None:
     for rank, record in enumerate(records):
         if record in first_rank:
             host, gpu = record
-            return (
-                f"ranks {first_rank[record]} and {rank} on {host} both got GPU {gpu}: a process that sees only some "
-                "of the machine's GPUs (e.g. srun --gpu-bind=closest) takes its local rank modulo their number; bind "
-                "one GPU to each task (--gpus-per-task=1) or let every task see all of them"
-            )
+            return f"ranks {first_rank[record]} and {rank} on {host} both got GPU {gpu}: {SHARED_GPU_ADVICE}"
         first_rank[record] = rank
     return None
+
+
+#: Why two ranks of one machine can get one GPU, and the remedy.
+SHARED_GPU_ADVICE = (
+    "a process that sees only some of the machine's GPUs (e.g. srun --gpu-bind=closest) takes its local rank modulo "
+    "their number; bind one GPU to each task (--gpus-per-task=1) or let every task see all of them"
+)
 
 
 def get_rank() -> int:
