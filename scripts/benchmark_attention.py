@@ -6,11 +6,11 @@
 A 224 px crop gives 257 tokens (256 patches and the class token), an awkward length for the fused kernels'
 tiles of 64 or 128 tokens. This script times the attention of one block, forward and backward, with queries, keys
 and values laid out as the model's attention passes them (strided (crops, heads, 257, 64) views of one qkv
-projection): first as PyTorch picks the backend (the ``default`` row, what training runs), then under each backend
-it offers on the device. Is the default the fastest? Median of ``--iters`` after a warm-up. TFLOP/s count the
-forward's two matrix products (``4 N^2 d`` per head) and the backward's four (``8 N^2 d``), not the scores that
-flash kernels recompute. The last line names each architecture's fastest backend,
-``vit_small=<backend> vit_large=<backend>``.
+projection): first as PyTorch picks the backend (the ``default`` row, what training runs through SDPA; xFormers, if
+installed, replaces SDPA in eager CUDA runs), then under each backend it offers on the device. Is the default the
+fastest? Median of ``--iters`` after a warm-up. TFLOP/s count the forward's two matrix products (``4 N^2 d`` per
+head) and the backward's four (``8 N^2 d``), not the scores that flash kernels recompute. The last line names each
+architecture's fastest backend, ``vit_small=<backend> vit_large=<backend>``.
 """
 
 from __future__ import annotations

@@ -8,12 +8,15 @@ Every stage is the trainer's own, built from DinoBloom's training config (``cust
 iBOT masks from per-batch seeds, and the loader with the infinite sampler. Recipes: ``dinobloom`` (that config as
 it is: hematology views, 2 global crops of 224, no local crops) and ``dinov2`` (DINOv2's views, 2 global 224 + 8
 local 98). "per worker" rows run in this process with one thread, as one DataLoader worker would (best of
-``--repeats`` passes); "loader" rows run the training loader. ``--colour device`` (the default on CUDA, as a CUDA
-run does) leaves the views' colour operations to the training device: the workers hand over uint8 crops, and a
-"colour on <device>" row times those operations on whole batches there; ``--colour workers`` (the default on a CPU,
-as a CPU run does) runs them in the workers. The crops are collated in the run's compute dtype (by default bf16 on
-CUDA, fp32 on a CPU). The last line is ``images_per_s=<x>``: the loader throughput of the first recipe given
-(dinobloom by default) with the largest worker count.
+``--repeats`` passes): "decode" (and the Lanczos resize), "views" (each view's crop, flips and rotations, and the
+draw of its colour parameters), "collate" (stacking, iBOT masks, and with ``--colour workers`` the colour
+operations, applied to the whole batch: "collate+colour") and "all three"; "loader" rows run the training loader.
+``--colour device`` (the default on CUDA, as a CUDA run does) leaves the views' colour operations to the training
+device: the workers hand over uint8 crops, and a "colour on <device>" row times those operations on whole batches
+there; ``--colour workers`` (the default on a CPU, as a CPU run does) runs them in the workers. The crops are
+collated in the run's compute dtype (by default bf16 on CUDA, fp32 on a CPU). The last line is
+``images_per_s=<x>``: the loader throughput of the first recipe given (dinobloom by default) with the largest worker
+count.
 """
 
 from __future__ import annotations
@@ -94,7 +97,9 @@ def time_per_worker(
     finally:
         torch.set_num_threads(threads)
     end_to_end = 1.0 / (1.0 / decode + 1.0 / augment + 1.0 / collated)
-    return {"decode": decode, "augment": augment, "collate": collated, "decode+augment+collate": end_to_end}
+    # The views' colour operations run in the collate (on the whole batch) when they run in the workers.
+    collate_name = "collate" if defer_colour else "collate+colour"
+    return {"decode": decode, "views": augment, collate_name: collated, "all three": end_to_end}
 
 
 def time_loader(

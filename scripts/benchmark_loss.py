@@ -125,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Parse the options, run the benchmark and print its figures."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup 1 or more, or the compilation is timed as a call")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

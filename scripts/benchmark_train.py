@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_intermixed_args(argv)
     if args.inductor and not args.compile:
         parser.error("--inductor sets how --compile compiles: add --compile")
+    if args.compile and args.warmup < 1:  # the FLOP count runs eagerly: the first timed step would compile
+        parser.error("--compile needs --warmup 1 or more, or the compilation is timed as a step")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     if args.threads is not None:
@@ -316,8 +318,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"device: {name}; ranks: {info.world_size}; precision: {precision}; compile: {args.compile}; "
               f"activation checkpointing: {args.activation_checkpointing}"
               + "".join(f"; inductor {name}={value!r}" for name, value in args.inductor))
-        print(f"model: {cfg.student.arch} ({n_params / 1e6:.1f} M backbone params), crops {args.crops} "
-              f"(global {cfg.crops.global_crops_size} px, {effective_local_crops(cfg)} local), batch {args.batch_size}/rank, "
+        backbone = model.student.backbone
+        print(f"model: {cfg.student.arch} ({backbone.embed_dim} wide, {backbone.n_blocks} blocks, "
+              f"{n_params / 1e6:.1f} M backbone params), crops {args.crops} (global {cfg.crops.global_crops_size} px, "
+              f"{effective_local_crops(cfg)} local), batch {args.batch_size}/rank, "
               f"heads {cfg.dino.head_n_prototypes} prototypes")
         for key, value in result.items():
             print(f"{key:>26}: {value:.4g}")

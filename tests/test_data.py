@@ -747,6 +747,8 @@ def test_benchmark_script_smoke(
         assert "crops as fp32, colour in the workers" in lines[0]
     assert any("dinobloom" in line and "loader" in line for line in lines)
     assert any("dinobloom" in line and "colour on cpu" in line for line in lines) == (colour == "device")
+    # the colour operations run in the collate when they run in the workers, and its row says so
+    assert any("collate+colour" in line for line in lines) == (colour != "device")
     assert lines[-1].startswith("images_per_s=") and float(lines[-1].split("=")[1]) > 0
     assert built == [("hematology", 64, colour == "device")]
 

@@ -695,6 +695,16 @@ def test_benchmark_inductor_settings_are_read_and_checked_before_the_work(
         assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["benchmark_train", "benchmark_loss"])
+def test_compiled_benchmarks_refuse_to_time_the_compilation(
+    name: str, load_script: Callable[[str], ModuleType], capsys: pytest.CaptureFixture
+) -> None:
+    """Without a warm-up call the first timed call compiles: its seconds would be reported as the step's."""
+    with pytest.raises(SystemExit) as info:
+        load_script(name).main(["--compile", "--warmup", "0"])
+    assert info.value.code == 2 and "--compile needs --warmup 1 or more" in capsys.readouterr().err
+
+
 def test_benchmark_step_windows_time_each_step_once_and_take_the_median_window(
     load_script: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
 ) -> None:
