@@ -202,7 +202,8 @@ def inductor_setting(text: str) -> tuple[str, Any]:
         try:
             return name, type(default)(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} is a {type(default).__name__}, got {value!r}") from None
+            kind = {int: "an integer", float: "a number"}.get(type(default), "text")
+            raise argparse.ArgumentTypeError(f"{name} takes {kind}, got {value!r}") from None
     try:
         return name, ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -255,10 +256,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.setLevel(logging.INFO)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    for name, value in args.inductor:
-        setattr(inductor_config, name, value)
     if args.profile:  # a path that cannot be written is refused before the work, not after it
         check_file_writable(Path(args.profile))
+    with inductor_config.patch(dict(args.inductor)):  # (restored afterwards, for a caller in the same process)
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    """Time the training step that ``args`` describe and print the figures."""
     info = distributed.enable_distributed()
     device = info.device
     precision = args.precision

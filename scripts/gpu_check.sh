@@ -10,7 +10,8 @@
 #   bash scripts/gpu_check.sh [LOG_DIR]
 #
 # GPU_CHECK_STEPS="NAME ..." (spaces or commas) runs only the steps named, in the script's order; a name that is no
-# step is refused before anything runs, with the list of steps.
+# step is refused before anything runs, with the list of steps. train_vits14_demo_compile reads the demo images that
+# data_pipeline writes: name both.
 #
 # LOG_DIR (default $OUT, else gpu_check_logs/) receives few files, written as the steps run, so that they survive a
 # kill: gpu_check.log (everything), summary.txt (each step's exit status, time and result lines) and the two

@@ -47,6 +47,13 @@ fi
 CONFIG=$1
 OUTPUT_DIR=$2
 shift 2
+if [[ ${SLURM_NTASKS_PER_NODE:-1} != 1 ]]; then
+    # One torchrun per node starts that node's processes; tasks per GPU would each get a share of its CPUs and GPUs.
+    echo "error: this script starts one torchrun per node: submit it with --ntasks-per-node=1 (and --gpus-per-node)," \
+        "not --ntasks-per-node=$SLURM_NTASKS_PER_NODE; for one task per GPU run srun python dinov2/train/train.py" \
+        "(README, 'Several nodes')" >&2
+    exit 2
+fi
 TRAIN_ARGS=("$@")
 if [[ ${SLURM_RESTART_COUNT:-0} -gt 0 ]]; then
     # A requeued job (by this script near the time limit, or by SLURM after a preemption) resumes, even when
@@ -112,7 +119,7 @@ fi
 echo "$(date '+%F %T') job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}):" \
     "$SLURM_NNODES x $GPUS processes, rendezvous $MASTER_ADDR:$RDZV_PORT"
 # In the background so that bash runs the trap as soon as SIGUSR1 arrives (it waits for foreground commands).
-# One torchrun per machine, whatever --ntasks-per-node the job was given: each starts that machine's processes.
+# One torchrun per machine: each starts that machine's processes.
 srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 torchrun \
     --nnodes "$SLURM_NNODES" \
     --nproc_per_node "$GPUS" \

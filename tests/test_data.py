@@ -218,11 +218,12 @@ def test_an_image_listed_twice_is_said(tmp_path: Path, image_tree: Path, caplog:
     lists.mkdir()
     first, second = image_tree / "lymphocyte" / "l0.png", image_tree / "neutrophil" / "n1.jpg"
     (lists / "a.txt").write_text(f"{first}\n{second}\n")
-    (lists / "b.txt").write_text(f"{image_tree}/neutrophil/../neutrophil/n1.jpg\n")
+    (lists / "b.txt").write_text(f"{image_tree}/neutrophil/../neutrophil/n1.jpg\n{second}\n")
     with caplog.at_level(logging.WARNING, logger="dinov2.data"):
-        assert len(FileListDataset(lists)) == 3
+        assert len(FileListDataset(lists)) == 4
     repeated = f"{image_tree}/neutrophil/../neutrophil/n1.jpg"
-    assert f"1 of the 3 listed images are listed more than once (e.g. {repeated}, in a.txt and b.txt)" in caplog.text
+    assert (f"1 image(s) are listed more than once, 3 listings in all of the 4 (e.g. {repeated}, in a.txt and "
+            "b.txt)") in caplog.text  # fmt: skip
     caplog.clear()
     (lists / "b.txt").unlink()
     with caplog.at_level(logging.WARNING, logger="dinov2.data"):
@@ -443,6 +444,10 @@ def test_eval_transform_is_dinobloom_recipe(image_tree: Path) -> None:
     ):
         with pytest.raises(error, match=message):
             make_eval_transform(224)(wrong)
+    # a batch of uint8 images is still fine: each is resized as it would be alone
+    batch = torch.stack([as_tensor, as_tensor.flip(-1)])
+    transformed = make_eval_transform(224)(batch)
+    torch.testing.assert_close(transformed[1], make_eval_transform(224)(as_tensor.flip(-1)))
 
 
 @pytest.mark.parametrize(

@@ -291,7 +291,8 @@ def test_bags_from_csv_leaves_out_only_the_images_the_extraction_skipped(
     assert [b.patient for b in kept.bags] == ["X", "Y"]
     assert "2 cell paths match no path" in caplog.text and "patients left with no cells: ['Z']" in caplog.text
     for body, message in (("X,,APL/P1/a.jpg\n", "line 3: no label"),
-                          (" ,pos,\n", "line 3: no patient and no path")):  # fmt: skip
+                          ("\n ,pos,\n", "line 4: no patient and no path"),  # after a blank line, which is skipped
+                          ("Z,neg\n", "line 3: no path")):  # a row cut short  # fmt: skip
         table.write_text("patient,label,path\nY,neg,AML/P2/b.jpg\n" + body)
         with pytest.raises(ValueError, match=message):
             bags_from_csv(fs, table)

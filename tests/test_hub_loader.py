@@ -687,12 +687,31 @@ def test_benchmark_inductor_settings_are_read_and_checked_before_the_work(
                              ("max_autotune_gemm_backends", "ATEN,TRITON")]  # fmt: skip
     for argv, message in ((["--compile", "--inductor", "cpp_wraper=True"], "has no setting 'cpp_wraper'"),
                           (["--compile", "--inductor", "cpp_wrapper=1"], "cpp_wrapper is a flag: expected true"),
-                          (["--compile", "--inductor", "compile_threads=eight"], "compile_threads is a int"),
+                          (["--compile", "--inductor", "compile_threads=eight"], "compile_threads takes an integer"),
                           (["--compile", "--inductor", "cpp_wrapper"], "expected NAME=VALUE"),
                           (["--inductor", "cpp_wrapper=True"], "add --compile")):  # fmt: skip
         with pytest.raises(SystemExit) as info:
             script.main(argv)
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_benchmark_inductor_settings_hold_during_the_run_and_are_restored(
+    load_script: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settings apply while the step is built and compiled, and are Inductor's own again afterwards."""
+    import torch._inductor.config as inductor_config
+
+    script = load_script("benchmark_train")
+    before = inductor_config.compile_threads
+    seen = []
+
+    def stopped(args):
+        seen.append(inductor_config.compile_threads)
+        return {}
+
+    monkeypatch.setattr(script, "run", stopped)
+    script.main(["--compile", "--inductor", f"compile_threads={before + 3}"])
+    assert seen == [before + 3] and inductor_config.compile_threads == before
 
 
 @pytest.mark.parametrize("name", ["benchmark_train", "benchmark_loss"])

@@ -450,6 +450,20 @@ def test_sbatch_script_resumes_a_requeued_job(tmp_path: Path, restart_count: str
         assert training_args[4:] == ["optim.epochs=2", "train.resume=false", "train.resume=true"]
 
 
+def test_sbatch_script_refuses_several_tasks_per_node(tmp_path: Path) -> None:
+    """One torchrun per node starts the node's processes; with --ntasks-per-node=8 (one task per GPU, as submitit
+    asks) each torchrun would get one task's CPUs and GPU: refused, with the two ways that work, before any srun."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_executable(bin_dir / "srun", f"#!/bin/bash\ntouch {tmp_path / 'srun_ran'}\n")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="77",
+               SLURM_NTASKS_PER_NODE="8")  # fmt: skip
+    result = subprocess.run(["bash", str(SBATCH_SCRIPT), "cfg.yaml", "/scratch/run1"], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and "submit it with --ntasks-per-node=1" in result.stderr
+    assert "srun python dinov2/train/train.py" in result.stderr and not (tmp_path / "srun_ran").exists()
+
+
 # ----------------------------------------------------------------------------- end to end, submitit's LocalExecutor
 
 

@@ -169,11 +169,11 @@ def _warn_of_repeated_paths(root: Path, listed: Sequence[tuple[Path, list[str]]]
                 first_list[key] = list_file
     if repeated:
         path, first, again = repeated[0]
-        total = sum(len(entries) for _, entries in listed)
+        images = len({os.path.normpath(p) for p, _, _ in repeated})
         logger.warning(
-            "%s: %d of the %d listed images are listed more than once (e.g. %s, in %s%s); each is drawn as often as "
-            "it is listed", root, len(repeated), total, path, first.name,
-            "" if again == first else f" and {again.name}",
+            "%s: %d image(s) are listed more than once, %d listings in all of the %d (e.g. %s, in %s%s); each is "
+            "drawn as often as it is listed", root, images, images + len(repeated), len(first_list) + len(repeated),
+            path, first.name, "" if again == first else f" and {again.name}",
         )
 
 

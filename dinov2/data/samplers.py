@@ -43,8 +43,8 @@ class SampleKey(NamedTuple):
 def derive_seed(*keys: int) -> int:
     """A well-mixed 63-bit seed from non-negative integers, e.g. ``derive_seed(seed, index, epoch)``.
 
-    NumPy's ``SeedSequence`` mixes the keys' 32-bit words; so keys that differ only by trailing zeros give the same
-    seed (``derive_seed(0, 7) == derive_seed(0, 7, 0)``), as does a key of 2**32 or more and its words as keys
+    NumPy's ``SeedSequence`` mixes the keys' 32-bit words; so keys that differ only by trailing zeros can give the
+    same seed (``derive_seed(0, 7) == derive_seed(0, 7, 0)``), as can a key of 2**32 or more and its words as keys
     (``derive_seed(2**32) == derive_seed(0, 1)``): pass the same number of keys, of the same sizes, every time. Torch's
     CPU generator and NumPy's legacy ``seed`` use the low 32 bits of the seed."""
     if any(int(k) < 0 for k in keys):

@@ -86,8 +86,8 @@ def as_rgb(image: Image.Image, source: str = "image") -> Image.Image:
 
 
 def _checked_rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
-    """A PIL image made RGB (:func:`as_rgb`), or a uint8 (3, H, W) tensor as it is; anything else is refused with
-    what to pass instead."""
+    """A PIL image made RGB (:func:`as_rgb`), or a uint8 (3, H, W) tensor (or a batch of them) as it is; anything
+    else is refused with what to pass instead."""
     if isinstance(image, Image.Image):
         return as_rgb(image)
     if not isinstance(image, torch.Tensor):
@@ -95,14 +95,15 @@ def _checked_rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tenso
         raise TypeError(f"expected a PIL image or a uint8 (3, H, W) tensor, got a {type(image).__name__}{hint}")
     if image.dtype != torch.uint8:
         raise TypeError(f"expected a uint8 image tensor, got {image.dtype}")
-    if image.ndim != 3 or image.shape[0] != 3:
+    if image.ndim < 3 or image.shape[-3] != 3:
         hint = "; channels last: image.permute(2, 0, 1)" if image.ndim == 3 and image.shape[-1] == 3 else ""
-        raise ValueError(f"expected a uint8 (3, H, W) image tensor, got shape {tuple(image.shape)}{hint}")
+        raise ValueError(f"expected a uint8 (3, H, W) image tensor (or a batch of them), got shape "
+                         f"{tuple(image.shape)}{hint}")  # fmt: skip
     return image
 
 
 def to_float_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
-    """PIL image or uint8 (3, H, W) tensor to float32 in [0, 1], dividing by 255 exactly as ``ToTensor``."""
+    """PIL image or uint8 (..., 3, H, W) tensor to float32 in [0, 1], dividing by 255 exactly as ``ToTensor``."""
     if isinstance(image, Image.Image):
         image = F.pil_to_tensor(image)
     return _checked_rgb(image).to(torch.float32).div_(255.0)

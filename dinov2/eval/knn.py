@@ -18,9 +18,10 @@ different GEMM tiles) can tie for one implementation and not for the other.
 
 The query set is processed in chunks; memory is O(chunk x n_train), never n x n.
 Options: cosine distance (``1 - cos``, ties again to the smaller index), and DINOv2's
-temperature-weighted vote (DINOv2's: the softmax of cosine similarity / T over the largest k asked for, of which
-the k nearest vote with their weights; the prediction is that of a softmax over the k alone, the scores differ in
-scale; it requires ``metric="cosine"``, which the command line picks for it by default).
+temperature-weighted vote, as DINOv2's: the weights are the softmax of cosine similarity / T over the neighbours
+of the largest k asked for, and each k sums the weights of its k nearest per class. (A softmax over the k alone
+would scale the scores, not change the prediction.) It requires ``metric="cosine"``, which the command line picks
+for it by default.
 """
 
 from __future__ import annotations

@@ -378,7 +378,7 @@ def warn_about_changes(
     """
     if not distributed.is_main_process():
         return
-    trained_batch = state.get("global_batch")  # recorded since 2026-11-28; before, inferred from the images seen
+    trained_batch = state.get("global_batch")  # (earlier versions' checkpoints lack it: inferred from the images seen)
     if trained_batch is not None and trained_batch != global_batch:
         logger.warning(
             "%s was trained with %d images per step; this run takes %d: it goes on with the next images of the "

@@ -151,14 +151,15 @@ def bags_from_csv(
                 f"{csv_path}: missing columns {missing} (found {reader.fieldnames}); name the patient, label and path "
                 "columns with --bag-columns, e.g. --bag-columns bag_id,bag_label,file"
             )
-        patient_column, label_column, path_column = columns
-        entries = [(r[patient_column].strip(), r[label_column].strip(), r[path_column].strip()) for r in reader]
+        entries = []
+        for row in reader:
+            entry = tuple((row[column] or "").strip() for column in columns)  # (None: a row cut short)
+            blank = [column for column, value in zip(columns, entry) if not value]
+            if blank:
+                raise ValueError(f"{csv_path}, line {reader.line_num}: no {' and no '.join(blank)}")
+            entries.append(entry)
     if not entries:
         raise ValueError(f"{csv_path}: no rows")
-    for line, entry in enumerate(entries, start=2):  # line 1 is the header
-        blank = [column for column, value in zip(columns, entry) if not value]
-        if blank:
-            raise ValueError(f"{csv_path}, line {line}: no {' and no '.join(blank)}")
     by_suffix, by_path = _path_index(feature_set.paths)
     rows, unmatched, absent = [], [], []
     claimed: dict[int, tuple[str, str]] = {}  # feature row -> (patient, CSV path) that matched it first
