@@ -435,7 +435,7 @@ def test_eval_transform_is_dinobloom_recipe(image_tree: Path) -> None:
     with pytest.raises(ValueError, match="resize must be one of bilinear, pil-bicubic"):
         make_eval_transform(224, "nearest")
     # what a notebook passes by mistake is named, with the remedy, before the resize can blur the evidence
-    array = np.asarray(image)
+    array = np.array(image)  # (a writable copy, which torch.from_numpy wants)
     for wrong, error, message in (
         (array, TypeError, r"got a ndarray \(Image.fromarray\(array\) makes a PIL image of it\)"),
         (torch.from_numpy(array), ValueError,
