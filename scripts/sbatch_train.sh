@@ -88,9 +88,11 @@ checkpoint_and_requeue() {
     echo "$(date '+%F %T') SIGUSR1: near the time limit; asking the training to save a checkpoint"
     # srun forwards the signal to torchrun on every machine, torchrun to every training process;
     # train.py saves a checkpoint at the next iteration boundary and exits.
-    if [ -n "${SRUN_PID:-}" ]; then  # (a signal before the training started has nothing to save)
-        kill -USR1 "$SRUN_PID" || true
-        wait "$SRUN_PID" || true
+    # (srun's pid from the job table too: the signal may come before SRUN_PID=$! has run)
+    local pid=${SRUN_PID:-$(jobs -p | tail -n 1)}
+    if [ -n "$pid" ]; then  # (a signal before the training started has nothing to save)
+        kill -USR1 "$pid" || true
+        wait "$pid" || true
     fi
     # Requeue only now: requeueing a running job kills it, which would cut the checkpoint short.
     echo "$(date '+%F %T') requeueing job $SLURM_JOB_ID; it resumes from the last checkpoint in $OUTPUT_DIR"

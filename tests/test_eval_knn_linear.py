@@ -285,6 +285,8 @@ def test_a_fixed_split_needs_two_classes_to_train_on() -> None:
     x, y = _clusters(40, 8, 2, spread=1.0, seed=3)
     with pytest.raises(ValueError, match="at least 2 classes in the training features, found only 'a'"):
         protocol.run_protocol(x[y == 0], y[y == 0], ["a", "b"], lambda *args: {}, test_x=x, test_y=y)
+    with pytest.raises(ValueError, match="the training features hold no images"):
+        protocol.run_protocol(x[:0], y[:0], ["a", "b"], lambda *args: {}, test_x=x, test_y=y)
 
 
 def test_group_by_on_the_command_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -330,8 +330,10 @@ def run_protocol(
         if test_y is None:
             raise ValueError("test_y is required with test_x")
         present = np.unique(train_y)
+        if present.size == 0:
+            raise ValueError("the training features hold no images")
         if present.size < 2:
-            only = class_names[present[0]] if present.size else "none"
+            only = class_names[present[0]]
             raise ValueError(f"classification needs at least 2 classes in the training features, found only {only!r}")
         folds = [Fold(np.arange(train_y.size), np.arange(test_y.size))]
         eval_x, eval_y = test_x, test_y
