@@ -565,3 +565,11 @@ def test_ibot_center_ignores_a_step_without_masked_tokens() -> None:
     loss.update_center(tokens)
     loss.apply_center_update()
     torch.testing.assert_close(loss.center, 0.9 * 0.25 + 0.1 * tokens.mean(dim=1, keepdim=True), rtol=0, atol=1e-6)
+
+
+def test_ibot_loss_of_a_batch_without_masked_tokens_is_a_plain_zero() -> None:
+    """No masked token: the loss is 0 with a gradient path, and logs +0.0, not the -0.0 of a negated empty sum."""
+    loss = iBOTPatchLoss(8)
+    student = torch.zeros(0, 8, requires_grad=True)
+    value = loss.forward_masked(student, torch.zeros(0, 8), torch.zeros(2, 16, dtype=torch.bool))
+    assert value.item() == 0.0 and math.copysign(1.0, value.item()) == 1.0 and value.requires_grad

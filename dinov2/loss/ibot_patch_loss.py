@@ -64,4 +64,5 @@ class iBOTPatchLoss(SoftmaxCentering):  # noqa: N801 (DINOv2's public name)
             raise ValueError(
                 f"iBOT forward_masked: {loss.shape[0]} masked-token rows but {masks_weight.shape[0]} mask weights"
             )
-        return -(loss * masks_weight).sum() / student_masks_flat.shape[0]
+        # (0 - x, not -x: with no masked token the loss is 0, not the -0.0 that logs would show)
+        return 0.0 - (loss * masks_weight).sum() / student_masks_flat.shape[0]
