@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,30 @@ def test_text_settings_keep_the_command_lines_spelling() -> None:
                              "train.batch_size_per_gpu=12"])  # fmt: skip
     assert (cfg.train.output_dir, cfg.tracking.wandb_name, cfg.MODEL.WEIGHTS) == ("0123", "12:30", "1e3")
     assert cfg.train.batch_size_per_gpu == 12
+    # YAML's truth words too, and a key given twice takes its last spelling, as its value
+    cfg = load_config(None, ["train.output_dir=no", "tracking.wandb_name=foo", "tracking.wandb_name=0123"])
+    assert (cfg.train.output_dir, cfg.tracking.wandb_name) == ("no", "0123")
+
+
+def test_a_text_setting_written_as_a_number_in_a_file_must_be_quoted(tmp_path: Path) -> None:
+    """A file's spelling is gone once YAML has read it (`0123` is 83): the run would use another folder unsaid."""
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  output_dir: 0123\n")
+    with pytest.raises(ConfigError, match=r"train.output_dir must be a string, got the number 83: quote it in the YAML"):
+        load_config(config)
+    config.write_text("train:\n  output_dir: '0123'\n")
+    assert load_config(config).train.output_dir == "0123"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim.base_lr=.nan", "optim.base_lr must be a finite number, got nan"),
+    ("teacher.teacher_temp=.inf", "teacher.teacher_temp must be a finite number, got inf"),
+    ("train.data_timeout_s=.inf", "train.data_timeout_s must be a finite number, got inf; 0 waits for ever"),
+])
+def test_numbers_that_are_not_finite_are_refused(override: str, message: str) -> None:
+    """NaN passes every range check (each comparison with it is false), and the run then fails far from the cause."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
 
 
 def test_interpolations_resolve_at_load_or_name_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:

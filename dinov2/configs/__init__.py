@@ -134,15 +134,16 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
 
 
 def _keep_spelling_of_text_settings(override_cfg: DictConfig, overrides: Sequence[str], default_tree: dict) -> None:
-    """Give text settings (paths, names) the command line's own spelling where YAML read a number: `0123` is not
-    83, `12:30` not 750, `1e3` not 1000.0 (quoting, `key="'0123'"`, is then no longer needed)."""
-    for item in overrides:
-        key, text = item.split("=", 1)
+    """Give text settings (paths, names) the command line's own spelling where YAML read a number or a truth value:
+    `0123` is not 83, `12:30` not 750, `1e3` not 1000.0, `no` not false (quoting, `key="'0123'"`, is then no longer
+    needed). A key given twice takes its last spelling, as its value."""
+    last = dict(item.split("=", 1) for item in overrides)
+    for key, text in last.items():
         default = default_tree
         for name in key.split("."):
             default = default.get(name) if isinstance(default, dict) else None
         value = OmegaConf.select(override_cfg, key, default=None, throw_on_resolution_failure=False)
-        if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(default, str) and isinstance(value, (int, float)):  # (bool is an int)
             OmegaConf.update(override_cfg, key, text.strip(), merge=False)
 
 
@@ -266,14 +267,19 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
             return value
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # (every comparison with NaN is false: range checks would let it through)
+                hint = "; 0 waits for ever" if key == "train.data_timeout_s" else ""
+                raise ConfigError(f"{key} must be a finite number, got {value}{hint}")
             return float(value)
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
         if value is None:  # `key=` on the command line, or an empty YAML value
             return ""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # e.g. output_dir=2024 on the CLI
-            return str(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # YAML read a number where a text was meant: `0123` is 83, `12:30` is 750, and the spelling is lost
+            raise ConfigError(f"{key} must be a string, got the number {value!r}: quote it in the YAML file "
+                              f"(e.g. {key.rsplit('.', 1)[-1]}: '0123')")  # fmt: skip
     elif isinstance(default, list):
         if isinstance(value, list):
             if default and isinstance(default[0], (int, float)):
