@@ -317,6 +317,10 @@ def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: p
     request = launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "o",
                                       "train.batch_size_per_gpu=${oc.decode:${oc.env:JOB_BATCH}}"])  # fmt: skip
     assert "train.batch_size_per_gpu=${oc.decode:${oc.env:JOB_BATCH}}" in request.train_argv
+    # one that resolves here is type-checked here: a job that could only fail in the queue is not sent
+    with pytest.raises(launcher.LaunchError, match="train.batch_size_per_gpu must be an integer, got '/"):
+        launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "o",
+                                "train.batch_size_per_gpu=${oc.env:HOME}"])  # fmt: skip
     with pytest.raises(launcher.LaunchError, match=r"train.output_dir=\$\{oc.env:SLURM_TMPDIR\}/run cannot be "
                        r"resolved here .*pass --output-dir"):  # fmt: skip
         launcher.parse_request(["--config-file", str(DEMO_CONFIG), "train.output_dir=${oc.env:SLURM_TMPDIR}/run"])

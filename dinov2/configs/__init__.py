@@ -128,8 +128,8 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
     if resolve:
         cfg = _resolved(cfg, default_tree, valid_keys)
         _check_values(cfg)
-    else:  # values that need the job's environment are checked when the job loads the config
-        _check_values(_with_defaults_for_unresolvable(cfg, defaults))
+    else:  # values that need the job's environment are checked when the job loads the config; the others now
+        _check_values(_resolved(_with_defaults_for_unresolvable(cfg, defaults), default_tree, valid_keys))
     return cfg
 
 
