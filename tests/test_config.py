@@ -195,6 +195,16 @@ def test_a_text_setting_written_as_a_number_in_a_file_must_be_quoted(tmp_path: P
     assert load_config(config).train.output_dir == "0123"
 
 
+def test_hydra_spellings_and_derived_settings_get_the_right_advice() -> None:
+    """`+key=`/`~key` (Hydra's) were taken for misspelt keys; a guess of a derived setting (`optim.lr`, which
+    scaling replaces) pointed at one that has no effect."""
+    for item in ("+train.newkey=1", "~train.seed"):
+        with pytest.raises(ConfigError, match=r"\+key and ~key \(Hydra's\) are not supported here"):
+            load_config(None, [item])
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lr'; did you mean optim.base_lr\?"):
+        load_config(None, ["train.lr=0.1"])
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("optim.base_lr=.nan", "optim.base_lr must be a finite number, got nan"),
     ("teacher.teacher_temp=.inf", "teacher.teacher_temp must be a finite number, got inf"),

@@ -113,6 +113,11 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
         layers.append(_checked_layer(file_cfg, default_tree, valid_keys, str(path)))
     if overrides:
         for item in overrides:
+            if item.startswith(("+", "~")):  # Hydra's spellings: add a key, delete one
+                raise ConfigError(
+                    f"command-line override {item!r}: +key and ~key (Hydra's) are not supported here; every setting "
+                    "exists in the default config: set it with key=value, or key=null"
+                )
             if "=" not in item:
                 raise ConfigError(f"command-line override {item!r} is not of the form key=value")
             try:
@@ -334,8 +339,13 @@ def closest_key(key: str, valid_keys: Sequence[str]) -> str | None:
     return leaves[match[0]] if match else None
 
 
+#: Settings derived from others, which a suggestion should name instead (setting them has no effect).
+DERIVED_SETTINGS = {"optim.lr": "optim.base_lr"}
+
+
 def _suggestion(key: str, valid_keys: Sequence[str]) -> str:
     best = closest_key(key, valid_keys)
+    best = DERIVED_SETTINGS.get(best, best) if best != key.lower() else best
     return f"; did you mean {best}?" if best else ""
 
 
