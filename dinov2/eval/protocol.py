@@ -229,11 +229,9 @@ def stratified_folds(
     labels = np.asarray(labels, dtype=np.int64)
     if n_splits < 2:
         raise ValueError(f"n_splits must be at least 2, got {n_splits}")
+    require_two_classes(labels, class_names)
     counts = np.bincount(labels, minlength=len(class_names))
     present = np.flatnonzero(counts)
-    if present.size < 2:
-        only = class_names[present[0]] if present.size else "none"
-        raise ValueError(f"classification needs at least 2 classes, found only {only!r}")
     small = [f"{class_names[c]!r} ({counts[c]})" for c in present if counts[c] < n_splits]
     if small:
         raise ValueError(
@@ -252,6 +250,14 @@ def stratified_folds(
     if warn:
         warn_of_uneven_group_folds(folds, labels, class_names)
     return folds
+
+
+def require_two_classes(labels: np.ndarray, class_names: Sequence[str], where: str = "") -> None:
+    """Raise unless ``labels`` hold at least two classes (``where`` says whose labels, in the message)."""
+    present = np.unique(labels)
+    if present.size < 2:
+        only = class_names[present[0]] if present.size else "none"
+        raise ValueError(f"classification needs at least 2 classes{where}, found only {only!r}")
 
 
 def warn_of_uneven_group_folds(folds: Sequence[Fold], labels: np.ndarray, class_names: Sequence[str]) -> None:
@@ -329,12 +335,9 @@ def run_protocol(
     else:
         if test_y is None:
             raise ValueError("test_y is required with test_x")
-        present = np.unique(train_y)
-        if present.size == 0:
+        if train_y.size == 0:
             raise ValueError("the training features hold no images")
-        if present.size < 2:
-            only = class_names[present[0]]
-            raise ValueError(f"classification needs at least 2 classes in the training features, found only {only!r}")
+        require_two_classes(train_y, class_names, " in the training features")
         folds = [Fold(np.arange(train_y.size), np.arange(test_y.size))]
         eval_x, eval_y = test_x, test_y
     truths: list[np.ndarray] = []
