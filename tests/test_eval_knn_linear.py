@@ -109,18 +109,21 @@ def test_knn_cosine_equals_sklearn() -> None:
 
 
 def test_knn_temperature_weighting_is_dinov2_vote() -> None:
+    """DINOv2's scores: one softmax over the neighbours of the largest k, each k summing its k nearest's weights."""
     x, y = _clusters(300, 16, 4, spread=2.0, seed=5)
     train, train_y, test = x[:250], y[:250], x[250:]
-    scores = knn.knn_probabilities(train, train_y, test, (10,), 4, metric="cosine", weighting="temperature")[10]
+    ks = (1, 5, 10)
+    scores = knn.knn_probabilities(train, train_y, test, ks, 4, metric="cosine", weighting="temperature")
     unit = [a.astype(np.float64) / np.linalg.norm(a.astype(np.float64), axis=1, keepdims=True) for a in (test, train)]
     sims = unit[0] @ unit[1].T
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :10]
+    top = np.argsort(-sims, axis=1, kind="stable")[:, : max(ks)]
     weights = np.exp(np.take_along_axis(sims, top, 1) / 0.07)
     weights /= weights.sum(1, keepdims=True)
-    expected = np.zeros((50, 4))
-    for c in range(4):
-        expected[:, c] = (weights * (train_y[top] == c)).sum(1)
-    np.testing.assert_allclose(scores, expected, atol=1e-9)
+    for k in ks:
+        expected = np.zeros((50, 4))
+        for c in range(4):
+            expected[:, c] = (weights[:, :k] * (train_y[top[:, :k]] == c)).sum(1)
+        np.testing.assert_allclose(scores[k], expected, atol=1e-9, err_msg=f"k={k}")
 
 
 def test_knn_chunking_does_not_change_predictions() -> None:
@@ -393,6 +396,13 @@ def test_labelled_checks() -> None:
     from_txt_list = FeatureSet(fs.features, np.full(12, -1, dtype=np.int64), fs.paths, [], {})  # as extracted
     with pytest.raises(ValueError, match=r"f\.h5: the features are unlabelled .* a CSV with path and label columns"):
         protocol.check_labelled(from_txt_list, "f.h5")
+
+
+def test_features_repeating_an_image_are_refused() -> None:
+    fs = _feature_set([6, 6])
+    fs.paths[7] = "class0/./3.jpg"  # the image of row 3, spelt another way
+    with pytest.raises(ValueError, match=r"f\.h5: image class0/\./3\.jpg is in rows 3 and 7; .* tested on its own copy"):
+        protocol.check_labelled(fs, "f.h5")
 
 
 def test_test_file_must_match_train_file() -> None:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from dinov2.data import FileListDataset
+from dinov2.data.datasets import DatasetError
 from dinov2.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dinov2.eval import extract_features as ef
 from dinov2.eval.features_io import FeatureSet, load_features, save_features
@@ -441,6 +442,14 @@ def test_symlinked_class_folders_are_followed_once(tmp_path: Path, caplog: pytes
     assert images.class_names == ["basophil", "neutrophil"] and images.labels == [0, 1]
     assert f"skipping {root / 'neutrophil' / 'loop'}" in caplog.text
     assert f"skipping {root / 'neutrophil' / 'gone.png'}: a link to {tmp_path / 'moved_away.png'}" in caplog.text
+
+
+def test_csv_list_repeating_an_image_is_refused(tmp_path: Path) -> None:
+    """Two copies of one image would land in different folds and test each other: the list is refused, by line."""
+    csv_path = tmp_path / "cells.csv"
+    csv_path.write_text("path,label\nneutrophil/b.png,neutrophil\nbasophil/c.png,basophil\n./neutrophil/b.png,ig\n")
+    with pytest.raises(DatasetError, match=r"cells\.csv:4: \./neutrophil/b\.png is listed again \(first on line 2\)"):
+        ef.list_images(csv_path)
 
 
 def test_lists_with_a_byte_order_mark(tmp_path: Path) -> None:

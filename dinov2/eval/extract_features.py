@@ -12,7 +12,8 @@
 * a `.txt` file with one image path per line (relative to the file's folder, or absolute; `#` comments), read
   by the rules of the training lists: unlabelled;
 * a `.csv` file with a `path` column (image paths as in a `.txt` list, `~` expanded) and an optional `label`
-  column (class names; empty = unlabelled).
+  column (class names; empty = unlabelled). An image listed twice is an error: its copies would test each other
+  in cross-validation.
 
 Preprocessing is DinoBloom's: Resize((img_size, img_size)) bilinear with antialias (`--resize pil-bicubic`:
 PIL's bicubic resize, as DinoBloom's cross-validation probes), ToTensor, ImageNet normalisation. The stored
@@ -94,6 +95,7 @@ def _read_list(data: Path) -> ImageList:
         return ImageList(data.parent, paths, [-1] * len(paths), [])
     paths: list[str] = []
     labels: list[str | None] = []
+    first_line: dict[str, int] = {}  # normalised path -> the line that listed it
     with data.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
@@ -103,6 +105,13 @@ def _read_list(data: Path) -> ImageList:
             if not path:
                 continue
             check_image_path(path, f"{data}:{reader.line_num}")  # as in a .txt list
+            key = os.path.normpath(os.path.expanduser(path))
+            if key in first_line:  # cross-validation would test such an image on its own copy
+                raise DatasetError(
+                    f"{data}:{reader.line_num}: {path} is listed again (first on line {first_line[key]}); list each "
+                    "image once, or cross-validation tests images on their own copies"
+                )
+            first_line[key] = reader.line_num
             paths.append(os.path.expanduser(path))
             labels.append((row.get("label") or "").strip() or None)
     return _labelled(data.parent, paths, labels)

@@ -3,8 +3,9 @@
 DinoBloom ran ``sklearn.neighbors.KNeighborsClassifier(n_neighbors=k)`` with its
 defaults: Euclidean distance, uniform votes, k = 1 and 20. ``knn_probabilities`` with
 ``metric="euclidean", weighting="uniform"`` reproduces scikit-learn's predictions
-exactly, ties included. scikit-learn's ``predict`` runs a brute-force ``ArgKmin`` search
-and takes the ``mode`` of the neighbours' labels, so:
+exactly, ties included, for features wider than 15 (every backbone's): there scikit-learn's
+``predict`` runs a brute-force ``ArgKmin`` search (narrower features get a KD-tree, which
+breaks ties its own way) and takes the ``mode`` of the neighbours' labels, so:
 
 * distances are computed as scikit-learn does, ``(|x|^2 + (-2 x.y)) + |y|^2`` in float64;
 * among equal vote counts the smaller class index wins;
@@ -243,16 +244,24 @@ def knn_probabilities(
         neighbours = _neighbour_sets(
             queries, train64, train_unit, train_sq_norms, ks, metric, test.shape[0], sklearn_threads
         )
+        if weighting == "temperature":
+            q_unit = torch.nn.functional.normalize(queries.to(torch.float64), dim=1)
+            # The softmax's normaliser runs over the neighbours of the largest k, for every k (DINOv2's scores).
+            log_norm = torch.logsumexp(_similarities(q_unit, train_unit, neighbours[ks[-1]]) / temperature, dim=1)
         for k, nearest in neighbours.items():
             one_hot = torch.nn.functional.one_hot(labels[nearest], num_classes).to(torch.float64)
             if weighting == "uniform":
                 votes = one_hot.sum(1) / k
             else:
-                q_unit = torch.nn.functional.normalize(queries.to(torch.float64), dim=1)
-                sims = torch.einsum("bd,bkd->bk", q_unit, train_unit[nearest])
-                votes = (one_hot * torch.softmax(sims / temperature, dim=1)[..., None]).sum(1)
+                weights = torch.exp(_similarities(q_unit, train_unit, nearest) / temperature - log_norm[:, None])
+                votes = (one_hot * weights[..., None]).sum(1)
             scores[k][start : start + queries.shape[0]] = votes
     return {k: v.cpu().numpy() for k, v in scores.items()}
+
+
+def _similarities(queries_unit: torch.Tensor, train_unit: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each query (unit rows) to its neighbours ``nearest`` (query x k indices)."""
+    return torch.einsum("bd,bkd->bk", queries_unit, train_unit[nearest])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,7 +82,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_labelled(feature_set: FeatureSet, path: str | Path) -> None:
-    """Raise if the set is empty, has no class names, or holds unlabelled (-1) samples."""
+    """Raise if the set is empty, has no class names, repeats an image, or holds unlabelled (-1) samples."""
     labels = np.asarray(feature_set.labels)
     if labels.size == 0:
         raise ValueError(f"{path}: the features file holds no samples")
@@ -91,6 +91,14 @@ def check_labelled(feature_set: FeatureSet, path: str | Path) -> None:
             f"{path}: the features are unlabelled (no class names; a .txt image list gives none): evaluation needs "
             "features extracted from a <class>/<image> folder or a CSV with path and label columns"
         )
+    rows: dict[str, int] = {}
+    for row, image in enumerate(feature_set.paths):
+        first = rows.setdefault(os.path.normpath(image), row)
+        if first != row:
+            raise ValueError(
+                f"{path}: image {image} is in rows {first} and {row}; a repeated image is tested on its own copy in "
+                "cross-validation (or counted twice in a test set): extract from a list that names each image once"
+            )
     unlabelled = int((labels < 0).sum())
     if unlabelled:
         raise ValueError(
