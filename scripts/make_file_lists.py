@@ -50,7 +50,9 @@ def make_file_lists(
     for source in sources:
         if not source.is_dir():
             raise FileNotFoundError(f"source folder {source} does not exist or is not a folder")
-        name = source.resolve().name
+        name = source.resolve().name.lstrip(".")  # training skips hidden lists (".pbc.txt")
+        if not name:
+            raise ValueError(f"source folder {source} has no name to give its list; pass its path by another name")
         if name in names:
             raise ValueError(f"sources {names[name]} and {source} would both write {name}.txt; rename one folder")
         names[name] = source

@@ -247,15 +247,17 @@ def test_a_list_that_is_not_utf8_is_named(tmp_path: Path, content: bytes) -> Non
         FileListDataset(list_file)
 
 
-def test_hidden_lists_are_skipped(tmp_path: Path, image_tree: Path) -> None:
-    """A copy from a Mac leaves ``._name.txt`` resource forks (binary) next to the lists."""
+def test_hidden_lists_are_skipped(tmp_path: Path, image_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A copy from a Mac leaves ``._name.txt`` resource forks (binary) next to the lists; skipping is said."""
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "pbc.txt").write_text(f"{image_tree / 'lymphocyte' / 'l1.png'}\n")
     (lists / "._pbc.txt").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \xff\xfe")
     (lists / ".old.txt").write_text("/nowhere/old.png\n")
-    dataset = FileListDataset(lists)
+    with caplog.at_level(logging.WARNING, logger="dinov2.data.datasets"):
+        dataset = FileListDataset(lists)
     assert [dataset.path(i) for i in range(len(dataset))] == [str(image_tree / "lymphocyte" / "l1.png")]
+    assert "skipping 2 hidden .txt file(s) (._pbc.txt, .old.txt)" in caplog.text
 
 
 def test_image_names_that_are_not_utf8(tmp_path: Path, load_script: Callable[[str], ModuleType]) -> None:
@@ -446,8 +448,10 @@ def test_eval_transform_is_dinobloom_recipe(image_tree: Path) -> None:
             make_eval_transform(224)(wrong)
     # a batch of uint8 images is still fine: each is resized as it would be alone
     batch = torch.stack([as_tensor, as_tensor.flip(-1)])
-    transformed = make_eval_transform(224)(batch)
-    torch.testing.assert_close(transformed[1], make_eval_transform(224)(as_tensor.flip(-1)))
+    for resize in ("bilinear", "pil-bicubic"):
+        transformed = make_eval_transform(224, resize)(batch)
+        assert transformed.shape == (2, 3, 224, 224)
+        torch.testing.assert_close(transformed[1], make_eval_transform(224, resize)(as_tensor.flip(-1)))
 
 
 @pytest.mark.parametrize(
@@ -720,6 +724,11 @@ def test_make_file_lists_script(
     assert len(dataset) == 7 and dataset[6] is not None
     with pytest.raises(ValueError, match="would both write tree.txt"):
         script.main([str(image_tree), str(image_tree), "--output", str(out)])
+    # a hidden source folder gets a list that training reads (it skips hidden lists)
+    hidden = tmp_path / ".pbc"
+    _write_image(hidden / "a.png", 2)
+    script.main([str(hidden), "--output", str(tmp_path / "hidden_lists")])
+    assert len(FileListDataset(tmp_path / "hidden_lists" / "pbc.txt")) == 1
 
 
 @pytest.mark.parametrize("colour", ["device", "workers", None])

@@ -96,6 +96,31 @@ def test_generate_layout_and_idempotence(tmp_path: Path) -> None:
     assert len(smaller.train_list.read_text().splitlines()) == 4
 
 
+def test_an_interrupted_generation_leaves_no_stale_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped half-way through a regeneration as JPEG, then run again as PNG: only the PNGs remain."""
+    from dinov2.data import demo as demo_module
+
+    kwargs = {"images_per_class": 3, "image_size": 48, "seed": 2, "classes": ["basophil"], "num_workers": 0}
+    generate_demo_dataset(tmp_path / "demo", **kwargs)
+    render = demo_module._render_and_save
+    calls = []
+
+    def stopped_at_the_third(job: tuple) -> None:
+        calls.append(job)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        render(job)
+
+    monkeypatch.setattr(demo_module, "_render_and_save", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        generate_demo_dataset(tmp_path / "demo", image_format="jpg", **kwargs)
+    monkeypatch.setattr(demo_module, "_render_and_save", render)
+    demo = generate_demo_dataset(tmp_path / "demo", **kwargs)
+    names = sorted(p.name for p in (demo.images_dir / "basophil").iterdir())
+    assert names == [f"basophil_{i:05d}.png" for i in range(3)]
+    assert len(FileListDataset(demo.images_dir)) == 3
+
+
 def test_output_does_not_depend_on_worker_count(tmp_path: Path) -> None:
     kwargs = {"images_per_class": 2, "image_size": 48, "seed": 5, "classes": ["eosinophil", "platelet"]}
     serial = generate_demo_dataset(tmp_path / "serial", num_workers=0, **kwargs)

@@ -305,9 +305,12 @@ class FileListDataset(torch.utils.data.Dataset):
             entries = _read_file_list(root)
             _warn_of_repeated_paths(root, [(root, entries)])
             return entries, _parent_name
-        lists = sorted(
-            p for p in root.iterdir() if p.suffix.lower() == ".txt" and not p.name.startswith(".") and p.is_file()
-        )
+        all_lists = sorted(p for p in root.iterdir() if p.suffix.lower() == ".txt" and p.is_file())
+        lists = [p for p in all_lists if not p.name.startswith(".")]
+        hidden = [p.name for p in all_lists if p.name.startswith(".")]
+        if hidden:  # macOS's "._name" files, say; but a list named after a hidden folder would be lost unsaid
+            logger.warning("%s: skipping %d hidden .txt file(s) (%s): rename a list without its leading '.' to "
+                           "train on it", root, len(hidden), ", ".join(hidden[:5]))  # fmt: skip
         if lists:
             listed = []
             for list_file in lists:

@@ -413,7 +413,11 @@ def generate_demo_dataset(
         return result
     if previous is not None:
         _remove_previous(images_dir, previous)
-        manifest_path.unlink()
+    # The manifest names the images before they are rendered, and the list is written after them: a run stopped
+    # in between leaves a manifest without a list, and the next run removes what it had rendered.
+    train_list.unlink(missing_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps(settings, indent=2) + "\n")
 
     jobs = []
     for class_name in classes:
@@ -437,7 +441,6 @@ def generate_demo_dataset(
     train_list.write_text(
         "".join(f"{Path(os.path.relpath(job[4], lists_dir)).as_posix()}\n" for job in jobs), encoding="utf-8"
     )
-    manifest_path.write_text(json.dumps(settings, indent=2) + "\n")
     logger.info("wrote %d demo images of %d classes to %s", len(jobs), len(classes), root)
     return result
 

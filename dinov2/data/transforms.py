@@ -118,9 +118,14 @@ def normalize_(x: torch.Tensor) -> torch.Tensor:
 EVAL_RESIZES = ("bilinear", "pil-bicubic")
 
 
-def _pil_bicubic_resize(image: Image.Image | torch.Tensor, size: int) -> Image.Image:
-    """``PIL.Image.resize((size, size))`` with its default (bicubic) filter, as DinoBloom's probe datasets."""
+def _pil_bicubic_resize(image: Image.Image | torch.Tensor, size: int) -> Image.Image | torch.Tensor:
+    """``PIL.Image.resize((size, size))`` with its default (bicubic) filter, as DinoBloom's probe datasets; a batch
+    of uint8 (..., 3, H, W) images is resized image by image into a uint8 batch."""
     if isinstance(image, torch.Tensor):
+        if image.ndim > 3:
+            flat = image.reshape(-1, *image.shape[-3:])
+            resized = [F.pil_to_tensor(_pil_bicubic_resize(one, size)) for one in flat]
+            return torch.stack(resized).reshape(*image.shape[:-2], size, size)
         image = F.to_pil_image(image)
     return image.resize((size, size), Image.Resampling.BICUBIC)
 
@@ -134,7 +139,8 @@ def make_eval_transform(
     fixed-split code, which the reference features follow. ``"pil-bicubic"``: PIL's ``resize`` with its default
     bicubic filter, as the datasets of DinoBloom's cross-validation probes (the paper's tables); the two differ by
     about 0.01 on average in normalised pixel values. A PIL image in another mode than RGB (RGBA, grayscale,
-    16-bit) is first made RGB as :func:`load_image` does; a tensor must already be a uint8 (3, H, W) image.
+    16-bit) is first made RGB as :func:`load_image` does; a tensor must already be a uint8 (3, H, W) image or a
+    batch of them.
     """
     if resize not in EVAL_RESIZES:
         raise ValueError(f"resize must be one of {', '.join(EVAL_RESIZES)}, got {resize!r}")
