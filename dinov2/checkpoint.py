@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dinov2.distributed import barrier, get_rank, get_world_size
+from dinov2.files import atomic_write_text
 # One error type for every checkpoint or weights file that cannot be loaded (the CLIs end it in one line).
 from dinov2.hub.loader import CheckpointError
 
@@ -94,15 +95,6 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _save_durably(obj: Any, path: Path) -> None:
@@ -208,7 +200,7 @@ def save_checkpoint(
             _remove(final)
         os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
-        _atomic_write_text(ckpt_dir / LATEST_FILE, name + "\n")
+        atomic_write_text(ckpt_dir / LATEST_FILE, name + "\n")
         others = [p for p in _checkpoints(ckpt_dir) if p != final]  # the new one is kept even if not the highest
         for old in others[: max(len(others) - (keep_last - 1), 0)]:
             _remove(old)
@@ -257,8 +249,9 @@ def load_checkpoint(
     except CheckpointException as err:
         # each failure is an exception, or (in some PyTorch versions) a tuple of it and its traceback's frames
         causes = "; ".join(
-            f"rank {rank}: {failure[0] if isinstance(failure, tuple) else failure}"
+            f"rank {rank}: {type(error).__name__}: {error}"
             for rank, failure in err.failures.items()
+            for error in [failure[0] if isinstance(failure, tuple) else failure]
         )
         raise CheckpointError(
             f"{path}: cannot load into this model/optimizer: {causes} (if the folder is damaged, remove it to resume "
@@ -311,11 +304,14 @@ def _check_is_checkpoint(path: Path) -> None:
 
 def _check_model_keys(path: Path, model_state: Mapping[str, Any]) -> None:
     """Raise CheckpointError naming missing, unexpected and mis-shaped model keys."""
-    saved = {
-        key[len("model.") :]: meta
-        for key, meta in FileSystemReader(path).read_metadata().state_dict_metadata.items()
-        if key.startswith("model.")
-    }
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except (EOFError, OSError, pickle.UnpicklingError, AttributeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path / '.metadata'} is damaged ({type(err).__name__}: {err}); remove the folder {path} to resume from "
+            "the checkpoint before it"
+        ) from None
+    saved = {key[len("model.") :]: meta for key, meta in metadata.state_dict_metadata.items() if key.startswith("model.")}
     problems = []
     missing = sorted(set(model_state) - set(saved))
     if missing:

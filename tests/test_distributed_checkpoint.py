@@ -505,7 +505,7 @@ def test_a_damaged_checkpoint_file_is_named_with_the_way_out(tmp_path: Path) -> 
     model, optimizer = _ckpt_model()
     save_checkpoint(tmp_path, 10, model, optimizer)
     damaged = save_checkpoint(tmp_path, 20, model, optimizer)
-    for name, cut in (("extra_state.pt", 0), ("rng_rank00000.pt", 40)):
+    for name, cut in (("extra_state.pt", 0), ("rng_rank00000.pt", 40), (".metadata", 100)):
         data = (damaged / name).read_bytes()
         (damaged / name).write_bytes(data[:cut])
         with pytest.raises(CheckpointError, match=re.escape(f"{damaged / name} is damaged (")) as raised:
@@ -517,6 +517,7 @@ def test_a_damaged_checkpoint_file_is_named_with_the_way_out(tmp_path: Path) -> 
     with pytest.raises(CheckpointError, match="remove it to resume from the checkpoint before it") as raised:
         load_checkpoint(damaged, model, optimizer)
     assert "FrameSummary" not in str(raised.value)  # the cause, not the repr of its traceback
+    assert re.search(r"rank 0: \w+(Error|Exception)", str(raised.value))  # its type, too: str(EOFError()) is ''
     shutil.rmtree(damaged)
     assert load_checkpoint(find_latest_checkpoint(tmp_path), model, optimizer)["iteration"] == 10
 

@@ -519,8 +519,25 @@ def test_a_batch_without_a_readable_image_stops_the_run_with_its_iteration(tmp_p
     list_file = tmp_path / "lists" / "cells.txt"
     list_file.parent.mkdir()
     list_file.write_text("\n".join(bad) + "\n")
-    with pytest.raises(DatasetError, match=r"iteration 0, rank 0: none of the 8 images of the batch could be read"):
+    with pytest.raises(DatasetError, match=r"iteration 0, rank 0: none of the 8 images of the batch could be read, "
+                                           r"nor any of the 7 images after its first"):
         _train(tmp_path / "run", list_file.parent, "train.max_bad_image_fraction=1.0", epochs=1, epoch_length=2)
+
+
+def test_a_batch_of_one_unreadable_image_trains_on_a_stand_in(tmp_path: Path, demo) -> None:
+    """With one image per rank, a bad image is the whole batch: the next readable image stands in, the bad one is
+    counted, and the run goes on (before, every resume stopped at the same step)."""
+    list_file, bad = _damaged_list(tmp_path, demo)
+    out = tmp_path / "run"
+    sampler = InfiniteSampler(51, shuffle=True, seed=0, batch_size=1)
+    drawn_bad = [d for d in range(51) if sampler.key(d).index in {5, 20, 40}]
+    _train(out, list_file, "train.batch_size_per_gpu=1", "train.max_bad_image_fraction=0.1", "train.log_period=1",
+           epochs=1, epoch_length=51)  # fmt: skip
+    records = _metrics(out)
+    assert [r["iteration"] for r in records] == list(range(51))
+    assert records[-1]["bad_images"] == len(drawn_bad) == 3
+    assert [records[d]["bad_images"] - (records[d - 1]["bad_images"] if d else 0) for d in drawn_bad] == [1, 1, 1]
+    assert all(np.isfinite(r["total_loss"]) for r in records)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -648,6 +665,27 @@ def test_knn_monitor_scores_initialisation_and_end(tmp_path: Path, demo) -> None
     _train(out, demo.lists_dir, f"evaluation.knn_data={demo.images_dir}", "evaluation.knn_max_images=0",
            epochs=1, epoch_length=3)  # fmt: skip
     assert len(json.loads((out / "knn_monitor.json").read_text())) == 2  # nothing more to score
+    # A file cut short (a copy of the run folder, a full disk) is set aside, not a traceback; the end is scored again.
+    damaged = (out / "knn_monitor.json").read_text()[:40]
+    (out / "knn_monitor.json").write_text(damaged)
+    _train(out, demo.lists_dir, f"evaluation.knn_data={demo.images_dir}", "evaluation.knn_max_images=0",
+           epochs=1, epoch_length=3)  # fmt: skip
+    assert (out / "knn_monitor.json.damaged").read_text() == damaged
+    rescored = json.loads((out / "knn_monitor.json").read_text())
+    assert [(r["stage"], r["iteration"]) for r in rescored] == [("end of training", 3)]
+    assert rescored[0]["balanced_accuracy"] == records[1]["balanced_accuracy"]
+
+
+def test_a_schedule_shorter_than_the_checkpoint_is_refused_and_changes_nothing(tmp_path: Path, demo) -> None:
+    """Run again with fewer epochs, a finished run would lose the records of its later steps; it is refused."""
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, epochs=2, epoch_length=3)
+    before = {name: (out / name).read_text() for name in ("training_metrics.json", "config.yaml")}
+    with pytest.raises(ConfigError, match=r"has trained 6 iterations, more than this config's run of 3 "
+                                          r"\(optim.epochs=1 x train.OFFICIAL_EPOCH_LENGTH=3\)"):
+        _train(out, demo.lists_dir, "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0",
+               "teacher.warmup_teacher_temp_epochs=0", epochs=1, epoch_length=3)  # fmt: skip
+    assert {name: (out / name).read_text() for name in before} == before
 
 
 def test_eval_only_exports_the_teacher_of_the_newest_checkpoint(tmp_path: Path, demo) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from dinov2.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -611,9 +612,7 @@ def write_config(cfg: DictConfig, output_dir: str | Path, name: str = "config.ya
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / name
-    tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
     return path
 
 

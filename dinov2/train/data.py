@@ -50,8 +50,13 @@ class KeyedSamples(Dataset):
 class TrainCollate:
     """Drop unreadable images, stack the crops and draw the iBOT masks from a per-batch seed.
 
-    A batch carries its counts, ``n_images`` and ``n_bad_images``; one without a readable image carries only them.
+    A batch carries its counts, ``n_images`` and ``n_bad_images``. When none of its images can be read, the first
+    readable of the images that follow its first draw in the data set (same epoch, up to ``MAX_SUBSTITUTES`` tried,
+    each failure counted) stands in for the batch, so that a run whose batch is all bad (one image per rank, say)
+    trains on, and resumes, past it; a batch without any carries only its counts.
     """
+
+    MAX_SUBSTITUTES = 100
 
     mask_generator: MaskingGenerator
     mask_ratio_tuple: tuple[float, float]
@@ -59,12 +64,24 @@ class TrainCollate:
     seed: int
     dtype: torch.dtype = torch.float32  # of the crops: the run's compute dtype
     defer_colour: bool = False  # leave the colour operations to the device (dinov2.data.photometric.finish_crops)
+    substitutes: KeyedSamples | None = None  # where a batch without a readable image finds a stand-in
 
     def __call__(self, items: list[tuple[Any, SampleKey]]) -> dict[str, Any]:
         samples = [sample for sample, _ in items if sample is not None]
-        if not samples:  # the trainer stops on such a batch, from its own process (a worker's error would be wrapped)
-            return {"n_images": len(items), "n_bad_images": len(items)}
         first = items[0][1]
+        n_bad = len(items) - len(samples)
+        if not samples and self.substitutes is not None:
+            size = len(self.substitutes)
+            for step in range(1, min(size, self.MAX_SUBSTITUTES + 1)):
+                sample, key = self.substitutes[SampleKey((first.index + step) % size, first.epoch)]
+                if sample is not None:
+                    logger.warning("none of the %d images of a batch could be read: image %d stands in for them",
+                                   len(items), key.index)  # fmt: skip
+                    samples = [sample]
+                    break
+                n_bad += 1
+        if not samples:  # the trainer stops on such a batch, from its own process (a worker's error would be wrapped)
+            return {"n_images": len(items), "n_bad_images": n_bad}
         # The batch's first draw is unique within a run, so the masks depend only on (seed, batch). Its seed is also
         # the one `random` gets for that sample's augmentation, which draws from torch only: an augmentation that
         # drew from `random` would repeat the masks' numbers.
@@ -79,7 +96,7 @@ class TrainCollate:
             defer_colour=self.defer_colour,
         )
         batch["n_images"] = len(items)
-        batch["n_bad_images"] = len(items) - len(samples)
+        batch["n_bad_images"] = n_bad
         return batch
 
 
@@ -136,20 +153,25 @@ def build_train_loader(
         len(dataset), shuffle=True, seed=cfg.train.seed, start=start, rank=rank, world_size=world_size,
         batch_size=batch_size,
     )
+    keyed = KeyedSamples(dataset)
     loader = make_data_loader(
-        KeyedSamples(dataset),
+        keyed,
         batch_size=batch_size,
         num_workers=int(cfg.train.num_workers),
         sampler=sampler,
-        collate_fn=build_train_collate(cfg, dtype, defer_colour),
+        collate_fn=build_train_collate(cfg, dtype, defer_colour, substitutes=keyed),
         seed=derive_seed(cfg.train.seed, rank),
         timeout_s=float(cfg.train.data_timeout_s),
     )
     return loader, sampler
 
 
-def build_train_collate(cfg: DictConfig, dtype: torch.dtype = torch.float32, defer_colour: bool = False) -> TrainCollate:
-    """The loader's collate: crops stacked as ``dtype`` (uint8 with ``defer_colour``), iBOT masks as configured."""
+def build_train_collate(
+    cfg: DictConfig, dtype: torch.dtype = torch.float32, defer_colour: bool = False,
+    substitutes: KeyedSamples | None = None,
+) -> TrainCollate:
+    """The loader's collate: crops stacked as ``dtype`` (uint8 with ``defer_colour``), iBOT masks as configured,
+    a stand-in from ``substitutes`` for a batch without a readable image (see :class:`TrainCollate`)."""
     return TrainCollate(
         mask_generator=MaskingGenerator.for_global_crops(cfg.crops.global_crops_size, cfg.student.patch_size),
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
@@ -157,4 +179,5 @@ def build_train_collate(cfg: DictConfig, dtype: torch.dtype = torch.float32, def
         seed=int(cfg.train.seed),
         dtype=dtype,
         defer_colour=defer_colour,
+        substitutes=substitutes,
     )

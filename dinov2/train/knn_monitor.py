@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from dinov2.distributed import is_main_process
 from dinov2.eval.extract_features import ImageList, embed_images, list_images
 from dinov2.eval.knn import knn_probabilities
 from dinov2.eval.protocol import run_protocol
+from dinov2.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,23 @@ class _NoGradForward(nn.Module):
         """The backbone's CLS token of ``x`` after its final LayerNorm."""
         with torch.inference_mode(False), torch.no_grad():
             return self.backbone(x)
+
+
+def _earlier_scores(path: Path) -> list[dict]:
+    """The scores a resumed run had recorded; a damaged file (from a copy cut short, say) is set aside, with a
+    warning, and the scores start anew."""
+    try:
+        scores = json.loads(path.read_text())
+        if isinstance(scores, list) and all(isinstance(s, dict) and {"stage", "iteration"} <= set(s) for s in scores):
+            return scores
+        problem = "not a list of scores"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        problem = str(err)
+    kept = path.with_name(path.name + ".damaged")
+    if is_main_process():
+        os.replace(path, kept)
+    logger.warning("%s cannot be read (%s): set aside as %s; the kNN scores start anew", path, problem, kept.name)
+    return []
 
 
 @dataclass
@@ -105,7 +124,7 @@ class KnnMonitor:
             )
         logger.info("kNN monitor: %d images of %d classes from %s", len(images.paths), len(images.class_names), cfg.evaluation.knn_data)
         output_file = output_dir / "knn_monitor.json"
-        earlier = json.loads(output_file.read_text()) if resume and output_file.exists() else []
+        earlier = _earlier_scores(output_file) if resume and output_file.exists() else []
         return cls(images, int(cfg.crops.global_crops_size), device, output_file, earlier)
 
     @torch.no_grad()
@@ -141,7 +160,7 @@ class KnnMonitor:
                 "%d-NN on %d images (%s, after %d steps): balanced accuracy %.4f, accuracy %.4f, weighted F1 %.4f",
                 k, len(kept), stage, iteration, record["balanced_accuracy"], record["accuracy"], record["weighted_f1"],
             )
-            self.output_file.write_text(json.dumps(self.scores, indent=2) + "\n")
+            atomic_write_text(self.output_file, json.dumps(self.scores, indent=2) + "\n")
         return float(record["balanced_accuracy"])
 
     def has_score(self, stage: str, iteration: int) -> bool:

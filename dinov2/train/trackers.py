@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from dinov2.configs import ConfigError
+from dinov2.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class MetricsFile:
         if path.exists():
             # Drop records past the checkpoint being resumed, so the file tells one consistent story.
             kept = [line for line in path.read_text().splitlines() if _iteration_of(line, path) < start_iteration]
-            path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record."""

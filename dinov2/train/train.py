@@ -602,6 +602,13 @@ def train(
             len(dataset), augmentation,
         )
     start_iter, images_seen, bad_images = progress
+    if start_iter > max_iter:  # before anything in the folder changes: its config, metrics and scores stay as they are
+        raise ConfigError(
+            f"the checkpoint {latest} has trained {start_iter} iterations, more than this config's run of {max_iter} "
+            f"(optim.epochs={cfg.optim.epochs} x train.OFFICIAL_EPOCH_LENGTH={cfg.train.OFFICIAL_EPOCH_LENGTH}): "
+            "keep the run's epochs (its config.yaml) or raise them to train on, or start a new run (another "
+            "--output-dir, or --no-resume)"
+        )
     if not resuming:  # after loading MODEL.WEIGHTS, which may lie in this folder's checkpoints
         distributed.barrier()  # every rank has read them before they are moved
         if info.is_main_process:
@@ -658,7 +665,9 @@ def train(
             if "collated_global_crops" not in batch:  # (torchrun, or srun --kill-on-bad-exit, stops the other ranks)
                 raise DatasetError(
                     f"iteration {iteration}, rank {info.rank}: none of the {batch['n_images']} images of the batch "
-                    "could be read; the 'skipping unreadable image' warnings in log.txt name them"
+                    f"could be read, nor any of the {batch['n_bad_images'] - batch['n_images']} images after its first "
+                    "in the data set that were tried in their stead; the 'skipping unreadable image' warnings in "
+                    "log.txt name them"
                 )
             batch = finish_crops(batch, device, compute_dtype)
             lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
