@@ -183,6 +183,11 @@ def test_text_settings_keep_the_command_lines_spelling() -> None:
     # YAML's truth words too, and a key given twice takes its last spelling, as its value
     cfg = load_config(None, ["train.output_dir=no", "tracking.wandb_name=foo", "tracking.wandb_name=0123"])
     assert (cfg.train.output_dir, cfg.tracking.wandb_name) == ("no", "0123")
+    # ' #' starts a YAML comment: a folder "runs #2" would have been "runs", maybe another run's, resumed unsaid
+    cfg = load_config(None, ["train.output_dir=runs #2", "tracking.wandb_name=lr 1e-3 #2", "MODEL.WEIGHTS='a #b'"])
+    assert (cfg.train.output_dir, cfg.tracking.wandb_name, cfg.MODEL.WEIGHTS) == ("runs #2", "lr 1e-3 #2", "a #b")
+    with pytest.raises(ConfigError, match=r"train.batch_size_per_gpu='12 #per GPU'.* a comment, which leaves 12"):
+        load_config(None, ["train.batch_size_per_gpu=12 #per GPU"])
 
 
 def test_a_text_setting_written_as_a_number_in_a_file_must_be_quoted(tmp_path: Path) -> None:

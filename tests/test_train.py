@@ -276,6 +276,26 @@ def test_starting_over_sets_the_earlier_run_aside(tmp_path: Path, demo) -> None:
     assert "000000002" in (out / "log.txt").read_text().splitlines()[-1]
 
 
+def test_a_start_over_stopped_before_it_moved_the_old_run_aside_starts_over_when_requeued(
+    tmp_path: Path, demo
+) -> None:
+    """A --no-resume job preempted in its first minutes is requeued told to resume (train.resume=true): it must not
+    continue the run it was to replace."""
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, epochs=1, epoch_length=3)
+    with pytest.raises(FileNotFoundError):  # stopped after it took the folder, before the old run was moved aside
+        _train(out, tmp_path / "not_yet_copied", "--no-resume", epochs=2, epoch_length=3)
+    assert (out / "checkpoints" / "000000002").is_dir()
+    _train(out, demo.lists_dir, "train.resume=true", epochs=2, epoch_length=3)
+    assert "starting over, as it was told" in (out / "log.txt").read_text()
+    assert [r["iteration"] for r in _metrics(out)] == list(range(6))  # trained from the start, not from step 3
+    (previous,) = (out / "previous_runs").iterdir()
+    assert [r["iteration"] for r in _metrics(previous)] == [0, 1, 2]
+    assert not (out / ".starting_over").exists()
+    _train(out, demo.lists_dir, epochs=2, epoch_length=3)  # and then resumes as usual: nothing to do
+    assert "nothing to do" in (out / "log.txt").read_text().splitlines()[-1]
+
+
 def test_a_resume_that_fails_keeps_the_runs_config(tmp_path: Path, demo) -> None:
     out = tmp_path / "run"
     _train(out, demo.lists_dir, epochs=1, epoch_length=2)
@@ -577,6 +597,20 @@ def test_config_typo_fails_before_anything(tmp_path: Path, demo, where: str, ove
     with pytest.raises(ConfigError, match=message):
         main(argv)
     assert not out.exists()
+
+
+def test_output_dir_replaces_a_file_value_that_only_a_job_can_resolve(tmp_path: Path, demo) -> None:
+    """A config whose output_dir names ${oc.env:...} of the cluster's jobs still runs here with --output-dir (as the
+    launcher advises), under a folder name with a quote and a '#' kept as typed."""
+    config = tmp_path / "cluster.yaml"
+    demo_text = DEMO_CONFIG.read_text()
+    assert "  output_dir: outputs/demo\n" in demo_text
+    config.write_text(demo_text.replace("outputs/demo", "${oc.env:DINOBLOOM_TEST_UNSET_SCRATCH}/demo"))
+    out = tmp_path / "it's run #2"
+    main(["--config-file", str(config), "--output-dir", str(out), f"train.dataset_path={demo.lists_dir}", *TINY,
+          "optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=1"])  # fmt: skip
+    assert load_config(out / "config.yaml").train.output_dir == str(out)
+    assert (out / "checkpoints" / "000000000").is_dir()
 
 
 def test_options_may_follow_the_overrides() -> None:

@@ -142,15 +142,22 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
 def _keep_spelling_of_text_settings(override_cfg: DictConfig, overrides: Sequence[str], default_tree: dict) -> None:
     """Give text settings (paths, names) the command line's own spelling where YAML read a number or a truth value:
     `0123` is not 83, `12:30` not 750, `1e3` not 1000.0, `no` not false (quoting, `key="'0123'"`, is then no longer
-    needed). A key given twice takes its last spelling, as its value."""
+    needed), or a comment: `out #2` is not `out`. A key given twice takes its last spelling, as its value. A `#` that
+    YAML took for a comment in any other setting is an error."""
     last = dict(item.split("=", 1) for item in overrides)
     for key, text in last.items():
         default = default_tree
         for name in key.split("."):
             default = default.get(name) if isinstance(default, dict) else None
         value = OmegaConf.select(override_cfg, key, default=None, throw_on_resolution_failure=False)
-        if isinstance(default, str) and isinstance(value, (int, float)):  # (bool is an int)
+        cut_by_comment = "#" in text and value != text.strip() and str(value) == text.split("#", 1)[0].strip()
+        if isinstance(default, str) and (isinstance(value, (int, float)) or cut_by_comment):  # (bool is an int)
             OmegaConf.update(override_cfg, key, text.strip(), merge=False)
+        elif cut_by_comment:
+            raise ConfigError(
+                f"command-line override {key}={text!r}: YAML reads '#' after a space as the start of a comment, "
+                f"which leaves {value!r}; remove the comment"
+            )
 
 
 def _with_defaults_for_unresolvable(cfg: DictConfig, defaults: DictConfig) -> DictConfig:

@@ -236,6 +236,17 @@ PREVIOUS_RUN_OUTPUTS = (
 )
 
 
+#: Written when a run is told to start over in a folder that holds an earlier run, removed once that run is moved
+#: aside: a requeued job (which is told to resume) that finds it starts over too, rather than resume the earlier run.
+START_OVER_MARKER = ".starting_over"
+
+
+def mark_start_over(output_dir: Path) -> None:
+    """Leave :data:`START_OVER_MARKER` in ``output_dir`` when it holds an earlier run's outputs."""
+    if any((output_dir / name).exists() for name in PREVIOUS_RUN_OUTPUTS):
+        (output_dir / START_OVER_MARKER).touch()
+
+
 def set_aside_previous_run(output_dir: Path, previous_config: str | None = None) -> Path | None:
     """Move an earlier run's outputs in ``output_dir`` into ``previous_runs/<date-time>/``; return that folder.
 
@@ -576,6 +587,10 @@ def train(
     """
     device = info.device
     ckpt_dir = output_dir / "checkpoints"
+    if resume and (output_dir / START_OVER_MARKER).exists():
+        logger.warning("%s: a run told to start over (--no-resume) stopped before it moved the earlier run aside; "
+                       "starting over, as it was told", output_dir)  # fmt: skip
+        resume = False
     latest = find_latest_checkpoint(ckpt_dir) if resume else None
     check_tracking(cfg)
     # Data and kNN set first: a wrong path fails here, before any model is built.
@@ -613,6 +628,7 @@ def train(
         distributed.barrier()  # every rank has read them before they are moved
         if info.is_main_process:
             set_aside_previous_run(output_dir, previous_config)
+            (output_dir / START_OVER_MARKER).unlink(missing_ok=True)
         distributed.barrier()
     if info.is_main_process:  # only now: a resume that fails leaves the config of the run's checkpoints in place
         write_config(cfg, output_dir)
@@ -783,8 +799,11 @@ def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distribut
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse the command line, set up processes and logging, train."""
     args = build_parser().parse_intermixed_args(argv)
-    cfg = load_config(args.config_file, args.opts)
-    output_dir = Path(args.output_dir or cfg.train.output_dir).expanduser().resolve()
+    overrides = list(args.opts)
+    if args.output_dir:  # replaces the file's value before that is resolved (a ${oc.env:...} set only in jobs, say)
+        overrides.append("train.output_dir='{}'".format(args.output_dir.replace("'", "''")))  # YAML-quoted as given
+    cfg = load_config(args.config_file, overrides)
+    output_dir = Path(cfg.train.output_dir).expanduser().resolve()
     cfg.train.output_dir = str(output_dir)
     try:
         info = distributed.enable_distributed(device=cfg.train.device)
@@ -795,6 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: list[logging.Handler] = []
     root_level = logging.getLogger().level  # restored at the end, with the handlers (main may run in a notebook)
     lock = RunLock(output_dir)
+    starts_over = args.no_resume or not cfg.train.resume
     try:
         try:
             refused = ""
@@ -802,6 +822,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     output_dir.mkdir(parents=True, exist_ok=True)
                     lock.acquire()
+                    if starts_over and not args.eval_only:
+                        mark_start_over(output_dir)
                 except RunLockedError as err:
                     refused = str(err)
                 except OSError as err:  # a file in the way, a read-only folder
@@ -827,8 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.eval_only:
                 export_checkpoint_teacher(cfg, output_dir, info)
             else:
-                train(cfg, output_dir, resume=cfg.train.resume and not args.no_resume, info=info,
-                      previous_config=previous)  # fmt: skip
+                train(cfg, output_dir, resume=not starts_over, info=info, previous_config=previous)
         except SystemExit as stop:  # a stop all ranks agreed on (preemption): they all leave here
             distributed.barrier()
             handler_error = getattr(stop, "handler_error", None)
