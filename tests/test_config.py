@@ -94,6 +94,8 @@ def test_types_are_checked_and_numbers_coerced() -> None:
         load_config(None, ["crops.global_crops_scale=[0.3,big]"])
     with pytest.raises(ConfigError, match=r"train is a section"):
         load_config(None, ["train=3"])
+    with pytest.raises(ConfigError, match=r"crops is a section .* got None"):  # was ignored, unsaid
+        load_config(None, ["crops=null"])
     cfg = load_config(None, ["optim.base_lr=1", "train.output_dir=2024"])
     assert isinstance(cfg.optim.base_lr, float) and cfg.optim.base_lr == 1.0
     assert cfg.train.output_dir == "2024"

@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 
 import dinov2.checkpoint as checkpoint_module
 from dinov2 import distributed
+from dinov2.cli import run_cli
 from dinov2.checkpoint import (
     CheckpointError,
     export_teacher,
@@ -311,7 +312,7 @@ def test_slurm_batch_step_runs_as_one_process(
     assert "one process in a SLURM job of 4 tasks" in caplog.text and "srun" in caplog.text
     # a task other than 0 without a step size cannot be a batch step: refuse rather than run as rank 0 again
     monkeypatch.setenv("SLURM_PROCID", "3")
-    with pytest.raises(RuntimeError, match="SLURM_PROCID=3 without SLURM_STEP_NUM_TASKS"):
+    with pytest.raises(distributed.LaunchEnvironmentError, match="SLURM_PROCID=3 without SLURM_STEP_NUM_TASKS"):
         enable_distributed(device="cpu")
 
 
@@ -343,7 +344,7 @@ def test_slurm_steps_of_one_job_get_their_own_port(monkeypatch: pytest.MonkeyPat
         ports.append(port)
     assert ports[0] == 15150 and ports[1] != ports[0]  # step 0 keeps the job's port, as sbatch_train.sh uses it
     monkeypatch.setenv("MASTER_PORT", "29500x")
-    with pytest.raises(RuntimeError, match=r"MASTER_PORT='29500x' is not an integer"):
+    with pytest.raises(distributed.LaunchEnvironmentError, match=r"MASTER_PORT='29500x' is not an integer"):
         distributed._read_launcher_env()
 
 
@@ -369,20 +370,30 @@ def test_more_local_ranks_than_gpus_is_said(monkeypatch: pytest.MonkeyPatch, cap
         distributed.get_device("auto", local_rank=1)
 
 
-def test_a_half_set_torchrun_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_half_set_torchrun_environment_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """WORLD_SIZE=2 without RANK (or RANK=1 without WORLD_SIZE) used to run as a single process, unsaid; a lone
     WORLD_SIZE=1 or RANK=0, as some notebooks export, is one process indeed."""
     for name in LAUNCHER_VARS:
         monkeypatch.delenv(name, raising=False)
     for name, value, other in (("WORLD_SIZE", "2", "RANK"), ("RANK", "1", "WORLD_SIZE")):
         monkeypatch.setenv(name, value)
-        with pytest.raises(RuntimeError, match=f"{name}={value} is set but {other} is not"):
+        with pytest.raises(distributed.LaunchEnvironmentError, match=f"{name}={value} is set but {other} is not"):
             distributed._read_launcher_env()
         monkeypatch.delenv(name)
     for name, value in (("WORLD_SIZE", "1"), ("RANK", "0")):
         monkeypatch.setenv(name, value)
         assert distributed._read_launcher_env()[0] == "single"
         monkeypatch.delenv(name)
+    # both set by hand, without the rendezvous address: the command line's one error line, with the way out
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: distributed.enable_distributed(device="cpu"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("error: torchrun: world size 2 but MASTER_ADDR/MASTER_PORT are unknown: start "
+                                       "the processes with torchrun or srun, which set them, or set both\n")
 
 
 def test_nccls_refusal_of_two_ranks_on_one_gpu_gets_the_remedy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -254,7 +254,7 @@ def _check_tree(tree: dict, default: dict, prefix: str, source: str, valid: list
             continue
         expected = default[name]
         if isinstance(expected, dict):
-            if value is None:  # an empty section in YAML
+            if value is None and source != "command line":  # an empty section in YAML
                 continue
             if not isinstance(value, dict):
                 errors.append(f"{source}: {key} is a section (keys {sorted(expected)}), got {value!r}")

@@ -100,16 +100,20 @@ def slurm_master_port(job_id: str, step_id: str = "0") -> int:
     return 10000 + (job + 7919 * step) % 20000
 
 
+class LaunchEnvironmentError(ValueError):
+    """The launcher's environment variables (torchrun's, SLURM's) are missing, half set or malformed."""
+
+
 def _env_int(name: str, default: int | None = None) -> int:
     value = os.environ.get(name)
     if value is None:
         if default is None:
-            raise RuntimeError(f"environment variable {name} is not set")
+            raise LaunchEnvironmentError(f"environment variable {name} is not set")
         return default
     try:
         return int(value)
     except ValueError as err:
-        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from err
+        raise LaunchEnvironmentError(f"environment variable {name}={value!r} is not an integer") from err
 
 
 def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | None]:
@@ -117,7 +121,7 @@ def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | Non
     if ("RANK" in os.environ) != ("WORLD_SIZE" in os.environ):  # one of torchrun's pair: a launch half set up
         name, other = ("RANK", "WORLD_SIZE") if "RANK" in os.environ else ("WORLD_SIZE", "RANK")
         if _env_int(name) > (0 if name == "RANK" else 1):
-            raise RuntimeError(
+            raise LaunchEnvironmentError(
                 f"{name}={os.environ[name]} is set but {other} is not: start the processes with torchrun (or srun), "
                 f"or unset {name} for one process"
             )
@@ -135,7 +139,7 @@ def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | Non
     if "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" not in os.environ:
         # The batch step of a job: SLURM_NTASKS counts tasks that only srun would start.
         if os.environ["SLURM_PROCID"] != "0":
-            raise RuntimeError(
+            raise LaunchEnvironmentError(
                 f"SLURM_PROCID={os.environ['SLURM_PROCID']} without SLURM_STEP_NUM_TASKS: this launcher does not say "
                 "how many tasks there are; start the training with srun or torchrun"
             )
@@ -151,7 +155,7 @@ def _read_launcher_env() -> tuple[str, int, int, int, int, str | None, int | Non
             nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
             addr = os.environ.get("MASTER_ADDR") or (expand_nodelist(nodelist)[0] if nodelist else None)
             if addr is None:
-                raise RuntimeError("SLURM job with several tasks but no SLURM_JOB_NODELIST or MASTER_ADDR")
+                raise LaunchEnvironmentError("SLURM job with several tasks but no SLURM_JOB_NODELIST or MASTER_ADDR")
             port = (
                 _env_int("MASTER_PORT")
                 if os.environ.get("MASTER_PORT")
@@ -225,7 +229,10 @@ def enable_distributed(*, device: str = "auto", timeout: timedelta = timedelta(m
             backend = dist.get_backend()
         else:
             if addr is None or port is None:
-                raise RuntimeError(f"{launcher}: world size {world} but MASTER_ADDR/MASTER_PORT are unknown")
+                raise LaunchEnvironmentError(
+                    f"{launcher}: world size {world} but MASTER_ADDR/MASTER_PORT are unknown: start the processes "
+                    "with torchrun or srun, which set them, or set both"
+                )
             # Other libraries (and torch's env:// rendezvous) read these.
             os.environ.update(
                 MASTER_ADDR=addr,
