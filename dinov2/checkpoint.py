@@ -306,10 +306,11 @@ def _check_model_keys(path: Path, model_state: Mapping[str, Any]) -> None:
     """Raise CheckpointError naming missing, unexpected and mis-shaped model keys."""
     try:
         metadata = FileSystemReader(path).read_metadata()
-    except (EOFError, OSError, pickle.UnpicklingError, AttributeError, ValueError) as err:
+    except Exception as err:  # a damaged pickle raises almost anything (TypeError, ModuleNotFoundError, ...)
         raise CheckpointError(
-            f"{path / '.metadata'} is damaged ({type(err).__name__}: {err}); remove the folder {path} to resume from "
-            "the checkpoint before it"
+            f"{path / '.metadata'} cannot be read: damaged, or written by an incompatible PyTorch "
+            f"({type(err).__name__}: {err}); if it is damaged, remove the folder {path} to resume from the "
+            "checkpoint before it"
         ) from None
     saved = {key[len("model.") :]: meta for key, meta in metadata.state_dict_metadata.items() if key.startswith("model.")}
     problems = []

@@ -188,8 +188,11 @@ def test_text_settings_keep_the_command_lines_spelling() -> None:
     # ' #' starts a YAML comment: a folder "runs #2" would have been "runs", maybe another run's, resumed unsaid
     cfg = load_config(None, ["train.output_dir=runs #2", "tracking.wandb_name=lr 1e-3 #2", "MODEL.WEIGHTS='a #b'"])
     assert (cfg.train.output_dir, cfg.tracking.wandb_name, cfg.MODEL.WEIGHTS) == ("runs #2", "lr 1e-3 #2", "a #b")
-    with pytest.raises(ConfigError, match=r"train.batch_size_per_gpu='12 #per GPU'.* a comment, which leaves 12"):
-        load_config(None, ["train.batch_size_per_gpu=12 #per GPU"])
+    for override in ("train.batch_size_per_gpu=12 #per GPU", "train.compile=true #x", "optim.base_lr=4e-3 #x",
+                     "crops.global_crops_scale=[0.3,1.0] #x", "train.output_dir='a' #x"):
+        with pytest.raises(ConfigError, match=r"YAML reads '#' after a space as the start of a comment"):
+            load_config(None, [override])
+    assert load_config(None, ["train.output_dir=#2"]).train.output_dir == "#2"
 
 
 def test_a_text_setting_written_as_a_number_in_a_file_must_be_quoted(tmp_path: Path) -> None:

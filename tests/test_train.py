@@ -277,14 +277,23 @@ def test_starting_over_sets_the_earlier_run_aside(tmp_path: Path, demo) -> None:
 
 
 def test_a_start_over_stopped_before_it_moved_the_old_run_aside_starts_over_when_requeued(
-    tmp_path: Path, demo
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A --no-resume job preempted in its first minutes is requeued told to resume (train.resume=true): it must not
-    continue the run it was to replace."""
+    continue the run it was to replace. A start-over that fails (a wrong path) leaves the next plain run resuming."""
     out = tmp_path / "run"
     _train(out, demo.lists_dir, epochs=1, epoch_length=3)
-    with pytest.raises(FileNotFoundError):  # stopped after it took the folder, before the old run was moved aside
-        _train(out, tmp_path / "not_yet_copied", "--no-resume", epochs=2, epoch_length=3)
+    with pytest.raises(FileNotFoundError):
+        _train(out, tmp_path / "not_there", "--no-resume", epochs=2, epoch_length=3)
+    assert not (out / ".starting_over").exists()
+
+    def preempted(*args, **kwargs):  # stopped while the model is built, before the old run was moved aside
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "build_training_state", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        _train(out, demo.lists_dir, "--no-resume", epochs=2, epoch_length=3)
+    monkeypatch.undo()
     assert (out / "checkpoints" / "000000002").is_dir()
     _train(out, demo.lists_dir, "train.resume=true", epochs=2, epoch_length=3)
     assert "starting over, as it was told" in (out / "log.txt").read_text()
@@ -558,6 +567,17 @@ def test_a_batch_of_one_unreadable_image_trains_on_a_stand_in(tmp_path: Path, de
     assert records[-1]["bad_images"] == len(drawn_bad) == 3
     assert [records[d]["bad_images"] - (records[d - 1]["bad_images"] if d else 0) for d in drawn_bad] == [1, 1, 1]
     assert all(np.isfinite(r["total_loss"]) for r in records)
+    # Three bad images in a row: the stand-ins tried are not counted again (they are counted when they are drawn).
+    images = sorted(p for p in demo.images_dir.rglob("*.png"))[:20]
+    garbage = []
+    for i in range(3):
+        garbage.append(tmp_path / f"garbage{i}.png")
+        garbage[-1].write_bytes(b"not an image")
+    in_a_row = tmp_path / "in_a_row.txt"
+    in_a_row.write_text("".join(f"{p}\n" for p in images[:10] + garbage + images[10:]))
+    _train(tmp_path / "run_in_a_row", in_a_row, "train.batch_size_per_gpu=1", "train.max_bad_image_fraction=0.2",
+           epochs=1, epoch_length=23)  # fmt: skip
+    assert _metrics(tmp_path / "run_in_a_row")[-1]["bad_images"] == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -611,6 +631,20 @@ def test_output_dir_replaces_a_file_value_that_only_a_job_can_resolve(tmp_path: 
           "optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=1"])  # fmt: skip
     assert load_config(out / "config.yaml").train.output_dir == str(out)
     assert (out / "checkpoints" / "000000000").is_dir()
+    with pytest.raises(ConfigError, match=r"a folder name with '\$\{' cannot be used"):
+        main(["--config-file", str(config), "--output-dir", str(tmp_path / "x${y}")])
+
+
+def test_a_half_made_launch_environment_is_a_config_error(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RANK and WORLD_SIZE exported by hand without the rendezvous address: one error line, not a traceback."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="world size 2 but MASTER_ADDR/MASTER_PORT are unknown"):
+        _train(tmp_path / "run", demo.lists_dir)
 
 
 def test_options_may_follow_the_overrides() -> None:
@@ -720,6 +754,10 @@ def test_a_schedule_shorter_than_the_checkpoint_is_refused_and_changes_nothing(t
         _train(out, demo.lists_dir, "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0",
                "teacher.warmup_teacher_temp_epochs=0", epochs=1, epoch_length=3)  # fmt: skip
     assert {name: (out / name).read_text() for name in before} == before
+    with pytest.raises(ConfigError, match=r"MODEL.WEIGHTS continues the checkpoint's iteration count: raise optim"):
+        _train(tmp_path / "new", demo.lists_dir, f"MODEL.WEIGHTS={out / 'checkpoints' / '000000005'}",
+               "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0", "teacher.warmup_teacher_temp_epochs=0",
+               epochs=1, epoch_length=3)  # fmt: skip
 
 
 def test_eval_only_exports_the_teacher_of_the_newest_checkpoint(tmp_path: Path, demo) -> None:

@@ -150,14 +150,28 @@ def _keep_spelling_of_text_settings(override_cfg: DictConfig, overrides: Sequenc
         for name in key.split("."):
             default = default.get(name) if isinstance(default, dict) else None
         value = OmegaConf.select(override_cfg, key, default=None, throw_on_resolution_failure=False)
-        cut_by_comment = "#" in text and value != text.strip() and str(value) == text.split("#", 1)[0].strip()
-        if isinstance(default, str) and (isinstance(value, (int, float)) or cut_by_comment):  # (bool is an int)
+        commented = _has_yaml_comment(text)
+        plain_text = isinstance(default, str) and not text.lstrip().startswith(("'", '"'))
+        if plain_text and (commented or isinstance(value, (int, float))):  # (bool is an int)
             OmegaConf.update(override_cfg, key, text.strip(), merge=False)
-        elif cut_by_comment:
+        elif commented:
             raise ConfigError(
                 f"command-line override {key}={text!r}: YAML reads '#' after a space as the start of a comment, "
                 f"which leaves {value!r}; remove the comment"
             )
+
+
+def _has_yaml_comment(text: str) -> bool:
+    """Whether YAML would read part of a value as a comment: a `#` at its start or after a space, outside quotes."""
+    quote = None
+    for i, char in enumerate(text):
+        if quote is not None:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (i == 0 or text[i - 1].isspace()):
+            return True
+    return False
 
 
 def _with_defaults_for_unresolvable(cfg: DictConfig, defaults: DictConfig) -> DictConfig:

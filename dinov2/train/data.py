@@ -51,9 +51,10 @@ class TrainCollate:
     """Drop unreadable images, stack the crops and draw the iBOT masks from a per-batch seed.
 
     A batch carries its counts, ``n_images`` and ``n_bad_images``. When none of its images can be read, the first
-    readable of the images that follow its first draw in the data set (same epoch, up to ``MAX_SUBSTITUTES`` tried,
-    each failure counted) stands in for the batch, so that a run whose batch is all bad (one image per rank, say)
-    trains on, and resumes, past it; a batch without any carries only its counts.
+    readable of the images that follow its first draw in the data set (same epoch, up to ``MAX_SUBSTITUTES`` tried)
+    stands in for the batch, so that a run whose batch is all bad (one image per rank, say) trains on, and resumes,
+    past it; only the batch's own images are counted (the others are, when they are drawn). A batch without a
+    stand-in carries only its counts, and ``n_tried``, the images tried in its stead.
     """
 
     MAX_SUBSTITUTES = 100
@@ -70,18 +71,18 @@ class TrainCollate:
         samples = [sample for sample, _ in items if sample is not None]
         first = items[0][1]
         n_bad = len(items) - len(samples)
+        tried = 0
         if not samples and self.substitutes is not None:
             size = len(self.substitutes)
-            for step in range(1, min(size, self.MAX_SUBSTITUTES + 1)):
-                sample, key = self.substitutes[SampleKey((first.index + step) % size, first.epoch)]
+            for tried in range(1, min(size, self.MAX_SUBSTITUTES + 1)):
+                sample, key = self.substitutes[SampleKey((first.index + tried) % size, first.epoch)]
                 if sample is not None:
                     logger.warning("none of the %d images of a batch could be read: image %d stands in for them",
                                    len(items), key.index)  # fmt: skip
                     samples = [sample]
                     break
-                n_bad += 1
         if not samples:  # the trainer stops on such a batch, from its own process (a worker's error would be wrapped)
-            return {"n_images": len(items), "n_bad_images": n_bad}
+            return {"n_images": len(items), "n_bad_images": n_bad, "n_tried": tried}
         # The batch's first draw is unique within a run, so the masks depend only on (seed, batch). Its seed is also
         # the one `random` gets for that sample's augmentation, which draws from torch only: an augmentation that
         # drew from `random` would repeat the masks' numbers.

@@ -73,7 +73,9 @@ def _earlier_scores(path: Path) -> list[dict]:
         problem = "not a list of scores"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         problem = str(err)
-    kept = path.with_name(path.name + ".damaged")
+    kept, n = path.with_name(path.name + ".damaged"), 1
+    while kept.exists():  # an earlier damaged record is kept too
+        kept, n = path.with_name(f"{path.name}.damaged-{n}"), n + 1
     if is_main_process():
         os.replace(path, kept)
     logger.warning("%s cannot be read (%s): set aside as %s; the kNN scores start anew", path, problem, kept.name)

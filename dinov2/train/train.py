@@ -237,7 +237,8 @@ PREVIOUS_RUN_OUTPUTS = (
 
 
 #: Written when a run is told to start over in a folder that holds an earlier run, removed once that run is moved
-#: aside: a requeued job (which is told to resume) that finds it starts over too, rather than resume the earlier run.
+#: aside (or when the run fails): a requeued job, told to resume after a preemption, that finds it starts over too
+#: rather than resume the earlier run.
 START_OVER_MARKER = ".starting_over"
 
 
@@ -618,11 +619,17 @@ def train(
         )
     start_iter, images_seen, bad_images = progress
     if start_iter > max_iter:  # before anything in the folder changes: its config, metrics and scores stay as they are
+        remedy = (
+            "keep the run's epochs (its config.yaml) or raise them to train on, or start a new run (another "
+            "--output-dir, or --no-resume)" if resuming
+            else "MODEL.WEIGHTS continues the checkpoint's iteration count: raise optim.epochs past it, or start a "
+            "fresh schedule from a trained teacher with student.pretrained_weights=<eval/training_N/"
+            "teacher_checkpoint.pth>"
+        )
         raise ConfigError(
             f"the checkpoint {latest} has trained {start_iter} iterations, more than this config's run of {max_iter} "
             f"(optim.epochs={cfg.optim.epochs} x train.OFFICIAL_EPOCH_LENGTH={cfg.train.OFFICIAL_EPOCH_LENGTH}): "
-            "keep the run's epochs (its config.yaml) or raise them to train on, or start a new run (another "
-            "--output-dir, or --no-resume)"
+            f"{remedy}"
         )
     if not resuming:  # after loading MODEL.WEIGHTS, which may lie in this folder's checkpoints
         distributed.barrier()  # every rank has read them before they are moved
@@ -681,7 +688,7 @@ def train(
             if "collated_global_crops" not in batch:  # (torchrun, or srun --kill-on-bad-exit, stops the other ranks)
                 raise DatasetError(
                     f"iteration {iteration}, rank {info.rank}: none of the {batch['n_images']} images of the batch "
-                    f"could be read, nor any of the {batch['n_bad_images'] - batch['n_images']} images after its first "
+                    f"could be read, nor any of the {batch['n_tried']} images after its first "
                     "in the data set that were tried in their stead; the 'skipping unreadable image' warnings in "
                     "log.txt name them"
                 )
@@ -801,6 +808,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     overrides = list(args.opts)
     if args.output_dir:  # replaces the file's value before that is resolved (a ${oc.env:...} set only in jobs, say)
+        if "${" in args.output_dir:
+            raise ConfigError(f"--output-dir {args.output_dir}: a folder name with '${{' cannot be used (the config "
+                              "reads it as an interpolation); rename the folder")  # fmt: skip
         overrides.append("train.output_dir='{}'".format(args.output_dir.replace("'", "''")))  # YAML-quoted as given
     cfg = load_config(args.config_file, overrides)
     output_dir = Path(cfg.train.output_dir).expanduser().resolve()
@@ -809,6 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = distributed.enable_distributed(device=cfg.train.device)
     except distributed.DeviceUnavailableError as err:
         raise ConfigError(f"train.device={cfg.train.device}: {err}") from None
+    except distributed.LaunchEnvironmentError as err:
+        raise ConfigError(str(err)) from None
     # FSDP2 warns that the backbone returns views (its CLS and patch tokens); the loss never modifies them in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     handlers: list[logging.Handler] = []
@@ -822,8 +834,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     output_dir.mkdir(parents=True, exist_ok=True)
                     lock.acquire()
-                    if starts_over and not args.eval_only:
-                        mark_start_over(output_dir)
                 except RunLockedError as err:
                     refused = str(err)
                 except OSError as err:  # a file in the way, a read-only folder
@@ -849,6 +859,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.eval_only:
                 export_checkpoint_teacher(cfg, output_dir, info)
             else:
+                if starts_over and info.is_main_process:
+                    mark_start_over(output_dir)
+                distributed.barrier()  # every rank sees the marker before it decides whether to resume
                 train(cfg, output_dir, resume=not starts_over, info=info, previous_config=previous)
         except SystemExit as stop:  # a stop all ranks agreed on (preemption): they all leave here
             distributed.barrier()
@@ -858,9 +871,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         except CLI_ERRORS as err:  # log.txt says why the run ended; the command line says it on stderr
             logger.error("stopped: %s", err, extra=LOG_FILE_ONLY)
+            if info.is_main_process:  # a start-over that failed is not to be repeated by the next plain run
+                (output_dir / START_OVER_MARKER).unlink(missing_ok=True)
             raise
         except Exception as err:  # its traceback follows on stderr
             logger.error("stopped by an unexpected error: %s: %s", type(err).__name__, err)
+            if info.is_main_process:
+                (output_dir / START_OVER_MARKER).unlink(missing_ok=True)
             raise
         distributed.barrier()  # every rank is done with the process group before any rank destroys it
     finally:
