@@ -12,7 +12,8 @@ which also holds the time the device waits for the host to queue each step's fir
 the host's time to queue a step: near ``s_per_iter``, the host sets the pace. On CUDA, ``device_syncs_per_step``
 counts the times one step makes the host wait for the device, and a warning names each place. FLOPs of one step
 are counted with ``torch.utils.flop_counter``, attention included (PyTorch's table has no entry for the CPU
-flash-attention kernels, so they are added here, and xFormers is switched off while counting). MFU is achieved
+flash-attention kernels, so they are added here, and xFormers is switched off while counting), and the forward that
+activation checkpointing recomputes left out: they are the model's FLOPs, not the hardware's. MFU is achieved
 FLOP/s over the dense matrix-multiply rate that this script measures on the same device, dtype and thread count
 (fp32 on CPU, bf16 on GPU): the best of several square sizes, each warmed up, measured before and after the timed
 steps. On a CPU shared with other busy processes both rates drop and the MFU is unreliable; a warning says so.
@@ -48,7 +49,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from dinov2.cli import check_file_writable, non_negative_int, positive_int
-from dinov2 import distributed
+from dinov2 import distributed, parallel
 from dinov2.configs import TRAIN_CONFIG_DIR, apply_scaling_rules_to_cfg, load_config
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.masking import MaskingGenerator
@@ -110,29 +111,58 @@ CPU_ATTENTION_FLOPS = {
 }
 
 
+def _attention_flops(counter: FlopCounterMode) -> int:
+    return sum(v for op, v in counter.get_flop_counts()["Global"].items() if "attention" in str(op))
+
+
+def _flop_counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+
+
 def count_step_flops(step: Any) -> tuple[int, int]:
-    """FLOPs of one call of ``step`` and the attention part of them.
+    """FLOPs of one call of ``step`` and the attention part of them: the model's FLOPs, also with activation
+    checkpointing, whose recomputed forward (what backward recomputes of each block) is counted apart and left out.
 
     xFormers kernels are not in the FLOP table either, so the counted step runs attention through SDPA (the same
     arithmetic); the setting is restored afterwards. The step runs eagerly (compiled code runs the same matmuls):
     with PyTorch 2.11, running compiled code under the FLOP counter left it uncompiled for the rest of the process.
     """
+    recomputed = [0, 0]  # FLOPs, attention FLOPs
+    checkpoint = parallel.checkpoint
+
+    def checkpoint_counting_recomputation(function: Any, *args: Any, **kwargs: Any) -> Any:
+        calls = [0]
+
+        def counted(*inner_args: Any, **inner_kwargs: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 1:  # the forward itself
+                return function(*inner_args, **inner_kwargs)
+            counter = _flop_counter()
+            try:  # (a recomputation may be stopped early, by an exception, once it has what backward needs)
+                with counter:
+                    return function(*inner_args, **inner_kwargs)
+            finally:
+                recomputed[0] += counter.get_total_flops()
+                recomputed[1] += _attention_flops(counter)
+
+        return checkpoint(counted, *args, **kwargs)
+
     previous = os.environ.get(XFORMERS_DISABLED_ENV)
     os.environ[XFORMERS_DISABLED_ENV] = "1"
     xformers_attention.cache_clear()
+    parallel.checkpoint = checkpoint_counting_recomputation
     try:
-        counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+        counter = _flop_counter()
         with torch.compiler.set_stance("force_eager"), counter:
             step()
     finally:
+        parallel.checkpoint = checkpoint
         if previous is None:
             del os.environ[XFORMERS_DISABLED_ENV]
         else:
             os.environ[XFORMERS_DISABLED_ENV] = previous
         xformers_attention.cache_clear()
-    counts = counter.get_flop_counts()["Global"]
-    attention = sum(v for op, v in counts.items() if "attention" in str(op))
-    return counter.get_total_flops(), attention
+    return counter.get_total_flops() - recomputed[0], _attention_flops(counter) - recomputed[1]
 
 
 def cpu_busy_warning(threads: int) -> str | None:

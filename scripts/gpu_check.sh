@@ -14,8 +14,9 @@
 # data_pipeline writes: name both.
 #
 # LOG_DIR (default $OUT, else gpu_check_logs/) receives few files, written as the steps run, so that they survive a
-# kill: gpu_check.log (everything), summary.txt (each step's exit status, time and result lines) and the two
-# profiles of the ViT-S step (.txt tables, gzipped .json.gz traces). Record the figures in docs/benchmarks.md.
+# kill: gpu_check.log (everything), summary.txt (each step's exit status, time and last 30 result lines) and the
+# two profiles of the ViT-S step (.txt tables, gzipped .json.gz traces). Record the figures in docs/benchmarks.md.
+# The exit status is 1 when a step failed or ran out of time (the others still ran), 2 for a usage error.
 set -uo pipefail
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
     sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p}' "$0"
@@ -64,16 +65,21 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run one check within the budget, kee
     echo "=== $name: skipped, ${left} s of the ${BUDGET} s budget left ===" | tee -a "$LOG" "$SUMMARY"
     return
   fi
-  ((limit > left)) && limit=$left
+  # a step that ignores the stop signal (train.py finishes its iteration) is killed 10 s later: within the budget
+  ((limit > left - 10)) && limit=$((left - 10))
   echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
   local start=$SECONDS
-  # The step's last lines (its figures, or its error), without progress bars, go to the summary.
-  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG" | grep -vE '^\s*$|it/s\]|img/s\]' | tail -n 10 > "$LOG_DIR/.tail"
+  # The step's last lines (its figures, or its error) go to the summary, without progress bars and the profiler's
+  # own messages (which would push the figures out).
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG" \
+    | grep -vE '^\s*$|it/s\]|img/s\]|^(USDT|STAGE):|^(INFO|WARNING|ERROR):[0-9]{4}-' | tail -n 30 > "$LOG_DIR/.tail"
   local status=${PIPESTATUS[0]}
+  ((status != 0)) && FAILED+=("$name")
   { echo "=== $name: exit $status, $((SECONDS - start)) s ==="; cat "$LOG_DIR/.tail"; } >> "$SUMMARY"
   rm -f "$LOG_DIR/.tail"
   echo "=== $name: exit $status, $((SECONDS - start)) s ===" | tee -a "$LOG"
 }
+FAILED=()
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG" "$SUMMARY"
 # Preflight: without CUDA or the carried packages every step would fail or, worse, fall back to the CPU and spend
@@ -142,5 +148,9 @@ step data_pipeline_colour_in_workers 60 $PY scripts/benchmark_data.py --demo /tm
 step vitg14_bf16_ckpt 120 $PY scripts/benchmark_train.py --arch vit_giant2 --batch-size 32 $HEADS \
   --activation-checkpointing --warmup 2 --iters 4
 echo "gpu_check done in $SECONDS s" | tee -a "$LOG" "$SUMMARY"
+if ((${#FAILED[@]})); then
+  echo "gpu_check: ${#FAILED[@]} step(s) failed or ran out of time: ${FAILED[*]}" | tee -a "$LOG" "$SUMMARY"
+fi
 echo "===== summary ====="
 cat "$SUMMARY"
+((${#FAILED[@]} == 0))  # the exit status: 1 when a step failed (its figures may be missing)

@@ -132,6 +132,28 @@ def test_benchmark_flop_count_leaves_compiled_code_compiled(load_script: Callabl
     assert any("Torch-Compiled Region" in event.name for event in prof.events())
 
 
+def test_benchmark_flop_count_leaves_out_what_checkpointing_recomputes(load_script: Callable[[str], ModuleType]) -> None:
+    """MFU counts the model's FLOPs: a backbone trained with activation checkpointing (whose backward recomputes
+    each block's forward) does the same model FLOPs, attention included, as one without."""
+    from dinov2.models import DinoVisionTransformer
+    from dinov2.parallel import parallelize_model
+
+    benchmark = load_script("benchmark_train")
+    x = torch.randn(2, 3, 28, 28)
+    counts = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = DinoVisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2,
+                                      init_values=1e-5)  # fmt: skip
+        parallelize_model(model, activation_checkpointing=checkpointing)
+
+        def step() -> None:
+            model(x).square().sum().backward()
+
+        counts.append(benchmark.count_step_flops(step))
+    assert counts[0] == counts[1] and counts[0][1] > 0
+
+
 def test_compiled_block_chunks_share_one_compiled_block() -> None:
     """With ``student.block_chunks`` the blocks inside the chunks are compiled, not the chunks: chunks differ in
     layout, and four of them, each with and without gradients, filled Dynamo's 8 variants and left the rest of the

@@ -115,6 +115,32 @@ def test_gpu_check_runs_only_the_steps_named(tmp_path: Path) -> None:
         assert not refused_calls.exists() and not (tmp_path / f"typo{i}" / "logs").exists()
 
 
+def test_gpu_check_summary_keeps_the_figures_and_the_exit_status_says_a_step_failed(tmp_path: Path) -> None:
+    """A step's figures stay in summary.txt though the profiler's messages follow them, and a failed step makes the
+    check's exit status 1 (the other steps still run), named at the end."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(
+        f"#!{sys.executable}\nimport sys\n"
+        "for i in range(25):\n    print(f'figure_{i}: {i}')\n"
+        "print('USDT:2026-11-28 01:07:57 22772:22772 SyncActivityProfilerHandler.cpp:39] profiler_start')\n"
+        "print('ERROR:2026-11-28 01:07:57 22772:22772 DeviceProperties.cpp:56] gpuGetDeviceCount failed')\n"
+        "sys.exit(3 if any(a.endswith('benchmark_attention.py') for a in sys.argv) else 0)\n"
+    )
+    (bin_dir / "python").chmod(0o755)
+    _recorder(bin_dir / "nvidia-smi", tmp_path / "calls.jsonl")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
+           "GPU_CHECK_STEPS": "attention_backends vitl14_bf16"}  # fmt: skip
+    run = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "logs")], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 1
+    summary = (tmp_path / "logs" / "summary.txt").read_text()
+    vitl = summary.split("=== vitl14_bf16: exit 0")[1]
+    assert "figure_0: 0" in vitl and "figure_24: 24" in vitl and "USDT" not in vitl and "gpuGetDeviceCount" not in vitl
+    assert "=== attention_backends: exit 3" in summary
+    assert summary.splitlines()[-1] == "gpu_check: 1 step(s) failed or ran out of time: attention_backends"
+
+
 def test_gpu_check_writes_a_relative_log_dir_where_it_is_called(tmp_path: Path) -> None:
     """`bash path/to/scripts/gpu_check.sh logs` writes ./logs, not logs/ in the repository it moves to."""
     bin_dir = tmp_path / "bin"
