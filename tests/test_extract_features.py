@@ -210,6 +210,21 @@ def test_an_interrupted_extraction_continues_where_it_stopped(
     assert re.search(r"discarding .*features\.h5\.partial: computed with other settings \(img_size\)", caplog.text)
     assert backbones[0].calls == 4
 
+    # the same relative --data, run from another folder, names other images: their progress is not mixed in
+    for place in ("A", "B"):
+        shutil.copytree(image_folder, tmp_path / place / "cells")
+    relative = [*args[: args.index("--data") + 1], "cells", *args[args.index("--data") + 2 :]]
+    monkeypatch.chdir(tmp_path / "A")
+    _counting_backbones(monkeypatch, stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        ef.main([*relative, "--output", str(output)])
+    monkeypatch.chdir(tmp_path / "B")
+    _counting_backbones(monkeypatch)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ef.main([*relative, "--output", str(output)])
+    assert re.search(r"discarding .*features\.h5\.partial: computed with other settings \(images\)", caplog.text)
+
 
 def test_a_damaged_progress_file_is_embedded_again(
     image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
@@ -450,6 +465,10 @@ def test_csv_list_repeating_an_image_is_refused(tmp_path: Path) -> None:
     csv_path.write_text("path,label\nneutrophil/b.png,neutrophil\nbasophil/c.png,basophil\n./neutrophil/b.png,ig\n")
     with pytest.raises(DatasetError, match=r"cells\.csv:4: \./neutrophil/b\.png is listed again \(first on line 2\)"):
         ef.list_images(csv_path)
+    absolute = tmp_path / "basophil" / "c.png"  # the image of line 3, by its absolute path
+    csv_path.write_text(f"path,label\nneutrophil/b.png,neutrophil\nbasophil/c.png,basophil\n{absolute},basophil\n")
+    with pytest.raises(DatasetError, match=r"cells\.csv:4: .*c\.png is listed again \(first on line 3\)"):
+        ef.list_images(csv_path)
 
 
 def test_lists_with_a_byte_order_mark(tmp_path: Path) -> None:
@@ -513,9 +532,15 @@ def test_a_name_an_h5_file_cannot_store_is_refused_before_any_work(
     _image(tmp_path / "cells" / "a" / "ok.jpg", seed=2)
     args = ["--weights", str(tiny_weights[0]), "--data", str(tmp_path / "cells"), "--img-size", str(IMG),
             "--num-workers", "0", "--device", "cpu"]  # fmt: skip
-    with pytest.raises(ValueError, match=r"a/\\xff\\xfe\.jpg: the name is not UTF-8, which an \.h5 file cannot store"):
-        ef.main([*args, "--output", str(tmp_path / "f.h5")])
-    assert not (tmp_path / "f.h5.partial").exists()
+    for suffix in (".h5", ".hdf5"):
+        with pytest.raises(ValueError, match=rf"a/\\xff\\xfe\.jpg: the name is not UTF-8, which an HDF5 file \({suffix}\)"):
+            ef.main([*args, "--output", str(tmp_path / f"f{suffix}")])
+        assert not (tmp_path / f"f{suffix}.partial").exists()
+    # a folder's name, which the file records too
+    odd_folder = tmp_path / os.fsdecode(b"cells_\xe9")
+    _image(odd_folder / "a" / "ok.jpg", seed=3)
+    with pytest.raises(ValueError, match=r"cells_\\xe9: the name is not UTF-8"):
+        ef.main([*args[:2], "--data", str(odd_folder), *args[4:], "--output", str(tmp_path / "g.h5")])
     stored = ef.main([*args, "--output", str(tmp_path / "f.npz")])
     assert len(stored) == 2 and load_features(tmp_path / "f.npz").paths == stored.paths
 

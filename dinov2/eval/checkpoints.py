@@ -24,6 +24,7 @@ import numpy as np
 from dinov2.cli import non_negative_int, positive_int
 from dinov2.data.transforms import EVAL_RESIZES
 from dinov2.eval import knn, linear, metrics, protocol, reports
+from dinov2.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpoints": rows,
     }
     reports.write_json(output_dir / "checkpoints.json", summary)
-    (output_dir / "checkpoints.md").write_text(markdown_table(rows))
+    atomic_write_text(output_dir / "checkpoints.md", markdown_table(rows))
     methods = summary["meta"]["methods"]
     reports.plot_scores_vs_iteration(
         [row["iteration"] for row in rows],

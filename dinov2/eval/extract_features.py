@@ -105,7 +105,7 @@ def _read_list(data: Path) -> ImageList:
             if not path:
                 continue
             check_image_path(path, f"{data}:{reader.line_num}")  # as in a .txt list
-            key = os.path.normpath(os.path.expanduser(path))
+            key = os.path.normpath(data.parent / os.path.expanduser(path))  # (an absolute path stays as it is)
             if key in first_line:  # cross-validation would test such an image on its own copy
                 raise DatasetError(
                     f"{data}:{reader.line_num}: {path} is listed again (first on line {first_line[key]}); list each "
@@ -390,7 +390,8 @@ def extract_features(
         check_compile_toolchain(device, "--compile")
     image_list = list_images(data)
     if output is not None:
-        check_names_storable(Path(output), image_list.paths, image_list.root)
+        others = [str(data)] + ([str(weights)] if weights is not None and not isinstance(model, nn.Module) else [])
+        check_names_storable(Path(output), image_list.paths, image_list.root.resolve(), others)
     if isinstance(model, nn.Module):
         if weights is not None:
             raise ValueError("pass either a model module or weights, not both")
@@ -424,14 +425,15 @@ def extract_features(
         weights_stat = weights_file.stat() if weights_file is not None else None
         partial = PartialFeatures(Path(output), {
             "model": model_name,
-            "weights": "" if weights is None else str(weights),
+            # absolute: the same relative name run from another folder is another file
+            "weights": "" if weights is None else str(weights_file.resolve() if weights_file else weights),
             "weights_bytes_mtime": [weights_stat.st_size, weights_stat.st_mtime] if weights_stat else None,
             "img_size": img_size,
             "resize": resize,
             "precision": used_precision,
             **({"compiled": True} if compile else {}),  # (absent otherwise: older partial folders still match)
             "device_type": device.type,
-            "images": [str(image_list.root), len(image_list.paths), image_list_digest(image_list.paths)],
+            "images": [str(image_list.root.resolve()), len(image_list.paths), image_list_digest(image_list.paths)],
         })  # fmt: skip
     features, kept = embed_images(
         backbone, image_list, batch_size, num_workers, img_size, device, precision, partial=partial, resize=resize,

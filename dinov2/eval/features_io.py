@@ -55,19 +55,20 @@ def check_writable(path: Path) -> str:
     return suffix
 
 
-def check_names_storable(path: Path, names: Sequence[str], root: Path) -> None:
-    """Refuse, before any work, image names that the output's format cannot store: an .h5 file stores UTF-8 text,
-    and a file name may be in another encoding (an .npz keeps it)."""
-    if _check_suffix(path) != ".h5":
+def check_names_storable(path: Path, names: Sequence[str], root: Path, others: Sequence[str] = ()) -> None:
+    """Refuse, before any work, image names (under ``root``) and other texts the file records (folders, weights)
+    that the output's format cannot store: an HDF5 file stores UTF-8 text, and a file name may be in another
+    encoding (an .npz keeps it)."""
+    if _check_suffix(path) == ".npz":
         return
-    for name in names:
+    for text, shown_under in [(str(root), None), *((other, None) for other in others), *((n, root) for n in names)]:
         try:
-            name.encode("utf-8")
+            text.encode("utf-8")
         except UnicodeEncodeError:
-            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             raise ValueError(
-                f"{root / shown}: the name is not UTF-8, which an .h5 file cannot store; write an .npz instead "
-                "(--output NAME.npz), or rename the file"
+                f"{shown_under / shown if shown_under else shown}: the name is not UTF-8, which an HDF5 file "
+                f"({path.suffix}) cannot store; write an .npz instead (--output NAME.npz), or rename it"
             ) from None
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from dinov2.files import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 _MAX_EMBEDDING_POINTS = 5000
@@ -59,7 +61,7 @@ def write_json(path: str | Path, payload: Any) -> Path:
     """Write ``payload`` as indented strict JSON (NaN becomes null)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_ready(payload), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(_json_ready(payload), indent=2, allow_nan=False) + "\n")
     return path
 
 
