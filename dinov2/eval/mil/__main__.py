@@ -83,7 +83,7 @@ def write_attention(output_dir: Path, records: list[dict[str, Any]]) -> None:
             for cell in record["cells"]:
                 writer.writerow(
                     [record["patient"], record["label"], record["prediction"], record["fold"], *probs,
-                     cell["path"], f"{cell['attention']:.6f}"]
+                     cell["path"], repr(float(cell["attention"]))]
                 )
     logger.info("wrote %s, %s", output_dir / "attention.json", output_dir / "attention.csv")
 

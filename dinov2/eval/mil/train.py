@@ -82,19 +82,42 @@ def _batches(bags: Sequence[Bag], batch_size: int, generator: torch.Generator | 
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+#: Padded cells (bags x their longest bag) in one evaluation batch: a bag of thousands of cells is not padded into
+#: 31 others' rows (at 1024 features, 65,536 cells are 256 MB).
+EVAL_CELL_BUDGET = 65_536
+
+
+def _evaluation_batches(bags: Sequence[Bag], batch_size: int) -> list[list[int]]:
+    """Positions of ``bags`` in batches of similar sizes: at most ``batch_size`` bags, and at most
+    ``EVAL_CELL_BUDGET`` padded cells unless one bag alone has more."""
+    order = sorted(range(len(bags)), key=lambda i: bags[i].features.shape[0])
+    batches: list[list[int]] = []
+    for i in order:
+        longest = bags[i].features.shape[0]  # (in size order: the new bag is the batch's longest)
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * longest <= EVAL_CELL_BUDGET:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
 def predict_bags(
     model: AttentionMIL, bags: Sequence[Bag], device: torch.device | str = "cpu", batch_size: int = 32
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Class probabilities (n_bags, C) and each bag's attention weights over its cells."""
+    """Class probabilities (n_bags, C) and each bag's attention weights over its cells, in the order of ``bags``."""
     model.eval()
-    probabilities, attention = [], []
-    for batch in _batches(bags, batch_size, None):
+    probabilities: list[np.ndarray] = [np.empty(0)] * len(bags)
+    attention: list[np.ndarray] = [np.empty(0)] * len(bags)
+    for positions in _evaluation_batches(bags, batch_size):
+        batch = [bags[i] for i in positions]
         x, mask, _ = collate(batch, device)
         logits, weights = model(x, mask)
-        probabilities.append(torch.softmax(logits, dim=1).cpu().numpy())
-        attention.extend(weights[i, : bag.features.shape[0]].cpu().numpy() for i, bag in enumerate(batch))
-    return np.concatenate(probabilities).astype(np.float64), attention
+        batch_probabilities = torch.softmax(logits, dim=1).cpu().numpy()
+        for row, i in enumerate(positions):
+            probabilities[i] = batch_probabilities[row]
+            attention[i] = weights[row, : bags[i].features.shape[0]].cpu().numpy()
+    return np.stack(probabilities).astype(np.float64), attention
 
 
 @torch.no_grad()
@@ -102,8 +125,8 @@ def _mean_loss(model: AttentionMIL, bags: Sequence[Bag], device: torch.device | 
     """Mean cross-entropy of the model over bags, in eval mode."""
     model.eval()
     total = 0.0
-    for batch in _batches(bags, 32, None):
-        x, mask, labels = collate(batch, device)
+    for positions in _evaluation_batches(bags, 32):
+        x, mask, labels = collate([bags[i] for i in positions], device)
         logits, _ = model(x, mask)
         total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
     return total / len(bags)
@@ -158,13 +181,17 @@ def _validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[n
     num_classes = np.unique(labels).size
     n_val = max(num_classes, int(round(fraction * labels.size)))
     counts = np.bincount(labels)
+    problem = (
+        f"cannot hold out a stratified validation set from {labels.size} training patients "
+        f"(patients per class: {counts.tolist()})"
+    )
     if counts[counts > 0].min() < 2 or labels.size - n_val < num_classes:
-        raise ValueError(
-            f"cannot hold out a stratified validation set from {labels.size} training patients "
-            f"(patients per class: {counts.tolist()}); use fewer folds or more patients"
-        )
+        raise ValueError(f"{problem}; use fewer folds or more patients")
     positions = np.arange(labels.size)
     train, val = train_test_split(positions, test_size=n_val, stratify=labels, random_state=seed)
+    if np.bincount(labels[train], minlength=counts.size)[counts > 0].min() == 0:  # a class held out entirely
+        raise ValueError(f"{problem} that leaves every class a patient to train on; lower --val-fraction "
+                         f"({fraction})")  # fmt: skip
     return np.sort(train), np.sort(val)
 
 
