@@ -73,3 +73,13 @@ def test_monitor_skips_a_window_it_did_not_see_from_its_start() -> None:
     for iteration in (10, 11, 12):  # the next window is whole again
         monitor.update(backbone, torch.randn(6, 3, 2, 2), nullcontext())
     assert monitor.result(12, group=None) is not None
+
+
+def test_monitor_does_not_score_tokens_that_are_not_finite(caplog: pytest.LogCaptureFixture) -> None:
+    """A run whose loss diverged inside a window: no linear-algebra error (the loss check then names the cause)."""
+    backbone, monitor = _Projection(16), RankMeMonitor(period=5, batches=2)
+    monitor.update(backbone, torch.randn(6, 3, 2, 2), nullcontext())
+    monitor.update(backbone, torch.full((6, 3, 2, 2), float("nan")), nullcontext())
+    with caplog.at_level("WARNING", logger="dinov2.train.rankme"):
+        assert monitor.result(1, group=None) is None
+    assert "not finite in the window ending at iteration 1; not scored" in caplog.text

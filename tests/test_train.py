@@ -595,6 +595,7 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_a_config_error(
     with pytest.raises(ConfigError, match=message):
         _train(tmp_path / "run", demo.lists_dir, "train.compile=true", "train.device=cpu")
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert "stopped: train.compile on a CPU needs a C++ compiler" in (tmp_path / "run" / "log.txt").read_text()
 
 
 @pytest.mark.parametrize(
@@ -1153,6 +1154,61 @@ def test_logging_prints_each_line_once(tmp_path: Path, capsys: pytest.CaptureFix
             root.removeHandler(handler)
             handler.close()
         root.removeHandler(console)
+
+
+def test_what_the_config_says_while_it_loads_reaches_log_txt(
+    tmp_path: Path, demo, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The config is read before log.txt exists: its warnings (an ignored DinoBloom key) and notes (the lr scaling)
+    are written there once it does, and printed once; a run stopped by the config still prints its warnings."""
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, "train.drop_path_rate=0.1", epochs=1, epoch_length=1)
+    log = (out / "log.txt").read_text()
+    assert re.search(r"WARNING dinov2.configs: command line: train.drop_path_rate is ignored", log)
+    assert capsys.readouterr().out.count("train.drop_path_rate is ignored") == 1
+    caplog.clear()
+    with pytest.raises(ConfigError, match="did you mean"):  # (the root's handlers get it: pytest's, or stderr's)
+        _train(tmp_path / "other", demo.lists_dir, "train.drop_path_rate=0.1", "train.bach_size_per_gpu=2")
+    assert "train.drop_path_rate is ignored" in caplog.text
+
+
+def test_the_time_of_saving_is_not_counted_as_training_pace(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint that takes 2 s (a slow file system) does not show as a slow step in img/s, nor in the eta."""
+    save = train_module.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        time.sleep(2.0)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", slow_save)
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, "train.checkpoint_period=2", epochs=1, epoch_length=5)
+    records = _metrics(out)
+    assert [r["iteration"] for r in records] == [0, 1, 2, 3, 4]
+    assert all(8 / r["images_per_s"] < 1.0 for r in records[1:]), [r["images_per_s"] for r in records]
+
+
+def test_other_ranks_write_their_warnings_to_a_file_of_their_own(tmp_path: Path) -> None:
+    """Rank 1's unreadable images (its share of the data) are named in log_rank1.txt, which errors point to; a rank
+    without warnings leaves no file."""
+    root, level = logging.getLogger(), logging.getLogger().level
+    handlers = setup_logging(tmp_path, is_main=False, rank=1)
+    try:
+        logging.getLogger("dinov2.somewhere").info("progress of rank 1")
+        assert not (tmp_path / "log_rank1.txt").exists()
+        logging.getLogger("dinov2.data.datasets").warning("skipping unreadable image /data/x.png")
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+    logged = (tmp_path / "log_rank1.txt").read_text()
+    assert "skipping unreadable image /data/x.png" in logged and "progress of rank 1" not in logged
+    assert not (tmp_path / "log.txt").exists()
+    with pytest.raises(DatasetError, match=r"warnings in log.txt \(and log_rank<N>.txt of the other ranks\) name"):
+        check_bad_images(5, images_seen=10, dataset_size=10, max_fraction=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -91,5 +91,9 @@ class RankMeMonitor:
             dist.all_reduce(gram, group=group)
             dist.all_reduce(counts, group=group)
             rows = int(counts.item())
+        if not torch.isfinite(gram).all():  # a diverged run: its loss check names the cause
+            logger.warning("RankMe: the teacher's CLS tokens are not finite in the window ending at iteration %d; "
+                           "not scored", iteration)  # fmt: skip
+            return None
         eigenvalues = torch.linalg.eigvalsh(gram).flip(0)[: min(rows, gram.shape[0])]
         return rankme_from_singular_values(eigenvalues.clamp_min(0).sqrt()), rows

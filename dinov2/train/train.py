@@ -115,8 +115,13 @@ class _NotPrintedElsewhere(logging.Filter):
         return True
 
 
-def setup_logging(output_dir: Path, is_main: bool) -> list[logging.Handler]:
-    """Rank 0 logs INFO to stdout and to ``output_dir/log.txt``; other ranks log warnings only.
+#: Where a run's warnings are written (named in errors that send the user to them).
+LOG_FILES = "log.txt (and log_rank<N>.txt of the other ranks)"
+
+
+def setup_logging(output_dir: Path, is_main: bool, rank: int = 0) -> list[logging.Handler]:
+    """Rank 0 logs INFO to stdout and to ``output_dir/log.txt``; other ranks log warnings only, to stdout and to
+    ``output_dir/log_rank<rank>.txt`` (made at their first warning: unreadable images of their share, say).
 
     The stdout handler is left out when the root logger already prints to the console (a launcher configured it),
     and skips records that their own logger prints already, so that no line appears twice. Returns the handlers
@@ -134,10 +139,9 @@ def setup_logging(output_dir: Path, is_main: bool) -> list[logging.Handler]:
         console.addFilter(_NotPrintedElsewhere())
         console.setFormatter(logging.Formatter(line, "%H:%M:%S"))
         handlers.append(console)
-    if is_main:  # with the date: a resumed run appends to the file, days later
-        log_file = logging.FileHandler(output_dir / "log.txt")
-        log_file.setFormatter(logging.Formatter(line, "%Y-%m-%d %H:%M:%S"))
-        handlers.append(log_file)
+    log_file = logging.FileHandler(output_dir / ("log.txt" if is_main else f"log_rank{rank}.txt"), delay=not is_main)
+    log_file.setFormatter(logging.Formatter(line, "%Y-%m-%d %H:%M:%S"))  # dated: a resume appends, days later
+    handlers.append(log_file)
     for handler in handlers:
         handler._dinov2 = True  # type: ignore[attr-defined]
         root.addHandler(handler)
@@ -355,7 +359,7 @@ def check_bad_images(bad_images: int, images_seen: int, dataset_size: int, max_f
         raise DatasetError(
             f"{bad_images} of the {images_seen} images read so far were unreadable, more than "
             f"train.max_bad_image_fraction={max_fraction} allows; the 'skipping unreadable image' warnings in "
-            "log.txt name them: fix or remove those files, or raise the limit"
+            f"{LOG_FILES} name them: fix or remove those files, or raise the limit"
         )
 
 
@@ -690,7 +694,7 @@ def train(
                     f"iteration {iteration}, rank {info.rank}: none of the {batch['n_images']} images of the batch "
                     f"could be read, nor any of the {batch['n_tried']} images after its first "
                     "in the data set that were tried in their stead; the 'skipping unreadable image' warnings in "
-                    "log.txt name them"
+                    f"{LOG_FILES} name them"
                 )
             batch = finish_crops(batch, device, compute_dtype)
             lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
@@ -738,10 +742,12 @@ def train(
                              first=iteration == start_iter and not is_last)
                 window_start, window_images = time.perf_counter(), 0
 
+            saving_since = time.perf_counter()
             if export_now:
                 export_teacher(output_dir / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth", model.teacher)
             if save_now:
                 checkpoint(iteration)
+            window_start += time.perf_counter() - saving_since  # img/s and eta are of training steps, not of saves
             if stop:
                 logger.log(preemption.level, "stopping after the checkpoint of iteration %d; re-run the command to "
                            "resume", iteration)  # fmt: skip
@@ -803,9 +809,51 @@ def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distribut
     return path
 
 
+class _HeldRecords(logging.Handler):
+    """Holds what the project's loggers say before the run's log handlers exist (the config's warnings and notes),
+    to pass it on to them (log.txt) once they do; or, when the run stops before, to Python's last-resort handler
+    (stderr), which prints the warnings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.logger = logging.getLogger("dinov2")
+        self.saved = (self.logger.level, self.logger.propagate)
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep the record for :meth:`pass_on`."""
+        self.records.append(record)
+
+    def pass_on(self, keep: bool = True) -> None:
+        """Stop holding; hand the records to the handlers there are now, at the root logger's level (or, without
+        ``keep``, drop them: the other ranks', which rank 0 reports)."""
+        if self not in self.logger.handlers:
+            return
+        if not keep:
+            self.records.clear()
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]
+        threshold = logging.getLogger().getEffectiveLevel()
+        for record in self.records:
+            if record.levelno >= threshold:
+                logging.getLogger(record.name).handle(record)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse the command line, set up processes and logging, train."""
     args = build_parser().parse_intermixed_args(argv)
+    held = _HeldRecords()
+    try:
+        return _main(args, held)
+    finally:
+        held.pass_on()
+
+
+def _main(args: argparse.Namespace, held: _HeldRecords) -> int:
     overrides = list(args.opts)
     if args.output_dir:  # replaces the file's value before that is resolved (a ${oc.env:...} set only in jobs, say)
         if "${" in args.output_dir:
@@ -843,19 +891,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             # exist), so that all of them stop with the error instead of waiting for rank 0 at the next collective.
             if distributed.all_reduce_mean(torch.tensor([float(bool(refused))], device=info.device)).item() > 0:
                 raise ConfigError(refused or f"--output-dir {output_dir} cannot be used (rank 0 says why)")
-            handlers = setup_logging(output_dir, info.is_main_process)
+            handlers = setup_logging(output_dir, info.is_main_process, info.rank)
+            held.pass_on(keep=info.is_main_process)  # the config's warnings and notes, into log.txt
         except OSError as err:  # the log file cannot be written
             where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
             raise ConfigError(f"--output-dir (train.output_dir) {output_dir}: {err.strerror or err}{where}") from None
-        apply_scaling_rules_to_cfg(cfg, info.world_size)
-        if cfg.train.compile:
-            check_compile_toolchain(info.device)
         config_file = output_dir / "config.yaml"
         # An earlier run's config, kept in case this run starts over (its exports need it to load).
         previous = config_file.read_text() if info.is_main_process and config_file.is_file() else None
         torch.manual_seed(cfg.train.seed + info.rank)
         logger.info("rank %d/%d on %s (%s)", info.rank, info.world_size, info.device, info.launcher)
         try:
+            apply_scaling_rules_to_cfg(cfg, info.world_size)
+            if cfg.train.compile:
+                check_compile_toolchain(info.device)
             if args.eval_only:
                 export_checkpoint_teacher(cfg, output_dir, info)
             else:
