@@ -459,7 +459,7 @@ def test_symlinked_class_folders_are_followed_once(tmp_path: Path, caplog: pytes
     assert f"skipping {root / 'neutrophil' / 'gone.png'}: a link to {tmp_path / 'moved_away.png'}" in caplog.text
 
 
-def test_csv_list_repeating_an_image_is_refused(tmp_path: Path) -> None:
+def test_csv_list_repeating_an_image_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two copies of one image would land in different folds and test each other: the list is refused, by line."""
     csv_path = tmp_path / "cells.csv"
     csv_path.write_text("path,label\nneutrophil/b.png,neutrophil\nbasophil/c.png,basophil\n./neutrophil/b.png,ig\n")
@@ -469,6 +469,9 @@ def test_csv_list_repeating_an_image_is_refused(tmp_path: Path) -> None:
     csv_path.write_text(f"path,label\nneutrophil/b.png,neutrophil\nbasophil/c.png,basophil\n{absolute},basophil\n")
     with pytest.raises(DatasetError, match=r"cells\.csv:4: .*c\.png is listed again \(first on line 3\)"):
         ef.list_images(csv_path)
+    monkeypatch.chdir(tmp_path)  # the list named relative to the working folder
+    with pytest.raises(DatasetError, match=r"cells\.csv:4: .*c\.png is listed again \(first on line 3\)"):
+        ef.list_images("cells.csv")
 
 
 def test_lists_with_a_byte_order_mark(tmp_path: Path) -> None:

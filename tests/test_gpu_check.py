@@ -91,6 +91,7 @@ def test_gpu_check_keeps_within_its_time_budget(tmp_path: Path) -> None:
     assert limits and all(limit <= 28 for limit in limits)
     summary = (tmp_path / "logs" / "summary.txt").read_text()
     assert "vitg14_bf16_ckpt: skipped" in summary and "budget left" in summary
+    assert "step(s) not run, the budget spent: " in summary and summary.rstrip().endswith("vitg14_bf16_ckpt")
     assert int(run.stdout.split("gpu_check done in ")[1].split()[0]) <= 28
 
 

@@ -1172,6 +1172,41 @@ def test_what_the_config_says_while_it_loads_reaches_log_txt(
     assert "train.drop_path_rate is ignored" in caplog.text
 
 
+def test_held_records_reach_each_handler_once_and_other_ranks_keep_their_own() -> None:
+    """Before log.txt exists: a handler the user put on the ``dinov2`` logger gets each record once (and no INFO when
+    the user set WARNING), the root's handlers get them afterwards; the other ranks drop only the config's records
+    (rank 0 reports them), not their own (a GPU shared by two local ranks, say)."""
+    from dinov2.train.train import _HeldRecords
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    root, project = logging.getLogger(), logging.getLogger("dinov2")
+    at_root, on_project = Collect(), Collect()
+    root.addHandler(at_root)
+    project.addHandler(on_project)
+    project.setLevel(logging.WARNING)
+    try:
+        held = _HeldRecords()
+        logging.getLogger("dinov2.configs").warning("config warning")
+        logging.getLogger("dinov2.configs").info("config note")
+        logging.getLogger("dinov2.distributed").warning("rank warning")
+        held.pass_on(configs=False)
+        held.pass_on()  # (a second call does nothing)
+        assert project.propagate and project.level == logging.WARNING  # the user's level, restored
+    finally:
+        root.removeHandler(at_root)
+        project.removeHandler(on_project)
+        project.setLevel(logging.NOTSET)
+    assert on_project.messages == ["config warning", "rank warning"]
+    assert at_root.messages == ["rank warning"]
+
+
 def test_the_time_of_saving_is_not_counted_as_training_pace(
     tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -105,7 +105,7 @@ def _read_list(data: Path) -> ImageList:
             if not path:
                 continue
             check_image_path(path, f"{data}:{reader.line_num}")  # as in a .txt list
-            key = os.path.normpath(data.parent / os.path.expanduser(path))  # (an absolute path stays as it is)
+            key = os.path.abspath(data.parent / os.path.expanduser(path))  # (an absolute path stays as it is)
             if key in first_line:  # cross-validation would test such an image on its own copy
                 raise DatasetError(
                     f"{data}:{reader.line_num}: {path} is listed again (first on line {first_line[key]}); list each "

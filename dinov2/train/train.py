@@ -820,27 +820,28 @@ class _HeldRecords(logging.Handler):
         self.logger = logging.getLogger("dinov2")
         self.saved = (self.logger.level, self.logger.propagate)
         self.logger.addHandler(self)
-        self.logger.setLevel(logging.INFO)
+        if self.logger.level == logging.NOTSET:  # (a level the user set stays)
+            self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
 
     def emit(self, record: logging.LogRecord) -> None:
         """Keep the record for :meth:`pass_on`."""
         self.records.append(record)
 
-    def pass_on(self, keep: bool = True) -> None:
-        """Stop holding; hand the records to the handlers there are now, at the root logger's level (or, without
-        ``keep``, drop them: the other ranks', which rank 0 reports)."""
+    def pass_on(self, configs: bool = True) -> None:
+        """Stop holding; hand the records to the root logger's handlers (those below ``dinov2`` had them already),
+        at the levels of the loggers that made them. ``configs=False`` drops the config's records (on the other
+        ranks: rank 0 reports them)."""
         if self not in self.logger.handlers:
             return
-        if not keep:
-            self.records.clear()
         self.logger.removeHandler(self)
         self.logger.setLevel(self.saved[0])
         self.logger.propagate = self.saved[1]
-        threshold = logging.getLogger().getEffectiveLevel()
+        root = logging.getLogger()
         for record in self.records:
-            if record.levelno >= threshold:
-                logging.getLogger(record.name).handle(record)
+            if (configs or not record.name.startswith("dinov2.configs")) and self.logger.propagate and \
+                    record.levelno >= logging.getLogger(record.name).getEffectiveLevel():  # fmt: skip
+                root.handle(record)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -892,7 +893,7 @@ def _main(args: argparse.Namespace, held: _HeldRecords) -> int:
             if distributed.all_reduce_mean(torch.tensor([float(bool(refused))], device=info.device)).item() > 0:
                 raise ConfigError(refused or f"--output-dir {output_dir} cannot be used (rank 0 says why)")
             handlers = setup_logging(output_dir, info.is_main_process, info.rank)
-            held.pass_on(keep=info.is_main_process)  # the config's warnings and notes, into log.txt
+            held.pass_on(configs=info.is_main_process)  # the config's warnings and notes, into log.txt
         except OSError as err:  # the log file cannot be written
             where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
             raise ConfigError(f"--output-dir (train.output_dir) {output_dir}: {err.strerror or err}{where}") from None
