@@ -57,9 +57,10 @@ def test_knn_equals_sklearn_on_random_features(n_test: int) -> None:
     ours = _our_knn(x[:400], y[:400], x[400:], (1, 20))
     for k in (1, 20):
         np.testing.assert_array_equal(ours[k], _sklearn_knn(x[:400], y[:400], x[400:], k))
-    proba = KNeighborsClassifier(n_neighbors=20).fit(x[:400], y[:400]).predict_proba(x[400:])
-    ours_proba = knn.knn_probabilities(x[:400], y[:400], x[400:], ks=(20,), num_classes=5)[20]
-    np.testing.assert_allclose(ours_proba, proba, atol=1e-12)
+    ours_proba = knn.knn_probabilities(x[:400], y[:400], x[400:], ks=(1, 20), num_classes=5)
+    for k in (1, 20):  # each k's vote fractions, asked for together
+        proba = KNeighborsClassifier(n_neighbors=k).fit(x[:400], y[:400]).predict_proba(x[400:])
+        np.testing.assert_allclose(ours_proba[k], proba, atol=1e-12)
 
 
 def _tied_data(seed: int, n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -61,6 +61,11 @@ def test_build_schedulers_for_the_dinobloom_recipe() -> None:
     assert s["lr"][total] == pytest.approx(1e-6) and s["lr"][total - 1] == pytest.approx(1e-6, abs=1e-9)
     assert s["wd"][0] == pytest.approx(0.04) and s["wd"][total] == pytest.approx(0.2)
     assert s["momentum"][0] == pytest.approx(0.994) and s["momentum"][total] == 1.0
+    # half-way along each cosine: the mean of its ends (cos(pi / 2) = 0)
+    assert s["wd"][total // 2] == pytest.approx((0.04 + 0.2) / 2)
+    assert s["momentum"][total // 2] == pytest.approx((0.994 + 1.0) / 2)
+    assert s["lr"][20 * epoch + (total - 20 * epoch) // 2] == pytest.approx((peak + 1e-6) / 2)
+    assert s["wd"][total // 4] == pytest.approx(0.2 + (0.04 - 0.2) * (1 + math.cos(math.pi / 4)) / 2)
     assert s["teacher_temp"][0] == pytest.approx(0.04)
     assert s["teacher_temp"][15 * epoch] == pytest.approx(0.04 + 0.03 * (15 * epoch) / (30 * epoch - 1))
     assert s["teacher_temp"][30 * epoch - 1] == pytest.approx(0.07) and s["teacher_temp"][total - 1] == pytest.approx(0.07)

@@ -1172,6 +1172,50 @@ def test_what_the_config_says_while_it_loads_reaches_log_txt(
     assert "train.drop_path_rate is ignored" in caplog.text
 
 
+def test_each_step_gets_its_schedules_clipping_and_frozen_prototypes(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the loop hands each step, against DINOv2's formulas: the teacher temperature's linear warm-up, the EMA
+    momentum's cosine to 1, prototypes (the heads' last layers) at lr 0 for the first epoch and the others not,
+    and gradients clipped to optim.clip_grad per part."""
+    seen = []
+    step = train_module.training_step
+
+    def recorded(model, optimizer, scaler, autocast, batch, teacher_temp, momentum, clip_grad):
+        last = {g["lr"] for g in optimizer.param_groups if g["is_last_layer"]}
+        other = {g["lr"] for g in optimizer.param_groups if not g["is_last_layer"]}
+        terms = step(model, optimizer, scaler, autocast, batch, teacher_temp, momentum, clip_grad)
+        norms = [torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in part.parameters() if p.grad is not None]))
+                 for part in model.student.values()]  # fmt: skip
+        seen.append((teacher_temp, momentum, last, other, [float(n) for n in norms]))
+        return terms
+
+    monkeypatch.setattr(train_module, "training_step", recorded)
+    _train(tmp_path / "run", demo.lists_dir, "teacher.warmup_teacher_temp=0.04", "teacher.teacher_temp=0.07",
+           "teacher.warmup_teacher_temp_epochs=1", "teacher.momentum_teacher=0.9",
+           "teacher.final_momentum_teacher=1.0", "optim.freeze_last_layer_epochs=1", "optim.warmup_epochs=0",
+           "optim.clip_grad=0.001", epochs=2, epoch_length=3)  # fmt: skip
+    assert len(seen) == 6
+    warm = np.linspace(0.04, 0.07, 3)
+    for i, (temp, momentum, last, other, norms) in enumerate(seen):
+        assert temp == pytest.approx(warm[i] if i < 3 else 0.07), i
+        assert momentum == pytest.approx(1.0 + (0.9 - 1.0) * (1 + math.cos(math.pi * i / 6)) / 2), i
+        assert (last == {0.0}) == (i < 3) and min(other) > 0, (i, last)
+        assert all(0 < n <= 0.001 * (1 + 1e-5) for n in norms), (i, norms)
+
+
+def test_the_exported_teacher_is_the_checkpoints_teacher(tmp_path: Path, demo) -> None:
+    """eval/training_N/teacher_checkpoint.pth holds the EMA teacher of step N (the network that is evaluated and
+    released), not the student."""
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, "train.checkpoint_period=3", "evaluation.eval_period_iterations=3",
+           epochs=1, epoch_length=3)  # fmt: skip
+    exported = torch.load(out / "eval" / "training_2" / "teacher_checkpoint.pth", weights_only=True)["teacher"]
+    saved = _checkpoint_tensors(out / "checkpoints" / "000000002", tmp_path)
+    assert exported and all(torch.equal(v, saved[f"model.teacher.{k}"]) for k, v in exported.items())
+    assert any(not torch.equal(v, saved[f"model.student.{k}"]) for k, v in exported.items())
+
+
 def test_held_records_reach_each_handler_once_and_other_ranks_keep_their_own() -> None:
     """Before log.txt exists: a handler the user put on the ``dinov2`` logger gets each record once (and no INFO when
     the user set WARNING), the root's handlers get them afterwards; the other ranks drop only the config's records
