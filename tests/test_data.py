@@ -16,8 +16,10 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as tv1
+from torchvision.transforms import v2 as tv2
 from torchvision.transforms.v2 import functional as tvf
 
+from dinov2.configs import load_config
 from dinov2.data import (
     DataAugmentationDINO,
     DatasetError,
@@ -33,7 +35,7 @@ from dinov2.data import (
 from dinov2.data import photometric as P
 from dinov2.data import transforms as T
 from dinov2.data.datasets import find_images
-from dinov2.train.data import build_train_loader
+from dinov2.train.data import build_train_dataset, build_train_loader
 
 
 def _write_image(path: Path, seed: int, size: tuple[int, int] = (40, 36)) -> Path:
@@ -806,3 +808,65 @@ def test_image_folder_surprises_are_explained(image_tree: Path, caplog: pytest.L
     (image_tree / "notes.txt").write_text("stained on Monday\n")
     with pytest.raises(ValueError, match=r"(?s)is not an image path.*read as a folder of file lists"):
         FileListDataset(image_tree)
+
+
+# --------------------------------------------------------------------------- augmentation geometry
+
+
+def _torchvision_view(size: int, scale: tuple[float, float], hematology: bool) -> tv2.Compose:
+    """A view's geometry written with torchvision: ``RandomResizedCrop`` (bicubic, antialiased, ratio 3/4..4/3),
+    horizontal flip p=0.5 and, for the hematology recipe, vertical flip p=0.5 and a 90 degree turn p=0.5."""
+    steps: list[Callable] = [
+        tv2.RandomResizedCrop(size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=tv2.InterpolationMode.BICUBIC,
+                              antialias=True),
+        tv2.RandomHorizontalFlip(0.5),
+    ]
+    if hematology:  # (a counter-clockwise quarter turn: tvf.rotate's positive angle, exact on a square)
+        steps += [tv2.RandomVerticalFlip(0.5), tv2.RandomApply([tv2.Lambda(lambda x: tvf.rotate(x, 90.0))], p=0.5)]
+    return tv2.Compose(steps)
+
+
+def _assert_views_crop_as_torchvision(augmentation: DataAugmentationDINO, scales: dict[str, tuple[float, float]],
+                                      sizes: dict[str, int], seeds: int = 24) -> None:
+    """Each view's crop, seed for seed, equals torchvision's transforms drawing from the same generator state."""
+    image = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (3, 50, 62), dtype=np.uint8))
+    for name in ("global_view1", "global_view2", "local_view"):
+        kind = "local" if name == "local_view" else "global"
+        reference = _torchvision_view(sizes[kind], scales[kind], augmentation.hematology)
+        view = getattr(augmentation, name)
+        for seed in range(seeds):
+            with seeded_rng(seed):
+                crop, _ = view(image, augmentation.jitter)
+            with seeded_rng(seed):
+                expected = reference(image)
+            same = torch.equal(crop, expected)
+            assert same, f"{name}, seed {seed}: crop differs from torchvision's"
+
+
+@pytest.mark.parametrize("hematology", [True, False])
+def test_crop_views_are_torchvisions_random_resized_crop_and_flips(hematology: bool) -> None:
+    """Each view crops as torchvision's RandomResizedCrop with the configured scale (bicubic, antialiased), then
+    flips: DINOv2's horizontal flip, or DinoBloom's 8 square symmetries (flips and a quarter turn)."""
+    scales = {"global": (0.32, 1.0), "local": (0.05, 0.32)}
+    sizes = {"global": 32, "local": 16}
+    augmentation = DataAugmentationDINO(scales["global"], scales["local"], 2, sizes["global"], sizes["local"],
+                                        hematology=hematology)
+    _assert_views_crop_as_torchvision(augmentation, scales, sizes)
+
+
+def test_build_train_dataset_wires_the_configured_crop_scales(image_tree: Path) -> None:
+    """``crops.global_crops_scale`` sets the global views' crop areas and ``crops.local_crops_scale`` the local ones'
+    (distinct values here, so that a swap shows), in the recorded scales and in the crops drawn."""
+    cfg = load_config(None, [f"train.dataset_path={image_tree}", "train.augmentation=hematology",
+                             "crops.global_crops_scale=[0.6,0.9]", "crops.local_crops_scale=[0.1,0.2]",
+                             "crops.local_crops_number=2", "crops.global_crops_size=32", "crops.local_crops_size=16"])
+    dataset = build_train_dataset(cfg)
+    augmentation = dataset.transform
+    assert isinstance(augmentation, DataAugmentationDINO) and augmentation.hematology
+    global_scale, local_scale = tuple(cfg.crops.global_crops_scale), tuple(cfg.crops.local_crops_scale)
+    assert augmentation.global_view1.scale == augmentation.global_view2.scale == global_scale == (0.6, 0.9)
+    assert augmentation.local_view.scale == local_scale == (0.1, 0.2)
+    out, _ = dataset[SampleKey(0, 0)]
+    assert [tuple(c.shape) for c in out["global_crops"] + out["local_crops"]] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    _assert_views_crop_as_torchvision(augmentation, {"global": global_scale, "local": local_scale},
+                                      {"global": 32, "local": 16})

@@ -483,3 +483,100 @@ def test_bag_columns_option_needs_three_names(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         mil_main(["--features", "f.h5", "--output-dir", "out", "--bags", "b.csv", "--bag-columns", "bag_id,file"])
     assert "expected three column names, PATIENT,LABEL,PATH; got 'bag_id,file'" in capsys.readouterr().err
+
+
+def _padded(bags: list[Bag]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bags zero-padded to their longest, with a mask of real cells and the labels (written out for the reference)."""
+    longest = max(bag.features.shape[0] for bag in bags)
+    x = torch.zeros(len(bags), longest, bags[0].features.shape[1])
+    mask = torch.zeros(len(bags), longest, dtype=torch.bool)
+    for i, bag in enumerate(bags):
+        x[i, : bag.features.shape[0]] = torch.tensor(bag.features)
+        mask[i, : bag.features.shape[0]] = True
+    return x, mask, torch.tensor([bag.label for bag in bags])
+
+
+def _reference_training(
+    train_bags: list[Bag], val_bags: list[Bag], num_classes: int, config: MILConfig, seed: int
+) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """The documented recipe by hand, every epoch, no early stopping: the model initialised after
+    ``torch.manual_seed(seed)``, SGD with Nesterov momentum, cosine annealing of the lr to 0 over ``epochs``, each
+    epoch's bag order ``torch.randperm`` of a generator seeded with ``seed``, mean cross-entropy per batch. Returns
+    each epoch's parameters and its validation loss (mean cross-entropy of each validation bag alone)."""
+    torch.manual_seed(seed)
+    model = AttentionMIL(
+        train_bags[0].features.shape[1], num_classes, config.hidden_dim, config.attention_dim, config.dropout
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    order_generator = torch.Generator().manual_seed(seed)
+    states, val_losses = [], []
+    for _ in range(config.epochs):
+        order = torch.randperm(len(train_bags), generator=order_generator).tolist()
+        for start in range(0, len(order), config.batch_size):
+            x, mask, labels = _padded([train_bags[i] for i in order[start : start + config.batch_size]])
+            loss = torch.nn.functional.cross_entropy(model(x, mask)[0], labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            losses = [torch.nn.functional.cross_entropy(model(*_padded([b])[:2])[0], _padded([b])[2]) for b in val_bags]
+        val_losses.append(float(sum(losses)) / len(val_bags))
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return states, val_losses
+
+
+def _assert_same_parameters(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_training_follows_the_documented_sgd_nesterov_cosine_recipe() -> None:
+    """The fold model is what the documented recipe gives (Nesterov momentum, lr annealed by a cosine, a fresh
+    seeded bag order each epoch, batches of ``batch_size`` with a short last one, weight decay), at the epoch of
+    lowest validation loss: checked against a training loop written out in the test."""
+    bags = _planted(16).bags
+    train, val = bags[:10], bags[10:]  # 10 bags in batches of 4: 4, 4, 2
+    config = MILConfig(**{**FAST, "lr": 0.2, "weight_decay": 1e-3, "epochs": 8, "patience": 8})
+    states, val_losses = _reference_training(train, val, 2, config, seed=5)
+    best = int(np.argmin(val_losses))
+    assert best >= 3  # late enough for momentum and the schedule to have shaped the kept weights
+    run = train_fold(train, val, 2, config, seed=5)
+    assert (run.best_epoch, run.epochs_run) == (best, config.epochs)
+    assert run.best_val_loss == pytest.approx(val_losses[best], rel=1e-5)
+    _assert_same_parameters(run.model.state_dict(), states[best])
+
+
+@pytest.mark.parametrize(
+    ("unlearnable", "lr", "patience"),
+    [(False, 1.0, 1), (False, 1.0, 2),  # a bump in the validation loss, which later falls below its first low
+     (True, 0.05, 3)],  # half the validation labels flipped: the loss rises once training starts to fit
+)  # fmt: skip
+def test_early_stopping_ends_patience_epochs_after_the_best_and_keeps_it(
+    unlearnable: bool, lr: float, patience: int
+) -> None:
+    """Training stops after ``patience`` epochs in a row without a lower validation loss (not one epoch later,
+    which here would train past the bump or waste an epoch), and the model kept is that of the best epoch."""
+    bags = _planted(16).bags
+    val = [Bag(b.patient, 1 - b.label, b.features, b.paths) if unlearnable and i % 2 else b
+           for i, b in enumerate(bags[10:])]  # fmt: skip
+    config = MILConfig(**{**FAST, "lr": lr, "epochs": 30, "patience": patience})
+    states, val_losses = _reference_training(bags[:10], val, 2, config, seed=0)
+    lowest, best, without_improvement = np.inf, -1, 0
+    for epoch, loss in enumerate(val_losses):  # the stopping rule as the help states it, counted independently
+        if loss < lowest:
+            lowest, best, without_improvement = loss, epoch, 0
+        else:
+            without_improvement += 1
+        if without_improvement == patience:
+            break
+    assert epoch + 1 < config.epochs  # the run does stop early
+    run = train_fold(bags[:10], val, 2, config, seed=0)
+    assert run.epochs_run == epoch + 1 == best + patience + 1
+    assert run.best_epoch == best
+    assert run.best_val_loss == pytest.approx(val_losses[best], rel=1e-5)
+    _assert_same_parameters(run.model.state_dict(), states[best])

@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from dinov2.configs import TRAIN_CONFIG_DIR, load_config
 from dinov2.data.collate import collate_data_and_cast
@@ -72,16 +73,21 @@ def _reference_terms(model: SSLMetaArch, batch: dict, koleo_weight: float) -> di
             "total_loss": dino + koleo + ibot}  # fmt: skip
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_forward_loss_is_dinobloom_objective(seed: int) -> None:
-    cfg = load_config(TRAIN_CONFIG_DIR / "demo.yaml", TINY)
+def _trained_like_model(cfg: DictConfig, seed: int) -> SSLMetaArch:
+    """The model of ``cfg`` in training mode, with a teacher that is not the student (as after some EMA steps)."""
     torch.manual_seed(seed)
     model = SSLMetaArch(cfg)
     model.init_weights()
-    with torch.no_grad():  # a teacher that is not the student, as after some EMA steps
+    with torch.no_grad():
         for p in model.teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    model.train()
+    return model.train()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_forward_loss_is_dinobloom_objective(seed: int) -> None:
+    cfg = load_config(TRAIN_CONFIG_DIR / "demo.yaml", TINY)
+    model = _trained_like_model(cfg, seed)
     batch = _batch(seed)
     assert 0 < int(batch["collated_masks"].sum()) and (batch["collated_masks"].sum(dim=1) == 0).any()
     total, terms = model.forward_loss(batch, teacher_temp=TEACHER_TEMP)
@@ -98,3 +104,85 @@ def test_koleo_pairwise_eps_comes_from_the_config() -> None:
     assert SSLMetaArch(load_config(TRAIN_CONFIG_DIR / "demo.yaml", TINY)).koleo_loss.pairwise_eps == 1e-4
     upstream = load_config(TRAIN_CONFIG_DIR / "demo.yaml", [*TINY, "dino.koleo_pairwise_eps=1e-8"])
     assert SSLMetaArch(upstream).koleo_loss.pairwise_eps == 1e-8
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9, 0.996, 1.0])
+@torch.no_grad()
+def test_update_teacher_is_ema_of_the_student(momentum: float) -> None:
+    """The teacher becomes m * teacher + (1 - m) * student in every parameter (DINOv2's EMA), the student untouched:
+    a swapped weight would make the teacher jump to the student at m = 0.996 instead of trailing it."""
+    model = SSLMetaArch(load_config(TRAIN_CONFIG_DIR / "demo.yaml", TINY))
+    generator = torch.Generator().manual_seed(0)
+    for p in [*model.student.parameters(), *model.teacher.parameters()]:
+        p.copy_(torch.randn(p.shape, generator=generator))
+    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    student_before = [p.clone() for p in model.student.parameters()]
+    model.update_teacher(momentum)
+    teacher_after = list(model.teacher.parameters())
+    assert len(teacher_after) == len(student_before) > 0
+    for t, t0, s in zip(teacher_after, teacher_before, student_before, strict=True):
+        expected = (momentum * t0.double() + (1 - momentum) * s.double()).float()
+        torch.testing.assert_close(t, expected, rtol=1e-6, atol=1e-7)
+    for s, s0 in zip(model.student.parameters(), student_before, strict=True):
+        assert torch.equal(s, s0)
+
+
+LOCAL_SIZE = 14
+
+
+def _multicrop_batch(seed: int, n_local: int) -> dict:
+    """``_batch``'s two global views per image plus ``n_local`` local views of ``LOCAL_SIZE`` px."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = [({"global_crops": [torch.randn(3, SIZE, SIZE, generator=generator) for _ in range(2)],
+                 "local_crops": [torch.randn(3, LOCAL_SIZE, LOCAL_SIZE, generator=generator) for _ in range(n_local)]},
+                0) for _ in range(B)]  # fmt: skip
+    return collate_data_and_cast(samples, (0.1, 0.5), 0.5, torch.float32,
+                                 mask_generator=MaskingGenerator.for_global_crops(SIZE, 14), rng=random.Random(seed))
+
+
+@torch.no_grad()
+def _reference_local_dino(model: SSLMetaArch, batch: dict, n_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINOv2's (global, local) DINO terms with ``n_local`` > 1 local crops, each written out per crop pair."""
+    teacher = model.teacher.backbone(batch["collated_global_crops"], is_training=True)
+    t_cls_a, t_cls_b = teacher["x_norm_clstoken"].chunk(2)
+    t_probs = sinkhorn_knopp(model.teacher.dino_head(torch.cat((t_cls_b, t_cls_a))), TEACHER_TEMP, 2 * B)
+    target_of_a, target_of_b = t_probs.chunk(2)  # the teacher's view B is the target of the student's view A
+
+    def cross_entropy(target: torch.Tensor, crops: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        """Row-mean of -sum_k target log softmax(student head / T) over one student view."""
+        cls = model.student.backbone(crops, is_training=True, **kwargs)["x_norm_clstoken"]
+        return -(target * F.log_softmax(model.student.dino_head(cls) / STUDENT_TEMP, dim=-1)).sum(-1).mean()
+
+    n_terms = 2 * 1 + 2 * n_local  # crop pairs: each global view against the other, each local view against both
+    views = batch["collated_global_crops"].chunk(2)
+    view_masks = batch["collated_masks"].chunk(2)
+    global_pairs = cross_entropy(target_of_a, views[0], masks=view_masks[0]) + cross_entropy(
+        target_of_b, views[1], masks=view_masks[1])  # fmt: skip
+    local_pairs = sum(cross_entropy(target, local) for local in batch["collated_local_crops"].chunk(n_local)
+                      for target in (target_of_a, target_of_b))  # fmt: skip
+    return global_pairs / n_terms, local_pairs / n_terms
+
+
+@pytest.mark.parametrize(("n_local", "seed"), [(2, 0), (3, 1)])
+def test_forward_loss_local_crops_is_dinov2_multicrop_objective(n_local: int, seed: int) -> None:
+    """With crops.local_crops_number > 1, DINOv2's multi-crop DINO objective: every local view's student CLS against
+    both global views' teacher targets, summed over the 2 * n_local (local, teacher) pairs, and the two global pairs;
+    both sums are divided by the pair count 2 + 2 * n_local (DINOv2's n_global_terms + n_local_terms, i.e. a global
+    scale of 2 / (2 + 2n) on the batched two-view loss and a local one of 1 / (2 + 2n)). KoLeo and iBOT stay as in
+    ``_reference_terms``, on the global views only."""
+    cfg = load_config(TRAIN_CONFIG_DIR / "demo.yaml",
+                      [*TINY, f"crops.local_crops_number={n_local}", f"crops.local_crops_size={LOCAL_SIZE}"])
+    model = _trained_like_model(cfg, seed)
+    batch = _multicrop_batch(seed, n_local)
+    assert batch["collated_local_crops"].shape == (n_local * B, 3, LOCAL_SIZE, LOCAL_SIZE)
+    total, terms = model.forward_loss(batch, teacher_temp=TEACHER_TEMP)
+    dino_global, dino_local = _reference_local_dino(model, batch, n_local)
+    others = _reference_terms(model, batch, cfg.dino.koleo_loss_weight)
+    expected = {"dino_global_crops_loss": dino_global, "dino_local_crops_loss": dino_local,
+                "koleo_loss": others["koleo_loss"], "ibot_loss": others["ibot_loss"],
+                "total_loss": dino_global + dino_local + 2 * (others["koleo_loss"] + others["ibot_loss"])}  # fmt: skip
+    assert set(terms) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(total.detach(), expected["total_loss"], rtol=1e-5, atol=1e-5)
+    assert total.requires_grad
