@@ -204,12 +204,33 @@ def save_checkpoint(
         others = [p for p in _checkpoints(ckpt_dir) if p != final]  # the new one is kept even if not the highest
         for old in others[: max(len(others) - (keep_last - 1), 0)]:
             _remove(old)
-        for leftover in ckpt_dir.glob("*-*"):  # tmp-* of killed saves, trash-* of interrupted deletions
-            if leftover.is_dir() and leftover.name.split("-", 1)[0] in ("tmp", "trash"):
-                shutil.rmtree(leftover)
+        _remove_unfinished(ckpt_dir)
         logger.info("saved checkpoint %s", final)
     barrier()
     return final
+
+
+def _remove_unfinished(ckpt_dir: Path) -> None:
+    """Delete the tmp-* folders of killed saves and the trash-* of interrupted deletions."""
+    for leftover in ckpt_dir.glob("*-*"):
+        if leftover.is_dir() and leftover.name.split("-", 1)[0] in ("tmp", "trash"):
+            shutil.rmtree(leftover)
+
+
+def tidy_checkpoints(ckpt_dir: str | Path, keep_last: int) -> None:
+    """Finish what a run killed while saving its last checkpoint left undone (there is no later save to do it):
+    `latest` names the newest complete checkpoint, the newest `keep_last` are kept, and unfinished folders go.
+    Rank 0 only."""
+    ckpt_dir = Path(ckpt_dir)
+    found = _checkpoints(ckpt_dir)
+    if not found:
+        return
+    latest = ckpt_dir / LATEST_FILE
+    if not latest.is_file() or latest.read_text().strip() != found[-1].name:
+        atomic_write_text(latest, found[-1].name + "\n")
+    for old in found[: max(len(found) - keep_last, 0)]:
+        _remove(old)
+    _remove_unfinished(ckpt_dir)
 
 
 def find_latest_checkpoint(ckpt_dir: str | Path) -> Path | None:

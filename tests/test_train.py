@@ -1204,6 +1204,29 @@ def test_each_step_gets_its_schedules_clipping_and_frozen_prototypes(
         assert all(0 < n <= 0.001 * (1 + 1e-5) for n in norms), (i, norms)
 
 
+def test_a_run_killed_while_saving_its_last_checkpoint_is_tidied_when_run_again(tmp_path: Path, demo) -> None:
+    """kill -9 after the last checkpoint's rename, before `latest`, pruning and clean-up: the re-run has nothing to
+    train, and finishes that work (a stale `latest`, an extra checkpoint, trash-* and temporary files stayed)."""
+    out = tmp_path / "run"
+    args = ("train.checkpoint_period=1", "train.keep_last_checkpoints=2")
+    _train(out, demo.lists_dir, *args, epochs=1, epoch_length=3)
+    ckpt = out / "checkpoints"
+    shutil.copytree(ckpt / "000000002", ckpt / "000000000")  # as if not yet pruned
+    shutil.copytree(ckpt / "000000002", ckpt / "trash-000000000-99")  # a deletion cut short
+    (ckpt / "latest").write_text("000000001\n")  # the rename done, `latest` not yet rewritten
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id that no longer runs: the killed writer's
+    (ckpt / f".latest.tmp-{gone.pid}").write_text("000000002")
+    (out / f".knn_monitor.json.tmp-{gone.pid}").write_text("[")
+    _train(out, demo.lists_dir, *args, epochs=1, epoch_length=3)
+    assert "nothing to do" in (out / "log.txt").read_text()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["000000001", "000000002", "latest"]
+    assert (ckpt / "latest").read_text() == "000000002\n"
+    _train(out, demo.lists_dir, *args, "train.resume=true", f"evaluation.knn_data={demo.images_dir}",
+           "evaluation.knn_max_images=0", epochs=1, epoch_length=3)  # fmt: skip  (scores the end: writes the record)
+    assert not (out / f".knn_monitor.json.tmp-{gone.pid}").exists()
+
+
 def test_the_exported_teacher_is_the_checkpoints_teacher(tmp_path: Path, demo) -> None:
     """eval/training_N/teacher_checkpoint.pth holds the EMA teacher of step N (the network that is evaluated and
     released), not the student."""

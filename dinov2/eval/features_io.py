@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dinov2.cli import check_file_writable
+from dinov2.files import remove_stale_temporaries
 
 ARRAY_NAMES = ("features", "labels", "paths")
 _RESERVED = (*ARRAY_NAMES, "class_names")
@@ -114,6 +115,7 @@ def save_features(
         raise TypeError(f"metadata values must be str/int/float/bool; not so for {bad}")
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)  # (a full-size file, when a save was killed before its rename)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
     try:
         if suffix == ".npz":

@@ -34,7 +34,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from dinov2 import distributed
-from dinov2.checkpoint import export_teacher, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from dinov2.checkpoint import (
+    export_teacher, find_latest_checkpoint, load_checkpoint, save_checkpoint, tidy_checkpoints,
+)
 from dinov2.configs import (
     ConfigError,
     apply_scaling_rules_to_cfg,
@@ -645,6 +647,8 @@ def train(
         write_config(cfg, output_dir)
     if start_iter >= max_iter:
         logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", latest, max_iter)
+        if info.is_main_process:  # a kill while the last checkpoint was saved may have left work undone
+            tidy_checkpoints(ckpt_dir, cfg.train.keep_last_checkpoints)
         if monitor is not None and not monitor.has_score(END_OF_TRAINING, max_iter):  # e.g. preempted while scoring
             score_end_of_training(cfg, output_dir, info, monitor, model.teacher.backbone, max_iter)
         return {}
