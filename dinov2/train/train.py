@@ -923,14 +923,12 @@ def _main(args: argparse.Namespace, held: _HeldRecords) -> int:
             if handler_error is not None:  # the previous signal handler's (see PreemptionHandler.forward_signal)
                 raise handler_error from None
             raise
-        except CLI_ERRORS as err:  # log.txt says why the run ended; the command line says it on stderr
-            logger.error("stopped: %s", err, extra=LOG_FILE_ONLY)
+        except Exception as err:
+            if isinstance(err, CLI_ERRORS):  # log.txt says why the run ended; the command line says it on stderr
+                logger.error("stopped: %s", err, extra=LOG_FILE_ONLY)
+            else:  # its traceback follows on stderr
+                logger.error("stopped by an unexpected error: %s: %s", type(err).__name__, err)
             if info.is_main_process:  # a start-over that failed is not to be repeated by the next plain run
-                (output_dir / START_OVER_MARKER).unlink(missing_ok=True)
-            raise
-        except Exception as err:  # its traceback follows on stderr
-            logger.error("stopped by an unexpected error: %s: %s", type(err).__name__, err)
-            if info.is_main_process:
                 (output_dir / START_OVER_MARKER).unlink(missing_ok=True)
             raise
         distributed.barrier()  # every rank is done with the process group before any rank destroys it
