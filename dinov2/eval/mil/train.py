@@ -75,10 +75,9 @@ class FoldRun:
     best_val_loss: float
 
 
-def _batches(bags: Sequence[Bag], batch_size: int, generator: torch.Generator | None) -> list[list[Bag]]:
-    """Bags grouped into batches, shuffled when a generator is given."""
-    order = torch.randperm(len(bags), generator=generator).tolist() if generator is not None else range(len(bags))
-    ordered = [bags[i] for i in order]
+def _batches(bags: Sequence[Bag], batch_size: int, generator: torch.Generator) -> list[list[Bag]]:
+    """Bags shuffled with ``generator`` and grouped into training batches."""
+    ordered = [bags[i] for i in torch.randperm(len(bags), generator=generator).tolist()]
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
