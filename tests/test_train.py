@@ -250,6 +250,25 @@ def test_resume_is_bitwise_exact(tmp_path: Path, demo, monkeypatch: pytest.Monke
     assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
 
 
+def test_a_resumed_run_records_the_iterations_an_uninterrupted_one_does(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With records every 4 steps, a run preempted at step 5 and resumed records steps 0, 3, 7 and 11, as one run
+    that was never stopped does: the resume's first step is shown on the console, not added to the metrics."""
+    args = ("train.log_period=4", "train.checkpoint_period=4")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _train(whole, demo.lists_dir, *args, epochs=2, epoch_length=6)
+    _interrupt_at(monkeypatch, 5, "preempted")
+    with pytest.raises(SystemExit):
+        _train(parts, demo.lists_dir, *args, epochs=2, epoch_length=6)
+    monkeypatch.undo()
+    _train(parts, demo.lists_dir, *args, epochs=2, epoch_length=6)
+
+    assert "resuming at iteration 6" in (parts / "log.txt").read_text()
+    assert [r["iteration"] for r in _metrics(whole)] == [0, 3, 7, 11]
+    assert _losses(_metrics(parts)) == _losses(_metrics(whole))
+
+
 def test_starting_over_sets_the_earlier_run_aside(tmp_path: Path, demo) -> None:
     """--no-resume in a used folder: the new run neither prunes, nor later resumes from, the earlier run's files."""
     out = tmp_path / "run"

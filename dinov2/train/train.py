@@ -723,8 +723,11 @@ def train(
             period = cfg.evaluation.eval_period_iterations
             export_now = bool(period) and ((iteration + 1) % period == 0 or is_last)
             save_now = (iteration + 1) % cfg.train.checkpoint_period == 0 or is_last or stop
-            log_now = (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == start_iter
-            log_now = log_now or rankme_score is not None
+            # A resume also shows its first step (its start-up time) on the console, but records only what an
+            # uninterrupted run records, so that both leave the same metrics.
+            record_now = (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == 0
+            record_now = record_now or rankme_score is not None
+            log_now = record_now or iteration == start_iter
             if log_now or export_now or save_now:  # the loss is checked before anything is written
                 losses = finite_mean_losses(terms, iteration)
             if log_now:
@@ -741,7 +744,8 @@ def train(
                 if rankme_score is not None:
                     last["rankme"], last["rankme_crops"] = rankme_score
                     logger.info("RankMe of the teacher's CLS tokens on %d global crops: %.1f", *rankme_score[::-1])
-                metrics.log(last)
+                if record_now:
+                    metrics.log(last)
                 log_progress(last, max_iter, seconds_per_step=elapsed * global_batch / max(window_images, 1),
                              first=iteration == start_iter and not is_last)
                 window_start, window_images = time.perf_counter(), 0
