@@ -1,4 +1,5 @@
-"""The one place that applies FSDP2 sharding, activation checkpointing and torch.compile, and picks dtypes.
+"""The one place that applies FSDP2 sharding, activation checkpointing and torch.compile to the models, and picks
+dtypes.
 
 The models stay plain PyTorch. `parallelize_model` changes them in place:
 
