@@ -172,11 +172,7 @@ class SSLMetaArch(nn.Module):
             cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp=teacher_temp)
             patch_probs = None
             if self.do_ibot:
-                patch_probs = self.ibot_patch_loss.sinkhorn_knopp_teacher(
-                    masked_patch_logits,
-                    teacher_temp=teacher_temp,
-                    n_masked_patches_tensor=batch["n_masked_patches"].clone(),
-                )
+                patch_probs = self.ibot_patch_loss.sinkhorn_knopp_teacher(masked_patch_logits, teacher_temp)
         else:
             raise ValueError(f"train.centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
         return cls_probs, patch_probs
@@ -227,11 +223,7 @@ class SSLMetaArch(nn.Module):
 
         if self.do_ibot:
             ibot = self.ibot_patch_loss.forward_masked(
-                masked_logits,
-                patch_probs,
-                student_masks_flat=masks,
-                n_masked_patches=batch["mask_indices_list"].shape[0],
-                masks_weight=batch["masks_weight"],
+                masked_logits, patch_probs, student_masks_flat=masks, masks_weight=batch["masks_weight"]
             )
             loss_terms["ibot_loss"] = ibot / 2
             total = total + self.cfg.ibot.loss_weight * ibot
