@@ -73,7 +73,6 @@ def benchmark(
     masks = random_masks(tokens, crops, seed=0).to(device)
     counts = masks.sum(dim=-1, keepdim=True).clamp(min=1)
     masks_weight = (1.0 / counts).expand_as(masks)[masks]
-    n_masked = torch.tensor([tokens], device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     # weight-normalised heads give scores in [-1, 1] (times the prototype norms, 1 at initialisation)
     teacher_scores = (2 * torch.rand(tokens, prototypes, generator=generator, device=device) - 1).to(dtype)
@@ -82,7 +81,7 @@ def benchmark(
     loss = iBOTPatchLoss(prototypes).to(device)
 
     def targets() -> torch.Tensor:
-        return loss.sinkhorn_knopp_teacher(teacher_scores, teacher_temp=0.07, n_masked_patches_tensor=n_masked)
+        return loss.sinkhorn_knopp_teacher(teacher_scores, teacher_temp=0.07)
 
     if compile:  # dynamic shapes, as in training, where the number of masked tokens changes every step
         loss.cross_entropy.compile(dynamic=True)

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from dinov2.configs import TRAIN_CONFIG_DIR, load_config
-from dinov2.loss import DINOLoss, iBOTPatchLoss, sinkhorn_knopp
-from dinov2.loss import dino_clstoken_loss
-from dinov2.loss.dino_clstoken_loss import compiled_sinkhorn_knopp_pays
+from dinov2.loss import DINOLoss, centering, iBOTPatchLoss, sinkhorn_knopp
+from dinov2.loss.centering import compiled_sinkhorn_knopp_pays
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 
 pytestmark = pytest.mark.skipif(
@@ -99,11 +98,10 @@ def test_compiled_sinkhorn_knopp_runs_where_it_pays(monkeypatch: pytest.MonkeyPa
     def fail(*args: object) -> None:
         raise AssertionError("the compiled Sinkhorn-Knopp passes ran on a CPU")
 
-    monkeypatch.setattr(dino_clstoken_loss, "_RecomputedPasses", fail)
+    monkeypatch.setattr(centering, "_RecomputedPasses", fail)
     for loss in (iBOTPatchLoss(64), DINOLoss(64)):
         loss.compile_sinkhorn_knopp = True
-        args = (torch.tensor([10]),) if isinstance(loss, iBOTPatchLoss) else ()
-        assert loss.sinkhorn_knopp_teacher(torch.randn(10, 64), 0.07, *args).shape == (10, 64)
+        assert loss.sinkhorn_knopp_teacher(torch.randn(10, 64), 0.07).shape == (10, 64)
 
 
 def test_benchmark_flop_count_leaves_compiled_code_compiled(load_script: Callable[[str], ModuleType]) -> None:

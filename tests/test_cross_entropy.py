@@ -105,15 +105,15 @@ def test_gpu_operation_order_gives_the_same_numbers(monkeypatch: pytest.MonkeyPa
     """On a GPU half-precision scores are upcast inside the division (and Sinkhorn-Knopp's subtraction); run that
     path here on the CPU: values, gradients and targets must equal the CPU path's bit for bit."""
     import dinov2.loss.cross_entropy as cross_entropy
-    import dinov2.loss.dino_clstoken_loss as dino_clstoken_loss
+    import dinov2.loss.centering as centering
 
     student64, teacher64 = _inputs(24, 1024, seed=5)
     results = []
     for gpu_order in (False, True):
         monkeypatch.setattr(cross_entropy, "fuses_mixed_dtypes", lambda x: gpu_order)
-        monkeypatch.setattr(dino_clstoken_loss, "fuses_mixed_dtypes", lambda x: gpu_order)
+        monkeypatch.setattr(centering, "fuses_mixed_dtypes", lambda x: gpu_order)
         student = student64.to(torch.bfloat16).requires_grad_()
-        targets = dino_clstoken_loss.sinkhorn_knopp(teacher64.to(torch.bfloat16), 0.07, n_samples=24)
+        targets = centering.sinkhorn_knopp(teacher64.to(torch.bfloat16), 0.07, n_samples=24)
         value = SoftCrossEntropy()(student, targets, 0.1)
         value.sum().backward()
         results.append((targets, value, student.grad))

@@ -102,7 +102,7 @@ def test_non_list_file_root(tmp_path: Path) -> None:
         FileListDataset(image)
 
 
-# --------------------------------------------------------------------------- layouts and targets
+# --------------------------------------------------------------------------- layouts
 
 
 def test_relative_and_absolute_list_entries(tmp_path: Path, image_tree: Path) -> None:
@@ -119,11 +119,8 @@ def test_relative_and_absolute_list_entries(tmp_path: Path, image_tree: Path) ->
         (image_tree / "neutrophil" / "n1.jpg").resolve(),
         (image_tree / "neutrophil" / "n2.jpg").resolve(),
     ]
-    assert dataset.classes == ["lymphocyte", "neutrophil"]
-    assert dataset.targets == [0, 1, 1]
-    image, target = dataset[1]
+    image, _ = dataset[1]
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (40, 36)
-    assert target == 1
 
 
 def test_a_list_whose_paths_all_miss_fails_at_once_naming_the_folder_they_are_read_from(
@@ -148,17 +145,7 @@ def test_image_folder_is_read_like_imagefolder(image_tree: Path) -> None:
     (image_tree / "lymphocyte" / "readme.txt.bak").write_text("ignored")
     dataset = FileListDataset(image_tree)
     assert len(dataset) == 6
-    assert dataset.classes == ["lymphocyte", "neutrophil"]
-    assert dataset.targets == [0, 0, 0, 1, 1, 1]
     assert Path(dataset.path(4)) == image_tree / "neutrophil" / "n1.jpg"
-
-
-def test_images_at_top_level_are_unlabelled(tmp_path: Path) -> None:
-    _write_image(tmp_path / "top.png", 0)
-    _write_image(tmp_path / "sub" / "deep.png", 1)
-    dataset = FileListDataset(tmp_path)
-    assert dataset.classes == []
-    assert dataset.targets == [0, 0]
 
 
 def test_resize_option(image_tree: Path) -> None:
@@ -274,7 +261,7 @@ def test_image_names_that_are_not_utf8(tmp_path: Path, load_script: Callable[[st
     expected = sorted([str(odd), str(plain)])
     folder = FileListDataset(source, transform=tvf.pil_to_tensor)
     assert sorted(folder.path(i) for i in range(2)) == expected
-    assert all(folder[i] is not None for i in range(2)) and folder.classes == ["blast"]
+    assert all(folder[i] is not None for i in range(2))
 
     script = load_script("make_file_lists")
     for relative in (False, True):
@@ -463,13 +450,10 @@ def test_crop_shapes(hematology: bool, local: int, local_size: int) -> None:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 254, 3), dtype=np.uint8))
     augmentation = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), local, 224, local_size, hematology=hematology)
     out = augmentation(image)
-    assert set(out) == {"global_crops", "global_crops_teacher", "global_crops_params", "local_crops",
-                        "local_crops_params", "offsets"}  # fmt: skip
+    assert set(out) == {"global_crops", "global_crops_params", "local_crops", "local_crops_params"}
     assert [tuple(c.shape) for c in out["global_crops"]] == [(3, 224, 224)] * 2
-    assert all(t is s for t, s in zip(out["global_crops_teacher"], out["global_crops"]))
     assert [tuple(c.shape) for c in out["local_crops"]] == [(3, local_size, local_size)] * local
     assert [tuple(p.shape) for p in out["global_crops_params"] + out["local_crops_params"]] == [(12,)] * (2 + local)
-    assert out["offsets"] == ()
     for crop, params in zip(out["global_crops"] + out["local_crops"], out["global_crops_params"] + out["local_crops_params"]):
         assert crop.dtype == torch.uint8
         view = _finish(crop, params)
@@ -701,7 +685,6 @@ def test_make_data_loader_defaults(image_tree: Path) -> None:
     assert loader.pin_memory == torch.cuda.is_available()
     batches = list(loader)
     assert [b[0].shape[0] for b in batches] == [4, 2]
-    assert torch.cat([b[1] for b in batches]).tolist() == dataset.targets
     with pytest.raises(ValueError, match="batch_size"):
         make_data_loader(dataset, batch_size=0, num_workers=0)
 
@@ -785,26 +768,20 @@ def test_benchmark_script_refuses_bad_counts_before_any_work(
 def test_real_blood_cells_smoke(shared_data_dir: Path) -> None:
     dev = shared_data_dir / "dev"
     dataset = FileListDataset(dev, transform=DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 1, 224, 98), resize=224)
-    folders = sorted(p.name for p in dev.iterdir() if p.is_dir())
-    assert dataset.classes == folders
     assert len(dataset) == sum(1 for p in dev.rglob("*.jpg"))
     for key in (SampleKey(0, 0), SampleKey(len(dataset) - 1, 2)):
-        crops, target = dataset[key]
-        assert target == dataset.target(key.index)
+        crops, _ = dataset[key]
         assert [tuple(c.shape) for c in crops["global_crops"]] == [(3, 224, 224)] * 2
         assert tuple(crops["local_crops"][0].shape) == (3, 98, 98)
     evaluation = FileListDataset(dev, transform=make_eval_transform(224))
-    tensor, target = evaluation[5]
-    assert tensor.shape == (3, 224, 224) and evaluation.classes[target] == Path(evaluation.path(5)).parent.name
+    tensor, _ = evaluation[5]
+    assert tensor.shape == (3, 224, 224)
 
 
-def test_image_folder_surprises_are_explained(image_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A loose image next to the class folders, and a stray .txt file in an image folder."""
+def test_image_folder_surprises_are_explained(image_tree: Path) -> None:
+    """A loose image next to the sub-folders is read with them; a stray .txt file in an image folder is an error."""
     _write_image(image_tree / "loose.png", 99)
-    with caplog.at_level(logging.WARNING, logger="dinov2.data.datasets"):
-        dataset = FileListDataset(image_tree)
-    assert dataset.classes == [] and len(dataset) == 7
-    assert "1 image(s) lie directly in the folder, next to class sub-folders" in caplog.text
+    assert len(FileListDataset(image_tree)) == 7
     (image_tree / "notes.txt").write_text("stained on Monday\n")
     with pytest.raises(ValueError, match=r"(?s)is not an image path.*read as a folder of file lists"):
         FileListDataset(image_tree)

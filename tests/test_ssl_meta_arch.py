@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from dinov2.configs import TRAIN_CONFIG_DIR, load_config
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.masking import MaskingGenerator
-from dinov2.loss.dino_clstoken_loss import sinkhorn_knopp
+from dinov2.loss import sinkhorn_knopp
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 
 B, SIZE, STUDENT_TEMP, TEACHER_TEMP = 6, 28, 0.1, 0.05

@@ -134,9 +134,8 @@ class DataAugmentationDINO:
     experimental ``DataAugmentationHEMA`` (``data_transform: "hema"``) is not what the release config selects.
 
     The output dict is what ``collate_data_and_cast`` consumes: ``global_crops`` (2 uint8 tensors),
-    ``global_crops_teacher`` (the same 2 tensors), ``local_crops`` (``local_crops_number`` uint8 tensors, possibly
-    none), ``global_crops_params`` and ``local_crops_params`` (the views' colour parameters, see
-    :mod:`dinov2.data.photometric`), ``offsets`` (empty).
+    ``local_crops`` (``local_crops_number`` uint8 tensors, possibly none), ``global_crops_params`` and
+    ``local_crops_params`` (the views' colour parameters, see :mod:`dinov2.data.photometric`).
     """
 
     def __init__(
@@ -208,11 +207,9 @@ class DataAugmentationDINO:
         local = [self.local_view(pixels, self.jitter) for _ in range(self.local_crops_number)]
         return {
             "global_crops": [global1, global2],
-            "global_crops_teacher": [global1, global2],
             "global_crops_params": [params1, params2],
             "local_crops": [crop for crop, _ in local],
             "local_crops_params": [params for _, params in local],
-            "offsets": (),  # (this key and global_crops_teacher complete DINOv2's sample format)
         }
 
     def __repr__(self) -> str:

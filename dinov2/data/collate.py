@@ -83,8 +83,7 @@ def collate_data_and_cast(
     mask_ratio_tuple: tuple[float, float],
     mask_probability: float,
     dtype: torch.dtype,
-    n_tokens: int | None = None,
-    mask_generator: MaskingGenerator | None = None,
+    mask_generator: MaskingGenerator,
     rng: random.Random | None = None,
     defer_colour: bool = False,
 ) -> dict[str, Any]:
@@ -101,13 +100,6 @@ def collate_data_and_cast(
     """
     if not samples_list:
         raise ValueError("collate: empty samples_list")
-    if mask_generator is None:
-        raise ValueError("collate: a MaskingGenerator is required (mask_generator=None)")
-    grid_tokens = mask_generator.num_patches
-    if n_tokens is None:
-        n_tokens = grid_tokens
-    if n_tokens != grid_tokens:
-        raise ValueError(f"collate: n_tokens={n_tokens} but the mask generator's grid has {grid_tokens} patches")
     source: RandomSource = random if rng is None else rng
 
     crops = _stack_crops(samples_list, "global_crops", dtype, defer_colour)
@@ -118,15 +110,13 @@ def collate_data_and_cast(
 
     n_crops = collated_global_crops.shape[0]
     n_masked_crops = int(n_crops * mask_probability)
-    # Float32 bin edges and float32 ratio arithmetic reproduce the reference masks and upper bound exactly.
+    # Float32 bin edges and float32 ratio arithmetic reproduce the reference masks exactly.
     edges = torch.linspace(mask_ratio_tuple[0], mask_ratio_tuple[1], n_masked_crops + 1)
     masks: list[np.ndarray] = []
-    upperbound = 0
     for i in range(n_masked_crops):
         low, high = edges[i], edges[i + 1]
         ratio = low + (high - low) * source.random()
-        masks.append(mask_generator(int(n_tokens * ratio), rng=rng))
-        upperbound += int(n_tokens * high)
+        masks.append(mask_generator(int(mask_generator.num_patches * ratio), rng=rng))
     masks.extend(mask_generator(0, rng=rng) for _ in range(n_masked_crops, n_crops))
     source.shuffle(masks)
 
@@ -140,6 +130,4 @@ def collate_data_and_cast(
         "collated_masks": collated_masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,
-        "upperbound": upperbound,  # DINOv2's bound on the masked-token count, kept for its batch format
-        "n_masked_patches": torch.tensor([mask_indices_list.shape[0]], dtype=torch.long),
     }

@@ -244,17 +244,15 @@ class _StringTable:
 
 
 class FileListDataset(torch.utils.data.Dataset):
-    """Images from file lists or an image folder, with class targets where the layout gives them.
+    """Images from file lists or an image folder, for self-supervised training: no labels.
 
-    Targets: for an image folder whose images all sit in sub-folders, the index of the top-level
-    sub-folder (ImageFolder semantics); for file lists, the index of each image's parent-folder name.
-    Otherwise every target is 0 and ``classes`` is empty. Items are ``(transform(image), target)``, or
-    ``None`` when the image cannot be read.
+    Items are ``(transform(image), 0)``, DINOv2's (sample, target) pairs, which the training collate takes, or
+    ``None`` when the image cannot be read. (Evaluation labels its images itself, see
+    :mod:`dinov2.eval.extract_features`.)
 
     Args:
         root: folder of ``.txt`` lists, one ``.txt`` list, or image folder.
         transform: applied to the RGB PIL image (e.g. :class:`DataAugmentationDINO`).
-        target_transform: applied to the integer target.
         resize: if set, images are first resized to ``resize`` x ``resize`` (Lanczos), as DinoBloom did (224).
         seed: base seed of the per-sample augmentation seeds.
     """
@@ -263,7 +261,6 @@ class FileListDataset(torch.utils.data.Dataset):
         self,
         root: str | Path,
         transform: Callable[[Image.Image], Any] | None = None,
-        target_transform: Callable[[int], Any] | None = None,
         resize: int | None = None,
         seed: int = 0,
     ) -> None:
@@ -271,31 +268,15 @@ class FileListDataset(torch.utils.data.Dataset):
         if resize is not None and resize <= 0:
             raise ValueError(f"resize must be a positive size in pixels or None, got {resize}")
         self.transform = transform
-        self.target_transform = target_transform
         self.resize = resize
         self.seed = int(seed)
-        paths, class_of = self._discover()
-        names = [class_of(p) for p in paths]
-        if any(name is None for name in names):
-            loose = sum(name is None for name in names)
-            if loose < len(names):  # some images sit next to the class folders
-                logger.warning(
-                    "%s: %d image(s) lie directly in the folder, next to class sub-folders (e.g. %s); the dataset is "
-                    "treated as unlabelled", self.root, loose, next(p for p, n in zip(paths, names) if n is None),
-                )
-            self.classes: list[str] = []
-            targets = np.zeros(len(paths), dtype=np.int64)
-        else:
-            self.classes = sorted(set(names))
-            lookup = {name: i for i, name in enumerate(self.classes)}
-            targets = np.array([lookup[name] for name in names], dtype=np.int64)
+        paths = self._discover()
         self._paths = _StringTable(paths)
-        self._targets = targets
         self._reported_bad: set[int] = set()
-        logger.info("dataset %s: %d images, %d classes", self.root.absolute(), len(paths), len(self.classes))
+        logger.info("dataset %s: %d images", self.root.absolute(), len(paths))
 
-    def _discover(self) -> tuple[list[str], Callable[[str], str | None]]:
-        """Image paths and the rule that names each image's class."""
+    def _discover(self) -> list[str]:
+        """The image paths of the lists or the folder."""
         root = self.root
         if not root.exists():
             raise FileNotFoundError(f"dataset root {root} does not exist")
@@ -304,7 +285,7 @@ class FileListDataset(torch.utils.data.Dataset):
                 raise DatasetError(f"dataset root {root} is a file but not a .txt file list")
             entries = _read_file_list(root)
             _warn_of_repeated_paths(root, [(root, entries)])
-            return entries, _parent_name
+            return entries
         all_lists = sorted(p for p in root.iterdir() if p.suffix.lower() == ".txt" and p.is_file())
         lists = [p for p in all_lists if not p.name.startswith(".")]
         hidden = [p.name for p in all_lists if p.name.startswith(".")]
@@ -324,7 +305,7 @@ class FileListDataset(torch.utils.data.Dataset):
                         "images, move its .txt files elsewhere)"
                     ) from err
             _warn_of_repeated_paths(root, listed)
-            return [path for _, entries in listed for path in entries], _parent_name
+            return [path for _, entries in listed for path in entries]
         paths = find_images(root)
         if not paths:
             deeper = sorted(str(p.parent) for p in root.glob("*/*.txt") if not p.name.startswith("."))
@@ -333,13 +314,7 @@ class FileListDataset(torch.utils.data.Dataset):
             raise DatasetError(
                 f"no .txt file lists directly in {root} and no images ({', '.join(IMAGE_EXTENSIONS)}) under it{hint}"
             )
-        root_str = str(root)
-
-        def top_folder(path: str) -> str | None:
-            parts = Path(os.path.relpath(path, root_str)).parts
-            return parts[0] if len(parts) > 1 else None
-
-        return paths, top_folder
+        return paths
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -347,15 +322,6 @@ class FileListDataset(torch.utils.data.Dataset):
     def path(self, index: int) -> str:
         """The image path of sample ``index``."""
         return self._paths[index]
-
-    def target(self, index: int) -> int:
-        """The class index of sample ``index`` (0 when unlabelled)."""
-        return int(self._targets[index])
-
-    @property
-    def targets(self) -> list[int]:
-        """Class index of every sample."""
-        return self._targets.tolist()
 
     def __getitem__(self, key: int | SampleKey | tuple[int, int]) -> tuple[Any, Any] | None:
         """Load and transform one sample; ``key`` is an index or ``(index, epoch)`` for a seeded transform."""
@@ -375,17 +341,13 @@ class FileListDataset(torch.utils.data.Dataset):
             return None
         with _one_intra_op_thread():
             if epoch is None:
-                return self._apply_transforms(image, index)
+                return self._apply_transform(image)
             with seeded_rng(derive_seed(self.seed, index, epoch)):
-                return self._apply_transforms(image, index)
+                return self._apply_transform(image)
 
-    def _apply_transforms(self, image: Image.Image, index: int) -> tuple[Any, Any]:
-        """``(transform(image), target_transform(target))``."""
-        sample = image if self.transform is None else self.transform(image)
-        target: Any = int(self._targets[index])
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return sample, target
+    def _apply_transform(self, image: Image.Image) -> tuple[Any, int]:
+        """``(transform(image), 0)``."""
+        return (image if self.transform is None else self.transform(image)), 0
 
     def _report_bad(self, index: int, path: str, error: BaseException) -> None:
         """Log an unreadable sample the first time this process meets it."""
@@ -395,7 +357,7 @@ class FileListDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (
-            f"FileListDataset(root={str(self.root)!r}, {len(self)} images, {len(self.classes)} classes, "
+            f"FileListDataset(root={str(self.root)!r}, {len(self)} images, "
             f"resize={self.resize}, transform={self.transform!r})"
         )
 
@@ -403,11 +365,6 @@ class FileListDataset(torch.utils.data.Dataset):
 def _looks_like_image_folder(root: Path) -> bool:
     """Whether ``root`` has sub-folders or images of its own (a folder of file lists has neither)."""
     return any(p.is_dir() or p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
-
-
-def _parent_name(path: str) -> str:
-    """Name of the folder an image sits in."""
-    return os.path.basename(os.path.dirname(path))
 
 
 def _parse_dataset_spec(dataset_str: str) -> tuple[str, dict[str, str]]:
@@ -439,7 +396,6 @@ def dataset_root(dataset_str: str) -> str:
 def make_dataset(
     dataset_str: str,
     transform: Callable[[Image.Image], Any] | None = None,
-    target_transform: Callable[[int], Any] | None = None,
     *,
     resize: int | None = None,
     seed: int = 0,
@@ -453,7 +409,7 @@ def make_dataset(
     overrides the default but must agree with a ``resize=`` in the string.
     """
     if _names_a_path(dataset_str):
-        return FileListDataset(dataset_str, transform, target_transform, resize=resize, seed=seed)
+        return FileListDataset(dataset_str, transform, resize=resize, seed=seed)
     name, options = _parse_dataset_spec(dataset_str)
     if name not in _DATASET_NAMES:
         raise DatasetError(f"unknown dataset {name!r} in {dataset_str!r}; expected one of {_DATASET_NAMES} or a path")
@@ -479,4 +435,4 @@ def make_dataset(
             raise DatasetError(f"dataset string {dataset_str!r} says resize={value} but resize={resize} was passed")
     if resize is not None:
         spec_resize = resize
-    return FileListDataset(options["root"], transform, target_transform, resize=spec_resize, seed=seed)
+    return FileListDataset(options["root"], transform, resize=spec_resize, seed=seed)

@@ -37,7 +37,6 @@ class MaskingGenerator:
         if self.height <= 0 or self.width <= 0:
             raise ValueError(f"MaskingGenerator input_size must be positive, got {input_size}")
         self.num_patches = self.height * self.width
-        self.num_masking_patches = num_masking_patches
         self.min_num_patches = min_num_patches
         self.max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
         if self.max_num_patches is None:

@@ -9,9 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from dinov2.loss.centering import _at_least_float32
-
 __all__ = ["SoftCrossEntropy"]
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half precision to float32; float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def fuses_mixed_dtypes(x: torch.Tensor) -> bool:

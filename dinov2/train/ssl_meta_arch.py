@@ -158,8 +158,7 @@ class SSLMetaArch(nn.Module):
         else:
             cls_logits = self.teacher.dino_head(cls_tokens)
 
-        centering = self.cfg.train.centering
-        if centering == "centering":
+        if self.cfg.train.centering == "centering":
             cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp=teacher_temp)
             self.dino_loss.update_center(cls_logits)
             patch_probs = None
@@ -168,17 +167,11 @@ class SSLMetaArch(nn.Module):
                     masked_patch_logits.unsqueeze(0), teacher_temp=teacher_temp
                 ).squeeze(0)
                 self.ibot_patch_loss.update_center(masked_patch_logits.unsqueeze(0))
-        elif centering == "sinkhorn_knopp":
+        else:  # "sinkhorn_knopp", the one other value the config loader accepts
             cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp=teacher_temp)
             patch_probs = None
             if self.do_ibot:
-                patch_probs = self.ibot_patch_loss.sinkhorn_knopp_teacher(
-                    masked_patch_logits,
-                    teacher_temp=teacher_temp,
-                    n_masked_patches_tensor=batch["n_masked_patches"].clone(),
-                )
-        else:
-            raise ValueError(f"train.centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
+                patch_probs = self.ibot_patch_loss.sinkhorn_knopp_teacher(masked_patch_logits, teacher_temp)
         return cls_probs, patch_probs
 
     def forward_loss(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -222,17 +215,15 @@ class SSLMetaArch(nn.Module):
             total = total + self.cfg.dino.loss_weight * global_loss
             if self.do_koleo:
                 koleo = self.cfg.dino.koleo_loss_weight * sum(self.koleo_loss(c) for c in cls_tokens.chunk(2))
+                # Logged halved, as DINOv2's loss_dict logs it (see the README); the total takes the full term.
                 loss_terms["koleo_loss"] = koleo / 2
                 total = total + koleo
 
         if self.do_ibot:
             ibot = self.ibot_patch_loss.forward_masked(
-                masked_logits,
-                patch_probs,
-                student_masks_flat=masks,
-                n_masked_patches=batch["mask_indices_list"].shape[0],
-                masks_weight=batch["masks_weight"],
+                masked_logits, patch_probs, student_masks_flat=masks, masks_weight=batch["masks_weight"]
             )
+            # Logged halved, as DINOv2's loss_dict logs it (see the README); the total takes the full term.
             loss_terms["ibot_loss"] = ibot / 2
             total = total + self.cfg.ibot.loss_weight * ibot
 
