@@ -397,7 +397,7 @@ def test_sigkill_while_checkpointing_leaves_a_resumable_run(
 def _uneven_sinkhorn_worker(rank: int, port: int, result_dir: str, compiled: bool) -> None:
     """One rank's Sinkhorn-Knopp targets for its rows of a shared set of logits (5 rows on rank 0, 3 on rank 1);
     ``compiled``: with the compiled passes that ``train.compile`` runs on CUDA, here on the CPU."""
-    from dinov2.loss import DINOLoss, dino_clstoken_loss
+    from dinov2.loss import DINOLoss, centering
 
     _join_group(rank, port)
     distributed.enable_distributed(device="cpu")
@@ -406,7 +406,7 @@ def _uneven_sinkhorn_worker(rank: int, port: int, result_dir: str, compiled: boo
         rows = logits[:5] if rank == 0 else logits[5:]
         loss = DINOLoss(16)
         if compiled:
-            dino_clstoken_loss.compiled_sinkhorn_knopp_pays = lambda logits: True
+            centering.compiled_sinkhorn_knopp_pays = lambda logits: True
             loss.compile_sinkhorn_knopp = True
         torch.save(loss.sinkhorn_knopp_teacher(rows, teacher_temp=0.1), Path(result_dir) / f"rank{rank}.pt")
     finally:
