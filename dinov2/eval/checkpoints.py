@@ -13,7 +13,6 @@ step ``i`` (counted from 0), so it is reported as iteration ``i + 1``, and ``tra
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import re
 from pathlib import Path
@@ -161,15 +160,12 @@ def main(argv: list[str] | None = None) -> dict:
             "run_dir": str(args.run_dir),
             "data": str(args.data),
             "protocol": "stratified_kfold",
-            "n_splits": args.n_splits,
-            "fold_seed": protocol.fold_seed(args),
-            "folds": protocol.fold_order(args),
-            "group_by": args.group_by,
+            **protocol.fold_meta(args),
             "img_size": img_size,
             "resize": args.resize,
             "methods": _methods(rows),
-            "std": "population standard deviation over folds (numpy ddof=0)",
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "std": protocol.STD_OVER_FOLDS,
+            **protocol.provenance_meta(),
         },
         "checkpoints": rows,
     }

@@ -376,13 +376,17 @@ def infer_backbone_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         config["mlp_ratio"] = _swiglu_mlp_ratio(embed_dim, hidden)
     elif "blocks.0.mlp.fc1.weight" in state:
         hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-        ratio = hidden / embed_dim
-        if int(embed_dim * ratio) != hidden:  # guard against a float ratio that truncates one below
-            ratio = math.nextafter(ratio, math.inf)
+        ratio = mlp_ratio_for(hidden, embed_dim)
         config.update(ffn_layer="mlp", ffn_bias="blocks.0.mlp.fc1.bias" in state, mlp_ratio=ratio)
     elif depth:
         config["ffn_layer"] = "identity"
     return config
+
+
+def mlp_ratio_for(hidden: int, dim: int) -> float:
+    """An mlp_ratio with ``int(dim * ratio) == hidden`` (a float ratio can truncate to one below)."""
+    ratio = hidden / dim
+    return ratio if int(dim * ratio) == hidden else math.nextafter(ratio, math.inf)
 
 
 def _swiglu_mlp_ratio(embed_dim: int, hidden: int) -> float:
