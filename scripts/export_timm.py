@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from dinov2.hub import load_backbone  # noqa: E402
 from dinov2.hub.loader import flatten_block_chunks, mlp_ratio_for  # noqa: E402
 from dinov2.layers import LayerScale  # noqa: E402
+from dinov2.logs import setup_logging  # noqa: E402
 from dinov2.models import ARCH_SIZES, DinoVisionTransformer, arch_of_width  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--model", default=None, help="hub entry name; omit to infer it from the weights")
     parser.add_argument("--img-size", type=int, default=None, help="resize the position embedding first")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     output, name, kwargs = export_timm(args.weights, args.output, args.model, args.img_size)
     call = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in kwargs.items())])
     overlay_items = {"file": str(output), **timm_preprocessing(kwargs["img_size"])}

@@ -24,6 +24,7 @@ from dinov2.cli import non_negative_int, positive_int
 from dinov2.data.transforms import EVAL_RESIZES
 from dinov2.eval import knn, linear, metrics, protocol, reports
 from dinov2.files import atomic_write_text
+from dinov2.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dinov2.hub.backbones import run_image_size
 
     args = build_parser().parse_args(argv)
-    protocol.setup_logging()
+    setup_logging()
     device = protocol.resolve_device(args.device)
     output_dir = reports.prepare_output_dir(args.output_dir)
     checkpoints = find_checkpoints(args.run_dir)

@@ -62,6 +62,7 @@ from dinov2.cli import non_negative_int, positive_int, run_cli
 from dinov2.eval.protocol import resolve_device
 from dinov2.hub import RELEASE_URLS, load_backbone
 from dinov2.hub.backbones import run_image_size
+from dinov2.logs import setup_logging
 from dinov2.models import arch_of_width
 from dinov2.parallel import check_compile_toolchain
 
@@ -514,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> FeatureSet:
     """Run the CLI; returns the feature set."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     result = extract_features(
         args.data,
         args.output,

@@ -27,6 +27,7 @@ import torch
 
 from dinov2.cli import non_negative_float, positive_int
 from dinov2.eval import protocol
+from dinov2.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the linear-probe protocol and write results.json, results.md and figures to --output-dir."""
     parser = build_parser()
     args = protocol.parse_args_with_config(parser, argv)
-    protocol.setup_logging()
+    setup_logging()
     device = protocol.resolve_device(args.device)
 
     def predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int) -> dict:

@@ -56,11 +56,6 @@ class ProtocolOutput:
     test_folds: np.ndarray | None = None
 
 
-def setup_logging() -> None:
-    """Log INFO and above to stderr with timestamps (CLIs call this once)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` means CUDA when available, else CPU; any other name is used as given, once checked."""
     if name == "auto":

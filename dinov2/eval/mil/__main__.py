@@ -23,6 +23,7 @@ from dinov2.eval import protocol, reports
 from dinov2.eval.features_io import load_features
 from dinov2.eval.mil.data import CSV_COLUMNS, bags_from_csv, bags_from_paths
 from dinov2.eval.mil.train import MILConfig, cross_validate, patient_positions
+from dinov2.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the MIL evaluation and write its reports to --output-dir."""
     parser = build_parser()
     args = protocol.parse_args_with_config(parser, argv)
-    protocol.setup_logging()
+    setup_logging()
     device = protocol.resolve_device(args.device)
     config = MILConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MILConfig)})
     output_dir = reports.prepare_output_dir(args.output_dir)
