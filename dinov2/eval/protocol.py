@@ -59,6 +59,7 @@ class ProtocolOutput:
 def resolve_device(name: str) -> torch.device:
     """``auto`` means CUDA when available, else CPU; any other name is used as given, once checked."""
     if name == "auto":
+        # Not MPS, unlike training's get_device: evaluation computes in float64 in places, which MPS lacks.
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
