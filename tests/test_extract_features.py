@@ -769,11 +769,11 @@ def test_counts_are_checked_by_the_command_line(
 
 
 def test_a_features_file_save_killed_before_its_rename_leaves_no_copy_behind(tmp_path: Path) -> None:
-    """kill -9 during the final save left a full-size `.f.h5.tmp<pid>.h5` beside the output for good; the next save
+    """kill -9 during the final save left a full-size `.f.h5.tmp-<pid>.h5` beside the output for good; the next save
     removes it (a copy of a process still running is left alone)."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    stale, running = tmp_path / f".f.h5.tmp{gone.pid}.h5", tmp_path / f".f.h5.tmp{os.getppid()}.h5"
+    stale, running = tmp_path / f".f.h5.tmp-{gone.pid}.h5", tmp_path / f".f.h5.tmp-{os.getppid()}.h5"
     stale.write_bytes(b"\0" * 1000)
     running.write_bytes(b"\0")
     save_features(tmp_path / "f.h5", np.zeros((2, 4), np.float32), np.array([0, 1]), ["a.png", "b.png"], ["x", "y"])
