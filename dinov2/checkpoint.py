@@ -48,7 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dinov2.distributed import barrier, get_rank, get_world_size
-from dinov2.files import atomic_write_text
+from dinov2.files import atomic_write, atomic_write_text
 # One error type for every checkpoint or weights file that cannot be loaded (the CLIs end it in one line).
 from dinov2.hub.loader import CheckpointError
 
@@ -375,12 +375,7 @@ def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
             if key.split(".", 1)[0] == part
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # an export killed while writing (the run is locked)
-            stale.unlink(missing_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save({"teacher": ordered}, tmp)
-        os.replace(tmp, path)
-        written = path
+        written = atomic_write(path, lambda tmp: torch.save({"teacher": ordered}, tmp))
         logger.info("exported the teacher (%d tensors) to %s", len(ordered), path)
     barrier()
     return written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -31,18 +32,27 @@ def remove_stale_temporaries(path: str | os.PathLike[str], marker: str = ".tmp")
             stale.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it, flushed to disk and then renamed over
-    ``path``: a reader finds the old content or the new, never a part of either. Copies that killed writers left
-    are removed first."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` to write a temporary file beside ``path``, flush it to disk and rename it over ``path``:
+    a reader finds the old content or the new, never a part of either; returns ``path``.
+
+    The temporary, ``.<name>.tmp-<pid><suffix>``, keeps ``path``'s suffix (``np.savez`` would append ``.npz`` to a
+    name without it) and is removed if ``write`` fails; copies that killed writers left are removed first
+    (:func:`remove_stale_temporaries`).
+    """
     path = Path(path)
     remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:  # (writable: Windows cannot flush a read-only handle)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`; returns ``path``."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

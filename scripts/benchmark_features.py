@@ -34,6 +34,7 @@ from dinov2.cli import non_negative_int, positive_int  # noqa: E402
 from dinov2.eval.extract_features import PRECISIONS, compiled_forward  # noqa: E402
 from dinov2.eval.protocol import resolve_device  # noqa: E402
 from dinov2.hub import load_backbone  # noqa: E402
+from dinov2.logs import setup_logging  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if args.compile and args.warmup < 1:
         parser.error("--compile needs --warmup 1 or more: the first call compiles, and would be timed")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     results = benchmark(args.weights, args.batch_size, args.img_size, args.iters, args.warmup, args.device,

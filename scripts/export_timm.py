@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -38,8 +37,9 @@ import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy, a
 import torch  # noqa: E402
 
 from dinov2.hub import load_backbone  # noqa: E402
-from dinov2.hub.loader import flatten_block_chunks  # noqa: E402
+from dinov2.hub.loader import flatten_block_chunks, mlp_ratio_for  # noqa: E402
 from dinov2.layers import LayerScale  # noqa: E402
+from dinov2.logs import setup_logging  # noqa: E402
 from dinov2.models import ARCH_SIZES, DinoVisionTransformer, arch_of_width  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -47,12 +47,6 @@ logger = logging.getLogger(__name__)
 # timm's size names of DINOv2's architectures; a SwiGLU backbone maps to the giant model, another width to small.
 _TIMM_SIZE_NAMES = {"vit_small": "small", "vit_base": "base", "vit_large": "large", "vit_giant2": "giant"}
 _TIMM_SWIGLU_RATIO = 2.66667 * 2  # timm's vit_giant_patch14_dinov2 default (packed w12 width / dim)
-
-
-def _ratio_for(hidden: int, dim: int) -> float:
-    """An mlp_ratio with int(dim * ratio) == hidden."""
-    ratio = hidden / dim
-    return ratio if int(dim * ratio) == hidden else math.nextafter(ratio, math.inf)
 
 
 def timm_model_config(model: DinoVisionTransformer) -> tuple[str, dict[str, Any]]:
@@ -87,9 +81,9 @@ def timm_model_config(model: DinoVisionTransformer) -> tuple[str, dict[str, Any]
         kwargs["proj_bias"] = False
     hidden = _ffn_hidden(model)
     if swiglu and int(dim * _TIMM_SWIGLU_RATIO) != 2 * hidden:
-        kwargs["mlp_ratio"] = _ratio_for(2 * hidden, dim)  # timm's packed SwiGLU counts both halves
+        kwargs["mlp_ratio"] = mlp_ratio_for(2 * hidden, dim)  # timm's packed SwiGLU counts both halves
     elif not swiglu and hidden != int(dim * 4):
-        kwargs["mlp_ratio"] = _ratio_for(hidden, dim)
+        kwargs["mlp_ratio"] = mlp_ratio_for(hidden, dim)
     return name, kwargs
 
 
@@ -163,10 +157,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--model", default=None, help="hub entry name; omit to infer it from the weights")
     parser.add_argument("--img-size", type=int, default=None, help="resize the position embedding first")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     output, name, kwargs = export_timm(args.weights, args.output, args.model, args.img_size)
     call = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in kwargs.items())])
-    overlay = ", ".join(f"{k}={v!r}" for k, v in {"file": str(output), **timm_preprocessing(kwargs["img_size"])}.items())
+    overlay_items = {"file": str(output), **timm_preprocessing(kwargs["img_size"])}
+    overlay = ", ".join(f"{k}={v!r}" for k, v in overlay_items.items())
     print(f"wrote {output}; load it with timm.create_model({call}, pretrained=True, "
           f"pretrained_cfg_overlay=dict({overlay}))")
     return output

@@ -19,7 +19,7 @@ from dinov2.hub import (
     infer_backbone_config,
     load_backbone,
     load_backbone_state,
-    resize_pos_embed,
+    resize_pos_embed_as_dinobloom,
 )
 from dinov2.layers import LayerNorm, PatchEmbed, SwiGLUFFNFused
 from dinov2.layers.patch_embed import patch_matmul
@@ -162,7 +162,7 @@ def test_posembed_resampling_matches_dinobloom(conformance_dir: Path) -> None:
     """The loader turns a 1370-token hub pos_embed into DinoBloom's 257-token one exactly as DinoBloom did."""
     fixture = torch.load(conformance_dir / "posembed_init.pt", map_location="cpu", weights_only=True)
     hub, expected = fixture["hub_pos_embed"], fixture["dinobloom_pos_embed"]
-    assert_close(resize_pos_embed(hub, expected.shape[1]), expected, "resize_pos_embed")
+    assert_close(resize_pos_embed_as_dinobloom(hub, expected.shape[1]), expected, "resize_pos_embed_as_dinobloom")
     # through the strict loader, with a ViT-S-width model of depth 0 (just the embeddings)
     model = DinoVisionTransformer(img_size=224, embed_dim=hub.shape[-1], depth=0, num_heads=6)
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -769,12 +769,27 @@ def test_counts_are_checked_by_the_command_line(
 
 
 def test_a_features_file_save_killed_before_its_rename_leaves_no_copy_behind(tmp_path: Path) -> None:
-    """kill -9 during the final save left a full-size `.f.h5.tmp<pid>.h5` beside the output for good; the next save
+    """kill -9 during the final save left a full-size `.f.h5.tmp-<pid>.h5` beside the output for good; the next save
     removes it (a copy of a process still running is left alone)."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    stale, running = tmp_path / f".f.h5.tmp{gone.pid}.h5", tmp_path / f".f.h5.tmp{os.getppid()}.h5"
+    stale, running = tmp_path / f".f.h5.tmp-{gone.pid}.h5", tmp_path / f".f.h5.tmp-{os.getppid()}.h5"
     stale.write_bytes(b"\0" * 1000)
     running.write_bytes(b"\0")
     save_features(tmp_path / "f.h5", np.zeros((2, 4), np.float32), np.array([0, 1]), ["a.png", "b.png"], ["x", "y"])
     assert not stale.exists() and running.exists() and load_features(tmp_path / "f.h5").paths == ["a.png", "b.png"]
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_copy(tmp_path: Path) -> None:
+    """A writer that fails half-way leaves the earlier file as it was and removes its temporary copy."""
+    from dinov2.files import atomic_write
+
+    target = atomic_write(tmp_path / "f.npz", lambda tmp: np.savez(tmp, x=np.arange(3)))  # (a name that keeps .npz)
+
+    def fail(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npz"] and np.load(target)["x"].tolist() == [0, 1, 2]

@@ -26,7 +26,7 @@ from dinov2.hub import (
     load_backbone,
     load_backbone_weights,
     load_pretrained_backbone_state,
-    resize_pos_embed,
+    resize_pos_embed_as_dinobloom,
 )
 from dinov2.models import DinoVisionTransformer, build_model
 
@@ -222,7 +222,7 @@ def test_hub_sized_pos_embed_is_resized_on_load(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), hub.eval()(x), rtol=0, atol=2e-5)
     with pytest.raises(CheckpointError, match="not square patch grids"):
-        resize_pos_embed(torch.zeros(1, 1 + 12, 8), 257)
+        resize_pos_embed_as_dinobloom(torch.zeros(1, 1 + 12, 8), 257)
 
 
 def test_architecture_inference() -> None:
@@ -386,7 +386,7 @@ def test_dinobloom_entries_resize_a_dinov2_file_to_224(tmp_path: Path, monkeypat
     torch.save(hub.state_dict(), path)
     model = load_backbone("dinobloom_s", path)
     assert model.pos_embed.shape == (1, 257, 384)
-    torch.testing.assert_close(model.pos_embed, resize_pos_embed(hub.pos_embed, 257), rtol=0, atol=0)
+    torch.testing.assert_close(model.pos_embed, resize_pos_embed_as_dinobloom(hub.pos_embed, 257), rtol=0, atol=0)
     assert load_backbone("dinov2_vits14", path).pos_embed.shape == (1, 1370, 384)  # keeps the file's size
 
     requested: list[Any] = []

@@ -13,7 +13,6 @@ step ``i`` (counted from 0), so it is reported as iteration ``i + 1``, and ``tra
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import re
 from pathlib import Path
@@ -25,6 +24,7 @@ from dinov2.cli import non_negative_int, positive_int
 from dinov2.data.transforms import EVAL_RESIZES
 from dinov2.eval import knn, linear, metrics, protocol, reports
 from dinov2.files import atomic_write_text
+from dinov2.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dinov2.hub.backbones import run_image_size
 
     args = build_parser().parse_args(argv)
-    protocol.setup_logging()
+    setup_logging()
     device = protocol.resolve_device(args.device)
     output_dir = reports.prepare_output_dir(args.output_dir)
     checkpoints = find_checkpoints(args.run_dir)
@@ -161,15 +161,12 @@ def main(argv: list[str] | None = None) -> dict:
             "run_dir": str(args.run_dir),
             "data": str(args.data),
             "protocol": "stratified_kfold",
-            "n_splits": args.n_splits,
-            "fold_seed": protocol.fold_seed(args),
-            "folds": protocol.fold_order(args),
-            "group_by": args.group_by,
+            **protocol.fold_meta(args),
             "img_size": img_size,
             "resize": args.resize,
             "methods": _methods(rows),
-            "std": "population standard deviation over folds (numpy ddof=0)",
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "std": protocol.STD_OVER_FOLDS,
+            **protocol.provenance_meta(),
         },
         "checkpoints": rows,
     }

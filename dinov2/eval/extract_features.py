@@ -44,7 +44,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ from dinov2.cli import non_negative_int, positive_int, run_cli
 from dinov2.eval.protocol import resolve_device
 from dinov2.hub import RELEASE_URLS, load_backbone
 from dinov2.hub.backbones import run_image_size
+from dinov2.logs import setup_logging
 from dinov2.models import arch_of_width
 from dinov2.parallel import check_compile_toolchain
 
@@ -361,6 +362,67 @@ def compiled_forward(model: nn.Module, batch_size: int) -> Callable[[torch.Tenso
     return forward
 
 
+def _load_backbone(
+    model: str | nn.Module | None, weights: str | os.PathLike[str] | None
+) -> tuple[nn.Module, str, str | os.PathLike[str] | None]:
+    """The backbone of :func:`extract_features`'s `model` and `weights`, its name for the metadata, and the weights
+    it holds (a hub name's release file when none are given; None for a module)."""
+    if isinstance(model, nn.Module):
+        if weights is not None:
+            raise ValueError("pass either a model module or weights, not both")
+        return model, type(model).__name__, None
+    if model is None and weights is None:
+        raise ValueError("give --model, --weights, or both")
+    if weights is None:
+        weights = release_weights(model)
+    backbone = load_backbone(model, weights)
+    return backbone, model or f"inferred:{arch_of_width(backbone.embed_dim) or 'vit'}", weights
+
+
+def _run_image_size(weights: str | os.PathLike[str] | None, model: object, backbone: nn.Module) -> int:
+    """The image size when none is given: the one the weights' training run trained at, else 224."""
+    trained_at = run_image_size(weights) if weights is not None else None
+    if trained_at is None:
+        return 224
+    logger.info("images resized to %d px, the size %s was trained at (--img-size to change)", trained_at, weights)
+    built_at = backbone.patch_embed.img_size[0]
+    if model is not None and built_at != trained_at:
+        logger.warning(
+            "--model %s is built for %d px: the run's %d px position embedding was resampled to %d px when "
+            "it loaded, and is resampled back for the %d px images, which changes the features; leave "
+            "--model out to embed them with the run's own network", model, built_at, trained_at, built_at,
+            trained_at,
+        )
+    return trained_at
+
+
+def _progress_settings(
+    model_name: str,
+    weights: str | os.PathLike[str],
+    weights_file: Path | None,
+    image_list: ImageList,
+    img_size: int,
+    resize: str,
+    precision: str,
+    compile: bool,
+    device: torch.device,
+) -> dict[str, Any]:
+    """What the features depend on, which an interrupted extraction's progress must match to be continued."""
+    weights_stat = weights_file.stat() if weights_file is not None else None
+    return {
+        "model": model_name,
+        # absolute: the same relative name run from another folder is another file
+        "weights": str(weights_file.resolve() if weights_file else weights),
+        "weights_bytes_mtime": [weights_stat.st_size, weights_stat.st_mtime] if weights_stat else None,
+        "img_size": img_size,
+        "resize": resize,
+        "precision": precision,
+        **({"compiled": True} if compile else {}),  # (absent otherwise: older partial folders still match)
+        "device_type": device.type,
+        "images": [str(image_list.root.resolve()), len(image_list.paths), image_list_digest(image_list.paths)],
+    }
+
+
 def extract_features(
     data: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
@@ -392,49 +454,18 @@ def extract_features(
     if output is not None:
         others = [str(data)] + ([str(weights)] if weights is not None and not isinstance(model, nn.Module) else [])
         check_names_storable(Path(output), image_list.paths, image_list.root.resolve(), others)
-    if isinstance(model, nn.Module):
-        if weights is not None:
-            raise ValueError("pass either a model module or weights, not both")
-        backbone, model_name = model, type(model).__name__
-    else:
-        if model is None and weights is None:
-            raise ValueError("give --model, --weights, or both")
-        if weights is None:
-            weights = release_weights(model)
-        backbone = load_backbone(model, weights)
-        model_name = model or f"inferred:{arch_of_width(backbone.embed_dim) or 'vit'}"
+    backbone, model_name, weights = _load_backbone(model, weights)
     if img_size is None:
-        trained_at = run_image_size(weights) if weights is not None else None
-        if trained_at is not None:
-            logger.info("images resized to %d px, the size %s was trained at (--img-size to change)", trained_at,
-                        weights)  # fmt: skip
-            built_at = backbone.patch_embed.img_size[0]
-            if model is not None and built_at != trained_at:
-                logger.warning(
-                    "--model %s is built for %d px: the run's %d px position embedding was resampled to %d px when "
-                    "it loaded, and is resampled back for the %d px images, which changes the features; leave "
-                    "--model out to embed them with the run's own network", model, built_at, trained_at, built_at,
-                    trained_at,
-                )
-        img_size = trained_at or 224
+        img_size = _run_image_size(weights, model, backbone)
     used_precision = precision if device.type in BF16_DEVICE_TYPES else "fp32"
     logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)
     weights_file = Path(weights).expanduser() if weights is not None and Path(weights).expanduser().is_file() else None
     partial = None
     if output is not None and not isinstance(model, nn.Module):  # (a module's weights have no name to check)
-        weights_stat = weights_file.stat() if weights_file is not None else None
-        partial = PartialFeatures(Path(output), {
-            "model": model_name,
-            # absolute: the same relative name run from another folder is another file
-            "weights": "" if weights is None else str(weights_file.resolve() if weights_file else weights),
-            "weights_bytes_mtime": [weights_stat.st_size, weights_stat.st_mtime] if weights_stat else None,
-            "img_size": img_size,
-            "resize": resize,
-            "precision": used_precision,
-            **({"compiled": True} if compile else {}),  # (absent otherwise: older partial folders still match)
-            "device_type": device.type,
-            "images": [str(image_list.root.resolve()), len(image_list.paths), image_list_digest(image_list.paths)],
-        })  # fmt: skip
+        settings = _progress_settings(
+            model_name, weights, weights_file, image_list, img_size, resize, used_precision, compile, device
+        )
+        partial = PartialFeatures(Path(output), settings)
     features, kept = embed_images(
         backbone, image_list, batch_size, num_workers, img_size, device, precision, partial=partial, resize=resize,
         compile=compile,
@@ -514,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> FeatureSet:
     """Run the CLI; returns the feature set."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     result = extract_features(
         args.data,
         args.output,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from dinov2.cli import check_file_writable
-from dinov2.files import remove_stale_temporaries
+from dinov2.files import atomic_write
 
 ARRAY_NAMES = ("features", "labels", "paths")
 _RESERVED = (*ARRAY_NAMES, "class_names")
@@ -115,19 +115,19 @@ def save_features(
         raise TypeError(f"metadata values must be str/int/float/bool; not so for {bad}")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)  # (a full-size file, when a save was killed before its rename)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
-    try:
+
+    def write(tmp: Path) -> None:
         if suffix == ".npz":
             arrays = {name: np.asarray(value) for name, value in meta.items()}
-            np.savez(
-                tmp,
-                features=features,
-                labels=labels,
-                paths=np.asarray(paths, dtype=np.str_),
-                class_names=np.asarray(class_names, dtype=np.str_),
-                **arrays,
-            )
+            with open(tmp, "wb") as f:  # (given a name, np.savez would append .npz to a `.NPZ` one)
+                np.savez(
+                    f,
+                    features=features,
+                    labels=labels,
+                    paths=np.asarray(paths, dtype=np.str_),
+                    class_names=np.asarray(class_names, dtype=np.str_),
+                    **arrays,
+                )
         else:
             import h5py
 
@@ -138,10 +138,9 @@ def save_features(
                 f.attrs["class_names"] = json.dumps(class_names)
                 for key, value in meta.items():
                     f.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    # (a save killed before its rename left a full-size copy: atomic_write removes it)
+    return atomic_write(path, write)
 
 
 def load_features(path: str | os.PathLike[str]) -> FeatureSet:

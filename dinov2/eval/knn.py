@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from dinov2.eval import protocol
+from dinov2.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the kNN protocol and write results.json, results.md and figures to --output-dir."""
     parser = build_parser()
     args = protocol.parse_args_with_config(parser, argv)
-    protocol.setup_logging()
+    setup_logging()
     device = protocol.resolve_device(args.device)
     metric = args.metric or ("cosine" if args.weighting == "temperature" else "euclidean")
 

@@ -27,6 +27,7 @@ import torch
 
 from dinov2.cli import non_negative_float, positive_int
 from dinov2.eval import protocol
+from dinov2.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +54,6 @@ def _fitted_c(C: float | None, dim: int, present: np.ndarray) -> float:
     return 2.0 * C if present.size == 2 else C
 
 
-def _present_classes(train_y: np.ndarray) -> np.ndarray:
-    """Classes occurring in the training labels; a linear probe needs two."""
-    present = np.unique(train_y)
-    if present.size < 2:
-        raise ValueError(f"logistic regression needs at least 2 classes in the training set, found {present.tolist()}")
-    return present
-
-
 def logreg_sklearn(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -80,7 +73,7 @@ def logreg_sklearn(
     from sklearn.linear_model import LogisticRegression
 
     train_x, test_x = np.asarray(train_x, dtype=np.float64), np.asarray(test_x, dtype=np.float64)
-    present = _present_classes(train_y)
+    present = protocol.require_two_classes(train_y, where=" in the training set")
     model = LogisticRegression(C=_fitted_c(C, train_x.shape[1], present), max_iter=max_iter, tol=tol, solver="lbfgs")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -154,7 +147,7 @@ def logreg_torch(
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """Class probabilities (n_test, num_classes) from the torch L-BFGS fit of scikit-learn's objective."""
-    present = _present_classes(train_y)
+    present = protocol.require_two_classes(train_y, where=" in the training set")
     dense_y = np.searchsorted(present, train_y)
     weight, bias = fit_logreg_torch(train_x, dense_y, _fitted_c(C, train_x.shape[1], present), max_iter, tol, device)
     x = torch.as_tensor(test_x).to(device=device, dtype=torch.float64)
@@ -183,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the linear-probe protocol and write results.json, results.md and figures to --output-dir."""
     parser = build_parser()
     args = protocol.parse_args_with_config(parser, argv)
-    protocol.setup_logging()
+    setup_logging()
     device = protocol.resolve_device(args.device)
 
     def predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int) -> dict:

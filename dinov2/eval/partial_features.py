@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from dinov2.files import atomic_write, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 _CHUNK = re.compile(r"^chunk_(\d+)_(\d+)\.npz$")
@@ -92,13 +94,9 @@ class PartialFeatures:
         settings_file = self.folder / "settings.json"
         if not settings_file.is_file():
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = settings_file.with_name(f".{settings_file.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(self.settings, indent=1) + "\n")
-            os.replace(tmp, settings_file)
+            atomic_write_text(settings_file, json.dumps(self.settings, indent=1) + "\n")
         path = self.folder / f"chunk_{self.done:09d}_{end:09d}.npz"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, features=features, indices=indices)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: np.savez(tmp, features=features, indices=indices))
         self.features.append(features)
         self.indices.append(indices)
         self.done = end

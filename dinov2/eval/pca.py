@@ -145,9 +145,10 @@ def main(argv: list[str] | None = None) -> Path:
     from dinov2.eval.extract_features import release_weights
     from dinov2.hub import load_backbone
     from dinov2.hub.backbones import run_image_size
+    from dinov2.logs import setup_logging
 
     args = protocol.parse_args_with_config(build_parser(), argv)
-    protocol.setup_logging()
+    setup_logging()
     output = figure_path(args.output)  # checked before the model is loaded
     device = protocol.resolve_device(args.device)
     if args.model is None and args.weights is None:

@@ -56,14 +56,10 @@ class ProtocolOutput:
     test_folds: np.ndarray | None = None
 
 
-def setup_logging() -> None:
-    """Log INFO and above to stderr with timestamps (CLIs call this once)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` means CUDA when available, else CPU; any other name is used as given, once checked."""
     if name == "auto":
+        # Not MPS, unlike training's get_device: evaluation computes in float64 in places, which MPS lacks.
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -260,12 +256,16 @@ def stratified_folds(
     return folds
 
 
-def require_two_classes(labels: np.ndarray, class_names: Sequence[str], where: str = "") -> None:
-    """Raise unless ``labels`` hold at least two classes (``where`` says whose labels, in the message)."""
+def require_two_classes(
+    labels: np.ndarray, class_names: Sequence[str] | None = None, where: str = ""
+) -> np.ndarray:
+    """The classes ``labels`` hold, sorted; raise unless there are at least two (``where`` says whose labels, in the
+    message, which names the class found by its name in ``class_names``, else by its number)."""
     present = np.unique(labels)
     if present.size < 2:
-        only = class_names[present[0]] if present.size else "none"
+        only = "none" if not present.size else int(present[0]) if class_names is None else class_names[present[0]]
         raise ValueError(f"classification needs at least 2 classes{where}, found only {only!r}")
+    return present
 
 
 def warn_of_uneven_group_folds(folds: Sequence[Fold], labels: np.ndarray, class_names: Sequence[str]) -> None:
@@ -451,6 +451,37 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
     return parser.parse_args(argv)
 
 
+#: results.json's ``meta["std"]`` of cross-validation, and its ``meta["pooled"]`` (kNN, linear probe, MIL).
+STD_OVER_FOLDS = "population standard deviation over folds (numpy ddof=0)"
+POOLED_OUT_OF_FOLD = "per_class and confusion_matrix pool the out-of-fold predictions (rows: true class)"
+
+
+def features_meta(path: str | Path, feature_set: FeatureSet) -> dict[str, Any]:
+    """The ``meta`` fields of a results file that describe the features file it scored: path, model, weights, width."""
+    return {
+        "features": str(path),
+        "model": feature_set.meta.get("model"),
+        "weights": feature_set.meta.get("weights"),
+        "embed_dim": int(feature_set.features.shape[1]),
+    }
+
+
+def fold_meta(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``meta`` fields of a results file that describe its cross-validation folds (:func:`add_fold_arguments`)."""
+    return {"n_splits": int(args.n_splits), "fold_seed": fold_seed(args), "folds": fold_order(args),
+            "group_by": args.group_by}  # fmt: skip
+
+
+def provenance_meta() -> dict[str, Any]:
+    """The ``meta`` fields of a results file that say which version wrote it, and when."""
+    from dinov2 import __version__
+
+    return {
+        "dinobloom_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def build_meta(
     args: argparse.Namespace,
     train_set: FeatureSet,
@@ -459,31 +490,21 @@ def build_meta(
     settings: dict[str, Any],
 ) -> dict[str, Any]:
     """The ``meta`` block of results.json: inputs, protocol and settings."""
-    from dinov2 import __version__
-
     fixed = test_set is not None
     return {
-        "features": str(args.features),
+        **features_meta(args.features, train_set),
         "test_features": str(args.test_features) if fixed else None,
-        "model": train_set.meta.get("model"),
-        "weights": train_set.meta.get("weights"),
         "test_weights": test_set.meta.get("weights") if fixed and test_set is not None else None,
-        "embed_dim": int(train_set.features.shape[1]),
         "n_samples": int(train_set.labels.size),
         "n_test_samples": int(n_evaluated) if fixed else None,
         "classes": list(train_set.class_names),
         "protocol": "train_test" if fixed else "stratified_kfold",
-        "n_splits": None if fixed else int(args.n_splits),
-        "fold_seed": None if fixed or args.no_shuffle else int(args.seed),
-        "folds": None if fixed else fold_order(args),
-        "group_by": None if fixed else args.group_by,
-        "std": "0 by construction (one train/test split has no spread over folds)" if fixed
-        else "population standard deviation over folds (numpy ddof=0)",
+        **(dict.fromkeys(fold_meta(args)) if fixed else fold_meta(args)),  # (one split: no folds)
+        "std": "0 by construction (one train/test split has no spread over folds)" if fixed else STD_OVER_FOLDS,
         "pooled": "per_class and confusion_matrix are of the test set's predictions (rows: true class)" if fixed
-        else "per_class and confusion_matrix pool the out-of-fold predictions (rows: true class)",
+        else POOLED_OUT_OF_FOLD,
         "settings": settings,
-        "dinobloom_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance_meta(),
     }
 
 

@@ -321,8 +321,7 @@ def write_report(
     class_names = results["meta"]["classes"]
     earlier = _earlier_report_files(output_dir)
     written = {"json": write_json(output_dir / "results.json", results)}
-    written["markdown"] = output_dir / "results.md"
-    written["markdown"].write_text(markdown_summary(results))
+    written["markdown"] = atomic_write_text(output_dir / "results.md", markdown_summary(results))
     if predictions is not None and paths is not None and labels is not None:
         written["predictions"] = write_predictions_csv(
             output_dir / "predictions.csv", paths, labels, predictions, class_names, id_column, probabilities, folds

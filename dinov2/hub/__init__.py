@@ -8,7 +8,7 @@ from .loader import (
     load_backbone_state,
     load_backbone_weights,
     load_pretrained_backbone_state,
-    resize_pos_embed,
+    resize_pos_embed_as_dinobloom,
 )
 
 __all__ = [
@@ -18,5 +18,5 @@ __all__ = [
     "load_backbone_state",
     "load_backbone_weights",
     "load_pretrained_backbone_state",
-    "resize_pos_embed",
+    "resize_pos_embed_as_dinobloom",
 ]

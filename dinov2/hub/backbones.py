@@ -45,10 +45,10 @@ def _read_run_config(config_file: Path, weights: str | os.PathLike[str]) -> Any:
         return None
 
 
-def run_image_size(weights: str | os.PathLike[str]) -> int | None:
-    """The image size (``crops.global_crops_size``) that the training run of an export
-    ``<run>/eval/<name>/teacher_checkpoint.pth`` trained at, from ``<run>/config.yaml``; None for any other file (a
-    release file, also one placed inside a run's folder) or a run config that cannot be read."""
+def _run_config_of(weights: str | os.PathLike[str]) -> tuple[Path, Any] | None:
+    """The run config file of a training export ``<run>/eval/<name>/teacher_checkpoint.pth``, ``<run>/config.yaml``,
+    and its content (unresolved); None for any other file (a release file, also one placed inside a run's folder), a
+    URL, or a run config that is missing or cannot be read."""
     if is_url(weights):
         return None
     path = Path(weights).expanduser().resolve()
@@ -56,25 +56,29 @@ def run_image_size(weights: str | os.PathLike[str]) -> int | None:
         return None
     config_file = path.parents[2] / "config.yaml"
     cfg = _read_run_config(config_file, weights) if config_file.is_file() else None
-    return None if cfg is None else int(cfg.crops.global_crops_size)
+    return None if cfg is None else (config_file, cfg)
 
 
-def run_config_settings(weights: Path, inferred: Mapping[str, Any]) -> dict[str, Any]:
+def run_image_size(weights: str | os.PathLike[str]) -> int | None:
+    """The image size (``crops.global_crops_size``) that the training run of an export
+    ``<run>/eval/<name>/teacher_checkpoint.pth`` trained at, from ``<run>/config.yaml``; None for any other file (a
+    release file, also one placed inside a run's folder) or a run config that cannot be read."""
+    found = _run_config_of(weights)
+    return None if found is None else int(found[1].crops.global_crops_size)
+
+
+def run_config_settings(weights: str | os.PathLike[str], inferred: Mapping[str, Any]) -> dict[str, Any]:
     """Settings that weight shapes cannot tell (heads, interpolation), from the training run a file belongs to.
 
     A training export lives at ``<run>/eval/training_<it>/teacher_checkpoint.pth`` next to ``<run>/config.yaml``;
     when that config describes a backbone of the same width and depth, its head count and position-embedding
-    interpolation settings are used instead of DINOv2's conventions (head dimension 64).
+    interpolation settings are used instead of DINOv2's conventions (head dimension 64). Any other file gets none
+    (as for :func:`run_image_size`).
     """
-    for folder in list(weights.expanduser().resolve().parents)[:3]:
-        config_file = folder / "config.yaml"
-        if config_file.is_file():
-            break
-    else:
+    found = _run_config_of(weights)
+    if found is None:  # fall back to the shapes
         return {}
-    cfg = _read_run_config(config_file, weights)
-    if cfg is None:  # fall back to the shapes
-        return {}
+    config_file, cfg = found
     from dinov2.configs import resolve_arch  # deferred: configs import the models
 
     arch = resolve_arch(cfg).kwargs  # (load_config checked it already)
@@ -119,7 +123,7 @@ def load_backbone(
         if state is None:
             raise ValueError("load_backbone needs a model name, or weights to infer the architecture from")
         config = infer_backbone_config(state)
-        from_run = run_config_settings(Path(weights), config) if not is_url(weights) else {}
+        from_run = run_config_settings(weights, config)
         config.update(from_run)
         if "num_heads" not in from_run and "num_heads" not in kwargs and arch_of_width(config["embed_dim"]) is None:
             logger.warning(

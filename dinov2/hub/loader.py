@@ -171,11 +171,14 @@ def load_pretrained_backbone_state(path_or_url: str | os.PathLike[str]) -> dict[
     return extract_backbone_state(_read_file(path), str(path_or_url))
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, num_tokens: int, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Resample a (1, prefix + M*M, D) position embedding to `num_tokens` tokens, as DinoBloom did.
+def resize_pos_embed_as_dinobloom(pos_embed: torch.Tensor, num_tokens: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resize a (1, prefix + M*M, D) position embedding to `num_tokens` tokens as DinoBloom resized DINOv2's 37×37
+    grid once, when it started training (to 16×16 for 224 px).
 
     The square patch grid is resized with bicubic `F.interpolate(size=...)` in float32 (no antialias,
-    align_corners=False); the prefix (cls) rows are kept as they are.
+    align_corners=False); the prefix (cls) rows are kept as they are. Not the run-time resampling of
+    :func:`dinov2.models.vision_transformer.resample_pos_embed` (scale factor with DINOv2's offset, antialias as
+    configured), which gives other values.
     """
     old_grid = pos_embed.shape[1] - num_prefix_tokens
     new_grid = num_tokens - num_prefix_tokens
@@ -266,9 +269,9 @@ def load_backbone_state(
     (and `hint`, what the caller can do about it) instead of its key lists.
 
     A position embedding of another grid is resized as DinoBloom resized DINOv2's when it started training
-    (:func:`resize_pos_embed`), or, with ``as_at_run_time``, exactly as the checkpoint's own model resamples it
-    for an input of this model's size (:func:`resample_pos_embed`), so that this model computes the very
-    features the checkpoint's model computes on such images.
+    (:func:`resize_pos_embed_as_dinobloom`), or, with ``as_at_run_time``, exactly as the checkpoint's own model
+    resamples it for an input of this model's size (:func:`resample_pos_embed`), so that this model computes the
+    very features the checkpoint's model computes on such images.
     """
     state = _chunk_keys_for(model, flatten_block_chunks(state))
     expected = model.state_dict()
@@ -284,7 +287,7 @@ def load_backbone_state(
                 )
                 state["pos_embed"] = resampled  # float32, as the run-time resampling; loading casts it once
             else:
-                state["pos_embed"] = resize_pos_embed(pos, target[1])
+                state["pos_embed"] = resize_pos_embed_as_dinobloom(pos, target[1])
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mis_shaped = [
@@ -376,13 +379,17 @@ def infer_backbone_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         config["mlp_ratio"] = _swiglu_mlp_ratio(embed_dim, hidden)
     elif "blocks.0.mlp.fc1.weight" in state:
         hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-        ratio = hidden / embed_dim
-        if int(embed_dim * ratio) != hidden:  # guard against a float ratio that truncates one below
-            ratio = math.nextafter(ratio, math.inf)
+        ratio = mlp_ratio_for(hidden, embed_dim)
         config.update(ffn_layer="mlp", ffn_bias="blocks.0.mlp.fc1.bias" in state, mlp_ratio=ratio)
     elif depth:
         config["ffn_layer"] = "identity"
     return config
+
+
+def mlp_ratio_for(hidden: int, dim: int) -> float:
+    """An mlp_ratio with ``int(dim * ratio) == hidden`` (a float ratio can truncate to one below)."""
+    ratio = hidden / dim
+    return ratio if int(dim * ratio) == hidden else math.nextafter(ratio, math.inf)
 
 
 def _swiglu_mlp_ratio(embed_dim: int, hidden: int) -> float:

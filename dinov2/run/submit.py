@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dinov2.distributed import slurm_master_port
+from dinov2.logs import setup_logging
 
 try:
     import submitit
@@ -444,7 +445,7 @@ def submit(argv: Sequence[str] | None = None) -> submitit.Job:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: submit the job and print its id and log files."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         job = submit(argv)
     except LaunchError as error:

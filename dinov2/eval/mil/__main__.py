@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import datetime
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from dinov2.eval import protocol, reports
 from dinov2.eval.features_io import load_features
 from dinov2.eval.mil.data import CSV_COLUMNS, bags_from_csv, bags_from_paths
 from dinov2.eval.mil.train import MILConfig, cross_validate, patient_positions
+from dinov2.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the MIL evaluation and write its reports to --output-dir."""
     parser = build_parser()
     args = protocol.parse_args_with_config(parser, argv)
-    protocol.setup_logging()
+    setup_logging()
     device = protocol.resolve_device(args.device)
     config = MILConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MILConfig)})
     output_dir = reports.prepare_output_dir(args.output_dir)
@@ -131,15 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
             bag_set, config, device, source, progress=True, test_index=test_index
         )
     tested = ~np.isnan(probabilities).any(axis=1)
-    from dinov2 import __version__
-
     results = {
         "meta": {
-            "features": str(args.features),
+            **protocol.features_meta(args.features, feature_set),
             "bags": str(args.bags) if args.bags else "paths <label>/<patient>/<cell>",
-            "model": feature_set.meta.get("model"),
-            "weights": feature_set.meta.get("weights"),
-            "embed_dim": int(feature_set.features.shape[1]),
             "n_samples": int(sum(b.features.shape[0] for b in bag_set.bags)),
             "n_patients": len(bag_set.bags),
             "classes": bag_set.class_names,
@@ -150,17 +145,16 @@ def main(argv: list[str] | None = None) -> dict:
                 "validation patients; scores are the mean over the fold models, predictions their mean probability"
             ),
             "pooled": (
-                "per_class and confusion_matrix pool the out-of-fold predictions (rows: true class)"
+                protocol.POOLED_OUT_OF_FOLD
                 if test_index is None else
                 "per_class, confusion_matrix and ensemble are of the mean-probability predictions, one per test "
                 "patient (rows: true class)"
             ),
             "test_patients": str(args.test_patients) if args.test_patients else None,
             "n_splits": config.n_splits,
-            "std": "population standard deviation over folds (numpy ddof=0)",
+            "std": protocol.STD_OVER_FOLDS,
             "auroc": "binary: probability of the second class; multi-class: macro one-vs-rest",
-            "dinobloom_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **protocol.provenance_meta(),
         },
         "abmil": result,
     }

@@ -231,6 +231,50 @@ def patient_positions(bag_set: BagSet, patients: Sequence[str], source: str) -> 
     return np.array(sorted(position[p] for p in set(patients)))
 
 
+def _checked_plan(bag_set: BagSet, config: MILConfig, source: str, test_index: np.ndarray | None) -> FoldPlan:
+    """The folds of :func:`cross_validate`, once the bags it trains on are checked (:func:`check_bags`)."""
+    labels = bag_set.labels
+    if test_index is None:
+        check_bags(bag_set, config.n_splits, source)
+        return cross_validation_plan(labels, config)
+    training = np.setdiff1d(np.arange(labels.size), test_index)
+    check_bags(BagSet([bag_set.bags[i] for i in training], bag_set.class_names), config.n_splits, source)
+    return fixed_test_plan(labels, test_index, config)
+
+
+def _attention_records(
+    bags: Sequence[Bag], probabilities: np.ndarray, attention: Sequence[np.ndarray], class_names: Sequence[str],
+    fold: int,
+) -> list[dict[str, Any]]:
+    """One record per tested patient: label, prediction, probabilities and every cell, highest attention first."""
+    records = []
+    for bag, prob, weights in zip(bags, probabilities, attention):
+        ranked = np.argsort(-weights, kind="stable")
+        records.append(
+            {
+                "patient": bag.patient,
+                "label": class_names[bag.label],
+                "prediction": class_names[int(prob.argmax())],
+                "fold": fold,
+                "probabilities": dict(zip(class_names, prob.tolist())),
+                "cells": [{"path": bag.paths[i], "attention": float(weights[i])} for i in ranked],
+            }
+        )
+    return records
+
+
+def _ensemble_scores(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Summary scores and AUROC of the fold models' mean probabilities on the fixed test patients, with their
+    ``per_class`` scores and ``confusion_matrix``."""
+    scores = protocol.score_folds([labels], [probabilities.argmax(axis=1)], class_names, [0])
+    return {
+        **{name: scores[name]["mean"] for name in metrics.SUMMARY_METRICS},
+        "auroc": metrics.auroc(labels, probabilities),
+        "per_class": scores["per_class"],
+        "confusion_matrix": scores["confusion_matrix"],
+    }
+
+
 def cross_validate(
     bag_set: BagSet,
     config: MILConfig,
@@ -248,13 +292,7 @@ def cross_validate(
     mean probabilities' predictions, whose summary scores are in ``ensemble``.
     """
     labels = bag_set.labels
-    if test_index is None:
-        check_bags(bag_set, config.n_splits, source)
-        folds = cross_validation_plan(labels, config)
-    else:
-        training = np.setdiff1d(np.arange(labels.size), test_index)
-        check_bags(BagSet([bag_set.bags[i] for i in training], bag_set.class_names), config.n_splits, source)
-        folds = fixed_test_plan(labels, test_index, config)
+    folds = _checked_plan(bag_set, config, source, test_index)
     num_classes = len(bag_set.class_names)
     truths, preds, n_train, fold_extra, records = [], [], [], [], []
     probability_sums = np.zeros((labels.size, num_classes))
@@ -288,28 +326,10 @@ def cross_validate(
                 "best_val_loss": run.best_val_loss,
             }
         )
-        for bag, prob, weights, pred in zip(test_bags, probabilities, attention, fold_pred):
-            ranked = np.argsort(-weights, kind="stable")
-            records.append(
-                {
-                    "patient": bag.patient,
-                    "label": bag_set.class_names[bag.label],
-                    "prediction": bag_set.class_names[pred],
-                    "fold": fold,
-                    "probabilities": dict(zip(bag_set.class_names, prob.tolist())),
-                    "cells": [{"path": bag.paths[i], "attention": float(weights[i])} for i in ranked],
-                }
-            )
-        logger.info(
-            "fold %d: balanced accuracy %.4f, AUROC %.4f (best epoch %d of %d)",
-            fold,
-            metrics.summary_from_confusion(metrics.confusion_matrix(labels[test], fold_pred, num_classes))[
-                "balanced_accuracy"
-            ],
-            fold_extra[-1]["auroc"],
-            run.best_epoch + 1,
-            run.epochs_run,
-        )
+        records.extend(_attention_records(test_bags, probabilities, attention, bag_set.class_names, fold))
+        fold_scores = metrics.summary_from_confusion(metrics.confusion_matrix(labels[test], fold_pred, num_classes))
+        logger.info("fold %d: balanced accuracy %.4f, AUROC %.4f (best epoch %d of %d)", fold,
+                    fold_scores["balanced_accuracy"], fold_extra[-1]["auroc"], run.best_epoch + 1, run.epochs_run)
     with np.errstate(invalid="ignore"):  # patients no fold tested: 0 / 0, NaN
         mean_probabilities = probability_sums / times_tested[:, None]
     result = protocol.score_folds(truths, preds, bag_set.class_names, n_train)
@@ -319,15 +339,9 @@ def cross_validate(
     if test_index is not None:
         # Each test patient once: the per-class scores and the confusion matrix of the mean-probability predictions
         # (those of predictions.csv), not the fold models' predictions pooled, which count every patient k times.
-        ensemble_probabilities = mean_probabilities[test_index]
-        ensemble = protocol.score_folds(
-            [labels[test_index]], [ensemble_probabilities.argmax(axis=1)], bag_set.class_names, [0]
-        )
-        result["per_class"], result["confusion_matrix"] = ensemble["per_class"], ensemble["confusion_matrix"]
-        result["ensemble"] = {
-            **{name: ensemble[name]["mean"] for name in metrics.SUMMARY_METRICS},
-            "auroc": metrics.auroc(labels[test_index], ensemble_probabilities),
-        }
+        ensemble = _ensemble_scores(labels[test_index], mean_probabilities[test_index], bag_set.class_names)
+        result["per_class"], result["confusion_matrix"] = ensemble.pop("per_class"), ensemble.pop("confusion_matrix")
+        result["ensemble"] = ensemble
     result["config"] = asdict(config)
     records.sort(key=lambda r: r["patient"])
     return result, records, mean_probabilities
