@@ -1341,7 +1341,7 @@ def test_loader_batches_do_not_depend_on_the_worker_count(demo, dtype: torch.dty
     batches = {}
     for workers, crop_dtype in ((0, torch.float32), (2, dtype)):
         cfg = load_config(DEMO_CONFIG, [f"train.dataset_path={demo.lists_dir}", *TINY, f"train.num_workers={workers}"])
-        loader, _ = build_train_loader(cfg, build_train_dataset(cfg), start=8, rank=0, world_size=1, dtype=crop_dtype)
+        loader = build_train_loader(cfg, build_train_dataset(cfg), start=8, rank=0, world_size=1, dtype=crop_dtype)
         iterator = iter(loader)
         batches[workers] = [next(iterator) for _ in range(2)]
         del iterator

@@ -682,7 +682,7 @@ def train(
 
         colour_on_device = colour_augmentation_on_device(cfg, device)
         compute_dtype = autocast_dtype(cfg, device)
-        loader, _ = build_train_loader(
+        loader = build_train_loader(
             cfg, dataset, start=images_seen, rank=info.rank, world_size=info.world_size,
             dtype=compute_dtype, defer_colour=colour_on_device,
         )
