@@ -332,8 +332,9 @@ def build_training_state(
         model.compile_losses()
     model.to_empty(device=device)
     model.init_weights()
-    optimizer = build_optimizer(build_param_groups(model.student, cfg), cfg)
-    return model, optimizer, build_grad_scaler(cfg, device)
+    scaler = build_grad_scaler(cfg, device)
+    optimizer = build_optimizer(build_param_groups(model.student, cfg), cfg, loss_scaled=scaler is not None)
+    return model, optimizer, scaler
 
 
 def sum_over_ranks(values: Sequence[int], group: dist.ProcessGroup | None) -> list[int]:
