@@ -20,31 +20,22 @@ import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy (d
 import argparse
 import logging
 import math
-import os
-import signal
 import time
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from datetime import timedelta
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dinov2 import distributed
 from dinov2.checkpoint import (
     export_teacher, find_latest_checkpoint, load_checkpoint, save_checkpoint, tidy_checkpoints,
 )
-from dinov2.configs import (
-    ConfigError,
-    apply_scaling_rules_to_cfg,
-    config_differences,
-    load_config,
-    resolve_arch,
-    write_config,
-)
+from dinov2.configs import ConfigError, apply_scaling_rules_to_cfg, load_config, resolve_arch, write_config
 from dinov2.data import DatasetError
 from dinov2.data.loaders import batches
 from dinov2.data.photometric import finish_crops
@@ -59,12 +50,16 @@ from dinov2.parallel import (
 )
 from dinov2.train.data import build_train_dataset, build_train_loader
 from dinov2.train.knn_monitor import END_OF_TRAINING, KnnMonitor
+from dinov2.train.logs import LOG_FILE_ONLY, LOG_FILES, HeldRecords, setup_logging
 from dinov2.train.optim import apply_optim_scheduler, build_optimizer, build_param_groups
+from dinov2.train.preemption import PreemptionHandler
 from dinov2.train.rankme import RankMeMonitor
+from dinov2.train.resume import Progress, check_same_network, network_record, resume_from_checkpoint
+from dinov2.train.run_folder import START_OVER_MARKER, mark_start_over, set_aside_previous_run
 from dinov2.train.run_lock import RunLock, RunLockedError
 from dinov2.train.schedules import build_schedulers, total_iterations
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.trackers import TENSORBOARD_DIR, WANDB_RUN_ID_FILE, MetricsLog, check_tracking
+from dinov2.train.trackers import MetricsLog, check_tracking
 
 logger = logging.getLogger("dinov2")
 
@@ -89,192 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("opts", nargs="*", help="key=value config overrides")
     return parser
-
-
-def _prints_to_console(handler: logging.Handler) -> bool:
-    """Whether ``handler`` writes to the process's stdout or stderr."""
-    consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
-    return isinstance(handler, logging.StreamHandler) and any(handler.stream is c for c in consoles)
-
-
-LOG_FILE_ONLY = {"log_file_only": True}  # `extra` of a record that the console handler leaves out
-
-
-class _NotPrintedElsewhere(logging.Filter):
-    """Drop records that a console handler of their own logger already prints (submitit's logger has one), and
-    those meant for log.txt only (``extra=LOG_FILE_ONLY``: the command line prints them itself)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """False for a log-file-only record, or when a logger between the record's and the root has a console
-        handler."""
-        if getattr(record, "log_file_only", False):
-            return False
-        current: logging.Logger | None = logging.getLogger(record.name)
-        while current is not None and current is not logging.root:
-            if any(_prints_to_console(h) for h in current.handlers):
-                return False
-            current = current.parent if current.propagate else None
-        return True
-
-
-#: Where a run's warnings are written (named in errors that send the user to them).
-LOG_FILES = "log.txt (and log_rank<N>.txt of the other ranks)"
-
-
-def setup_logging(output_dir: Path, is_main: bool, rank: int = 0) -> list[logging.Handler]:
-    """Rank 0 logs INFO to stdout and to ``output_dir/log.txt``; other ranks log warnings only, to stdout and to
-    ``output_dir/log_rank<rank>.txt`` (made at their first warning: unreadable images of their share, say).
-
-    The stdout handler is left out when the root logger already prints to the console (a launcher configured it),
-    and skips records that their own logger prints already, so that no line appears twice. Returns the handlers
-    added, for the caller to remove.
-    """
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_dinov2", False):
-            root.removeHandler(handler)
-            handler.close()
-    line = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handlers: list[logging.Handler] = []
-    if not any(_prints_to_console(h) for h in root.handlers):
-        console = logging.StreamHandler(sys.stdout)
-        console.addFilter(_NotPrintedElsewhere())
-        console.setFormatter(logging.Formatter(line, "%H:%M:%S"))
-        handlers.append(console)
-    log_file = logging.FileHandler(output_dir / ("log.txt" if is_main else f"log_rank{rank}.txt"), delay=not is_main)
-    log_file.setFormatter(logging.Formatter(line, "%Y-%m-%d %H:%M:%S"))  # dated: a resume appends, days later
-    handlers.append(log_file)
-    for handler in handlers:
-        handler._dinov2 = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
-    return handlers
-
-
-class PreemptionHandler:
-    """Turns SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT) into "checkpoint at the next iteration, then stop".
-
-    The previously installed handler (for example submitit's requeue handler) is remembered and called
-    after the checkpoint is written; after Ctrl-C the run exits with status 130 and a one-line message. A
-    second Ctrl-C stops at once, without the checkpoint. Data-loader workers ignore the signals
-    (``dinov2.data.loaders.init_worker``; a process forked with these handlers ignores them too): a scheduler
-    or a terminal that signals every process of the job must neither kill them (the step would fail before the
-    checkpoint) nor have them report a checkpoint they do not write.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self, is_main: bool = True) -> None:
-        # Rank 0 tells the user; other ranks (whose log shows warnings only) say it at INFO, so that a signal to
-        # every process of a 64-rank job is one line, not 64.
-        self.level = logging.WARNING if is_main else logging.INFO
-        self.received: int | None = None
-        self.previous: dict[int, Any] = {}
-        self._pid = os.getpid()
-
-    def install(self) -> None:
-        """Install the handlers (main thread only)."""
-        self._pid = os.getpid()
-        for sig in self.SIGNALS:
-            self.previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        """Restore the handlers that were there before."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:  # a forked data-loader worker
-            return
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now
-        hint = " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else ""
-        logger.log(self.level, "received %s: checkpointing at the end of this iteration%s", signal.Signals(signum).name,
-                   hint)  # fmt: skip
-        if self.received is None:
-            self.received = signum
-
-    def vote(self) -> list[int]:
-        """This rank's vote per signal of ``SIGNALS`` (1 if it received it), to be summed over ranks."""
-        return [int(self.received == sig) for sig in self.SIGNALS]
-
-    def agree(self, votes: Sequence[int]) -> bool:
-        """Whether to stop, from the votes summed over ranks, so that all ranks decide alike.
-
-        The decision rests on the votes only (a signal arriving meanwhile counts at the next step); a rank that
-        received nothing adopts the signal of another rank.
-        """
-        stop = any(votes)
-        for sig, count in zip(self.SIGNALS, votes):
-            if count and self.received is None:
-                self.received = int(sig)
-                logger.log(self.level, "%d other process(es) received %s: checkpointing at the end of this iteration",
-                           count, signal.Signals(sig).name)  # fmt: skip
-        return stop
-
-    def replay_late_signal(self) -> None:
-        """After :meth:`uninstall`: a signal that came after the last vote was read (so no rank stopped for it) is
-        raised again, for the handler now restored to act on it, as on a signal that comes later."""
-        if self.received is not None:
-            signal.raise_signal(self.received)
-
-    def forward_signal(self) -> None:
-        """Hand the signal to the previous handler, or exit with 128 + signal number."""
-        assert self.received is not None
-        previous = self.previous.get(self.received)
-        self.uninstall()
-        if callable(previous) and previous is not signal.default_int_handler:  # Python's raises KeyboardInterrupt
-            try:
-                previous(self.received, None)
-            except Exception as err:  # e.g. submitit's "not requeued: timed-out too many times"
-                # Still a SystemExit: every rank leaves through the barrier the agreed stop ends with; `main`
-                # raises the handler's error after it, for the launcher to record (submitit's job result).
-                logger.warning("the stop ends here: %s: %s", type(err).__name__, err)
-                stop = SystemExit(128 + self.received)
-                stop.handler_error = err  # type: ignore[attr-defined]
-                raise stop from err
-        raise SystemExit(128 + self.received)
-
-
-PREVIOUS_RUN_OUTPUTS = (
-    "checkpoints", "eval", "training_metrics.json", "knn_monitor.json", TENSORBOARD_DIR, WANDB_RUN_ID_FILE,
-)
-
-
-#: Written when a run is told to start over in a folder that holds an earlier run, removed once that run is moved
-#: aside (or when the run fails): a requeued job, told to resume after a preemption, that finds it starts over too
-#: rather than resume the earlier run.
-START_OVER_MARKER = ".starting_over"
-
-
-def mark_start_over(output_dir: Path) -> None:
-    """Leave :data:`START_OVER_MARKER` in ``output_dir`` when it holds an earlier run's outputs."""
-    if any((output_dir / name).exists() for name in PREVIOUS_RUN_OUTPUTS):
-        (output_dir / START_OVER_MARKER).touch()
-
-
-def set_aside_previous_run(output_dir: Path, previous_config: str | None = None) -> Path | None:
-    """Move an earlier run's outputs in ``output_dir`` into ``previous_runs/<date-time>/``; return that folder.
-
-    A run that starts over (``--no-resume``, or a folder without checkpoints) must not resume from, prune, or mix its
-    records with another run's checkpoints, exports and metrics later on; they are kept, not deleted, with the
-    earlier run's ``config.yaml`` (``previous_config``), from which its exports take their architecture.
-    """
-    found = [output_dir / name for name in PREVIOUS_RUN_OUTPUTS if (output_dir / name).exists()]
-    if not found:
-        return None
-    base = output_dir / "previous_runs" / time.strftime("%Y%m%d-%H%M%S")
-    target, n = base, 1
-    while target.exists():
-        target, n = base.with_name(f"{base.name}-{n}"), n + 1
-    target.mkdir(parents=True)
-    for path in found:
-        os.replace(path, target / path.name)
-    if previous_config is not None:
-        (target / "config.yaml").write_text(previous_config)
-    logger.warning("starting over: moved the earlier run's %s to %s", ", ".join(p.name for p in found), target)
-    return target
 
 
 def training_step(
@@ -380,106 +189,6 @@ def warn_if_exports_need_num_heads(cfg: DictConfig) -> None:
         )
 
 
-def warn_about_changes(
-    checkpoint: Path,
-    state: dict[str, Any],
-    start_iter: int,
-    global_batch: int,
-    dataset_size: int,
-    augmentation: dict[str, Any],
-    config_changes: Sequence[str],
-    previous_recipe: str | None = None,
-) -> None:
-    """Warn where a run continued from ``checkpoint`` will differ from the run that wrote it (on rank 0: every rank
-    would say the same).
-
-    ``previous_recipe``: ``train.augmentation`` of the run's earlier config.yaml, when there is one.
-    """
-    if not distributed.is_main_process():
-        return
-    trained_batch = state.get("global_batch")  # (earlier versions' checkpoints lack it: inferred from the images seen)
-    if trained_batch is not None and trained_batch != global_batch:
-        logger.warning(
-            "%s was trained with %d images per step; this run takes %d: it goes on with the next images of the "
-            "data order, but its steps and learning rate differ from those of an uninterrupted run", checkpoint,
-            trained_batch, global_batch,
-        )
-    elif trained_batch is None and state["images_seen"] != start_iter * global_batch:
-        logger.warning(
-            "%s saw %d images in %d steps; this run takes %d per step: it goes on with the next images of the data "
-            "order, but its steps and learning rate differ from those of an uninterrupted run", checkpoint,
-            state["images_seen"], start_iter, global_batch,
-        )
-    if state.get("dataset_size", dataset_size) != dataset_size:
-        logger.warning(
-            "%s was trained on %d images, the lists now hold %d: from here the sample order differs from that of "
-            "an uninterrupted run (this epoch may repeat or skip some images)", checkpoint, state["dataset_size"],
-            dataset_size,
-        )
-    recorded = state.get("augmentation")
-    if recorded is None:  # checkpoints before 2026-11-27 recorded the blur alone, and older ones nothing
-        recorded = {"blur": state["blur"]} if "blur" in state else {}
-        if previous_recipe != "dinov2":
-            logger.warning(
-                "%s records no augmentation recipe: if it trained the hematology recipe, that was an earlier "
-                "version's, without grayscale or solarisation, which no setting restores; this run continues with "
-                "DinoBloom's final recipe", checkpoint,
-            )
-    changed = [
-        f"{name} {recorded[name]} -> {value}"
-        for name, value in augmentation.items()
-        if name in recorded and recorded[name] != value
-    ]
-    if changed:
-        logger.warning(
-            "%s was trained with another augmentation; this run continues with the new one (probabilities per view: "
-            "global 1, global 2, local): %s; crops.blur_probabilities and train.augmentation set these",
-            checkpoint, "; ".join(changed),
-        )
-    if config_changes:
-        logger.warning(
-            "resuming with settings that differ from the checkpointed run's config.yaml; they apply from "
-            "iteration %d on: %s", start_iter, "; ".join(config_changes),
-        )
-
-
-#: Backbone settings that change what the network computes but not the shape of any tensor, with their config keys.
-SHAPE_PRESERVING_SETTINGS = {
-    "num_heads": "student.num_heads",
-    "interpolate_antialias": "student.interpolate_antialias",
-    "interpolate_offset": "student.interpolate_offset",
-}
-
-
-def network_record(backbone: torch.nn.Module) -> dict[str, Any]:
-    """The backbone's :data:`SHAPE_PRESERVING_SETTINGS`, stored with each checkpoint."""
-    return {name: getattr(backbone, name) for name in SHAPE_PRESERVING_SETTINGS}
-
-
-def check_same_network(
-    checkpoint: Path,
-    saved: dict[str, Any] | None,
-    current: dict[str, Any],
-    remedy: str = "continue with the settings of its run (its config.yaml), or start a new run (another --output-dir, "
-    "or --no-resume)",
-) -> None:
-    """Refuse to continue ``checkpoint``'s training with a network that differs from its own in a setting that the
-    strict load cannot catch (the tensors fit); ``remedy`` ends the error. Checkpoints saved before the record was
-    kept are not checked."""
-    if saved is None:
-        return
-    changed = [
-        f"{key}={saved[name]} in the checkpoint, {current[name]} in this config"
-        for name, key in SHAPE_PRESERVING_SETTINGS.items()
-        if name in saved and saved[name] != current[name]
-    ]
-    if changed:
-        raise ConfigError(
-            f"{checkpoint} was trained with another network: {'; '.join(changed)}. Its tensors would load but "
-            f"compute something else: {remedy}"
-        )
-
-
 def score_end_of_training(
     cfg: DictConfig, output_dir: Path, info: distributed.DistInfo, monitor: KnnMonitor, backbone: torch.nn.Module,
     max_iter: int,
@@ -533,56 +242,6 @@ def log_progress(record: dict[str, Any], max_iter: int, seconds_per_step: float,
         "it %d/%d  loss %.4f (%s)  lr %.2e%s  %.1f img/s  eta %s",
         record["iteration"], max_iter, record["total_loss"], terms, record["lr"], scale, record["images_per_s"], eta,
     )
-
-
-class Progress(NamedTuple):
-    """Where a run stands: the next iteration, the images read so far and how many of them were unreadable."""
-
-    iteration: int = 0
-    images_seen: int = 0
-    bad_images: int = 0
-
-
-def resume_from_checkpoint(
-    checkpoint: Path,
-    model: SSLMetaArch,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    cfg: DictConfig,
-    previous_config: str | None,
-    global_batch: int,
-    dataset_size: int,
-    augmentation: dict[str, Any],
-) -> Progress:
-    """Load a training checkpoint strictly into the model, the optimiser and the loss scaler; return its progress.
-
-    ``previous_config``: the text of the config.yaml of the run being resumed (None when starting from
-    ``MODEL.WEIGHTS``). The settings that differ from it are named when the checkpoint does not fit, and in a
-    warning when it does; so is any other way in which this run will differ from the one that wrote the checkpoint.
-    """
-    previous = OmegaConf.create(previous_config) if previous_config else None
-    # (a run folder moved or copied, or a requeued job told to resume, is not a changed setting)
-    unchanged = ("train.output_dir", "train.resume")
-    run_changes = config_differences(previous, cfg, ignore=unchanged) if previous is not None else []
-    try:
-        state = load_checkpoint(checkpoint, model, optimizer)
-    except CheckpointError as err:  # a setting that renames or reshapes tensors (block_chunks, ffn_layer, ...)
-        if not run_changes:
-            raise
-        raise CheckpointError(
-            f"{err}\nSettings that differ from the checkpointed run's config.yaml: {'; '.join(run_changes[:12])}. "
-            "Resume with that run's settings, or start a new run (another --output-dir, or --no-resume)"
-        ) from None
-    start_iter = state["iteration"] + 1
-    check_same_network(checkpoint, state.get("network"), network_record(model.student.backbone))
-    if scaler is not None and state.get("grad_scaler"):
-        scaler.load_state_dict(state["grad_scaler"])
-    previous_recipe = OmegaConf.select(previous, "train.augmentation") if previous is not None else None
-    warn_about_changes(
-        checkpoint, state, start_iter, global_batch, dataset_size, augmentation, run_changes, previous_recipe
-    )
-    logger.info("resuming at iteration %d from %s", start_iter, checkpoint)
-    return Progress(start_iter, state["images_seen"], state["bad_images"])
 
 
 def train(
@@ -818,52 +477,17 @@ def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distribut
     return path
 
 
-class _HeldRecords(logging.Handler):
-    """Holds what the project's loggers say before the run's log handlers exist (the config's warnings and notes),
-    to pass it on to them (log.txt) once they do; or, when the run stops before, to Python's last-resort handler
-    (stderr), which prints the warnings."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-        self.logger = logging.getLogger("dinov2")
-        self.saved = (self.logger.level, self.logger.propagate)
-        self.logger.addHandler(self)
-        if self.logger.level == logging.NOTSET:  # (a level the user set stays)
-            self.logger.setLevel(logging.INFO)
-        self.logger.propagate = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        """Keep the record for :meth:`pass_on`."""
-        self.records.append(record)
-
-    def pass_on(self, configs: bool = True) -> None:
-        """Stop holding; hand the records to the root logger's handlers (those below ``dinov2`` had them already),
-        at the levels of the loggers that made them. ``configs=False`` drops the config's records (on the other
-        ranks: rank 0 reports them)."""
-        if self not in self.logger.handlers:
-            return
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.saved[0])
-        self.logger.propagate = self.saved[1]
-        root = logging.getLogger()
-        for record in self.records:
-            if (configs or not record.name.startswith("dinov2.configs")) and self.logger.propagate and \
-                    record.levelno >= logging.getLogger(record.name).getEffectiveLevel():  # fmt: skip
-                root.handle(record)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse the command line, set up processes and logging, train."""
     args = build_parser().parse_intermixed_args(argv)
-    held = _HeldRecords()
+    held = HeldRecords()
     try:
         return _main(args, held)
     finally:
         held.pass_on()
 
 
-def _main(args: argparse.Namespace, held: _HeldRecords) -> int:
+def _main(args: argparse.Namespace, held: HeldRecords) -> int:
     overrides = list(args.opts)
     if args.output_dir:  # replaces the file's value before that is resolved (a ${oc.env:...} set only in jobs, say)
         if "${" in args.output_dir:

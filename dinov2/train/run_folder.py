@@ -1,0 +1,52 @@
+"""The run folder: an earlier run's outputs set aside when a run starts over, and the marker that keeps a requeued
+start-over from resuming the run it replaces."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from dinov2.train.trackers import TENSORBOARD_DIR, WANDB_RUN_ID_FILE
+
+logger = logging.getLogger("dinov2")
+
+PREVIOUS_RUN_OUTPUTS = (
+    "checkpoints", "eval", "training_metrics.json", "knn_monitor.json", TENSORBOARD_DIR, WANDB_RUN_ID_FILE,
+)
+
+
+#: Written when a run is told to start over in a folder that holds an earlier run, removed once that run is moved
+#: aside (or when the run fails): a requeued job, told to resume after a preemption, that finds it starts over too
+#: rather than resume the earlier run.
+START_OVER_MARKER = ".starting_over"
+
+
+def mark_start_over(output_dir: Path) -> None:
+    """Leave :data:`START_OVER_MARKER` in ``output_dir`` when it holds an earlier run's outputs."""
+    if any((output_dir / name).exists() for name in PREVIOUS_RUN_OUTPUTS):
+        (output_dir / START_OVER_MARKER).touch()
+
+
+def set_aside_previous_run(output_dir: Path, previous_config: str | None = None) -> Path | None:
+    """Move an earlier run's outputs in ``output_dir`` into ``previous_runs/<date-time>/``; return that folder.
+
+    A run that starts over (``--no-resume``, or a folder without checkpoints) must not resume from, prune, or mix its
+    records with another run's checkpoints, exports and metrics later on; they are kept, not deleted, with the
+    earlier run's ``config.yaml`` (``previous_config``), from which its exports take their architecture.
+    """
+    found = [output_dir / name for name in PREVIOUS_RUN_OUTPUTS if (output_dir / name).exists()]
+    if not found:
+        return None
+    base = output_dir / "previous_runs" / time.strftime("%Y%m%d-%H%M%S")
+    target, n = base, 1
+    while target.exists():
+        target, n = base.with_name(f"{base.name}-{n}"), n + 1
+    target.mkdir(parents=True)
+    for path in found:
+        os.replace(path, target / path.name)
+    if previous_config is not None:
+        (target / "config.yaml").write_text(previous_config)
+    logger.warning("starting over: moved the earlier run's %s to %s", ", ".join(p.name for p in found), target)
+    return target
