@@ -123,23 +123,32 @@ def make_autocast(cfg: DictConfig, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
+def build_sharded_model(cfg: DictConfig, device: torch.device) -> SSLMetaArch:
+    """The student/teacher, sharded as configured, with uninitialised weights on ``device``.
+
+    It is built on the meta device and sharded before it holds any weight, so that no rank ever holds the full model.
+    """
+    with torch.device("meta"):
+        model = SSLMetaArch(cfg)
+    parallelize_from_config(model.student, cfg, "student", device)
+    parallelize_from_config(model.teacher, cfg, "teacher", device)
+    model.to_empty(device=device)
+    return model
+
+
 def build_training_state(
     cfg: DictConfig, device: torch.device
 ) -> tuple[SSLMetaArch, torch.optim.Optimizer, torch.amp.GradScaler | None]:
     """The initialised, sharded student/teacher, its AdamW optimiser and the fp16 loss scaler (if any).
 
-    The model is built on the meta device and sharded before it holds any weight; ``init_weights`` then fills each
-    rank's shards (rank 0 builds the full initial weights, pretrained backbone included, and broadcasts them).
+    ``init_weights`` fills each rank's shards (rank 0 builds the full initial weights, pretrained backbone included,
+    and broadcasts them).
     """
     if device.type == "cuda":
         allow_tf32_matmul()
-    with torch.device("meta"):
-        model = SSLMetaArch(cfg)
-    parallelize_from_config(model.student, cfg, "student", device)
-    parallelize_from_config(model.teacher, cfg, "teacher", device)
+    model = build_sharded_model(cfg, device)
     if cfg.train.compile:
         model.compile_losses()
-    model.to_empty(device=device)
     model.init_weights()
     scaler = build_grad_scaler(cfg, device)
     optimizer = build_optimizer(build_param_groups(model.student, cfg), cfg, loss_scaled=scaler is not None)
@@ -189,16 +198,11 @@ def warn_if_exports_need_num_heads(cfg: DictConfig) -> None:
         )
 
 
-def score_end_of_training(
-    cfg: DictConfig, output_dir: Path, info: distributed.DistInfo, monitor: KnnMonitor, backbone: torch.nn.Module,
-    max_iter: int,
-) -> None:
-    """The kNN score of a finished run that was stopped before its end-of-training score, sent to its trackers."""
-    score = monitor.evaluate(backbone, END_OF_TRAINING, max_iter)
+def score_end_of_training(monitor: KnnMonitor, backbone: torch.nn.Module, metrics: MetricsLog, iterations: int) -> None:
+    """The kNN score after ``iterations`` steps, sent to the trackers, and the line comparing it with the first."""
+    score = monitor.evaluate(backbone, END_OF_TRAINING, iterations)
+    metrics.log({"iteration": iterations, "knn_balanced_accuracy": score}, to_file=False)  # knn_monitor.json has it
     monitor.log_summary()
-    metrics = MetricsLog.from_config(cfg, output_dir, info.is_main_process, max_iter)
-    metrics.log({"iteration": max_iter, "knn_balanced_accuracy": score}, to_file=False)
-    metrics.close()
 
 
 def finite_mean_losses(terms: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:
@@ -310,7 +314,13 @@ def train(
         if info.is_main_process:  # a kill while the last checkpoint was saved may have left work undone
             tidy_checkpoints(ckpt_dir, cfg.train.keep_last_checkpoints)
         if monitor is not None and not monitor.has_score(END_OF_TRAINING, max_iter):  # e.g. preempted while scoring
-            score_end_of_training(cfg, output_dir, info, monitor, model.teacher.backbone, max_iter)
+            metrics = MetricsLog.from_config(cfg, output_dir, info.is_main_process, max_iter)
+            try:
+                score_end_of_training(monitor, model.teacher.backbone, metrics, max_iter)
+            except BaseException as err:
+                metrics.close(failed=not isinstance(err, SystemExit))
+                raise
+            metrics.close()
         return {}
 
     def checkpoint(iteration: int) -> None:
@@ -431,9 +441,7 @@ def train(
                 preemption.forward_signal()
             preemption.uninstall()
             preemption.replay_late_signal()
-            score = monitor.evaluate(model.teacher.backbone, END_OF_TRAINING, iteration + 1)
-            metrics.log({"iteration": iteration + 1, "knn_balanced_accuracy": score}, to_file=False)
-            monitor.log_summary()
+            score_end_of_training(monitor, model.teacher.backbone, metrics, iteration + 1)
     except BaseException as err:
         metrics.close(failed=not isinstance(err, SystemExit))  # a preempted run (SystemExit) has not failed
         raise
@@ -459,11 +467,7 @@ def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distribut
             "pass the run's --output-dir, or MODEL.WEIGHTS=<checkpoints/NNNNNNNNN>"
         )
     monitor = KnnMonitor.from_config(cfg, output_dir, info.device, resume=True)
-    with torch.device("meta"):
-        model = SSLMetaArch(cfg)
-    parallelize_from_config(model.student, cfg, "student", info.device)
-    parallelize_from_config(model.teacher, cfg, "teacher", info.device)
-    model.to_empty(device=info.device)
+    model = build_sharded_model(cfg, info.device)
     state = load_checkpoint(latest, model, restore_rng=False)  # strict: every tensor is loaded
     check_same_network(latest, state.get("network"), network_record(model.student.backbone),
                        remedy="export it with the settings of its run (its config.yaml)")  # fmt: skip
