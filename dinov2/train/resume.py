@@ -15,6 +15,7 @@ from dinov2 import distributed
 from dinov2.checkpoint import load_checkpoint
 from dinov2.configs import ConfigError, config_differences
 from dinov2.hub.loader import CheckpointError
+from dinov2.train.schedules import total_iterations
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 
 logger = logging.getLogger("dinov2")
@@ -69,6 +70,26 @@ def resume_from_checkpoint(
     logger.info("resuming at iteration %d from %s", start_iter, checkpoint)
     return Progress(start_iter, state["images_seen"], state["bad_images"])
 
+
+
+def check_within_schedule(checkpoint: Path, start_iter: int, cfg: DictConfig, resuming: bool) -> None:
+    """Refuse a checkpoint that has trained more iterations than ``cfg``'s run has; ``resuming`` this run's own
+    checkpoint rather than one of ``MODEL.WEIGHTS`` (each has its own remedy)."""
+    max_iter = total_iterations(cfg)
+    if start_iter <= max_iter:
+        return
+    remedy = (
+        "keep the run's epochs (its config.yaml) or raise them to train on, or start a new run (another "
+        "--output-dir, or --no-resume)" if resuming
+        else "MODEL.WEIGHTS continues the checkpoint's iteration count: raise optim.epochs past it, or start a "
+        "fresh schedule from a trained teacher with student.pretrained_weights=<eval/training_N/"
+        "teacher_checkpoint.pth>"
+    )
+    raise ConfigError(
+        f"the checkpoint {checkpoint} has trained {start_iter} iterations, more than this config's run of {max_iter} "
+        f"(optim.epochs={cfg.optim.epochs} x train.OFFICIAL_EPOCH_LENGTH={cfg.train.OFFICIAL_EPOCH_LENGTH}): "
+        f"{remedy}"
+    )
 
 def warn_about_changes(
     checkpoint: Path,

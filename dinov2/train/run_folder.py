@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from dinov2 import distributed
 from dinov2.train.trackers import TENSORBOARD_DIR, WANDB_RUN_ID_FILE
 
 logger = logging.getLogger("dinov2")
@@ -50,3 +51,22 @@ def set_aside_previous_run(output_dir: Path, previous_config: str | None = None)
         (target / "config.yaml").write_text(previous_config)
     logger.warning("starting over: moved the earlier run's %s to %s", ", ".join(p.name for p in found), target)
     return target
+
+
+def may_resume(output_dir: Path, resume: bool) -> bool:
+    """``resume``, unless a start-over in ``output_dir`` stopped before it set the earlier run aside (its marker is
+    there): the requeued job finishes that start-over instead."""
+    if resume and (output_dir / START_OVER_MARKER).exists():
+        logger.warning("%s: a run told to start over (--no-resume) stopped before it moved the earlier run aside; "
+                       "starting over, as it was told", output_dir)  # fmt: skip
+        return False
+    return resume
+
+
+def start_over(output_dir: Path, previous_config: str | None, is_main: bool) -> None:
+    """Set the earlier run aside (rank 0) and drop :data:`START_OVER_MARKER`; every rank calls it."""
+    distributed.barrier()  # every rank has read the checkpoint it starts from (MODEL.WEIGHTS) before they are moved
+    if is_main:
+        set_aside_previous_run(output_dir, previous_config)
+        (output_dir / START_OVER_MARKER).unlink(missing_ok=True)
+    distributed.barrier()

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -54,8 +54,10 @@ from dinov2.train.logs import LOG_FILE_ONLY, LOG_FILES, HeldRecords, setup_loggi
 from dinov2.train.optim import apply_optim_scheduler, build_optimizer, build_param_groups
 from dinov2.train.preemption import PreemptionHandler
 from dinov2.train.rankme import RankMeMonitor
-from dinov2.train.resume import Progress, check_same_network, network_record, resume_from_checkpoint
-from dinov2.train.run_folder import START_OVER_MARKER, mark_start_over, set_aside_previous_run
+from dinov2.train.resume import (
+    Progress, check_same_network, check_within_schedule, network_record, resume_from_checkpoint,
+)
+from dinov2.train.run_folder import START_OVER_MARKER, mark_start_over, may_resume, start_over
 from dinov2.train.run_lock import RunLock, RunLockedError
 from dinov2.train.schedules import build_schedulers, total_iterations
 from dinov2.train.ssl_meta_arch import SSLMetaArch
@@ -248,6 +250,83 @@ def log_progress(record: dict[str, Any], max_iter: int, seconds_per_step: float,
     )
 
 
+def check_batch_has_images(batch: dict[str, Any], iteration: int, rank: int) -> None:
+    """Raise when none of the batch's images, nor any image tried in their stead, could be read."""
+    if "collated_global_crops" not in batch:  # (torchrun, or srun --kill-on-bad-exit, stops the other ranks)
+        raise DatasetError(
+            f"iteration {iteration}, rank {rank}: none of the {batch['n_images']} images of the batch "
+            f"could be read, nor any of the {batch['n_tried']} images after its first "
+            "in the data set that were tried in their stead; the 'skipping unreadable image' warnings in "
+            f"{LOG_FILES} name them"
+        )
+
+
+class StepOutputs(NamedTuple):
+    """What a step writes besides the update itself."""
+
+    record: bool  # a line of training_metrics.json and of the trackers
+    log: bool  # a console line
+    export: bool  # the teacher, to eval/training_<iteration>/
+    save: bool  # a training checkpoint
+
+
+def step_outputs(
+    cfg: DictConfig, iteration: int, start_iter: int, max_iter: int, stop: bool, rankme_scored: bool
+) -> StepOutputs:
+    """What ``iteration`` writes: the configured periods, everything at the last step, a checkpoint at a stop."""
+    is_last = iteration == max_iter - 1
+    period = cfg.evaluation.eval_period_iterations
+    record = (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == 0 or rankme_scored
+    return StepOutputs(
+        record=record,
+        # A resume also shows its first step (its start-up time) on the console, but records only what an
+        # uninterrupted run records, so that both leave the same metrics.
+        log=record or iteration == start_iter,
+        export=bool(period) and ((iteration + 1) % period == 0 or is_last),
+        save=(iteration + 1) % cfg.train.checkpoint_period == 0 or is_last or stop,
+    )
+
+
+def metrics_record(
+    iteration: int,
+    losses: dict[str, float],
+    schedule_values: dict[str, float],
+    images_per_s: float,
+    bad_images: int,
+    scaler: torch.amp.GradScaler | None,
+    rankme_score: tuple[float, int] | None,
+) -> dict[str, Any]:
+    """The metrics of a logged step, as the console line, training_metrics.json and the trackers get them."""
+    record = {"iteration": iteration, **losses, **schedule_values, "images_per_s": images_per_s,
+              "bad_images": bad_images}  # fmt: skip
+    if scaler is not None:  # fp16: the scale falls while steps are skipped for overflowing gradients
+        record["loss_scale"] = scaler.get_scale()
+    if rankme_score is not None:
+        record["rankme"], record["rankme_crops"] = rankme_score
+    return record
+
+
+def finish_a_finished_run(
+    cfg: DictConfig, output_dir: Path, info: distributed.DistInfo, monitor: KnnMonitor | None, model: SSLMetaArch,
+    checkpoint: Path | None,
+) -> None:
+    """A run whose last checkpoint is its end: do what a kill while that checkpoint was saved may have left undone
+    (the pruning of older checkpoints, the end-of-training score)."""
+    max_iter = total_iterations(cfg)
+    logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", checkpoint, max_iter)
+    if info.is_main_process:
+        tidy_checkpoints(output_dir / "checkpoints", cfg.train.keep_last_checkpoints)
+    if monitor is None or monitor.has_score(END_OF_TRAINING, max_iter):
+        return
+    metrics = MetricsLog.from_config(cfg, output_dir, info.is_main_process, max_iter)
+    try:
+        score_end_of_training(monitor, model.teacher.backbone, metrics, max_iter)
+    except BaseException as err:
+        metrics.close(failed=not isinstance(err, SystemExit))
+        raise
+    metrics.close()
+
+
 def train(
     cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.DistInfo, previous_config: str | None = None
 ) -> dict[str, Any]:
@@ -258,11 +337,7 @@ def train(
     """
     device = info.device
     ckpt_dir = output_dir / "checkpoints"
-    if resume and (output_dir / START_OVER_MARKER).exists():
-        logger.warning("%s: a run told to start over (--no-resume) stopped before it moved the earlier run aside; "
-                       "starting over, as it was told", output_dir)  # fmt: skip
-        resume = False
-    latest = find_latest_checkpoint(ckpt_dir) if resume else None
+    latest = find_latest_checkpoint(ckpt_dir) if may_resume(output_dir, resume) else None
     check_tracking(cfg)
     # Data and kNN set first: a wrong path fails here, before any model is built.
     dataset = build_train_dataset(cfg)
@@ -287,43 +362,19 @@ def train(
             latest, model, optimizer, scaler, cfg, previous_config if resuming else None, global_batch,
             len(dataset), augmentation,
         )
+        # before anything in the folder changes: its config, metrics and scores stay as they are
+        check_within_schedule(latest, progress.iteration, cfg, resuming)
     start_iter, images_seen, bad_images = progress
-    if start_iter > max_iter:  # before anything in the folder changes: its config, metrics and scores stay as they are
-        remedy = (
-            "keep the run's epochs (its config.yaml) or raise them to train on, or start a new run (another "
-            "--output-dir, or --no-resume)" if resuming
-            else "MODEL.WEIGHTS continues the checkpoint's iteration count: raise optim.epochs past it, or start a "
-            "fresh schedule from a trained teacher with student.pretrained_weights=<eval/training_N/"
-            "teacher_checkpoint.pth>"
-        )
-        raise ConfigError(
-            f"the checkpoint {latest} has trained {start_iter} iterations, more than this config's run of {max_iter} "
-            f"(optim.epochs={cfg.optim.epochs} x train.OFFICIAL_EPOCH_LENGTH={cfg.train.OFFICIAL_EPOCH_LENGTH}): "
-            f"{remedy}"
-        )
     if not resuming:  # after loading MODEL.WEIGHTS, which may lie in this folder's checkpoints
-        distributed.barrier()  # every rank has read them before they are moved
-        if info.is_main_process:
-            set_aside_previous_run(output_dir, previous_config)
-            (output_dir / START_OVER_MARKER).unlink(missing_ok=True)
-        distributed.barrier()
+        start_over(output_dir, previous_config, info.is_main_process)
     if info.is_main_process:  # only now: a resume that fails leaves the config of the run's checkpoints in place
         write_config(cfg, output_dir)
     if start_iter >= max_iter:
-        logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", latest, max_iter)
-        if info.is_main_process:  # a kill while the last checkpoint was saved may have left work undone
-            tidy_checkpoints(ckpt_dir, cfg.train.keep_last_checkpoints)
-        if monitor is not None and not monitor.has_score(END_OF_TRAINING, max_iter):  # e.g. preempted while scoring
-            metrics = MetricsLog.from_config(cfg, output_dir, info.is_main_process, max_iter)
-            try:
-                score_end_of_training(monitor, model.teacher.backbone, metrics, max_iter)
-            except BaseException as err:
-                metrics.close(failed=not isinstance(err, SystemExit))
-                raise
-            metrics.close()
+        finish_a_finished_run(cfg, output_dir, info, monitor, model, latest)
         return {}
 
-    def checkpoint(iteration: int) -> None:
+    def checkpoint(iteration: int, images_seen: int, bad_images: int) -> None:
+        """Save the training state after ``iteration``, with the progress and what a resume compares."""
         model.apply_center_updates()
         extra = {
             "images_seen": images_seen, "bad_images": bad_images, "dataset_size": len(dataset),
@@ -363,19 +414,14 @@ def train(
         )
         window_start, window_images = time.perf_counter(), 0
         for iteration, batch in zip(range(start_iter, max_iter), batches(loader, "train.data_timeout_s")):
-            if "collated_global_crops" not in batch:  # (torchrun, or srun --kill-on-bad-exit, stops the other ranks)
-                raise DatasetError(
-                    f"iteration {iteration}, rank {info.rank}: none of the {batch['n_images']} images of the batch "
-                    f"could be read, nor any of the {batch['n_tried']} images after its first "
-                    "in the data set that were tried in their stead; the 'skipping unreadable image' warnings in "
-                    f"{LOG_FILES} name them"
-                )
+            check_batch_has_images(batch, iteration, info.rank)
             batch = finish_crops(batch, device, compute_dtype)
             lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
             momentum, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
             apply_optim_scheduler(optimizer, lr, wd, schedules["last_layer_lr"][iteration])
 
-            terms = training_step(model, optimizer, scaler, autocast, batch, teacher_temp, momentum, cfg.optim.clip_grad)
+            clip = cfg.optim.clip_grad
+            terms = training_step(model, optimizer, scaler, autocast, batch, teacher_temp, momentum, clip)
 
             # One collective per step: stop signals and unreadable images, summed over the ranks.
             *votes, new_bad = sum_over_ranks([*preemption.vote(), batch["n_bad_images"]], host_group)
@@ -389,42 +435,27 @@ def train(
                 rankme.update(model.teacher.backbone, batch["collated_global_crops"], autocast)
                 rankme_score = rankme.result(iteration, host_group)
 
-            is_last = iteration == max_iter - 1
-            period = cfg.evaluation.eval_period_iterations
-            export_now = bool(period) and ((iteration + 1) % period == 0 or is_last)
-            save_now = (iteration + 1) % cfg.train.checkpoint_period == 0 or is_last or stop
-            # A resume also shows its first step (its start-up time) on the console, but records only what an
-            # uninterrupted run records, so that both leave the same metrics.
-            record_now = (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == 0
-            record_now = record_now or rankme_score is not None
-            log_now = record_now or iteration == start_iter
-            if log_now or export_now or save_now:  # the loss is checked before anything is written
+            outputs = step_outputs(cfg, iteration, start_iter, max_iter, stop, rankme_scored=rankme_score is not None)
+            if outputs.log or outputs.export or outputs.save:  # the loss is checked before anything is written
                 losses = finite_mean_losses(terms, iteration)
-            if log_now:
+            if outputs.log:
                 elapsed = time.perf_counter() - window_start
-                last = {
-                    "iteration": iteration,
-                    **losses,
-                    "lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": teacher_temp,
-                    "images_per_s": window_images / max(elapsed, 1e-9),
-                    "bad_images": bad_images,
-                }
-                if scaler is not None:  # fp16: the scale falls while steps are skipped for overflowing gradients
-                    last["loss_scale"] = scaler.get_scale()
+                schedule_values = {"lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": teacher_temp}
+                last = metrics_record(iteration, losses, schedule_values, window_images / max(elapsed, 1e-9),
+                                      bad_images, scaler, rankme_score)  # fmt: skip
                 if rankme_score is not None:
-                    last["rankme"], last["rankme_crops"] = rankme_score
                     logger.info("RankMe of the teacher's CLS tokens on %d global crops: %.1f", *rankme_score[::-1])
-                if record_now:
+                if outputs.record:
                     metrics.log(last)
                 log_progress(last, max_iter, seconds_per_step=elapsed * global_batch / max(window_images, 1),
-                             first=iteration == start_iter and not is_last)
+                             first=iteration == start_iter and iteration < max_iter - 1)  # fmt: skip
                 window_start, window_images = time.perf_counter(), 0
 
             saving_since = time.perf_counter()
-            if export_now:
+            if outputs.export:
                 export_teacher(output_dir / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth", model.teacher)
-            if save_now:
-                checkpoint(iteration)
+            if outputs.save:
+                checkpoint(iteration, images_seen, bad_images)
             window_start += time.perf_counter() - saving_since  # img/s and eta are of training steps, not of saves
             if stop:
                 logger.log(preemption.level, "stopping after the checkpoint of iteration %d; re-run the command to "
