@@ -1,5 +1,5 @@
-"""The run folder: an earlier run's outputs set aside when a run starts over, and the marker that keeps a requeued
-start-over from resuming the run it replaces."""
+"""The run folder: claimed by one run at a time, an earlier run's outputs set aside when a run starts over, and the
+marker that keeps a requeued start-over from resuming the run it replaces."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from dinov2 import distributed
+from dinov2.configs import ConfigError
+from dinov2.train.run_lock import RunLock, RunLockedError
 from dinov2.train.trackers import TENSORBOARD_DIR, WANDB_RUN_ID_FILE
 
 logger = logging.getLogger("dinov2")
@@ -70,3 +74,28 @@ def start_over(output_dir: Path, previous_config: str | None, is_main: bool) -> 
         set_aside_previous_run(output_dir, previous_config)
         (output_dir / START_OVER_MARKER).unlink(missing_ok=True)
     distributed.barrier()
+
+
+def output_dir_error(output_dir: Path, err: OSError) -> str:
+    """Why ``output_dir`` cannot be used, naming the file in the way when it is another."""
+    where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
+    return f"--output-dir (train.output_dir) {output_dir}: {err.strerror or err}{where}"
+
+
+def claim_output_folder(output_dir: Path, lock: RunLock, is_main: bool, device: torch.device) -> None:
+    """Rank 0 makes ``output_dir`` and takes its lock; every rank raises :class:`ConfigError` when it could not.
+
+    Every rank calls it: they learn whether rank 0 could take the folder (a collective: it also waits for the folder
+    to exist), so that all of them stop with the error instead of waiting for rank 0 at the next collective.
+    """
+    refused = ""
+    if is_main:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except RunLockedError as err:
+            refused = str(err)
+        except OSError as err:  # a file in the way, a read-only folder
+            refused = output_dir_error(output_dir, err)
+    if distributed.all_reduce_mean(torch.tensor([float(bool(refused))], device=device)).item() > 0:
+        raise ConfigError(refused or f"--output-dir {output_dir} cannot be used (rank 0 says why)")

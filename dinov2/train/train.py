@@ -57,8 +57,10 @@ from dinov2.train.rankme import RankMeMonitor
 from dinov2.train.resume import (
     Progress, check_same_network, check_within_schedule, network_record, resume_from_checkpoint,
 )
-from dinov2.train.run_folder import START_OVER_MARKER, mark_start_over, may_resume, start_over
-from dinov2.train.run_lock import RunLock, RunLockedError
+from dinov2.train.run_folder import (
+    START_OVER_MARKER, claim_output_folder, mark_start_over, may_resume, output_dir_error, start_over,
+)
+from dinov2.train.run_lock import RunLock
 from dinov2.train.schedules import build_schedulers, total_iterations
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.trackers import MetricsLog, check_tracking
@@ -522,65 +524,80 @@ def main(argv: Sequence[str] | None = None) -> int:
         held.pass_on()
 
 
-def _main(args: argparse.Namespace, held: HeldRecords) -> int:
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The command line's key=value overrides, ``--output-dir`` last (it replaces the file's value before that is
+    resolved: a ${oc.env:...} set only in jobs, say)."""
     overrides = list(args.opts)
-    if args.output_dir:  # replaces the file's value before that is resolved (a ${oc.env:...} set only in jobs, say)
+    if args.output_dir:
         if "${" in args.output_dir:
             raise ConfigError(f"--output-dir {args.output_dir}: a folder name with '${{' cannot be used (the config "
                               "reads it as an interpolation); rename the folder")  # fmt: skip
         overrides.append("train.output_dir='{}'".format(args.output_dir.replace("'", "''")))  # YAML-quoted as given
-    cfg = load_config(args.config_file, overrides)
-    output_dir = Path(cfg.train.output_dir).expanduser().resolve()
-    cfg.train.output_dir = str(output_dir)
+    return overrides
+
+
+def start_processes(cfg: DictConfig) -> distributed.DistInfo:
+    """Join the launcher's process group on ``train.device``; a device or launch environment that cannot be used
+    is a :class:`ConfigError`."""
     try:
-        info = distributed.enable_distributed(device=cfg.train.device)
+        return distributed.enable_distributed(device=cfg.train.device)
     except distributed.DeviceUnavailableError as err:
         raise ConfigError(f"train.device={cfg.train.device}: {err}") from None
     except distributed.LaunchEnvironmentError as err:
         raise ConfigError(str(err)) from None
+
+
+def open_run_folder(
+    output_dir: Path, lock: RunLock, info: distributed.DistInfo, held: HeldRecords
+) -> list[logging.Handler]:
+    """Claim ``output_dir`` (see :func:`claim_output_folder`) and log into it, with the records held until now;
+    returns the log handlers, for the caller to remove."""
+    try:
+        claim_output_folder(output_dir, lock, info.is_main_process, info.device)
+        handlers = setup_logging(output_dir, info.is_main_process, info.rank)
+        held.pass_on(configs=info.is_main_process)  # the config's warnings and notes, into log.txt
+    except OSError as err:  # the log file cannot be written
+        raise ConfigError(output_dir_error(output_dir, err)) from None
+    return handlers
+
+
+def run_command(
+    args: argparse.Namespace, cfg: DictConfig, output_dir: Path, info: distributed.DistInfo, previous: str | None
+) -> None:
+    """Train (or, with ``--eval-only``, export and score) in the claimed ``output_dir``; ``previous``: the text of
+    its earlier config.yaml."""
+    apply_scaling_rules_to_cfg(cfg, info.world_size)
+    if cfg.train.compile:
+        check_compile_toolchain(info.device)
+    if args.eval_only:
+        export_checkpoint_teacher(cfg, output_dir, info)
+        return
+    starts_over = args.no_resume or not cfg.train.resume
+    if starts_over and info.is_main_process:
+        mark_start_over(output_dir)
+    distributed.barrier()  # every rank sees the marker before it decides whether to resume
+    train(cfg, output_dir, resume=not starts_over, info=info, previous_config=previous)
+
+
+def _main(args: argparse.Namespace, held: HeldRecords) -> int:
+    cfg = load_config(args.config_file, config_overrides(args))
+    output_dir = Path(cfg.train.output_dir).expanduser().resolve()
+    cfg.train.output_dir = str(output_dir)
+    info = start_processes(cfg)
     # FSDP2 warns that the backbone returns views (its CLS and patch tokens); the loss never modifies them in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     handlers: list[logging.Handler] = []
     root_level = logging.getLogger().level  # restored at the end, with the handlers (main may run in a notebook)
     lock = RunLock(output_dir)
-    starts_over = args.no_resume or not cfg.train.resume
     try:
-        try:
-            refused = ""
-            if info.is_main_process:
-                try:
-                    output_dir.mkdir(parents=True, exist_ok=True)
-                    lock.acquire()
-                except RunLockedError as err:
-                    refused = str(err)
-                except OSError as err:  # a file in the way, a read-only folder
-                    where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
-                    refused = f"--output-dir (train.output_dir) {output_dir}: {err.strerror or err}{where}"
-            # Every rank learns whether rank 0 could take the folder (a collective: it also waits for the folder to
-            # exist), so that all of them stop with the error instead of waiting for rank 0 at the next collective.
-            if distributed.all_reduce_mean(torch.tensor([float(bool(refused))], device=info.device)).item() > 0:
-                raise ConfigError(refused or f"--output-dir {output_dir} cannot be used (rank 0 says why)")
-            handlers = setup_logging(output_dir, info.is_main_process, info.rank)
-            held.pass_on(configs=info.is_main_process)  # the config's warnings and notes, into log.txt
-        except OSError as err:  # the log file cannot be written
-            where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
-            raise ConfigError(f"--output-dir (train.output_dir) {output_dir}: {err.strerror or err}{where}") from None
+        handlers = open_run_folder(output_dir, lock, info, held)
         config_file = output_dir / "config.yaml"
         # An earlier run's config, kept in case this run starts over (its exports need it to load).
         previous = config_file.read_text() if info.is_main_process and config_file.is_file() else None
         torch.manual_seed(cfg.train.seed + info.rank)
         logger.info("rank %d/%d on %s (%s)", info.rank, info.world_size, info.device, info.launcher)
         try:
-            apply_scaling_rules_to_cfg(cfg, info.world_size)
-            if cfg.train.compile:
-                check_compile_toolchain(info.device)
-            if args.eval_only:
-                export_checkpoint_teacher(cfg, output_dir, info)
-            else:
-                if starts_over and info.is_main_process:
-                    mark_start_over(output_dir)
-                distributed.barrier()  # every rank sees the marker before it decides whether to resume
-                train(cfg, output_dir, resume=not starts_over, info=info, previous_config=previous)
+            run_command(args, cfg, output_dir, info, previous)
         except SystemExit as stop:  # a stop all ranks agreed on (preemption): they all leave here
             distributed.barrier()
             handler_error = getattr(stop, "handler_error", None)
