@@ -329,6 +329,32 @@ def finish_a_finished_run(
     metrics.close()
 
 
+def record_the_starting_point(
+    cfg: DictConfig, output_dir: Path, model: SSLMetaArch, monitor: KnnMonitor | None, metrics: MetricsLog
+) -> None:
+    """The untrained teacher, the start of the run's score-against-iteration curve: exported and scored."""
+    if cfg.evaluation.eval_period_iterations:
+        export_teacher(output_dir / "eval" / "training_init" / "teacher_checkpoint.pth", model.teacher)
+    if monitor is not None:
+        score = monitor.evaluate(model.teacher.backbone, "initialisation", 0)
+        metrics.log({"iteration": 0, "knn_balanced_accuracy": score}, to_file=False)  # knn_monitor.json has it
+
+
+def hand_back_stop_signals(preemption: PreemptionHandler, host_group: dist.ProcessGroup | None) -> None:
+    """After the last checkpoint, before the end-of-training score: restore the stop signals' previous handlers.
+
+    A stop signal that came after the last step's vote (the last checkpoint is written) ends the run before its
+    end-of-training score, which a re-run of the command computes; one during the score acts as it would without
+    the preemption handler (submitit's requeue, or the signal's default).
+    """
+    if preemption.agree(sum_over_ranks(preemption.vote(), host_group)):
+        logger.log(preemption.level, "stopping before the end-of-training kNN score; re-run the command to score the "
+                   "last checkpoint")  # fmt: skip
+        preemption.forward_signal()
+    preemption.uninstall()
+    preemption.replay_late_signal()
+
+
 def train(
     cfg: DictConfig, output_dir: Path, resume: bool, info: distributed.DistInfo, previous_config: str | None = None
 ) -> dict[str, Any]:
@@ -397,11 +423,7 @@ def train(
     preemption.install()
     try:
         if start_iter == 0:
-            if cfg.evaluation.eval_period_iterations:  # the starting point of the run's score-against-iteration curve
-                export_teacher(output_dir / "eval" / "training_init" / "teacher_checkpoint.pth", model.teacher)
-            if monitor is not None:
-                score = monitor.evaluate(model.teacher.backbone, "initialisation", 0)
-                metrics.log({"iteration": 0, "knn_balanced_accuracy": score}, to_file=False)  # knn_monitor.json has it
+            record_the_starting_point(cfg, output_dir, model, monitor, metrics)
 
         colour_on_device = colour_augmentation_on_device(cfg, device)
         compute_dtype = autocast_dtype(cfg, device)
@@ -465,15 +487,7 @@ def train(
                 preemption.forward_signal()
 
         if monitor is not None:
-            # A stop signal that came after the last step's vote (the last checkpoint is written) ends the run before
-            # its end-of-training score, which a re-run of the command computes; one during the score acts as it
-            # would without this handler (submitit's requeue, or the signal's default).
-            if preemption.agree(sum_over_ranks(preemption.vote(), host_group)):
-                logger.log(preemption.level, "stopping before the end-of-training kNN score; re-run the command to "
-                           "score the last checkpoint")  # fmt: skip
-                preemption.forward_signal()
-            preemption.uninstall()
-            preemption.replay_late_signal()
+            hand_back_stop_signals(preemption, host_group)
             score_end_of_training(monitor, model.teacher.backbone, metrics, iteration + 1)
     except BaseException as err:
         metrics.close(failed=not isinstance(err, SystemExit))  # a preempted run (SystemExit) has not failed
