@@ -66,7 +66,8 @@ def test_build_schedulers_for_the_dinobloom_recipe() -> None:
     assert s["wd"][total // 4] == pytest.approx(0.2 + (0.04 - 0.2) * (1 + math.cos(math.pi / 4)) / 2)
     assert s["teacher_temp"][0] == pytest.approx(0.04)
     assert s["teacher_temp"][15 * epoch] == pytest.approx(0.04 + 0.03 * (15 * epoch) / (30 * epoch - 1))
-    assert s["teacher_temp"][30 * epoch - 1] == pytest.approx(0.07) and s["teacher_temp"][total - 1] == pytest.approx(0.07)
+    assert s["teacher_temp"][30 * epoch - 1] == pytest.approx(0.07)
+    assert s["teacher_temp"][total - 1] == pytest.approx(0.07)
     # The prototypes are frozen for freeze_last_layer_epochs (1), then follow the lr schedule.
     assert all(s["last_layer_lr"][i] == 0.0 for i in (0, 250, epoch - 1))
     assert s["last_layer_lr"][epoch] == s["lr"][epoch] > 0
@@ -79,7 +80,8 @@ def test_build_schedulers_needs_the_scaled_lr() -> None:
 
 def test_param_groups_follow_dinov2_rules() -> None:
     student = _tiny_student()
-    groups = {g["name"]: g for g in get_params_groups(student["backbone"], layerwise_decay=0.5, patch_embed_lr_mult=0.2)}
+    decayed = get_params_groups(student["backbone"], layerwise_decay=0.5, patch_embed_lr_mult=0.2)
+    groups = {g["name"]: g for g in decayed}
     # Layer ids: tokens/patch embedding 0, block i -> i + 1, final norm depth + 1 = 3; multiplier 0.5 ** (3 - id).
     assert groups["patch_embed.proj.weight"]["lr_multiplier"] == pytest.approx(0.5**3 * 0.2)
     assert groups["cls_token"]["lr_multiplier"] == pytest.approx(0.5**3)

@@ -825,7 +825,8 @@ def test_colour_augmentation_on_the_device_trains_exactly_as_in_the_workers(tmp_
         runs[where] = out
     assert _losses(_metrics(runs["device"])) == _losses(_metrics(runs["workers"]))
     assert len(_metrics(runs["device"])) == 4
-    assert "colour augmentation on cpu (uint8 crops from the data-loader workers)" in (runs["device"] / "log.txt").read_text()
+    log = (runs["device"] / "log.txt").read_text()
+    assert "colour augmentation on cpu (uint8 crops from the data-loader workers)" in log
     assert "colour augmentation in the data-loader workers" in (runs["workers"] / "log.txt").read_text()
 
 

@@ -128,7 +128,8 @@ def build_train_dataset(cfg: DictConfig) -> FileListDataset:
     resize = int(cfg.train.image_resize) or None
     dataset = make_dataset(str(cfg.train.dataset_path), transform=augmentation, resize=resize, seed=cfg.train.seed)
     if dataset.resize:  # (also DinoBloom's HemaStandardDataset spelling, which resizes unless told otherwise)
-        logger.info("images are resized to %d x %d px (Lanczos) before the augmentation", dataset.resize, dataset.resize)
+        logger.info("images are resized to %d x %d px (Lanczos) before the augmentation", dataset.resize,
+                    dataset.resize)
     return dataset
 
 
