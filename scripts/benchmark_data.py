@@ -107,8 +107,8 @@ def time_loader(
 ) -> float:
     """Images/s of the training loader (``train.num_workers`` workers) over ``batches`` batches, and at least two per
     worker (fewer would time the workers' start rather than their steady state), after one warm-up batch per worker."""
-    loader, _ = build_train_loader(cfg, dataset, start=0, rank=0, world_size=1, dtype=dtype,
-                                   defer_colour=defer_colour)  # fmt: skip
+    loader = build_train_loader(cfg, dataset, start=0, rank=0, world_size=1, dtype=dtype,
+                                defer_colour=defer_colour)  # fmt: skip
     workers = int(cfg.train.num_workers)
     batches = max(batches, 2 * workers)
     iterator = iter(loader)

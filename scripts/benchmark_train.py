@@ -93,7 +93,9 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int
     return best
 
 
-def _cpu_flash_attention_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def _cpu_flash_attention_flops(
+    query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     return sdpa_flop_count(query, key, value)
 
 
@@ -173,7 +175,8 @@ def cpu_busy_warning(threads: int) -> str | None:
     load = os.getloadavg()[0]
     if load > threads + 0.75:
         return (f"1-minute load average {load:.1f} on {os.cpu_count()} cores while this benchmark runs {threads} "
-                "threads: other processes compete for the CPU, so the step and matmul rates (and the MFU) are unreliable")
+                "threads: other processes compete for the CPU, so the step and matmul rates (and the MFU) are "
+                "unreliable")
     return None
 
 
@@ -344,7 +347,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         for where in syncs[1]:
             logger.warning("the step waits for the device: %s", where)
     if info.is_main_process:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        cpu = f"CPU ({torch.get_num_threads()} threads)"
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
         # every process of this machine's ranks runs as many threads as this one
         threads = torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         busy = cpu_busy_warning(threads) if device.type == "cpu" else None

@@ -33,10 +33,13 @@ from dinov2.data.samplers import InfiniteSampler
 from dinov2.hub import load_backbone
 from dinov2.hub.loader import CheckpointError
 from dinov2.models import DinoVisionTransformer
+from dinov2.train import resume as resume_module
 from dinov2.train import train as train_module
 from dinov2.train.data import build_train_dataset
 from dinov2.train.knn_monitor import END_OF_TRAINING
-from dinov2.train.train import PreemptionHandler, build_parser, check_bad_images, main, setup_logging
+from dinov2.train.logs import HeldRecords, setup_logging
+from dinov2.train.preemption import PreemptionHandler
+from dinov2.train.train import build_parser, check_bad_images, main
 
 DEMO_CONFIG = TRAIN_CONFIG_DIR / "demo.yaml"
 # Two heads of 32 dimensions: the shapes alone would suggest one head of 64, so loading an exported file with
@@ -496,12 +499,12 @@ def test_only_rank_0_warns_of_what_a_resume_changes(caplog: pytest.LogCaptureFix
     state = {"images_seen": 32, "global_batch": 8, "dataset_size": 100, "augmentation": {"blur": [0.9, 0.9, 0.5]}}
     args = (Path("ckpt"), state, 4, 4, 90, {"blur": [0.0, 0.9, 0.5]}, ["optim.epochs: 1 -> 2"])
     with caplog.at_level(logging.WARNING, logger="dinov2"):
-        train_module.warn_about_changes(*args)
+        resume_module.warn_about_changes(*args)
     assert len(caplog.records) == 4  # the batch, the data, the augmentation and the settings
     caplog.clear()
-    monkeypatch.setattr(train_module.distributed, "is_main_process", lambda: False)
+    monkeypatch.setattr(resume_module.distributed, "is_main_process", lambda: False)
     with caplog.at_level(logging.WARNING, logger="dinov2"):
-        train_module.warn_about_changes(*args)
+        resume_module.warn_about_changes(*args)
     assert not caplog.records
 
 
@@ -822,7 +825,8 @@ def test_colour_augmentation_on_the_device_trains_exactly_as_in_the_workers(tmp_
         runs[where] = out
     assert _losses(_metrics(runs["device"])) == _losses(_metrics(runs["workers"]))
     assert len(_metrics(runs["device"])) == 4
-    assert "colour augmentation on cpu (uint8 crops from the data-loader workers)" in (runs["device"] / "log.txt").read_text()
+    log = (runs["device"] / "log.txt").read_text()
+    assert "colour augmentation on cpu (uint8 crops from the data-loader workers)" in log
     assert "colour augmentation in the data-loader workers" in (runs["workers"] / "log.txt").read_text()
 
 
@@ -935,7 +939,7 @@ def test_a_stop_signal_while_the_last_vote_is_counted_reaches_the_previous_handl
 
     def signalled_during_the_last_vote(values, group):
         result = count(values, group)
-        if len(values) == len(train_module.PreemptionHandler.SIGNALS):  # the vote after the last step
+        if len(values) == len(PreemptionHandler.SIGNALS):  # the vote after the last step
             os.kill(os.getpid(), signal.SIGUSR1)
         return result
 
@@ -1262,7 +1266,6 @@ def test_held_records_reach_each_handler_once_and_other_ranks_keep_their_own() -
     """Before log.txt exists: a handler the user put on the ``dinov2`` logger gets each record once (and no INFO when
     the user set WARNING), the root's handlers get them afterwards; the other ranks drop only the config's records
     (rank 0 reports them), not their own (a GPU shared by two local ranks, say)."""
-    from dinov2.train.train import _HeldRecords
 
     class Collect(logging.Handler):
         def __init__(self) -> None:
@@ -1278,7 +1281,7 @@ def test_held_records_reach_each_handler_once_and_other_ranks_keep_their_own() -
     project.addHandler(on_project)
     project.setLevel(logging.WARNING)
     try:
-        held = _HeldRecords()
+        held = HeldRecords()
         logging.getLogger("dinov2.configs").warning("config warning")
         logging.getLogger("dinov2.configs").info("config note")
         logging.getLogger("dinov2.distributed").warning("rank warning")
@@ -1341,7 +1344,7 @@ def test_loader_batches_do_not_depend_on_the_worker_count(demo, dtype: torch.dty
     batches = {}
     for workers, crop_dtype in ((0, torch.float32), (2, dtype)):
         cfg = load_config(DEMO_CONFIG, [f"train.dataset_path={demo.lists_dir}", *TINY, f"train.num_workers={workers}"])
-        loader, _ = build_train_loader(cfg, build_train_dataset(cfg), start=8, rank=0, world_size=1, dtype=crop_dtype)
+        loader = build_train_loader(cfg, build_train_dataset(cfg), start=8, rank=0, world_size=1, dtype=crop_dtype)
         iterator = iter(loader)
         batches[workers] = [next(iterator) for _ in range(2)]
         del iterator

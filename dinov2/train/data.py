@@ -128,7 +128,8 @@ def build_train_dataset(cfg: DictConfig) -> FileListDataset:
     resize = int(cfg.train.image_resize) or None
     dataset = make_dataset(str(cfg.train.dataset_path), transform=augmentation, resize=resize, seed=cfg.train.seed)
     if dataset.resize:  # (also DinoBloom's HemaStandardDataset spelling, which resizes unless told otherwise)
-        logger.info("images are resized to %d x %d px (Lanczos) before the augmentation", dataset.resize, dataset.resize)
+        logger.info("images are resized to %d x %d px (Lanczos) before the augmentation", dataset.resize,
+                    dataset.resize)
     return dataset
 
 
@@ -141,7 +142,7 @@ def build_train_loader(
     world_size: int,
     dtype: torch.dtype = torch.float32,
     defer_colour: bool = False,
-) -> tuple[DataLoader, InfiniteSampler]:
+) -> DataLoader:
     """An endless loader for this rank that starts at global draw ``start`` (a resumed run's position).
 
     Crops come as ``dtype``, the run's compute dtype (``autocast_dtype``): bf16 or fp16 halve what workers hand
@@ -155,7 +156,7 @@ def build_train_loader(
         batch_size=batch_size,
     )
     keyed = KeyedSamples(dataset)
-    loader = make_data_loader(
+    return make_data_loader(
         keyed,
         batch_size=batch_size,
         num_workers=int(cfg.train.num_workers),
@@ -164,7 +165,6 @@ def build_train_loader(
         seed=derive_seed(cfg.train.seed, rank),
         timeout_s=float(cfg.train.data_timeout_s),
     )
-    return loader, sampler
 
 
 def build_train_collate(

@@ -124,7 +124,8 @@ class KnnMonitor:
                 f"cross-validation needs at least {FOLDS} images per class (of the {len(images.paths)} it uses); "
                 f"too few in: {', '.join(small)}. Remove those class folders or choose a larger labelled set"
             )
-        logger.info("kNN monitor: %d images of %d classes from %s", len(images.paths), len(images.class_names), cfg.evaluation.knn_data)
+        logger.info("kNN monitor: %d images of %d classes from %s", len(images.paths), len(images.class_names),
+                    cfg.evaluation.knn_data)
         output_file = output_dir / "knn_monitor.json"
         earlier = _earlier_scores(output_file) if resume and output_file.exists() else []
         return cls(images, int(cfg.crops.global_crops_size), device, output_file, earlier)
@@ -144,7 +145,9 @@ class KnnMonitor:
         labels = np.asarray(self.images.labels)[kept]
         k = min(K, labels.size * 4 // 5)  # k may not exceed a training fold
 
-        def predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+        def predict(
+            train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int
+        ) -> dict[str, np.ndarray]:
             return {f"knn_{k}": knn_probabilities(train_x, train_y, test_x, ks=(k,), num_classes=n_classes)[k]}
 
         result = run_protocol(features, labels, self.images.class_names, predict, n_splits=FOLDS).results[f"knn_{k}"]

@@ -99,27 +99,25 @@ def build_param_groups(parts: nn.ModuleDict, cfg: DictConfig) -> list[dict[str, 
     return groups
 
 
-def build_optimizer(param_groups: list[dict[str, Any]], cfg: DictConfig) -> torch.optim.AdamW:
+def build_optimizer(
+    param_groups: list[dict[str, Any]], cfg: DictConfig, *, loss_scaled: bool = False
+) -> torch.optim.AdamW:
     """AdamW with `cfg.optim`'s betas: the fused kernel when every parameter is on CUDA or every one is an unsharded
     CPU tensor, foreach otherwise.
 
-    Sharded (DTensor) parameters trained in fp16 with a loss scaler also use foreach (see the comment below).
+    Sharded (DTensor) parameters of a run with a loss scaler (`loss_scaled`: the caller's `scaler is not None`, from
+    `dinov2.parallel.build_grad_scaler`) also use foreach (see the comment below).
 
     Learning rate and weight decay are set every iteration by `apply_optim_scheduler`.
     """
     params = [p for group in param_groups for p in group["params"]]
     on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
-    # FSDP's ShardedGradScaler hands the fused kernel a found_inf of shape [1], which it rejects (seen with
-    # torch 2.11 on an H200): sharded fp16 runs use the foreach kernel.
-    scaled_fp16 = bool(cfg.compute_precision.grad_scaler) and (
-        cfg.train.precision == "fp16"
-        or (cfg.train.precision == "auto" and cfg.compute_precision.student.backbone.mixed_precision.param_dtype == "fp16")
-    )
-    sharded = any(isinstance(p, DTensor) for p in params)
-    # The fused kernel also runs on CPU (about 4x faster than foreach there); sharded CPU parameters (gloo FSDP2)
-    # keep foreach.
     on_cpu = bool(params) and all(p.device.type == "cpu" for p in params)
-    fused = (on_cuda and not (sharded and scaled_fp16)) or (on_cpu and not sharded)
+    sharded = any(isinstance(p, DTensor) for p in params)
+    # FSDP's ShardedGradScaler hands the fused kernel a found_inf of shape [1], which it rejects (seen with
+    # torch 2.11 on an H200): sharded loss-scaled runs use the foreach kernel. The fused kernel also runs on CPU
+    # (about 4x faster than foreach there); sharded CPU parameters (gloo FSDP2) keep foreach.
+    fused = (on_cuda and not (sharded and loss_scaled)) or (on_cpu and not sharded)
     kernel = {"fused": True} if fused else {"foreach": True}
     optimizer = torch.optim.AdamW(
         param_groups, lr=0.0, weight_decay=0.0, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), **kernel

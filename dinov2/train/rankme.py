@@ -29,11 +29,6 @@ def rankme_from_singular_values(singular_values: Tensor, eps: float = EPS) -> fl
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def rankme(embeddings: Tensor, eps: float = EPS) -> float:
-    """RankMe of a (samples x dim) matrix, from its singular values."""
-    return rankme_from_singular_values(torch.linalg.svdvals(embeddings.double()), eps)
-
-
 class RankMeMonitor:
     """RankMe of the teacher's CLS tokens over ``batches`` consecutive steps, every ``period`` iterations.
 

@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 class CosineScheduler:
-    """Zeros for `freeze_iters`, a linear warm-up to `base_value`, then a cosine decay towards `final_value`.
+    """A linear warm-up to `base_value`, then a cosine decay towards `final_value`.
 
     DINOv2's semantics: the warm-up is `linspace(start_warmup_value, base_value, warmup_iters)` (so its last value is
     `base_value`); the cosine part of length n takes `final + (base - final) * (1 + cos(pi * i / n)) / 2` for
@@ -25,21 +25,15 @@ class CosineScheduler:
         total_iters: int,
         warmup_iters: int = 0,
         start_warmup_value: float = 0.0,
-        freeze_iters: int = 0,
     ) -> None:
-        if min(total_iters, warmup_iters, freeze_iters) < 0 or warmup_iters + freeze_iters > total_iters:
-            raise ValueError(
-                f"need 0 <= freeze_iters ({freeze_iters}) + warmup_iters ({warmup_iters}) "
-                f"<= total_iters ({total_iters})"
-            )
+        if min(total_iters, warmup_iters) < 0 or warmup_iters > total_iters:
+            raise ValueError(f"need 0 <= warmup_iters ({warmup_iters}) <= total_iters ({total_iters})")
         self.final_value = float(final_value)
         self.total_iters = int(total_iters)
-        n_cosine = total_iters - warmup_iters - freeze_iters
+        n_cosine = total_iters - warmup_iters
         phase = np.pi * np.arange(n_cosine) / max(n_cosine, 1)
         cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(phase))
-        self.schedule = np.concatenate(
-            (np.zeros(freeze_iters), np.linspace(start_warmup_value, base_value, warmup_iters), cosine)
-        )
+        self.schedule = np.concatenate((np.linspace(start_warmup_value, base_value, warmup_iters), cosine))
 
     def __getitem__(self, iteration: int) -> float:
         """The value at `iteration` (`final_value` from `total_iters` on)."""
@@ -48,10 +42,6 @@ class CosineScheduler:
         if iteration >= self.total_iters:
             return self.final_value
         return float(self.schedule[iteration])
-
-    def __len__(self) -> int:
-        """Number of precomputed iterations."""
-        return self.total_iters
 
 
 def total_iterations(cfg: DictConfig) -> int:

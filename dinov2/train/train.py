@@ -20,8 +20,6 @@ import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy (d
 import argparse
 import logging
 import math
-import os
-import signal
 import time
 import warnings
 from collections.abc import Sequence
@@ -31,20 +29,13 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dinov2 import distributed
 from dinov2.checkpoint import (
     export_teacher, find_latest_checkpoint, load_checkpoint, save_checkpoint, tidy_checkpoints,
 )
-from dinov2.configs import (
-    ConfigError,
-    apply_scaling_rules_to_cfg,
-    config_differences,
-    load_config,
-    resolve_arch,
-    write_config,
-)
+from dinov2.configs import ConfigError, apply_scaling_rules_to_cfg, load_config, resolve_arch, write_config
 from dinov2.data import DatasetError
 from dinov2.data.loaders import batches
 from dinov2.data.photometric import finish_crops
@@ -59,12 +50,20 @@ from dinov2.parallel import (
 )
 from dinov2.train.data import build_train_dataset, build_train_loader
 from dinov2.train.knn_monitor import END_OF_TRAINING, KnnMonitor
+from dinov2.train.logs import LOG_FILE_ONLY, LOG_FILES, HeldRecords, setup_logging
 from dinov2.train.optim import apply_optim_scheduler, build_optimizer, build_param_groups
+from dinov2.train.preemption import PreemptionHandler
 from dinov2.train.rankme import RankMeMonitor
-from dinov2.train.run_lock import RunLock, RunLockedError
+from dinov2.train.resume import (
+    Progress, check_same_network, check_within_schedule, network_record, resume_from_checkpoint,
+)
+from dinov2.train.run_folder import (
+    START_OVER_MARKER, claim_output_folder, mark_start_over, may_resume, output_dir_error, start_over,
+)
+from dinov2.train.run_lock import RunLock
 from dinov2.train.schedules import build_schedulers, total_iterations
 from dinov2.train.ssl_meta_arch import SSLMetaArch
-from dinov2.train.trackers import TENSORBOARD_DIR, WANDB_RUN_ID_FILE, MetricsLog, check_tracking
+from dinov2.train.trackers import MetricsLog, check_tracking
 
 logger = logging.getLogger("dinov2")
 
@@ -89,192 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("opts", nargs="*", help="key=value config overrides")
     return parser
-
-
-def _prints_to_console(handler: logging.Handler) -> bool:
-    """Whether ``handler`` writes to the process's stdout or stderr."""
-    consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
-    return isinstance(handler, logging.StreamHandler) and any(handler.stream is c for c in consoles)
-
-
-LOG_FILE_ONLY = {"log_file_only": True}  # `extra` of a record that the console handler leaves out
-
-
-class _NotPrintedElsewhere(logging.Filter):
-    """Drop records that a console handler of their own logger already prints (submitit's logger has one), and
-    those meant for log.txt only (``extra=LOG_FILE_ONLY``: the command line prints them itself)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """False for a log-file-only record, or when a logger between the record's and the root has a console
-        handler."""
-        if getattr(record, "log_file_only", False):
-            return False
-        current: logging.Logger | None = logging.getLogger(record.name)
-        while current is not None and current is not logging.root:
-            if any(_prints_to_console(h) for h in current.handlers):
-                return False
-            current = current.parent if current.propagate else None
-        return True
-
-
-#: Where a run's warnings are written (named in errors that send the user to them).
-LOG_FILES = "log.txt (and log_rank<N>.txt of the other ranks)"
-
-
-def setup_logging(output_dir: Path, is_main: bool, rank: int = 0) -> list[logging.Handler]:
-    """Rank 0 logs INFO to stdout and to ``output_dir/log.txt``; other ranks log warnings only, to stdout and to
-    ``output_dir/log_rank<rank>.txt`` (made at their first warning: unreadable images of their share, say).
-
-    The stdout handler is left out when the root logger already prints to the console (a launcher configured it),
-    and skips records that their own logger prints already, so that no line appears twice. Returns the handlers
-    added, for the caller to remove.
-    """
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_dinov2", False):
-            root.removeHandler(handler)
-            handler.close()
-    line = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handlers: list[logging.Handler] = []
-    if not any(_prints_to_console(h) for h in root.handlers):
-        console = logging.StreamHandler(sys.stdout)
-        console.addFilter(_NotPrintedElsewhere())
-        console.setFormatter(logging.Formatter(line, "%H:%M:%S"))
-        handlers.append(console)
-    log_file = logging.FileHandler(output_dir / ("log.txt" if is_main else f"log_rank{rank}.txt"), delay=not is_main)
-    log_file.setFormatter(logging.Formatter(line, "%Y-%m-%d %H:%M:%S"))  # dated: a resume appends, days later
-    handlers.append(log_file)
-    for handler in handlers:
-        handler._dinov2 = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
-    return handlers
-
-
-class PreemptionHandler:
-    """Turns SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT) into "checkpoint at the next iteration, then stop".
-
-    The previously installed handler (for example submitit's requeue handler) is remembered and called
-    after the checkpoint is written; after Ctrl-C the run exits with status 130 and a one-line message. A
-    second Ctrl-C stops at once, without the checkpoint. Data-loader workers ignore the signals
-    (``dinov2.data.loaders.init_worker``; a process forked with these handlers ignores them too): a scheduler
-    or a terminal that signals every process of the job must neither kill them (the step would fail before the
-    checkpoint) nor have them report a checkpoint they do not write.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self, is_main: bool = True) -> None:
-        # Rank 0 tells the user; other ranks (whose log shows warnings only) say it at INFO, so that a signal to
-        # every process of a 64-rank job is one line, not 64.
-        self.level = logging.WARNING if is_main else logging.INFO
-        self.received: int | None = None
-        self.previous: dict[int, Any] = {}
-        self._pid = os.getpid()
-
-    def install(self) -> None:
-        """Install the handlers (main thread only)."""
-        self._pid = os.getpid()
-        for sig in self.SIGNALS:
-            self.previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        """Restore the handlers that were there before."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:  # a forked data-loader worker
-            return
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now
-        hint = " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else ""
-        logger.log(self.level, "received %s: checkpointing at the end of this iteration%s", signal.Signals(signum).name,
-                   hint)  # fmt: skip
-        if self.received is None:
-            self.received = signum
-
-    def vote(self) -> list[int]:
-        """This rank's vote per signal of ``SIGNALS`` (1 if it received it), to be summed over ranks."""
-        return [int(self.received == sig) for sig in self.SIGNALS]
-
-    def agree(self, votes: Sequence[int]) -> bool:
-        """Whether to stop, from the votes summed over ranks, so that all ranks decide alike.
-
-        The decision rests on the votes only (a signal arriving meanwhile counts at the next step); a rank that
-        received nothing adopts the signal of another rank.
-        """
-        stop = any(votes)
-        for sig, count in zip(self.SIGNALS, votes):
-            if count and self.received is None:
-                self.received = int(sig)
-                logger.log(self.level, "%d other process(es) received %s: checkpointing at the end of this iteration",
-                           count, signal.Signals(sig).name)  # fmt: skip
-        return stop
-
-    def replay_late_signal(self) -> None:
-        """After :meth:`uninstall`: a signal that came after the last vote was read (so no rank stopped for it) is
-        raised again, for the handler now restored to act on it, as on a signal that comes later."""
-        if self.received is not None:
-            signal.raise_signal(self.received)
-
-    def forward_signal(self) -> None:
-        """Hand the signal to the previous handler, or exit with 128 + signal number."""
-        assert self.received is not None
-        previous = self.previous.get(self.received)
-        self.uninstall()
-        if callable(previous) and previous is not signal.default_int_handler:  # Python's raises KeyboardInterrupt
-            try:
-                previous(self.received, None)
-            except Exception as err:  # e.g. submitit's "not requeued: timed-out too many times"
-                # Still a SystemExit: every rank leaves through the barrier the agreed stop ends with; `main`
-                # raises the handler's error after it, for the launcher to record (submitit's job result).
-                logger.warning("the stop ends here: %s: %s", type(err).__name__, err)
-                stop = SystemExit(128 + self.received)
-                stop.handler_error = err  # type: ignore[attr-defined]
-                raise stop from err
-        raise SystemExit(128 + self.received)
-
-
-PREVIOUS_RUN_OUTPUTS = (
-    "checkpoints", "eval", "training_metrics.json", "knn_monitor.json", TENSORBOARD_DIR, WANDB_RUN_ID_FILE,
-)
-
-
-#: Written when a run is told to start over in a folder that holds an earlier run, removed once that run is moved
-#: aside (or when the run fails): a requeued job, told to resume after a preemption, that finds it starts over too
-#: rather than resume the earlier run.
-START_OVER_MARKER = ".starting_over"
-
-
-def mark_start_over(output_dir: Path) -> None:
-    """Leave :data:`START_OVER_MARKER` in ``output_dir`` when it holds an earlier run's outputs."""
-    if any((output_dir / name).exists() for name in PREVIOUS_RUN_OUTPUTS):
-        (output_dir / START_OVER_MARKER).touch()
-
-
-def set_aside_previous_run(output_dir: Path, previous_config: str | None = None) -> Path | None:
-    """Move an earlier run's outputs in ``output_dir`` into ``previous_runs/<date-time>/``; return that folder.
-
-    A run that starts over (``--no-resume``, or a folder without checkpoints) must not resume from, prune, or mix its
-    records with another run's checkpoints, exports and metrics later on; they are kept, not deleted, with the
-    earlier run's ``config.yaml`` (``previous_config``), from which its exports take their architecture.
-    """
-    found = [output_dir / name for name in PREVIOUS_RUN_OUTPUTS if (output_dir / name).exists()]
-    if not found:
-        return None
-    base = output_dir / "previous_runs" / time.strftime("%Y%m%d-%H%M%S")
-    target, n = base, 1
-    while target.exists():
-        target, n = base.with_name(f"{base.name}-{n}"), n + 1
-    target.mkdir(parents=True)
-    for path in found:
-        os.replace(path, target / path.name)
-    if previous_config is not None:
-        (target / "config.yaml").write_text(previous_config)
-    logger.warning("starting over: moved the earlier run's %s to %s", ", ".join(p.name for p in found), target)
-    return target
 
 
 def training_step(
@@ -314,26 +127,36 @@ def make_autocast(cfg: DictConfig, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
+def build_sharded_model(cfg: DictConfig, device: torch.device) -> SSLMetaArch:
+    """The student/teacher, sharded as configured, with uninitialised weights on ``device``.
+
+    It is built on the meta device and sharded before it holds any weight, so that no rank ever holds the full model.
+    """
+    with torch.device("meta"):
+        model = SSLMetaArch(cfg)
+    parallelize_from_config(model.student, cfg, "student", device)
+    parallelize_from_config(model.teacher, cfg, "teacher", device)
+    model.to_empty(device=device)
+    return model
+
+
 def build_training_state(
     cfg: DictConfig, device: torch.device
 ) -> tuple[SSLMetaArch, torch.optim.Optimizer, torch.amp.GradScaler | None]:
     """The initialised, sharded student/teacher, its AdamW optimiser and the fp16 loss scaler (if any).
 
-    The model is built on the meta device and sharded before it holds any weight; ``init_weights`` then fills each
-    rank's shards (rank 0 builds the full initial weights, pretrained backbone included, and broadcasts them).
+    ``init_weights`` fills each rank's shards (rank 0 builds the full initial weights, pretrained backbone included,
+    and broadcasts them).
     """
     if device.type == "cuda":
         allow_tf32_matmul()
-    with torch.device("meta"):
-        model = SSLMetaArch(cfg)
-    parallelize_from_config(model.student, cfg, "student", device)
-    parallelize_from_config(model.teacher, cfg, "teacher", device)
+    model = build_sharded_model(cfg, device)
     if cfg.train.compile:
         model.compile_losses()
-    model.to_empty(device=device)
     model.init_weights()
-    optimizer = build_optimizer(build_param_groups(model.student, cfg), cfg)
-    return model, optimizer, build_grad_scaler(cfg, device)
+    scaler = build_grad_scaler(cfg, device)
+    optimizer = build_optimizer(build_param_groups(model.student, cfg), cfg, loss_scaled=scaler is not None)
+    return model, optimizer, scaler
 
 
 def sum_over_ranks(values: Sequence[int], group: dist.ProcessGroup | None) -> list[int]:
@@ -379,116 +202,11 @@ def warn_if_exports_need_num_heads(cfg: DictConfig) -> None:
         )
 
 
-def warn_about_changes(
-    checkpoint: Path,
-    state: dict[str, Any],
-    start_iter: int,
-    global_batch: int,
-    dataset_size: int,
-    augmentation: dict[str, Any],
-    config_changes: Sequence[str],
-    previous_recipe: str | None = None,
-) -> None:
-    """Warn where a run continued from ``checkpoint`` will differ from the run that wrote it (on rank 0: every rank
-    would say the same).
-
-    ``previous_recipe``: ``train.augmentation`` of the run's earlier config.yaml, when there is one.
-    """
-    if not distributed.is_main_process():
-        return
-    trained_batch = state.get("global_batch")  # (earlier versions' checkpoints lack it: inferred from the images seen)
-    if trained_batch is not None and trained_batch != global_batch:
-        logger.warning(
-            "%s was trained with %d images per step; this run takes %d: it goes on with the next images of the "
-            "data order, but its steps and learning rate differ from those of an uninterrupted run", checkpoint,
-            trained_batch, global_batch,
-        )
-    elif trained_batch is None and state["images_seen"] != start_iter * global_batch:
-        logger.warning(
-            "%s saw %d images in %d steps; this run takes %d per step: it goes on with the next images of the data "
-            "order, but its steps and learning rate differ from those of an uninterrupted run", checkpoint,
-            state["images_seen"], start_iter, global_batch,
-        )
-    if state.get("dataset_size", dataset_size) != dataset_size:
-        logger.warning(
-            "%s was trained on %d images, the lists now hold %d: from here the sample order differs from that of "
-            "an uninterrupted run (this epoch may repeat or skip some images)", checkpoint, state["dataset_size"],
-            dataset_size,
-        )
-    recorded = state.get("augmentation")
-    if recorded is None:  # checkpoints before 2026-11-27 recorded the blur alone, and older ones nothing
-        recorded = {"blur": state["blur"]} if "blur" in state else {}
-        if previous_recipe != "dinov2":
-            logger.warning(
-                "%s records no augmentation recipe: if it trained the hematology recipe, that was an earlier "
-                "version's, without grayscale or solarisation, which no setting restores; this run continues with "
-                "DinoBloom's final recipe", checkpoint,
-            )
-    changed = [
-        f"{name} {recorded[name]} -> {value}"
-        for name, value in augmentation.items()
-        if name in recorded and recorded[name] != value
-    ]
-    if changed:
-        logger.warning(
-            "%s was trained with another augmentation; this run continues with the new one (probabilities per view: "
-            "global 1, global 2, local): %s; crops.blur_probabilities and train.augmentation set these",
-            checkpoint, "; ".join(changed),
-        )
-    if config_changes:
-        logger.warning(
-            "resuming with settings that differ from the checkpointed run's config.yaml; they apply from "
-            "iteration %d on: %s", start_iter, "; ".join(config_changes),
-        )
-
-
-#: Backbone settings that change what the network computes but not the shape of any tensor, with their config keys.
-SHAPE_PRESERVING_SETTINGS = {
-    "num_heads": "student.num_heads",
-    "interpolate_antialias": "student.interpolate_antialias",
-    "interpolate_offset": "student.interpolate_offset",
-}
-
-
-def network_record(backbone: torch.nn.Module) -> dict[str, Any]:
-    """The backbone's :data:`SHAPE_PRESERVING_SETTINGS`, stored with each checkpoint."""
-    return {name: getattr(backbone, name) for name in SHAPE_PRESERVING_SETTINGS}
-
-
-def check_same_network(
-    checkpoint: Path,
-    saved: dict[str, Any] | None,
-    current: dict[str, Any],
-    remedy: str = "continue with the settings of its run (its config.yaml), or start a new run (another --output-dir, "
-    "or --no-resume)",
-) -> None:
-    """Refuse to continue ``checkpoint``'s training with a network that differs from its own in a setting that the
-    strict load cannot catch (the tensors fit); ``remedy`` ends the error. Checkpoints saved before the record was
-    kept are not checked."""
-    if saved is None:
-        return
-    changed = [
-        f"{key}={saved[name]} in the checkpoint, {current[name]} in this config"
-        for name, key in SHAPE_PRESERVING_SETTINGS.items()
-        if name in saved and saved[name] != current[name]
-    ]
-    if changed:
-        raise ConfigError(
-            f"{checkpoint} was trained with another network: {'; '.join(changed)}. Its tensors would load but "
-            f"compute something else: {remedy}"
-        )
-
-
-def score_end_of_training(
-    cfg: DictConfig, output_dir: Path, info: distributed.DistInfo, monitor: KnnMonitor, backbone: torch.nn.Module,
-    max_iter: int,
-) -> None:
-    """The kNN score of a finished run that was stopped before its end-of-training score, sent to its trackers."""
-    score = monitor.evaluate(backbone, END_OF_TRAINING, max_iter)
+def score_end_of_training(monitor: KnnMonitor, backbone: torch.nn.Module, metrics: MetricsLog, iterations: int) -> None:
+    """The kNN score after ``iterations`` steps, sent to the trackers, and the line comparing it with the first."""
+    score = monitor.evaluate(backbone, END_OF_TRAINING, iterations)
+    metrics.log({"iteration": iterations, "knn_balanced_accuracy": score}, to_file=False)  # knn_monitor.json has it
     monitor.log_summary()
-    metrics = MetricsLog.from_config(cfg, output_dir, info.is_main_process, max_iter)
-    metrics.log({"iteration": max_iter, "knn_balanced_accuracy": score}, to_file=False)
-    metrics.close()
 
 
 def finite_mean_losses(terms: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:
@@ -534,54 +252,107 @@ def log_progress(record: dict[str, Any], max_iter: int, seconds_per_step: float,
     )
 
 
-class Progress(NamedTuple):
-    """Where a run stands: the next iteration, the images read so far and how many of them were unreadable."""
+def check_batch_has_images(batch: dict[str, Any], iteration: int, rank: int) -> None:
+    """Raise when none of the batch's images, nor any image tried in their stead, could be read."""
+    if "collated_global_crops" not in batch:  # (torchrun, or srun --kill-on-bad-exit, stops the other ranks)
+        raise DatasetError(
+            f"iteration {iteration}, rank {rank}: none of the {batch['n_images']} images of the batch "
+            f"could be read, nor any of the {batch['n_tried']} images after its first "
+            "in the data set that were tried in their stead; the 'skipping unreadable image' warnings in "
+            f"{LOG_FILES} name them"
+        )
 
-    iteration: int = 0
-    images_seen: int = 0
-    bad_images: int = 0
+
+class StepOutputs(NamedTuple):
+    """What a step writes besides the update itself."""
+
+    record: bool  # a line of training_metrics.json and of the trackers
+    log: bool  # a console line
+    export: bool  # the teacher, to eval/training_<iteration>/
+    save: bool  # a training checkpoint
 
 
-def resume_from_checkpoint(
-    checkpoint: Path,
-    model: SSLMetaArch,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    cfg: DictConfig,
-    previous_config: str | None,
-    global_batch: int,
-    dataset_size: int,
-    augmentation: dict[str, Any],
-) -> Progress:
-    """Load a training checkpoint strictly into the model, the optimiser and the loss scaler; return its progress.
-
-    ``previous_config``: the text of the config.yaml of the run being resumed (None when starting from
-    ``MODEL.WEIGHTS``). The settings that differ from it are named when the checkpoint does not fit, and in a
-    warning when it does; so is any other way in which this run will differ from the one that wrote the checkpoint.
-    """
-    previous = OmegaConf.create(previous_config) if previous_config else None
-    # (a run folder moved or copied, or a requeued job told to resume, is not a changed setting)
-    unchanged = ("train.output_dir", "train.resume")
-    run_changes = config_differences(previous, cfg, ignore=unchanged) if previous is not None else []
-    try:
-        state = load_checkpoint(checkpoint, model, optimizer)
-    except CheckpointError as err:  # a setting that renames or reshapes tensors (block_chunks, ffn_layer, ...)
-        if not run_changes:
-            raise
-        raise CheckpointError(
-            f"{err}\nSettings that differ from the checkpointed run's config.yaml: {'; '.join(run_changes[:12])}. "
-            "Resume with that run's settings, or start a new run (another --output-dir, or --no-resume)"
-        ) from None
-    start_iter = state["iteration"] + 1
-    check_same_network(checkpoint, state.get("network"), network_record(model.student.backbone))
-    if scaler is not None and state.get("grad_scaler"):
-        scaler.load_state_dict(state["grad_scaler"])
-    previous_recipe = OmegaConf.select(previous, "train.augmentation") if previous is not None else None
-    warn_about_changes(
-        checkpoint, state, start_iter, global_batch, dataset_size, augmentation, run_changes, previous_recipe
+def step_outputs(
+    cfg: DictConfig, iteration: int, start_iter: int, max_iter: int, stop: bool, rankme_scored: bool
+) -> StepOutputs:
+    """What ``iteration`` writes: the configured periods, everything at the last step, a checkpoint at a stop."""
+    is_last = iteration == max_iter - 1
+    period = cfg.evaluation.eval_period_iterations
+    record = (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == 0 or rankme_scored
+    return StepOutputs(
+        record=record,
+        # A resume also shows its first step (its start-up time) on the console, but records only what an
+        # uninterrupted run records, so that both leave the same metrics.
+        log=record or iteration == start_iter,
+        export=bool(period) and ((iteration + 1) % period == 0 or is_last),
+        save=(iteration + 1) % cfg.train.checkpoint_period == 0 or is_last or stop,
     )
-    logger.info("resuming at iteration %d from %s", start_iter, checkpoint)
-    return Progress(start_iter, state["images_seen"], state["bad_images"])
+
+
+def metrics_record(
+    iteration: int,
+    losses: dict[str, float],
+    schedule_values: dict[str, float],
+    images_per_s: float,
+    bad_images: int,
+    scaler: torch.amp.GradScaler | None,
+    rankme_score: tuple[float, int] | None,
+) -> dict[str, Any]:
+    """The metrics of a logged step, as the console line, training_metrics.json and the trackers get them."""
+    record = {"iteration": iteration, **losses, **schedule_values, "images_per_s": images_per_s,
+              "bad_images": bad_images}  # fmt: skip
+    if scaler is not None:  # fp16: the scale falls while steps are skipped for overflowing gradients
+        record["loss_scale"] = scaler.get_scale()
+    if rankme_score is not None:
+        record["rankme"], record["rankme_crops"] = rankme_score
+    return record
+
+
+def finish_a_finished_run(
+    cfg: DictConfig, output_dir: Path, info: distributed.DistInfo, monitor: KnnMonitor | None, model: SSLMetaArch,
+    checkpoint: Path | None,
+) -> None:
+    """A run whose last checkpoint is its end: do what a kill while that checkpoint was saved may have left undone
+    (the pruning of older checkpoints, the end-of-training score)."""
+    max_iter = total_iterations(cfg)
+    logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", checkpoint, max_iter)
+    if info.is_main_process:
+        tidy_checkpoints(output_dir / "checkpoints", cfg.train.keep_last_checkpoints)
+    if monitor is None or monitor.has_score(END_OF_TRAINING, max_iter):
+        return
+    metrics = MetricsLog.from_config(cfg, output_dir, info.is_main_process, max_iter)
+    try:
+        score_end_of_training(monitor, model.teacher.backbone, metrics, max_iter)
+    except BaseException as err:
+        metrics.close(failed=not isinstance(err, SystemExit))
+        raise
+    metrics.close()
+
+
+def record_the_starting_point(
+    cfg: DictConfig, output_dir: Path, model: SSLMetaArch, monitor: KnnMonitor | None, metrics: MetricsLog
+) -> None:
+    """The untrained teacher, the start of the run's score-against-iteration curve: exported and scored."""
+    if cfg.evaluation.eval_period_iterations:
+        export_teacher(output_dir / "eval" / "training_init" / "teacher_checkpoint.pth", model.teacher)
+    if monitor is not None:
+        score = monitor.evaluate(model.teacher.backbone, "initialisation", 0)
+        metrics.log({"iteration": 0, "knn_balanced_accuracy": score}, to_file=False)  # knn_monitor.json has it
+
+
+def hand_back_stop_signals(preemption: PreemptionHandler, host_group: dist.ProcessGroup | None) -> None:
+    """After the last checkpoint, before the end-of-training score: restore the stop signals' previous handlers.
+
+    A stop signal that came after the last step's vote (the last checkpoint is written) ends the run before its
+    end-of-training score, which a re-run of the command computes; one during the score acts as it would without
+    the preemption handler (submitit's requeue, or the signal's default).
+    """
+    if preemption.agree(sum_over_ranks(preemption.vote(), host_group)):
+        logger.log(preemption.level, "stopping before the end-of-training kNN score; re-run the command to score the "
+                   "last checkpoint")  # fmt: skip
+        preemption.forward_signal()
+    preemption.uninstall()
+    preemption.replay_late_signal()
 
 
 def train(
@@ -594,11 +365,7 @@ def train(
     """
     device = info.device
     ckpt_dir = output_dir / "checkpoints"
-    if resume and (output_dir / START_OVER_MARKER).exists():
-        logger.warning("%s: a run told to start over (--no-resume) stopped before it moved the earlier run aside; "
-                       "starting over, as it was told", output_dir)  # fmt: skip
-        resume = False
-    latest = find_latest_checkpoint(ckpt_dir) if resume else None
+    latest = find_latest_checkpoint(ckpt_dir) if may_resume(output_dir, resume) else None
     check_tracking(cfg)
     # Data and kNN set first: a wrong path fails here, before any model is built.
     dataset = build_train_dataset(cfg)
@@ -623,37 +390,19 @@ def train(
             latest, model, optimizer, scaler, cfg, previous_config if resuming else None, global_batch,
             len(dataset), augmentation,
         )
+        # before anything in the folder changes: its config, metrics and scores stay as they are
+        check_within_schedule(latest, progress.iteration, cfg, resuming)
     start_iter, images_seen, bad_images = progress
-    if start_iter > max_iter:  # before anything in the folder changes: its config, metrics and scores stay as they are
-        remedy = (
-            "keep the run's epochs (its config.yaml) or raise them to train on, or start a new run (another "
-            "--output-dir, or --no-resume)" if resuming
-            else "MODEL.WEIGHTS continues the checkpoint's iteration count: raise optim.epochs past it, or start a "
-            "fresh schedule from a trained teacher with student.pretrained_weights=<eval/training_N/"
-            "teacher_checkpoint.pth>"
-        )
-        raise ConfigError(
-            f"the checkpoint {latest} has trained {start_iter} iterations, more than this config's run of {max_iter} "
-            f"(optim.epochs={cfg.optim.epochs} x train.OFFICIAL_EPOCH_LENGTH={cfg.train.OFFICIAL_EPOCH_LENGTH}): "
-            f"{remedy}"
-        )
     if not resuming:  # after loading MODEL.WEIGHTS, which may lie in this folder's checkpoints
-        distributed.barrier()  # every rank has read them before they are moved
-        if info.is_main_process:
-            set_aside_previous_run(output_dir, previous_config)
-            (output_dir / START_OVER_MARKER).unlink(missing_ok=True)
-        distributed.barrier()
+        start_over(output_dir, previous_config, info.is_main_process)
     if info.is_main_process:  # only now: a resume that fails leaves the config of the run's checkpoints in place
         write_config(cfg, output_dir)
     if start_iter >= max_iter:
-        logger.info("nothing to do: the checkpoint %s is the end of this %d-iteration run", latest, max_iter)
-        if info.is_main_process:  # a kill while the last checkpoint was saved may have left work undone
-            tidy_checkpoints(ckpt_dir, cfg.train.keep_last_checkpoints)
-        if monitor is not None and not monitor.has_score(END_OF_TRAINING, max_iter):  # e.g. preempted while scoring
-            score_end_of_training(cfg, output_dir, info, monitor, model.teacher.backbone, max_iter)
+        finish_a_finished_run(cfg, output_dir, info, monitor, model, latest)
         return {}
 
-    def checkpoint(iteration: int) -> None:
+    def checkpoint(iteration: int, images_seen: int, bad_images: int) -> None:
+        """Save the training state after ``iteration``, with the progress and what a resume compares."""
         model.apply_center_updates()
         extra = {
             "images_seen": images_seen, "bad_images": bad_images, "dataset_size": len(dataset),
@@ -674,15 +423,11 @@ def train(
     preemption.install()
     try:
         if start_iter == 0:
-            if cfg.evaluation.eval_period_iterations:  # the starting point of the run's score-against-iteration curve
-                export_teacher(output_dir / "eval" / "training_init" / "teacher_checkpoint.pth", model.teacher)
-            if monitor is not None:
-                score = monitor.evaluate(model.teacher.backbone, "initialisation", 0)
-                metrics.log({"iteration": 0, "knn_balanced_accuracy": score}, to_file=False)  # knn_monitor.json has it
+            record_the_starting_point(cfg, output_dir, model, monitor, metrics)
 
         colour_on_device = colour_augmentation_on_device(cfg, device)
         compute_dtype = autocast_dtype(cfg, device)
-        loader, _ = build_train_loader(
+        loader = build_train_loader(
             cfg, dataset, start=images_seen, rank=info.rank, world_size=info.world_size,
             dtype=compute_dtype, defer_colour=colour_on_device,
         )
@@ -693,19 +438,14 @@ def train(
         )
         window_start, window_images = time.perf_counter(), 0
         for iteration, batch in zip(range(start_iter, max_iter), batches(loader, "train.data_timeout_s")):
-            if "collated_global_crops" not in batch:  # (torchrun, or srun --kill-on-bad-exit, stops the other ranks)
-                raise DatasetError(
-                    f"iteration {iteration}, rank {info.rank}: none of the {batch['n_images']} images of the batch "
-                    f"could be read, nor any of the {batch['n_tried']} images after its first "
-                    "in the data set that were tried in their stead; the 'skipping unreadable image' warnings in "
-                    f"{LOG_FILES} name them"
-                )
+            check_batch_has_images(batch, iteration, info.rank)
             batch = finish_crops(batch, device, compute_dtype)
             lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
             momentum, teacher_temp = schedules["momentum"][iteration], schedules["teacher_temp"][iteration]
             apply_optim_scheduler(optimizer, lr, wd, schedules["last_layer_lr"][iteration])
 
-            terms = training_step(model, optimizer, scaler, autocast, batch, teacher_temp, momentum, cfg.optim.clip_grad)
+            clip = cfg.optim.clip_grad
+            terms = training_step(model, optimizer, scaler, autocast, batch, teacher_temp, momentum, clip)
 
             # One collective per step: stop signals and unreadable images, summed over the ranks.
             *votes, new_bad = sum_over_ranks([*preemption.vote(), batch["n_bad_images"]], host_group)
@@ -719,42 +459,27 @@ def train(
                 rankme.update(model.teacher.backbone, batch["collated_global_crops"], autocast)
                 rankme_score = rankme.result(iteration, host_group)
 
-            is_last = iteration == max_iter - 1
-            period = cfg.evaluation.eval_period_iterations
-            export_now = bool(period) and ((iteration + 1) % period == 0 or is_last)
-            save_now = (iteration + 1) % cfg.train.checkpoint_period == 0 or is_last or stop
-            # A resume also shows its first step (its start-up time) on the console, but records only what an
-            # uninterrupted run records, so that both leave the same metrics.
-            record_now = (iteration + 1) % cfg.train.log_period == 0 or is_last or iteration == 0
-            record_now = record_now or rankme_score is not None
-            log_now = record_now or iteration == start_iter
-            if log_now or export_now or save_now:  # the loss is checked before anything is written
+            outputs = step_outputs(cfg, iteration, start_iter, max_iter, stop, rankme_scored=rankme_score is not None)
+            if outputs.log or outputs.export or outputs.save:  # the loss is checked before anything is written
                 losses = finite_mean_losses(terms, iteration)
-            if log_now:
+            if outputs.log:
                 elapsed = time.perf_counter() - window_start
-                last = {
-                    "iteration": iteration,
-                    **losses,
-                    "lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": teacher_temp,
-                    "images_per_s": window_images / max(elapsed, 1e-9),
-                    "bad_images": bad_images,
-                }
-                if scaler is not None:  # fp16: the scale falls while steps are skipped for overflowing gradients
-                    last["loss_scale"] = scaler.get_scale()
+                schedule_values = {"lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": teacher_temp}
+                last = metrics_record(iteration, losses, schedule_values, window_images / max(elapsed, 1e-9),
+                                      bad_images, scaler, rankme_score)  # fmt: skip
                 if rankme_score is not None:
-                    last["rankme"], last["rankme_crops"] = rankme_score
                     logger.info("RankMe of the teacher's CLS tokens on %d global crops: %.1f", *rankme_score[::-1])
-                if record_now:
+                if outputs.record:
                     metrics.log(last)
                 log_progress(last, max_iter, seconds_per_step=elapsed * global_batch / max(window_images, 1),
-                             first=iteration == start_iter and not is_last)
+                             first=iteration == start_iter and iteration < max_iter - 1)  # fmt: skip
                 window_start, window_images = time.perf_counter(), 0
 
             saving_since = time.perf_counter()
-            if export_now:
+            if outputs.export:
                 export_teacher(output_dir / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth", model.teacher)
-            if save_now:
-                checkpoint(iteration)
+            if outputs.save:
+                checkpoint(iteration, images_seen, bad_images)
             window_start += time.perf_counter() - saving_since  # img/s and eta are of training steps, not of saves
             if stop:
                 logger.log(preemption.level, "stopping after the checkpoint of iteration %d; re-run the command to "
@@ -762,18 +487,8 @@ def train(
                 preemption.forward_signal()
 
         if monitor is not None:
-            # A stop signal that came after the last step's vote (the last checkpoint is written) ends the run before
-            # its end-of-training score, which a re-run of the command computes; one during the score acts as it
-            # would without this handler (submitit's requeue, or the signal's default).
-            if preemption.agree(sum_over_ranks(preemption.vote(), host_group)):
-                logger.log(preemption.level, "stopping before the end-of-training kNN score; re-run the command to "
-                           "score the last checkpoint")  # fmt: skip
-                preemption.forward_signal()
-            preemption.uninstall()
-            preemption.replay_late_signal()
-            score = monitor.evaluate(model.teacher.backbone, END_OF_TRAINING, iteration + 1)
-            metrics.log({"iteration": iteration + 1, "knn_balanced_accuracy": score}, to_file=False)
-            monitor.log_summary()
+            hand_back_stop_signals(preemption, host_group)
+            score_end_of_training(monitor, model.teacher.backbone, metrics, iteration + 1)
     except BaseException as err:
         metrics.close(failed=not isinstance(err, SystemExit))  # a preempted run (SystemExit) has not failed
         raise
@@ -799,11 +514,7 @@ def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distribut
             "pass the run's --output-dir, or MODEL.WEIGHTS=<checkpoints/NNNNNNNNN>"
         )
     monitor = KnnMonitor.from_config(cfg, output_dir, info.device, resume=True)
-    with torch.device("meta"):
-        model = SSLMetaArch(cfg)
-    parallelize_from_config(model.student, cfg, "student", info.device)
-    parallelize_from_config(model.teacher, cfg, "teacher", info.device)
-    model.to_empty(device=info.device)
+    model = build_sharded_model(cfg, info.device)
     state = load_checkpoint(latest, model, restore_rng=False)  # strict: every tensor is loaded
     check_same_network(latest, state.get("network"), network_record(model.student.backbone),
                        remedy="export it with the settings of its run (its config.yaml)")  # fmt: skip
@@ -817,110 +528,90 @@ def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distribut
     return path
 
 
-class _HeldRecords(logging.Handler):
-    """Holds what the project's loggers say before the run's log handlers exist (the config's warnings and notes),
-    to pass it on to them (log.txt) once they do; or, when the run stops before, to Python's last-resort handler
-    (stderr), which prints the warnings."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-        self.logger = logging.getLogger("dinov2")
-        self.saved = (self.logger.level, self.logger.propagate)
-        self.logger.addHandler(self)
-        if self.logger.level == logging.NOTSET:  # (a level the user set stays)
-            self.logger.setLevel(logging.INFO)
-        self.logger.propagate = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        """Keep the record for :meth:`pass_on`."""
-        self.records.append(record)
-
-    def pass_on(self, configs: bool = True) -> None:
-        """Stop holding; hand the records to the root logger's handlers (those below ``dinov2`` had them already),
-        at the levels of the loggers that made them. ``configs=False`` drops the config's records (on the other
-        ranks: rank 0 reports them)."""
-        if self not in self.logger.handlers:
-            return
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.saved[0])
-        self.logger.propagate = self.saved[1]
-        root = logging.getLogger()
-        for record in self.records:
-            if (configs or not record.name.startswith("dinov2.configs")) and self.logger.propagate and \
-                    record.levelno >= logging.getLogger(record.name).getEffectiveLevel():  # fmt: skip
-                root.handle(record)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse the command line, set up processes and logging, train."""
     args = build_parser().parse_intermixed_args(argv)
-    held = _HeldRecords()
+    held = HeldRecords()
     try:
         return _main(args, held)
     finally:
         held.pass_on()
 
 
-def _main(args: argparse.Namespace, held: _HeldRecords) -> int:
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The command line's key=value overrides, ``--output-dir`` last (it replaces the file's value before that is
+    resolved: a ${oc.env:...} set only in jobs, say)."""
     overrides = list(args.opts)
-    if args.output_dir:  # replaces the file's value before that is resolved (a ${oc.env:...} set only in jobs, say)
+    if args.output_dir:
         if "${" in args.output_dir:
             raise ConfigError(f"--output-dir {args.output_dir}: a folder name with '${{' cannot be used (the config "
                               "reads it as an interpolation); rename the folder")  # fmt: skip
         overrides.append("train.output_dir='{}'".format(args.output_dir.replace("'", "''")))  # YAML-quoted as given
-    cfg = load_config(args.config_file, overrides)
-    output_dir = Path(cfg.train.output_dir).expanduser().resolve()
-    cfg.train.output_dir = str(output_dir)
+    return overrides
+
+
+def start_processes(cfg: DictConfig) -> distributed.DistInfo:
+    """Join the launcher's process group on ``train.device``; a device or launch environment that cannot be used
+    is a :class:`ConfigError`."""
     try:
-        info = distributed.enable_distributed(device=cfg.train.device)
+        return distributed.enable_distributed(device=cfg.train.device)
     except distributed.DeviceUnavailableError as err:
         raise ConfigError(f"train.device={cfg.train.device}: {err}") from None
     except distributed.LaunchEnvironmentError as err:
         raise ConfigError(str(err)) from None
+
+
+def open_run_folder(
+    output_dir: Path, lock: RunLock, info: distributed.DistInfo, held: HeldRecords
+) -> list[logging.Handler]:
+    """Claim ``output_dir`` (see :func:`claim_output_folder`) and log into it, with the records held until now;
+    returns the log handlers, for the caller to remove."""
+    try:
+        claim_output_folder(output_dir, lock, info.is_main_process, info.device)
+        handlers = setup_logging(output_dir, info.is_main_process, info.rank)
+        held.pass_on(configs=info.is_main_process)  # the config's warnings and notes, into log.txt
+    except OSError as err:  # the log file cannot be written
+        raise ConfigError(output_dir_error(output_dir, err)) from None
+    return handlers
+
+
+def run_command(
+    args: argparse.Namespace, cfg: DictConfig, output_dir: Path, info: distributed.DistInfo, previous: str | None
+) -> None:
+    """Train (or, with ``--eval-only``, export and score) in the claimed ``output_dir``; ``previous``: the text of
+    its earlier config.yaml."""
+    apply_scaling_rules_to_cfg(cfg, info.world_size)
+    if cfg.train.compile:
+        check_compile_toolchain(info.device)
+    if args.eval_only:
+        export_checkpoint_teacher(cfg, output_dir, info)
+        return
+    starts_over = args.no_resume or not cfg.train.resume
+    if starts_over and info.is_main_process:
+        mark_start_over(output_dir)
+    distributed.barrier()  # every rank sees the marker before it decides whether to resume
+    train(cfg, output_dir, resume=not starts_over, info=info, previous_config=previous)
+
+
+def _main(args: argparse.Namespace, held: HeldRecords) -> int:
+    cfg = load_config(args.config_file, config_overrides(args))
+    output_dir = Path(cfg.train.output_dir).expanduser().resolve()
+    cfg.train.output_dir = str(output_dir)
+    info = start_processes(cfg)
     # FSDP2 warns that the backbone returns views (its CLS and patch tokens); the loss never modifies them in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     handlers: list[logging.Handler] = []
     root_level = logging.getLogger().level  # restored at the end, with the handlers (main may run in a notebook)
     lock = RunLock(output_dir)
-    starts_over = args.no_resume or not cfg.train.resume
     try:
-        try:
-            refused = ""
-            if info.is_main_process:
-                try:
-                    output_dir.mkdir(parents=True, exist_ok=True)
-                    lock.acquire()
-                except RunLockedError as err:
-                    refused = str(err)
-                except OSError as err:  # a file in the way, a read-only folder
-                    where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
-                    refused = f"--output-dir (train.output_dir) {output_dir}: {err.strerror or err}{where}"
-            # Every rank learns whether rank 0 could take the folder (a collective: it also waits for the folder to
-            # exist), so that all of them stop with the error instead of waiting for rank 0 at the next collective.
-            if distributed.all_reduce_mean(torch.tensor([float(bool(refused))], device=info.device)).item() > 0:
-                raise ConfigError(refused or f"--output-dir {output_dir} cannot be used (rank 0 says why)")
-            handlers = setup_logging(output_dir, info.is_main_process, info.rank)
-            held.pass_on(configs=info.is_main_process)  # the config's warnings and notes, into log.txt
-        except OSError as err:  # the log file cannot be written
-            where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
-            raise ConfigError(f"--output-dir (train.output_dir) {output_dir}: {err.strerror or err}{where}") from None
+        handlers = open_run_folder(output_dir, lock, info, held)
         config_file = output_dir / "config.yaml"
         # An earlier run's config, kept in case this run starts over (its exports need it to load).
         previous = config_file.read_text() if info.is_main_process and config_file.is_file() else None
         torch.manual_seed(cfg.train.seed + info.rank)
         logger.info("rank %d/%d on %s (%s)", info.rank, info.world_size, info.device, info.launcher)
         try:
-            apply_scaling_rules_to_cfg(cfg, info.world_size)
-            if cfg.train.compile:
-                check_compile_toolchain(info.device)
-            if args.eval_only:
-                export_checkpoint_teacher(cfg, output_dir, info)
-            else:
-                if starts_over and info.is_main_process:
-                    mark_start_over(output_dir)
-                distributed.barrier()  # every rank sees the marker before it decides whether to resume
-                train(cfg, output_dir, resume=not starts_over, info=info, previous_config=previous)
+            run_command(args, cfg, output_dir, info, previous)
         except SystemExit as stop:  # a stop all ranks agreed on (preemption): they all leave here
             distributed.barrier()
             handler_error = getattr(stop, "handler_error", None)
