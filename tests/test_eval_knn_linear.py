@@ -399,6 +399,111 @@ def test_labelled_checks() -> None:
         protocol.check_labelled(from_txt_list, "f.h5")
 
 
+def test_unlabelled_samples_are_named_by_path() -> None:
+    fs = _feature_set([6, 6])
+    fs.labels[[2, 9]] = -1
+    with pytest.raises(ValueError, match=r"f\.h5: 2 of 12 samples are unlabelled \(label -1\): class0/2\.jpg, "
+                                         r"class1/9\.jpg; evaluation needs labelled features"):
+        protocol.check_labelled(fs, "f.h5")
+    fs.labels[:8] = -1  # many: the first five, and how many more
+    with pytest.raises(ValueError, match=r"9 of 12 samples are unlabelled \(label -1\): class0/0\.jpg, class0/1\.jpg, "
+                                         r"class0/2\.jpg, class0/3\.jpg, class0/4\.jpg and 4 more; "):
+        protocol.check_labelled(fs, "f.h5")
+
+
+def test_a_folder_or_a_missing_file_as_features_says_where_features_files_come_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DINOBLOOM_TRACEBACK", raising=False)
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    made_by = "features files (.h5 or .npz) come from python -m dinov2.eval.extract_features"
+    for given, said in [(folder, f"{folder} is a folder, not a features file; {made_by}"),
+                        (tmp_path / "absent", f"features file not found: {tmp_path / 'absent'}; {made_by}")]:
+        with pytest.raises(SystemExit):
+            run_cli(lambda: knn.main(["--features", str(given), "--output-dir", str(tmp_path / "o")]))
+        assert capsys.readouterr().err == f"error: {said}\n"
+    wrong_type = tmp_path / "cells.csv"
+    wrong_type.write_text("path,label\n")
+    with pytest.raises(ValueError, match=r"cells\.csv: unsupported features file type '\.csv'; use one of \.h5, "
+                                         r"\.hdf5, \.npz; features files come from python -m dinov2\.eval\.extract_"):
+        knn.main(["--features", str(wrong_type), "--output-dir", str(tmp_path / "o")])
+
+
+def _partly_shared(tmp_path: Path) -> tuple[Path, Path, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A training file of classes a, b, c, d (30 images each) and a test file of b, c, d (20 each), e (10) and f (15),
+    its classes in another order; also the training and test features and labels (0, 1, 2 = b, c, d) of the shared
+    classes."""
+    rng = np.random.default_rng(21)
+    centres = rng.normal(size=(6, 16))
+    names = ["a", "b", "c", "d", "e", "f"]
+
+    def images(counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(6), counts)
+        return (centres[y] + 1.2 * rng.normal(size=(y.size, 16))).astype(np.float32), y
+
+    train_x, train_y = images([30, 30, 30, 30, 0, 0])
+    test_x, test_y = images([0, 20, 20, 20, 10, 15])
+    test_names = ["f", "d", "c", "b", "e"]  # the test file's own class order
+    train = _write(FeatureSet(train_x, train_y, [f"tr/{names[l]}/{i}.jpg" for i, l in enumerate(train_y)], names[:4],
+                              {"model": "toy"}), tmp_path / "train.h5")  # fmt: skip
+    test = _write(FeatureSet(test_x, np.array([test_names.index(names[l]) for l in test_y]),
+                             [f"te/{names[l]}/{i}.jpg" for i, l in enumerate(test_y)], test_names, {"model": "toy"}),
+                  tmp_path / "test.h5")  # fmt: skip
+    shared_train, shared_test = np.isin(train_y, [1, 2, 3]), np.isin(test_y, [1, 2, 3])
+    return train, test, train_x[shared_train], train_y[shared_train] - 1, test_x[shared_test], test_y[shared_test] - 1
+
+
+def test_shared_classes_trains_and_tests_on_the_classes_both_files_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    train, test, train_x, train_y, test_x, test_y = _partly_shared(tmp_path)
+    args = ["--features", str(train), "--test-features", str(test), "--no-figures", "--k", "5"]
+    # without the option: the error, which names the option, and no output folder left behind
+    with pytest.raises(ValueError, match=r"classes \['e', 'f'\] do not occur in .*train\.h5 .*; --shared-classes"):
+        knn.main([*args, "--output-dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+    with caplog.at_level(logging.INFO, logger="dinov2.eval.protocol"):
+        results = knn.main([*args, "--output-dir", str(tmp_path / "knn"), "--shared-classes"])
+    assert f"dropped 30 of 120 samples of {train}, of the classes {test} lacks: a (30)" in caplog.text
+    assert f"dropped 25 of 85 samples of {test}, of the classes {train} lacks: f (15), e (10)" in caplog.text
+    meta = results["meta"]
+    assert (meta["classes"], meta["n_samples"], meta["n_test_samples"]) == (["b", "c", "d"], 90, 60)
+    assert meta["shared_classes"] == {"kept": ["b", "c", "d"], "dropped_from_features": {"a": 30},
+                                      "dropped_from_test_features": {"f": 15, "e": 10}}  # fmt: skip
+    expected = _sklearn_knn(train_x, train_y, test_x, 5)
+    assert (expected != test_y).any(), "some test samples must be misclassified, or a prediction is a label"
+    assert results["knn_5"]["accuracy"]["mean"] == pytest.approx(accuracy_score(test_y, expected))
+    assert results["knn_5"]["confusion_matrix"] == confusion_matrix(test_y, expected, labels=range(3)).tolist()
+    with (tmp_path / "knn" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["label"], r["knn_5"]) for r in rows] == [("bcd"[t], "bcd"[p]) for t, p in zip(test_y, expected)]
+    report = (tmp_path / "knn" / "results.md").read_text()
+    said = "- shared classes (`--shared-classes`): trained and tested on the 3 classes both features files hold"
+    assert said in report
+    assert "  - dropped from the features: a (30)\n  - dropped from the test features: f (15), e (10)\n" in report
+    # the linear probe takes the same option; the fit is DinoBloom's on the shared classes' images
+    logreg = linear.main([*args[:-2], "--output-dir", str(tmp_path / "linear"), "--shared-classes"])
+    reference = LogisticRegression(C=16 * 3 / 100, max_iter=1000).fit(train_x.astype(np.float64), train_y)
+    predicted = reference.predict(test_x.astype(np.float64))
+    assert logreg["logreg"]["accuracy"]["mean"] == pytest.approx(accuracy_score(test_y, predicted))
+    assert logreg["meta"]["shared_classes"] == meta["shared_classes"]
+    # the option without a test file is a mistake, said before the features are read
+    with pytest.raises(ValueError, match="--shared-classes .* needs --test-features"):
+        knn.main(["--features", str(tmp_path / "absent.h5"), "--output-dir", str(tmp_path / "cv"), "--shared-classes"])
+    # without the option, the meta says it was not used
+    plain = knn.main(["--features", str(train), "--output-dir", str(tmp_path / "cv"), "--no-figures", "--k", "5"])
+    assert plain["meta"]["shared_classes"] is None
+
+
+def test_shared_classes_needs_a_class_in_common() -> None:
+    train, test = _feature_set([6, 6]), _feature_set([3, 3])
+    test.class_names = ["x", "y"]
+    with pytest.raises(ValueError, match=r"--shared-classes: train\.h5 \(\['class0', 'class1'\]\) and test\.h5 "
+                                         r"\(\['x', 'y'\]\) have no class in common"):
+        protocol.keep_shared_classes(train, test, "train.h5", "test.h5")
+
+
 def test_features_repeating_an_image_are_refused() -> None:
     fs = _feature_set([6, 6])
     fs.paths[7] = "class0/./3.jpg"  # the image of row 3, spelt another way
@@ -650,7 +755,10 @@ def test_cli_input_mistakes_end_in_one_error_line(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1] == f"error: features file not found: {missing}"
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: features file not found: {missing}; features files (.h5 or .npz) come from "
+        "python -m dinov2.eval.extract_features"
+    )
     assert "Traceback" not in run.stderr
 
 
@@ -734,3 +842,26 @@ def test_an_output_dir_that_is_a_file_is_one_error_before_any_work(
     with pytest.raises(SystemExit):
         run_cli(lambda: main(["--features", str(tmp_path / "absent.h5"), "--output-dir", str(taken)]))
     assert capsys.readouterr().err == f"error: --output-dir {taken} is a file; name a folder for the results\n"
+
+
+@pytest.mark.parametrize("module", ["knn", "linear", "mil", "checkpoints"])
+def test_a_failed_command_leaves_no_output_folder(tmp_path: Path, module: str) -> None:
+    """The output folder appears with the first file written: a command that fails before leaves none."""
+    from dinov2.eval import checkpoints
+    from dinov2.eval.mil import __main__ as mil_cli
+
+    out = tmp_path / "new" / "out"
+    if module == "checkpoints":
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            checkpoints.main(["--run-dir", str(tmp_path / "demoo"), "--data", str(tmp_path), "--output-dir", str(out)])
+    else:
+        main = {"knn": knn.main, "linear": linear.main, "mil": mil_cli.main}[module]
+        with pytest.raises(FileNotFoundError, match="features file not found"):
+            main(["--features", str(tmp_path / "absent.h5"), "--output-dir", str(out)])
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_output_dir_below_a_file_is_one_error_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"--output-dir .*taken/out: cannot create the folder \(.*taken is a file"):
+        knn.main(["--features", str(tmp_path / "absent.h5"), "--output-dir", str(tmp_path / "taken" / "out")])

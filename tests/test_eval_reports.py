@@ -306,6 +306,14 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
 
 
 
+def test_checkpoints_names_a_run_dir_that_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"^--run-dir .*demoo does not exist; name a training run's output"):
+        checkpoints.find_checkpoints(tmp_path / "demoo")
+    (tmp_path / "run.pth").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match=r"^--run-dir .*run\.pth is a file; name a training run's output"):
+        checkpoints.find_checkpoints(tmp_path / "run.pth")
+
+
 @pytest.mark.parametrize(("option", "message"), [
     (["--k", "0"], r"--k 0: k must lie in \[1, \d+\]"),
     (["--n-splits", "1"], "n_splits must be at least 2"),

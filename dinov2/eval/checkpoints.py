@@ -34,6 +34,10 @@ METHODS = ("knn", "logreg")
 
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """``(steps completed, path)`` of every ``eval/training_<iter|init>/teacher_checkpoint.pth``, in order."""
+    if not Path(run_dir).exists():
+        raise FileNotFoundError(f"--run-dir {run_dir} does not exist; name a training run's output folder")
+    if not Path(run_dir).is_dir():
+        raise NotADirectoryError(f"--run-dir {run_dir} is a file; name a training run's output folder")
     eval_dir = Path(run_dir) / "eval"
     found = []
     if eval_dir.is_dir():

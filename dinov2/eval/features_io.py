@@ -24,6 +24,7 @@ from dinov2.files import atomic_write
 ARRAY_NAMES = ("features", "labels", "paths")
 _RESERVED = (*ARRAY_NAMES, "class_names")
 _SUFFIXES = (".h5", ".hdf5", ".npz")
+_MADE_BY = "features files (.h5 or .npz) come from python -m dinov2.eval.extract_features"
 
 
 @dataclass
@@ -40,10 +41,12 @@ class FeatureSet:
         return int(self.features.shape[0])
 
 
-def _check_suffix(path: Path) -> str:
+def _check_suffix(path: Path, hint: bool = False) -> str:
+    """The format (suffix) of a features file; ``hint``: an error also says where features files come from."""
     suffix = path.suffix.lower()
     if suffix not in _SUFFIXES:
-        raise ValueError(f"{path}: unsupported features file type {suffix!r}; use one of {', '.join(_SUFFIXES)}")
+        raise ValueError(f"{path}: unsupported features file type {suffix!r}; use one of {', '.join(_SUFFIXES)}"
+                         + ("; features files come from python -m dinov2.eval.extract_features" if hint else ""))
     return suffix
 
 
@@ -146,9 +149,11 @@ def save_features(
 def load_features(path: str | os.PathLike[str]) -> FeatureSet:
     """Read a features file written by `save_features` (or any file with the same layout)."""
     path = Path(path)
-    suffix = _check_suffix(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"features file not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a features file; {_MADE_BY}")
+    if not path.exists():
+        raise FileNotFoundError(f"features file not found: {path}; {_MADE_BY}")
+    suffix = _check_suffix(path, hint=True)
     if suffix == ".npz":
         # np.load falls back to pickle for anything that is not a zip or .npy: check the format first.
         if not zipfile.is_zipfile(path):

@@ -2,7 +2,7 @@
 
 DinoBloom scored frozen features with ``StratifiedKFold(n_splits=5)`` over one labelled set; we shuffle its folds
 with a seed (see :func:`stratified_folds` for why); ``--test-features`` instead trains on one file and tests on
-another.
+another (``--shared-classes``: on the classes both files hold only, see :func:`keep_shared_classes`).
 Per-fold accuracy, balanced accuracy and weighted F1 are summarised as mean and
 population standard deviation (ddof=0); per-class scores and the confusion matrix are
 pooled over the out-of-fold predictions (every sample is tested exactly once).
@@ -77,6 +77,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+#: How many paths an error message names before "and N more".
+_SHOWN_PATHS = 5
+
+
 def check_labelled(feature_set: FeatureSet, path: str | Path) -> None:
     """Raise if the set is empty, has no class names, repeats an image, or holds unlabelled (-1) samples."""
     labels = np.asarray(feature_set.labels)
@@ -95,10 +99,12 @@ def check_labelled(feature_set: FeatureSet, path: str | Path) -> None:
                 f"{path}: image {image} is in rows {first} and {row}; a repeated image is tested on its own copy in "
                 "cross-validation (or counted twice in a test set): extract from a list that names each image once"
             )
-    unlabelled = int((labels < 0).sum())
-    if unlabelled:
+    unlabelled = np.flatnonzero(labels < 0)
+    if unlabelled.size:
+        shown = ", ".join(feature_set.paths[row] for row in unlabelled[:_SHOWN_PATHS])
+        more = f" and {unlabelled.size - _SHOWN_PATHS} more" if unlabelled.size > _SHOWN_PATHS else ""
         raise ValueError(
-            f"{path}: {unlabelled} of {labels.size} samples are unlabelled (label -1); "
+            f"{path}: {unlabelled.size} of {labels.size} samples are unlabelled (label -1): {shown}{more}; "
             "evaluation needs labelled features, extracted from a <class>/<image> folder or a CSV with path and "
             "label columns"
         )
@@ -153,7 +159,10 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
             )
     unknown = sorted(set(test_set.class_names) - set(train_set.class_names))
     if unknown:
-        raise ValueError(f"{test_path}: classes {unknown} do not occur in {train_path} ({train_set.class_names})")
+        raise ValueError(
+            f"{test_path}: classes {unknown} do not occur in {train_path} ({train_set.class_names}); "
+            "--shared-classes scores only the classes both files hold"
+        )
     n_shared = _shared_images(train_set, test_set)
     if n_shared:
         logger.warning(
@@ -162,6 +171,52 @@ def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str 
         )
     mapping = np.array([train_set.class_names.index(name) for name in test_set.class_names], dtype=np.int64)
     return mapping[np.asarray(test_set.labels, dtype=np.int64)]
+
+
+def subset_classes(feature_set: FeatureSet, class_names: Sequence[str]) -> FeatureSet:
+    """The samples of ``feature_set`` whose class is one of ``class_names`` (by name), relabelled in that order."""
+    new_label = np.array([class_names.index(name) if name in class_names else -1 for name in feature_set.class_names],
+                         dtype=np.int64)  # fmt: skip
+    labels = new_label[np.asarray(feature_set.labels, dtype=np.int64)]
+    keep = np.flatnonzero(labels >= 0)
+    return FeatureSet(feature_set.features[keep], labels[keep], [feature_set.paths[i] for i in keep],
+                      list(class_names), dict(feature_set.meta))  # fmt: skip
+
+
+def keep_shared_classes(
+    train_set: FeatureSet, test_set: FeatureSet, train_path: str | Path, test_path: str | Path
+) -> tuple[FeatureSet, FeatureSet, dict[str, Any]]:
+    """``--shared-classes``: both sets reduced to the classes that have samples in both (matched by name, in the
+    training file's order), and what was kept and dropped, for the reports' ``meta``."""
+
+    def counts(feature_set: FeatureSet) -> dict[str, int]:
+        numbers = np.bincount(np.asarray(feature_set.labels, dtype=np.int64), minlength=len(feature_set.class_names))
+        return {name: int(n) for name, n in zip(feature_set.class_names, numbers) if n}
+
+    train_counts, test_counts = counts(train_set), counts(test_set)
+    kept = [name for name in train_counts if name in test_counts]
+    if not kept:
+        raise ValueError(
+            f"--shared-classes: {train_path} ({sorted(train_counts)}) and {test_path} ({sorted(test_counts)}) "
+            "have no class in common"
+        )
+    dropped_train = {name: n for name, n in train_counts.items() if name not in test_counts}
+    dropped_test = {name: n for name, n in test_counts.items() if name not in train_counts}
+    for path, dropped, total in ((train_path, dropped_train, len(train_set)), (test_path, dropped_test, len(test_set))):
+        if dropped:
+            logger.warning(
+                "--shared-classes: dropped %d of %d samples of %s, of the classes %s lacks: %s",
+                sum(dropped.values()), total, path, test_path if path == train_path else train_path,
+                ", ".join(f"{name} ({n})" for name, n in dropped.items()),
+            )
+    logger.info("--shared-classes: scoring the %d classes %s and %s share: %s", len(kept), train_path, test_path,
+                ", ".join(kept))  # fmt: skip
+    summary = {
+        "kept": kept,
+        "dropped_from_features": dropped_train,
+        "dropped_from_test_features": dropped_test,
+    }
+    return subset_classes(train_set, kept), subset_classes(test_set, kept), summary
 
 
 def path_groups(paths: Sequence[str], pattern: str) -> np.ndarray:
@@ -399,6 +454,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of option values (keys = option names); flags override it")
     parser.add_argument("--features", required=True, help="features file (.h5/.npz) from dinov2.eval.extract_features")
     parser.add_argument("--test-features", help="evaluate on this file instead of cross-validating --features")
+    parser.add_argument("--shared-classes", action="store_true",
+                        help="with --test-features: train and test on only the classes both files hold (by name), "
+                        "dropping the others' samples from each side (default: every test class must be a training "
+                        "class)")
     parser.add_argument("--output-dir", required=True, help="folder for results.json, results.md and figures")
     add_fold_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
@@ -488,8 +547,10 @@ def build_meta(
     test_set: FeatureSet | None,
     n_evaluated: int,
     settings: dict[str, Any],
+    shared_classes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``meta`` block of results.json: inputs, protocol and settings."""
+    """The ``meta`` block of results.json: inputs, protocol and settings (``shared_classes``: what
+    :func:`keep_shared_classes` kept and dropped, None without ``--shared-classes``)."""
     fixed = test_set is not None
     return {
         **features_meta(args.features, train_set),
@@ -498,6 +559,7 @@ def build_meta(
         "n_samples": int(train_set.labels.size),
         "n_test_samples": int(n_evaluated) if fixed else None,
         "classes": list(train_set.class_names),
+        "shared_classes": shared_classes,
         "protocol": "train_test" if fixed else "stratified_kfold",
         **(dict.fromkeys(fold_meta(args)) if fixed else fold_meta(args)),  # (one split: no folds)
         "std": "0 by construction (one train/test split has no spread over folds)" if fixed else STD_OVER_FOLDS,
@@ -513,17 +575,23 @@ def run_cli_protocol(args: argparse.Namespace, predict: Predictor, settings: dic
     from dinov2.eval import reports
 
     reports.prepare_output_dir(args.output_dir)
+    if args.shared_classes and not args.test_features:
+        raise ValueError("--shared-classes compares the classes of --features and --test-features; "
+                         "it needs --test-features")
     train_set = load_features(args.features)
     check_labelled(train_set, args.features)
-    train_x = np.ascontiguousarray(train_set.features)
-    train_y = np.asarray(train_set.labels, dtype=np.int64)
     test_set = None
     test_x = test_y = None
+    shared = None
     if args.test_features:
         test_set = load_features(args.test_features)
         check_labelled(test_set, args.test_features)
+        if args.shared_classes:
+            train_set, test_set, shared = keep_shared_classes(train_set, test_set, args.features, args.test_features)
         test_y = align_test_set(train_set, test_set, args.features, args.test_features)
         test_x = np.ascontiguousarray(test_set.features)
+    train_x = np.ascontiguousarray(train_set.features)
+    train_y = np.asarray(train_set.labels, dtype=np.int64)
     logger.info("evaluating %s: %d samples, %d classes", args.features, train_y.size, len(train_set.class_names))
     groups = None
     if args.group_by is not None:
@@ -541,7 +609,7 @@ def run_cli_protocol(args: argparse.Namespace, predict: Predictor, settings: dic
     evaluated = test_set if test_set is not None else train_set
     evaluated_y = test_y if test_y is not None else train_y
     results = {
-        "meta": build_meta(args, train_set, test_set, evaluated_y.size, settings),
+        "meta": build_meta(args, train_set, test_set, evaluated_y.size, settings, shared),
         **output.results,
     }
     reports.write_report(

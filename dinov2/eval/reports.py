@@ -97,6 +97,14 @@ def markdown_summary(results: Mapping[str, Any]) -> str:
         lines.append("- settings: " + ", ".join(f"{key} `{value}`" for key, value in settings.items()))
     if meta.get("classes"):
         lines.append(f"- classes: {', '.join(meta['classes'])}")
+    shared = meta.get("shared_classes")
+    if shared:  # --shared-classes: the scores are of the classes both files hold only
+        lines.append(f"- shared classes (`--shared-classes`): trained and tested on the {len(shared['kept'])} classes "
+                     "both features files hold")
+        for key, side in (("dropped_from_features", "features"), ("dropped_from_test_features", "test features")):
+            dropped = shared.get(key) or {}
+            listed = ", ".join(f"{name} ({n})" for name, n in dropped.items()) if dropped else "none"
+            lines.append(f"  - dropped from the {side}: {listed}")
     if meta.get("std"):  # not "± is the ...": meta["std"] describes a spread over folds, but is a value for one split
         lines.append(f"- ±: {meta['std']}")
     lines += ["", "| method | " + " | ".join(_METRIC_TITLES[c] for c in columns) + " |"]
@@ -250,16 +258,18 @@ def write_predictions_csv(
 
 
 def prepare_output_dir(path: str | Path) -> Path:
-    """Create the output folder ``path`` (with its parents), or raise one clear ValueError before any work is done."""
+    """Check that the output folder ``path`` can be created or written in, or raise one clear ValueError before any
+    work is done. The folder is not created here: the writers create it with the first file, so a command that fails
+    leaves no empty folder behind."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--output-dir {path} is a file; name a folder for the results")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--output-dir {path}: cannot create the folder ({err.strerror or err})") from err
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"--output-dir {path}: no permission to write in it")
+    existing = next(parent for parent in (path, *path.absolute().parents) if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output-dir {path}: cannot create the folder ({existing} is a file, not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "in it" if existing == path else f"in {existing}"
+        raise ValueError(f"--output-dir {path}: no permission to write {where}")
     return path
 
 
