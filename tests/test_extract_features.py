@@ -459,6 +459,105 @@ def test_symlinked_class_folders_are_followed_once(tmp_path: Path, caplog: pytes
     assert f"skipping {root / 'neutrophil' / 'gone.png'}: a link to {tmp_path / 'moved_away.png'}" in caplog.text
 
 
+def test_images_beside_class_folders_are_named_and_kept_unlabelled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stray image at the root of a labelled folder is named (the first five) and kept with label -1; a folder of
+    images only is an unlabelled set, and says nothing."""
+    root = tmp_path / "cells"
+    _image(root / "neutrophil" / "a.png", 0)
+    for i in range(7):
+        _image(root / f"stray_{i}.png", i + 1)
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.extract_features"):
+        images = ef.list_images(root)
+    assert images.labels == [0] + [-1] * 7 and images.class_names == ["neutrophil"]
+    assert (f"{root}: 7 image(s) lie directly in the folder, beside its class folders: stray_0.png, stray_1.png, "
+            "stray_2.png, stray_3.png, stray_4.png and 2 more; they have no class and are kept unlabelled (label -1)"
+            ) in caplog.text  # fmt: skip
+    caplog.clear()
+    shutil.rmtree(root / "neutrophil")
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.extract_features"):
+        assert ef.list_images(root).labels == [-1] * 7
+    assert caplog.text == ""
+
+
+def test_a_list_whose_paths_all_miss_is_refused_before_the_model_is_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_weights: tuple[Path, DinoVisionTransformer]
+) -> None:
+    """Paths written relative to the working folder, which a list's are not: one error naming the first path looked
+    up and where relative paths are read from, before any model is loaded; --root reads them from elsewhere."""
+    for i in range(50):
+        _image(tmp_path / "cells" / "blast" / f"{i}.png", i, size=(14, 14))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "cells.csv").write_text("path,label\n" + "".join(f"cells/blast/{i}.png,blast\n" for i in range(50)))
+    (lists / "cells.txt").write_text("".join(f"cells/blast/{i}.png\n" for i in range(50)))
+    loaded: list[object] = []
+    monkeypatch.setattr(ef, "load_backbone", lambda name, weights: loaded.append(weights))
+    monkeypatch.chdir(tmp_path)  # where the paths would be right
+    for name in ("cells.csv", "cells.txt"):
+        expected = (f"{lists / name}: none of the 20 images looked up exists, e.g. {lists / 'cells/blast/0.png'} "
+                    f"(a relative path is read from the list's folder, {lists}; --root names another)")  # fmt: skip
+        with pytest.raises(DatasetError, match=re.escape(expected)):
+            ef.extract_features(lists / name, tmp_path / "f.npz", weights="w.pth", img_size=IMG, device="cpu")
+        elsewhere = tmp_path / "cells"
+        with pytest.raises(DatasetError, match=re.escape(f"(a relative path is read from --root {elsewhere})")):
+            listed = ef.list_images(lists / name, root=elsewhere, root_setting="--root")
+            ef.check_list_paths(lists / name, listed, root_setting="--root")
+    assert loaded == []
+    monkeypatch.undo()
+    (lists / "cells.csv").write_text("path,label\n" + "".join(f"cells/blast/{i}.png,blast\n" for i in range(50))
+                                     + "cells/blast/gone.png,blast\n")  # one missing image: skipped later
+    result = ef.main(["--weights", str(tiny_weights[0]), "--data", str(lists / "cells.csv"), "--root", str(tmp_path),
+                      "--output", str(tmp_path / "f.npz"), "--img-size", str(IMG), "--num-workers", "0",
+                      "--device", "cpu"])  # fmt: skip
+    assert len(result) == 50 and result.meta["n_skipped"] == 1 and result.meta["root"] == str(tmp_path.resolve())
+
+
+def test_csv_columns_and_root_read_a_manifest(
+    tmp_path: Path, tiny_weights: tuple[Path, DinoVisionTransformer]
+) -> None:
+    """A manifest's columns (file,label,...) named with --csv-columns, its paths read from --root."""
+    data = tmp_path / "data"
+    _image(data / "dev" / "basophil" / "a.jpg", 0)
+    _image(data / "dev" / "neutrophil" / "b.jpg", 1)
+    manifest = data / "manifests" / "dev.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("file,label,width\ndev/basophil/a.jpg,basophil,40\ndev/neutrophil/b.jpg,neutrophil,40\n")
+    common = ["--weights", str(tiny_weights[0]), "--data", str(manifest), "--img-size", str(IMG),
+              "--num-workers", "0", "--device", "cpu"]  # fmt: skip
+    result = ef.main([*common, "--csv-columns", "file,label", "--root", str(data), "--output", str(tmp_path / "f.h5")])
+    assert result.paths == ["dev/basophil/a.jpg", "dev/neutrophil/b.jpg"] and result.labels.tolist() == [0, 1]
+    assert result.class_names == ["basophil", "neutrophil"] and result.meta["root"] == str(data.resolve())
+    unlabelled = ef.list_images(manifest, columns=("file", None), root=data)
+    assert unlabelled.labels == [-1, -1] and unlabelled.class_names == []
+    with pytest.raises(DatasetError, match=r"needs a 'path' column \(found \['file', 'label', 'width'\]\); name its "
+                                           r"path and label columns with --csv-columns, e.g. --csv-columns file,label"):
+        ef.list_images(manifest, root=data)
+    with pytest.raises(DatasetError, match="needs a 'class' column"):
+        ef.list_images(manifest, columns=("file", "class"), root=data)
+    with pytest.raises(DatasetError, match="--csv-columns applies to a .csv list"):
+        ef.list_images(data / "dev", columns=("file", "label"))
+    with pytest.raises(DatasetError, match="--root applies to a .txt or .csv list"):
+        ef.list_images(data / "dev", root=data, root_setting="--root")
+    with pytest.raises(SystemExit):
+        ef.main([*common, "--csv-columns", "file,label,width", "--output", str(tmp_path / "g.h5")])
+
+
+def test_the_real_dev_manifest_with_csv_columns_and_root(
+    shared_data_dir: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path
+) -> None:
+    """The first rows of manifests/dev.csv, as it is (file,label,... relative to the data folder)."""
+    lines = (shared_data_dir / "manifests" / "dev.csv").read_text().splitlines()
+    manifest = tmp_path / "dev.csv"
+    manifest.write_text("\n".join(lines[:5]) + "\n")
+    result = ef.main(["--weights", str(tiny_weights[0]), "--data", str(manifest), "--csv-columns", "file,label",
+                      "--root", str(shared_data_dir), "--output", str(tmp_path / "f.h5"), "--num-workers", "0",
+                      "--device", "cpu"])  # fmt: skip
+    assert len(result) == 4 and result.meta["n_skipped"] == 0 and result.paths[0] == lines[1].split(",")[0]
+    assert result.class_names == sorted({line.split(",")[1] for line in lines[1:5]})
+
+
 def test_csv_list_repeating_an_image_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two copies of one image would land in different folds and test each other: the list is refused, by line."""
     csv_path = tmp_path / "cells.csv"
@@ -564,6 +663,20 @@ def test_output_suffix_is_checked_before_any_work(monkeypatch: pytest.MonkeyPatc
     assert loaded == []
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc takes no files on Linux, even for root")
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, image_folder: Path
+) -> None:
+    """A folder that cannot be created, or one that takes no files, though permissions (or root) would allow it."""
+    loaded = []
+    monkeypatch.setattr(ef, "load_backbone", lambda name, weights: loaded.append(weights))
+    with pytest.raises(ValueError, match=r"cannot write /proc/x\.h5: /proc takes no new files"):
+        ef.extract_features(image_folder, "/proc/x.h5", weights="w.pth", img_size=IMG, device="cpu")
+    with pytest.raises(ValueError, match=r"cannot write /proc/no_such/x\.h5: its folder /proc/no_such cannot be made"):
+        ef.extract_features(image_folder, "/proc/no_such/x.h5", weights="w.pth", img_size=IMG, device="cpu")
+    assert loaded == []
+
+
 def test_hub_name_without_weights_fetches_the_release(monkeypatch: pytest.MonkeyPatch, image_folder: Path) -> None:
     requested = []
 
@@ -654,7 +767,8 @@ def test_unavailable_device_is_a_clear_error(image_folder: Path, tiny_weights: t
 def test_a_training_export_is_embedded_at_the_size_its_run_trained_at(
     image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path
 ) -> None:
-    """Without --img-size, a run's teacher_checkpoint.pth gets its run's crops.global_crops_size; other files 224."""
+    """Without --img-size, a run's teacher_checkpoint.pth gets its run's crops.global_crops_size; a DINOv2 hub file
+    (a plain state dict) and a release file (16x16 grid) 224, also when it lies in a run's folder."""
     from omegaconf import OmegaConf
 
     from dinov2.configs import load_config
@@ -670,15 +784,74 @@ def test_a_training_export_is_embedded_at_the_size_its_run_trained_at(
     common = ["--data", str(image_folder), "--num-workers", "0", "--device", "cpu"]
     from_run = ef.main(["--weights", str(export), "--output", str(tmp_path / "run.h5"), *common])
     assert from_run.meta["img_size"] == IMG != 224
-    assert ef.main(["--weights", str(tiny_weights[0]), "--output", str(tmp_path / "a.h5"), *common]).meta["img_size"] == 224
+    hub_layout = tmp_path / "plain.pth"  # DINOv2's hub layout, whatever its grid: DinoBloom's 224
+    torch.save(tiny_weights[1].state_dict(), hub_layout)
+    assert ef.main(["--weights", str(hub_layout), "--output", str(tmp_path / "a.h5"), *common]).meta["img_size"] == 224
     told = ef.main(["--weights", str(export), "--output", str(tmp_path / "b.h5"), "--img-size", "42", *common])
     assert told.meta["img_size"] == 42
     release_in_run = run / "DinoBloom-S.pth"  # a file placed in a run's folder is not one of its exports
-    release_in_run.write_bytes(tiny_weights[0].read_bytes())
+    torch.manual_seed(0)
+    release = DinoVisionTransformer(img_size=224, embed_dim=64, depth=1, num_heads=1, init_values=1.0)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in release.state_dict().items()}}, release_in_run)
     in_run = ef.main(["--weights", str(release_in_run), "--output", str(tmp_path / "c.h5"), *common])
     assert in_run.meta["img_size"] == 224
     with pytest.raises(SystemExit):  # 0 is not a size (and must not mean "the default")
         ef.main(["--weights", str(export), "--output", str(tmp_path / "d.h5"), "--img-size", "0", *common])
+
+
+def test_a_training_export_copied_out_of_its_run_is_embedded_at_the_size_its_grid_implies(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A teacher_checkpoint.pth without its run's config.yaml: its 2x2 grid of 14 px patches says 28 px, with an INFO
+    line; the features are those of the export inside its run. --img-size still wins."""
+    from omegaconf import OmegaConf
+
+    from dinov2.configs import load_config
+
+    run = tmp_path / "run"
+    export = run / "eval" / "training_9" / "teacher_checkpoint.pth"
+    export.parent.mkdir(parents=True)
+    export.write_bytes(tiny_weights[0].read_bytes())
+    OmegaConf.save(load_config(Path(__file__).resolve().parents[1] / "dinov2/configs/train/demo.yaml",
+                               [f"crops.global_crops_size={IMG}"]), run / "config.yaml")  # fmt: skip
+    common = ["--data", str(image_folder), "--num-workers", "0", "--device", "cpu"]
+    from_run = ef.main(["--weights", str(export), "--output", str(tmp_path / "run.h5"), *common])
+    copied = tmp_path / "copied" / "teacher_checkpoint.pth"
+    copied.parent.mkdir()
+    shutil.copy(export, copied)
+    with caplog.at_level(logging.INFO, logger="dinov2.eval.extract_features"):
+        from_copy = ef.main(["--weights", str(copied), "--output", str(tmp_path / "copy.h5"), *common])
+    assert from_copy.meta["img_size"] == IMG
+    assert f"resized to {IMG} px, the size that the 2x2 position-embedding grid of {copied} implies" in caplog.text
+    np.testing.assert_array_equal(from_copy.features, from_run.features)
+    told = ef.main(["--weights", str(copied), "--output", str(tmp_path / "told.h5"), "--img-size", "42", *common])
+    assert told.meta["img_size"] == 42
+
+
+def test_pca_embeds_a_copied_training_export_at_the_size_its_grid_implies(
+    tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pca takes the same default size as extract_features (here the export's 2x2 grid: 28 px), and refuses an
+    output it cannot write before loading any model."""
+    from dinov2.eval import pca
+
+    sizes: list[tuple[int, ...]] = []
+    tokens_of = pca.patch_tokens_of
+    monkeypatch.setattr(pca, "patch_tokens_of", lambda model, images: sizes.append(tuple(images.shape)) or
+                        tokens_of(model, images))  # fmt: skip
+    monkeypatch.setattr(pca, "save_figure", lambda images, rgb, titles, path: Path(path))
+    _image(tmp_path / "a.png", 0)
+    copied = tmp_path / "copied" / "teacher_checkpoint.pth"
+    copied.parent.mkdir()
+    shutil.copy(tiny_weights[0], copied)
+    args = ["--weights", str(copied), "--image", str(tmp_path / "a.png"), "--device", "cpu"]
+    pca.main([*args, "--output", str(tmp_path / "pca.png")])
+    assert sizes == [(1, 3, IMG, IMG)]
+    if sys.platform == "linux":
+        with pytest.raises(ValueError, match=r"cannot write /proc/pca\.png: /proc takes no new files"):
+            pca.main([*args, "--output", "/proc/pca.png"])
+        assert len(sizes) == 1
 
 
 def test_a_named_model_for_a_run_trained_at_another_size_is_warned_about(

@@ -397,6 +397,48 @@ def test_dinobloom_entries_resize_a_dinov2_file_to_224(tmp_path: Path, monkeypat
         load_backbone(None, pretrained=True)
 
 
+def test_the_default_image_size_of_each_kind_of_weights_file(tmp_path: Path) -> None:
+    """Without a size asked for: a run's export gets its run's size; a file in the release layout (a training export
+    copied out of its run) the size its position-embedding grid implies, unless that is DinoBloom's 16x16; DINOv2
+    hub files, other layouts, URLs and no weights DinoBloom's 224."""
+    from safetensors.torch import save_file
+
+    from dinov2.configs import TRAIN_CONFIG_DIR, load_config, write_config
+    from dinov2.hub.backbones import default_image_size
+
+    at_112 = tiny_model(img_size=112)  # an 8x8 grid of 14 px patches, as the demo run trains
+    run = tmp_path / "run"
+    write_config(load_config(TRAIN_CONFIG_DIR / "demo.yaml", ["crops.global_crops_size=98"]), run)
+    export = run / "eval" / "training_9" / "teacher_checkpoint.pth"
+    export.parent.mkdir(parents=True)
+    torch.save(teacher_checkpoint(at_112), export)
+    assert default_image_size(export)[0] == 98  # the run's config says, whatever the grid
+    assert "crops.global_crops_size" in default_image_size(export)[1]
+
+    copied = tmp_path / "copied" / "teacher_checkpoint.pth"
+    copied.parent.mkdir()
+    shutil.copy(export, copied)
+    size, why = default_image_size(copied)
+    assert size == 112 and "8x8 position-embedding grid" in why and str(copied) in why
+    legacy = tmp_path / "legacy.pth"  # an old torch.save file, which cannot be memory-mapped
+    torch.save(teacher_checkpoint(at_112), legacy, _use_new_zipfile_serialization=False)
+    assert default_image_size(legacy)[0] == 112
+    patch_16 = tmp_path / "patch16.pth"  # the grid times the file's own patch size
+    torch.save(teacher_checkpoint(tiny_model(img_size=96, patch_size=16)), patch_16)
+    assert default_image_size(patch_16)[0] == 96
+
+    at_224 = tmp_path / "DinoBloom-S.pth"  # a release file: 16x16
+    torch.save(teacher_checkpoint(tiny_model(img_size=224)), at_224)
+    hub = tmp_path / "dinov2_vits14_pretrain.pth"  # DINOv2's hub layout, a plain state dict: DinoBloom's 224
+    torch.save(tiny_model(img_size=518).state_dict(), hub)
+    plain_112 = tmp_path / "plain.pth"
+    torch.save(at_112.state_dict(), plain_112)
+    tensors = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in at_112.state_dict().items()}, str(tensors))
+    for weights in (at_224, hub, plain_112, tensors, "https://example.org/teacher_checkpoint.pth", None):
+        assert default_image_size(weights) == (224, None), weights
+
+
 def test_an_unknown_width_warns_that_the_head_count_is_a_guess(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -7,13 +7,23 @@
 
 * a folder, searched recursively; the first folder level is the label (`<class>/.../<image>`), deeper
   levels are kept in the stored relative paths (e.g. `<label>/<patient>/<cell>.jpg`); images directly in
-  the folder are unlabelled (-1); hidden files and folders (".name") are skipped; symlinked folders are
+  the folder are unlabelled (-1), with a warning naming them when the folder also has class folders (the
+  probes refuse unlabelled images); hidden files and folders (".name") are skipped; symlinked folders are
   followed, each real folder once;
-* a `.txt` file with one image path per line (relative to the file's folder, or absolute; `#` comments), read
-  by the rules of the training lists: unlabelled;
+* a `.txt` file with one image path per line (relative to the file's folder, or to `--root`, or absolute; `#`
+  comments), read by the rules of the training lists: unlabelled;
 * a `.csv` file with a `path` column (image paths as in a `.txt` list, `~` expanded) and an optional `label`
-  column (class names; empty = unlabelled). An image listed twice is an error: its copies would test each other
-  in cross-validation.
+  column (class names; empty = unlabelled); `--csv-columns file,label` names other columns. An image listed twice
+  is an error: its copies would test each other in cross-validation.
+
+A list none of whose (about 20, evenly spaced) images looked up exists is an error before the model is loaded;
+single missing images are skipped and counted like unreadable ones. The `--output` folder is created and tried
+with a temporary file before any work too.
+
+Without `--img-size`, images are resized to the size the weights were trained at where the file tells it (a
+training run's `teacher_checkpoint.pth`: its run's `crops.global_crops_size`, or, copied out of its run, the size
+its position-embedding grid implies, grid x patch size), else to DinoBloom's 224 (released DinoBloom files, DINOv2
+hub files, other layouts).
 
 Preprocessing is DinoBloom's: Resize((img_size, img_size)) bilinear with antialias (`--resize pil-bicubic`:
 PIL's bicubic resize, as DinoBloom's cross-validation probes), ToTensor, ImageNet normalisation. The stored
@@ -37,6 +47,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,7 +64,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dinov2.data.datasets import IMAGE_EXTENSIONS, DatasetError, check_image_path, find_images, read_list_entries
+from dinov2.data.datasets import (
+    IMAGE_EXTENSIONS,
+    LIST_SPOT_CHECKS,
+    DatasetError,
+    check_image_path,
+    find_images,
+    read_list_entries,
+)
 from dinov2.data.loaders import init_worker
 from dinov2.data.transforms import EVAL_RESIZES, IMAGE_LOAD_ERRORS, load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, check_names_storable, check_writable, save_features
@@ -61,7 +79,7 @@ from dinov2.eval.partial_features import PartialFeatures, image_list_digest
 from dinov2.cli import non_negative_int, positive_int, run_cli
 from dinov2.eval.protocol import resolve_device
 from dinov2.hub import RELEASE_URLS, load_backbone
-from dinov2.hub.backbones import run_image_size
+from dinov2.hub.backbones import default_image_size
 from dinov2.logs import setup_logging
 from dinov2.models import arch_of_width
 from dinov2.parallel import check_compile_toolchain
@@ -89,24 +107,43 @@ def _labelled(root: Path, paths: list[str], names: list[str | None]) -> ImageLis
     return ImageList(root, paths, [index[n] if n else -1 for n in names], class_names)
 
 
-def _read_list(data: Path) -> ImageList:
-    """The images of a `.txt` (unlabelled) or `.csv` (`path`, optional `label`) list."""
+#: The CSV columns of the image path and the label when `--csv-columns` names none.
+CSV_COLUMNS = ("path", "label")
+
+
+def csv_columns(text: str) -> tuple[str, str | None]:
+    """``--csv-columns``: the CSV's names of the path column and, optionally, the label column (``file,label``)."""
+    names = [name.strip() for name in text.split(",")]
+    if len(names) not in (1, 2) or not all(names):
+        raise argparse.ArgumentTypeError(f"expected PATH or PATH,LABEL column names, e.g. file,label; got {text!r}")
+    return names[0], names[1] if len(names) == 2 else None
+
+
+def _read_list(data: Path, root: Path, columns: tuple[str, str | None] | None) -> ImageList:
+    """The images of a `.txt` (unlabelled) or `.csv` list (`columns`: the path and label column names; None: `path`
+    and, if there is one, `label`), relative paths taken from `root`."""
     if data.suffix.lower() == ".txt":  # the training lists' format, read by the same rules
         paths = read_list_entries(data)
-        return ImageList(data.parent, paths, [-1] * len(paths), [])
+        return ImageList(root, paths, [-1] * len(paths), [])
+    path_column, label_column = columns or CSV_COLUMNS
     paths: list[str] = []
     labels: list[str | None] = []
     first_line: dict[str, int] = {}  # normalised path -> the line that listed it
     with data.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise DatasetError(f"{data}: a CSV image list needs a 'path' column (found {reader.fieldnames})")
+        found = reader.fieldnames or []
+        missing = [c for c in (path_column, label_column if columns else None) if c is not None and c not in found]
+        if missing:
+            raise DatasetError(
+                f"{data}: a CSV image list needs a {missing[0]!r} column (found {reader.fieldnames}); name its path "
+                "and label columns with --csv-columns, e.g. --csv-columns file,label"
+            )
         for row in reader:
-            path = (row.get("path") or "").strip()
+            path = (row.get(path_column) or "").strip()
             if not path:
                 continue
             check_image_path(path, f"{data}:{reader.line_num}")  # as in a .txt list
-            key = os.path.abspath(data.parent / os.path.expanduser(path))  # (an absolute path stays as it is)
+            key = os.path.abspath(root / os.path.expanduser(path))  # (an absolute path stays as it is)
             if key in first_line:  # cross-validation would test such an image on its own copy
                 raise DatasetError(
                     f"{data}:{reader.line_num}: {path} is listed again (first on line {first_line[key]}); list each "
@@ -114,23 +151,79 @@ def _read_list(data: Path) -> ImageList:
                 )
             first_line[key] = reader.line_num
             paths.append(os.path.expanduser(path))
-            labels.append((row.get("label") or "").strip() or None)
-    return _labelled(data.parent, paths, labels)
+            labels.append(((row.get(label_column) or "").strip() or None) if label_column else None)
+    return _labelled(root, paths, labels)
 
 
-def list_images(data: str | os.PathLike[str], setting: str = "--data") -> ImageList:
+def _warn_of_images_beside_classes(data: Path, rel: Sequence[Path]) -> None:
+    """Warn when a folder of class folders also holds images directly: they are unlabelled, which the probes
+    refuse. A folder of images only (no class folders) is an unlabelled set, and says nothing."""
+    loose = [r.as_posix() for r in rel if len(r.parts) == 1]
+    if not loose or len(loose) == len(rel):
+        return
+    more = f" and {len(loose) - 5} more" if len(loose) > 5 else ""
+    logger.warning(
+        "%s: %d image(s) lie directly in the folder, beside its class folders: %s%s; they have no class and are kept "
+        "unlabelled (label -1), which the kNN and linear probes refuse: move them into a class folder, or elsewhere",
+        data, len(loose), ", ".join(loose[:5]), more,
+    )
+
+
+def check_list_paths(data: str | os.PathLike[str], image_list: ImageList, root_setting: str | None = None) -> None:
+    """Refuse the list ``data`` (read into ``image_list``) when none of :data:`LIST_SPOT_CHECKS` evenly spaced images
+    of it exists (paths relative to another folder, or from another machine), before any model is loaded; single
+    missing images are skipped later. A folder is not checked. ``root_setting`` names the option that sets the
+    folder relative paths are read from, for the error message."""
+    data = Path(data).expanduser()
+    paths = image_list.paths
+    if data.is_dir() or not paths:
+        return
+    sample = paths[:: max(len(paths) // LIST_SPOT_CHECKS, 1)][:LIST_SPOT_CHECKS]
+    if any(os.path.isfile(image_list.root / path) for path in sample):
+        return
+    if image_list.root == data.parent:
+        where = f"the list's folder, {image_list.root}"
+        how = f"; {root_setting} names another" if root_setting else ""
+    else:
+        where, how = f"{root_setting or 'root'} {image_list.root}", ""
+    raise DatasetError(
+        f"{data}: none of the {len(sample)} images looked up exists, e.g. {image_list.root / sample[0]} (a relative "
+        f"path is read from {where}{how})"
+    )
+
+
+def list_images(
+    data: str | os.PathLike[str],
+    setting: str = "--data",
+    *,
+    root: str | os.PathLike[str] | None = None,
+    columns: tuple[str, str | None] | None = None,
+    root_setting: str | None = None,
+) -> ImageList:
     """Collect the images of a folder, `.txt` list or `.csv` list (see the module docstring for labels).
 
-    ``setting`` names where ``data`` came from in error messages (an option or a config key).
+    ``setting`` names where ``data`` came from in error messages (an option or a config key). For a list, ``root``
+    is the folder its relative paths are relative to (default: the list's folder; ``root_setting`` names the option
+    that sets it, for error messages) and ``columns`` the CSV's path and label column names (default: ``path`` and,
+    if there is one, ``label``). Whether the listed images exist is :func:`check_list_paths`'s to check.
     """
     data = Path(data).expanduser()
+    is_list = data.suffix.lower() in (".txt", ".csv") and data.is_file()
+    if root is not None and not is_list:
+        raise DatasetError(f"{root_setting or 'root'} applies to a .txt or .csv list, and {setting}={data} is none")
+    if columns is not None and not (is_list and data.suffix.lower() == ".csv"):
+        raise DatasetError(f"--csv-columns applies to a .csv list, and {setting}={data} is none")
     if data.is_dir():
         rel = sorted(Path(path).relative_to(data) for path in find_images(data))  # by folder, then name
         labels = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
         image_list = _labelled(data, [r.as_posix() for r in rel], labels)
-    elif data.suffix.lower() in (".txt", ".csv") and data.is_file():
+        _warn_of_images_beside_classes(data, rel)
+    elif is_list:
+        list_root = data.parent if root is None else Path(root).expanduser()
+        if not list_root.is_dir():
+            raise FileNotFoundError(f"{root_setting or 'root'} {list_root} is not a folder")
         try:
-            image_list = _read_list(data)
+            image_list = _read_list(data, list_root, columns)
         except UnicodeDecodeError as err:
             raise DatasetError(f"{data}: an image list must be UTF-8 text, not UTF-16 or a Windows code page ({err})")
     elif not data.exists():
@@ -379,12 +472,14 @@ def _load_backbone(
     return backbone, model or f"inferred:{arch_of_width(backbone.embed_dim) or 'vit'}", weights
 
 
-def _run_image_size(weights: str | os.PathLike[str] | None, model: object, backbone: nn.Module) -> int:
-    """The image size when none is given: the one the weights' training run trained at, else 224."""
-    trained_at = run_image_size(weights) if weights is not None else None
-    if trained_at is None:
-        return 224
-    logger.info("images resized to %d px, the size %s was trained at (--img-size to change)", trained_at, weights)
+def _default_image_size(weights: str | os.PathLike[str] | None, model: object, backbone: nn.Module) -> int:
+    """The image size when none is given (:func:`dinov2.hub.backbones.default_image_size`): the one the weights'
+    training run trained at, from its config.yaml or, for a training export outside its run, its position-embedding
+    grid; else 224."""
+    trained_at, why = default_image_size(weights)
+    if why is None:
+        return trained_at
+    logger.info("images resized to %d px, %s (--img-size to change)", trained_at, why)
     built_at = backbone.patch_embed.img_size[0]
     if model is not None and built_at != trained_at:
         logger.warning(
@@ -394,6 +489,23 @@ def _run_image_size(weights: str | os.PathLike[str] | None, model: object, backb
             trained_at,
         )
     return trained_at
+
+
+def check_output_folder(output: Path) -> None:
+    """Create the folder of ``output`` and write (then remove) a file there: ValueError, before any work, where
+    that fails (a folder that cannot be created, a read-only or special file system such as /proc)."""
+    folder = output.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = err.strerror or err
+        raise ValueError(f"cannot write {output}: its folder {folder} cannot be made ({reason})") from None
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{output.name}.", suffix=".probe")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"cannot write {output}: {folder} takes no new files ({err.strerror or err})") from None
 
 
 def _progress_settings(
@@ -435,28 +547,35 @@ def extract_features(
     precision: str = "fp32",
     resize: str = "bilinear",
     compile: bool = False,
+    root: str | os.PathLike[str] | None = None,
+    csv_columns: tuple[str, str | None] | None = None,
 ) -> FeatureSet:
     """Embed every image of `data` and return (and, with `output`, write) the feature set.
 
     `model` is a hub name (`dinobloom_s`, `dinov2_vitb14`, ...), a module, or None to infer the
     architecture from `weights`; for a hub name without `weights` the released weights are downloaded.
-    `img_size`: None means the size the weights' training run trained at (`crops.global_crops_size` of the
-    run's config.yaml, for a run's `teacher_checkpoint.pth`), else 224.
+    `img_size`: None means the size the weights were trained at where they tell it (a training run's
+    `teacher_checkpoint.pth`: `crops.global_crops_size` of the run's config.yaml or, away from its run, the size
+    its position-embedding grid implies; see :func:`dinov2.hub.backbones.default_image_size`), else 224.
     `resize`: "bilinear" or "pil-bicubic" (see :func:`dinov2.data.transforms.make_eval_transform`).
     `precision` ("fp32" or "bf16") and `compile`: see :func:`embed_images`.
+    `root`: the folder that the relative paths of a `.txt`/`.csv` list are relative to (default: the list's folder);
+    `csv_columns`: the CSV's path and (optional) label column names (default: `path` and, if present, `label`).
     """
-    if output is not None:
-        check_writable(Path(output))  # before the model is loaded (perhaps downloaded) and every image embedded
+    if output is not None:  # before the model is loaded (perhaps downloaded) and every image embedded
+        check_writable(Path(output))
+        check_output_folder(Path(output))
     device = resolve_device(str(device))
     if compile:
         check_compile_toolchain(device, "--compile")
-    image_list = list_images(data)
+    image_list = list_images(data, root=root, columns=csv_columns, root_setting="--root")
+    check_list_paths(data, image_list, root_setting="--root")
     if output is not None:
         others = [str(data)] + ([str(weights)] if weights is not None and not isinstance(model, nn.Module) else [])
         check_names_storable(Path(output), image_list.paths, image_list.root.resolve(), others)
     backbone, model_name, weights = _load_backbone(model, weights)
     if img_size is None:
-        img_size = _run_image_size(weights, model, backbone)
+        img_size = _default_image_size(weights, model, backbone)
     used_precision = precision if device.type in BF16_DEVICE_TYPES else "fp32"
     logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)
     weights_file = Path(weights).expanduser() if weights is not None and Path(weights).expanduser().is_file() else None
@@ -520,6 +639,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data", required=True, help="image folder (<label>/.../<image>), .txt list or .csv (path,label)"
     )
+    parser.add_argument(
+        "--csv-columns", type=csv_columns, default=None, metavar="PATH[,LABEL]",
+        help="the --data CSV's names of the path and label columns, e.g. file,label for a manifest (default: path "
+        "and, if there is one, label; a single name: unlabelled)",
+    )
+    parser.add_argument(
+        "--root", default=None,
+        help="folder that relative paths in a .txt or .csv --data list are relative to (default: the list's folder)",
+    )
     parser.add_argument("--output", required=True, help="features file to write (.h5 or .npz)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--num-workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
@@ -527,7 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--img-size", type=positive_int, default=None,
                         help="images are resized to this square size (default: for a training run's "
-                        "teacher_checkpoint.pth the size it trained at, crops.global_crops_size; else 224)")
+                        "teacher_checkpoint.pth the size it trained at: its run's crops.global_crops_size or, copied "
+                        "out of its run, the size its position-embedding grid implies; else 224)")
     parser.add_argument(
         "--resize", choices=EVAL_RESIZES, default="bilinear",
         help="bilinear (torchvision Resize, as DinoBloom's model-loading and fixed-split code; default) or pil-bicubic "
@@ -558,6 +687,8 @@ def main(argv: Sequence[str] | None = None) -> FeatureSet:
         precision=args.precision,
         resize=args.resize,
         compile=args.compile,
+        root=args.root,
+        csv_columns=args.csv_columns,
     )
     skipped = int(result.meta["n_skipped"])
     print(f"wrote {len(result)} features (dim {result.features.shape[1]}) to {args.output}; "

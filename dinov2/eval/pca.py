@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="figure to write: .png (added when there is no suffix), .pdf, .svg or .jpg")
     parser.add_argument("--img-size", type=positive_int, default=None,
                         help="input size (default: for a training run's teacher_checkpoint.pth the size it trained at, "
-                        "else 224: 16x16 patches)")
+                        "its run's crops.global_crops_size or, copied out of its run, the size its position-embedding "
+                        "grid implies; else 224: 16x16 patches)")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="background cut on the scaled first component (default 0.5)")
     parser.add_argument("--foreground", choices=FOREGROUND_MODES, default="auto",
@@ -142,20 +143,24 @@ def main(argv: list[str] | None = None) -> Path:
     """Render the PCA figure of the given images."""
     from dinov2.data.transforms import IMAGE_LOAD_ERRORS, load_image, make_eval_transform
     from dinov2.eval import protocol
-    from dinov2.eval.extract_features import release_weights
+    from dinov2.eval.extract_features import check_output_folder, release_weights
     from dinov2.hub import load_backbone
-    from dinov2.hub.backbones import run_image_size
+    from dinov2.hub.backbones import default_image_size
     from dinov2.logs import setup_logging
 
     args = protocol.parse_args_with_config(build_parser(), argv)
     setup_logging()
     output = figure_path(args.output)  # checked before the model is loaded
+    check_output_folder(output)
     device = protocol.resolve_device(args.device)
     if args.model is None and args.weights is None:
         raise ValueError("give --model, --weights, or both")
     weights = args.weights if args.weights is not None else release_weights(args.model)
     model = load_backbone(args.model, weights).to(device)
-    transform = make_eval_transform(args.img_size or run_image_size(weights) or 224)
+    img_size, why = (args.img_size, None) if args.img_size else default_image_size(weights)
+    if why is not None:
+        logger.info("images resized to %d px, %s (--img-size to change)", img_size, why)
+    transform = make_eval_transform(img_size)
     pictures = []
     for path in args.image:
         try:

@@ -25,6 +25,7 @@ from .loader import (
     infer_backbone_config,
     load_backbone_state,
     load_pretrained_backbone_state,
+    release_pos_embed_grid,
 )
 from .releases import DINOBLOOM_URLS, DINOV2_URLS, RELEASE_URLS
 
@@ -65,6 +66,35 @@ def run_image_size(weights: str | os.PathLike[str]) -> int | None:
     release file, also one placed inside a run's folder) or a run config that cannot be read."""
     found = _run_config_of(weights)
     return None if found is None else int(found[1].crops.global_crops_size)
+
+
+#: DinoBloom's image size, and the patch grid its released files hold (16x16 patches of 14 px).
+DINOBLOOM_IMAGE_SIZE = 224
+DINOBLOOM_GRID = 16
+
+
+def default_image_size(weights: WeightsArg) -> tuple[int, str | None]:
+    """The size to resize images to for ``weights`` when none is asked for, and why (None: DinoBloom's 224 px).
+
+    In order: the size the training run of an export ``<run>/eval/<name>/teacher_checkpoint.pth`` trained at (its
+    ``config.yaml``, :func:`run_image_size`); for a local file in DinoBloom's release layout
+    (``{"teacher": {"backbone.*", ...}}``, which training exports have, also when copied out of their run) whose
+    position embedding is not 16x16 patches, the size its grid implies (grid x patch size); else 224: released
+    DinoBloom files (16x16), DINOv2 hub files (plain state dicts, 37x37), other layouts, URLs and no weights.
+    """
+    if weights is None:
+        return DINOBLOOM_IMAGE_SIZE, None
+    trained_at = run_image_size(weights)
+    if trained_at is not None:
+        return trained_at, f"the size {weights} was trained at (crops.global_crops_size of its run's config.yaml)"
+    grid = release_pos_embed_grid(weights)
+    if grid is None or grid[0] == DINOBLOOM_GRID:
+        return DINOBLOOM_IMAGE_SIZE, None
+    side, patch = grid
+    return side * patch, (
+        f"the size that the {side}x{side} position-embedding grid of {weights} implies, with {patch} px patches (no "
+        "config.yaml of its training run found next to it)"
+    )
 
 
 def run_config_settings(weights: str | os.PathLike[str], inferred: Mapping[str, Any]) -> dict[str, Any]:

@@ -171,6 +171,39 @@ def load_pretrained_backbone_state(path_or_url: str | os.PathLike[str]) -> dict[
     return extract_backbone_state(_read_file(path), str(path_or_url))
 
 
+def release_pos_embed_grid(path_or_url: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """The patch-grid side and the patch size of the position embedding of a local file in DinoBloom's release
+    layout, ``{"teacher": {"backbone.pos_embed", ...}}``, which training exports share; None for a URL, any other
+    layout (DINOv2 hub files, plain state dicts, other wrappers, `.safetensors`), a grid that is not square, or a file
+    that cannot be read (loading it says why).
+
+    The file is memory-mapped where it can be: only the position embedding's and patch weights' shapes are read.
+    """
+    if is_url(path_or_url):
+        return None
+    path = Path(path_or_url).expanduser()
+    if path.suffix.lower() == ".safetensors" or not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a legacy (non-zip) torch.save file cannot be mapped; any other failure: not our call here
+        try:
+            obj = _read_file(path)
+        except CheckpointError:
+            return None
+    if not (isinstance(obj, Mapping) and isinstance(obj.get("teacher"), Mapping)):
+        return None
+    try:
+        state = extract_backbone_state({"teacher": obj["teacher"]}, str(path_or_url))
+    except CheckpointError:
+        return None
+    pos, patch = state.get("pos_embed"), state.get("patch_embed.proj.weight")
+    if pos is None or patch is None or pos.ndim != 3 or pos.shape[1] < 2:
+        return None
+    side = math.isqrt(pos.shape[1] - 1)
+    return (side, patch.shape[-1]) if side * side == pos.shape[1] - 1 else None
+
+
 def resize_pos_embed_as_dinobloom(pos_embed: torch.Tensor, num_tokens: int, num_prefix_tokens: int = 1) -> torch.Tensor:
     """Resize a (1, prefix + M*M, D) position embedding to `num_tokens` tokens as DinoBloom resized DINOv2's 37×37
     grid once, when it started training (to 16×16 for 224 px).
