@@ -19,6 +19,7 @@ Everything works with FSDP2-sharded and plain modules, with or without a process
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
 import os
@@ -357,7 +358,7 @@ def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
     """Write the teacher as DinoBloom's release file `{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}`.
 
     Full float32 tensors on CPU, keys ordered backbone, dino_head, ibot_head; rank 0 writes the file atomically, and
-    removes what an export killed while writing it left. Call on every rank (the full tensors are gathered from all
+    removes what an export killed while writing it left (call it under the run's lock). Call on every rank (the full tensors are gathered from all
     of them). Returns the path on rank 0, None elsewhere.
     """
     path = Path(path)
@@ -375,6 +376,10 @@ def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
             if key.split(".", 1)[0] == part
         }
         path.parent.mkdir(parents=True, exist_ok=True)
+        # The run's lock keeps other writers away: any temporary copy here is a killed export's (whose process id a
+        # requeued job may have been given again), full-size, and goes.
+        for stale in path.parent.glob(glob.escape(f".{path.name}.tmp") + "*"):
+            stale.unlink(missing_ok=True)
         written = atomic_write(path, lambda tmp: torch.save({"teacher": ordered}, tmp))
         logger.info("exported the teacher (%d tensors) to %s", len(ordered), path)
     barrier()

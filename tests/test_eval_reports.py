@@ -187,8 +187,9 @@ def test_pca_cli_names_an_image_it_cannot_read(tmp_path: Path) -> None:
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
     with pytest.raises(ValueError, match=re.escape(f"--image {not_an_image}: not a readable image")):
-        pca.main(["--weights", str(weights), "--image", str(not_an_image), "--output", str(tmp_path / "pca.png"),
-                  "--img-size", "28", "--device", "cpu"])
+        pca.main(["--weights", str(weights), "--image", str(not_an_image), "--output",
+                  str(tmp_path / "new" / "pca.png"), "--img-size", "28", "--device", "cpu"])  # fmt: skip
+    assert not (tmp_path / "new").exists()  # made to test that the figure can be written, and removed again
 
 
 def test_pca_cli_with_a_model_name_uses_the_released_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -303,6 +304,19 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
     assert bicubic["meta"]["resize"] == "pil-bicubic" and saved["meta"]["resize"] == "bilinear"
     kept = sorted((tmp_path / "bicubic" / "features").glob("*.h5"))
     assert len(kept) == 3 and {load_features(p).meta["resize"] for p in kept} == {"pil-bicubic"}
+    # A manifest of the same images, other column names and paths relative to another folder: the same scores.
+    from dinov2.eval.extract_features import list_images
+
+    manifest = tmp_path / "manifests" / "data.csv"
+    manifest.parent.mkdir()
+    listed = list_images(tmp_path / "data")
+    manifest.write_text("file,label\n" + "".join(f"data/{path},{listed.class_names[label]}\n"
+                                                 for path, label in zip(listed.paths, listed.labels)))  # fmt: skip
+    from_manifest = checkpoints.main(["--run-dir", str(run), "--data", str(manifest), "--csv-columns", "file,label",
+                                      "--root", str(tmp_path), "--output-dir", str(tmp_path / "manifest"), "--n-splits",
+                                      "3", "--k", "1", "3", "--device", "cpu", "--seed", "1"])  # fmt: skip
+    for row, reference in zip(from_manifest["checkpoints"], saved["checkpoints"]):
+        assert row["results"]["knn_1"]["balanced_accuracy"] == reference["results"]["knn_1"]["balanced_accuracy"]
 
 
 

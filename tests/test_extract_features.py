@@ -499,7 +499,8 @@ def test_a_list_whose_paths_all_miss_is_refused_before_the_model_is_loaded(
         expected = (f"{lists / name}: none of the 20 images looked up exists, e.g. {lists / 'cells/blast/0.png'} "
                     f"(a relative path is read from the list's folder, {lists}; --root names another)")  # fmt: skip
         with pytest.raises(DatasetError, match=re.escape(expected)):
-            ef.extract_features(lists / name, tmp_path / "f.npz", weights="w.pth", img_size=IMG, device="cpu")
+            ef.extract_features(lists / name, tmp_path / "new" / "f.npz", weights="w.pth", img_size=IMG, device="cpu")
+        assert not (tmp_path / "new").exists()  # the output's folder, made to test it, is gone with the failure
         elsewhere = tmp_path / "cells"
         with pytest.raises(DatasetError, match=re.escape(f"(a relative path is read from --root {elsewhere})")):
             listed = ef.list_images(lists / name, root=elsewhere, root_setting="--root")
@@ -532,12 +533,16 @@ def test_csv_columns_and_root_read_a_manifest(
     unlabelled = ef.list_images(manifest, columns=("file", None), root=data)
     assert unlabelled.labels == [-1, -1] and unlabelled.class_names == []
     with pytest.raises(DatasetError, match=r"needs a 'path' column \(found \['file', 'label', 'width'\]\); name its "
-                                           r"path and label columns with --csv-columns, e.g. --csv-columns file,label"):
-        ef.list_images(manifest, root=data)
+                                           r"path and label columns with --csv-columns, e.g. file,label"):
+        ef.list_images(manifest, root=data, columns_setting="--csv-columns")
+    with pytest.raises(DatasetError, match=r"needs a 'path' column \(found \['file', 'label', 'width'\]\)$"):
+        ef.list_images(manifest, root=data)  # a caller without the option (the kNN monitor) names none
+    with pytest.raises(FileNotFoundError, match="--data not found"):  # not "--root applies to a list"
+        ef.list_images(data / "manifests" / "gone.csv", root=data, root_setting="--root")
     with pytest.raises(DatasetError, match="needs a 'class' column"):
         ef.list_images(manifest, columns=("file", "class"), root=data)
     with pytest.raises(DatasetError, match="--csv-columns applies to a .csv list"):
-        ef.list_images(data / "dev", columns=("file", "label"))
+        ef.list_images(data / "dev", columns=("file", "label"), columns_setting="--csv-columns")
     with pytest.raises(DatasetError, match="--root applies to a .txt or .csv list"):
         ef.list_images(data / "dev", root=data, root_setting="--root")
     with pytest.raises(SystemExit):
@@ -591,6 +596,19 @@ def test_a_list_in_another_encoding_is_named(tmp_path: Path, name: str, message:
     listed.write_bytes("path,label\nZelle_\u00fc.png,blast\n".encode("utf-16"))
     with pytest.raises(ValueError, match=message):
         ef.list_images(listed)
+
+
+def test_a_txt_list_read_from_root_takes_a_raw_non_utf8_name_found_there(tmp_path: Path) -> None:
+    """A name that is not UTF-8 (as make_file_lists writes one) is an image if it exists where --root says the
+    list's paths are, not only beside the list."""
+    raw_name = os.fsdecode(b"Zelle_\xfc.png")
+    _image(tmp_path / "images" / raw_name, 0)
+    listed = tmp_path / "lists" / "cells.txt"
+    listed.parent.mkdir()
+    listed.write_bytes(b"Zelle_\xfc.png\n")
+    assert ef.list_images(listed, root=tmp_path / "images").paths == [raw_name]
+    with pytest.raises(DatasetError, match="is not UTF-8 text"):
+        ef.list_images(listed)  # beside the list there is no such image
 
 
 def test_a_txt_list_follows_the_training_lists_rules(

@@ -426,6 +426,9 @@ def test_the_default_image_size_of_each_kind_of_weights_file(tmp_path: Path) -> 
     patch_16 = tmp_path / "patch16.pth"  # the grid times the file's own patch size
     torch.save(teacher_checkpoint(tiny_model(img_size=96, patch_size=16)), patch_16)
     assert default_image_size(patch_16)[0] == 96
+    patch_16_at_256 = tmp_path / "patch16_256.pth"  # 16x16 patches of 16 px: 256 px, not DinoBloom's 224
+    torch.save(teacher_checkpoint(tiny_model(img_size=256, patch_size=16)), patch_16_at_256)
+    assert default_image_size(patch_16_at_256)[0] == 256
 
     at_224 = tmp_path / "DinoBloom-S.pth"  # a release file: 16x16
     torch.save(teacher_checkpoint(tiny_model(img_size=224)), at_224)

@@ -125,13 +125,14 @@ def _read_file_list(list_file: Path) -> list[str]:
     return paths
 
 
-def read_list_entries(list_file: Path) -> list[str]:
-    """The image paths of a ``.txt`` list as written (``~`` expanded; relative ones are relative to its folder).
+def read_list_entries(list_file: Path, base: Path | None = None) -> list[str]:
+    """The image paths of a ``.txt`` list as written (``~`` expanded; relative ones are relative to ``base``, by
+    default the list's folder).
 
     One path per line; blank lines and ``#`` comments are skipped. A line that is not an image path, text that is
     not UTF-8 (other than the raw name of an existing image) and a list without paths are errors naming the line.
     """
-    base = list_file.parent
+    base = list_file.parent if base is None else base
     entries: list[str] = []
     # surrogateescape keeps the raw bytes of an image name that is not UTF-8 (as make_file_lists writes it);
     # any other byte that is not UTF-8 (a cp1252 or UTF-16 list) is caught below.

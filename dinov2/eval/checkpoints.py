@@ -83,12 +83,15 @@ def score_features(
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of ``python -m dinov2.eval.checkpoints``."""
+    from dinov2.eval.extract_features import add_list_arguments  # (deferred, as in main)
+
     parser = argparse.ArgumentParser(
         prog="python -m dinov2.eval.checkpoints",
         description="Score every eval/training_<iter>/teacher_checkpoint.pth of a run with kNN (and logreg).",
     )
     parser.add_argument("--run-dir", required=True, help="training output directory")
     parser.add_argument("--data", required=True, help="labelled images: <class>/<image> folder or .csv (path,label)")
+    add_list_arguments(parser)
     parser.add_argument("--output-dir", required=True, help="folder for checkpoints.json/.md/.png")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["knn"], help="default: knn")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 20], help="kNN neighbour counts (default: 1 20)")
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = protocol.resolve_device(args.device)
     output_dir = reports.prepare_output_dir(args.output_dir)
     checkpoints = find_checkpoints(args.run_dir)
-    images = list_images(args.data)  # labelled? checked before any checkpoint is embedded
+    images = list_images(args.data, root=args.root, columns=args.csv_columns, root_setting="--root",
+                         columns_setting="--csv-columns")  # labelled? checked before any checkpoint is embedded
     unlabelled = sum(label < 0 for label in images.labels)
     if unlabelled or not images.class_names:
         raise ValueError(
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         target = output_dir / "features" / f"{path.parent.name}.h5" if args.keep_features else None
         feature_set = extract_features(
             args.data, target, model=None, weights=path, batch_size=args.batch_size, num_workers=args.num_workers,
-            img_size=img_size, device=device, resize=args.resize,
+            img_size=img_size, device=device, resize=args.resize, root=args.root, csv_columns=args.csv_columns,
         )
         protocol.check_labelled(feature_set, args.data)
         groups = None if args.group_by is None else protocol.path_groups(feature_set.paths, args.group_by)

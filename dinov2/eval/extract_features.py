@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -119,11 +119,14 @@ def csv_columns(text: str) -> tuple[str, str | None]:
     return names[0], names[1] if len(names) == 2 else None
 
 
-def _read_list(data: Path, root: Path, columns: tuple[str, str | None] | None) -> ImageList:
+def _read_list(
+    data: Path, root: Path, columns: tuple[str, str | None] | None, columns_setting: str | None = None
+) -> ImageList:
     """The images of a `.txt` (unlabelled) or `.csv` list (`columns`: the path and label column names; None: `path`
-    and, if there is one, `label`), relative paths taken from `root`."""
+    and, if there is one, `label`; `columns_setting`: the option that sets them, for errors), relative paths taken
+    from `root`."""
     if data.suffix.lower() == ".txt":  # the training lists' format, read by the same rules
-        paths = read_list_entries(data)
+        paths = read_list_entries(data, root)
         return ImageList(root, paths, [-1] * len(paths), [])
     path_column, label_column = columns or CSV_COLUMNS
     paths: list[str] = []
@@ -134,9 +137,9 @@ def _read_list(data: Path, root: Path, columns: tuple[str, str | None] | None) -
         found = reader.fieldnames or []
         missing = [c for c in (path_column, label_column if columns else None) if c is not None and c not in found]
         if missing:
+            how = f"; name its path and label columns with {columns_setting}, e.g. file,label" if columns_setting else ""
             raise DatasetError(
-                f"{data}: a CSV image list needs a {missing[0]!r} column (found {reader.fieldnames}); name its path "
-                "and label columns with --csv-columns, e.g. --csv-columns file,label"
+                f"{data}: a CSV image list needs a {missing[0]!r} column (found {reader.fieldnames}){how}"
             )
         for row in reader:
             path = (row.get(path_column) or "").strip()
@@ -199,20 +202,24 @@ def list_images(
     root: str | os.PathLike[str] | None = None,
     columns: tuple[str, str | None] | None = None,
     root_setting: str | None = None,
+    columns_setting: str | None = None,
 ) -> ImageList:
     """Collect the images of a folder, `.txt` list or `.csv` list (see the module docstring for labels).
 
     ``setting`` names where ``data`` came from in error messages (an option or a config key). For a list, ``root``
-    is the folder its relative paths are relative to (default: the list's folder; ``root_setting`` names the option
-    that sets it, for error messages) and ``columns`` the CSV's path and label column names (default: ``path`` and,
-    if there is one, ``label``). Whether the listed images exist is :func:`check_list_paths`'s to check.
+    is the folder its relative paths are relative to (default: the list's folder) and ``columns`` the CSV's path and
+    label column names (default: ``path`` and, if there is one, ``label``); ``root_setting`` and ``columns_setting``
+    name the options that set them, for error messages. Whether the listed images exist is
+    :func:`check_list_paths`'s to check.
     """
     data = Path(data).expanduser()
+    if not data.exists():
+        raise FileNotFoundError(f"{setting} not found: {data}")
     is_list = data.suffix.lower() in (".txt", ".csv") and data.is_file()
     if root is not None and not is_list:
         raise DatasetError(f"{root_setting or 'root'} applies to a .txt or .csv list, and {setting}={data} is none")
     if columns is not None and not (is_list and data.suffix.lower() == ".csv"):
-        raise DatasetError(f"--csv-columns applies to a .csv list, and {setting}={data} is none")
+        raise DatasetError(f"{columns_setting or 'columns'} applies to a .csv list, and {setting}={data} is none")
     if data.is_dir():
         rel = sorted(Path(path).relative_to(data) for path in find_images(data))  # by folder, then name
         labels = [r.parts[0] if len(r.parts) > 1 else None for r in rel]
@@ -223,11 +230,9 @@ def list_images(
         if not list_root.is_dir():
             raise FileNotFoundError(f"{root_setting or 'root'} {list_root} is not a folder")
         try:
-            image_list = _read_list(data, list_root, columns)
+            image_list = _read_list(data, list_root, columns, columns_setting)
         except UnicodeDecodeError as err:
             raise DatasetError(f"{data}: an image list must be UTF-8 text, not UTF-16 or a Windows code page ({err})")
-    elif not data.exists():
-        raise FileNotFoundError(f"{setting} not found: {data}")
     else:
         raise DatasetError(f"{setting} must be a folder, a .txt or a .csv list of images, got {data}")
     if not image_list.paths:
@@ -493,19 +498,27 @@ def _default_image_size(weights: str | os.PathLike[str] | None, model: object, b
 
 def check_output_folder(output: Path) -> None:
     """Create the folder of ``output`` and write (then remove) a file there: ValueError, before any work, where
-    that fails (a folder that cannot be created, a read-only or special file system such as /proc)."""
-    folder = output.parent
+    that fails (a folder that cannot be created, a read-only or special file system such as /proc). The folders made
+    for the test are removed again (the writers make them when they write), so a command that fails later leaves
+    none behind."""
+    folder = output.absolute().parent
+    made = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]  # deepest first
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        reason = err.strerror or err
-        raise ValueError(f"cannot write {output}: its folder {folder} cannot be made ({reason})") from None
-    try:
-        handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{output.name}.", suffix=".probe")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as err:
-        raise ValueError(f"cannot write {output}: {folder} takes no new files ({err.strerror or err})") from None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            reason = err.strerror or err
+            raise ValueError(f"cannot write {output}: its folder {folder} cannot be made ({reason})") from None
+        try:
+            handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{output.name}.", suffix=".probe")
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as err:
+            raise ValueError(f"cannot write {output}: {folder} takes no new files ({err.strerror or err})") from None
+    finally:
+        for path in made:
+            with suppress(OSError):
+                path.rmdir()
 
 
 def _progress_settings(
@@ -568,7 +581,9 @@ def extract_features(
     device = resolve_device(str(device))
     if compile:
         check_compile_toolchain(device, "--compile")
-    image_list = list_images(data, root=root, columns=csv_columns, root_setting="--root")
+    image_list = list_images(
+        data, root=root, columns=csv_columns, root_setting="--root", columns_setting="--csv-columns"
+    )
     check_list_paths(data, image_list, root_setting="--root")
     if output is not None:
         others = [str(data)] + ([str(weights)] if weights is not None and not isinstance(model, nn.Module) else [])
@@ -619,6 +634,19 @@ def extract_features(
     return result
 
 
+def add_list_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--csv-columns`` and ``--root``: how a ``--data`` list is read (see :func:`list_images`)."""
+    parser.add_argument(
+        "--csv-columns", type=csv_columns, default=None, metavar="PATH[,LABEL]",
+        help="the --data CSV's names of the path and label columns, e.g. file,label for a manifest (default: path "
+        "and, if there is one, label; a single name: unlabelled)",
+    )
+    parser.add_argument(
+        "--root", default=None,
+        help="folder that relative paths in a .txt or .csv --data list are relative to (default: the list's folder)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
@@ -639,15 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data", required=True, help="image folder (<label>/.../<image>), .txt list or .csv (path,label)"
     )
-    parser.add_argument(
-        "--csv-columns", type=csv_columns, default=None, metavar="PATH[,LABEL]",
-        help="the --data CSV's names of the path and label columns, e.g. file,label for a manifest (default: path "
-        "and, if there is one, label; a single name: unlabelled)",
-    )
-    parser.add_argument(
-        "--root", default=None,
-        help="folder that relative paths in a .txt or .csv --data list are relative to (default: the list's folder)",
-    )
+    add_list_arguments(parser)
     parser.add_argument("--output", required=True, help="features file to write (.h5 or .npz)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--num-workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),

@@ -262,7 +262,7 @@ def prepare_output_dir(path: str | Path) -> Path:
     work is done. The folder is not created here: the writers create it with the first file, so a command that fails
     leaves no empty folder behind."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    if os.path.lexists(path) and not path.is_dir():  # (a link to nothing included)
         raise ValueError(f"--output-dir {path} is a file; name a folder for the results")
     existing = next(parent for parent in (path, *path.absolute().parents) if parent.exists())
     if not existing.is_dir():

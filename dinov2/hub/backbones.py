@@ -68,9 +68,8 @@ def run_image_size(weights: str | os.PathLike[str]) -> int | None:
     return None if found is None else int(found[1].crops.global_crops_size)
 
 
-#: DinoBloom's image size, and the patch grid its released files hold (16x16 patches of 14 px).
+#: DinoBloom's image size (its released files hold 16x16 patches of 14 px).
 DINOBLOOM_IMAGE_SIZE = 224
-DINOBLOOM_GRID = 16
 
 
 def default_image_size(weights: WeightsArg) -> tuple[int, str | None]:
@@ -79,8 +78,9 @@ def default_image_size(weights: WeightsArg) -> tuple[int, str | None]:
     In order: the size the training run of an export ``<run>/eval/<name>/teacher_checkpoint.pth`` trained at (its
     ``config.yaml``, :func:`run_image_size`); for a local file in DinoBloom's release layout
     (``{"teacher": {"backbone.*", ...}}``, which training exports have, also when copied out of their run) whose
-    position embedding is not 16x16 patches, the size its grid implies (grid x patch size); else 224: released
-    DinoBloom files (16x16), DINOv2 hub files (plain state dicts, 37x37), other layouts, URLs and no weights.
+    position embedding covers another size than 224 px, the size its grid implies (grid x patch size); else 224:
+    released DinoBloom files (16x16), DINOv2 hub files (plain state dicts, 37x37), other layouts, URLs and no
+    weights.
     """
     if weights is None:
         return DINOBLOOM_IMAGE_SIZE, None
@@ -88,7 +88,7 @@ def default_image_size(weights: WeightsArg) -> tuple[int, str | None]:
     if trained_at is not None:
         return trained_at, f"the size {weights} was trained at (crops.global_crops_size of its run's config.yaml)"
     grid = release_pos_embed_grid(weights)
-    if grid is None or grid[0] == DINOBLOOM_GRID:
+    if grid is None or grid[0] * grid[1] == DINOBLOOM_IMAGE_SIZE:
         return DINOBLOOM_IMAGE_SIZE, None
     side, patch = grid
     return side * patch, (
