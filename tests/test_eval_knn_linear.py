@@ -411,6 +411,18 @@ def test_unlabelled_samples_are_named_by_path() -> None:
         protocol.check_labelled(fs, "f.h5")
 
 
+def test_exactly_five_unlabelled_samples_are_all_named_and_none_more() -> None:
+    fs = _feature_set([6, 6])
+    fs.labels[[1, 3, 5, 7, 9]] = -1  # as many as the message names: no "and N more"
+    with pytest.raises(ValueError) as raised:
+        protocol.check_labelled(fs, "f.h5")
+    assert str(raised.value).startswith(
+        "f.h5: 5 of 12 samples are unlabelled (label -1): class0/1.jpg, class0/3.jpg, class0/5.jpg, class1/7.jpg, "
+        "class1/9.jpg; evaluation needs labelled features"
+    )
+    assert "more" not in str(raised.value)
+
+
 def test_a_folder_or_a_missing_file_as_features_says_where_features_files_come_from(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -494,6 +506,47 @@ def test_shared_classes_trains_and_tests_on_the_classes_both_files_hold(
     # without the option, the meta says it was not used
     plain = knn.main(["--features", str(train), "--output-dir", str(tmp_path / "cv"), "--no-figures", "--k", "5"])
     assert plain["meta"]["shared_classes"] is None
+
+
+def _shared_in_training_order(tmp_path: Path) -> tuple[Path, Path]:
+    """A training file of classes d, b, c, a (20 images each; not in alphabetical order) and e (named, no images),
+    and a test file of c, e, a, d (10 each, in its own order): the shared classes with images in both are d, c, a,
+    in the training file's order; b is the training file's alone and e, which the training file names but holds no
+    image of, the test file's alone."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(5, 16)) * 3
+
+    def write(class_names: list[str], counts: dict[str, int], prefix: str, path: Path) -> Path:
+        names = [name for name in class_names for _ in range(counts.get(name, 0))]
+        y = np.array([class_names.index(name) for name in names], dtype=np.int64)
+        x = np.stack([centres["abcde".index(name)] for name in names]) + rng.normal(size=(len(names), 16))
+        paths = [f"{prefix}/{name}/{i}.jpg" for i, name in enumerate(names)]
+        return _write(FeatureSet(x.astype(np.float32), y, paths, class_names, {"model": "toy"}), path)
+
+    train = write(["d", "b", "c", "a", "e"], dict.fromkeys("dbca", 20), "tr", tmp_path / "train.h5")
+    test = write(["c", "e", "a", "d"], dict.fromkeys("cead", 10), "te", tmp_path / "test.h5")
+    return train, test
+
+
+def test_shared_classes_keep_the_training_files_class_order(tmp_path: Path) -> None:
+    train, test = _shared_in_training_order(tmp_path)
+    results = knn.main(["--features", str(train), "--test-features", str(test), "--shared-classes", "--no-figures",
+                        "--k", "1", "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    assert results["meta"]["classes"] == ["d", "c", "a"]  # the training file's order, not sorted
+    assert results["meta"]["shared_classes"]["kept"] == ["d", "c", "a"]
+    with (tmp_path / "out" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 30
+    assert all(row["label"] == row["path"].split("/")[1] for row in rows), rows  # te/<class>/<i>.jpg
+
+
+def test_shared_classes_drop_a_class_the_training_file_names_without_images(tmp_path: Path) -> None:
+    train, test = _shared_in_training_order(tmp_path)
+    results = knn.main(["--features", str(train), "--test-features", str(test), "--shared-classes", "--no-figures",
+                        "--k", "1", "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    assert results["meta"]["shared_classes"] == {"kept": ["d", "c", "a"], "dropped_from_features": {"b": 20},
+                                                 "dropped_from_test_features": {"e": 10}}  # fmt: skip
+    assert (results["meta"]["n_samples"], results["meta"]["n_test_samples"]) == (60, 30)  # not e's 10 test images
 
 
 def test_shared_classes_needs_a_class_in_common() -> None:

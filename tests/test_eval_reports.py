@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -318,6 +319,39 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
     for row, reference in zip(from_manifest["checkpoints"], saved["checkpoints"]):
         assert row["results"]["knn_1"]["balanced_accuracy"] == reference["results"]["knn_1"]["balanced_accuracy"]
 
+
+
+def test_checkpoints_are_found_in_step_order_whatever_order_the_folder_lists_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    for name in ("training_9", "training_init", "training_1"):
+        (run / "eval" / name).mkdir(parents=True)
+        (run / "eval" / name / "teacher_checkpoint.pth").write_bytes(b"")
+    listed = Path.iterdir
+    # the folder listed in reverse name order (training_init, training_9, training_1): not the step order
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(listed(self), reverse=True)))
+    found = checkpoints.find_checkpoints(run)
+    assert [step for step, _ in found] == [0, 2, 10]  # training_init, then training_<i> after step i (from 0)
+    assert [path for _, path in found] == [run / "eval" / name / "teacher_checkpoint.pth"
+                                           for name in ("training_init", "training_1", "training_9")]  # fmt: skip
+
+
+def test_an_output_dir_without_write_permission_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run as root, who may write anywhere: the permission the check asks for is refused here."""
+    asked = []
+
+    def refused(path: str | Path, mode: int) -> bool:
+        asked.append((Path(path), mode))
+        return False
+
+    monkeypatch.setattr(reports.os, "access", refused)
+    with pytest.raises(ValueError, match=f"^{re.escape(f'--output-dir {tmp_path}: no permission to write in it')}$"):
+        reports.prepare_output_dir(tmp_path)
+    new = tmp_path / "new" / "out"  # not there yet: the folder it would be made in is named
+    with pytest.raises(ValueError, match=f"^{re.escape(f'--output-dir {new}: no permission to write in {tmp_path}')}$"):
+        reports.prepare_output_dir(new)
+    assert asked == [(tmp_path, os.W_OK | os.X_OK)] * 2
 
 
 def test_checkpoints_names_a_run_dir_that_does_not_exist(tmp_path: Path) -> None:

@@ -507,12 +507,14 @@ def test_a_list_whose_paths_all_miss_is_refused_before_the_model_is_loaded(
             ef.check_list_paths(lists / name, listed, root_setting="--root")
     assert loaded == []
     monkeypatch.undo()
-    (lists / "cells.csv").write_text("path,label\n" + "".join(f"cells/blast/{i}.png,blast\n" for i in range(50))
-                                     + "cells/blast/gone.png,blast\n")  # one missing image: skipped later
+    # one missing image, on the first line (the first of the images looked up): skipped later, not refused
+    (lists / "cells.csv").write_text("path,label\ncells/blast/gone.png,blast\n"
+                                     + "".join(f"cells/blast/{i}.png,blast\n" for i in range(50)))
     result = ef.main(["--weights", str(tiny_weights[0]), "--data", str(lists / "cells.csv"), "--root", str(tmp_path),
                       "--output", str(tmp_path / "f.npz"), "--img-size", str(IMG), "--num-workers", "0",
                       "--device", "cpu"])  # fmt: skip
     assert len(result) == 50 and result.meta["n_skipped"] == 1 and result.meta["root"] == str(tmp_path.resolve())
+    assert result.paths == [f"cells/blast/{i}.png" for i in range(50)]
 
 
 def test_csv_columns_and_root_read_a_manifest(
@@ -547,6 +549,21 @@ def test_csv_columns_and_root_read_a_manifest(
         ef.list_images(data / "dev", root=data, root_setting="--root")
     with pytest.raises(SystemExit):
         ef.main([*common, "--csv-columns", "file,label,width", "--output", str(tmp_path / "g.h5")])
+
+
+def test_csv_columns_name_a_label_column_not_called_label(
+    tmp_path: Path, tiny_weights: tuple[Path, DinoVisionTransformer]
+) -> None:
+    """The label column --csv-columns names is read, whatever its name."""
+    _image(tmp_path / "a.jpg", 0)
+    _image(tmp_path / "b.jpg", 1)
+    manifest = tmp_path / "cells.csv"
+    manifest.write_text("file,cell_type\na.jpg,basophil\nb.jpg,neutrophil\n")
+    result = ef.main(["--weights", str(tiny_weights[0]), "--data", str(manifest), "--csv-columns", "file,cell_type",
+                      "--output", str(tmp_path / "f.h5"), "--img-size", str(IMG), "--num-workers", "0",
+                      "--device", "cpu"])  # fmt: skip
+    assert result.paths == ["a.jpg", "b.jpg"]
+    assert result.class_names == ["basophil", "neutrophil"] and result.labels.tolist() == [0, 1]
 
 
 def test_the_real_dev_manifest_with_csv_columns_and_root(
@@ -679,6 +696,25 @@ def test_output_suffix_is_checked_before_any_work(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ValueError, match=r"cannot write .*folder\.h5: it is a folder; name a file ending in \.h5"):
         ef.extract_features(image_folder, tmp_path / "folder.h5", weights="w.pth", img_size=IMG, device="cpu")
     assert loaded == []
+
+
+@pytest.mark.parametrize("probe_fails", [False, True])
+def test_the_output_folders_made_for_the_probe_are_all_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe_fails: bool
+) -> None:
+    """Three folders made (a, a/b, a/b/c) to test that the output can be written: none is left, whether the test
+    file could be written or not."""
+    output = tmp_path / "a" / "b" / "c" / "f.h5"
+    if probe_fails:
+        def no_space(*args: object, **kwargs: object) -> tuple[int, str]:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(ef.tempfile, "mkstemp", no_space)
+        with pytest.raises(ValueError, match=re.escape(f"cannot write {output}: {output.parent} takes no new files")):
+            ef.check_output_folder(output)
+    else:
+        ef.check_output_folder(output)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="/proc takes no files on Linux, even for root")

@@ -442,6 +442,19 @@ def test_the_default_image_size_of_each_kind_of_weights_file(tmp_path: Path) -> 
         assert default_image_size(weights) == (224, None), weights
 
 
+def test_a_release_layout_file_with_a_grid_that_is_not_square_gets_the_default_size(tmp_path: Path) -> None:
+    """1 + 72 position tokens: 72 is no square (8x9), so no side can be read from it; isqrt(72) = 8 would say 112."""
+    from dinov2.hub.backbones import default_image_size
+    from dinov2.hub.loader import release_pos_embed_grid
+
+    checkpoint = teacher_checkpoint(tiny_model(img_size=112))
+    checkpoint["teacher"]["backbone.pos_embed"] = torch.zeros(1, 1 + 72, 128)
+    weights = tmp_path / "teacher_checkpoint.pth"  # no run's config.yaml beside it
+    torch.save(checkpoint, weights)
+    assert release_pos_embed_grid(weights) is None
+    assert default_image_size(weights) == (224, None)
+
+
 def test_an_unknown_width_warns_that_the_head_count_is_a_guess(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -267,9 +267,34 @@ def test_a_resumed_run_records_the_iterations_an_uninterrupted_one_does(
     monkeypatch.undo()
     _train(parts, demo.lists_dir, *args, epochs=2, epoch_length=6)
 
-    assert "resuming at iteration 6" in (parts / "log.txt").read_text()
+    log = (parts / "log.txt").read_text()
+    assert "resuming at iteration 6" in log
+    # step 6 is on no period, yet the resume's first step is shown, its pace being the start-up's
+    assert re.search(r"it 6/12  loss .* img/s  eta after the start-up step\n", log)
     assert [r["iteration"] for r in _metrics(whole)] == [0, 3, 7, 11]
-    assert _losses(_metrics(parts)) == _losses(_metrics(whole))
+    assert _losses(_metrics(parts)) == _losses(_metrics(whole))  # and step 6 is not recorded
+
+
+def test_records_rankme_and_exports_follow_their_periods_and_the_last_step(tmp_path: Path, demo) -> None:
+    """12 iterations with records and exports every 5 steps and RankMe windows of 2 steps every 6.
+
+    Records: iteration 0, the log period's 4 and 9, the last step 11 (on no period), and the ends of the RankMe
+    windows. A window covers the iterations with ``iteration % 6 < 2`` (0-1 and 6-7) and is scored at its last
+    step, 1 and 7 (dinov2/train/rankme.py), neither of them on the log period: the record is written for the score.
+    Exports: the initialisation, the eval period's 4 and 9, and the last step 11.
+    """
+    args = ("train.log_period=5", "evaluation.eval_period_iterations=5", "evaluation.rankme_period_iterations=6",
+            "evaluation.rankme_batches=2")  # fmt: skip
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, *args, epochs=2, epoch_length=6)
+
+    records = _metrics(out)
+    assert [r["iteration"] for r in records] == [0, 1, 4, 7, 9, 11]
+    assert [r["iteration"] for r in records if "rankme" in r] == [1, 7]
+    # each score over its window's 2 steps of 2 global crops of the 8 images of a batch
+    assert all(r["rankme_crops"] == 2 * 2 * 8 for r in records if "rankme" in r)
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["training_11", "training_4", "training_9",
+                                                                "training_init"]  # fmt: skip
 
 
 def test_starting_over_sets_the_earlier_run_aside(tmp_path: Path, demo) -> None:
@@ -541,6 +566,38 @@ def test_unreadable_images_are_skipped_counted_and_named(tmp_path: Path, demo) -
     warnings = [line for line in (out / "log.txt").read_text().splitlines() if "skipping unreadable image" in line]
     for path in bad:
         assert any(path in line for line in warnings), f"{path} is not named in the log"
+
+
+def test_a_resumed_run_goes_on_counting_the_unreadable_images(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preempted after step 3 and resumed, a run over the damaged list counts (and limits) the unreadable images
+    drawn before the stop as well as after it, as a run that was never stopped does."""
+    list_file, _ = _damaged_list(tmp_path, demo)
+    steps, batch = 8, 8
+    sampler = InfiniteSampler(51, shuffle=True, seed=0, batch_size=batch)  # the 51 entries, as the run draws them
+    bad_at_step = [sum(sampler.key(d).index in {5, 20, 40} for d in range(s * batch, (s + 1) * batch))
+                   for s in range(steps)]  # fmt: skip
+    counted = np.cumsum(bad_at_step).tolist()
+    assert counted[3] > 0 and counted[-1] > counted[3]  # unreadable images on both sides of the stop
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _train(whole, list_file, "train.max_bad_image_fraction=0.2", epochs=1, epoch_length=steps)
+    _interrupt_at(monkeypatch, 3, "preempted")
+    with pytest.raises(SystemExit):
+        _train(parts, list_file, "train.max_bad_image_fraction=0.2", epochs=1, epoch_length=steps)
+    monkeypatch.undo()
+    strict = tmp_path / "strict"
+    shutil.copytree(parts, strict)
+    _train(parts, list_file, "train.max_bad_image_fraction=0.2", epochs=1, epoch_length=steps)
+
+    assert "resuming at iteration 4" in (parts / "log.txt").read_text()
+    assert [r["bad_images"] for r in _metrics(parts)] == counted
+    assert _metrics(parts)[-1]["bad_images"] == _metrics(whole)[-1]["bad_images"] == counted[-1]
+    # The limit counts them too: a fraction of 0.07 allows 3 of the first 51 images read and 4 of 64, so the
+    # resumed run must stop at its last step, when the count of the whole run passes 4.
+    assert counted[-2] <= 0.07 * 51 < 0.07 * steps * batch < counted[-1]
+    with pytest.raises(DatasetError, match=f"{counted[-1]} of the {steps * batch} images read so far"):
+        _train(strict, list_file, "train.max_bad_image_fraction=0.07", epochs=1, epoch_length=steps)
 
 
 def test_too_many_unreadable_images_stop_the_run(tmp_path: Path, demo) -> None:
