@@ -104,6 +104,28 @@ def test_compiled_sinkhorn_knopp_runs_where_it_pays(monkeypatch: pytest.MonkeyPa
         assert loss.sinkhorn_knopp_teacher(torch.randn(10, 64), 0.07).shape == (10, 64)
 
 
+def test_train_compile_takes_both_losses_sinkhorn_knopp_to_the_compiled_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the compiled passes pay (a CUDA GPU, here pretended), the DINO and iBOT teachers use them under
+    ``train.compile`` and only then, with the same targets as the stored passes."""
+    used: list[int] = []
+    recomputed = centering._RecomputedPasses
+
+    def spy(*args: object) -> object:
+        used.append(1)
+        return recomputed(*args)
+
+    monkeypatch.setattr(centering, "_RecomputedPasses", spy)
+    monkeypatch.setattr(centering, "compiled_sinkhorn_knopp_pays", lambda logits: True)
+    logits = torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
+    for loss in (iBOTPatchLoss(64), DINOLoss(64)):
+        stored = loss.sinkhorn_knopp_teacher(logits, 0.07)
+        assert used == []  # train.compile off
+        loss.compile_sinkhorn_knopp = True
+        torch.testing.assert_close(loss.sinkhorn_knopp_teacher(logits, 0.07), stored, rtol=1e-5, atol=1e-7)
+        assert used == [1]
+        used.clear()
+
+
 def test_benchmark_flop_count_leaves_compiled_code_compiled(load_script: Callable[[str], ModuleType]) -> None:
     """``benchmark_train.count_step_flops`` counts a compiled step eagerly and leaves it compiled afterwards
     (PyTorch 2.11 ran compiled code under the FLOP counter and never again: its --compile figures were eager)."""
