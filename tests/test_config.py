@@ -450,10 +450,21 @@ def test_write_config_round_trips(tmp_path: Path) -> None:
 
 
 def test_a_hub_architecture_names_each_ignored_setting_once(caplog: pytest.LogCaptureFixture) -> None:
-    """The architecture is resolved several times per run (config check, model, initial weights): one warning."""
+    """The architecture is resolved several times per run (config check, model, initial weights): one warning per
+    loaded config, also for a second run in the same process (a notebook)."""
+    overrides = ["student.arch=dinov2_vits14", "student.drop_path_rate=0.123", "student.patch_size=14",
+                 "crops.global_crops_size=56", "crops.local_crops_size=28"]  # fmt: skip
+    message = "student.drop_path_rate=0.123 is ignored: student.arch=dinov2_vits14"
     with caplog.at_level(logging.WARNING, logger="dinov2"):
-        cfg = load_config(None, ["student.arch=dinov2_vits14", "student.drop_path_rate=0.123", "student.patch_size=14",
-                                 "crops.global_crops_size=56", "crops.local_crops_size=28"])  # fmt: skip
+        cfg = load_config(None, overrides)
         resolve_arch(cfg)
         resolve_arch(cfg)
-    assert caplog.text.count("student.drop_path_rate=0.123 is ignored: student.arch=dinov2_vits14") == 1
+    assert caplog.text.count(message) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        load_config(None, overrides)
+    assert caplog.text.count(message) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dinov2"):  # a launcher's check, or the run config of an export
+        load_config(None, overrides, resolve=False)
+    assert message not in caplog.text

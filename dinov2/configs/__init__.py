@@ -133,7 +133,7 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
     assert isinstance(cfg, DictConfig)
     if resolve:
         cfg = _resolved(cfg, default_tree, valid_keys)
-        _check_values(cfg)
+        _check_values(cfg, warn=True)  # (the run's own config: its ignored settings are said once, here)
     else:  # values that need the job's environment are checked when the job loads the config; the others now
         _check_values(_resolved(_with_defaults_for_unresolvable(cfg, defaults), default_tree, valid_keys))
     return cfg
@@ -371,8 +371,9 @@ def _suggestion(key: str, valid_keys: Sequence[str]) -> str:
     return f"; did you mean {best}?" if best else ""
 
 
-def _check_values(cfg: DictConfig) -> None:
-    """Value checks that types alone cannot express (choices, ranges, architecture)."""
+def _check_values(cfg: DictConfig, warn: bool = False) -> None:
+    """Value checks that types alone cannot express (choices, ranges, architecture); ``warn``: also warn of the
+    settings the architecture ignores (see :func:`resolve_arch`)."""
     problems: list[str] = []
     for key, options in CHOICES.items():
         value = OmegaConf.select(cfg, key)
@@ -459,26 +460,17 @@ def _check_values(cfg: DictConfig) -> None:
         problems.append("dino.loss_weight and ibot.loss_weight are both 0: nothing would be trained")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    resolve_arch(cfg)
+    resolve_arch(cfg, warn=warn)
 
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    """Log ``message`` as a warning the first time only: the architecture is resolved several times per run."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logger.warning("%s", message)
-
-
-def resolve_arch(cfg: DictConfig) -> ArchSpec:
+def resolve_arch(cfg: DictConfig, *, warn: bool = False) -> ArchSpec:
     """The student backbone described by `cfg.student` (and `cfg.crops.global_crops_size` as image size).
 
     A DINOv2 hub name (`dinov2_vitb14`, ...) is built exactly as DinoBloom's `torch.hub.load` built it: the hub's
     patch size, FFN, registers, interpolation, LayerScale init and no drop path; student.* values that differ from
-    those are ignored with a warning. Architecture names (`vit_base`, ...) take every setting from `cfg.student`;
-    `student.embed_dim/depth/num_heads` > 0 replace the architecture's size.
+    those are ignored (with a warning if `warn`: the config check warns, the later calls of a run stay silent).
+    Architecture names (`vit_base`, ...) take every setting from `cfg.student`; `student.embed_dim/depth/num_heads`
+    > 0 replace the architecture's size.
     """
     from dinov2.models import ARCH_SIZES, HUB_MODELS  # deferred: importing the models imports torch
 
@@ -539,10 +531,10 @@ def resolve_arch(cfg: DictConfig) -> ArchSpec:
         forced.update(drop_path_rate=0.0, qkv_bias=True, proj_bias=True, ffn_bias=True)
         cfg_names = {"init_values": "layerscale"}
         for key, value in forced.items():
-            if kwargs[key] != value:
-                _warn_once(
-                    f"student.{cfg_names.get(key, key)}={kwargs[key]!r} is ignored: student.arch={hub_name} builds "
-                    f"the hub model, which uses {value!r}"
+            if kwargs[key] != value and warn:
+                logger.warning(
+                    "student.%s=%r is ignored: student.arch=%s builds the hub model, which uses %r",
+                    cfg_names.get(key, key), kwargs[key], hub_name, value,
                 )
             kwargs[key] = value
     patch = kwargs["patch_size"]
