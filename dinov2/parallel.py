@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from dinov2.configs import SHARDING_STRATEGIES, ConfigError
+from dinov2.distributed import get_world_size
 from dinov2.layers.block import BlockChunk
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def build_grad_scaler(cfg: DictConfig, device: torch.device) -> torch.amp.GradSc
     """
     if autocast_dtype(cfg, device) != torch.float16 or not cfg.compute_precision.grad_scaler:
         return None
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if get_world_size() > 1:
         return ShardedGradScaler(device=device.type)
     return torch.amp.GradScaler(device.type)
 
@@ -141,7 +142,7 @@ def parallelize_model(
     """
     if sharding_strategy not in SHARDING_STRATEGIES:
         raise ValueError(f"unknown sharding_strategy {sharding_strategy!r}; expected one of {SHARDING_STRATEGIES}")
-    shard = device_mesh is not None or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+    shard = device_mesh is not None or get_world_size() > 1
     if shard and device_mesh is None:
         device_mesh = _device_mesh(sharding_strategy)
     param = dtype_from_name(param_dtype)
@@ -191,7 +192,7 @@ def parallelize_from_config(parts: nn.ModuleDict, cfg: DictConfig, role: str, de
     if role not in ("student", "teacher"):
         raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
     compute = autocast_dtype(cfg, device)
-    shard = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    shard = get_world_size() > 1
     meshes: dict[bool, DeviceMesh] = {}  # one mesh per layout, shared by the parts
     for name, part in parts.items():
         settings = cfg.compute_precision[role][name]

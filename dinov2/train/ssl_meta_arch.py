@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from dinov2.configs import ConfigError, resolve_arch
+from dinov2.distributed import get_rank, get_world_size
 from dinov2.hub.backbones import run_config_settings
 from dinov2.hub.loader import is_url, load_backbone_weights
 from dinov2.layers.dino_head import DINOHead
@@ -116,8 +116,8 @@ class SSLMetaArch(nn.Module):
 
         With several ranks only rank 0 builds the full weights; they are broadcast into every rank's shards.
         """
-        broadcast = dist.is_initialized() and dist.get_world_size() > 1
-        state = initial_student_state(self.cfg) if not broadcast or dist.get_rank() == 0 else {}
+        broadcast = get_world_size() > 1
+        state = initial_student_state(self.cfg) if not broadcast or get_rank() == 0 else {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
         for parts in (self.student, self.teacher):
             set_model_state_dict(parts, dict(state), options=options)
