@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import glob
 import os
+import tempfile
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 
@@ -56,3 +58,27 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`; returns ``path``."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def check_folder_writable(folder: str | os.PathLike[str], subject: str) -> None:
+    """Make ``folder`` and write (then remove) a file in it, before any work: a ValueError starting with ``subject``
+    where that fails (a folder that cannot be made, a read-only or special file system such as /proc). The folders
+    made for the test are removed again (the writers make them when they write), so a command that fails later
+    leaves none behind."""
+    folder = Path(folder).absolute()
+    made = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]  # deepest first
+    try:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"{subject}: the folder {folder} cannot be made ({err.strerror or err})") from None
+        try:
+            handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.", suffix=".probe")
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as err:
+            raise ValueError(f"{subject}: {folder} takes no new files ({err.strerror or err})") from None
+    finally:
+        for path in made:
+            with suppress(OSError):
+                path.rmdir()

@@ -918,6 +918,9 @@ def test_an_output_dir_below_a_file_is_one_error_before_any_work(tmp_path: Path)
     (tmp_path / "taken").write_text("not a folder")
     with pytest.raises(ValueError, match=r"--output-dir .*taken/out: cannot create the folder \(.*taken is a file"):
         knn.main(["--features", str(tmp_path / "absent.h5"), "--output-dir", str(tmp_path / "taken" / "out")])
+    if sys.platform == "linux":  # a folder that permissions allow (root) but the file system refuses: before the work
+        with pytest.raises(ValueError, match=r"--output-dir /proc/knn: the folder /proc/knn cannot be made"):
+            knn.main(["--features", str(tmp_path / "absent.h5"), "--output-dir", "/proc/knn"])
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")  # a link to nothing cannot become the folder either
     with pytest.raises(ValueError, match=r"--output-dir .*link is a file"):
         knn.main(["--features", str(tmp_path / "absent.h5"), "--output-dir", str(tmp_path / "link")])

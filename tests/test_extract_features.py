@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dinov2 import files
 from dinov2.data import FileListDataset
 from dinov2.data.datasets import DatasetError
 from dinov2.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -709,11 +710,11 @@ def test_the_output_folders_made_for_the_probe_are_all_removed(
         def no_space(*args: object, **kwargs: object) -> tuple[int, str]:
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(ef.tempfile, "mkstemp", no_space)
+        monkeypatch.setattr(files.tempfile, "mkstemp", no_space)
         with pytest.raises(ValueError, match=re.escape(f"cannot write {output}: {output.parent} takes no new files")):
-            ef.check_output_folder(output)
+            files.check_folder_writable(output.parent, f"cannot write {output}")
     else:
-        ef.check_output_folder(output)
+        files.check_folder_writable(output.parent, f"cannot write {output}")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -726,7 +727,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     monkeypatch.setattr(ef, "load_backbone", lambda name, weights: loaded.append(weights))
     with pytest.raises(ValueError, match=r"cannot write /proc/x\.h5: /proc takes no new files"):
         ef.extract_features(image_folder, "/proc/x.h5", weights="w.pth", img_size=IMG, device="cpu")
-    with pytest.raises(ValueError, match=r"cannot write /proc/no_such/x\.h5: its folder /proc/no_such cannot be made"):
+    with pytest.raises(ValueError, match=r"cannot write /proc/no_such/x\.h5: the folder /proc/no_such cannot be made"):
         ef.extract_features(image_folder, "/proc/no_such/x.h5", weights="w.pth", img_size=IMG, device="cpu")
     assert loaded == []
 

@@ -47,11 +47,10 @@ import json
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -76,6 +75,7 @@ from dinov2.data.loaders import init_worker
 from dinov2.data.transforms import EVAL_RESIZES, IMAGE_LOAD_ERRORS, load_image, make_eval_transform
 from dinov2.eval.features_io import FeatureSet, check_names_storable, check_writable, save_features
 from dinov2.eval.partial_features import PartialFeatures, image_list_digest
+from dinov2.files import check_folder_writable
 from dinov2.cli import non_negative_int, positive_int, run_cli
 from dinov2.eval.protocol import resolve_device
 from dinov2.hub import RELEASE_URLS, load_backbone
@@ -496,31 +496,6 @@ def _default_image_size(weights: str | os.PathLike[str] | None, model: object, b
     return trained_at
 
 
-def check_output_folder(output: Path) -> None:
-    """Create the folder of ``output`` and write (then remove) a file there: ValueError, before any work, where
-    that fails (a folder that cannot be created, a read-only or special file system such as /proc). The folders made
-    for the test are removed again (the writers make them when they write), so a command that fails later leaves
-    none behind."""
-    folder = output.absolute().parent
-    made = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]  # deepest first
-    try:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            reason = err.strerror or err
-            raise ValueError(f"cannot write {output}: its folder {folder} cannot be made ({reason})") from None
-        try:
-            handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{output.name}.", suffix=".probe")
-            os.close(handle)
-            os.unlink(probe)
-        except OSError as err:
-            raise ValueError(f"cannot write {output}: {folder} takes no new files ({err.strerror or err})") from None
-    finally:
-        for path in made:
-            with suppress(OSError):
-                path.rmdir()
-
-
 def _progress_settings(
     model_name: str,
     weights: str | os.PathLike[str],
@@ -577,7 +552,7 @@ def extract_features(
     """
     if output is not None:  # before the model is loaded (perhaps downloaded) and every image embedded
         check_writable(Path(output))
-        check_output_folder(Path(output))
+        check_folder_writable(Path(output).parent, f"cannot write {output}")
     device = resolve_device(str(device))
     if compile:
         check_compile_toolchain(device, "--compile")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dinov2.files import atomic_write_text
+from dinov2.files import atomic_write_text, check_folder_writable
 
 logger = logging.getLogger(__name__)
 
@@ -259,8 +259,8 @@ def write_predictions_csv(
 
 def prepare_output_dir(path: str | Path) -> Path:
     """Check that the output folder ``path`` can be created or written in, or raise one clear ValueError before any
-    work is done. The folder is not created here: the writers create it with the first file, so a command that fails
-    leaves no empty folder behind."""
+    work is done. The folder is not left created here: the writers create it with the first file, so a command that
+    fails leaves no empty folder behind."""
     path = Path(path)
     if os.path.lexists(path) and not path.is_dir():  # (a link to nothing included)
         raise ValueError(f"--output-dir {path} is a file; name a folder for the results")
@@ -270,6 +270,7 @@ def prepare_output_dir(path: str | Path) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         where = "in it" if existing == path else f"in {existing}"
         raise ValueError(f"--output-dir {path}: no permission to write {where}")
+    check_folder_writable(path, f"--output-dir {path}")  # what permissions cannot tell: /proc, a read-only mount
     return path
 
 
