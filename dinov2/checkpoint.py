@@ -19,7 +19,6 @@ Everything works with FSDP2-sharded and plain modules, with or without a process
 
 from __future__ import annotations
 
-import glob
 import io
 import logging
 import os
@@ -358,8 +357,8 @@ def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
     """Write the teacher as DinoBloom's release file `{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}`.
 
     Full float32 tensors on CPU, keys ordered backbone, dino_head, ibot_head; rank 0 writes the file atomically, and
-    removes what an export killed while writing it left (call it under the run's lock). Call on every rank (the full tensors are gathered from all
-    of them). Returns the path on rank 0, None elsewhere.
+    removes what an export killed while writing it left (call it under the run's lock). Call on every rank (the full
+    tensors are gathered from all of them). Returns the path on rank 0, None elsewhere.
     """
     path = Path(path)
     # Checked on every rank before the collective gather, so that no rank is left waiting for the others.
@@ -376,11 +375,8 @@ def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
             if key.split(".", 1)[0] == part
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        # The run's lock keeps other writers away: any temporary copy here is a killed export's (whose process id a
-        # requeued job may have been given again), full-size, and goes.
-        for stale in path.parent.glob(glob.escape(f".{path.name}.tmp") + "*"):
-            stale.unlink(missing_ok=True)
-        written = atomic_write(path, lambda tmp: torch.save({"teacher": ordered}, tmp))
+        # The run's lock keeps other writers away: any temporary copy here is a killed export's, full-size, and goes.
+        written = atomic_write(path, lambda tmp: torch.save({"teacher": ordered}, tmp), sole_writer=True)
         logger.info("exported the teacher (%d tensors) to %s", len(ordered), path)
     barrier()
     return written

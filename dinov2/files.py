@@ -23,27 +23,29 @@ def _process_is_gone(pid: int) -> bool:
     return False
 
 
-def remove_stale_temporaries(path: str | os.PathLike[str], marker: str = ".tmp") -> None:
+def remove_stale_temporaries(path: str | os.PathLike[str], marker: str = ".tmp", sole_writer: bool = False) -> None:
     """Delete the temporary copies of ``path`` (``.<name><marker><pid>...`` beside it) that processes killed
-    before their rename left, those of processes still running excepted."""
+    before their rename left, those of processes still running excepted; with ``sole_writer`` (the caller holds a
+    lock that keeps other writers away) every copy, whatever its process id (a requeued job may hold the killed
+    writer's id again)."""
     path = Path(path)
     prefix = f".{path.name}{marker}"
     for stale in path.parent.glob(glob.escape(prefix) + "*"):
         pid = stale.name[len(prefix) :].lstrip("-").split(".", 1)[0]
-        if pid.isdigit() and _process_is_gone(int(pid)):
+        if pid.isdigit() and (sole_writer or _process_is_gone(int(pid))):
             stale.unlink(missing_ok=True)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, sole_writer: bool = False) -> Path:
     """Call ``write(tmp)`` to write a temporary file beside ``path``, flush it to disk and rename it over ``path``:
     a reader finds the old content or the new, never a part of either; returns ``path``.
 
     The temporary, ``.<name>.tmp-<pid><suffix>``, keeps ``path``'s suffix (``np.savez`` would append ``.npz`` to a
     name without it) and is removed if ``write`` fails; copies that killed writers left are removed first
-    (:func:`remove_stale_temporaries`).
+    (:func:`remove_stale_temporaries`, ``sole_writer`` as there).
     """
     path = Path(path)
-    remove_stale_temporaries(path)
+    remove_stale_temporaries(path, sole_writer=sole_writer)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         write(tmp)
