@@ -5,9 +5,10 @@ The models stay plain PyTorch. `parallelize_model` changes them in place:
 
 * activation checkpointing: each transformer block's forward runs under `torch.utils.checkpoint` (non-reentrant),
   by rebinding the block's `forward`; no wrapper module, so parameter names and state-dict keys are unchanged;
-* compile: `Module.compile()` on each block (inside `block_chunks` too) and on each head (with dynamic shapes),
-  which also keeps the keys (no `_orig_mod.` prefix); the losses' cross-entropies (and, on CUDA, Sinkhorn-Knopp)
-  are compiled by `SSLMetaArch.compile_losses`;
+* compile: `Module.compile()` on each block (inside `block_chunks` too), or on the whole backbone (compile scope
+  `backbone`, one process only), and on each head (with dynamic shapes), which also keeps the keys (no `_orig_mod.`
+  prefix); CUDA graphs, if asked for, replay what the backbone's compilation covers; the losses' cross-entropies (and,
+  on CUDA, Sinkhorn-Knopp) are compiled by `SSLMetaArch.compile_losses`;
 * FSDP2 (`torch.distributed.fsdp.fully_shard`), only with a process group of more than one rank: each block, then
   the backbone; each head as one unit. FULL_SHARD frees the gathered parameters after forward, SHARD_GRAD_OP keeps
   them for backward, NO_SHARD replicates them: FSDP2 has no NO_SHARD, so it shards over a mesh dimension of size 1
@@ -38,7 +39,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from dinov2.configs import SHARDING_STRATEGIES, ConfigError
+from dinov2.configs import CHOICES, SHARDING_STRATEGIES, ConfigError
 from dinov2.distributed import get_world_size
 from dinov2.layers.block import BlockChunk
 
@@ -114,6 +115,16 @@ def _device_mesh(sharding_strategy: str, device_type: str | None = None) -> Devi
 
 #: Inductor options of the blocks under `train.compile_tuning`: coordinate-descent tuning of the fused kernels.
 COMPILE_TUNING_OPTIONS = {"coordinate_descent_tuning": True}
+#: Inductor options under `train.cuda_graphs`: what `mode="reduce-overhead"` sets (which cannot be combined with
+#: options), CUDA graphs (trees) replaying the compiled code's kernels, on CUDA devices only.
+CUDA_GRAPHS_OPTIONS = {"triton.cudagraphs": True}
+COMPILE_SCOPES = CHOICES["train.compile_scope"]
+
+
+def backbone_compile_options(*, compile_tuning: bool = False, cuda_graphs: bool = False) -> dict[str, Any] | None:
+    """Inductor options for what a backbone's compilation covers (each block, or the backbone whole)."""
+    options = {**(COMPILE_TUNING_OPTIONS if compile_tuning else {}), **(CUDA_GRAPHS_OPTIONS if cuda_graphs else {})}
+    return options or None
 
 
 def parallelize_model(
@@ -125,6 +136,8 @@ def parallelize_model(
     activation_checkpointing: bool = False,
     compile: bool = False,
     compile_tuning: bool = False,
+    compile_scope: str = "blocks",
+    cuda_graphs: bool = False,
     device_mesh: DeviceMesh | None = None,
     reshard_after_forward: bool | None = None,
     name: str = "model",
@@ -135,14 +148,20 @@ def parallelize_model(
     applied over `device_mesh` when one is given, else when a process group with more than one rank exists (over all
     ranks; a (world, 1) mesh for NO_SHARD). `reshard_after_forward` overrides the strategy's choice (True for a model
     that only runs forward, so its parameters are DTensors again after each forward); `name` labels the part in the
-    log. `compile_tuning` compiles the blocks with Inductor's coordinate-descent tuning (`train.compile_tuning`).
+    log. `compile_tuning` compiles the blocks with Inductor's coordinate-descent tuning (`train.compile_tuning`);
+    `compile_scope` "backbone" compiles each backbone as one graph instead of block by block (`train.compile_scope`);
+    `cuda_graphs` replays the backbone's compiled code as CUDA graphs (`train.cuda_graphs`). Neither goes with FSDP2.
     The model must already be on its device, or on the meta device: then `to_empty(device=...)` it afterwards
     and load its weights (the trainer does so, see `SSLMetaArch.init_weights`), so that only rank 0 ever holds a
     full copy, while initialising.
     """
     if sharding_strategy not in SHARDING_STRATEGIES:
         raise ValueError(f"unknown sharding_strategy {sharding_strategy!r}; expected one of {SHARDING_STRATEGIES}")
+    if compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"unknown compile_scope {compile_scope!r}; expected one of {COMPILE_SCOPES}")
     shard = device_mesh is not None or get_world_size() > 1
+    if shard and compile and (compile_scope == "backbone" or cuda_graphs):
+        raise ValueError("a backbone compiled whole, and CUDA graphs, are for one process: FSDP2 shards the blocks")
     if shard and device_mesh is None:
         device_mesh = _device_mesh(sharding_strategy)
     param = dtype_from_name(param_dtype)
@@ -155,17 +174,21 @@ def parallelize_model(
         reshard_after_forward = sharding_strategy == "FULL_SHARD"
     fsdp_kwargs = dict(mesh=device_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     parts = list(model.values()) if isinstance(model, nn.ModuleDict) else [model]
-    block_options = COMPILE_TUNING_OPTIONS if compile_tuning else None
+    backbone_options = backbone_compile_options(compile_tuning=compile_tuning, cuda_graphs=cuda_graphs)
     for part in parts:
-        if compile and not hasattr(part, "blocks"):  # a head: its row count changes (iBOT's masked tokens)
+        is_backbone = hasattr(part, "blocks")
+        if compile and not is_backbone:  # a head: its row count changes (iBOT's masked tokens)
             part.compile(dynamic=True)
+        if compile and is_backbone and compile_scope == "backbone":
+            part.compile(options=backbone_options)
         for block in getattr(part, "blocks", ()):
             if activation_checkpointing:
                 _enable_activation_checkpointing(block)
-            if compile:  # each block, also inside a chunk: chunks differ in layout, and would each compile anew
+            # Each block, also inside a chunk: chunks differ in layout, and would each compile anew.
+            if compile and compile_scope == "blocks":
                 for layer in block if isinstance(block, BlockChunk) else (block,):
                     if not isinstance(layer, nn.Identity):
-                        layer.compile(options=block_options)
+                        layer.compile(options=backbone_options)
             if shard:
                 fully_shard(block, **fsdp_kwargs)
         if shard:
@@ -214,6 +237,8 @@ def parallelize_from_config(parts: nn.ModuleDict, cfg: DictConfig, role: str, de
             activation_checkpointing=bool(cfg.train.activation_checkpointing) and role == "student",
             compile=bool(cfg.train.compile),
             compile_tuning=bool(cfg.train.compile_tuning),
+            compile_scope=cfg.train.compile_scope,
+            cuda_graphs=bool(cfg.train.cuda_graphs),
             device_mesh=meshes.get(replicate),
             reshard_after_forward=True if role == "teacher" else None,
             name=f"{role}.{name}",
@@ -232,6 +257,23 @@ def check_compile_toolchain(device: torch.device, setting: str = "train.compile"
         raise ConfigError(
             f"{setting} on a CPU needs a C++ compiler for torch.compile's kernels, and {compiler} is not on "
             f"PATH: install one (e.g. apt install g++), name it in $CXX, or turn {setting} off"
+        )
+
+
+def check_compile_settings(cfg: DictConfig, device: torch.device, world_size: int) -> None:
+    """Raise ConfigError, before any work, for compile settings that this device or process count cannot take:
+    ``train.compile`` without a C++ compiler on a CPU, ``train.cuda_graphs`` off CUDA, and a backbone compiled whole
+    or CUDA graphs with several processes (FSDP2 gathers each block's weights in hooks around it)."""
+    if not cfg.train.compile:
+        return
+    check_compile_toolchain(device)
+    if cfg.train.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"train.cuda_graphs=true needs a CUDA device, and this run is on {device.type}; turn it off")
+    if world_size > 1 and (cfg.train.compile_scope == "backbone" or cfg.train.cuda_graphs):
+        setting = "train.compile_scope=backbone" if cfg.train.compile_scope == "backbone" else "train.cuda_graphs=true"
+        raise ConfigError(
+            f"{setting} is for a single process, and this run has {world_size}: FSDP2 shards each block and gathers "
+            "its weights in hooks around it; use train.compile_scope=blocks and train.cuda_graphs=false"
         )
 
 

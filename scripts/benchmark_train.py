@@ -354,7 +354,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         busy = cpu_busy_warning(threads) if device.type == "cpu" else None
         if busy:
             logger.warning(busy)
-        print(f"device: {name}; ranks: {info.world_size}; precision: {precision}; compile: {args.compile}; "
+        compiled = f"{args.compile}" + (f" ({compile_settings(cfg)})" if args.compile else "")
+        print(f"device: {name}; ranks: {info.world_size}; precision: {precision}; compile: {compiled}; "
               f"activation checkpointing: {args.activation_checkpointing}"
               + "".join(f"; inductor {name}={value!r}" for name, value in args.inductor))
         backbone = model.student.backbone
@@ -369,6 +370,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         write_profile(step, device, Path(args.profile), save=info.is_main_process)
     distributed.destroy()
     return result
+
+
+def compile_settings(cfg: DictConfig) -> str:
+    """What ``train.compile`` compiles and how, in words: the scope, CUDA graphs, tuning."""
+    return ", ".join([f"scope {cfg.train.compile_scope}"] + ["CUDA graphs"] * bool(cfg.train.cuda_graphs)
+                     + ["tuned"] * bool(cfg.train.compile_tuning))  # fmt: skip
 
 
 def benchmark_overrides(args: argparse.Namespace, precision: str) -> list[str]:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check, within a time budget (GPU_CHECK_BUDGET_S, default 480 s: a lent GPU session is short):
 # the torchrun launch path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in
-# bf16 (ViT-S with train.compile, with Inductor's C++ wrapper and with train.compile_tuning, a GPU profile of its step
-# with and without them, one block under each compile setting; its iBOT loss path alone; attention), the data
+# bf16 (ViT-S with train.compile: the blocks or the backbone whole, with and without CUDA graphs, with Inductor's C++
+# wrapper and with train.compile_tuning, a GPU profile of its step with and without them, one block under each
+# compile setting; its iBOT loss path alone; attention), the data
 # pipeline with 16 workers, the training command end to end on the demo images, feature extraction, larger batches
 # and the ViT-g memory check. The steps run most wanted first; each has its own time limit, cut to what is left of
 # the budget, and a step that no longer fits is skipped, so a check cut short still measures what is new.
@@ -96,6 +97,21 @@ fi
 
 # Heads as released (65,536 prototypes, hidden 2048, bottleneck 256), 224 px global crops only (DinoBloom).
 HEADS="--heads 65536,2048,256 --crops dinobloom"
+# The compiled ViT-S step at batch 128 is paced by the host: ~63 ms to queue a step of ~58-62 ms of kernels. First
+# the untuned compiled step (blocks, heads, cross-entropies, Sinkhorn-Knopp), the baseline of the three steps after it
+# on the same machine; what made Dynamo recompile or break the graph goes to the log.
+step vits14_bf16_compile 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
+  --arch vit_small --batch-size 128 $HEADS --compile --iters 8
+# Three ways to cut the host's work per step (compare s_per_iter and host_s_per_iter with the step above): the
+# backbone compiled as one graph (a few compiled calls per step instead of 36 blocks'), CUDA graphs of the compiled
+# blocks, and both. The TORCH_LOGS name what kept the graphs from being captured, if anything.
+step vits14_bf16_compile_backbone 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
+  --arch vit_small --batch-size 128 $HEADS --compile --iters 8 train.compile_scope=backbone
+step vits14_bf16_compile_backbone_cuda_graphs 150 env TORCH_LOGS=recompiles,graph_breaks,cudagraphs,perf_hints \
+  $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS --compile --iters 8 \
+  train.compile_scope=backbone train.cuda_graphs=true
+step vits14_bf16_compile_cuda_graphs 150 env TORCH_LOGS=recompiles,cudagraphs,perf_hints \
+  $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS --compile --iters 8 train.cuda_graphs=true
 # train.compile with train.compile_tuning (coordinate-descent tuning of the blocks' kernels): 58 ms of kernels per
 # step, which the host took 64.5 ms to queue on one machine (host_s_per_iter); 2-4 minutes with its compilation.
 # Its operator table (sorted by GPU time) goes to vits14_compile_profile.txt.
@@ -105,10 +121,6 @@ step vits14_bf16_compile_tuning 240 $PY scripts/benchmark_train.py --arch vit_sm
 # host_s_per_iter fall, and the step with it? (The tuned kernels come from the step above's cache.)
 step vits14_bf16_compile_tuning_cpp_wrapper 240 $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 \
   $HEADS --compile --iters 8 --inductor cpp_wrapper=True train.compile_tuning=true
-# torch.compile as train.compile does it (blocks, heads, cross-entropies, Sinkhorn-Knopp), untuned; what made Dynamo
-# recompile or break the graph goes to the log.
-step vits14_bf16_compile 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
-  --arch vit_small --batch-size 128 $HEADS --compile --iters 8
 # Tuned at batch 256 (31.6 % MFU; untuned, on another machine, 30.9 %): the goal is 35 %.
 step vits14_bf16_b256_compile_tuning 240 $PY scripts/benchmark_train.py --arch vit_small --batch-size 256 $HEADS \
   --compile --iters 8 train.compile_tuning=true

@@ -78,6 +78,9 @@ def test_gpu_check_passes_options_each_benchmark_accepts(
             parsed = parser.parse_intermixed_args(args)
             if name == "train":  # and its overrides name keys and values that the config accepts
                 load_config(REPO_ROOT / parsed.config_file, parsed.opts)
+            elif name == "benchmark_train":  # its config overrides, with those its options stand for
+                overrides = load_script(name).benchmark_overrides(parsed, "bf16") + parsed.opts
+                load_config(REPO_ROOT / parsed.config_file, overrides)
         except (SystemExit, Exception) as err:  # argparse reports unknown options by exiting
             pytest.fail(f"gpu_check.sh calls {name}.py with options it rejects: {args} ({err})")
 

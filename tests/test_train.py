@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -675,6 +676,57 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_a_config_error(
         _train(tmp_path / "run", demo.lists_dir, "train.compile=true", "train.device=cpu")
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert "stopped: train.compile on a CPU needs a C++ compiler" in (tmp_path / "run" / "log.txt").read_text()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler (g++ or c++), and none is on PATH")
+def test_training_with_the_backbone_compiled_whole_follows_the_eager_run(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.compile=true train.compile_scope=backbone`` trains on a CPU as the eager run does (each step's losses
+    to 0.1 %: Inductor's kernels sum in another order, and AdamW magnifies that a little each step), and the steps
+    mark no CUDA-graph generations without ``train.cuda_graphs``."""
+    marks: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    assert _train(tmp_path / "eager", demo.lists_dir, epochs=1, epoch_length=3) == 0
+    compiled = ("train.compile=true", "train.compile_scope=backbone")
+    assert _train(tmp_path / "compiled", demo.lists_dir, *compiled, epochs=1, epoch_length=3) == 0
+    eager, whole = _metrics(tmp_path / "eager"), _metrics(tmp_path / "compiled")
+    assert [r["iteration"] for r in whole] == [r["iteration"] for r in eager] == [0, 1, 2]
+    for ours, expected in zip(whole, eager):
+        for key in ("total_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss"):
+            assert ours[key] == pytest.approx(expected[key], rel=1e-3), (ours["iteration"], key)
+    assert marks == []
+
+
+def test_cuda_graphs_mark_each_training_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``train.cuda_graphs`` each step first tells the CUDA-graph trees that a new step begins (the outputs
+    of the step before may be overwritten), and only with it."""
+    from dinov2.train.train import training_step
+
+    marks: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+
+    class Step(torch.nn.Module):  # the parts of SSLMetaArch that training_step touches
+        def __init__(self, cuda_graphs: bool) -> None:
+            super().__init__()
+            self.cuda_graphs = cuda_graphs
+            self.student = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 1)})
+
+        def forward_loss(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, dict]:
+            loss = self.student.backbone(batch["x"]).sum()
+            return loss, {"total_loss": loss.detach()}
+
+        def update_teacher(self, momentum: float) -> None:
+            pass
+
+    for graphs, expected in ((False, []), (True, [1, 1])):
+        model = Step(graphs)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            training_step(model, optimizer, None, nullcontext(), {"x": torch.ones(3, 2)}, 0.07, 0.99, 0.0)
+        assert marks == expected
+        marks.clear()
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.colour_augmentation": ("auto", "workers", "device"),
     "train.device": ("auto", "cuda", "mps", "cpu"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.compile_scope": ("blocks", "backbone"),  # dinov2.parallel.parallelize_model's compile scopes
     "student.ffn_layer": ("mlp", "swiglu", "swiglufused", "identity"),
     "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256"),
 }
@@ -456,6 +457,8 @@ def _check_values(cfg: DictConfig, warn: bool = False) -> None:
         )
     if cfg.train.compile_tuning and not cfg.train.compile:
         problems.append("train.compile_tuning=true tunes what train.compile compiles: set train.compile=true too")
+    if cfg.train.cuda_graphs and not cfg.train.compile:
+        problems.append("train.cuda_graphs=true replays what train.compile compiles: set train.compile=true too")
     if cfg.dino.loss_weight <= 0 and cfg.ibot.loss_weight <= 0:
         problems.append("dino.loss_weight and ibot.loss_weight are both 0: nothing would be trained")
     if problems:

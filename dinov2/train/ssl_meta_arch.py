@@ -102,6 +102,7 @@ class SSLMetaArch(nn.Module):
         self.do_koleo = cfg.dino.koleo_loss_weight > 0
         self.do_ibot = cfg.ibot.loss_weight > 0
         self.ibot_separate_head = bool(cfg.ibot.separate_head)
+        self.cuda_graphs = bool(cfg.train.compile and cfg.train.cuda_graphs)
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
         if self.do_koleo:
             self.koleo_loss = KoLeoLoss(pairwise_eps=float(cfg.dino.koleo_pairwise_eps))

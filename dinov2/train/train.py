@@ -44,7 +44,7 @@ from dinov2.parallel import (
     allow_tf32_matmul,
     autocast_dtype,
     build_grad_scaler,
-    check_compile_toolchain,
+    check_compile_settings,
     clip_grad_norm,
     parallelize_from_config,
 )
@@ -102,6 +102,8 @@ def training_step(
 ) -> dict[str, torch.Tensor]:
     """Forward-backward, gradient clipping, optimiser step and teacher EMA; returns the detached loss terms."""
     optimizer.zero_grad(set_to_none=True)
+    if model.cuda_graphs:  # the graphs' outputs of the step before are no longer needed: replays may overwrite them
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast:
         loss, terms = model.forward_loss(batch, teacher_temp=teacher_temp)
     if scaler is not None:
@@ -581,8 +583,7 @@ def run_command(
     """Train (or, with ``--eval-only``, export and score) in the claimed ``output_dir``; ``previous``: the text of
     its earlier config.yaml."""
     apply_scaling_rules_to_cfg(cfg, info.world_size)
-    if cfg.train.compile:
-        check_compile_toolchain(info.device)
+    check_compile_settings(cfg, info.device, info.world_size)
     if args.eval_only:
         export_checkpoint_teacher(cfg, output_dir, info)
         return
