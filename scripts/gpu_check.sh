@@ -11,8 +11,8 @@
 #   bash scripts/gpu_check.sh [LOG_DIR]
 #
 # GPU_CHECK_STEPS="NAME ..." (spaces or commas) runs only the steps named, in the script's order; a name that is no
-# step is refused before anything runs, with the list of steps. train_vits14_demo_compile reads the demo images that
-# data_pipeline writes: name both.
+# step is refused before anything runs, with the list of steps. train_vits14_demo_compile and
+# train_vits14_demo_cuda_graphs read the demo images that data_pipeline writes: name it too.
 #
 # LOG_DIR (default $OUT, else gpu_check_logs/) receives few files, written as the steps run, so that they survive a
 # kill: gpu_check.log (everything), summary.txt (each step's exit status, time and last 30 result lines) and the
@@ -149,6 +149,17 @@ step train_vits14_demo_compile 150 $PY dinov2/train/train.py --config-file dinov
   --output-dir /tmp/gpu_check_train train.dataset_path=/tmp/demo_data/lists student.arch=vit_small \
   student.pretrained_weights=null train.batch_size_per_gpu=128 train.num_workers=16 train.compile=true \
   train.OFFICIAL_EPOCH_LENGTH=100 optim.epochs=1 optim.warmup_epochs=0 teacher.warmup_teacher_temp_epochs=0
+# The same with the backbone compiled whole and replayed as CUDA graphs, and the monitors on (the kNN monitor's
+# batches, of other shapes, and RankMe's teacher calls come between the graphs' steps): does the loop run, and how
+# fast?
+rm -rf /tmp/gpu_check_train_graphs
+step train_vits14_demo_cuda_graphs 150 env TORCH_LOGS=recompiles,cudagraphs,perf_hints $PY dinov2/train/train.py \
+  --config-file dinov2/configs/train/custom.yaml --output-dir /tmp/gpu_check_train_graphs \
+  train.dataset_path=/tmp/demo_data/lists student.arch=vit_small student.pretrained_weights=null \
+  train.batch_size_per_gpu=128 train.num_workers=16 train.compile=true train.compile_scope=backbone \
+  train.cuda_graphs=true train.OFFICIAL_EPOCH_LENGTH=100 optim.epochs=1 optim.warmup_epochs=0 \
+  teacher.warmup_teacher_temp_epochs=0 evaluation.knn_data=/tmp/demo_data/images evaluation.eval_period_iterations=50 \
+  evaluation.rankme_period_iterations=50 evaluation.rankme_batches=5
 step features_vits14 45 $PY scripts/benchmark_features.py --device cuda --batch-size 256 --iters 20
 # What `extract_features --precision bf16 --compile` gives on the GPU, ours and timm alike.
 step features_vits14_bf16_compile 90 $PY scripts/benchmark_features.py --device cuda --batch-size 256 --iters 20 \
