@@ -127,6 +127,34 @@ def test_update_teacher_is_ema_of_the_student(momentum: float) -> None:
         assert torch.equal(s, s0)
 
 
+
+def test_each_training_step_clips_and_averages_the_live_parameters() -> None:
+    """A trainer-built model (made on the meta device, materialised, initialised: the way its parameters come to
+    be) steps twice: after each step the teacher is exactly the EMA of its weights before and the updated student,
+    and every part's gradients were clipped to the limit. The step lists the parameters once, so a list made before
+    the weights were materialised would leave the teacher and the clipping on stale tensors."""
+    from contextlib import nullcontext
+
+    from dinov2.train.optim import apply_optim_scheduler
+    from dinov2.train.train import build_training_state, training_step
+
+    cfg = load_config(TRAIN_CONFIG_DIR / "demo.yaml", [*TINY, "train.dataset_path=unused"])
+    torch.manual_seed(0)
+    model, optimizer, scaler = build_training_state(cfg, torch.device("cpu"))
+    apply_optim_scheduler(optimizer, lr=1e-3, wd=0.04, last_layer_lr=1e-3)  # (the optimizer starts at lr 0)
+    for step in range(2):
+        teacher_before = [p.clone() for p in model.teacher.parameters()]
+        training_step(model, optimizer, scaler, nullcontext(), _batch(step), teacher_temp=TEACHER_TEMP,
+                      momentum=0.9, clip_grad=1e-3)  # fmt: skip
+        for t, t0, s in zip(model.teacher.parameters(), teacher_before, model.student.parameters(), strict=True):
+            torch.testing.assert_close(t, torch.lerp(t0, s, 0.1), rtol=0, atol=1e-7)
+        assert not all(torch.equal(t, t0) for t, t0 in zip(model.teacher.parameters(), teacher_before))
+        for name, part in model.student.items():
+            grads = [p.grad.norm() for p in part.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(grads))
+            assert norm <= 1e-3 * (1 + 1e-5), (step, name, float(norm))
+
+
 LOCAL_SIZE = 14
 
 

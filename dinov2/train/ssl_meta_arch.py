@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from dinov2.configs import ConfigError, resolve_arch
 from dinov2.distributed import get_rank, get_world_size
@@ -103,6 +104,15 @@ class SSLMetaArch(nn.Module):
         self.do_ibot = cfg.ibot.loss_weight > 0
         self.ibot_separate_head = bool(cfg.ibot.separate_head)
         self.cuda_graphs = bool(cfg.train.compile and cfg.train.cuda_graphs)
+        # What each step needs of the config, read once: OmegaConf's look-ups cost the host about 14 us each.
+        self.softmax_centering = cfg.train.centering == "centering"
+        self.n_local_crops = effective_local_crops(cfg)
+        self.global_scale, self.local_scale = dino_loss_term_scales(2, int(cfg.crops.local_crops_number))
+        self.dino_weight = float(cfg.dino.loss_weight)
+        self.koleo_weight = float(cfg.dino.koleo_loss_weight)
+        self.ibot_weight = float(cfg.ibot.loss_weight)
+        self._ema_params: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None
+        self._student_part_params: list[list[nn.Parameter]] | None = None
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
         if self.do_koleo:
             self.koleo_loss = KoLeoLoss(pairwise_eps=float(cfg.dino.koleo_pairwise_eps))
@@ -159,7 +169,7 @@ class SSLMetaArch(nn.Module):
         else:
             cls_logits = self.teacher.dino_head(cls_tokens)
 
-        if self.cfg.train.centering == "centering":
+        if self.softmax_centering:
             cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp=teacher_temp)
             self.dino_loss.update_center(cls_logits)
             patch_probs = None
@@ -177,8 +187,7 @@ class SSLMetaArch(nn.Module):
 
     def forward_loss(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss of one step and its detached terms, as DINOv2/DinoBloom normalise them."""
-        n_local = effective_local_crops(self.cfg)
-        global_scale, local_scale = dino_loss_term_scales(2, int(self.cfg.crops.local_crops_number))
+        n_local = self.n_local_crops
         cls_probs, patch_probs = self._teacher_targets(batch, teacher_temp)
 
         global_crops = batch["collated_global_crops"]
@@ -206,16 +215,16 @@ class SSLMetaArch(nn.Module):
         if n_local > 0 and self.do_dino:
             local_out = self.student.backbone(batch["collated_local_crops"], is_training=True)
             local_logits = self.student.dino_head(local_out["x_norm_clstoken"])
-            local_loss = local_scale * self.dino_loss(local_logits.chunk(n_local), list(cls_probs.chunk(2)))
+            local_loss = self.local_scale * self.dino_loss(local_logits.chunk(n_local), list(cls_probs.chunk(2)))
             loss_terms["dino_local_crops_loss"] = local_loss
-            total = total + self.cfg.dino.loss_weight * local_loss
+            total = total + self.dino_weight * local_loss
 
         if self.do_dino:
-            global_loss = global_scale * self.dino_loss([cls_logits], [cls_probs])
+            global_loss = self.global_scale * self.dino_loss([cls_logits], [cls_probs])
             loss_terms["dino_global_crops_loss"] = global_loss
-            total = total + self.cfg.dino.loss_weight * global_loss
+            total = total + self.dino_weight * global_loss
             if self.do_koleo:
-                koleo = self.cfg.dino.koleo_loss_weight * sum(self.koleo_loss(c) for c in cls_tokens.chunk(2))
+                koleo = self.koleo_weight * sum(self.koleo_loss(c) for c in cls_tokens.chunk(2))
                 # Logged halved, as DINOv2's loss_dict logs it (see the README); the total takes the full term.
                 loss_terms["koleo_loss"] = koleo / 2
                 total = total + koleo
@@ -226,26 +235,38 @@ class SSLMetaArch(nn.Module):
             )
             # Logged halved, as DINOv2's loss_dict logs it (see the README); the total takes the full term.
             loss_terms["ibot_loss"] = ibot / 2
-            total = total + self.cfg.ibot.loss_weight * ibot
+            total = total + self.ibot_weight * ibot
 
         loss_terms = {k: v.detach() for k, v in loss_terms.items()}
         loss_terms["total_loss"] = total.detach()
         return total, loss_terms
 
+    def student_part_params(self) -> list[list[nn.Parameter]]:
+        """The parameters of each part of the student (backbone, heads), listed once: walking the modules every
+        step costs the host more than the clipping's own work."""
+        if self._student_part_params is None:
+            self._student_part_params = [list(part.parameters()) for part in self.student.values()]
+        return self._student_part_params
+
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """EMA of the student into the teacher: t = m * t + (1 - m) * s, fused over all tensors."""
-        teacher_params, student_params = [], []
-        for name in self.teacher:
-            for t, s in zip(self.teacher[name].parameters(), self.student[name].parameters(), strict=True):
-                teacher_params.append(_local(t))
-                student_params.append(_local(s))
+        if self._ema_params is None:  # listed once (the modules keep their parameter objects), paired by part
+            teacher, student = [], []
+            for name in self.teacher:
+                for t, s in zip(self.teacher[name].parameters(), self.student[name].parameters(), strict=True):
+                    teacher.append(t)
+                    student.append(s)
+            self._ema_params = teacher, student
+        teacher_params, student_params = self._ema_params
+        if isinstance(teacher_params[0], DTensor):  # FSDP2: the local shards, asked for anew each step
+            teacher_params, student_params = [_local(t) for t in teacher_params], [_local(s) for s in student_params]
         # t + (1 - m) (s - t): one pass over the teacher instead of a multiply and an add.
         torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
     def apply_center_updates(self) -> None:
         """Finish the lazily reduced centre updates of the softmax-centering losses."""
-        if self.cfg.train.centering == "centering":
+        if self.softmax_centering:
             self.dino_loss.apply_center_update()
             if self.do_ibot:
                 self.ibot_patch_loss.apply_center_update()

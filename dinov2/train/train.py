@@ -112,8 +112,8 @@ def training_step(
     else:
         loss.backward()
     if clip_grad:
-        for part in model.student.values():
-            clip_grad_norm(part.parameters(), clip_grad)
+        for params in model.student_part_params():
+            clip_grad_norm(params, clip_grad)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
