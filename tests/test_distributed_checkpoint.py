@@ -28,6 +28,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import dinov2.checkpoint as checkpoint_module
+from conftest import spawn_ranks
 from dinov2 import distributed
 from dinov2.cli import run_cli
 from dinov2.checkpoint import (
@@ -175,7 +176,7 @@ def _fsdp_worker(rank: int, port: int, strategy: str) -> None:
 @pytest.mark.parametrize("strategy", ["SHARD_GRAD_OP", "NO_SHARD"])
 def test_fsdp2_two_ranks_match_one(strategy: str) -> None:
     """Forward, gradient norms and optimizer steps of 2 FSDP2 ranks equal the unsharded model on the full batch."""
-    mp.spawn(_fsdp_worker, args=(_free_port(), strategy), nprocs=WORLD)
+    spawn_ranks(_fsdp_worker, (_free_port(), strategy), WORLD)
 
 
 def _model(seed: int) -> nn.ModuleDict:
@@ -240,7 +241,7 @@ def _checkpoint_worker(rank: int, port: int, ckpt_dir: str) -> None:
 def two_rank_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint written by 2 FSDP2 ranks (the ranks also check that it loads back on 2 ranks)."""
     ckpt_dir = tmp_path_factory.mktemp("ckpt")
-    mp.spawn(_checkpoint_worker, args=(_free_port(), str(ckpt_dir)), nprocs=WORLD)
+    spawn_ranks(_checkpoint_worker, (_free_port(), str(ckpt_dir)), WORLD)
     return ckpt_dir
 
 

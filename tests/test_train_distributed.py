@@ -33,11 +33,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 import dinov2.train.ssl_meta_arch as meta_arch
+from conftest import spawn_ranks
 from dinov2 import distributed
 from dinov2.checkpoint import find_latest_checkpoint
 from dinov2.configs import TRAIN_CONFIG_DIR, ConfigError, apply_scaling_rules_to_cfg, load_config
@@ -133,8 +133,7 @@ def _argv(output_dir: Path, dataset: Path, batch: int, *extra: str) -> list[str]
 
 
 def _train_two_ranks(output_dir: Path, dataset: Path, *extra: str) -> None:
-    mp.start_processes(_rank_main, args=(_free_port(), _argv(output_dir, dataset, B, *extra)), nprocs=WORLD,
-                       start_method="spawn")  # fmt: skip
+    spawn_ranks(_rank_main, (_free_port(), _argv(output_dir, dataset, B, *extra)), WORLD)
 
 
 def _train_one_rank(output_dir: Path, dataset: Path, *extra: str) -> None:
@@ -278,8 +277,7 @@ def test_an_output_folder_rank_0_cannot_take_stops_every_rank_with_the_error(tmp
     does not wait for rank 0 at a collective or die of its closed connection."""
     out = tmp_path / "run"
     (out / ".lock").mkdir(parents=True)
-    mp.start_processes(_rank_recording_its_error, args=(_free_port(), _argv(out, demo.lists_dir, B), str(tmp_path)),
-                       nprocs=WORLD, start_method="spawn")  # fmt: skip
+    spawn_ranks(_rank_recording_its_error, (_free_port(), _argv(out, demo.lists_dir, B), str(tmp_path)), WORLD)
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD))
     assert rank0.startswith(f"ConfigError: --output-dir (train.output_dir) {out}: Is a directory: {out / '.lock'}")
     assert rank1 == f"ConfigError: --output-dir {out} cannot be used (rank 0 says why)"
@@ -297,7 +295,7 @@ def test_sharded_start_from_a_backbone_file(tmp_path: Path, demo) -> None:
     overrides = [*TINY, f"train.dataset_path={demo.lists_dir}", f"student.pretrained_weights={weights}",
                  f"train.batch_size_per_gpu={B}", "compute_precision.student.dino_head.sharding_strategy=NO_SHARD",
                  "compute_precision.teacher.dino_head.sharding_strategy=NO_SHARD"]  # fmt: skip
-    mp.start_processes(_build_worker, args=(_free_port(), overrides, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    spawn_ranks(_build_worker, (_free_port(), overrides, str(tmp_path)), WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert ranks[0]["calls"] == [0] and ranks[1]["calls"] == [], "a rank other than 0 built the full weights"
 
@@ -421,8 +419,7 @@ def test_sinkhorn_knopp_over_ranks_with_unequal_rows_equals_one_rank(tmp_path: P
 
     if compiled and shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile on CPU needs a C++ compiler (g++ or c++), and none is on PATH")
-    mp.start_processes(_uneven_sinkhorn_worker, args=(_free_port(), str(tmp_path), compiled), nprocs=WORLD,
-                       start_method="spawn")  # fmt: skip
+    spawn_ranks(_uneven_sinkhorn_worker, (_free_port(), str(tmp_path), compiled), WORLD)
     two_ranks = torch.cat([torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)])
     logits = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
     one_rank = DINOLoss(16).sinkhorn_knopp_teacher(logits, teacher_temp=0.1)
