@@ -304,6 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         precision = "bf16" if device.type == "cuda" else "fp32"
     cfg = load_config(args.config_file, benchmark_overrides(args, precision) + args.opts)
     apply_scaling_rules_to_cfg(cfg, info.world_size)
+    parallel.check_compile_settings(cfg, device, info.world_size)  # as the training command refuses them
 
     torch.manual_seed(0)
     model, optimizer, scaler = build_training_state(cfg, device)

@@ -332,9 +332,10 @@ def test_compile_scope_and_cuda_graphs_reach_the_backbone(monkeypatch: pytest.Mo
         assert calls == expected + [("Linear", {"dynamic": True})], (scope, graphs)
 
 
-def test_compile_settings_that_cannot_work_are_config_errors() -> None:
+def test_compile_settings_that_cannot_work_are_config_errors(load_script: Callable[[str], ModuleType]) -> None:
     """A misspelt compile scope, CUDA graphs without ``train.compile`` or off CUDA, and a backbone compiled whole or
-    CUDA graphs with several processes are refused before any work, each naming the setting and the way out."""
+    CUDA graphs with several processes are refused before any work, each naming the setting and the way out; the
+    training benchmark refuses what the training command refuses."""
     from dinov2.configs import ConfigError
     from dinov2.parallel import check_compile_settings, parallelize_model
 
@@ -355,5 +356,8 @@ def test_compile_settings_that_cannot_work_are_config_errors() -> None:
         with pytest.raises(ConfigError, match=rf"{setting} is for a single process, and this run has 2: .* use "
                            r"train.compile_scope=blocks and train.cuda_graphs=false"):  # fmt: skip
             check_compile_settings(config("train.compile=true", setting), cuda, 2)
+    benchmark = load_script("benchmark_train")
+    with pytest.raises(ConfigError, match=r"train.cuda_graphs=true needs a CUDA device"):
+        benchmark.main(["--config-file", str(TRAIN_CONFIG_DIR / "demo.yaml"), "--compile", "train.cuda_graphs=true"])
     with pytest.raises(ValueError, match="unknown compile_scope 'everything'"):
         parallelize_model(torch.nn.Linear(2, 2), compile=True, compile_scope="everything")
