@@ -118,6 +118,7 @@ COMPILE_TUNING_OPTIONS = {"coordinate_descent_tuning": True}
 #: Inductor options under `train.cuda_graphs`: what `mode="reduce-overhead"` sets (which cannot be combined with
 #: options), CUDA graphs (trees) replaying the compiled code's kernels, on CUDA devices only.
 CUDA_GRAPHS_OPTIONS = {"triton.cudagraphs": True}
+#: What a backbone's compilation covers (`train.compile_scope`): each block, or the backbone as one graph.
 COMPILE_SCOPES = CHOICES["train.compile_scope"]
 
 
@@ -148,7 +149,8 @@ def parallelize_model(
     applied over `device_mesh` when one is given, else when a process group with more than one rank exists (over all
     ranks; a (world, 1) mesh for NO_SHARD). `reshard_after_forward` overrides the strategy's choice (True for a model
     that only runs forward, so its parameters are DTensors again after each forward); `name` labels the part in the
-    log. `compile_tuning` compiles the blocks with Inductor's coordinate-descent tuning (`train.compile_tuning`);
+    log. `compile_tuning` compiles the backbone (its blocks, or it whole) with Inductor's coordinate-descent tuning
+    (`train.compile_tuning`);
     `compile_scope` "backbone" compiles each backbone as one graph instead of block by block (`train.compile_scope`);
     `cuda_graphs` replays the backbone's compiled code as CUDA graphs (`train.cuda_graphs`). Neither goes with FSDP2.
     The model must already be on its device, or on the meta device: then `to_empty(device=...)` it afterwards
@@ -161,7 +163,8 @@ def parallelize_model(
         raise ValueError(f"unknown compile_scope {compile_scope!r}; expected one of {COMPILE_SCOPES}")
     shard = device_mesh is not None or get_world_size() > 1
     if shard and compile and (compile_scope == "backbone" or cuda_graphs):
-        raise ValueError("a backbone compiled whole, and CUDA graphs, are for one process: FSDP2 shards the blocks")
+        asked = "a backbone compiled whole" if compile_scope == "backbone" else "CUDA graphs"
+        raise ValueError(f"{asked} is for one process: FSDP2 shards the blocks")
     if shard and device_mesh is None:
         device_mesh = _device_mesh(sharding_strategy)
     param = dtype_from_name(param_dtype)

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch._inductor.config as inductor_config
 from omegaconf import DictConfig
+from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -218,7 +219,8 @@ def head_sizes(text: str) -> tuple[int, int, int]:
 
 def inductor_setting(text: str) -> tuple[str, Any]:
     """``--inductor``: NAME=VALUE of ``torch._inductor.config`` (dotted for nested settings, e.g.
-    ``triton.cudagraphs``), the value read as the setting's type: true/false for a flag, a number, text; other
+    ``triton.max_tiles``; CUDA graphs are ``train.cuda_graphs=true``, which also marks each step), the value read as
+    the setting's type: true/false for a flag, a number, text; other
     settings take a Python literal."""
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -255,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dinobloom: 2 global crops; dinov2: 2 global + 8 local (98 px); config: as configured")
     p.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile as train.compile does: each transformer block, the student cross-entropies "
-                   "and, on CUDA, Sinkhorn-Knopp")
+                   help="torch.compile as train.compile does: each transformer block (or the backbone whole, "
+                   "train.compile_scope=backbone), each head, the student cross-entropies and, on CUDA, Sinkhorn-Knopp")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations")
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
     p.add_argument("--iters", type=positive_int, default=10,
@@ -343,6 +345,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         "mfu": mfu,
         "peak_mem_gb": peak_mem_gb,
     }
+    if cfg.train.compile and cfg.train.cuda_graphs:  # graphs Inductor left uncaptured (TORCH_LOGS=cudagraphs says why)
+        result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     if syncs is not None:
         result["device_syncs_per_step"] = syncs[0]
         for where in syncs[1]:

@@ -3,10 +3,10 @@
 # the torchrun launch path, training throughput and MFU of ViT-S/14 and ViT-L/14 with the DinoBloom recipe in
 # bf16 (ViT-S with train.compile: the blocks or the backbone whole, with and without CUDA graphs, with Inductor's C++
 # wrapper and with train.compile_tuning, a GPU profile of its step with and without them, one block under each
-# compile setting; its iBOT loss path alone; attention), the data
-# pipeline with 16 workers, the training command end to end on the demo images, feature extraction, larger batches
-# and the ViT-g memory check. The steps run most wanted first; each has its own time limit, cut to what is left of
-# the budget, and a step that no longer fits is skipped, so a check cut short still measures what is new.
+# compile setting; its iBOT loss path alone; attention), the data pipeline with 16 workers, the training command end
+# to end on the demo images, feature extraction, larger batches and the ViT-g memory check. The steps run most
+# wanted first; each has its own time limit, cut to what is left of the budget, and a step left less than half of
+# its limit is skipped (a benchmark prints its figures at its end), so a check cut short still measures what is new.
 #
 #   bash scripts/gpu_check.sh [LOG_DIR]
 #
@@ -69,7 +69,16 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run one check within the budget, kee
     return
   fi
   # a step that ignores the stop signal (train.py finishes its iteration) is killed 10 s later: within the budget
-  ((limit > left - 10)) && limit=$((left - 10))
+  if ((limit > left - 10)); then
+    # A benchmark prints its figures at its end: cut to under half its time, it would likely leave nothing.
+    if ((2 * (left - 10) < limit)); then
+      echo "=== $name: skipped, ${left} s of the ${BUDGET} s budget left, under half its ${limit} s ===" \
+        | tee -a "$LOG" "$SUMMARY"
+      SKIPPED+=("$name")
+      return
+    fi
+    limit=$((left - 10))
+  fi
   echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
   local start=$SECONDS
   # The step's last lines (its figures, or its error) go to the summary, without progress bars and the profiler's
@@ -87,8 +96,9 @@ SKIPPED=()
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG" "$SUMMARY"
 # Preflight: without CUDA or the carried packages every step would fail or, worse, fall back to the CPU and spend
-# the budget there.
-if ! $PY -c "import torch, omegaconf; assert torch.cuda.is_available(), 'no CUDA device'; \
+# the budget there; a TORCH_LOGS name that this torch does not know would stop every step that sets it at import.
+LOG_NAMES=$(sed -n 's/.* TORCH_LOGS=\([a-z_,]*\) .*/\1/p' "$SELF" | tr ',' '\n' | sort -u | paste -sd, -)
+if ! TORCH_LOGS=$LOG_NAMES $PY -c "import torch, omegaconf; assert torch.cuda.is_available(), 'no CUDA device'; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" 2>&1 \
     | tee -a "$LOG" "$SUMMARY"; then
   echo "gpu_check: preflight failed (see above); nothing measured" | tee -a "$SUMMARY"
@@ -97,21 +107,22 @@ fi
 
 # Heads as released (65,536 prototypes, hidden 2048, bottleneck 256), 224 px global crops only (DinoBloom).
 HEADS="--heads 65536,2048,256 --crops dinobloom"
-# The compiled ViT-S step at batch 128 is paced by the host: ~63 ms to queue a step of ~58-62 ms of kernels. First
-# the untuned compiled step (blocks, heads, cross-entropies, Sinkhorn-Knopp), the baseline of the three steps after it
-# on the same machine; what made Dynamo recompile or break the graph goes to the log.
+# The tuned compiled ViT-S step at batch 128 was paced by the host (64.5 ms to queue 58 ms of kernels; untuned, a
+# tie). First the untuned compiled step (blocks, heads, cross-entropies, Sinkhorn-Knopp), the baseline of the three
+# steps after it on the same machine; what made Dynamo recompile or break the graph goes to the log.
 step vits14_bf16_compile 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
   --arch vit_small --batch-size 128 $HEADS --compile --iters 8
-# Three ways to cut the host's work per step (compare s_per_iter and host_s_per_iter with the step above): the
-# backbone compiled as one graph (a few compiled calls per step instead of 36 blocks'), CUDA graphs of the compiled
-# blocks, and both. The TORCH_LOGS name what kept the graphs from being captured, if anything.
-step vits14_bf16_compile_backbone 150 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
-  --arch vit_small --batch-size 128 $HEADS --compile --iters 8 train.compile_scope=backbone
-step vits14_bf16_compile_backbone_cuda_graphs 150 env TORCH_LOGS=recompiles,graph_breaks,cudagraphs,perf_hints \
-  $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS --compile --iters 8 \
-  train.compile_scope=backbone train.cuda_graphs=true
+# Three ways to cut the host's work per step (compare s_per_iter and host_s_per_iter with the step above): CUDA
+# graphs of the compiled blocks (their kernels come from the step above's cache), the backbone compiled as one graph
+# (a few compiled calls per step instead of 36 blocks'; its compilation took twice the blocks' on a CPU), and both.
+# The logs name what kept graphs from being captured; cudagraph_skips in the figures counts it.
 step vits14_bf16_compile_cuda_graphs 150 env TORCH_LOGS=recompiles,cudagraphs,perf_hints \
   $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS --compile --iters 8 train.cuda_graphs=true
+step vits14_bf16_compile_backbone 240 env TORCH_LOGS=recompiles,graph_breaks $PY scripts/benchmark_train.py \
+  --arch vit_small --batch-size 128 $HEADS --compile --iters 8 train.compile_scope=backbone
+step vits14_bf16_compile_backbone_cuda_graphs 240 env TORCH_LOGS=recompiles,graph_breaks,cudagraphs,perf_hints \
+  $PY scripts/benchmark_train.py --arch vit_small --batch-size 128 $HEADS --compile --iters 8 \
+  train.compile_scope=backbone train.cuda_graphs=true
 # train.compile with train.compile_tuning (coordinate-descent tuning of the blocks' kernels): 58 ms of kernels per
 # step, which the host took 64.5 ms to queue on one machine (host_s_per_iter); 2-4 minutes with its compilation.
 # Its operator table (sorted by GPU time) goes to vits14_compile_profile.txt.
@@ -149,11 +160,11 @@ step train_vits14_demo_compile 150 $PY dinov2/train/train.py --config-file dinov
   --output-dir /tmp/gpu_check_train train.dataset_path=/tmp/demo_data/lists student.arch=vit_small \
   student.pretrained_weights=null train.batch_size_per_gpu=128 train.num_workers=16 train.compile=true \
   train.OFFICIAL_EPOCH_LENGTH=100 optim.epochs=1 optim.warmup_epochs=0 teacher.warmup_teacher_temp_epochs=0
-# The same with the backbone compiled whole and replayed as CUDA graphs, and the monitors on (the kNN monitor's
-# batches, of other shapes, and RankMe's teacher calls come between the graphs' steps): does the loop run, and how
-# fast?
+# The same with the backbone compiled whole and replayed as CUDA graphs, and the monitors on (RankMe's teacher calls
+# come between the graphs' steps, the kNN monitor's batches of another shape before the first step and after the
+# last): does the loop run, and how fast? (Name data_pipeline too: it writes the images.)
 rm -rf /tmp/gpu_check_train_graphs
-step train_vits14_demo_cuda_graphs 150 env TORCH_LOGS=recompiles,cudagraphs,perf_hints $PY dinov2/train/train.py \
+step train_vits14_demo_cuda_graphs 240 env TORCH_LOGS=recompiles,cudagraphs,perf_hints $PY dinov2/train/train.py \
   --config-file dinov2/configs/train/custom.yaml --output-dir /tmp/gpu_check_train_graphs \
   train.dataset_path=/tmp/demo_data/lists student.arch=vit_small student.pretrained_weights=null \
   train.batch_size_per_gpu=128 train.num_workers=16 train.compile=true train.compile_scope=backbone \

@@ -73,6 +73,7 @@ def spawn_ranks(worker: Callable[..., None], args: tuple, nprocs: int) -> None:
 
 
 def _run_then_leave(rank: int, worker: Callable[..., None], *args: Any) -> None:
+    """``worker(rank, *args)``, then the process ends at once, its output flushed (see :func:`spawn_ranks`)."""
     worker(rank, *args)
     sys.stdout.flush()
     sys.stderr.flush()

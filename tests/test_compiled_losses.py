@@ -9,6 +9,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from omegaconf import DictConfig
 
 from dinov2.configs import TRAIN_CONFIG_DIR, load_config
 from dinov2.loss import DINOLoss, centering, iBOTPatchLoss, sinkhorn_knopp
@@ -314,22 +315,23 @@ def test_compile_scope_and_cuda_graphs_reach_the_backbone(monkeypatch: pytest.Mo
 
     calls: list[tuple[str, dict]] = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append((type(self).__name__, kwargs)))
-    tuned_graphs = {"options": {"coordinate_descent_tuning": True, "triton.cudagraphs": True}}
-    settings = {
-        ("blocks", "false"): [("Block", {"options": None})] * 2,
-        ("backbone", "false"): [("DinoVisionTransformer", {"options": None})],
-        ("blocks", "true"): [("Block", tuned_graphs)] * 2,
-        ("backbone", "true"): [("DinoVisionTransformer", tuned_graphs)],
+    options = {  # (train.compile_tuning, train.cuda_graphs): the Inductor options of what the backbone compiles
+        ("false", "false"): None,
+        ("true", "false"): {"coordinate_descent_tuning": True},
+        ("false", "true"): {"triton.cudagraphs": True},
+        ("true", "true"): {"coordinate_descent_tuning": True, "triton.cudagraphs": True},
     }
-    for (scope, graphs), expected in settings.items():
-        overrides = ["train.dataset_path=unused", "train.compile=true", f"train.compile_scope={scope}",
-                     f"train.cuda_graphs={graphs}", f"train.compile_tuning={graphs}"]  # fmt: skip
-        cfg = load_config(TRAIN_CONFIG_DIR / "demo.yaml", overrides)
-        backbone = DinoVisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2)
-        parts = nn.ModuleDict({"backbone": backbone, "dino_head": nn.Linear(32, 8)})
-        calls.clear()
-        parallelize_from_config(parts, cfg, "student", torch.device("cpu"))
-        assert calls == expected + [("Linear", {"dynamic": True})], (scope, graphs)
+    for scope, compiled, count in (("blocks", "Block", 2), ("backbone", "DinoVisionTransformer", 1)):
+        for (tuning, graphs), expected_options in options.items():
+            overrides = ["train.dataset_path=unused", "train.compile=true", f"train.compile_scope={scope}",
+                         f"train.cuda_graphs={graphs}", f"train.compile_tuning={tuning}"]  # fmt: skip
+            cfg = load_config(TRAIN_CONFIG_DIR / "demo.yaml", overrides)
+            backbone = DinoVisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2)
+            parts = nn.ModuleDict({"backbone": backbone, "dino_head": nn.Linear(32, 8)})
+            calls.clear()
+            parallelize_from_config(parts, cfg, "student", torch.device("cpu"))
+            expected = [(compiled, {"options": expected_options})] * count
+            assert calls == expected + [("Linear", {"dynamic": True})], (scope, tuning, graphs)
 
 
 def test_compile_settings_that_cannot_work_are_config_errors(load_script: Callable[[str], ModuleType]) -> None:
@@ -339,13 +341,15 @@ def test_compile_settings_that_cannot_work_are_config_errors(load_script: Callab
     from dinov2.configs import ConfigError
     from dinov2.parallel import check_compile_settings, parallelize_model
 
-    def config(*overrides: str):
+    def config(*overrides: str) -> DictConfig:
         return load_config(TRAIN_CONFIG_DIR / "demo.yaml", ["train.dataset_path=unused", *overrides])
 
     with pytest.raises(ConfigError, match=r"train.compile_scope='block' is not one of blocks, backbone"):
         config("train.compile=true", "train.compile_scope=block")
     with pytest.raises(ConfigError, match=r"train.cuda_graphs=true replays what train.compile compiles"):
         config("train.cuda_graphs=true")
+    with pytest.raises(ConfigError, match=r"train.compile_scope=backbone chooses what train.compile compiles"):
+        config("train.compile_scope=backbone")
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     with pytest.raises(ConfigError, match=r"train.cuda_graphs=true needs a CUDA device, and this run is on cpu"):
         check_compile_settings(config("train.compile=true", "train.cuda_graphs=true"), cpu, 1)
@@ -361,3 +365,6 @@ def test_compile_settings_that_cannot_work_are_config_errors(load_script: Callab
         benchmark.main(["--config-file", str(TRAIN_CONFIG_DIR / "demo.yaml"), "--compile", "train.cuda_graphs=true"])
     with pytest.raises(ValueError, match="unknown compile_scope 'everything'"):
         parallelize_model(torch.nn.Linear(2, 2), compile=True, compile_scope="everything")
+    for settings in ({"compile_scope": "backbone"}, {"cuda_graphs": True}):  # and with FSDP2 (any mesh), at the source
+        with pytest.raises(ValueError, match="for one process: FSDP2 shards the blocks"):
+            parallelize_model(torch.nn.Linear(2, 2), compile=True, device_mesh=object(), **settings)

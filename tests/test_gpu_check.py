@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -86,16 +87,34 @@ def test_gpu_check_passes_options_each_benchmark_accepts(
 
 
 def test_gpu_check_keeps_within_its_time_budget(tmp_path: Path) -> None:
-    """Each step's limit is cut to what is left of GPU_CHECK_BUDGET_S, and steps that no longer fit are skipped,
-    each named in the summary; the check ends within its budget however slow the steps are."""
-    run, _ = _run_check(tmp_path, seconds=2.0, budget=28)
+    """Each step's limit is cut to what is left of GPU_CHECK_BUDGET_S, a step that would get less than half of its
+    limit is not started (a benchmark prints its figures at its end), and steps that no longer fit are skipped, each
+    named in the summary; the check ends within its budget however slow the steps are."""
+    run, _ = _run_check(tmp_path, seconds=2.0, budget=40)
     assert run.returncode == 0, run.stderr
-    limits = [int(line.split("(limit ")[1].rstrip("s) =")) for line in run.stdout.splitlines() if "(limit " in line]
-    assert limits and all(limit <= 28 for limit in limits)
+    started = {line.split()[1]: int(line.split("(limit ")[1].rstrip("s) ="))
+               for line in run.stdout.splitlines() if "(limit " in line}  # fmt: skip
+    assert started and all(limit <= 30 for limit in started.values())
+    assert "attention_backends" in started  # its 30 s limit, cut to under 30 s but not below half of it
     summary = (tmp_path / "logs" / "summary.txt").read_text()
+    assert re.search(r"=== vits14_bf16_compile: skipped, \d+ s of the 40 s budget left, under half its 150 s ===",
+                     summary)  # fmt: skip
     assert "vitg14_bf16_ckpt: skipped" in summary and "budget left" in summary
     assert "step(s) not run, the budget spent: " in summary and summary.rstrip().endswith("vitg14_bf16_ckpt")
-    assert int(run.stdout.split("gpu_check done in ")[1].split()[0]) <= 28
+    assert int(run.stdout.split("gpu_check done in ")[1].split()[0]) <= 40
+
+
+def test_gpu_check_torch_logs_names_are_known_to_torch() -> None:
+    """Every TORCH_LOGS name that gpu_check.sh sets is one this torch knows (an unknown one stops the step at
+    ``import torch``; the check's preflight tries them all on the GPU machine's torch too)."""
+    script = (REPO_ROOT / "scripts" / "gpu_check.sh").read_text()
+    names = sorted({name for value in re.findall(r" TORCH_LOGS=([a-z_,]+) ", script) for name in value.split(",")})
+    assert {"recompiles", "cudagraphs"} <= set(names)
+    env = {**os.environ, "TORCH_LOGS": ",".join(names)}
+    run = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    env["TORCH_LOGS"] = "recompiles,no_such_log"  # (and the check above would see a misspelt one)
+    assert subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, timeout=120).returncode
 
 
 def test_gpu_check_runs_only_the_steps_named(tmp_path: Path) -> None:

@@ -127,7 +127,6 @@ def test_update_teacher_is_ema_of_the_student(momentum: float) -> None:
         assert torch.equal(s, s0)
 
 
-
 def test_each_training_step_clips_and_averages_the_live_parameters() -> None:
     """A trainer-built model (made on the meta device, materialised, initialised: the way its parameters come to
     be) steps twice: after each step the teacher is exactly the EMA of its weights before and the updated student,
@@ -152,7 +151,9 @@ def test_each_training_step_clips_and_averages_the_live_parameters() -> None:
         for name, part in model.student.items():
             grads = [p.grad.norm() for p in part.parameters() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(grads))
-            assert norm <= 1e-3 * (1 + 1e-5), (step, name, float(norm))
+            # each part clipped on its own to the limit (its raw norm is far above it; clipped jointly, each part
+            # would come out below the limit)
+            assert float(norm) == pytest.approx(1e-3, rel=1e-4), (step, name)
 
 
 LOCAL_SIZE = 14

@@ -699,13 +699,26 @@ def test_training_with_the_backbone_compiled_whole_follows_the_eager_run(
     assert marks == []
 
 
-def test_cuda_graphs_mark_each_training_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With ``train.cuda_graphs`` each step first tells the CUDA-graph trees that a new step begins (the outputs
-    of the step before may be overwritten), and only with it."""
+def test_cuda_graphs_mark_each_training_step_and_each_monitor_batch(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``train.cuda_graphs`` each training step first tells the CUDA-graph trees that a new step begins (the
+    outputs of the step before may be overwritten), before its forward, and so does each batch of the kNN monitor
+    (one recorded graph then serves every batch); without it nothing is marked. On a CPU the training command refuses
+    the setting before any work."""
+    from dinov2.train.knn_monitor import KnnMonitor
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
     from dinov2.train.train import training_step
 
-    marks: list[int] = []
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    events: list[str] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("mark"))
+
+    def config(*overrides: str):
+        return load_config(DEMO_CONFIG, [*TINY, f"train.dataset_path={demo.lists_dir}", *overrides])
+
+    graphed = ("train.compile=true", "train.cuda_graphs=true")
+    with torch.device("meta"):
+        assert SSLMetaArch(config(*graphed)).cuda_graphs and not SSLMetaArch(config("train.compile=true")).cuda_graphs
 
     class Step(torch.nn.Module):  # the parts of SSLMetaArch that training_step touches
         def __init__(self, cuda_graphs: bool) -> None:
@@ -714,19 +727,32 @@ def test_cuda_graphs_mark_each_training_step(monkeypatch: pytest.MonkeyPatch) ->
             self.student = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 1)})
 
         def forward_loss(self, batch: dict, teacher_temp: float) -> tuple[torch.Tensor, dict]:
+            events.append("forward")
             loss = self.student.backbone(batch["x"]).sum()
             return loss, {"total_loss": loss.detach()}
 
         def update_teacher(self, momentum: float) -> None:
             pass
 
-    for graphs, expected in ((False, []), (True, [1, 1])):
+    for graphs, expected in ((False, ["forward"] * 2), (True, ["mark", "forward"] * 2)):
         model = Step(graphs)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(2):
             training_step(model, optimizer, None, nullcontext(), {"x": torch.ones(3, 2)}, 0.07, 0.99, 0.0)
-        assert marks == expected
-        marks.clear()
+        assert events == expected
+        events.clear()
+
+    backbone = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=64, depth=1, num_heads=2)
+    knn = f"evaluation.knn_data={demo.images_dir}"
+    for overrides, expected in (((knn,), []), ((knn, *graphed), ["mark"])):  # 48 images: one batch of 64
+        monitor = KnnMonitor.from_config(config(*overrides), tmp_path, torch.device("cpu"))
+        monitor.evaluate(backbone, "initialisation", 0)
+        assert events == expected
+        events.clear()
+
+    with pytest.raises(ConfigError, match="train.cuda_graphs=true needs a CUDA device, and this run is on cpu"):
+        _train(tmp_path / "run", demo.lists_dir, *graphed, "train.device=cpu")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(

@@ -459,6 +459,9 @@ def _check_values(cfg: DictConfig, warn: bool = False) -> None:
         problems.append("train.compile_tuning=true tunes what train.compile compiles: set train.compile=true too")
     if cfg.train.cuda_graphs and not cfg.train.compile:
         problems.append("train.cuda_graphs=true replays what train.compile compiles: set train.compile=true too")
+    if cfg.train.compile_scope != "blocks" and not cfg.train.compile:
+        scope = cfg.train.compile_scope
+        problems.append(f"train.compile_scope={scope} chooses what train.compile compiles: set train.compile=true too")
     if cfg.dino.loss_weight <= 0 and cfg.ibot.loss_weight <= 0:
         problems.append("dino.loss_weight and ibot.loss_weight are both 0: nothing would be trained")
     if problems:

@@ -51,14 +51,21 @@ class _NoGradForward(nn.Module):
     ``embed_images`` runs under inference mode and moves the model it is given. A sharded backbone must not be
     moved there (FSDP2 cannot swap parameters in inference mode), nor run there: its gathered parameters would become
     inference tensors, which the next training step's in-place all-gather may not write.
+
+    ``cuda_graphs``: the backbone's compiled code is replayed as CUDA graphs (``train.cuda_graphs``); each batch then
+    starts a new graph step, so that one recorded graph serves every batch of its shape (each batch's features are
+    on the host before the next batch runs).
     """
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, cuda_graphs: bool = False) -> None:
         super().__init__()
         object.__setattr__(self, "backbone", backbone)  # not a submodule: .to() and .eval() leave it alone
+        self.cuda_graphs = cuda_graphs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's CLS token of ``x`` after its final LayerNorm."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.inference_mode(False), torch.no_grad():
             return self.backbone(x)
 
@@ -91,6 +98,7 @@ class KnnMonitor:
     device: torch.device
     output_file: Path
     scores: list[dict[str, float | int | str]] = field(default_factory=list)
+    cuda_graphs: bool = False  # the backbone's compiled code is replayed as CUDA graphs (train.cuda_graphs)
 
     @classmethod
     def from_config(
@@ -128,7 +136,8 @@ class KnnMonitor:
                     cfg.evaluation.knn_data)
         output_file = output_dir / "knn_monitor.json"
         earlier = _earlier_scores(output_file) if resume and output_file.exists() else []
-        return cls(images, int(cfg.crops.global_crops_size), device, output_file, earlier)
+        cuda_graphs = bool(cfg.train.compile and cfg.train.cuda_graphs)
+        return cls(images, int(cfg.crops.global_crops_size), device, output_file, earlier, cuda_graphs)
 
     @torch.no_grad()
     def evaluate(self, backbone: nn.Module, stage: str, iteration: int) -> float:
@@ -137,8 +146,8 @@ class KnnMonitor:
         backbone.eval()
         try:
             features, kept = embed_images(
-                _NoGradForward(backbone), self.images, batch_size=64, img_size=self.img_size, device=self.device,
-                progress=is_main_process(),
+                _NoGradForward(backbone, self.cuda_graphs), self.images, batch_size=64, img_size=self.img_size,
+                device=self.device, progress=is_main_process(),
             )
         finally:
             backbone.train(was_training)

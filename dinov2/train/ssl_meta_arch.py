@@ -274,5 +274,4 @@ class SSLMetaArch(nn.Module):
 
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2 parameter), or the tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
+    return t.to_local() if isinstance(t, DTensor) else t
