@@ -220,8 +220,7 @@ def head_sizes(text: str) -> tuple[int, int, int]:
 def inductor_setting(text: str) -> tuple[str, Any]:
     """``--inductor``: NAME=VALUE of ``torch._inductor.config`` (dotted for nested settings, e.g.
     ``triton.max_tiles``; CUDA graphs are ``train.cuda_graphs=true``, which also marks each step), the value read as
-    the setting's type: true/false for a flag, a number, text; other
-    settings take a Python literal."""
+    the setting's type: true/false for a flag, a number, text; other settings take a Python literal."""
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
