@@ -344,7 +344,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         "mfu": mfu,
         "peak_mem_gb": peak_mem_gb,
     }
-    if cfg.train.compile and cfg.train.cuda_graphs:  # graphs Inductor left uncaptured (TORCH_LOGS=cudagraphs says why)
+    if cfg.train.cuda_graphs:  # graphs Inductor left uncaptured (TORCH_LOGS=cudagraphs says why)
         result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     if syncs is not None:
         result["device_syncs_per_step"] = syncs[0]

@@ -136,7 +136,7 @@ class KnnMonitor:
                     cfg.evaluation.knn_data)
         output_file = output_dir / "knn_monitor.json"
         earlier = _earlier_scores(output_file) if resume and output_file.exists() else []
-        cuda_graphs = bool(cfg.train.compile and cfg.train.cuda_graphs)
+        cuda_graphs = bool(cfg.train.cuda_graphs)  # (the config refuses it without train.compile)
         return cls(images, int(cfg.crops.global_crops_size), device, output_file, earlier, cuda_graphs)
 
     @torch.no_grad()

@@ -103,7 +103,7 @@ class SSLMetaArch(nn.Module):
         self.do_koleo = cfg.dino.koleo_loss_weight > 0
         self.do_ibot = cfg.ibot.loss_weight > 0
         self.ibot_separate_head = bool(cfg.ibot.separate_head)
-        self.cuda_graphs = bool(cfg.train.compile and cfg.train.cuda_graphs)
+        self.cuda_graphs = bool(cfg.train.cuda_graphs)  # (the config refuses it without train.compile)
         # What each step needs of the config, read once: OmegaConf's look-ups cost the host about 14 us each.
         self.softmax_centering = cfg.train.centering == "centering"
         self.n_local_crops = effective_local_crops(cfg)
