@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from dinov2.files import check_folder_writable
 from dinov2.hub.loader import CheckpointError
 
 #: What a mistake in a CLI's input raises (a missing file, a bad value, a checkpoint of the wrong model, a path that
@@ -46,8 +47,9 @@ def non_negative_float(text: str) -> float:
 
 
 def check_file_writable(path: Path) -> None:
-    """Raise ValueError unless ``path`` can be written as a file: not a folder, below a folder that can be written
-    (missing folders are created later)."""
+    """Raise ValueError unless ``path`` can be written as a file: not a folder, below a folder that can be made and
+    written, also where permissions cannot tell (/proc, a read-only mount: a probe file is written, see
+    :func:`dinov2.files.check_folder_writable`; the folders it makes are removed again)."""
     if path.is_dir():
         raise ValueError(f"cannot write {path}: it is a folder; name a file")
     existing = next((parent for parent in path.parents if parent.exists()), None)
@@ -55,6 +57,7 @@ def check_file_writable(path: Path) -> None:
         raise ValueError(f"cannot write {path}: {existing} is a file, not a folder")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write {path}: no permission to write in {existing}")
+    check_folder_writable(path.parent, f"cannot write {path}")
 
 
 def raised_outside_the_project(err: BaseException) -> str | None:
