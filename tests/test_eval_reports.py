@@ -193,6 +193,16 @@ def test_pca_cli_names_an_image_it_cannot_read(tmp_path: Path) -> None:
     assert not (tmp_path / "new").exists()  # made to test that the figure can be written, and removed again
 
 
+def test_pca_cli_names_an_image_size_that_is_not_whole_patches(tmp_path: Path) -> None:
+    weights = tmp_path / "tiny.pth"
+    torch.save(_tiny_vit_state(0), weights)
+    images = _images(tmp_path / "cells", 1)
+    with pytest.raises(ValueError, match=re.escape("--img-size 50 is not a multiple of the model's patch size 14")):
+        pca.main(["--weights", str(weights), "--image", *map(str, images), "--output",
+                  str(tmp_path / "new" / "pca.png"), "--img-size", "50", "--device", "cpu"])  # fmt: skip
+    assert not (tmp_path / "new").exists()
+
+
 def test_pca_cli_with_a_model_name_uses_the_released_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--model without --weights is the released model, never a silently random one."""
     import dinov2.hub

@@ -732,6 +732,21 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     assert loaded == []
 
 
+def test_an_image_size_that_is_not_whole_patches_names_the_option(
+    image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path
+) -> None:
+    """--img-size 100 with 14 px patches: an error that names the option and the nearest sizes, before any image is
+    embedded or any progress is kept."""
+    output = tmp_path / "out" / "f.h5"
+    with pytest.raises(ValueError, match=re.escape("--img-size 100 is not a multiple of the model's patch size 14 "
+                                                   "(e.g. 98 or 112)")):  # fmt: skip
+        ef.main([*_args(tiny_weights[0], image_folder), "--img-size", "100", "--output", str(output)])
+    with pytest.raises(ValueError, match=re.escape("--img-size 10 is not a multiple of the model's patch size 14 "
+                                                   "(e.g. 14)")):  # fmt: skip
+        ef.main([*_args(tiny_weights[0], image_folder), "--img-size", "10", "--output", str(output)])
+    assert not (tmp_path / "out").exists()
+
+
 def test_hub_name_without_weights_fetches_the_release(monkeypatch: pytest.MonkeyPatch, image_folder: Path) -> None:
     requested = []
 

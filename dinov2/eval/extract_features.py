@@ -78,7 +78,7 @@ from dinov2.eval.partial_features import PartialFeatures, image_list_digest
 from dinov2.cli import non_negative_int, positive_int, run_cli
 from dinov2.eval.protocol import resolve_device
 from dinov2.hub import RELEASE_URLS, load_backbone
-from dinov2.hub.backbones import default_image_size
+from dinov2.hub.backbones import check_image_size, default_image_size
 from dinov2.logs import setup_logging
 from dinov2.models import arch_of_width
 from dinov2.parallel import check_compile_toolchain
@@ -564,6 +564,7 @@ def extract_features(
     backbone, model_name, weights = _load_backbone(model, weights)
     if img_size is None:
         img_size = _default_image_size(weights, model, backbone)
+    check_image_size(backbone, img_size)
     used_precision = precision if device.type in BF16_DEVICE_TYPES else "fp32"
     logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)
     weights_file = Path(weights).expanduser() if weights is not None and Path(weights).expanduser().is_file() else None

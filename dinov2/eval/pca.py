@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> Path:
     from dinov2.eval import protocol
     from dinov2.eval.extract_features import release_weights
     from dinov2.hub import load_backbone
-    from dinov2.hub.backbones import default_image_size
+    from dinov2.hub.backbones import check_image_size, default_image_size
     from dinov2.logs import setup_logging
 
     args = protocol.parse_args_with_config(build_parser(), argv)
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
     img_size, why = (args.img_size, None) if args.img_size else default_image_size(weights)
     if why is not None:
         logger.info("images resized to %d px, %s (--img-size to change)", img_size, why)
+    check_image_size(model, img_size)
     transform = make_eval_transform(img_size)
     pictures = []
     for path in args.image:

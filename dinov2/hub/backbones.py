@@ -97,6 +97,16 @@ def default_image_size(weights: WeightsArg) -> tuple[int, str | None]:
     )
 
 
+def check_image_size(model: torch.nn.Module, size: int, setting: str = "--img-size") -> None:
+    """Raise a ValueError naming ``setting`` when ``size`` px is not a whole number of ``model``'s patches (a model
+    without a ``patch_size`` is not checked)."""
+    patch = getattr(model, "patch_size", None)
+    if isinstance(patch, int) and size % patch:
+        lower, upper = size - size % patch, size - size % patch + patch
+        nearest = f"{lower} or {upper}" if lower > 0 else str(upper)
+        raise ValueError(f"{setting} {size} is not a multiple of the model's patch size {patch} (e.g. {nearest})")
+
+
 def run_config_settings(weights: str | os.PathLike[str], inferred: Mapping[str, Any]) -> dict[str, Any]:
     """Settings that weight shapes cannot tell (heads, interpolation), from the training run a file belongs to.
 
