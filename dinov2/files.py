@@ -57,9 +57,16 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
     return path
 
 
+def shown_name(text: str) -> str:
+    """``text`` with the bytes of a file name that is not UTF-8 (read with ``surrogateescape``, as Python reads such
+    names) shown as ``\\xNN`` escapes: what a figure or a message can display."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`; returns ``path``."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`; returns ``path``. A file name in ``text`` that
+    is not UTF-8 (read with ``surrogateescape``, as Python reads such names) is written as its own bytes."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def check_folder_writable(folder: str | os.PathLike[str], subject: str) -> None:

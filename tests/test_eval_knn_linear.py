@@ -318,6 +318,23 @@ def test_group_by_on_the_command_line(tmp_path: Path, caplog: pytest.LogCaptureF
                   "--group-by", "Patient"])  # fmt: skip
 
 
+def test_names_that_are_not_utf8_are_reported_as_their_own_bytes(tmp_path: Path) -> None:
+    """A class folder and image names in Latin-1 (read with surrogateescape, kept by an .npz): every report file is
+    written, the CSV and the markdown hold the names' own bytes, and the figures show them escaped."""
+    x, y = _clusters(30, 8, 3, spread=3.0, seed=2)
+    names = ["a", "gr\udce4n", "c"]  # the byte 0xe4 of "grän" in Latin-1
+    paths = [f"{names[label]}/cell_\udce4{i}.jpg" for i, label in enumerate(y)]
+    path = _write(FeatureSet(x, y, paths, names, {"model": "toy"}), tmp_path / "f.npz")
+    results = knn.main(["--features", str(path), "--output-dir", str(tmp_path / "o"), "--k", "1", "--device", "cpu"])
+    assert results["meta"]["classes"] == names
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "confusion_knn_1.png", "embedding.png", "predictions.csv", "results.json", "results.md"]
+    with (tmp_path / "o" / "predictions.csv").open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == paths and [row["label"] for row in rows] == [names[label] for label in y]
+    assert b"- classes: a, gr\xe4n, c" in (tmp_path / "o" / "results.md").read_bytes()
+
+
 def test_unshuffled_folds_on_the_command_line_are_dinobloom_stratified_kfold(tmp_path: Path) -> None:
     """--no-shuffle: StratifiedKFold(5) over the file's order, scored as scikit-learn's kNN scores those folds."""
     x, y = _clusters(90, 8, 3, spread=3.0, seed=4)

@@ -422,6 +422,18 @@ def test_mil_cli_writes_results_and_attention(tmp_path: Path, caplog: pytest.Log
     assert [int(p["fold"]) for p in patients] == [fold_of[b.patient] for b in bag_set.bags]
 
 
+def test_mil_writes_image_names_that_are_not_utf8_as_their_own_bytes(tmp_path: Path) -> None:
+    bag_set = _planted(12, dim=8, seed=3)
+    features = np.concatenate([b.features for b in bag_set.bags])
+    paths = [f"{p}_\udce4" for b in bag_set.bags for p in b.paths]  # a Latin-1 byte, read with surrogateescape
+    path = save_features(tmp_path / "mil.npz", features, np.full(len(paths), -1), paths, [], {"model": "toy"})
+    args = ["--features", str(path), "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--epochs=2"]
+    mil_main(args + [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items() if k != "epochs"])
+    with (tmp_path / "out" / "attention.csv").open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        assert sorted(row["path"] for row in csv.DictReader(handle)) == sorted(paths)
+    assert (tmp_path / "out" / "predictions.csv").is_file() and (tmp_path / "out" / "results.md").is_file()
+
+
 def test_a_fixed_test_set_is_tested_by_every_fold_model_and_never_trained_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

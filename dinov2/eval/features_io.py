@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from dinov2.cli import check_file_writable
-from dinov2.files import atomic_write
+from dinov2.files import atomic_write, shown_name
 
 ARRAY_NAMES = ("features", "labels", "paths")
 _RESERVED = (*ARRAY_NAMES, "class_names")
@@ -69,7 +69,7 @@ def check_names_storable(path: Path, names: Sequence[str], root: Path, others: S
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            shown = shown_name(text)
             raise ValueError(
                 f"{shown_under / shown if shown_under else shown}: the name is not UTF-8, which an HDF5 file "
                 f"({path.suffix}) cannot store; write an .npz instead (--output NAME.npz), or rename it"

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dinov2.files import atomic_write_text, check_folder_writable
+from dinov2.files import atomic_write_text, check_folder_writable, shown_name
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +138,12 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
     size = max(4.0, 0.6 * len(class_names) + 2.0)
     fig, ax = plt.subplots(figsize=(size, size))
     image = ax.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(class_names)), labels=class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(class_names)), labels=class_names)
+    names = [shown_name(name) for name in class_names]
+    ax.set_xticks(range(len(class_names)), labels=names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), labels=names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(shown_name(title))
     for i in range(counts.shape[0]):
         for j in range(counts.shape[1]):
             colour = "white" if fraction[i, j] > 0.5 else "black"
@@ -195,8 +196,8 @@ def plot_embedding(
     for c, name in enumerate(class_names):
         mask = labels == c
         if mask.any():
-            ax.scatter(coords[mask, 0], coords[mask, 1], s=6, color=cmap(c % cmap.N), label=name, alpha=0.8)
-    ax.set_title(f"{method} of {title} ({features.shape[0]} samples)")
+            ax.scatter(coords[mask, 0], coords[mask, 1], s=6, color=cmap(c % cmap.N), label=shown_name(name), alpha=0.8)
+    ax.set_title(f"{method} of {shown_name(title)} ({features.shape[0]} samples)")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(markerscale=3, fontsize=8, loc="best")
@@ -233,7 +234,8 @@ def write_predictions_csv(
     """One row per evaluated sample (or patient): its id, true class and each method's predicted class.
 
     ``probabilities`` (samples, classes), given for a single method, adds a ``p_<class>`` column per class;
-    ``folds`` (the cross-validation fold that tested each sample) a ``fold`` column after the label.
+    ``folds`` (the cross-validation fold that tested each sample) a ``fold`` column after the label. The file is
+    UTF-8, with an image name that is not (read with ``surrogateescape``) written as its own bytes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +246,7 @@ def write_predictions_csv(
             f"({len(paths)}, {len(class_names)}); got methods {methods}"
         )
     probability_columns = [f"p_{c}" for c in class_names] if probabilities is not None else []
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         fold_column = ["fold"] if folds is not None else []
         writer.writerow([id_column, "label", *fold_column, *methods, *probability_columns])

@@ -72,10 +72,12 @@ def bag_columns(text: str) -> tuple[str, str, str]:
 
 
 def write_attention(output_dir: Path, records: list[dict[str, Any]]) -> None:
-    """attention.json (nested per patient) and attention.csv (one row per cell)."""
+    """attention.json (nested per patient) and attention.csv (one row per cell, UTF-8, with an image name that is not
+    written as its own bytes, as predictions.csv)."""
     reports.write_json(output_dir / "attention.json", records)
     class_names = list(records[0]["probabilities"]) if records else []
-    with (output_dir / "attention.csv").open("w", newline="") as handle:
+    attention_csv = output_dir / "attention.csv"
+    with attention_csv.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["patient", "label", "prediction", "fold", *[f"p_{c}" for c in class_names], "path", "attention"])
         for record in records:
@@ -85,7 +87,7 @@ def write_attention(output_dir: Path, records: list[dict[str, Any]]) -> None:
                     [record["patient"], record["label"], record["prediction"], record["fold"], *probs,
                      cell["path"], repr(float(cell["attention"]))]
                 )
-    logger.info("wrote %s, %s", output_dir / "attention.json", output_dir / "attention.csv")
+    logger.info("wrote %s, %s", output_dir / "attention.json", attention_csv)
 
 
 def read_patient_list(path: str | Path) -> list[str]:
