@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +334,18 @@ def test_bags_from_csv_leaves_out_only_the_images_the_extraction_skipped(
 def test_one_patient_name_under_two_labels_suggests_names_that_differ() -> None:
     with pytest.raises(ValueError, match=r"'P0' has cells labelled both 'AML' and 'APL' .*names that differ"):
         bags_from_paths(_feature_set(["AML/P0/a.jpg", "APL/P0/b.jpg"]))
+
+
+def test_a_deeper_folder_layout_is_explained_by_how_the_paths_were_read() -> None:
+    """<label>/<patient>/<slide>/<cell>: the last three levels make the patient folders the classes, which the error
+    spells out for the cell that met the conflict."""
+    cells = ["AML/P00/slide1/a.jpg", "AML/P01/slide1/b.jpg", "APL/P02/slide2/c.jpg"]
+    with pytest.raises(ValueError, match=re.escape(
+        "patient 'slide1' has cells labelled both 'P00' and 'P01' (if these are two patients, give their folders names "
+        "that differ across classes, or pass --bags CSV); each path is read as [<cohort>/...]<label>/<patient>/<cell>, "
+        "so 'AML/P01/slide1/b.jpg' is a cell of patient 'slide1' of class 'P01': for another layout pass --bags CSV"
+    )):  # fmt: skip
+        bags_from_paths(_feature_set(cells))
 
 
 _CELLS = ["APL/P1/a.jpg", "AML/P2/b.jpg", "AML/P2/c.jpg", "AML/P4/c.jpg"]

@@ -49,17 +49,23 @@ class BagSet:
 
 
 def _assemble(
-    feature_set: FeatureSet, rows: Sequence[tuple[str, str, int]], source: str
+    feature_set: FeatureSet, rows: Sequence[tuple[str, str, int]], source: str, from_paths: bool = False
 ) -> BagSet:
-    """Group (patient, label name, feature row) triples into bags, checking one label per patient."""
+    """Group (patient, label name, feature row) triples into bags, checking one label per patient; ``from_paths``:
+    the triples were read from the paths (:func:`bags_from_paths`), which a label conflict then explains."""
     class_names = sorted({label for _, label, _ in rows})
     patient_label: dict[str, str] = {}
     members: dict[str, list[int]] = {}
     for patient, label, row in rows:
         if patient_label.setdefault(patient, label) != label:
+            read_as = (
+                f"; each path is read as [<cohort>/...]<label>/<patient>/<cell>, so {feature_set.paths[row]!r} is a "
+                f"cell of patient {patient!r} of class {label!r}: for another layout pass --bags CSV"
+            ) if from_paths else ""  # fmt: skip
             raise ValueError(
                 f"{source}: patient {patient!r} has cells labelled both {patient_label[patient]!r} and {label!r} (if "
-                "these are two patients, give their folders names that differ across classes, or pass --bags CSV)"
+                f"these are two patients, give their folders names that differ across classes, or pass --bags CSV)"
+                f"{read_as}"
             )
         members.setdefault(patient, []).append(row)
     bags = [
@@ -97,7 +103,7 @@ def bags_from_paths(feature_set: FeatureSet, source: str = "features file") -> B
         (f"{parent}/{patient}" if parent and len(parents[patient]) > 1 else patient, label, row)
         for parent, patient, label, row in entries
     ]
-    return _assemble(feature_set, rows, source)
+    return _assemble(feature_set, rows, source, from_paths=True)
 
 
 def _suffixes(path: str) -> list[str]:
