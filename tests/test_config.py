@@ -96,6 +96,14 @@ def test_types_are_checked_and_numbers_coerced() -> None:
         load_config(None, ["train=3"])
     with pytest.raises(ConfigError, match=r"crops is a section .* got None"):  # was ignored, unsaid
         load_config(None, ["crops=null"])
+    # a dot missing before a setting: an error even when a later override of the section would hide it in a merge
+    for overrides in (["train=dataset_path=/my/data", "train.output_dir=out"],
+                      ["train.batch_size_per_gpu=2", "train=dataset_path=/my/data", "train.output_dir=out"]):
+        with pytest.raises(ConfigError, match=r"train is a section .* got 'dataset_path=/my/data'; for one of its "
+                                              r"settings write train\.dataset_path=/my/data$"):
+            load_config(None, overrides)
+    with pytest.raises(ConfigError, match=r"student is a section .* got 'vit_base'$"):
+        load_config(None, ["student=vit_base", "student.depth=2"])
     cfg = load_config(None, ["optim.base_lr=1", "train.output_dir=2024"])
     assert isinstance(cfg.optim.base_lr, float) and cfg.optim.base_lr == 1.0
     assert cfg.train.output_dir == "2024"

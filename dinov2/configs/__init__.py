@@ -123,10 +123,13 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
             if "=" not in item:
                 raise ConfigError(f"command-line override {item!r} is not of the form key=value")
             try:
-                OmegaConf.from_dotlist([item])
+                item_cfg = OmegaConf.from_dotlist([item])
             except (OmegaConfBaseException, yaml.YAMLError) as err:
                 reason = str(err).splitlines()[0]
                 raise ConfigError(f"command-line override {item!r} cannot be parsed: {reason}") from None
+            # each on its own: merged, a later `train.x=...` would turn `train=value` back into a section, silently
+            _keep_spelling_of_text_settings(item_cfg, [item], default_tree)
+            _checked_layer(item_cfg, default_tree, valid_keys, "command line")
         override_cfg = OmegaConf.from_dotlist(list(overrides))
         _keep_spelling_of_text_settings(override_cfg, overrides, default_tree)
         layers.append(_checked_layer(override_cfg, default_tree, valid_keys, "command line"))
@@ -272,7 +275,9 @@ def _check_tree(tree: dict, default: dict, prefix: str, source: str, valid: list
             if value is None and source != "command line":  # an empty section in YAML
                 continue
             if not isinstance(value, dict):
-                errors.append(f"{source}: {key} is a section (keys {sorted(expected)}), got {value!r}")
+                inner = str(value).split("=", 1)[0] if isinstance(value, str) and "=" in value else None
+                hint = f"; for one of its settings write {key}.{value}" if inner in expected else ""
+                errors.append(f"{source}: {key} is a section (keys {sorted(expected)}), got {value!r}{hint}")
                 continue
             out[name] = _check_tree(value, expected, key + ".", source, valid, errors)
         else:
