@@ -188,8 +188,17 @@ def save_checkpoint(
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
-    with _single_process_is_intended():
-        dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
+    try:
+        with _single_process_is_intended():
+            dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
+    except CheckpointException as err:  # (a BaseException: `except Exception` would let it pass unsaid)
+        errors = [error for _, error in _failures(err)]
+        if any(isinstance(error, KeyboardInterrupt) for error in errors):
+            raise KeyboardInterrupt from None
+        raise OSError(
+            f"cannot save the checkpoint of iteration {iteration} in {ckpt_dir}: {_describe_failures(err)} (the "
+            "checkpoints saved before it are kept)"
+        ) from None
     _save_durably(_rng_state(), tmp / _rng_file(rank))
     if rank == 0:
         record = {"iteration": iteration, "world_size": get_world_size(), "extra_state": dict(extra_state or {})}
@@ -208,6 +217,17 @@ def save_checkpoint(
         logger.info("saved checkpoint %s", final)
     barrier()
     return final
+
+
+def _failures(err: CheckpointException) -> list[tuple[int, BaseException]]:
+    """The (rank, exception) pairs of a failed DCP save or load: each failure is an exception or (in some PyTorch
+    versions) a tuple of it and its traceback's frames."""
+    return [(rank, failure[0] if isinstance(failure, tuple) else failure) for rank, failure in err.failures.items()]
+
+
+def _describe_failures(err: CheckpointException) -> str:
+    """``rank <r>: <type>: <message>`` for each failure of ``err`` (the type too: ``str(EOFError())`` is empty)."""
+    return "; ".join(f"rank {rank}: {type(error).__name__}: {error}" for rank, error in _failures(err))
 
 
 def _remove_unfinished(ckpt_dir: Path) -> None:
@@ -268,15 +288,9 @@ def load_checkpoint(
         with _single_process_is_intended():
             dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
     except CheckpointException as err:
-        # each failure is an exception, or (in some PyTorch versions) a tuple of it and its traceback's frames
-        causes = "; ".join(
-            f"rank {rank}: {type(error).__name__}: {error}"
-            for rank, failure in err.failures.items()
-            for error in [failure[0] if isinstance(failure, tuple) else failure]
-        )
         raise CheckpointError(
-            f"{path}: cannot load into this model/optimizer: {causes} (if the folder is damaged, remove it to resume "
-            "from the checkpoint before it)"
+            f"{path}: cannot load into this model/optimizer: {_describe_failures(err)} (if the folder is damaged, "
+            "remove it to resume from the checkpoint before it)"
         ) from None
     if optimizer is None:
         set_model_state_dict(model, state["model"])

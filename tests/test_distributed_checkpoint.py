@@ -511,6 +511,37 @@ def test_unfinished_saves_are_ignored(tmp_path: Path) -> None:
     assert not (tmp_path / "tmp-000000030").exists()  # the next save removes the leftovers
 
 
+def test_a_save_that_fails_is_an_error_naming_the_cause_and_keeps_the_earlier_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DCP reports a failed write as a CheckpointException, a BaseException that `except Exception` (the trainer's
+    "stopped" record, the one-line error) would let pass: it becomes an OSError naming the cause, or, for a Ctrl-C
+    during the write, the KeyboardInterrupt it was."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    model, optimizer = _ckpt_model()
+    save_checkpoint(tmp_path, 10, model, optimizer, {"i": 10})
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    with pytest.raises(OSError, match=re.escape(
+        f"cannot save the checkpoint of iteration 20 in {tmp_path}: rank 0: OSError: [Errno 28] No space left on "
+        "device (the checkpoints saved before it are kept)"
+    )):  # fmt: skip
+        save_checkpoint(tmp_path, 20, model, optimizer, {"i": 20})
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 20, model, optimizer, {"i": 20})
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "000000010"
+    assert load_checkpoint(tmp_path / "000000010", model, optimizer)["i"] == 10
+
+
 def test_a_damaged_checkpoint_file_is_named_with_the_way_out(tmp_path: Path) -> None:
     """A checkpoint file emptied or cut short by a failing disk: the error names the file and says how to resume
     from the checkpoint before it (which then loads)."""
