@@ -127,9 +127,7 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
             except (OmegaConfBaseException, yaml.YAMLError) as err:
                 reason = str(err).splitlines()[0]
                 raise ConfigError(f"command-line override {item!r} cannot be parsed: {reason}") from None
-            # each on its own: merged, a later `train.x=...` would turn `train=value` back into a section, silently
-            _keep_spelling_of_text_settings(item_cfg, [item], default_tree)
-            _checked_layer(item_cfg, default_tree, valid_keys, "command line")
+            _check_not_a_section(item, item_cfg, default_tree)
         override_cfg = OmegaConf.from_dotlist(list(overrides))
         _keep_spelling_of_text_settings(override_cfg, overrides, default_tree)
         layers.append(_checked_layer(override_cfg, default_tree, valid_keys, "command line"))
@@ -141,6 +139,26 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
     else:  # values that need the job's environment are checked when the job loads the config; the others now
         _check_values(_resolved(_with_defaults_for_unresolvable(cfg, defaults), default_tree, valid_keys))
     return cfg
+
+
+def _check_not_a_section(item: str, item_cfg: DictConfig, default_tree: dict) -> None:
+    """Refuse an override that gives a section a value (``train=dataset_path=/data``, a dot missing), checked on its
+    own: in one dotlist with the others, a later ``train.x=...`` would turn it back into a section, unsaid."""
+    key = item.split("=", 1)[0].strip()
+    expected: Any = default_tree
+    for name in key.split("."):
+        expected = expected.get(name) if isinstance(expected, dict) else None
+    value = OmegaConf.select(item_cfg, key, default=None, throw_on_resolution_failure=False)
+    if isinstance(expected, dict) and not isinstance(value, DictConfig):
+        raise ConfigError(_section_error("command line", key, expected, value))
+
+
+def _section_error(source: str, key: str, expected: dict, value: Any) -> str:
+    """The error for a value given to the section ``key``, with the dotted spelling when it reads as one of its
+    settings."""
+    inner = value.split("=", 1)[0] if isinstance(value, str) and "=" in value else None
+    hint = f"; for one of its settings write {key}.{value}" if inner in expected else ""
+    return f"{source}: {key} is a section (keys {sorted(expected)}), got {value!r}{hint}"
 
 
 def _keep_spelling_of_text_settings(override_cfg: DictConfig, overrides: Sequence[str], default_tree: dict) -> None:
@@ -275,9 +293,7 @@ def _check_tree(tree: dict, default: dict, prefix: str, source: str, valid: list
             if value is None and source != "command line":  # an empty section in YAML
                 continue
             if not isinstance(value, dict):
-                inner = str(value).split("=", 1)[0] if isinstance(value, str) and "=" in value else None
-                hint = f"; for one of its settings write {key}.{value}" if inner in expected else ""
-                errors.append(f"{source}: {key} is a section (keys {sorted(expected)}), got {value!r}{hint}")
+                errors.append(_section_error(source, key, expected, value))
                 continue
             out[name] = _check_tree(value, expected, key + ".", source, valid, errors)
         else:
