@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from dinov2.checkpoint import EXTRA_STATE_FILE, find_latest_checkpoint
@@ -36,7 +37,7 @@ from dinov2.hub.loader import CheckpointError
 from dinov2.models import DinoVisionTransformer
 from dinov2.train import resume as resume_module
 from dinov2.train import train as train_module
-from dinov2.train.data import build_train_dataset
+from dinov2.train.data import anchor_data_paths, build_train_dataset
 from dinov2.train.knn_monitor import END_OF_TRAINING
 from dinov2.train.logs import HeldRecords, setup_logging
 from dinov2.train.preemption import PreemptionHandler
@@ -517,6 +518,32 @@ def test_settings_changed_on_resume_are_said_and_used(tmp_path: Path, demo) -> N
            "optim.adamw_beta2=0.95", epochs=5, epoch_length=2)  # fmt: skip
     resumed = (moved / "log.txt").read_text().split("resuming at iteration")[-2]
     assert "saw 48 images in 8 steps; this run takes 4 per step" in resumed
+
+
+def test_relative_data_paths_are_recorded_absolute_and_a_resume_elsewhere_names_them(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same command with relative data paths, run again from another folder, reads other data: config.yaml
+    records the absolute paths the run read, and the resume names both among the settings that changed."""
+    out = tmp_path / "run"
+    for place in ("A", "B"):
+        (tmp_path / place).mkdir()
+        (tmp_path / place / "lists").symlink_to(demo.lists_dir)
+        (tmp_path / place / "cells").symlink_to(demo.images_dir)
+    monkeypatch.chdir(tmp_path / "A")
+    _train(out, "lists", "evaluation.knn_data=cells", epochs=1, epoch_length=2)
+    recorded = OmegaConf.load(out / "config.yaml")
+    assert recorded.train.dataset_path == str(tmp_path / "A" / "lists")
+    assert recorded.evaluation.knn_data == str(tmp_path / "A" / "cells")
+    monkeypatch.chdir(tmp_path / "B")
+    _train(out, "lists", "evaluation.knn_data=cells", epochs=2, epoch_length=2)
+    resumed = (out / "log.txt").read_text().split("resuming at iteration")[-2]
+    for key, name in (("train.dataset_path", "lists"), ("evaluation.knn_data", "cells")):
+        assert f"{key}: {tmp_path / 'A' / name} -> {tmp_path / 'B' / name}" in resumed
+    spelled = OmegaConf.create({"train": {"dataset_path": "HemaStandardDataset:root=lists:shuffle=1"},
+                                "evaluation": {"knn_data": ""}})  # fmt: skip
+    anchor_data_paths(spelled)
+    assert spelled.train.dataset_path == f"HemaStandardDataset:root={tmp_path / 'B' / 'lists'}:shuffle=1"
 
 
 def test_only_rank_0_warns_of_what_a_resume_changes(caplog: pytest.LogCaptureFixture,

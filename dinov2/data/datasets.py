@@ -394,6 +394,21 @@ def dataset_root(dataset_str: str) -> str:
     return _parse_dataset_spec(dataset_str)[1].get("root", "")
 
 
+def absolute_dataset_string(dataset_str: str) -> str:
+    """``dataset_str`` with its path (or the ``root=`` of its spelled form) made absolute, ``~`` expanded and a
+    relative path taken from the current folder; a malformed spelling is returned as it is (:func:`make_dataset`
+    says what is wrong with it)."""
+    if _names_a_path(dataset_str):
+        return os.path.abspath(os.path.expanduser(dataset_str))
+    try:
+        name, options = _parse_dataset_spec(dataset_str)
+    except DatasetError:
+        return dataset_str
+    if options.get("root"):
+        options["root"] = os.path.abspath(os.path.expanduser(options["root"]))
+    return ":".join([name, *(f"{key}={value}" for key, value in options.items())])
+
+
 def make_dataset(
     dataset_str: str,
     transform: Callable[[Image.Image], Any] | None = None,

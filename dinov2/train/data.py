@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinov2.configs import ConfigError
 from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.collate import collate_data_and_cast
-from dinov2.data.datasets import FileListDataset, make_dataset
+from dinov2.data.datasets import FileListDataset, absolute_dataset_string, make_dataset
 from dinov2.data.loaders import make_data_loader
 from dinov2.data.masking import MaskingGenerator
 from dinov2.data.samplers import InfiniteSampler, SampleKey, derive_seed
@@ -99,6 +100,16 @@ class TrainCollate:
         batch["n_images"] = len(items)
         batch["n_bad_images"] = n_bad
         return batch
+
+
+def anchor_data_paths(cfg: DictConfig) -> None:
+    """Make ``train.dataset_path`` and ``evaluation.knn_data`` absolute in ``cfg`` (a relative path is taken from the
+    current folder), so that config.yaml records the data the run reads, and a resume from another folder, where the
+    same relative path names other data, says so among the settings that changed."""
+    if cfg.train.dataset_path:
+        cfg.train.dataset_path = absolute_dataset_string(str(cfg.train.dataset_path))
+    if cfg.evaluation.knn_data:
+        cfg.evaluation.knn_data = os.path.abspath(os.path.expanduser(str(cfg.evaluation.knn_data)))
 
 
 def build_train_dataset(cfg: DictConfig) -> FileListDataset:

@@ -110,12 +110,10 @@ class KnnMonitor:
         """
         if not cfg.evaluation.knn_data:
             return None
-        data = Path(cfg.evaluation.knn_data).expanduser()
-        if not data.exists():
-            relative = "" if data.is_absolute() else ", a relative path being taken from the current directory"
+        if not Path(cfg.evaluation.knn_data).exists():  # (made absolute, see dinov2.train.data.anchor_data_paths)
             raise FileNotFoundError(
-                f"evaluation.knn_data={cfg.evaluation.knn_data} does not exist (looked for {data.absolute()}"
-                f"{relative}); set it to a labelled image folder, or empty (evaluation.knn_data=) for no kNN monitor"
+                f"evaluation.knn_data={cfg.evaluation.knn_data} does not exist; set it to a labelled image folder, or "
+                "empty (evaluation.knn_data=) for no kNN monitor"
             )
         images = list_images(cfg.evaluation.knn_data, setting="evaluation.knn_data")
         if any(label < 0 for label in images.labels) or len(images.class_names) < 2:

@@ -48,7 +48,7 @@ from dinov2.parallel import (
     clip_grad_norm,
     parallelize_from_config,
 )
-from dinov2.train.data import build_train_dataset, build_train_loader
+from dinov2.train.data import anchor_data_paths, build_train_dataset, build_train_loader
 from dinov2.train.knn_monitor import END_OF_TRAINING, KnnMonitor
 from dinov2.train.logs import LOG_FILE_ONLY, LOG_FILES, HeldRecords, setup_logging
 from dinov2.train.optim import apply_optim_scheduler, build_optimizer, build_param_groups
@@ -598,6 +598,7 @@ def _main(args: argparse.Namespace, held: HeldRecords) -> int:
     cfg = load_config(args.config_file, config_overrides(args))
     output_dir = Path(cfg.train.output_dir).expanduser().resolve()
     cfg.train.output_dir = str(output_dir)
+    anchor_data_paths(cfg)
     info = start_processes(cfg)
     # FSDP2 warns that the backbone returns views (its CLS and patch tokens); the loss never modifies them in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
