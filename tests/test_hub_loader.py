@@ -202,6 +202,28 @@ def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
         load_pretrained_backbone_state(pickled)
 
 
+def test_a_file_whose_bytes_were_damaged_in_place_is_refused(tmp_path: Path) -> None:
+    """Zeroed bytes inside a tensor's record (a failing disk, a bad copy): torch.load would load them unsaid; the
+    records' CRC-32 names the damage. A file saved without checksums (PyTorch's option) still loads."""
+    values = torch.arange(4096, dtype=torch.float32).reshape(1, 1, 4096) + 1
+    complete = tmp_path / "complete.pth"
+    torch.save({"teacher": {"backbone.cls_token": values}}, complete)
+    data = bytearray(complete.read_bytes())
+    start = data.index(values.numpy().tobytes()[:64])  # the tensor's bytes, stored uncompressed
+    data[start + 1000 : start + 2000] = bytes(1000)
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"damaged\.pth cannot be read: a damaged checkpoint \(.*data/0: Bad CRC-32"):
+        load_pretrained_backbone_state(damaged)
+    unchecked = tmp_path / "unchecked.pth"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"teacher": {"backbone.cls_token": values}}, unchecked)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    torch.testing.assert_close(load_pretrained_backbone_state(unchecked)["cls_token"], values, rtol=0, atol=0)
+
+
 def test_hub_sized_pos_embed_is_resized_on_load(tmp_path: Path) -> None:
     """A DINOv2 hub file (37x37 grid, 1370 tokens) into a 224 px model: DinoBloom's bicubic 16x16 for training,
     and for a requested size the hub model's own run-time resampling, so features stay the hub model's."""

@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 HEAD_PREFIXES = ("dino_head.", "ibot_head.")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6
 _PICKLE_MAGIC = b"\x80"  # legacy torch.save: a pickle, protocol 2+
+_CHECKSUM_CHUNK = 1 << 24
 _CHUNKED_KEY = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
 _FLAT_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -103,6 +105,8 @@ def _read_file(path: Path) -> Any:
             f"{path} is not a PyTorch checkpoint (it starts with {magic!r}, neither a torch.save zip archive "
             "nor a pickle); expected a .pth/.pt file from torch.save or a .safetensors file"
         )
+    if magic.startswith(_ZIP_MAGIC):
+        _check_zip_checksums(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -118,6 +122,29 @@ def _read_file(path: Path) -> Any:
             f"{path} cannot be read: a truncated or damaged checkpoint (is the download complete?) "
             f"({type(err).__name__}: {err})"
         ) from err
+
+
+def _check_zip_checksums(path: Path) -> None:
+    """Raise a CheckpointError when a record of the ``torch.save`` archive ``path`` fails its CRC-32: torch.load does
+    not check them, and would load a damaged tensor unsaid. Records saved without a checksum (CRC 0, PyTorch's
+    ``set_crc32_options(False)``) are not checked; an archive too damaged to list is left to torch.load to name."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return
+    with archive:
+        for record in archive.infolist():
+            if record.CRC == 0 and record.file_size > 0:
+                continue
+            try:
+                with archive.open(record) as handle:  # (reading to the end checks the record's CRC-32)
+                    while handle.read(_CHECKSUM_CHUNK):
+                        pass
+            except (zipfile.BadZipFile, EOFError) as err:
+                raise CheckpointError(
+                    f"{path} cannot be read: a damaged checkpoint ({record.filename}: {err or type(err).__name__}); "
+                    "download or copy it again"
+                ) from None
 
 
 def _strip_wrappers(key: str) -> str:
