@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -516,6 +517,34 @@ def test_weights_url_is_downloaded_once_into_the_hub_cache(tmp_path: Path, monke
         assert calls == [url]
         assert [p.name for p in (tmp_path / "hub" / "checkpoints").rglob("*.pth")] == ["DinoBloom-T.pth"]
         assert torch.equal(state["cls_token"], source.cls_token)
+    finally:
+        torch.hub.set_dir(previous_dir)
+
+
+def test_a_download_that_is_not_weights_leaves_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server's error page saved under the weights' name: the error names the URL, and the next call downloads
+    again instead of failing on the cached page."""
+    source = tiny_model()
+    served = [b"<html>429 Too Many Requests</html>"]
+
+    def fake_download(url: str, dst: str, progress: bool = True) -> None:
+        content = served.pop(0)
+        if isinstance(content, bytes):
+            Path(dst).write_bytes(content)
+        else:
+            torch.save(content, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    previous_dir = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        url = "https://zenodo.org/records/10908163/files/DinoBloom-T.pth"
+        with pytest.raises(CheckpointError, match=re.escape(f"{url}: the downloaded file cannot be used (") +
+                           r".*is not a PyTorch checkpoint.*removed from the cache, so the next attempt downloads"):
+            load_pretrained_backbone_state(url)
+        assert list((tmp_path / "hub" / "checkpoints").rglob("*.pth")) == []
+        served.append(teacher_checkpoint(source))
+        assert torch.equal(load_pretrained_backbone_state(url)["cls_token"], source.cls_token)
     finally:
         torch.hub.set_dir(previous_dir)
 

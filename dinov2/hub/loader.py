@@ -193,9 +193,22 @@ def flatten_block_chunks(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def load_pretrained_backbone_state(path_or_url: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a weights file or URL and return its backbone state dict with plain, flat DINOv2 keys."""
-    path = _download(str(path_or_url)) if is_url(path_or_url) else Path(path_or_url).expanduser()
-    return extract_backbone_state(_read_file(path), str(path_or_url))
+    """Read a weights file or URL and return its backbone state dict with plain, flat DINOv2 keys.
+
+    A download that is not a weights file (a server's error page, a damaged transfer) is removed from the cache, so
+    that the next call downloads it again rather than fail on the same copy."""
+    if not is_url(path_or_url):
+        return extract_backbone_state(_read_file(Path(path_or_url).expanduser()), str(path_or_url))
+    path = _download(str(path_or_url))
+    try:
+        content = _read_file(path)
+    except CheckpointError as err:
+        path.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"{path_or_url}: the downloaded file cannot be used ({err}); it was removed from the cache, so the next "
+            "attempt downloads it again"
+        ) from None
+    return extract_backbone_state(content, str(path_or_url))
 
 
 def release_pos_embed_grid(path_or_url: str | os.PathLike[str]) -> tuple[int, int] | None:
