@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -497,59 +497,64 @@ def test_an_unknown_width_warns_that_the_head_count_is_a_guess(
     assert "assuming 1 (96 per head)" in caplog.text
 
 
-def test_weights_url_is_downloaded_once_into_the_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Callable[[str, str], None]], Path]]:
+    """``serve(download)``: torch.hub's cache moves to ``tmp_path/hub`` (returned) and ``download(url, dst)`` stands
+    in for the network; both are restored afterwards."""
+    previous_dir = torch.hub.get_dir()
+
+    def serve(download: Callable[[str, str], None]) -> Path:
+        monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, progress=True: download(url, dst))
+        torch.hub.set_dir(str(tmp_path / "hub"))
+        return tmp_path / "hub"
+
+    yield serve
+    torch.hub.set_dir(previous_dir)
+
+
+def test_weights_url_is_downloaded_once_into_the_hub_cache(tmp_path: Path, hub_cache) -> None:
     source = tiny_model()
     served = tmp_path / "served.pth"
     torch.save(teacher_checkpoint(source), served)
     calls: list[str] = []
 
-    def fake_download(url: str, dst: str, progress: bool = True) -> None:
+    def download(url: str, dst: str) -> None:
         calls.append(url)
         shutil.copy(served, dst)
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    previous_dir = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        url = "https://zenodo.org/records/10908163/files/DinoBloom-T.pth"
-        for _ in range(2):
-            state = load_pretrained_backbone_state(url)
-        assert calls == [url]
-        assert [p.name for p in (tmp_path / "hub" / "checkpoints").rglob("*.pth")] == ["DinoBloom-T.pth"]
-        assert torch.equal(state["cls_token"], source.cls_token)
-    finally:
-        torch.hub.set_dir(previous_dir)
+    hub = hub_cache(download)
+    url = "https://zenodo.org/records/10908163/files/DinoBloom-T.pth"
+    for _ in range(2):
+        state = load_pretrained_backbone_state(url)
+    assert calls == [url]
+    assert [p.name for p in (hub / "checkpoints").rglob("*.pth")] == ["DinoBloom-T.pth"]
+    assert torch.equal(state["cls_token"], source.cls_token)
 
 
-def test_a_download_that_is_not_weights_leaves_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_download_that_is_not_weights_leaves_the_cache(hub_cache) -> None:
     """A server's error page saved under the weights' name: the error names the URL, and the next call downloads
     again instead of failing on the cached page."""
     source = tiny_model()
     served = [b"<html>429 Too Many Requests</html>"]
 
-    def fake_download(url: str, dst: str, progress: bool = True) -> None:
+    def download(url: str, dst: str) -> None:
         content = served.pop(0)
         if isinstance(content, bytes):
             Path(dst).write_bytes(content)
         else:
             torch.save(content, dst)
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    previous_dir = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        url = "https://zenodo.org/records/10908163/files/DinoBloom-T.pth"
-        with pytest.raises(CheckpointError, match=re.escape(f"{url}: the downloaded file cannot be used (") +
-                           r".*is not a PyTorch checkpoint.*removed from the cache, so the next attempt downloads"):
-            load_pretrained_backbone_state(url)
-        assert list((tmp_path / "hub" / "checkpoints").rglob("*.pth")) == []
-        served.append(teacher_checkpoint(source))
-        assert torch.equal(load_pretrained_backbone_state(url)["cls_token"], source.cls_token)
-    finally:
-        torch.hub.set_dir(previous_dir)
+    hub = hub_cache(download)
+    url = "https://zenodo.org/records/10908163/files/DinoBloom-T.pth"
+    with pytest.raises(CheckpointError, match=re.escape(f"{url}: the downloaded file cannot be used (") +
+                       r".*is not a PyTorch checkpoint.*removed from the cache, so the next attempt downloads"):
+        load_pretrained_backbone_state(url)
+    assert list((hub / "checkpoints").rglob("*.pth")) == []
+    served.append(teacher_checkpoint(source))
+    assert torch.equal(load_pretrained_backbone_state(url)["cls_token"], source.cls_token)
 
 
-def test_urls_of_files_with_one_name_are_cached_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_urls_of_files_with_one_name_are_cached_apart(tmp_path: Path, hub_cache) -> None:
     """Two runs' exports, both called teacher_checkpoint.pth: the second address gets its own weights."""
     served = {}
     for shift, run in enumerate(("run1", "run2")):
@@ -558,35 +563,21 @@ def test_urls_of_files_with_one_name_are_cached_apart(tmp_path: Path, monkeypatc
             model.cls_token.add_(shift)  # (tiny_model seeds itself: the two runs differ here)
         served[f"https://example.org/{run}/eval/training_9/teacher_checkpoint.pth"] = model.cls_token.detach().clone()
         torch.save(teacher_checkpoint(model), tmp_path / f"{run}.pth")
-
-    def fake_download(url: str, dst: str, progress: bool = True) -> None:
-        shutil.copy(tmp_path / f"{url.split('/')[3]}.pth", dst)
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    previous_dir = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        for url, cls_token in served.items():
-            assert torch.equal(load_pretrained_backbone_state(url)["cls_token"], cls_token)
-    finally:
-        torch.hub.set_dir(previous_dir)
+    hub_cache(lambda url, dst: shutil.copy(tmp_path / f"{url.split('/')[3]}.pth", dst))
+    for url, cls_token in served.items():
+        assert torch.equal(load_pretrained_backbone_state(url)["cls_token"], cls_token)
 
 
-def test_a_failed_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_download_is_a_clear_error(hub_cache) -> None:
     import urllib.error
 
-    def offline(url: str, dst: str, progress: bool = True) -> None:
+    def offline(url: str, dst: str) -> None:
         raise urllib.error.URLError("no route to host")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    previous_dir = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        with pytest.raises(CheckpointError, match=r"could not download https://\S+/DinoBloom-T.pth .*local path"):
-            load_pretrained_backbone_state("https://zenodo.org/records/10908163/files/DinoBloom-T.pth")
-        assert not list((tmp_path / "hub").rglob("DinoBloom-T.pth"))
-    finally:
-        torch.hub.set_dir(previous_dir)
+    hub = hub_cache(offline)
+    with pytest.raises(CheckpointError, match=r"could not download https://\S+/DinoBloom-T.pth .*local path"):
+        load_pretrained_backbone_state("https://zenodo.org/records/10908163/files/DinoBloom-T.pth")
+    assert not list(hub.rglob("DinoBloom-T.pth"))
 
 
 def test_torch_hub_load_offline(tmp_path: Path) -> None:
