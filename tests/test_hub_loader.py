@@ -392,6 +392,18 @@ def test_a_random_backbone_warns_where_it_was_asked_for(tmp_path: Path, monkeypa
         build_model("dinobloom_s")  # the real builder: a random backbone on purpose
 
 
+def test_an_image_size_that_is_not_whole_patches_is_refused(tmp_path: Path) -> None:
+    """A negative size built a one-patch model, a size between patches a model for the size below; both are errors."""
+    path = tmp_path / "run.pth"
+    torch.save(teacher_checkpoint(tiny_model()), path)
+    for size in (-14, 0):
+        with pytest.raises(ValueError, match=f"img_size must be a positive number of pixels, got {size}"):
+            load_backbone(None, path, img_size=size)
+    with pytest.raises(ValueError, match=re.escape("img_size 100 is not a multiple of the model's patch size 14 "
+                                                   "(e.g. 98 or 112)")):  # fmt: skip
+        load_backbone(None, path, img_size=100)
+
+
 def test_a_named_entry_keeps_its_size() -> None:
     with pytest.raises(ValueError, match="dinobloom_s fixes depth, num_heads; for another size"):
         load_backbone("dinobloom_s", None, num_heads=12, depth=2)

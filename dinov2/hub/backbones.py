@@ -150,6 +150,8 @@ def load_backbone(
     model gives the features the checkpoint's own model gives on them. `kwargs` override constructor arguments
     other than the size, which a hub name fixes.
     """
+    if img_size is not None and img_size <= 0:
+        raise ValueError(f"img_size must be a positive number of pixels, got {img_size}")
     if pretrained and weights is None:
         if name not in RELEASE_URLS:
             raise ValueError(f"pretrained=True needs a released entry ({', '.join(RELEASE_URLS)}), got {name!r}")
@@ -185,6 +187,8 @@ def load_backbone(
         model = build_model(name, **kwargs)
         if state is None:
             _warn_random_init(name)
+    if img_size is not None:
+        check_image_size(model, img_size, "img_size")
     if state is not None:
         hint = "" if name is None else (
             f"load_backbone(None, {str(weights)!r}) builds the checkpoint's own architecture "
