@@ -1522,8 +1522,9 @@ def test_an_output_directory_that_cannot_be_made_is_a_config_error(tmp_path: Pat
     """A file where the output folder should be is named in one error line, not an OSError traceback."""
     blocker = tmp_path / "results"
     blocker.write_text("a file, not a folder")
-    for output_dir, reason in ((blocker, "File exists"), (blocker / "run1", "Not a directory")):
-        with pytest.raises(ConfigError, match=rf"--output-dir \(train.output_dir\) {output_dir}: {reason}$"):
+    for output_dir, reason in ((blocker, "it is a file"), (blocker / "run1", f"{blocker} is a file")):
+        with pytest.raises(ConfigError, match=rf"--output-dir \(train.output_dir\) {output_dir}: {reason}, not a "
+                                              "folder; name a folder$"):  # fmt: skip
             _train(output_dir, demo.lists_dir)
     assert blocker.read_text() == "a file, not a folder"
 

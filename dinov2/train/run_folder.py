@@ -78,6 +78,10 @@ def start_over(output_dir: Path, previous_config: str | None, is_main: bool) -> 
 
 def output_dir_error(output_dir: Path, err: OSError) -> str:
     """Why ``output_dir`` cannot be used, naming the file in the way when it is another."""
+    blocking = next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        where = "it" if blocking == output_dir else str(blocking)
+        return f"--output-dir (train.output_dir) {output_dir}: {where} is a file, not a folder; name a folder"
     where = f": {err.filename}" if err.filename and Path(err.filename) != output_dir else ""
     return f"--output-dir (train.output_dir) {output_dir}: {err.strerror or err}{where}"
 
