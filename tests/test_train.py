@@ -1341,6 +1341,29 @@ def test_logging_prints_each_line_once(tmp_path: Path, capsys: pytest.CaptureFix
         root.removeHandler(console)
 
 
+def test_the_log_says_which_network_trains(tmp_path: Path, demo) -> None:
+    """log.txt names the backbone built, and says when student.embed_dim/depth/num_heads replaced the sizes of
+    student.arch (whose name alone would otherwise suggest a model the run does not train)."""
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, "student.arch=vit_giant2", "student.ffn_layer=swiglufused", epochs=1, epoch_length=1)
+    line = next(line for line in (out / "log.txt").read_text().splitlines() if "student: " in line)
+    backbone = DinoVisionTransformer(img_size=56, embed_dim=64, depth=2, num_heads=2, ffn_layer="swiglufused")
+    count = sum(p.numel() for p in backbone.parameters()) / 1e6
+    assert re.search(re.escape(
+        "student: vit_giant2 (student.embed_dim, student.depth, student.num_heads replacing its 1536, 40, 24): 64 wide, "
+        f"2 blocks, 2 heads, swiglufused feed-forward, 0 registers, patch 14, 56 px; parameters: backbone {count:.2f} M, "
+    ) + r"dino_head 0\.\d\d M, ibot_head 0\.\d\d M \(the teacher is their EMA\)$", line)  # fmt: skip
+    from dinov2.train.ssl_meta_arch import SSLMetaArch
+
+    with torch.device("meta"):
+        cfg = load_config(DEMO_CONFIG, ["student.arch=vit_small", "student.embed_dim=0", "student.depth=0",
+                                        "student.num_heads=0"])  # fmt: skip
+        assert train_module.describe_student(cfg, SSLMetaArch(cfg).student).startswith(
+            "student: vit_small: 384 wide, 12 blocks, 6 heads, mlp feed-forward, 0 registers, patch 14, 112 px; "
+            "parameters: backbone 21."
+        )
+
+
 def test_what_the_config_says_while_it_loads_reaches_log_txt(
     tmp_path: Path, demo, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -40,6 +40,7 @@ from dinov2.data import DatasetError
 from dinov2.data.loaders import batches
 from dinov2.data.photometric import finish_crops
 from dinov2.hub.loader import CheckpointError, conventional_num_heads
+from dinov2.models import ARCH_SIZES
 from dinov2.parallel import (
     allow_tf32_matmul,
     autocast_dtype,
@@ -129,6 +130,27 @@ def make_autocast(cfg: DictConfig, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
+def describe_student(cfg: DictConfig, student: torch.nn.ModuleDict) -> str:
+    """One line on the network being trained: the backbone's architecture (saying which of ``student.arch``'s sizes
+    the config replaced) and each part's parameter count."""
+    spec = resolve_arch(cfg)
+    arch = spec.kwargs
+    own_sizes = dict(zip(("embed_dim", "depth", "num_heads"), ARCH_SIZES[spec.name]))
+    replaced = {key: own for key, own in own_sizes.items() if arch[key] != own}
+    name = spec.hub_name or spec.name
+    if replaced:
+        keys = ", ".join(f"student.{key}" for key in replaced)
+        name += f" ({keys} replacing its {', '.join(str(own) for own in replaced.values())})"
+    counts = ", ".join(
+        f"{part} {sum(p.numel() for p in module.parameters()) / 1e6:.2f} M" for part, module in student.items()
+    )
+    return (
+        f"student: {name}: {arch['embed_dim']} wide, {arch['depth']} blocks, {arch['num_heads']} heads, "
+        f"{arch['ffn_layer']} feed-forward, {arch['num_register_tokens']} registers, patch {arch['patch_size']}, "
+        f"{arch['img_size']} px; parameters: {counts} (the teacher is their EMA)"
+    )
+
+
 def build_sharded_model(cfg: DictConfig, device: torch.device) -> SSLMetaArch:
     """The student/teacher, sharded as configured, with uninitialised weights on ``device``.
 
@@ -136,6 +158,7 @@ def build_sharded_model(cfg: DictConfig, device: torch.device) -> SSLMetaArch:
     """
     with torch.device("meta"):
         model = SSLMetaArch(cfg)
+    logger.info("%s", describe_student(cfg, model.student))
     parallelize_from_config(model.student, cfg, "student", device)
     parallelize_from_config(model.teacher, cfg, "teacher", device)
     model.to_empty(device=device)
