@@ -142,7 +142,7 @@ def _check_zip_checksums(path: Path) -> None:
                         pass
             except (zipfile.BadZipFile, EOFError) as err:
                 raise CheckpointError(
-                    f"{path} cannot be read: a damaged checkpoint ({record.filename}: {err or type(err).__name__}); "
+                    f"{path} cannot be read: a damaged checkpoint ({record.filename}: {str(err) or type(err).__name__}); "
                     "download or copy it again"
                 ) from None
 
