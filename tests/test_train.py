@@ -1350,8 +1350,9 @@ def test_the_log_says_which_network_trains(tmp_path: Path, demo) -> None:
     backbone = DinoVisionTransformer(img_size=56, embed_dim=64, depth=2, num_heads=2, ffn_layer="swiglufused")
     count = sum(p.numel() for p in backbone.parameters()) / 1e6
     assert re.search(re.escape(
-        "student: vit_giant2 (student.embed_dim, student.depth, student.num_heads replacing its 1536, 40, 24): 64 wide, "
-        f"2 blocks, 2 heads, swiglufused feed-forward, 0 registers, patch 14, 56 px; parameters: backbone {count:.2f} M, "
+        "student: vit_giant2 (student.embed_dim, student.depth, student.num_heads replacing its 1536, 40, 24): 64 "
+        f"wide, 2 blocks, 2 heads, swiglufused feed-forward, 0 registers, patch 14, 56 px; parameters: backbone "
+        f"{count:.2f} M, "
     ) + r"dino_head 0\.\d\d M, ibot_head 0\.\d\d M \(the teacher is their EMA\)$", line)  # fmt: skip
     from dinov2.train.ssl_meta_arch import SSLMetaArch
 

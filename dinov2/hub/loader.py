@@ -141,9 +141,10 @@ def _check_zip_checksums(path: Path) -> None:
                     while handle.read(_CHECKSUM_CHUNK):
                         pass
             except (zipfile.BadZipFile, EOFError) as err:
+                cause = str(err) or type(err).__name__
                 raise CheckpointError(
-                    f"{path} cannot be read: a damaged checkpoint ({record.filename}: {str(err) or type(err).__name__}); "
-                    "download or copy it again"
+                    f"{path} cannot be read: a damaged checkpoint ({record.filename}: {cause}); download or copy it "
+                    "again"
                 ) from None
 
 
