@@ -304,6 +304,24 @@ def test_symlink_loops_list_each_image_once(tmp_path: Path, caplog: pytest.LogCa
     assert "also holds 1 list(s) this run did not write (ig.txt); train.dataset_path=" in caplog.text
 
 
+def test_links_that_lead_nowhere_are_skipped_and_folders_are_walked_before_links_to_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A link to itself (a file name or a folder name) is named and skipped, not a crash; a link to a folder of the
+    tree, whose name sorts first, does not take that folder's place (the paths keep the folder's name, the label the
+    evaluation reads from it)."""
+    root = tmp_path / "cells"
+    image = _write_image(root / "lymphocyte" / "x.jpg", 0)
+    (root / "a_link").symlink_to("lymphocyte", target_is_directory=True)
+    (root / "self.jpg").symlink_to("self.jpg")
+    (root / "loop").symlink_to("loop")
+    with caplog.at_level(logging.WARNING, logger="dinov2.data.datasets"):
+        assert find_images(root) == [str(image)]
+    for name in ("self.jpg", "loop"):
+        assert f"skipping {root / name}: Too many levels of symbolic links" in caplog.text
+    assert f"skipping {root / 'a_link'}: it is {root / 'lymphocyte'}, already listed" in caplog.text
+
+
 def _sixteen_bit_reference(values: np.ndarray) -> np.ndarray:
     """value * 255 / 65535 rounded to the nearest integer (no ties: 65535 / 255 is odd), after clipping."""
     return ((np.clip(values.astype(np.int64), 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)

@@ -198,14 +198,16 @@ def _is_utf8(text: str) -> bool:
 def find_images(folder: str | Path) -> list[str]:
     """All image files under ``folder``, recursively, sorted; hidden files and folders (``.name``) skipped.
 
-    Symlinked folders are followed, each real folder once: a folder whose real path was already walked (a
-    symlink loop, or a second link to one folder) is skipped with a warning, as is a folder that cannot be read.
+    Symlinked folders are followed, each real folder once: the folders themselves are walked before the links to
+    them, and a folder whose real path was already walked (a symlink loop, or a second link to one folder) is
+    skipped with a warning, as is a folder that cannot be read and a link that leads nowhere (to nothing, or round
+    in a loop).
     """
     found: list[str] = []
     walked: set[str] = set()
-    pending = [os.fspath(folder)]
-    while pending:
-        directory = pending.pop()
+    pending, linked = [os.fspath(folder)], []
+    while pending or linked:
+        directory = pending.pop() if pending else linked.pop()
         real = os.path.realpath(directory)
         if real in walked:
             logger.warning("skipping %s: it is %s, already listed (a symlink loop or a second link)", directory, real)
@@ -217,13 +219,32 @@ def find_images(folder: str | Path) -> list[str]:
         except OSError as error:
             logger.warning("skipping folder %s: %s", directory, error)
             continue
-        images = [e for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
-        found.extend(e.path for e in images if e.is_file())
-        for entry in images:
-            if entry.is_symlink() and not os.path.exists(entry.path):
-                logger.warning("skipping %s: a link to %s, which does not exist", entry.path, os.readlink(entry.path))
-        pending.extend(e.path for e in reversed(entries) if e.is_dir())  # depth first, in name order
+        kinds = {entry.path: _kind(entry) for entry in entries}
+        found.extend(e.path for e in entries if kinds[e.path] == "file" and _is_image_name(e.name))
+        for entry in reversed(entries):  # depth first, in name order
+            if kinds[entry.path] == "folder":
+                (linked if entry.is_symlink() else pending).append(entry.path)
     return sorted(found)
+
+
+def _is_image_name(name: str) -> bool:
+    """Whether ``name`` has one of the :data:`IMAGE_EXTENSIONS`."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _kind(entry: os.DirEntry) -> str | None:
+    """``"file"``, ``"folder"``, or None (with a warning for a link that leads nowhere) for a folder entry."""
+    try:
+        if entry.is_file():
+            return "file"
+        if entry.is_dir():
+            return "folder"
+    except OSError as error:  # a link round in a loop: "Too many levels of symbolic links"
+        logger.warning("skipping %s: %s", entry.path, error.strerror or error)
+        return None
+    if entry.is_symlink() and _is_image_name(entry.name):
+        logger.warning("skipping %s: a link to %s, which does not exist", entry.path, os.readlink(entry.path))
+    return None
 
 
 class _StringTable:
