@@ -57,6 +57,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
     return path
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file (not a folder) at ``folder`` or at one of its parents, which keeps ``folder`` from being made; None
+    when there is none."""
+    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+
+
 def shown_name(text: str) -> str:
     """``text`` with the bytes of a file name that is not UTF-8 (read with ``surrogateescape``, as Python reads such
     names) shown as ``\\xNN`` escapes: what a figure or a message can display."""

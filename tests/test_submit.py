@@ -306,6 +306,24 @@ def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: p
         launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "o", "optim.epochs"])
     with pytest.raises(launcher.LaunchError, match=r"--config-file .*demo.yaml: .*optim\.epochz"):
         launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "o", "optim.epochz=3"])
+    # what the job would only find when it starts: no data set, a misspelt DinoBloom data set, no output folder
+    with pytest.raises(launcher.LaunchError, match=r"^train.dataset_path is empty: name a folder of \.txt image lists"):
+        launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "o", "train.dataset_path="])
+    with pytest.raises(launcher.LaunchError, match=r"train.dataset_path: .*unknown option\(s\) \['shufle'\]"):
+        launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "o",
+                                f"train.dataset_path=HemaStandardDataset:root={tmp_path}:shufle=1"])  # fmt: skip
+    blocker = tmp_path / "results"
+    blocker.write_text("a file")
+    for flag, folder, message in (("--output-dir", blocker, f"{blocker}: it"),
+                                  ("--output-dir", blocker / "run", f"{blocker / 'run'}: {blocker}"),
+                                  ("--job-dir", blocker / "%j", f"{blocker}: it")):  # fmt: skip
+        extra = ["--output-dir", str(tmp_path / "run")] if flag == "--job-dir" else []
+        with pytest.raises(launcher.LaunchError, match=f"^{re.escape(f'{flag} {message} is a file, not a folder')}$"):
+            launcher.parse_request(["--config-file", str(DEMO_CONFIG), *extra, flag, str(folder)])
+    if sys.platform == "linux":  # a folder that cannot be made, though no file is in the way
+        with pytest.raises(launcher.LaunchError, match=r"^--output-dir /proc/x: the folder /proc/x cannot be made"):
+            launcher.parse_request(["--config-file", str(DEMO_CONFIG), "--output-dir", "/proc/x"])
+    assert not (tmp_path / "run").exists()  # the probes leave nothing behind
     # an environment variable that only the job will have (node-local scratch) is not resolved on the login node
     monkeypatch.delenv("SLURM_TMPDIR", raising=False)
     request = launcher.parse_request(

@@ -407,14 +407,6 @@ def _names_a_path(dataset_str: str) -> bool:
     return ":" not in dataset_str or "/" in head or os.sep in head or "." in head
 
 
-def dataset_root(dataset_str: str) -> str:
-    """The folder or list file that a dataset string names: the path itself, or the ``root=`` of its spelled form
-    ('' when it has none)."""
-    if _names_a_path(dataset_str):
-        return dataset_str
-    return _parse_dataset_spec(dataset_str)[1].get("root", "")
-
-
 def absolute_dataset_string(dataset_str: str) -> str:
     """``dataset_str`` with its path (or the ``root=`` of its spelled form) made absolute, ``~`` expanded and a
     relative path taken from the current folder; a malformed spelling is returned as it is (:func:`make_dataset`
@@ -430,23 +422,18 @@ def absolute_dataset_string(dataset_str: str) -> str:
     return ":".join([name, *(f"{key}={value}" for key, value in options.items())])
 
 
-def make_dataset(
-    dataset_str: str,
-    transform: Callable[[Image.Image], Any] | None = None,
-    *,
-    resize: int | None = None,
-    seed: int = 0,
-) -> FileListDataset:
-    """Build the dataset named by a path or by DinoBloom's ``HemaStandardDataset:root=<dir>[:shuffle=1]``.
+def dataset_source(dataset_str: str, resize: int | None = None) -> tuple[str, int | None]:
+    """The folder or list file that a dataset string names, and the size its images are resized to (None: kept).
 
-    The spelled form accepts ``root`` (required), ``resize`` (pixels, or ``none``), ``shuffle`` (accepted and
-    ignored: the sampler shuffles) and ``split`` (ignored with a warning: lists are not split). With the
-    ``HemaStandardDataset`` name images are resized to 224 like DinoBloom's dataset unless ``resize`` says
-    otherwise; ``FileListDataset:...`` and plain paths do not resize by default. A ``resize`` argument
-    overrides the default but must agree with a ``resize=`` in the string.
+    A path names itself. DinoBloom's spelling ``HemaStandardDataset:root=<dir>[:shuffle=1]`` accepts ``root``
+    (required), ``resize`` (pixels, or ``none``), ``shuffle`` (accepted and ignored: the sampler shuffles) and
+    ``split`` (ignored with a warning: lists are not split). With the ``HemaStandardDataset`` name images are resized
+    to 224 like DinoBloom's dataset unless ``resize`` says otherwise; ``FileListDataset:...`` and plain paths do not
+    resize by default. A ``resize`` argument overrides the default but must agree with a ``resize=`` in the string.
+    Raises DatasetError for a malformed spelling; nothing is read.
     """
     if _names_a_path(dataset_str):
-        return FileListDataset(dataset_str, transform, resize=resize, seed=seed)
+        return dataset_str, resize
     name, options = _parse_dataset_spec(dataset_str)
     if name not in _DATASET_NAMES:
         raise DatasetError(f"unknown dataset {name!r} in {dataset_str!r}; expected one of {_DATASET_NAMES} or a path")
@@ -470,6 +457,17 @@ def make_dataset(
             raise DatasetError(f"dataset string {dataset_str!r}: resize must be an integer or none") from None
         if resize is not None and resize != spec_resize:
             raise DatasetError(f"dataset string {dataset_str!r} says resize={value} but resize={resize} was passed")
-    if resize is not None:
-        spec_resize = resize
-    return FileListDataset(options["root"], transform, resize=spec_resize, seed=seed)
+    return options["root"], spec_resize if resize is None else resize
+
+
+def make_dataset(
+    dataset_str: str,
+    transform: Callable[[Image.Image], Any] | None = None,
+    *,
+    resize: int | None = None,
+    seed: int = 0,
+) -> FileListDataset:
+    """Build the dataset named by a path or by DinoBloom's ``HemaStandardDataset:root=<dir>[:shuffle=1]`` (see
+    :func:`dataset_source`)."""
+    root, resize = dataset_source(dataset_str, resize)
+    return FileListDataset(root, transform, resize=resize, seed=seed)

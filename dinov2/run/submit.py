@@ -243,22 +243,36 @@ def _validate_training_args(args: argparse.Namespace) -> tuple[Path, list[str]]:
                 "set the variable in this shell"
             ) from None
     output_dir = Path(output_text).expanduser()
+    _check_dataset_setting(cfg)
     return output_dir, [] if args.no_path_check else _inputs_missing_here(cfg)
+
+
+def _check_dataset_setting(cfg: DictConfig) -> None:
+    """A LaunchError for an empty ``train.dataset_path`` or a malformed DinoBloom spelling of it (an interpolation,
+    resolved in the job, is not checked): the job would fail when it starts."""
+    from dinov2.data.datasets import DatasetError, dataset_source
+
+    value = str(OmegaConf.to_container(cfg.train, resolve=False)["dataset_path"] or "")
+    if "${" in value:
+        return
+    if not value:
+        raise LaunchError("train.dataset_path is empty: name a folder of .txt image lists (or one .txt list)")
+    try:
+        dataset_source(value)
+    except DatasetError as error:
+        raise LaunchError(f"train.dataset_path: {error}") from None
 
 
 def _inputs_missing_here(cfg: DictConfig) -> list[str]:
     """``key=value`` of the data and weights settings whose paths do not exist on this machine; values with
     ``${...}`` interpolations (resolved in the job) and URLs are not checked."""
-    from dinov2.data.datasets import DatasetError, dataset_root
+    from dinov2.data.datasets import dataset_source
     from dinov2.hub.loader import is_url
 
     raw = OmegaConf.to_container(cfg, resolve=False)
-    try:
-        data = dataset_root(str(raw["train"]["dataset_path"] or ""))
-    except DatasetError:  # a malformed spelling: train.py says what is wrong with it
-        data = ""
+    data = str(raw["train"]["dataset_path"] or "")
     paths = {
-        "train.dataset_path": data,
+        "train.dataset_path": data if "${" in data else dataset_source(data)[0],  # (its spelling checked before)
         "evaluation.knn_data": raw["evaluation"]["knn_data"],
         "student.pretrained_weights": raw["student"]["pretrained_weights"],
         "MODEL.WEIGHTS": raw["MODEL"]["WEIGHTS"],
@@ -307,7 +321,23 @@ def parse_request(argv: Sequence[str] | None = None) -> LaunchRequest:
         train_argv.append("--no-resume")
     train_argv += args.overrides
     job_dir = Path(args.job_dir).expanduser() if args.job_dir is not None else output_dir / "slurm" / "%j"
+    _check_writable(output_dir, "--output-dir")
+    _check_writable(next(p for p in (job_dir, *job_dir.parents) if "%" not in p.name), "--job-dir")
     return LaunchRequest(settings, train_argv, output_dir, job_dir, args.local, missing_inputs)
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """A LaunchError naming ``flag`` when the launcher cannot make or write in ``folder`` (a file in the way, a
+    read-only file system)."""
+    from dinov2.files import check_folder_writable, file_in_the_way
+
+    blocking = file_in_the_way(folder)
+    if blocking is not None:
+        raise LaunchError(f"{flag} {folder}: {'it' if blocking == folder else blocking} is a file, not a folder")
+    try:
+        check_folder_writable(folder, f"{flag} {folder}")
+    except ValueError as error:
+        raise LaunchError(str(error)) from None
 
 
 def executor_parameters(request: LaunchRequest) -> dict[str, Any]:

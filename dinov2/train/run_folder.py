@@ -12,6 +12,7 @@ import torch
 
 from dinov2 import distributed
 from dinov2.configs import ConfigError
+from dinov2.files import file_in_the_way
 from dinov2.train.run_lock import RunLock, RunLockedError
 from dinov2.train.trackers import TENSORBOARD_DIR, WANDB_RUN_ID_FILE
 
@@ -78,7 +79,7 @@ def start_over(output_dir: Path, previous_config: str | None, is_main: bool) -> 
 
 def output_dir_error(output_dir: Path, err: OSError) -> str:
     """Why ``output_dir`` cannot be used, naming the file in the way when it is another."""
-    blocking = next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(output_dir)
     if blocking is not None:
         where = "it" if blocking == output_dir else str(blocking)
         return f"--output-dir (train.output_dir) {output_dir}: {where} is a file, not a folder; name a folder"
