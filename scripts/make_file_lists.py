@@ -37,6 +37,14 @@ def _readable(path: str) -> bool:
     return True
 
 
+def _listable(path: str) -> bool:
+    """Whether ``path`` can be a line of a list: a name holding a line break cannot."""
+    if "\n" in path or "\r" in path:
+        logger.warning("leaving out %r: a name with a line break cannot be a line of a list; rename the file", path)
+        return False
+    return True
+
+
 def _list_line(path: str) -> str:
     """``path`` as a list line that reads back as itself: ``./`` before a leading ``#``, ``~`` or space."""
     return f"./{path}" if path[0] in "#~" or path[0].isspace() else path
@@ -59,7 +67,7 @@ def make_file_lists(
     output.mkdir(parents=True, exist_ok=True)
     counts: dict[Path, int] = {}
     for name, source in names.items():
-        images = find_images(source.resolve())
+        images = [path for path in find_images(source.resolve()) if _listable(path)]
         if verify:
             images = [p for p in tqdm(images, desc=f"verify {name}", unit="img") if _readable(p)]
         if not images:
@@ -70,7 +78,9 @@ def make_file_lists(
         list_file.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8", errors="surrogateescape")
         counts[list_file] = len(lines)
         logger.info("%s: %d images", list_file, len(lines))
-    others = sorted(p.name for p in output.glob("*.txt") if p not in counts)
+    others = sorted(  # (as training reads them: .TXT too, hidden ones not)
+        p.name for p in output.iterdir() if p.suffix.lower() == ".txt" and not p.name.startswith(".") and p not in counts
+    )
     if others:  # training reads every list of the folder: a stale one would add images no one asked for
         logger.warning(
             "%s also holds %d list(s) this run did not write (%s); train.dataset_path=%s reads them too: remove "

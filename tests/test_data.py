@@ -322,6 +322,24 @@ def test_links_that_lead_nowhere_are_skipped_and_folders_are_walked_before_links
     assert f"skipping {root / 'a_link'}: it is {root / 'lymphocyte'}, already listed" in caplog.text
 
 
+def test_file_lists_leave_out_names_with_line_breaks_and_name_every_stale_list(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, load_script: Callable[[str], ModuleType]
+) -> None:
+    """A name holding a line break would split into two lines, which training refuses: it is left out and named. A
+    stale list is named whatever the case of its suffix, since training reads .TXT lists too."""
+    source = tmp_path / "cells"
+    kept = _write_image(source / "ok.jpg", 0)
+    broken = _write_image(source / "car\rret.jpg", 1)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "OLD.TXT").write_text("/data/old/1.jpg\n")
+    with caplog.at_level(logging.WARNING):
+        counts = load_script("make_file_lists").make_file_lists([source], tmp_path / "lists")
+    assert counts == {tmp_path / "lists" / "cells.txt": 1}
+    assert (tmp_path / "lists" / "cells.txt").read_text() == f"{kept}\n"
+    assert f"leaving out {str(broken)!r}: a name with a line break" in caplog.text
+    assert "also holds 1 list(s) this run did not write (OLD.TXT)" in caplog.text
+
+
 def _sixteen_bit_reference(values: np.ndarray) -> np.ndarray:
     """value * 255 / 65535 rounded to the nearest integer (no ties: 65535 / 255 is odd), after clipping."""
     return ((np.clip(values.astype(np.int64), 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
