@@ -639,3 +639,27 @@ def test_a_home_relative_output_dir_is_expanded(tmp_path: Path, monkeypatch: pyt
     assert request.output_dir == tmp_path / "run1"
     assert request.job_dir == tmp_path / "run1" / "slurm" / "%j"
     assert request.train_argv[2:4] == ["--output-dir", str(tmp_path / "run1")]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_folder_that_a_training_holds_is_refused_before_submission(
+    tmp_path: Path, demo_lists: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The job would stop at its start, its error only in the job's own log: the launcher names the holder now, and
+    submits once the holder is gone."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["--local", "--config-file", str(DEMO_CONFIG), "--output-dir", str(out),
+            *_tiny_demo_overrides(demo_lists, epoch_length=2, epochs=1)]  # fmt: skip
+    with (out / ".lock").open("a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("process 4242 on node7, since 2026-11-28T10:00:00\n")
+        holder.flush()
+        assert launcher.main(argv) == 2
+        assert "run is in use by another training (process 4242 on node7, since " in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    job = launcher.submit(argv)
+    job.wait()
+    assert job.state == "FINISHED" and (out / "checkpoints").is_dir()

@@ -441,9 +441,25 @@ def _refuse_missing_inputs(request: LaunchRequest) -> None:
         )
 
 
+def _refuse_a_folder_in_use(output_dir: Path) -> None:
+    """A LaunchError naming the training that holds ``output_dir``'s lock now: the job would stop at its start."""
+    from dinov2.train.run_lock import LOCK_NAME, RunLock, RunLockedError
+
+    if not (output_dir / LOCK_NAME).is_file():
+        return
+    lock = RunLock(output_dir)
+    try:
+        lock.acquire()
+    except RunLockedError as error:
+        raise LaunchError(str(error)) from None
+    finally:
+        lock.release()
+
+
 def submit(argv: Sequence[str] | None = None) -> submitit.Job:
     """Submit the training described by the command line; return the submitit job."""
     request = parse_request(argv)
+    _refuse_a_folder_in_use(request.output_dir)
     max_num_timeout = request.settings.get("max_num_timeout")
     if request.local:
         _refuse_missing_inputs(request)  # the job would fail in the background, the command having said it started
