@@ -329,6 +329,17 @@ def load_backbone_weights(model: nn.Module, path_or_url: str | os.PathLike[str])
     return load_backbone_state(model, load_pretrained_backbone_state(path_or_url), source=str(path_or_url))
 
 
+def _timm_hint(state: Mapping[str, torch.Tensor]) -> str:
+    """``; this looks like timm's layout ...`` for a state dict without DINOv2's ``mask_token`` (which every DINOv2
+    file has, and ``scripts/export_timm.py`` drops) or with timm's ``reg_token``; else empty."""
+    if "mask_token" in state and "reg_token" not in state:
+        return ""
+    return (
+        "; this looks like timm's layout (scripts/export_timm.py drops mask_token): load it with timm, or load the "
+        "file it was exported from"
+    )
+
+
 def load_backbone_state(
     model: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -361,7 +372,10 @@ def load_backbone_state(
                 )
                 state["pos_embed"] = resampled  # float32, as the run-time resampling; loading casts it once
             else:
-                state["pos_embed"] = resize_pos_embed_as_dinobloom(pos, target[1])
+                try:
+                    state["pos_embed"] = resize_pos_embed_as_dinobloom(pos, target[1])
+                except CheckpointError as err:
+                    raise CheckpointError(f"{source}: {err}{_timm_hint(state)}") from None
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mis_shaped = [
@@ -389,10 +403,7 @@ def load_backbone_state(
                 f"{{k.removeprefix({prefix!r}): v for k, v in state_dict.items()}}"
             )
         if "mask_token" in missing and set(missing) <= {"mask_token", "register_tokens"}:  # every DINOv2 file has it
-            problems.append(
-                "this looks like timm's layout (scripts/export_timm.py drops mask_token): load it with timm, or load "
-                "the file it was exported from"
-            )
+            problems.append(_timm_hint(state).removeprefix("; "))
         raise CheckpointError(f"{source} does not match the model; " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
     return model
