@@ -198,6 +198,11 @@ def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"not tensors: student; 'student' holds a dict: .* torch\.save\(checkpoint"):
         load_pretrained_backbone_state(pickled)
 
+    torch.save({"teacher": {"backbone": {"cls_token": torch.zeros(1, 1, 4)}}}, pickled)  # one level deeper
+    hint = "torch.save(checkpoint['teacher']['backbone'], 'backbone.pth')"
+    with pytest.raises(CheckpointError, match=re.escape(hint)):
+        load_pretrained_backbone_state(pickled)
+
     torch.save([torch.zeros(2)], pickled)
     with pytest.raises(CheckpointError, match="expected a dict of tensors, found list"):
         load_pretrained_backbone_state(pickled)

@@ -160,9 +160,10 @@ def extract_backbone_state(obj: Any, source: str = "checkpoint") -> dict[str, to
     """Reduce a loaded checkpoint of any accepted layout to a plain backbone state dict with flat keys."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
+    inside = ""  # where in the file the weights were looked for, for the hint below
     for wrapper in ("teacher", "model", "state_dict"):
         if wrapper in obj and isinstance(obj[wrapper], Mapping):
-            obj = obj[wrapper]
+            obj, inside = obj[wrapper], f"[{wrapper!r}]"
             break
     state = {_strip_wrappers(str(k)): v for k, v in obj.items()}
     if any(k.startswith("teacher.backbone.") for k in state):
@@ -175,7 +176,7 @@ def extract_backbone_state(obj: Any, source: str = "checkpoint") -> dict[str, to
         nested = [k for k in not_tensors if isinstance(state[k], Mapping)]
         hint = (
             f"; {nested[0]!r} holds a dict: the loader looks for weights under 'teacher', 'model' or 'state_dict', so "
-            f"save the one you want on its own, e.g. torch.save(checkpoint[{nested[0]!r}], 'backbone.pth')"
+            f"save the one you want on its own, e.g. torch.save(checkpoint{inside}[{nested[0]!r}], 'backbone.pth')"
             if nested else ""
         )
         raise CheckpointError(f"{source}: entries that are not tensors: {', '.join(not_tensors[:10])}{hint}")
