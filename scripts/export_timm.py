@@ -36,6 +36,7 @@ import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy, a
 
 import torch  # noqa: E402
 
+from dinov2.cli import positive_int  # noqa: E402
 from dinov2.hub import load_backbone  # noqa: E402
 from dinov2.hub.loader import flatten_block_chunks, mlp_ratio_for  # noqa: E402
 from dinov2.layers import LayerScale  # noqa: E402
@@ -123,15 +124,22 @@ def timm_state_dict(model: DinoVisionTransformer) -> dict[str, torch.Tensor]:
 
 
 def export_timm(
-    weights: str | Path, output: str | Path, model: str | None = None, img_size: int | None = None
+    weights: str | Path,
+    output: str | Path,
+    model: str | None = None,
+    img_size: int | None = None,
+    num_heads: int | None = None,
 ) -> tuple[Path, str, dict[str, Any]]:
-    """Load `weights` (any layout the strict loader accepts) and write the timm `.safetensors` export."""
+    """Load `weights` (any layout the strict loader accepts) and write the timm `.safetensors` export.
+
+    `num_heads`: the head count of a training export away from its run's config.yaml whose width has no DINOv2
+    convention (the weights cannot tell it)."""
     from safetensors.torch import save_file
 
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ValueError(f"the export must be a .safetensors file, got {output}")
-    backbone = load_backbone(model, weights, img_size)
+    backbone = load_backbone(model, weights, img_size, **({"num_heads": num_heads} if num_heads else {}))
     name, kwargs = timm_model_config(backbone)
     output.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs), "source": str(weights)}
@@ -156,9 +164,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--output", required=True, help="the .safetensors file to write")
     parser.add_argument("--model", default=None, help="hub entry name; omit to infer it from the weights")
     parser.add_argument("--img-size", type=int, default=None, help="resize the position embedding first")
+    parser.add_argument("--num-heads", type=positive_int, default=None,
+                        help="attention heads of a training export copied out of its run (the weights cannot tell)")
     args = parser.parse_args(argv)
     setup_logging()
-    output, name, kwargs = export_timm(args.weights, args.output, args.model, args.img_size)
+    output, name, kwargs = export_timm(args.weights, args.output, args.model, args.img_size, args.num_heads)
     call = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in kwargs.items())])
     overlay_items = {"file": str(output), **timm_preprocessing(kwargs["img_size"])}
     overlay = ", ".join(f"{k}={v!r}" for k, v in overlay_items.items())

@@ -669,6 +669,34 @@ def test_timm_export_loads_into_timm(
         load_backbone(None, output)  # the exported file is timm's: our loader says so rather than guess
 
 
+def test_timm_export_takes_the_head_count_the_weights_cannot_tell(
+    tmp_path: Path, load_script: Callable[[str], ModuleType], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 128-wide training export with 4 heads, copied away from its run's config.yaml: the weights imply 2 heads of
+    64 (said in a warning); --num-heads exports what the run trained, and timm's model then gives our features."""
+    from safetensors import safe_open
+
+    source = tiny_model(img_size=28, num_heads=4)
+    weights = tmp_path / "copied" / "teacher_checkpoint.pth"
+    weights.parent.mkdir()
+    torch.save(teacher_checkpoint(source), weights)
+    export_timm = load_script("export_timm")
+    for heads, expected in ((None, 2), (4, 4)):
+        output = tmp_path / f"export_{heads}.safetensors"
+        export_timm.main(["--weights", str(weights), "--output", str(output),
+                          *(["--num-heads", str(heads)] if heads else [])])  # fmt: skip
+        with safe_open(str(output), "pt") as f:
+            name, timm_kwargs = f.metadata()["timm_model"], json.loads(f.metadata()["timm_kwargs"])
+        assert timm_kwargs["num_heads"] == expected
+    assert "head count cannot be read from its weights; assuming 2" in caplog.text
+    timm = pytest.importorskip("timm")
+    overlay = dict(file=str(output), **export_timm.timm_preprocessing(28))
+    timm_model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert (source(x) - timm_model.forward_features(x)[:, 0]).abs().max().item() <= 2e-5
+
+
 def test_timm_export_refuses_a_layout_timm_cannot_build(load_script: Callable[[str], ModuleType]) -> None:
     export_timm = load_script("export_timm")
     with pytest.raises(ValueError, match="has proj_bias=True and ffn_bias=False, so it cannot be exported"):
