@@ -203,6 +203,10 @@ def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=re.escape(hint)):
         load_pretrained_backbone_state(pickled)
 
+    torch.save({"module.cls_token": torch.zeros(1, 1, 4), "cls_token": torch.ones(1, 1, 4)}, pickled)
+    with pytest.raises(CheckpointError, match="'module.cls_token' and 'cls_token' both name 'cls_token' once"):
+        load_pretrained_backbone_state(pickled)
+
     torch.save([torch.zeros(2)], pickled)
     with pytest.raises(CheckpointError, match="expected a dict of tensors, found list"):
         load_pretrained_backbone_state(pickled)

@@ -166,6 +166,15 @@ def extract_backbone_state(obj: Any, source: str = "checkpoint") -> dict[str, to
             obj, inside = obj[wrapper], f"[{wrapper!r}]"
             break
     state = {_strip_wrappers(str(k)): v for k, v in obj.items()}
+    if len(state) < len(obj):  # two keys name one tensor: which of the two is meant, no one can tell
+        stripped: dict[str, list[str]] = {}
+        for key in map(str, obj):
+            stripped.setdefault(_strip_wrappers(key), []).append(key)
+        twice = next(keys for keys in stripped.values() if len(keys) > 1)
+        raise CheckpointError(
+            f"{source}: {' and '.join(map(repr, twice))} both name {_strip_wrappers(twice[0])!r} once the "
+            "`module.`/`_orig_mod.` prefixes are removed; keep one of them"
+        )
     if any(k.startswith("teacher.backbone.") for k in state):
         state = {k[len("teacher.") :]: v for k, v in state.items() if k.startswith("teacher.")}
     state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
