@@ -321,6 +321,35 @@ def test_registers_are_part_of_the_architecture(tmp_path: Path) -> None:
     )  # no hint: the caller built the model itself
 
 
+def test_a_copied_register_export_says_its_interpolation_is_assumed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run from scratch with registers interpolates as its config says (no antialiasing, offset 0.1): a copy of
+    its export away from config.yaml gets DINOv2's _reg settings, which changes its features at other input sizes,
+    so the loader says it assumed them; given them, the copy computes what the run's model computes."""
+    source = tiny_model(num_register_tokens=2, interpolate_antialias=False, interpolate_offset=0.1)
+    path = tmp_path / "copied" / "teacher_checkpoint.pth"
+    path.parent.mkdir()
+    torch.save(teacher_checkpoint(source), path)
+    with caplog.at_level("WARNING", logger="dinov2.hub.backbones"):
+        assumed = load_backbone(None, path)
+    assert "a training export with registers, away from its run's config.yaml" in caplog.text
+    assert (assumed.interpolate_antialias, assumed.interpolate_offset) == (True, 0.0)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dinov2.hub.backbones"):
+        given = load_backbone(None, path, interpolate_antialias=False, interpolate_offset=0.1)
+    assert "registers" not in caplog.text
+    x = torch.randn(1, 3, 84, 84)  # another size than the 56 px it was built for
+    with torch.no_grad():
+        torch.testing.assert_close(given(x), source(x), rtol=0, atol=0)
+        assert not torch.allclose(assumed(x), source(x))
+    hub_file = _save(tmp_path, source.state_dict())  # a plain state dict, as DINOv2's _reg hub files: no warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dinov2.hub.backbones"):
+        load_backbone(None, hub_file)
+    assert "registers" not in caplog.text
+
+
 def test_keys_of_another_naming_are_listed_briefly(tmp_path: Path) -> None:
     """A wrong prefix leaves no architecture to compare: the first keys of each list are named, then a count, and
     the prefix to strip."""

@@ -173,6 +173,7 @@ def load_backbone(
                 "Pass num_heads=... if it was trained with another", weights, config["embed_dim"], config["num_heads"],
                 config["embed_dim"] // config["num_heads"],
             )
+        _warn_if_register_interpolation_is_a_guess(weights, config, {**from_run, **kwargs})
         if img_size is not None:
             config["img_size"] = img_size
         model = _without_random_init(lambda: DinoVisionTransformer(**{**config, **kwargs}))
@@ -198,6 +199,24 @@ def load_backbone(
         )
         load_backbone_state(model, state, source=str(weights), as_at_run_time=as_at_run_time, hint=hint)
     return model.eval()
+
+
+def _warn_if_register_interpolation_is_a_guess(
+    weights: WeightsArg, config: Mapping[str, Any], given: Mapping[str, Any]
+) -> None:
+    """Warn when a training export with registers, away from its run's config.yaml, gets DINOv2's ``_reg``
+    interpolation settings by assumption: a run with registers from scratch used its config's (by default no
+    antialiasing, offset 0.1), and only inputs of other sizes than the one it trained at would tell them apart."""
+    if not config["num_register_tokens"] or {"interpolate_antialias", "interpolate_offset"} & set(given):
+        return
+    if release_pos_embed_grid(weights) is None:  # a DINOv2 hub file: its _reg settings are the hub's own
+        return
+    logger.warning(
+        "%s: a training export with registers, away from its run's config.yaml: the position embedding is assumed "
+        "to be interpolated for other input sizes as DINOv2's _reg models do (antialias, offset 0); if its run set "
+        "student.interpolate_antialias/interpolate_offset otherwise (by default false and 0.1), pass "
+        "interpolate_antialias=..., interpolate_offset=... (the size it trained at is not affected)", weights,
+    )
 
 
 def _without_random_init(build: Callable[[], DinoVisionTransformer]) -> DinoVisionTransformer:
