@@ -262,13 +262,13 @@ def _build_worker(rank: int, port: int, overrides: list[str], result_dir: str) -
 
 
 def _rank_recording_its_error(rank: int, port: int, argv: list[str], result_dir: str) -> None:
-    """Run a training rank; write the ConfigError it ends with (or "no error") to rank<N>.txt."""
+    """Run a training rank; write the error it ends with (its type and message, or "no error") to rank<N>.txt."""
     _join_group(rank, port)
     try:
         main(argv)
         outcome = "no error"
-    except ConfigError as err:
-        outcome = f"ConfigError: {err}"
+    except Exception as err:
+        outcome = f"{type(err).__name__}: {err}"
     (Path(result_dir) / f"rank{rank}.txt").write_text(outcome)
 
 
@@ -281,6 +281,16 @@ def test_an_output_folder_rank_0_cannot_take_stops_every_rank_with_the_error(tmp
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD))
     assert rank0.startswith(f"ConfigError: --output-dir (train.output_dir) {out}: Is a directory: {out / '.lock'}")
     assert rank1 == f"ConfigError: --output-dir {out} cannot be used (rank 0 says why)"
+
+
+def test_a_start_from_weights_that_rank_0_cannot_read_stops_every_rank_with_its_error(tmp_path: Path, demo) -> None:
+    """Rank 0 alone reads student.pretrained_weights: its error (a missing file, a file of another architecture)
+    ends every rank, where the other rank died of its closed connection in the weights' broadcast."""
+    missing = tmp_path / "absent.pth"
+    argv = _argv(tmp_path / "run", demo.lists_dir, B, f"student.pretrained_weights={missing}")
+    spawn_ranks(_rank_recording_its_error, (_free_port(), argv, str(tmp_path)), WORLD)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    assert outcomes == [f"CheckpointError: weights file not found: {missing}"] * WORLD
 
 
 def test_sharded_start_from_a_backbone_file(tmp_path: Path, demo) -> None:

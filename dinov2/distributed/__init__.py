@@ -325,6 +325,23 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return result
 
 
+def raise_rank_0s_error(error: Exception | None) -> None:
+    """Call on every rank after work that rank 0 alone did (``error``: what it raised there, or None): rank 0 raises
+    its error, and every other rank one of the same type and message, instead of waiting at the next collective for
+    a rank that has stopped. Without a process group, ``error`` is raised if given."""
+    if get_world_size() > 1:
+        shared: list[Any] = [None if error is None else (type(error), str(error))]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0] is not None and error is None:
+            kind, message = shared[0]
+            try:
+                error = kind(message)
+            except Exception:  # a type whose constructor takes other arguments
+                error = RuntimeError(f"rank 0: {message}")
+    if error is not None:
+        raise error
+
+
 def destroy() -> None:
     """Destroy the process group if there is one."""
     if dist.is_available() and dist.is_initialized():

@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.tensor import DTensor
 
 from dinov2.configs import ConfigError, resolve_arch
-from dinov2.distributed import get_rank, get_world_size
+from dinov2.distributed import get_rank, get_world_size, raise_rank_0s_error
 from dinov2.hub.backbones import run_config_settings
 from dinov2.hub.loader import is_url, load_backbone_weights
 from dinov2.layers.dino_head import DINOHead
@@ -128,7 +128,13 @@ class SSLMetaArch(nn.Module):
         With several ranks only rank 0 builds the full weights; they are broadcast into every rank's shards.
         """
         broadcast = get_world_size() > 1
-        state = initial_student_state(self.cfg) if not broadcast or get_rank() == 0 else {}
+        state, error = {}, None
+        if not broadcast or get_rank() == 0:
+            try:  # (a missing or wrong student.pretrained_weights: every rank says so, none waits for rank 0)
+                state = initial_student_state(self.cfg)
+            except Exception as err:
+                error = err
+        raise_rank_0s_error(error)
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
         for parts in (self.student, self.teacher):
             set_model_state_dict(parts, dict(state), options=options)
