@@ -60,7 +60,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
 def file_in_the_way(folder: Path) -> Path | None:
     """The file (not a folder) at ``folder`` or at one of its parents, which keeps ``folder`` from being made; None
     when there is none."""
-    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+    # (os.path's tests answer False where a parent cannot be searched; Path.exists raises there before Python 3.12)
+    return next((path for path in (folder, *folder.parents) if os.path.exists(path) and not os.path.isdir(path)), None)
 
 
 def shown_name(text: str) -> str:

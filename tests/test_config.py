@@ -104,6 +104,8 @@ def test_types_are_checked_and_numbers_coerced() -> None:
             load_config(None, overrides)
     with pytest.raises(ConfigError, match=r"student is a section .* got 'vit_base'$"):
         load_config(None, ["student=vit_base", "student.depth=2"])
+    with pytest.raises(ConfigError, match=r"train is a section .* got '\$\{evaluation\}'$"):  # as written
+        load_config(None, ["train=${evaluation}", "train.seed=1"])
     cfg = load_config(None, ["optim.base_lr=1", "train.output_dir=2024"])
     assert isinstance(cfg.optim.base_lr, float) and cfg.optim.base_lr == 1.0
     assert cfg.train.output_dir == "2024"

@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -34,7 +35,7 @@ from dinov2.data import (
 )
 from dinov2.data import photometric as P
 from dinov2.data import transforms as T
-from dinov2.data.datasets import find_images
+from dinov2.data.datasets import dataset_source, find_images
 from dinov2.train.data import build_train_dataset, build_train_loader
 
 
@@ -176,6 +177,16 @@ def test_hema_standard_dataset_spelling(tmp_path: Path, image_tree: Path, caplog
         make_dataset("HemaStandardDataset:shuffle=1")
     with pytest.raises(ValueError, match="says resize=96 but resize=224"):
         make_dataset(f"HemaStandardDataset:root={lists}:resize=96", resize=224)
+    # a folder whose path holds a ':' (training records the root absolute, the current folder's path included)
+    colon = tmp_path / "run:2" / "lists"
+    shutil.copytree(lists, colon)
+    assert len(make_dataset(f"HemaStandardDataset:root={colon}:shuffle=1")) == 6
+    assert dataset_source(f"HemaStandardDataset:shuffle=1:root={colon}") == (str(colon), 224)
+    with pytest.raises(ValueError, match="expected key=value, got 'shuffle'"):
+        make_dataset("HemaStandardDataset:shuffle")
+    # a Windows path with its drive letter is a path, not a data set named C
+    assert dataset_source("C:\\data\\lists") == ("C:\\data\\lists", None)
+    assert dataset_source("D:/cells", 224) == ("D:/cells", 224)
 
 
 # --------------------------------------------------------------------------- lists and files from other systems

@@ -225,6 +225,12 @@ def test_a_file_whose_bytes_were_damaged_in_place_is_refused(tmp_path: Path) -> 
     damaged.write_bytes(data)
     with pytest.raises(CheckpointError, match=r"damaged\.pth cannot be read: a damaged checkpoint \(.*data/0: Bad CRC"):
         load_pretrained_backbone_state(damaged)
+    data = bytearray(complete.read_bytes())  # a damaged record entry: an unknown compression method
+    entry = data.index(b"PK\x01\x02")
+    data[entry + 10 : entry + 12] = (99).to_bytes(2, "little")
+    damaged.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"damaged\.pth cannot be read: a damaged checkpoint \(.*compression"):
+        load_pretrained_backbone_state(damaged)
     unchecked = tmp_path / "unchecked.pth"
     torch.serialization.set_crc32_options(False)
     try:
@@ -428,6 +434,57 @@ def test_a_random_backbone_warns_where_it_was_asked_for(tmp_path: Path, monkeypa
         warnings.simplefilter("error")
         load_backbone("dinobloom_s", path)
         build_model("dinobloom_s")  # the real builder: a random backbone on purpose
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"num_register_tokens": 2}, {"block_chunks": 2}, {"ffn_layer": "swiglufused"}, {"init_values": None}],
+    ids=["plain", "registers", "chunks", "swiglu", "no_layerscale"],
+)
+def test_every_tensor_of_a_loaded_backbone_comes_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any]
+) -> None:
+    """The model a file is loaded into is not initialised first (see load_backbone): made NaN before the load here,
+    no tensor may stay NaN after it, and the features are the source's."""
+    import dinov2.hub.backbones as backbones
+
+    unfilled = backbones._without_random_init
+
+    def poisoned(build: Callable[[], DinoVisionTransformer], build_kwargs: dict[str, Any]) -> DinoVisionTransformer:
+        model = unfilled(build, build_kwargs)
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(backbones, "_without_random_init", poisoned)
+    source = tiny_model(**kwargs)
+    path = tmp_path / "run.pth"
+    torch.save(teacher_checkpoint(source), path)
+    model = load_backbone(None, path, **({"block_chunks": 2} if "block_chunks" in kwargs else {}))
+    assert not any(tensor.isnan().any() for tensor in model.state_dict().values())
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+
+
+def test_layers_of_the_callers_own_keep_their_own_tensors(tmp_path: Path) -> None:
+    """A caller's layer class may hold a tensor that no state dict restores (a non-persistent buffer): such a model
+    is initialised as usual before the load, not left with uninitialised memory."""
+
+    class ScaledGELU(torch.nn.GELU):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * self.scale
+
+    path = tmp_path / "run.pth"
+    torch.save(teacher_checkpoint(tiny_model()), path)
+    model = load_backbone(None, path, act_layer=ScaledGELU)
+    assert all(torch.equal(buffer, torch.full((1,), 2.0)) for buffer in model.buffers())
+    assert len(list(model.buffers())) == 2  # one per block
 
 
 def test_an_image_size_that_is_not_whole_patches_is_refused(tmp_path: Path) -> None:

@@ -1553,6 +1553,23 @@ def test_an_output_directory_that_cannot_be_made_is_a_config_error(tmp_path: Pat
     assert blocker.read_text() == "a file, not a folder"
 
 
+def test_a_parent_folder_that_cannot_be_searched_is_no_file_in_the_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Python 3.12, Path.exists raises PermissionError under a folder one may not search: the search for a
+    file in the way of an output folder must answer "none" there (the error names the permission instead)."""
+    from dinov2.files import file_in_the_way
+
+    def denied(self: Path, *args: object, **kwargs: object) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", denied)
+    monkeypatch.setattr(Path, "is_dir", denied)
+    assert file_in_the_way(tmp_path / "locked" / "run") is None
+    (tmp_path / "results").write_text("a file")
+    assert file_in_the_way(tmp_path / "results" / "run") == tmp_path / "results"
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
 def test_a_second_training_in_a_folder_in_use_stops_before_touching_it(tmp_path: Path, demo) -> None:
     """While a run holds its output folder (here: its lock, taken by this test as that run would), a second run

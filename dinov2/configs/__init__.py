@@ -144,13 +144,14 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
 def _check_not_a_section(item: str, item_cfg: DictConfig, default_tree: dict) -> None:
     """Refuse an override that gives a section a value (``train=dataset_path=/data``, a dot missing), checked on its
     own: in one dotlist with the others, a later ``train.x=...`` would turn it back into a section, unsaid."""
-    key = item.split("=", 1)[0].strip()
+    written: Any = OmegaConf.to_container(item_cfg, resolve=False)  # (its one key, as OmegaConf read it)
     expected: Any = default_tree
-    for name in key.split("."):
-        expected = expected.get(name) if isinstance(expected, dict) else None
-    value = OmegaConf.select(item_cfg, key, default=None, throw_on_resolution_failure=False)
-    if isinstance(expected, dict) and not isinstance(value, DictConfig):
-        raise ConfigError(_section_error("command line", key, expected, value))
+    key = []
+    while isinstance(written, dict) and len(written) == 1 and isinstance(expected, dict):
+        name, written = next(iter(written.items()))
+        expected, key = expected.get(name), [*key, name]
+    if isinstance(expected, dict) and not isinstance(written, dict):
+        raise ConfigError(_section_error("command line", ".".join(key), expected, written))
 
 
 def _section_error(source: str, key: str, expected: dict, value: Any) -> str:

@@ -27,6 +27,7 @@ import logging
 import operator
 import os
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -390,21 +391,28 @@ def _looks_like_image_folder(root: Path) -> bool:
 
 
 def _parse_dataset_spec(dataset_str: str) -> tuple[str, dict[str, str]]:
-    """Split ``Name:key=value:...`` into the name and its options."""
+    """Split ``Name:key=value:...`` into the name and its options. A part without ``=`` after an option continues
+    its value (a ``root`` whose path holds a ``:``)."""
     name, *tokens = dataset_str.split(":")
     options: dict[str, str] = {}
     for token in tokens:
         key, sep, value = token.partition("=")
-        if not sep or not key:
+        if sep and key:
+            options[key] = value
+        elif options:
+            last = next(reversed(options))
+            options[last] += f":{token}"
+        else:
             raise DatasetError(f"dataset string {dataset_str!r}: expected key=value, got {token!r}")
-        options[key] = value
     return name, options
 
 
 def _names_a_path(dataset_str: str) -> bool:
     """Whether ``dataset_str`` is a path rather than DinoBloom's ``Name:key=value`` spelling."""
     head = dataset_str.split(":", 1)[0]
-    return ":" not in dataset_str or "/" in head or os.sep in head or "." in head
+    if ":" not in dataset_str or os.path.isabs(dataset_str) or re.match(r"[A-Za-z]:[\\/]", dataset_str):
+        return True  # (a Windows drive letter is no dataset name)
+    return "/" in head or os.sep in head or "." in head
 
 
 def absolute_dataset_string(dataset_str: str) -> str:

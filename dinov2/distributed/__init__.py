@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import pickle
 import re
 import socket
 from collections.abc import Sequence
@@ -331,6 +332,11 @@ def raise_rank_0s_error(error: Exception | None) -> None:
     a rank that has stopped. Without a process group, ``error`` is raised if given."""
     if get_world_size() > 1:
         shared: list[Any] = [None if error is None else (type(error), str(error))]
+        if error is not None:
+            try:
+                pickle.dumps(type(error))
+            except Exception:  # a class the other ranks could not import: its name goes with the message
+                shared = [(RuntimeError, f"{type(error).__name__}: {error}")]
         dist.broadcast_object_list(shared, src=0)
         if shared[0] is not None and error is None:
             kind, message = shared[0]

@@ -176,7 +176,7 @@ def load_backbone(
         _warn_if_register_interpolation_is_a_guess(weights, config, {**from_run, **kwargs})
         if img_size is not None:
             config["img_size"] = img_size
-        model = _without_random_init(lambda: DinoVisionTransformer(**{**config, **kwargs}))
+        model = _without_random_init(lambda: DinoVisionTransformer(**{**config, **kwargs}), kwargs)
     else:
         if name not in HUB_MODELS:
             raise ValueError(f"unknown backbone {name!r}; expected one of: {', '.join(HUB_MODELS)}")
@@ -189,7 +189,7 @@ def load_backbone(
             model = build_model(name, **kwargs)
             _warn_random_init(name)
         else:
-            model = _without_random_init(lambda: build_model(name, **kwargs))
+            model = _without_random_init(lambda: build_model(name, **kwargs), kwargs)
     if img_size is not None:
         check_image_size(model, img_size, "img_size")
     if state is not None:
@@ -219,9 +219,15 @@ def _warn_if_register_interpolation_is_a_guess(
     )
 
 
-def _without_random_init(build: Callable[[], DinoVisionTransformer]) -> DinoVisionTransformer:
+def _without_random_init(
+    build: Callable[[], DinoVisionTransformer], kwargs: Mapping[str, Any]
+) -> DinoVisionTransformer:
     """``build()`` on the meta device, then given uninitialised CPU memory: for a model whose every tensor the strict
-    load then replaces, the random initialisation is wasted work (ViT-g: about 15 s on a CPU)."""
+    load then replaces, the random initialisation is wasted work (ViT-g: about 15 s on a CPU). Layers of the
+    caller's own (``block_fn``, ``act_layer``, ... in ``kwargs``) may hold tensors that no state dict restores, so
+    such a model is built as usual."""
+    if any(callable(value) for value in kwargs.values()):
+        return build()
     with torch.device("meta"):
         model = build()
     return model.to_empty(device="cpu")

@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def _check_zip_checksums(path: Path) -> None:
                 with archive.open(record) as handle:  # (reading to the end checks the record's CRC-32)
                     while handle.read(_CHECKSUM_CHUNK):
                         pass
-            except (zipfile.BadZipFile, EOFError) as err:
+            except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError, zlib.error) as err:
                 cause = str(err) or type(err).__name__
                 raise CheckpointError(
                     f"{path} cannot be read: a damaged checkpoint ({record.filename}: {cause}); download or copy it "

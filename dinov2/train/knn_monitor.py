@@ -110,7 +110,7 @@ class KnnMonitor:
         """
         if not cfg.evaluation.knn_data:
             return None
-        if not Path(cfg.evaluation.knn_data).exists():  # (made absolute, see dinov2.train.data.anchor_data_paths)
+        if not Path(cfg.evaluation.knn_data).expanduser().exists():  # (training makes it absolute: anchor_data_paths)
             raise FileNotFoundError(
                 f"evaluation.knn_data={cfg.evaluation.knn_data} does not exist; set it to a labelled image folder, or "
                 "empty (evaluation.knn_data=) for no kNN monitor"

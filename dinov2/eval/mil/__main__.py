@@ -72,8 +72,8 @@ def bag_columns(text: str) -> tuple[str, str, str]:
 
 
 def write_attention(output_dir: Path, records: list[dict[str, Any]]) -> None:
-    """attention.json (nested per patient) and attention.csv (one row per cell, UTF-8, with an image name that is not
-    written as its own bytes, as predictions.csv)."""
+    """attention.json (nested per patient) and attention.csv (one row per cell; UTF-8, an image name that is not UTF-8
+    written as its own bytes, as in predictions.csv)."""
     reports.write_json(output_dir / "attention.json", records)
     class_names = list(records[0]["probabilities"]) if records else []
     attention_csv = output_dir / "attention.csv"
