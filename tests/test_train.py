@@ -540,6 +540,13 @@ def test_relative_data_paths_are_recorded_absolute_and_a_resume_elsewhere_names_
     resumed = (out / "log.txt").read_text().split("resuming at iteration")[-2]
     for key, name in (("train.dataset_path", "lists"), ("evaluation.knn_data", "cells")):
         assert f"{key}: {tmp_path / 'A' / name} -> {tmp_path / 'B' / name}" in resumed
+    # a config.yaml of an earlier version, with the relative paths as given: read from here, no change to name
+    recorded = OmegaConf.load(out / "config.yaml")
+    recorded.train.dataset_path, recorded.evaluation.knn_data = "lists", "cells"
+    OmegaConf.save(recorded, out / "config.yaml")
+    _train(out, "lists", "evaluation.knn_data=cells", epochs=3, epoch_length=2)
+    resumed = (out / "log.txt").read_text().split("resuming at iteration")[-2]
+    assert "train.dataset_path" not in resumed and "evaluation.knn_data" not in resumed
     spelled = OmegaConf.create({"train": {"dataset_path": "HemaStandardDataset:root=lists:shuffle=1"},
                                 "evaluation": {"knn_data": ""}})  # fmt: skip
     anchor_data_paths(spelled)

@@ -15,6 +15,7 @@ from dinov2 import distributed
 from dinov2.checkpoint import load_checkpoint
 from dinov2.configs import ConfigError, config_differences
 from dinov2.hub.loader import CheckpointError
+from dinov2.train.data import anchor_data_paths
 from dinov2.train.schedules import total_iterations
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 
@@ -47,6 +48,8 @@ def resume_from_checkpoint(
     warning when it does; so is any other way in which this run will differ from the one that wrote the checkpoint.
     """
     previous = OmegaConf.create(previous_config) if previous_config else None
+    if previous is not None:  # a config.yaml of an earlier version holds relative data paths, taken from here
+        anchor_data_paths(previous)
     # (a run folder moved or copied, or a requeued job told to resume, is not a changed setting)
     unchanged = ("train.output_dir", "train.resume")
     run_changes = config_differences(previous, cfg, ignore=unchanged) if previous is not None else []
