@@ -69,8 +69,46 @@ def test_monitor_scores_each_whole_window_from_the_stacked_tokens() -> None:
         assert value == pytest.approx(_reference_rankme(tokens.double().numpy()), rel=1e-6)
 
 
+def test_a_window_split_by_a_checkpoint_is_scored_whole_on_any_number_of_ranks() -> None:
+    """Window 5-7 with a checkpoint after iteration 5: the resumed run continues the window. On two ranks, rank 0
+    takes the sum so far and rank 1 starts from zero, so the all-reduced matrix at the window's end is the whole
+    window's. A checkpoint of another window, or of another window length, is not continued."""
+    backbone = _Projection(16)
+    batches = {i: torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(i)) for i in (5, 6, 7)}
+    whole = RankMeMonitor(period=5, batches=3)
+    for iteration, crops in batches.items():
+        whole.update(backbone, crops, nullcontext())
+    expected = whole.result(7, group=None)
+
+    before = RankMeMonitor(period=5, batches=3)
+    before.update(backbone, batches[5], nullcontext())
+    state = before.window_state(5, group=None)
+    assert state is not None and (state["window_end"], state["steps"], state["rows"]) == (7, 1, 6)
+    resumed = RankMeMonitor(period=5, batches=3)
+    resumed.continue_window(state, 6, rank=0)
+    for iteration in (6, 7):
+        resumed.update(backbone, batches[iteration], nullcontext())
+    assert resumed.result(7, group=None) == expected
+
+    ranks = [RankMeMonitor(period=5, batches=3) for _ in range(2)]  # the rest of the window split between 2 ranks
+    for rank, monitor in enumerate(ranks):
+        monitor.continue_window(state, 6, rank=rank)
+        for iteration in (6, 7):
+            monitor.update(backbone, batches[iteration][rank * 3 : rank * 3 + 3], nullcontext())
+    ranks[0]._gram += ranks[1]._gram  # what the all-reduce at the window's end does
+    ranks[0]._rows += ranks[1]._rows
+    value, tokens = ranks[0].result(7, group=None)
+    assert tokens == expected[1] and value == pytest.approx(expected[0], rel=1e-6)  # (the zero singular values: ~1e-8)
+
+    for other_window, start in ((RankMeMonitor(period=5, batches=3), 11), (RankMeMonitor(period=5, batches=4), 6)):
+        other_window.continue_window(state, start, rank=0)
+        assert other_window.window_state(start, group=None) is None  # nothing carried over
+    assert RankMeMonitor(period=5, batches=3).window_state(4, group=None) is None  # outside a window: nothing
+
+
 def test_monitor_skips_a_window_it_did_not_see_from_its_start() -> None:
-    """A run resumed at iteration 6 (inside window 5-7) does not score that window on 2 of its 3 batches."""
+    """A run resumed at iteration 6 (inside window 5-7) from a checkpoint without the window's part (an earlier
+    version's) does not score that window on 2 of its 3 batches."""
     backbone, monitor = _Projection(16), RankMeMonitor(period=5, batches=3)
     for iteration in (6, 7):
         monitor.update(backbone, torch.randn(6, 3, 2, 2), nullcontext())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,9 @@ class RankMeMonitor:
     The tokens are those the released features are made of (the teacher backbone's normalised CLS token) on the
     step's global crops. Each rank adds ``Z^T Z`` of its tokens to a float64 Gram matrix (dim x dim), so that the
     ranks' shares, whatever their sizes, sum with one all-reduce; the singular values of the stacked tokens are the
-    square roots of that matrix's eigenvalues. A window the run did not see from its first step (a resume inside it)
-    is skipped rather than scored on fewer samples.
+    square roots of that matrix's eigenvalues. A checkpoint saved inside a window keeps the part of it seen so far
+    (:meth:`window_state`), which a resume continues (:meth:`continue_window`); a window the run did not see from
+    its first step otherwise (a checkpoint of an earlier version) is skipped rather than scored on fewer samples.
     """
 
     def __init__(self, period: int, batches: int) -> None:
@@ -51,6 +53,34 @@ class RankMeMonitor:
         """The monitor of ``evaluation.rankme_period_iterations`` (None when it is 0)."""
         period = int(cfg.evaluation.rankme_period_iterations)
         return cls(period, int(cfg.evaluation.rankme_batches)) if period > 0 else None
+
+    def _window_end(self, iteration: int) -> int:
+        """The last iteration of the window that ``iteration`` belongs to."""
+        return iteration - iteration % self.period + self.batches - 1
+
+    def window_state(self, iteration: int, group: dist.ProcessGroup | None) -> dict[str, Any] | None:
+        """The part of the window seen up to ``iteration`` (after its update), summed over the ranks, for a checkpoint;
+        None outside a window. Every rank must call it."""
+        if not self._steps or self._gram is None:
+            return None
+        gram, counts = self._gram.clone(), torch.tensor([self._rows], dtype=torch.int64)
+        if group is not None:
+            dist.all_reduce(gram, group=group)
+            dist.all_reduce(counts, group=group)
+        return {"window_end": self._window_end(iteration), "steps": self._steps, "rows": int(counts.item()),
+                "gram": gram}  # fmt: skip
+
+    def continue_window(self, state: dict[str, Any] | None, start_iter: int, rank: int) -> None:
+        """Continue the window a checkpoint was saved inside (its :meth:`window_state`) when the run resumes at
+        ``start_iter`` in that very window: rank 0 takes the sum so far, the others start from zero, and the sums at
+        the window's end add up to the whole window, whatever the number of ranks."""
+        if state is None or not self.wants(start_iter) or state["window_end"] != self._window_end(start_iter):
+            return
+        if state["steps"] != start_iter % self.period:  # (another rankme_batches or period than the checkpoint's)
+            return
+        self._steps = int(state["steps"])
+        self._gram = state["gram"].clone() if rank == 0 else torch.zeros_like(state["gram"])
+        self._rows = int(state["rows"]) if rank == 0 else 0
 
     def wants(self, iteration: int) -> bool:
         """Whether ``iteration`` belongs to a window."""
@@ -79,7 +109,8 @@ class RankMeMonitor:
         gram, rows, steps = self._gram, self._rows, self._steps
         self._gram, self._rows, self._steps = None, 0, 0
         if steps != self.batches or gram is None:
-            logger.info("RankMe: skipping the window ending at iteration %d (resumed inside it)", iteration)
+            logger.info("RankMe: skipping the window ending at iteration %d (resumed inside it from a checkpoint "
+                        "that does not hold its first part)", iteration)  # fmt: skip
             return None
         if group is not None:
             counts = torch.tensor([rows], dtype=torch.int64)

@@ -23,11 +23,13 @@ logger = logging.getLogger("dinov2")
 
 
 class Progress(NamedTuple):
-    """Where a run stands: the next iteration, the images read so far and how many of them were unreadable."""
+    """Where a run stands: the next iteration, the images read so far, how many of them were unreadable, and the
+    part of a RankMe window seen before the checkpoint (see :meth:`dinov2.train.rankme.RankMeMonitor.window_state`)."""
 
     iteration: int = 0
     images_seen: int = 0
     bad_images: int = 0
+    rankme_window: dict[str, Any] | None = None
 
 
 def resume_from_checkpoint(
@@ -71,7 +73,7 @@ def resume_from_checkpoint(
         checkpoint, state, start_iter, global_batch, dataset_size, augmentation, run_changes, previous_recipe
     )
     logger.info("resuming at iteration %d from %s", start_iter, checkpoint)
-    return Progress(start_iter, state["images_seen"], state["bad_images"])
+    return Progress(start_iter, state["images_seen"], state["bad_images"], state.get("rankme_window"))
 
 
 

@@ -417,7 +417,7 @@ def train(
         )
         # before anything in the folder changes: its config, metrics and scores stay as they are
         check_within_schedule(latest, progress.iteration, cfg, resuming)
-    start_iter, images_seen, bad_images = progress
+    start_iter, images_seen, bad_images, rankme_window = progress
     if not resuming:  # after loading MODEL.WEIGHTS, which may lie in this folder's checkpoints
         start_over(output_dir, previous_config, info.is_main_process)
     if info.is_main_process:  # only now: a resume that fails leaves the config of the run's checkpoints in place
@@ -436,12 +436,17 @@ def train(
         }
         if scaler is not None:
             extra["grad_scaler"] = scaler.state_dict()
+        window = rankme.window_state(iteration, host_group) if rankme is not None else None
+        if window is not None:
+            extra["rankme_window"] = window
         save_checkpoint(ckpt_dir, iteration, model, optimizer, extra, keep_last=cfg.train.keep_last_checkpoints)
 
     last: dict[str, Any] = {}
     iteration = start_iter
     metrics = MetricsLog.from_config(cfg, output_dir, info.is_main_process, start_iter)
     rankme = RankMeMonitor.from_config(cfg)
+    if rankme is not None:
+        rankme.continue_window(rankme_window, start_iter, info.rank)
     preemption = PreemptionHandler(info.is_main_process)
     # Small per-step host values (stop votes, bad-image counts) travel over gloo, never through the GPU.
     host_group = dist.new_group(backend="gloo") if info.is_distributed else None
