@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -252,6 +253,57 @@ def _independent_knn_scores(
             folds.append(balanced_accuracy_score(labels[test], predicted))
         scores[f"knn_{k}"] = np.mean(folds)
     return scores
+
+
+def test_checkpoints_cli_continues_an_interrupted_sweep_and_skips_a_damaged_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Exports copied without their run's config.yaml are embedded at the size their grid implies (28 px here, not
+    224). An interrupted sweep keeps the rows it wrote, and the same command then scores only the rest, as it does
+    for exports that appear later; a damaged export is skipped and named, the others scored."""
+    import dinov2.eval.extract_features as ef
+
+    run = tmp_path / "run"
+    for seed, name in enumerate(("training_init", "training_1", "training_3")):
+        target = run / "eval" / name / "teacher_checkpoint.pth"
+        target.parent.mkdir(parents=True)
+        torch.save({"teacher": {f"backbone.{k}": v for k, v in _tiny_vit_state(seed).items()}}, target)
+    _images(tmp_path / "data", 6, shift=10, noise=200)
+    argv = ["--run-dir", str(run), "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
+            "--n-splits", "3", "--k", "1", "--device", "cpu"]  # fmt: skip
+    embedded: list[str] = []
+    extract = ef.extract_features
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        embedded.append(Path(kwargs["weights"]).parent.name)
+        if len(embedded) == 2 and interrupt:
+            raise KeyboardInterrupt
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(ef, "extract_features", counted)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.main(argv)
+    saved = json.loads((tmp_path / "out" / "checkpoints.json").read_text())
+    assert [row["iteration"] for row in saved["checkpoints"]] == [0] and saved["meta"]["img_size"] == 28
+    interrupt, embedded[:] = False, []
+    whole = checkpoints.main(argv)
+    assert embedded == ["training_1", "training_3"] and [r["iteration"] for r in whole["checkpoints"]] == [0, 2, 4]
+    assert whole["checkpoints"][0] == saved["checkpoints"][0]
+    target = run / "eval" / "training_5" / "teacher_checkpoint.pth"  # a later export, and a damaged one
+    target.parent.mkdir()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in _tiny_vit_state(5).items()}}, target)
+    damaged = run / "eval" / "training_1" / "teacher_checkpoint.pth"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    embedded[:] = []
+    with caplog.at_level(logging.WARNING):
+        later = checkpoints.main(argv)
+    assert embedded == ["training_1", "training_5"]  # the damaged file is not the one scored before
+    assert [r["iteration"] for r in later["checkpoints"]] == [0, 4, 6]
+    assert later["meta"]["skipped_checkpoints"] == [str(damaged)] and f"skipping {damaged}: " in caplog.text
+    embedded[:] = []
+    checkpoints.main([*argv, "--k", "3"])  # other settings: every checkpoint is scored anew
+    assert embedded == ["training_init", "training_1", "training_3", "training_5"]
 
 
 def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Path) -> None:

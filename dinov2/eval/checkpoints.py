@@ -6,13 +6,17 @@ For each ``RUN/eval/training_<iter>/teacher_checkpoint.pth`` (and ``RUN/eval/tra
 before the first step) the features of ``--data`` are extracted (architecture inferred from the checkpoint) and scored with the kNN
 protocol (k = 1, 20 by default; 5-fold stratified CV) and, with ``--methods knn logreg``, the
 linear probe. Writes checkpoints.json, checkpoints.md and checkpoints.png (balanced
-accuracy against iteration). Iterations are counted as steps completed: ``training_<i>`` was exported after
-step ``i`` (counted from 0), so it is reported as iteration ``i + 1``, and ``training_init`` as iteration 0.
+accuracy against iteration) after each checkpoint. Iterations are counted as steps completed: ``training_<i>`` was
+exported after step ``i`` (counted from 0), so it is reported as iteration ``i + 1``, and ``training_init`` as
+iteration 0. Run again with the same settings (after an interruption, or once a run still training has exported
+more), the command keeps the scores of the checkpoints it scored already (the same file, by its SHA-256) and scores
+the others. A damaged export is skipped with a warning and named in the results' ``skipped_checkpoints``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 from pathlib import Path
@@ -125,8 +129,9 @@ def check_sweep_settings(
 
 def main(argv: list[str] | None = None) -> dict:
     """Extract and score the features of each checkpoint; write the table and plot."""
-    from dinov2.eval.extract_features import extract_features, list_images
-    from dinov2.hub.backbones import run_image_size
+    from dinov2.eval.extract_features import extract_features, file_sha256, list_images
+    from dinov2.hub.backbones import default_image_size
+    from dinov2.hub.loader import CheckpointError
 
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -142,15 +147,40 @@ def main(argv: list[str] | None = None) -> dict:
             "<class>/<image> folder or a .csv with a label column"
         )
     check_sweep_settings(args, images.paths, np.asarray(images.labels), images.class_names)
-    img_size = args.img_size or run_image_size(checkpoints[0][1]) or 224
-    logger.info("evaluating %d checkpoints of %s at %d px", len(checkpoints), args.run_dir, img_size)
-    rows = []
+    img_size, why = (args.img_size, None) if args.img_size else default_image_size(checkpoints[0][1])
+    logger.info("evaluating %d checkpoints of %s at %d px%s", len(checkpoints), args.run_dir, img_size,
+                f" ({why})" if why else "")  # fmt: skip
+    settings = {
+        "run_dir": str(args.run_dir),
+        "data": str(args.data),
+        "protocol": "stratified_kfold",
+        **protocol.fold_meta(args),
+        "img_size": img_size,
+        "resize": args.resize,
+        "requested_methods": list(args.methods),
+        "k": list(args.k),
+        "std": protocol.STD_OVER_FOLDS,
+    }
+    earlier = _earlier_rows(output_dir / "checkpoints.json", settings)
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
     for iteration, path in checkpoints:
+        digest = file_sha256(path)
+        if earlier.get(str(path), {}).get("weights_sha256") == digest:
+            rows.append(earlier[str(path)])
+            logger.info("%s: scored by an earlier run of this command with these settings, kept", path.parent.name)
+            continue
         target = output_dir / "features" / f"{path.parent.name}.h5" if args.keep_features else None
-        feature_set = extract_features(
-            args.data, target, model=None, weights=path, batch_size=args.batch_size, num_workers=args.num_workers,
-            img_size=img_size, device=device, resize=args.resize, root=args.root, csv_columns=args.csv_columns,
-        )
+        try:
+            feature_set = extract_features(
+                args.data, target, model=None, weights=path, batch_size=args.batch_size,
+                num_workers=args.num_workers, img_size=img_size, device=device, resize=args.resize, root=args.root,
+                csv_columns=args.csv_columns,
+            )
+        except CheckpointError as err:  # a damaged export: the others are still scored
+            logger.warning("skipping %s: %s", path, err)
+            skipped.append(str(path))
+            continue
         protocol.check_labelled(feature_set, args.data)
         groups = None if args.group_by is None else protocol.path_groups(feature_set.paths, args.group_by)
         if groups is None and not rows:  # (the same images for every checkpoint: said once)
@@ -159,35 +189,52 @@ def main(argv: list[str] | None = None) -> dict:
             feature_set.features, feature_set.labels, feature_set.class_names, args.methods, args.n_splits, device,
             tuple(args.k), protocol.fold_seed(args), groups,
         )
-        rows.append({"iteration": iteration, "checkpoint": str(path), "results": scores})
+        rows.append({"iteration": iteration, "checkpoint": str(path), "weights_sha256": digest, "results": scores})
         logger.info(
             "%s (after %d steps): %s", path.parent.name, iteration,
             ", ".join(f"{m} {s['balanced_accuracy']['mean']:.4f}" for m, s in scores.items()),
         )
+        write_summary(output_dir, settings, rows, skipped)  # after each checkpoint: an interruption keeps the rows
+    if not rows:
+        raise CheckpointError(f"none of the {len(checkpoints)} checkpoints of {args.run_dir} could be read")
+    summary = write_summary(output_dir, settings, rows, skipped)
+    appeared = {str(path) for _, path in find_checkpoints(args.run_dir)} - {str(path) for _, path in checkpoints}
+    if appeared:
+        logger.warning("%d checkpoint(s) appeared while the sweep ran (the run still trains?): run the same command "
+                       "again to score them, the others being kept", len(appeared))  # fmt: skip
+    print(output_dir / "checkpoints.json")
+    return summary
+
+
+def _earlier_rows(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rows, by checkpoint path, of a checkpoints.json written by this command with the same ``settings`` (an
+    interrupted sweep, or one run again after new exports appeared); none otherwise."""
+    try:
+        earlier = json.loads(path.read_text())
+        same = {key: earlier["meta"].get(key) for key in settings} == json.loads(json.dumps(settings))
+        return {row["checkpoint"]: row for row in earlier["checkpoints"] if "weights_sha256" in row} if same else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def write_summary(
+    output_dir: Path, settings: dict[str, Any], rows: list[dict[str, Any]], skipped: list[str]
+) -> dict[str, Any]:
+    """Write checkpoints.json, checkpoints.md and checkpoints.png for ``rows`` so far; return the summary."""
+    rows = sorted(rows, key=lambda row: row["iteration"])
+    methods = _methods(rows)
     summary = {
-        "meta": {
-            "run_dir": str(args.run_dir),
-            "data": str(args.data),
-            "protocol": "stratified_kfold",
-            **protocol.fold_meta(args),
-            "img_size": img_size,
-            "resize": args.resize,
-            "methods": _methods(rows),
-            "std": protocol.STD_OVER_FOLDS,
-            **protocol.provenance_meta(),
-        },
+        "meta": {**settings, "methods": methods, "skipped_checkpoints": skipped, **protocol.provenance_meta()},
         "checkpoints": rows,
     }
     reports.write_json(output_dir / "checkpoints.json", summary)
     atomic_write_text(output_dir / "checkpoints.md", markdown_table(rows))
-    methods = summary["meta"]["methods"]
     reports.plot_scores_vs_iteration(
         [row["iteration"] for row in rows],
         {m: [row["results"][m]["balanced_accuracy"]["mean"] for row in rows] for m in methods},
         output_dir / "checkpoints.png",
         ylabel="balanced accuracy (mean over folds)",
     )
-    print(output_dir / "checkpoints.json")
     return summary
 
 
