@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     for iteration, path in checkpoints:
-        digest = file_sha256(path)
-        if earlier.get(str(path), {}).get("weights_sha256") == digest:
+        if str(path) in earlier and earlier[str(path)]["weights_sha256"] == file_sha256(path):
             rows.append(earlier[str(path)])
             logger.info("%s: scored by an earlier run of this command with these settings, kept", path.parent.name)
             continue
@@ -189,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
             feature_set.features, feature_set.labels, feature_set.class_names, args.methods, args.n_splits, device,
             tuple(args.k), protocol.fold_seed(args), groups,
         )
+        digest = feature_set.meta["weights_sha256"]  # (of the very bytes the features came from)
         rows.append({"iteration": iteration, "checkpoint": str(path), "weights_sha256": digest, "results": scores})
         logger.info(
             "%s (after %d steps): %s", path.parent.name, iteration,
