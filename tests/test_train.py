@@ -1576,6 +1576,14 @@ def test_a_parent_folder_that_cannot_be_searched_is_no_file_in_the_way(
     assert file_in_the_way(tmp_path / "locked" / "run") is None
     (tmp_path / "results").write_text("a file")
     assert file_in_the_way(tmp_path / "results" / "run") == tmp_path / "results"
+    # so do the output checks of the evaluation commands: they go on to their own errors, not to a traceback
+    from dinov2.cli import check_file_writable
+    from dinov2.eval.reports import prepare_output_dir
+
+    assert prepare_output_dir(tmp_path / "locked" / "run") == tmp_path / "locked" / "run"
+    check_file_writable(tmp_path / "locked" / "features.h5")
+    with pytest.raises(ValueError, match="results is a file, not a folder"):
+        check_file_writable(tmp_path / "results" / "features.h5")
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")

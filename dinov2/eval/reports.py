@@ -264,10 +264,11 @@ def prepare_output_dir(path: str | Path) -> Path:
     work is done. The folder is not left created here: the writers create it with the first file, so a command that
     fails leaves no empty folder behind."""
     path = Path(path)
-    if os.path.lexists(path) and not path.is_dir():  # (a link to nothing included)
+    if os.path.lexists(path) and not os.path.isdir(path):  # (a link to nothing included)
         raise ValueError(f"--output-dir {path} is a file; name a folder for the results")
-    existing = next(parent for parent in (path, *path.absolute().parents) if parent.exists())
-    if not existing.is_dir():
+    # (os.path's tests answer False where a folder cannot be searched; Path's raise there before Python 3.12)
+    existing = next(parent for parent in (path, *path.absolute().parents) if os.path.exists(parent))
+    if not os.path.isdir(existing):
         raise ValueError(f"--output-dir {path}: cannot create the folder ({existing} is a file, not a folder)")
     if not os.access(existing, os.W_OK | os.X_OK):
         where = "in it" if existing == path else f"in {existing}"
