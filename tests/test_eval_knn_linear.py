@@ -170,6 +170,22 @@ def test_logreg_sklearn_backend_is_dinobloom_logistic_regression() -> None:
     np.testing.assert_allclose(ours, reference.predict_proba(x[240:]), atol=1e-12)
 
 
+def test_a_probe_that_cannot_start_on_nearly_constant_features_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """Features of a barely trained model (standard deviation 5e-5): the fit barely moves from zero weights and every
+    prediction is the most frequent class; the chance-level score is said to come from the features."""
+    x, y = _clusters(60, 16, 3, spread=3.0, seed=2)
+    flat = (x - x.mean(axis=0)) / x.std(axis=0) * 5e-5  # the same clusters, 5e-5 wide
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.linear"):
+        linear.logreg_sklearn(flat, y, flat[:5], 3)
+    assert "predicts one class for all 5 test samples: features that barely vary (standard deviation 5.0e-05" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.linear"):
+        linear.logreg_sklearn(x, y, x[:5], 3)
+    assert "barely vary" not in caplog.text
+
+
 @pytest.mark.parametrize("backend", ["sklearn", "torch"])
 def test_two_class_probe_is_dinobloom_multinomial_fit(backend: str) -> None:
     """Two classes: DinoBloom's two-row softmax model, fitted here by scipy from its objective."""

@@ -80,7 +80,14 @@ def logreg_sklearn(
         model.fit(train_x, train_y)
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         logger.warning("scikit-learn L-BFGS stopped at max_iter=%d before reaching tol=%g", max_iter, tol)
-    return _expand(model.predict_proba(test_x), present, num_classes)
+    probabilities = model.predict_proba(test_x)
+    if len(test_x) > 1 and np.unique(probabilities.argmax(axis=1)).size == 1:
+        logger.warning(
+            "the logistic probe predicts one class for all %d test samples: features that barely vary (standard "
+            "deviation %.1e; a model that has barely trained?) leave it the class frequencies, a chance-level score",
+            len(test_x), float(train_x.std(axis=0).mean()),
+        )
+    return _expand(probabilities, present, num_classes)
 
 
 def fit_logreg_torch(
