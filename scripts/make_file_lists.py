@@ -64,17 +64,18 @@ def make_file_lists(
         if name in names:
             raise ValueError(f"sources {names[name]} and {source} would both write {name}.txt; rename one folder")
         names[name] = source
-    output.mkdir(parents=True, exist_ok=True)
-    counts: dict[Path, int] = {}
+    base = output.resolve()
+    lists: dict[Path, list[str]] = {}  # all found before any is written: a failing source leaves no half-set
     for name, source in names.items():
         images = [path for path in find_images(source.resolve()) if _listable(path)]
         if verify:
             images = [p for p in tqdm(images, desc=f"verify {name}", unit="img") if _readable(p)]
         if not images:
             raise ValueError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
-        base = output.resolve()
-        lines = [_list_line(os.path.relpath(p, base)) if relative else p for p in images]
-        list_file = output / f"{name}.txt"
+        lists[output / f"{name}.txt"] = [_list_line(os.path.relpath(p, base)) if relative else p for p in images]
+    output.mkdir(parents=True, exist_ok=True)
+    counts: dict[Path, int] = {}
+    for list_file, lines in lists.items():
         list_file.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8", errors="surrogateescape")
         counts[list_file] = len(lines)
         logger.info("%s: %d images", list_file, len(lines))

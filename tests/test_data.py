@@ -756,6 +756,11 @@ def test_make_file_lists_script(
     assert len(dataset) == 7 and dataset[6] is not None
     with pytest.raises(ValueError, match="would both write tree.txt"):
         script.main([str(image_tree), str(image_tree), "--output", str(out)])
+    # a source without images is an error that writes no list, not half a set of lists
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no readable images .* found under .*empty"):
+        script.main([str(image_tree), str(tmp_path / "empty"), "--output", str(tmp_path / "half")])
+    assert not (tmp_path / "half").exists()
     # a hidden source folder gets a list that training reads (it skips hidden lists)
     hidden = tmp_path / ".pbc"
     _write_image(hidden / "a.png", 2)
