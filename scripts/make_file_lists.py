@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 # Lets the script run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,7 +70,8 @@ def make_file_lists(
     for name, source in names.items():
         images = [path for path in find_images(source.resolve()) if _listable(path)]
         if verify:
-            images = [p for p in tqdm(images, desc=f"verify {name}", unit="img") if _readable(p)]
+            with logging_redirect_tqdm():  # the warnings of unreadable images print above the bar, not glued to it
+                images = [p for p in tqdm(images, desc=f"verify {name}", unit="img") if _readable(p)]
         if not images:
             raise ValueError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
         lists[output / f"{name}.txt"] = [_list_line(os.path.relpath(p, base)) if relative else p for p in images]

@@ -527,6 +527,26 @@ def test_dinobloom_entries_resize_a_dinov2_file_to_224(tmp_path: Path, monkeypat
         load_backbone(None, pretrained=True)
 
 
+def test_every_hub_entry_shows_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.hub.help shows an entry's signature and docstring: each names weights, pretrained and img_size, and
+    pretrained=True loads that entry's own release file."""
+    import inspect
+
+    import hubconf
+    from dinov2.hub import backbones
+
+    requested: list[Any] = []
+    monkeypatch.setattr(backbones, "load_backbone", lambda name, weights, img_size, **kw: requested.append((name, kw)))
+    for name in hubconf.__all__:
+        entry = getattr(hubconf, name)
+        parameters = inspect.signature(entry).parameters
+        for option in ("weights", "pretrained", "img_size"):
+            assert parameters[option].kind is inspect.Parameter.KEYWORD_ONLY, (name, option)
+            assert option in inspect.getdoc(entry), (name, option)
+        getattr(backbones, name)(pretrained=True)
+        assert requested[-1] == (name, {"pretrained": True})
+
+
 def test_the_default_image_size_of_each_kind_of_weights_file(tmp_path: Path) -> None:
     """Without a size asked for: a run's export gets its run's size; a file in the release layout (a training export
     copied out of its run) the size its position-embedding grid implies, unless that is DinoBloom's 16x16; DINOv2

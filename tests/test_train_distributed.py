@@ -40,7 +40,7 @@ import dinov2.train.ssl_meta_arch as meta_arch
 from conftest import spawn_ranks
 from dinov2 import distributed
 from dinov2.checkpoint import find_latest_checkpoint
-from dinov2.configs import TRAIN_CONFIG_DIR, ConfigError, apply_scaling_rules_to_cfg, load_config
+from dinov2.configs import TRAIN_CONFIG_DIR, apply_scaling_rules_to_cfg, load_config
 from dinov2.models import DinoVisionTransformer
 from dinov2.train.train import build_training_state, main
 

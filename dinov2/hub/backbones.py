@@ -308,40 +308,52 @@ def dinobloom_g(
     return load_backbone("dinobloom_g", weights, img_size, pretrained=pretrained, **kwargs)
 
 
-def dinov2_vits14(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+def dinov2_vits14(
+    *, weights: WeightsArg = None, pretrained: bool = False, img_size: int | None = None, **kwargs: Any
+) -> DinoVisionTransformer:
     """DINOv2 ViT-S/14 as built by DINOv2's torch.hub (518 px position embedding, LayerScale 1.0).
 
     weights: path or URL (original weights: DINOV2_URLS["dinov2_vits14"]), or a DinoBloom-S file;
-    None = random init. img_size: resize the position embedding (default: the checkpoint's, else 518).
+    None = random init (pretrained=True: the original weights). img_size: resize the position embedding (default:
+    the checkpoint's, else 518).
     """
-    return load_backbone("dinov2_vits14", weights, img_size, **kwargs)
+    return load_backbone("dinov2_vits14", weights, img_size, pretrained=pretrained, **kwargs)
 
 
-def dinov2_vitb14(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+def dinov2_vitb14(
+    *, weights: WeightsArg = None, pretrained: bool = False, img_size: int | None = None, **kwargs: Any
+) -> DinoVisionTransformer:
     """DINOv2 ViT-B/14 as built by DINOv2's torch.hub (518 px position embedding, LayerScale 1.0).
 
     weights: path or URL (original weights: DINOV2_URLS["dinov2_vitb14"]), or a DinoBloom-B file;
-    None = random init. img_size: resize the position embedding (default: the checkpoint's, else 518).
+    None = random init (pretrained=True: the original weights). img_size: resize the position embedding (default:
+    the checkpoint's, else 518).
     """
-    return load_backbone("dinov2_vitb14", weights, img_size, **kwargs)
+    return load_backbone("dinov2_vitb14", weights, img_size, pretrained=pretrained, **kwargs)
 
 
-def dinov2_vitl14(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+def dinov2_vitl14(
+    *, weights: WeightsArg = None, pretrained: bool = False, img_size: int | None = None, **kwargs: Any
+) -> DinoVisionTransformer:
     """DINOv2 ViT-L/14 as built by DINOv2's torch.hub (518 px position embedding, LayerScale 1.0).
 
     weights: path or URL (original weights: DINOV2_URLS["dinov2_vitl14"]), or a DinoBloom-L file;
-    None = random init. img_size: resize the position embedding (default: the checkpoint's, else 518).
+    None = random init (pretrained=True: the original weights). img_size: resize the position embedding (default:
+    the checkpoint's, else 518).
     """
-    return load_backbone("dinov2_vitl14", weights, img_size, **kwargs)
+    return load_backbone("dinov2_vitl14", weights, img_size, pretrained=pretrained, **kwargs)
 
 
-def dinov2_vitg14(*, weights: WeightsArg = None, img_size: int | None = None, **kwargs: Any) -> DinoVisionTransformer:
+def dinov2_vitg14(
+    *, weights: WeightsArg = None, pretrained: bool = False, img_size: int | None = None, **kwargs: Any
+) -> DinoVisionTransformer:
     """DINOv2 ViT-g/14 (SwiGLU FFN) as built by DINOv2's torch.hub (518 px position embedding).
 
     weights: path or URL (original weights: DINOV2_URLS["dinov2_vitg14"]), or a DinoBloom-G file;
-    None = random init. img_size: resize the position embedding (default: the checkpoint's, else 518).
+    None = random init (pretrained=True: the original weights). img_size: resize the position embedding (default:
+    the checkpoint's, else 518).
     """
-    return load_backbone("dinov2_vitg14", weights, img_size, **kwargs)
+    return load_backbone("dinov2_vitg14", weights, img_size, pretrained=pretrained, **kwargs)
 
 
 __all__ = [
