@@ -235,12 +235,11 @@ def test_slurm_submission_writes_the_expected_sbatch_file(
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "run"
 
-    status = launcher.main(
+    launcher.main(
         ["--nodes", "2", "--ngpus", "8", "--partition", "gpu", "--account", "hema", "--no-path-check",
          "--config-file", str(DEMO_CONFIG), "--output-dir", str(out), "--no-resume", "optim.epochs=2"]
     )  # fmt: skip
 
-    assert status == 0
     printed = capsys.readouterr().out
     assert "Submitted job 4242" in printed and str(out / "slurm" / "4242") in printed
     sbatch = (tmp_path / "submitted.sh").read_text()
@@ -265,10 +264,18 @@ def test_slurm_submission_writes_the_expected_sbatch_file(
     ]  # fmt: skip
 
 
-def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "nope.yaml"
-    assert launcher.main(["--config-file", str(missing), "--output-dir", str(tmp_path)]) == 2
-    assert f"--config-file {missing}: no such file" in capsys.readouterr().err
+    command = [sys.executable, "-m", "dinov2.run.submit", "--config-file", str(missing), "--output-dir", str(tmp_path)]
+    # the command as a user runs it: one error line, exit status 2, and the traceback on request, as every command
+    for show_traceback in (False, True):
+        env = {**os.environ, "DINOBLOOM_TRACEBACK": "1" if show_traceback else ""}
+        run = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env)
+        assert run.returncode != 0 and f"--config-file {missing}: no such file" in run.stderr
+        if show_traceback:
+            assert "Traceback" in run.stderr and "LaunchError" in run.stderr
+        else:
+            assert run.returncode == 2 and run.stderr.strip() == f"error: --config-file {missing}: no such file"
 
     slurm_yaml = tmp_path / "cluster.yaml"
     slurm_yaml.write_text("partition: gpu\ncpus_per_tsk: 8\n")
@@ -363,23 +370,26 @@ def test_a_job_whose_data_or_weights_are_missing_is_not_queued(
 
     argv = [*base, f"train.dataset_path=HemaStandardDataset:root={absent_data}:shuffle=1",
             f"student.pretrained_weights={absent_weights}", f"evaluation.knn_data={tmp_path / 'no_cells'}"]  # fmt: skip
-    assert launcher.main(argv) == 2
-    error = capsys.readouterr().err
+    with pytest.raises(launcher.LaunchError) as raised:
+        launcher.main(argv)
+    error = str(raised.value)
     assert (f"train.dataset_path={absent_data}, evaluation.knn_data={tmp_path / 'no_cells'}, "
             f"student.pretrained_weights={absent_weights}: not found") in error  # fmt: skip
     assert "--no-path-check" in error and not (tmp_path / "run" / "slurm").exists()
     # nor is a --local one, which would fail in the background while the command reported it started
-    assert launcher.main([*argv, "--local"]) == 2
-    error = capsys.readouterr().err
+    with pytest.raises(launcher.LaunchError) as raised:
+        launcher.main([*argv, "--local"])
+    error = str(raised.value)
     assert "not found on this machine" in error and "--no-path-check" not in error
     assert not (tmp_path / "run" / "slurm").exists()
 
-    assert launcher.main([*argv, "--no-path-check"]) == 0
+    launcher.main([*argv, "--no-path-check"])
     assert "Submitted job 4242" in capsys.readouterr().out
     later = [*base, "train.dataset_path=${oc.env:SLURM_TMPDIR}/lists",
              "evaluation.knn_data=${oc.env:SLURM_TMPDIR}/knn",
              "student.pretrained_weights=https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"]
-    assert launcher.main(later) == 0
+    launcher.main(later)
+    assert "Submitted job 4242" in capsys.readouterr().out
 
 
 def test_missing_submitit_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -642,9 +652,7 @@ def test_a_home_relative_output_dir_is_expanded(tmp_path: Path, monkeypatch: pyt
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
-def test_a_folder_that_a_training_holds_is_refused_before_submission(
-    tmp_path: Path, demo_lists: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_folder_that_a_training_holds_is_refused_before_submission(tmp_path: Path, demo_lists: Path) -> None:
     """The job would stop at its start, its error only in the job's own log: the launcher names the holder now, and
     submits once the holder is gone."""
     import fcntl
@@ -657,8 +665,8 @@ def test_a_folder_that_a_training_holds_is_refused_before_submission(
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         holder.write("process 4242 on node7, since 2026-11-28T10:00:00\n")
         holder.flush()
-        assert launcher.main(argv) == 2
-        assert "run is in use by another training (process 4242 on node7, since " in capsys.readouterr().err
+        with pytest.raises(launcher.LaunchError, match=r"run is in use by another training \(process 4242 on node7, "):
+            launcher.main(argv)
         assert sorted(p.name for p in out.iterdir()) == [".lock"]
     job = launcher.submit(argv)
     job.wait()

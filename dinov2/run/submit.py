@@ -87,8 +87,8 @@ SETTING_HELP = {
 }
 
 
-class LaunchError(RuntimeError):
-    """A launch request that cannot be submitted, with the reason."""
+class LaunchError(ValueError):
+    """A launch request that cannot be submitted, with the reason (a user's mistake: one ``error:`` line)."""
 
 
 @dataclass(frozen=True)
@@ -489,19 +489,16 @@ def submit(argv: Sequence[str] | None = None) -> submitit.Job:
     return job
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     """Command-line entry: submit the job and print its id and log files."""
     setup_logging()
-    try:
-        job = submit(argv)
-    except LaunchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    job = submit(argv)
     print(f"Submitted job {job.job_id}")
     print(f"  stdout: {job.paths.stdout}")
     print(f"  stderr: {job.paths.stderr}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dinov2.cli import run_cli
+
+    run_cli(main)
