@@ -296,6 +296,29 @@ def test_autocast_stream_is_the_compute_dtype_in_training_and_float32_in_eval() 
     assert (in_eval - reference).abs().mean() < (in_training.float() - reference).abs().mean()
 
 
+@pytest.mark.parametrize("ffn_layer", ["mlp", "swiglufused"])
+def test_a_small_layerscale_keeps_its_branch_exact_under_fp16_autocast(ffn_layer: str) -> None:
+    """DINOv2's initial LayerScale (1e-5) times the output projection would fall into fp16's subnormals if folded
+    into the weight; each residual branch stays within fp16's rounding of the float64 result, in both modes."""
+    from dinov2.layers.block import Block
+    from dinov2.layers.mlp import Mlp
+
+    torch.manual_seed(0)
+    block = Block(96, 4, init_values=1e-5, ffn_layer=SwiGLUFFNFused if ffn_layer == "swiglufused" else Mlp)
+    exact = Block(96, 4, init_values=1e-5, ffn_layer=type(block.mlp)).double()
+    exact.load_state_dict(block.state_dict())
+    x = torch.randn(2, 17, 96)
+    for training in (True, False):
+        block.train(training)
+        expected = (exact.train(training)._attn_residual(x.double()), exact._ffn_residual(x.double()))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            branches = (block._attn_residual(x), block._ffn_residual(x))
+            stream = block(x.half())
+        for branch, reference in zip(branches, expected):
+            assert (branch.double() - reference).norm() / reference.norm() < 2e-3
+        assert stream.dtype == torch.float16  # the token stream keeps its dtype
+
+
 def test_ffn_layer_choices() -> None:
     with torch.device("meta"):
         identity = DinoVisionTransformer(embed_dim=64, depth=1, num_heads=1, ffn_layer="identity", init_values=1.0)

@@ -83,8 +83,8 @@ class Block(nn.Module):
             # computed for a random subset of the samples at any drop rate, not masked per sample.
             x = drop_add_residual_batch_subset(x, self._attn_residual, self.sample_drop_ratio)
             return drop_add_residual_batch_subset(x, self._ffn_residual, self.sample_drop_ratio)
-        x = x + self._attn_residual(x)
-        return x + self._ffn_residual(x)
+        x = x + self._attn_residual(x).to(x.dtype)  # (a branch scaled in float32 under fp16 autocast)
+        return x + self._ffn_residual(x).to(x.dtype)
 
 
 class BlockChunk(nn.ModuleList):

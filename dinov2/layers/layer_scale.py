@@ -27,14 +27,29 @@ class LayerScale(nn.Module):
 
 
 def scaled_linear(x: torch.Tensor, linear: nn.Linear, out_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """`linear(x) * out_scale` (per output channel) as one matmul, the scale folded into the weight and bias.
+    """`linear(x) * out_scale` (per output channel), the scale folded into the weight and bias where that is exact
+    enough.
 
-    The product is formed on the (out, in) weight instead of on every token's output, so a LayerScale after
+    Folded, the product is formed on the (out, in) weight instead of on every token's output, so a LayerScale after
     a projection costs no activation-sized multiply forward or backward, and nothing extra is saved for backward.
-    Always folded, whatever the number of tokens: one code path, so the rounding does not switch with the batch
-    size (the matmul itself may still round differently for different batch sizes).
+    It is folded whatever the number of tokens: one code path, so the rounding does not switch with the batch size
+    (the matmul itself may still round differently for different batch sizes). It is not folded when the matmul
+    runs in fp16 (fp16 autocast, fp16 parameters): a LayerScale of 1e-5, DINOv2's initial value, times a weight of
+    about 1e-2 falls into fp16's subnormal range, where a tenth of the folded weights round to zero and the
+    branch's output is off by some 10 %; scaling the fp16 output by a float32 scale instead keeps it to fp16's 0.05 %
+(the caller casts the result to its token stream's dtype).
     """
     if out_scale is None:
         return linear(x)
+    if _matmul_in_fp16(x, linear.weight):
+        return linear(x) * out_scale  # in the scale's dtype: a float32 scale keeps a 1e-5 branch out of subnormals
     bias = None if linear.bias is None else linear.bias * out_scale
     return F.linear(x, linear.weight * out_scale.unsqueeze(1), bias)
+
+
+def _matmul_in_fp16(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a matmul of ``x`` with ``weight`` runs in fp16: fp16 parameters, or fp16 autocast on ``x``'s device."""
+    if weight.dtype == torch.float16:
+        return True
+    device = x.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
