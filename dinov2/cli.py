@@ -1,4 +1,5 @@
-"""Running a command-line entry point: a mistake in the user's input ends in one clear line, not a traceback."""
+"""Running a command-line entry point: a mistake in the user's input ends in one clear line, not a traceback; the
+argparse types and output checks the commands share."""
 
 from __future__ import annotations
 
@@ -47,17 +48,10 @@ def non_negative_float(text: str) -> float:
 
 
 def check_file_writable(path: Path) -> None:
-    """Raise ValueError unless ``path`` can be written as a file: not a folder, below a folder that can be made and
-    written, also where permissions cannot tell (/proc, a read-only mount: a probe file is written, see
-    :func:`dinov2.files.check_folder_writable`; the folders it makes are removed again)."""
-    # (os.path's tests answer False where a folder cannot be searched; Path's raise there before Python 3.12)
+    """Raise ValueError unless ``path`` can be written as a file: not a folder, in a folder that can be made and
+    written in (see :func:`dinov2.files.check_folder_writable`; the folders it makes are removed again)."""
     if os.path.isdir(path):
         raise ValueError(f"cannot write {path}: it is a folder; name a file")
-    existing = next((parent for parent in path.parents if os.path.exists(parent)), None)
-    if existing is not None and not os.path.isdir(existing):
-        raise ValueError(f"cannot write {path}: {existing} is a file, not a folder")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {path}: no permission to write in {existing}")
     check_folder_writable(path.parent, f"cannot write {path}")
 
 

@@ -1,4 +1,5 @@
-"""Writing files so that a kill, a full disk or a crash never leaves one half-written, nor its temporary copy."""
+"""Writing files so that a kill, a full disk or a crash never leaves one half-written, nor its temporary copy; and
+checking, before any work, that an output can be written at all."""
 
 from __future__ import annotations
 
@@ -77,11 +78,19 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def check_folder_writable(folder: str | os.PathLike[str], subject: str) -> None:
-    """Make ``folder`` and write (then remove) a file in it, before any work: a ValueError starting with ``subject``
-    where that fails (a folder that cannot be made, a read-only or special file system such as /proc). The folders
-    made for the test are removed again (the writers make them when they write), so a command that fails later
-    leaves none behind."""
+    """Raise a ValueError starting with ``subject``, before any work, unless ``folder`` can be made and written in:
+    a file in the way, no permission, or a folder that cannot be made or takes no new file (a read-only or special
+    file system such as /proc, which permissions do not show: a file is written and removed to find out). The
+    folders made for the test are removed again (the writers make them when they write), so a command that fails
+    later leaves none behind."""
     folder = Path(folder).absolute()
+    blocking = file_in_the_way(folder)
+    if blocking is not None:
+        raise ValueError(f"{subject}: {blocking} is a file, not a folder")
+    # (os.path's tests answer False where a folder cannot be searched; Path's raise there before Python 3.12)
+    existing = next((path for path in (folder, *folder.parents) if os.path.exists(path)), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{subject}: no permission to write in {existing}")
     made = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]  # deepest first
     try:
         try:

@@ -20,6 +20,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
+from dinov2 import files
 from dinov2.configs import load_config
 from dinov2.eval import checkpoints, knn, linear, pca, protocol, reports
 from dinov2.eval.features_io import load_features, save_features
@@ -407,8 +408,9 @@ def test_an_output_dir_without_write_permission_is_one_error(tmp_path: Path, mon
         asked.append((Path(path), mode))
         return False
 
-    monkeypatch.setattr(reports.os, "access", refused)
-    with pytest.raises(ValueError, match=f"^{re.escape(f'--output-dir {tmp_path}: no permission to write in it')}$"):
+    monkeypatch.setattr(files.os, "access", refused)
+    message = f"--output-dir {tmp_path}: no permission to write in {tmp_path}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         reports.prepare_output_dir(tmp_path)
     new = tmp_path / "new" / "out"  # not there yet: the folder it would be made in is named
     with pytest.raises(ValueError, match=f"^{re.escape(f'--output-dir {new}: no permission to write in {tmp_path}')}$"):

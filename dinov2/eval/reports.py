@@ -266,14 +266,7 @@ def prepare_output_dir(path: str | Path) -> Path:
     path = Path(path)
     if os.path.lexists(path) and not os.path.isdir(path):  # (a link to nothing included)
         raise ValueError(f"--output-dir {path} is a file; name a folder for the results")
-    # (os.path's tests answer False where a folder cannot be searched; Path's raise there before Python 3.12)
-    existing = next(parent for parent in (path, *path.absolute().parents) if os.path.exists(parent))
-    if not os.path.isdir(existing):
-        raise ValueError(f"--output-dir {path}: cannot create the folder ({existing} is a file, not a folder)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "in it" if existing == path else f"in {existing}"
-        raise ValueError(f"--output-dir {path}: no permission to write {where}")
-    check_folder_writable(path, f"--output-dir {path}")  # what permissions cannot tell: /proc, a read-only mount
+    check_folder_writable(path, f"--output-dir {path}")
     return path
 
 

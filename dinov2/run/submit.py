@@ -329,11 +329,8 @@ def parse_request(argv: Sequence[str] | None = None) -> LaunchRequest:
 def _check_writable(folder: Path, flag: str) -> None:
     """A LaunchError naming ``flag`` when the launcher cannot make or write in ``folder`` (a file in the way, a
     read-only file system)."""
-    from dinov2.files import check_folder_writable, file_in_the_way
+    from dinov2.files import check_folder_writable
 
-    blocking = file_in_the_way(folder)
-    if blocking is not None:
-        raise LaunchError(f"{flag} {folder}: {'it' if blocking == folder else blocking} is a file, not a folder")
     try:
         check_folder_writable(folder, f"{flag} {folder}")
     except ValueError as error:
