@@ -39,6 +39,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a temperature, a regularisation strength)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """An argparse type: a finite number >= 0 (a tolerance)."""
     value = float(text)

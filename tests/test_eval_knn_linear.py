@@ -143,8 +143,8 @@ def test_knn_rejects_k_above_training_size() -> None:
 
 @pytest.mark.parametrize(
     ("option", "kwargs"),
-    [("--temperature", {"temperature": 0.0}), ("--temperature", {"temperature": -0.07}),
-     ("--temperature", {"temperature": float("nan")}), ("--batch-size", {"batch_size": 0})],
+    [("temperature", {"temperature": 0.0}), ("temperature", {"temperature": -0.07}),
+     ("temperature", {"temperature": float("nan")}), ("batch_size", {"batch_size": 0})],
 )
 def test_knn_rejects_nonpositive_temperature_and_batch_size(option: str, kwargs: dict) -> None:
     x, y = _clusters(30, 8, 2, spread=1.0, seed=7)
@@ -157,7 +157,7 @@ def test_knn_rejects_nonpositive_temperature_and_batch_size(option: str, kwargs:
 def test_linear_probe_rejects_nonpositive_C(backend: str, C: float) -> None:
     x, y = _clusters(30, 8, 3, spread=1.0, seed=9)
     fit = {"sklearn": linear.logreg_sklearn, "torch": linear.logreg_torch}[backend]
-    with pytest.raises(ValueError, match=r"^--C must be > 0"):
+    with pytest.raises(ValueError, match=r"^C must be > 0"):
         fit(x[:20], y[:20], x[20:], 3, C=C)
 
 
@@ -684,6 +684,24 @@ def test_config_values_take_the_options_types(tmp_path: Path, capsys: pytest.Cap
         with pytest.raises(SystemExit):
             protocol.parse_args_with_config(knn.build_parser(), required)
         assert message in capsys.readouterr().err, bad
+
+
+@pytest.mark.parametrize(("command", "option", "value"), [
+    ("knn", "--temperature", "0"), ("knn", "--batch-size", "0"), ("linear", "--C", "0"), ("linear", "--C", "nan"),
+])  # fmt: skip
+def test_an_option_out_of_range_is_refused_before_any_features_are_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: str, option: str, value: str
+) -> None:
+    """From the command line or a --config file, before the (perhaps large) features file is read."""
+    main = {"knn": knn.main, "linear": linear.main}[command]
+    with pytest.raises(SystemExit):
+        main(["--features", str(tmp_path / "absent.h5"), "--output-dir", str(tmp_path / "o"), option, value])
+    assert f"argument {option}: must be" in capsys.readouterr().err
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"{option[2:].replace('-', '_')}: {value}\n")
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "--features", str(tmp_path / "absent.h5"), "--output-dir", str(tmp_path / "o")])
+    assert "is not a valid value (must be" in capsys.readouterr().err
 
 
 def test_test_features_from_the_same_images_are_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

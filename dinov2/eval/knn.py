@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dinov2.cli import positive_float, positive_int
 from dinov2.eval import protocol
 from dinov2.logs import setup_logging
 
@@ -214,9 +215,9 @@ def knn_probabilities(
             f"cosine metric, not {metric!r} (leave --metric out, or use --weighting uniform for {metric} neighbours)"
         )
     if not temperature > 0:  # also rejects NaN
-        raise ValueError(f"--temperature must be > 0, got {temperature}")
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     train = torch.as_tensor(train_features).to(device)
     test = torch.as_tensor(test_features).to(device=device, dtype=train.dtype)
     labels = torch.as_tensor(train_labels, dtype=torch.int64).to(device)
@@ -283,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="uniform",
         help="uniform votes (sklearn, DinoBloom) or DINOv2's softmax(cos/T) weights",
     )
-    parser.add_argument("--temperature", type=float, default=0.07, help="T of temperature weighting (default 0.07)")
-    parser.add_argument("--batch-size", type=int, default=256, help="queries per chunk (default 256)")
+    parser.add_argument("--temperature", type=positive_float, default=0.07,
+                        help="T of temperature weighting (default 0.07)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="queries per chunk (default 256)")
     return parser
 
 

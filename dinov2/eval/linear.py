@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinov2.cli import non_negative_float, positive_int
+from dinov2.cli import non_negative_float, positive_float, positive_int
 from dinov2.eval import protocol
 from dinov2.logs import setup_logging
 
@@ -49,7 +49,7 @@ def _expand(probabilities: np.ndarray, present: np.ndarray, num_classes: int) ->
 def _fitted_c(C: float | None, dim: int, present: np.ndarray) -> float:
     """The C of the fit: DinoBloom's multinomial C (default ``dim * classes / 100``), doubled for a binomial fit."""
     if C is not None and not C > 0:  # also rejects NaN
-        raise ValueError(f"--C must be > 0 (the inverse L2 strength), got {C}")
+        raise ValueError(f"C must be > 0 (the inverse L2 strength), got {C}")
     C = dinobloom_c(dim, present.size) if C is None else C
     return 2.0 * C if present.size == 2 else C
 
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     protocol.add_common_arguments(parser)
     parser.add_argument("--backend", choices=BACKENDS, default="sklearn", help="sklearn (DinoBloom) or torch (GPU)")
-    parser.add_argument("--C", type=float, default=None,
+    parser.add_argument("--C", type=positive_float, default=None,
                         help="inverse L2 strength of the multinomial model (default: dim * classes / 100)")
     parser.add_argument("--max-iter", type=positive_int, default=1000, help="L-BFGS iterations (default 1000)")
     parser.add_argument("--tol", type=non_negative_float, default=1e-4,
