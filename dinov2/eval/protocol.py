@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import difflib
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dinov2.cli import non_negative_int
+from dinov2.configs import closest_key
 from dinov2.eval import metrics
 from dinov2.eval.features_io import FeatureSet, load_features
 
@@ -484,8 +484,8 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
         for key, value in config.items():
             dest = str(key).replace("-", "_")
             if dest not in actions:
-                close = difflib.get_close_matches(dest, list(actions), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                close = closest_key(dest, list(actions))
+                hint = f"; did you mean {close!r}?" if close else ""
                 parser.error(f"{path}: unknown key {key!r}{hint} (valid: {sorted(actions)})")
             action = actions[dest]
             many = action.nargs in ("+", "*")

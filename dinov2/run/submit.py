@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import logging
 import os
 import sys
@@ -206,8 +205,10 @@ def load_slurm_settings(path: Path) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in SETTINGS:
-            close = difflib.get_close_matches(str(key), SETTINGS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(SETTINGS)}"
+            from dinov2.configs import closest_key
+
+            close = closest_key(str(key), list(SETTINGS))
+            hint = f"; did you mean '{close}'?" if close else f"; valid keys: {', '.join(SETTINGS)}"
             raise LaunchError(f"SLURM config {path}: unknown key '{key}'{hint}")
         kind = SETTINGS[key]
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
