@@ -36,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from dinov2.cli import non_negative_int, positive_int  # noqa: E402
 from dinov2.eval.protocol import resolve_device  # noqa: E402
+from dinov2.logs import setup_logging  # noqa: E402
 from dinov2.models import ARCH_SIZES  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, str]:
     """Print a table of the backends per architecture; return (and print) the fastest backend of each."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     logger.info("%s, %s, torch %s", device, dtype, torch.__version__)

@@ -42,6 +42,7 @@ from benchmark_loss import resolve_dtype  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dinov2.eval.protocol import resolve_device  # noqa: E402
+from dinov2.logs import setup_logging  # noqa: E402
 from dinov2.models import ARCH_SIZES, DinoVisionTransformer  # noqa: E402
 from dinov2.parallel import COMPILE_TUNING_OPTIONS  # noqa: E402
 
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Print a row per mode; return (and print) each mode's milliseconds per forward and backward."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(0)

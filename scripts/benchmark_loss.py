@@ -32,6 +32,7 @@ from benchmark_features import time_call
 
 from dinov2.cli import non_negative_int, positive_int
 from dinov2.eval.protocol import resolve_device
+from dinov2.logs import setup_logging
 from dinov2.loss import iBOTPatchLoss
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if args.compile and args.warmup < 1:
         parser.error("--compile needs --warmup 1 or more, or the compilation is timed as a call")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

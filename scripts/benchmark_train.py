@@ -56,6 +56,7 @@ from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.masking import MaskingGenerator
 from dinov2.data.photometric import finish_crops
 from dinov2.layers.attention import XFORMERS_DISABLED_ENV, xformers_attention
+from dinov2.logs import setup_logging
 from dinov2.parallel import autocast_dtype
 from dinov2.train.data import effective_local_crops
 from dinov2.train.train import build_training_state, make_autocast, training_step
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error("--inductor sets how --compile compiles: add --compile")
     if args.compile and args.warmup < 1:  # the FLOP count runs eagerly: the first timed step would compile
         parser.error("--compile needs --warmup 1 or more, or the compilation is timed as a step")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING)
     logger.setLevel(logging.INFO)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

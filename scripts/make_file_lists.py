@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinov2.data.datasets import IMAGE_EXTENSIONS, find_images  # noqa: E402
 from dinov2.data.transforms import IMAGE_LOAD_ERRORS, load_image  # noqa: E402
+from dinov2.logs import setup_logging  # noqa: E402
 
 logger = logging.getLogger("make_file_lists")
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relative", action="store_true", help="write paths relative to --output")
     parser.add_argument("--verify", action="store_true", help="decode every image and leave out broken ones")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     counts = make_file_lists(args.sources, args.output, relative=args.relative, verify=args.verify)
     print(f"wrote {len(counts)} list(s) with {sum(counts.values())} images to {args.output}")
     return 0

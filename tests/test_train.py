@@ -39,7 +39,7 @@ from dinov2.train import resume as resume_module
 from dinov2.train import train as train_module
 from dinov2.train.data import anchor_data_paths, build_train_dataset
 from dinov2.train.knn_monitor import END_OF_TRAINING
-from dinov2.train.logs import HeldRecords, setup_logging
+from dinov2.train.logs import HeldRecords, setup_run_logging
 from dinov2.train.preemption import PreemptionHandler
 from dinov2.train.train import build_parser, check_bad_images, main
 
@@ -1323,7 +1323,7 @@ def test_logging_prints_each_line_once(tmp_path: Path, capsys: pytest.CaptureFix
     own = logging.StreamHandler(sys.stdout)
     launcher.addHandler(own)
     root = logging.getLogger()
-    handlers = setup_logging(tmp_path, is_main=True)
+    handlers = setup_run_logging(tmp_path, is_main=True)
     try:
         launcher.info("from the launcher")
         logging.getLogger("dinov2.somewhere").info("from the trainer")
@@ -1340,7 +1340,7 @@ def test_logging_prints_each_line_once(tmp_path: Path, capsys: pytest.CaptureFix
     console = logging.StreamHandler(sys.stderr)
     root.addHandler(console)
     try:
-        handlers = setup_logging(tmp_path, is_main=True)
+        handlers = setup_run_logging(tmp_path, is_main=True)
         assert [type(h) for h in handlers] == [logging.FileHandler]
     finally:
         for handler in handlers:
@@ -1512,7 +1512,7 @@ def test_other_ranks_write_their_warnings_to_a_file_of_their_own(tmp_path: Path)
     """Rank 1's unreadable images (its share of the data) are named in log_rank1.txt, which errors point to; a rank
     without warnings leaves no file."""
     root, level = logging.getLogger(), logging.getLogger().level
-    handlers = setup_logging(tmp_path, is_main=False, rank=1)
+    handlers = setup_run_logging(tmp_path, is_main=False, rank=1)
     try:
         logging.getLogger("dinov2.somewhere").info("progress of rank 1")
         assert not (tmp_path / "log_rank1.txt").exists()

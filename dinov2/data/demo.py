@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from dinov2.logs import setup_logging
+
 __all__ = ["DEMO_CLASSES", "DemoDataset", "generate_demo_dataset", "main", "render_cell"]
 
 logger = logging.getLogger(__name__)
@@ -468,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("png", "jpg"), default="png", help="default png")
     parser.add_argument("--workers", type=int, default=None, help="rendering processes (default: all CPUs)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     demo = generate_demo_dataset(
         args.output,
         images_per_class=args.images_per_class,

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from dinov2.logs import FORMAT
+
 
 def _prints_to_console(handler: logging.Handler) -> bool:
     """Whether ``handler`` writes to the process's stdout or stderr."""
@@ -38,7 +40,7 @@ class _NotPrintedElsewhere(logging.Filter):
 LOG_FILES = "log.txt (and log_rank<N>.txt of the other ranks)"
 
 
-def setup_logging(output_dir: Path, is_main: bool, rank: int = 0) -> list[logging.Handler]:
+def setup_run_logging(output_dir: Path, is_main: bool, rank: int = 0) -> list[logging.Handler]:
     """Rank 0 logs INFO to stdout and to ``output_dir/log.txt``; other ranks log warnings only, to stdout and to
     ``output_dir/log_rank<rank>.txt`` (made at their first warning: unreadable images of their share, say).
 
@@ -51,15 +53,14 @@ def setup_logging(output_dir: Path, is_main: bool, rank: int = 0) -> list[loggin
         if getattr(handler, "_dinov2", False):
             root.removeHandler(handler)
             handler.close()
-    line = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handlers: list[logging.Handler] = []
     if not any(_prints_to_console(h) for h in root.handlers):
         console = logging.StreamHandler(sys.stdout)
         console.addFilter(_NotPrintedElsewhere())
-        console.setFormatter(logging.Formatter(line, "%H:%M:%S"))
+        console.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
         handlers.append(console)
     log_file = logging.FileHandler(output_dir / ("log.txt" if is_main else f"log_rank{rank}.txt"), delay=not is_main)
-    log_file.setFormatter(logging.Formatter(line, "%Y-%m-%d %H:%M:%S"))  # dated: a resume appends, days later
+    log_file.setFormatter(logging.Formatter(FORMAT, "%Y-%m-%d %H:%M:%S"))  # dated: a resume appends, days later
     handlers.append(log_file)
     for handler in handlers:
         handler._dinov2 = True  # type: ignore[attr-defined]

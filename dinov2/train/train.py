@@ -51,7 +51,7 @@ from dinov2.parallel import (
 )
 from dinov2.train.data import anchor_data_paths, build_train_dataset, build_train_loader
 from dinov2.train.knn_monitor import END_OF_TRAINING, KnnMonitor
-from dinov2.train.logs import LOG_FILE_ONLY, LOG_FILES, HeldRecords, setup_logging
+from dinov2.train.logs import LOG_FILE_ONLY, LOG_FILES, HeldRecords, setup_run_logging
 from dinov2.train.optim import apply_optim_scheduler, build_optimizer, build_param_groups
 from dinov2.train.preemption import PreemptionHandler
 from dinov2.train.rankme import RankMeMonitor
@@ -598,7 +598,7 @@ def open_run_folder(
     returns the log handlers, for the caller to remove."""
     try:
         claim_output_folder(output_dir, lock, info.is_main_process, info.device)
-        handlers = setup_logging(output_dir, info.is_main_process, info.rank)
+        handlers = setup_run_logging(output_dir, info.is_main_process, info.rank)
         held.pass_on(configs=info.is_main_process)  # the config's warnings and notes, into log.txt
     except OSError as err:  # the log file cannot be written
         raise ConfigError(output_dir_error(output_dir, err)) from None
