@@ -24,15 +24,19 @@ def _process_is_gone(pid: int) -> bool:
     return False
 
 
-def remove_stale_temporaries(path: str | os.PathLike[str], marker: str = ".tmp", sole_writer: bool = False) -> None:
-    """Delete the temporary copies of ``path`` (``.<name><marker><pid>...`` beside it) that processes killed
+#: What :func:`atomic_write` puts between a file's name and the writer's process id in its temporary's name.
+_TEMPORARY_MARKER = ".tmp-"
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str], sole_writer: bool = False) -> None:
+    """Delete the temporary copies of ``path`` (``.<name>.tmp-<pid>...`` beside it) that processes killed
     before their rename left, those of processes still running excepted; with ``sole_writer`` (the caller holds a
     lock that keeps other writers away) every copy, whatever its process id (a requeued job may hold the killed
     writer's id again)."""
     path = Path(path)
-    prefix = f".{path.name}{marker}"
+    prefix = f".{path.name}{_TEMPORARY_MARKER}"
     for stale in path.parent.glob(glob.escape(prefix) + "*"):
-        pid = stale.name[len(prefix) :].lstrip("-").split(".", 1)[0]
+        pid = stale.name[len(prefix) :].split(".", 1)[0]
         if pid.isdigit() and (sole_writer or _process_is_gone(int(pid))):
             stale.unlink(missing_ok=True)
 
@@ -47,7 +51,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
     """
     path = Path(path)
     remove_stale_temporaries(path, sole_writer=sole_writer)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.name}{_TEMPORARY_MARKER}{os.getpid()}{path.suffix}")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:  # (writable: Windows cannot flush a read-only handle)
