@@ -10,7 +10,7 @@ it is: hematology views, 2 global crops of 224, no local crops) and ``dinov2`` (
 local 98). "per worker" rows run in this process with one thread, as one DataLoader worker would (best of
 ``--repeats`` passes): "decode" (and the Lanczos resize), "views" (each view's crop, flips and rotations, and the
 draw of its colour parameters), "collate" (stacking, iBOT masks, and with ``--colour workers`` the colour
-operations, applied to the whole batch: "collate+colour") and "all three"; "loader" rows run the training loader.
+operations, applied there view by view: "collate+colour") and "all three"; "loader" rows run the training loader.
 ``--colour device`` (the default on CUDA, as a CUDA run does) leaves the views' colour operations to the training
 device: the workers hand over uint8 crops, and a "colour on <device>" row times those operations on whole batches
 there; ``--colour workers`` (the default on a CPU, as a CPU run does) runs them in the workers. The crops are
@@ -97,7 +97,7 @@ def time_per_worker(
     finally:
         torch.set_num_threads(threads)
     end_to_end = 1.0 / (1.0 / decode + 1.0 / augment + 1.0 / collated)
-    # The views' colour operations run in the collate (on the whole batch) when they run in the workers.
+    # The views' colour operations run in the collate (view by view) when they run in the workers.
     collate_name = "collate" if defer_colour else "collate+colour"
     return {"decode": decode, "views": augment, collate_name: collated, "all three": end_to_end}
 
