@@ -527,6 +527,27 @@ def test_dinobloom_entries_resize_a_dinov2_file_to_224(tmp_path: Path, monkeypat
         load_backbone(None, pretrained=True)
 
 
+def test_the_readmes_notebook_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's first code block, in a folder holding a release-format DinoBloom-S file and two cell images."""
+    from dinov2.models import build_model
+
+    backbone = build_model("dinobloom_s")
+    release = {"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}
+    torch.save(release, tmp_path / "DinoBloom-S.pth")
+    for i in (1, 2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(
+            tmp_path / f"cell_{i}.jpg"
+        )
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = next(b.split("```")[0] for b in readme.split("```python\n")[1:] if "load_backbone(" in b.split("```")[0])
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["features"].shape == (2, 384) and namespace["images"].shape == (2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(namespace["features"], backbone.eval()(namespace["images"]))
+
+
 def test_every_hub_entry_shows_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.hub.help shows an entry's signature and docstring: each names weights, pretrained and img_size, and
     pretrained=True loads that entry's own release file."""
