@@ -1,4 +1,5 @@
-"""Resumable training checkpoints (torch.distributed.checkpoint) and the release-format teacher export.
+"""Resumable training checkpoints (torch.distributed.checkpoint) and the release-format teacher export (scored, one
+after another, by ``python -m dinov2.eval.checkpoints``).
 
 Layout of `ckpt_dir` (normally `<output_dir>/checkpoints`)::
 

@@ -1,4 +1,5 @@
-"""Evaluate every teacher checkpoint of a training run, in iteration order.
+"""Evaluate every teacher checkpoint of a training run, in iteration order (the exported teachers; the resumable
+training checkpoints are :mod:`dinov2.checkpoint`'s).
 
     python -m dinov2.eval.checkpoints --run-dir RUN --data cells/ --output-dir RUN/eval_curve
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from dinov2.cli import non_negative_int, positive_int
 from dinov2.data.transforms import EVAL_RESIZES
@@ -61,7 +63,7 @@ def score_features(
     class_names: list[str],
     methods: list[str],
     n_splits: int,
-    device: Any,
+    device: torch.device | str,
     ks: tuple[int, ...] = (1, 20),
     seed: int | None = 0,
     groups: np.ndarray | None = None,
@@ -127,7 +129,7 @@ def check_sweep_settings(
                          f"of {args.n_splits}-fold CV over these {labels.size} images)")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Extract and score the features of each checkpoint; write the table and plot."""
     from dinov2.eval.extract_features import extract_features, file_sha256, list_images
     from dinov2.hub.backbones import default_image_size

@@ -32,6 +32,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the kNN protocol and write results.json, results.md and figures to --output-dir."""
     parser = build_parser()
     args = protocol.parse_args_with_config(parser, argv)

@@ -21,6 +21,7 @@ import argparse
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the linear-probe protocol and write results.json, results.md and figures to --output-dir."""
     parser = build_parser()
     args = protocol.parse_args_with_config(parser, argv)

@@ -99,7 +99,7 @@ def read_patient_list(path: str | Path) -> list[str]:
     return [line for line in lines if line]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the MIL evaluation and write its reports to --output-dir."""
     parser = build_parser()
     args = protocol.parse_args_with_config(parser, argv)
