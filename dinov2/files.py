@@ -4,6 +4,7 @@ checking, before any work, that an output can be written at all."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -111,3 +112,12 @@ def check_folder_writable(folder: str | os.PathLike[str], subject: str) -> None:
         for path in made:
             with suppress(OSError):
                 path.rmdir()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB pieces (about a second per GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(16 << 20):
+            digest.update(piece)
+    return digest.hexdigest()

@@ -369,7 +369,7 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
     kept = sorted((tmp_path / "bicubic" / "features").glob("*.h5"))
     assert len(kept) == 3 and {load_features(p).meta["resize"] for p in kept} == {"pil-bicubic"}
     # A manifest of the same images, other column names and paths relative to another folder: the same scores.
-    from dinov2.eval.extract_features import list_images
+    from dinov2.eval.image_list import list_images
 
     manifest = tmp_path / "manifests" / "data.csv"
     manifest.parent.mkdir()

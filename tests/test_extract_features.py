@@ -24,6 +24,7 @@ from dinov2.data import FileListDataset
 from dinov2.data.datasets import DatasetError
 from dinov2.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dinov2.eval import extract_features as ef
+from dinov2.eval import image_list
 from dinov2.eval.features_io import FeatureSet, load_features, save_features
 from dinov2.hub import load_backbone as hub_load_backbone
 from dinov2.models import DinoVisionTransformer
@@ -429,12 +430,12 @@ def test_txt_and_csv_lists_and_worker_loading(
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("file,label\na.jpg,x\n")
     with pytest.raises(ValueError, match="needs a 'path' column"):
-        ef.list_images(bad_csv)
+        image_list.list_images(bad_csv)
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ValueError, match="no images found"):
-        ef.list_images(tmp_path / "empty_dir")
+        image_list.list_images(tmp_path / "empty_dir")
     with pytest.raises(FileNotFoundError, match="--data not found"):
-        ef.list_images(tmp_path / "nowhere")
+        image_list.list_images(tmp_path / "nowhere")
 
 
 def test_no_readable_image_is_an_error(tmp_path: Path, tiny_weights: tuple[Path, DinoVisionTransformer]) -> None:
@@ -453,7 +454,7 @@ def test_symlinked_class_folders_are_followed_once(tmp_path: Path, caplog: pytes
     (root / "neutrophil" / "loop").symlink_to(root, target_is_directory=True)  # must not be walked forever
     (root / "neutrophil" / "gone.png").symlink_to(tmp_path / "moved_away.png")  # a broken link is named
     with caplog.at_level(logging.WARNING):
-        images = ef.list_images(root)
+        images = image_list.list_images(root)
     assert images.paths == ["basophil/b.png", "neutrophil/a.png"]
     assert images.class_names == ["basophil", "neutrophil"] and images.labels == [0, 1]
     assert f"skipping {root / 'neutrophil' / 'loop'}" in caplog.text
@@ -470,7 +471,7 @@ def test_images_beside_class_folders_are_named_and_kept_unlabelled(
     for i in range(7):
         _image(root / f"stray_{i}.png", i + 1)
     with caplog.at_level(logging.WARNING, logger="dinov2.eval.extract_features"):
-        images = ef.list_images(root)
+        images = image_list.list_images(root)
     assert images.labels == [0] + [-1] * 7 and images.class_names == ["neutrophil"]
     assert (f"{root}: 7 image(s) lie directly in the folder, beside its class folders: stray_0.png, stray_1.png, "
             "stray_2.png, stray_3.png, stray_4.png and 2 more; they have no class and are kept unlabelled (label -1)"
@@ -478,7 +479,7 @@ def test_images_beside_class_folders_are_named_and_kept_unlabelled(
     caplog.clear()
     shutil.rmtree(root / "neutrophil")
     with caplog.at_level(logging.WARNING, logger="dinov2.eval.extract_features"):
-        assert ef.list_images(root).labels == [-1] * 7
+        assert image_list.list_images(root).labels == [-1] * 7
     assert caplog.text == ""
 
 
@@ -504,8 +505,8 @@ def test_a_list_whose_paths_all_miss_is_refused_before_the_model_is_loaded(
         assert not (tmp_path / "new").exists()  # the output's folder, made to test it, is gone with the failure
         elsewhere = tmp_path / "cells"
         with pytest.raises(DatasetError, match=re.escape(f"(a relative path is read from --root {elsewhere})")):
-            listed = ef.list_images(lists / name, root=elsewhere, root_setting="--root")
-            ef.check_list_paths(lists / name, listed, root_setting="--root")
+            listed = image_list.list_images(lists / name, root=elsewhere, root_setting="--root")
+            image_list.check_list_paths(lists / name, listed, root_setting="--root")
     assert loaded == []
     monkeypatch.undo()
     # one missing image, on the first line (the first of the images looked up): skipped later, not refused
@@ -533,21 +534,21 @@ def test_csv_columns_and_root_read_a_manifest(
     result = ef.main([*common, "--csv-columns", "file,label", "--root", str(data), "--output", str(tmp_path / "f.h5")])
     assert result.paths == ["dev/basophil/a.jpg", "dev/neutrophil/b.jpg"] and result.labels.tolist() == [0, 1]
     assert result.class_names == ["basophil", "neutrophil"] and result.meta["root"] == str(data.resolve())
-    unlabelled = ef.list_images(manifest, columns=("file", None), root=data)
+    unlabelled = image_list.list_images(manifest, columns=("file", None), root=data)
     assert unlabelled.labels == [-1, -1] and unlabelled.class_names == []
     with pytest.raises(DatasetError, match=r"needs a 'path' column \(found \['file', 'label', 'width'\]\); name its "
                                            r"path and label columns with --csv-columns, e.g. file,label"):
-        ef.list_images(manifest, root=data, columns_setting="--csv-columns")
+        image_list.list_images(manifest, root=data, columns_setting="--csv-columns")
     with pytest.raises(DatasetError, match=r"needs a 'path' column \(found \['file', 'label', 'width'\]\)$"):
-        ef.list_images(manifest, root=data)  # a caller without the option (the kNN monitor) names none
+        image_list.list_images(manifest, root=data)  # a caller without the option (the kNN monitor) names none
     with pytest.raises(FileNotFoundError, match="--data not found"):  # not "--root applies to a list"
-        ef.list_images(data / "manifests" / "gone.csv", root=data, root_setting="--root")
+        image_list.list_images(data / "manifests" / "gone.csv", root=data, root_setting="--root")
     with pytest.raises(DatasetError, match="needs a 'class' column"):
-        ef.list_images(manifest, columns=("file", "class"), root=data)
+        image_list.list_images(manifest, columns=("file", "class"), root=data)
     with pytest.raises(DatasetError, match="--csv-columns applies to a .csv list"):
-        ef.list_images(data / "dev", columns=("file", "label"), columns_setting="--csv-columns")
+        image_list.list_images(data / "dev", columns=("file", "label"), columns_setting="--csv-columns")
     with pytest.raises(DatasetError, match="--root applies to a .txt or .csv list"):
-        ef.list_images(data / "dev", root=data, root_setting="--root")
+        image_list.list_images(data / "dev", root=data, root_setting="--root")
     with pytest.raises(SystemExit):
         ef.main([*common, "--csv-columns", "file,label,width", "--output", str(tmp_path / "g.h5")])
 
@@ -586,25 +587,25 @@ def test_csv_list_repeating_an_image_is_refused(tmp_path: Path, monkeypatch: pyt
     csv_path = tmp_path / "cells.csv"
     csv_path.write_text("path,label\nneutrophil/b.png,neutrophil\nbasophil/c.png,basophil\n./neutrophil/b.png,ig\n")
     with pytest.raises(DatasetError, match=r"cells\.csv:4: \./neutrophil/b\.png is listed again \(first on line 2\)"):
-        ef.list_images(csv_path)
+        image_list.list_images(csv_path)
     absolute = tmp_path / "basophil" / "c.png"  # the image of line 3, by its absolute path
     csv_path.write_text(f"path,label\nneutrophil/b.png,neutrophil\nbasophil/c.png,basophil\n{absolute},basophil\n")
     with pytest.raises(DatasetError, match=r"cells\.csv:4: .*c\.png is listed again \(first on line 3\)"):
-        ef.list_images(csv_path)
+        image_list.list_images(csv_path)
     monkeypatch.chdir(tmp_path)  # the list named relative to the working folder
     with pytest.raises(DatasetError, match=r"cells\.csv:4: .*c\.png is listed again \(first on line 3\)"):
-        ef.list_images("cells.csv")
+        image_list.list_images("cells.csv")
 
 
 def test_lists_with_a_byte_order_mark(tmp_path: Path) -> None:
     """Excel and Notepad start UTF-8 files with a BOM; it is not part of the first column name or path."""
     csv_path = tmp_path / "excel.csv"
     csv_path.write_text("path,label\nneutrophil/b.png,neutrophil\n", encoding="utf-8-sig")
-    from_csv = ef.list_images(csv_path)
+    from_csv = image_list.list_images(csv_path)
     assert from_csv.paths == ["neutrophil/b.png"] and from_csv.class_names == ["neutrophil"]
     txt_path = tmp_path / "notepad.txt"
     txt_path.write_text("neutrophil/b.png\n", encoding="utf-8-sig")
-    assert ef.list_images(txt_path).paths == ["neutrophil/b.png"]
+    assert image_list.list_images(txt_path).paths == ["neutrophil/b.png"]
 
 
 @pytest.mark.parametrize(("name", "message"), [("cells.txt", r"cells.txt:1: .* is not UTF-8 text"),
@@ -613,7 +614,7 @@ def test_a_list_in_another_encoding_is_named(tmp_path: Path, name: str, message:
     listed = tmp_path / name
     listed.write_bytes("path,label\nZelle_\u00fc.png,blast\n".encode("utf-16"))
     with pytest.raises(ValueError, match=message):
-        ef.list_images(listed)
+        image_list.list_images(listed)
 
 
 def test_a_txt_list_read_from_root_takes_a_raw_non_utf8_name_found_there(tmp_path: Path) -> None:
@@ -624,9 +625,9 @@ def test_a_txt_list_read_from_root_takes_a_raw_non_utf8_name_found_there(tmp_pat
     listed = tmp_path / "lists" / "cells.txt"
     listed.parent.mkdir()
     listed.write_bytes(b"Zelle_\xfc.png\n")
-    assert ef.list_images(listed, root=tmp_path / "images").paths == [raw_name]
+    assert image_list.list_images(listed, root=tmp_path / "images").paths == [raw_name]
     with pytest.raises(DatasetError, match="is not UTF-8 text"):
-        ef.list_images(listed)  # beside the list there is no such image
+        image_list.list_images(listed)  # beside the list there is no such image
 
 
 def test_a_txt_list_follows_the_training_lists_rules(
@@ -642,23 +643,23 @@ def test_a_txt_list_follows_the_training_lists_rules(
     assert FileListDataset(listed).path(0) == features.paths[0]
     listed.write_text("~/cells/a.png\nnotes about the stain\n")
     with pytest.raises(ValueError, match=r"cells.txt:2: 'notes about the stain' is not an image path"):
-        ef.list_images(listed)
+        image_list.list_images(listed)
     with pytest.raises(ValueError, match=r"cells.txt is empty"):
         listed.write_text("# nothing yet\n")
-        ef.list_images(listed)
+        image_list.list_images(listed)
     listed_csv = tmp_path / "cells.csv"
     listed_csv.write_text("path,label\n~/cells/a.png,neutrophil\n")
-    assert ef.list_images(listed_csv).paths == [str(tmp_path / "home" / "cells" / "a.png")]
+    assert image_list.list_images(listed_csv).paths == [str(tmp_path / "home" / "cells" / "a.png")]
     listed_csv.write_text("path\n~/cells/a.png\n")  # the label column is optional: unlabelled
-    unlabelled = ef.list_images(listed_csv)
+    unlabelled = image_list.list_images(listed_csv)
     assert unlabelled.labels == [-1] and unlabelled.class_names == []
     listed_csv.write_text("path,label\n~/cells/a.png,neutrophil\n# a comment row,\n")
     with pytest.raises(ValueError, match=r"cells.csv:3: '# a comment row' is not an image path"):
-        ef.list_images(listed_csv)
+        image_list.list_images(listed_csv)
     monkeypatch.chdir(tmp_path)
-    assert ef.list_images("~/cells").paths == ["a.png"]
+    assert image_list.list_images("~/cells").paths == ["a.png"]
     with pytest.raises(FileNotFoundError, match="^evaluation.knn_data not found: "):
-        ef.list_images("~/nowhere", setting="evaluation.knn_data")
+        image_list.list_images("~/nowhere", setting="evaluation.knn_data")
 
 
 @pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="file names of any bytes are a Linux matter")

@@ -1739,7 +1739,7 @@ def test_a_read_that_never_returns_ends_the_run_after_the_data_timeout(tmp_path:
 def test_the_knn_monitor_subset_keeps_each_class_share() -> None:
     """evaluation.knn_max_images: 2,000 of a 4,000-image set keep half of each class, and a class too small for
     that keeps the 5 images that 5-fold CV needs; the draw depends on the seed only."""
-    from dinov2.eval.extract_features import ImageList
+    from dinov2.eval.image_list import ImageList
     from dinov2.train.knn_monitor import stratified_subset
 
     counts = {"neutrophil": 3000, "lymphocyte": 990, "basophil": 10}

@@ -89,7 +89,7 @@ def score_features(
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of ``python -m dinov2.eval.checkpoints``."""
-    from dinov2.eval.extract_features import add_list_arguments  # (deferred, as in main)
+    from dinov2.eval.image_list import add_list_arguments  # (deferred, as in main)
 
     parser = argparse.ArgumentParser(
         prog="python -m dinov2.eval.checkpoints",
@@ -131,7 +131,9 @@ def check_sweep_settings(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Extract and score the features of each checkpoint; write the table and plot."""
-    from dinov2.eval.extract_features import extract_features, file_sha256, list_images
+    from dinov2.eval.extract_features import extract_features
+    from dinov2.eval.image_list import list_images
+    from dinov2.files import file_sha256
     from dinov2.hub.backbones import default_image_size
     from dinov2.hub.loader import CheckpointError
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from dinov2.configs import ConfigError
 from dinov2.distributed import is_main_process
-from dinov2.eval.extract_features import ImageList, embed_images, list_images
+from dinov2.eval.extract_features import embed_images
+from dinov2.eval.image_list import ImageList, list_images
 from dinov2.eval.knn import knn_probabilities
 from dinov2.eval.protocol import run_protocol
 from dinov2.files import atomic_write_text
