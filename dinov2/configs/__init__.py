@@ -397,11 +397,25 @@ def _suggestion(key: str, valid_keys: Sequence[str]) -> str:
 def _check_values(cfg: DictConfig, warn: bool = False) -> None:
     """Value checks that types alone cannot express (choices, ranges, architecture); ``warn``: also warn of the
     settings the architecture ignores (see :func:`resolve_arch`)."""
+    problems = [*_choice_problems(cfg), *_precision_problems(cfg), *_range_problems(cfg), *_combination_problems(cfg)]
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    resolve_arch(cfg, warn=warn)
+
+
+def _choice_problems(cfg: DictConfig) -> list[str]:
+    """The settings of :data:`CHOICES` that are none of their choices."""
     problems: list[str] = []
     for key, options in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in options:
             problems.append(f"{key}={value!r} is not one of {', '.join(options)}")
+    return problems
+
+
+def _precision_problems(cfg: DictConfig) -> list[str]:
+    """What is wrong in ``compute_precision``: unknown strategies or dtypes, and student and teacher laid out unlike."""
+    problems: list[str] = []
     for role in ROLES:
         for part in PARTS:
             section = cfg.compute_precision[role][part]
@@ -424,6 +438,12 @@ def _check_values(cfg: DictConfig, warn: bool = False) -> None:
                 f"compute_precision.student.{part} and compute_precision.teacher.{part} must both be NO_SHARD or both "
                 "be sharded: the teacher's EMA update needs parameters laid out alike"
             )
+    return problems
+
+
+def _range_problems(cfg: DictConfig) -> list[str]:
+    """The numbers out of their range (positive counts, probabilities, [low, high] pairs) and empty names."""
+    problems: list[str] = []
     if not cfg.train.output_dir:
         problems.append("train.output_dir is empty: name the folder the run writes to")
     blur = cfg.crops.blur_probabilities
@@ -477,6 +497,12 @@ def _check_values(cfg: DictConfig, warn: bool = False) -> None:
             f"evaluation.rankme_period_iterations={rankme_period} must be >= 0 (0 = no RankMe), and "
             f"evaluation.rankme_batches={rankme_batches} must lie in [1, rankme_period_iterations]"
         )
+    return problems
+
+
+def _combination_problems(cfg: DictConfig) -> list[str]:
+    """Settings that mean nothing without another (compile options without ``train.compile``, no loss at all)."""
+    problems: list[str] = []
     if cfg.train.compile_tuning and not cfg.train.compile:
         problems.append("train.compile_tuning=true tunes what train.compile compiles: set train.compile=true too")
     if cfg.train.cuda_graphs and not cfg.train.compile:
@@ -486,9 +512,7 @@ def _check_values(cfg: DictConfig, warn: bool = False) -> None:
         problems.append(f"train.compile_scope={scope} chooses what train.compile compiles: set train.compile=true too")
     if cfg.dino.loss_weight <= 0 and cfg.ibot.loss_weight <= 0:
         problems.append("dino.loss_weight and ibot.loss_weight are both 0: nothing would be trained")
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    resolve_arch(cfg, warn=warn)
+    return problems
 
 
 def resolve_arch(cfg: DictConfig, *, warn: bool = False) -> ArchSpec:
