@@ -1659,10 +1659,11 @@ def test_train_script_ends_a_user_mistake_in_one_error_line(tmp_path: Path, mist
     assert run.stderr.strip().splitlines()[-1] == message
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "Ctrl-C", "hangup"])
 def test_a_stop_signal_to_every_process_of_the_run_still_checkpoints(tmp_path: Path, demo, sig: int) -> None:
-    """``timeout``, ``scancel`` and a terminal's Ctrl-C signal the whole process group, data-loader workers
-    included: the run still finishes its iteration, checkpoints and stops with 128 + signal, without a traceback.
+    """``timeout``, ``scancel``, a terminal's Ctrl-C and a closed terminal or SSH session (SIGHUP) signal the whole
+    process group, data-loader workers included: the run still finishes its iteration, checkpoints and stops with
+    128 + signal, without a traceback.
     (PyTorch's workers die of a SIGTERM from anyone but their parent; the step after would fail.)"""
     out = tmp_path / "run"
     script = Path(__file__).resolve().parents[1] / "dinov2" / "train" / "train.py"

@@ -12,7 +12,8 @@ logger = logging.getLogger("dinov2")
 
 
 class PreemptionHandler:
-    """Turns SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT) into "checkpoint at the next iteration, then stop".
+    """Turns SIGTERM, SIGUSR1, SIGHUP (a closed terminal or SSH session, which torchrun passes on) and a first Ctrl-C
+    (SIGINT) into "checkpoint at the next iteration, then stop".
 
     The previously installed handler (for example submitit's requeue handler) is remembered and called
     after the checkpoint is written; after Ctrl-C the run exits with status 130 and a one-line message. A
@@ -22,7 +23,7 @@ class PreemptionHandler:
     checkpoint) nor have them report a checkpoint they do not write.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self, is_main: bool = True) -> None:
         # Rank 0 tells the user; other ranks (whose log shows warnings only) say it at INFO, so that a signal to
