@@ -467,7 +467,8 @@ def train(
             info.world_size,
         )
         window_start, window_images = time.perf_counter(), 0
-        for iteration, batch in zip(range(start_iter, max_iter), batches(loader, "train.data_timeout_s")):
+        timeout_setting = "train.data_timeout_s" + (f", on rank {info.rank}" if info.is_distributed else "")
+        for iteration, batch in zip(range(start_iter, max_iter), batches(loader, timeout_setting)):
             check_batch_has_images(batch, iteration, info.rank)
             batch = finish_crops(batch, device, compute_dtype)
             lr, wd = schedules["lr"][iteration], schedules["wd"][iteration]
