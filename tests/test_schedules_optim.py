@@ -115,6 +115,17 @@ def test_register_tokens_get_the_lr_of_dinov2s_rule() -> None:
     assert groups["cls_token"]["lr_multiplier"] == pytest.approx(0.5**3)
 
 
+def test_register_tokens_are_at_layer_zero_as_in_dinov2() -> None:
+    """DINOv2 puts its registers with the class token and the embeddings at layer 0 (its "Update lr decay rates for
+    reg tokens", October 2023): decay ** (depth + 1) under layer-wise decay, not the multiplier 1 of the final norm."""
+    backbone = DinoVisionTransformer(
+        img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_register_tokens=4
+    )
+    groups = {g["name"]: g for g in get_params_groups(backbone, layerwise_decay=0.5)}
+    assert groups["register_tokens"]["lr_multiplier"] == groups["cls_token"]["lr_multiplier"] == pytest.approx(0.5**3)
+    assert groups["register_tokens"]["wd_multiplier"] == 1.0 and groups["norm.weight"]["lr_multiplier"] == 1.0
+
+
 def test_chunked_blocks_use_the_global_block_index() -> None:
     backbone = _tiny_student(block_chunks=2, depth=4)["backbone"]
     groups = {g["name"]: g for g in get_params_groups(backbone, layerwise_decay=0.5)}
