@@ -104,17 +104,6 @@ def test_param_groups_follow_dinov2_rules() -> None:
     assert head["mlp.0.bias"]["wd_multiplier"] == 0.0
 
 
-def test_register_tokens_get_the_lr_of_dinov2s_rule() -> None:
-    """DINOv2's rule puts only the class and mask tokens and the embeddings at layer 0: its registers, unnamed, get the
-    multiplier of the layers after the last block (1), not the embeddings' (decay ** (depth + 1))."""
-    backbone = DinoVisionTransformer(
-        img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_register_tokens=4
-    )
-    groups = {g["name"]: g for g in get_params_groups(backbone, layerwise_decay=0.5)}
-    assert groups["register_tokens"]["lr_multiplier"] == 1.0 and groups["register_tokens"]["wd_multiplier"] == 1.0
-    assert groups["cls_token"]["lr_multiplier"] == pytest.approx(0.5**3)
-
-
 def test_register_tokens_are_at_layer_zero_as_in_dinov2() -> None:
     """DINOv2 puts its registers with the class token and the embeddings at layer 0 (its "Update lr decay rates for
     reg tokens", October 2023): decay ** (depth + 1) under layer-wise decay, not the multiplier 1 of the final norm."""

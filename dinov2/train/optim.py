@@ -5,9 +5,8 @@ Rules (those of DINOv2's `get_params_groups_with_decay`, kept exactly so the rec
 * weight decay multiplier 0 for every parameter whose name ends in ``.bias`` or contains ``norm`` or ``gamma``
   (LayerNorms and LayerScale); 1 for everything else, including ``cls_token``, ``pos_embed``, ``mask_token``,
   ``register_tokens`` and the DINO head's ``last_layer.weight_g``;
-* lr multiplier ``layerwise_decay ** (depth + 1 - layer_id)`` in a backbone, where the class and mask tokens, the
-  position and patch embeddings are layer 0, block i is layer i + 1 and everything else (final norm, and register
-  tokens, which DINOv2's rule does not name) is layer depth + 1; 1 in a head;
+* lr multiplier ``layerwise_decay ** (depth + 1 - layer_id)`` in a backbone, where the tokens and the patch embedding
+  are layer 0, block i is layer i + 1 and everything else (final norm) is layer depth + 1; 1 in a head;
   the patch embedding is further multiplied by ``patch_embed_lr_mult``;
 * ``is_last_layer`` marks the head's prototypes (``last_layer``), which follow the ``last_layer_lr`` schedule.
 
@@ -28,13 +27,12 @@ from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
-_LAYER_ZERO = ("cls_token", "pos_embed", "mask_token", "patch_embed")
+_LAYER_ZERO = ("cls_token", "pos_embed", "mask_token", "register_tokens", "patch_embed")
 _GROUP_KEYS = ("lr_multiplier", "wd_multiplier", "is_last_layer")
 
 
 def _layer_id(name: str, n_blocks: int, chunked_blocks: bool) -> int:
-    """Depth index of a backbone parameter: 0 for the class and mask tokens, position and patch embeddings, i + 1 for
-    block i, else depth + 1."""
+    """Depth index of a backbone parameter: 0 for tokens and patch embedding, i + 1 for block i, else depth + 1."""
     if any(token in name for token in _LAYER_ZERO):
         return 0
     parts = name.split(".")
