@@ -1287,6 +1287,26 @@ def test_the_training_command_raises_the_previous_handlers_error_after_the_check
     assert not (out / "checkpoints" / "000000002").exists()
 
 
+def test_a_run_started_with_nohup_keeps_ignoring_hangups() -> None:
+    """``nohup`` (SIGHUP ignored) means "keep running when the terminal closes": that stays so; otherwise a hangup
+    checkpoints and stops the run, as SIGTERM does."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        handler = PreemptionHandler()
+        handler.install()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == handler._handle
+        handler.uninstall()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        handler = PreemptionHandler()
+        handler.install()
+        assert signal.getsignal(signal.SIGHUP) == handler._handle
+        handler.uninstall()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_only_rank_0_warns_of_a_stop_signal(caplog: pytest.LogCaptureFixture) -> None:
     """A signal to every process of a many-rank job is one warning (rank 0's), and a rank that received nothing
     learns of it from the votes; the other ranks say it at INFO, below what their log shows."""

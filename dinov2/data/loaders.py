@@ -19,7 +19,8 @@ from dinov2.data.samplers import derive_seed
 
 __all__ = ["batches", "init_worker", "make_data_loader", "seed_worker", "stop_workers"]
 
-#: Signals that ask a run to stop (a scheduler's SIGTERM or SIGUSR1, a terminal's Ctrl-C): the main process decides.
+#: Signals that ask a run to stop (a scheduler's SIGTERM or SIGUSR1, a terminal's Ctrl-C or hangup): the main process
+#: decides.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
 logger = logging.getLogger(__name__)

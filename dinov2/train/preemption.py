@@ -34,10 +34,14 @@ class PreemptionHandler:
         self._pid = os.getpid()
 
     def install(self) -> None:
-        """Install the handlers (main thread only)."""
+        """Install the handlers (main thread only); SIGHUP is left ignored where it is (a run started with ``nohup``
+        keeps running when its terminal closes)."""
         self._pid = os.getpid()
         for sig in self.SIGNALS:
-            self.previous[sig] = signal.getsignal(sig)
+            previous = signal.getsignal(sig)
+            if sig == signal.SIGHUP and previous is signal.SIG_IGN:
+                continue
+            self.previous[sig] = previous
             signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
