@@ -319,6 +319,14 @@ def test_a_small_layerscale_keeps_its_branch_exact_under_fp16_autocast(ffn_layer
         assert stream.dtype == torch.float16  # the token stream keeps its dtype
 
 
+def test_a_forward_pass_on_the_meta_device_gives_the_output_shape() -> None:
+    """Shape inference without memory (the meta device has no autocast to ask about)."""
+    with torch.device("meta"):
+        model = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=4, init_values=1e-5)
+        features = model.eval()(torch.randn(3, 3, 56, 56))
+    assert features.shape == (3, 64) and features.device.type == "meta"
+
+
 def test_ffn_layer_choices() -> None:
     with torch.device("meta"):
         identity = DinoVisionTransformer(embed_dim=64, depth=1, num_heads=1, ffn_layer="identity", init_values=1.0)

@@ -36,8 +36,9 @@ def scaled_linear(x: torch.Tensor, linear: nn.Linear, out_scale: torch.Tensor | 
     (the matmul itself may still round differently for different batch sizes). It is not folded when the matmul
     runs in fp16 (fp16 autocast, fp16 parameters): a LayerScale of 1e-5, DINOv2's initial value, times a weight of
     about 1e-2 falls into fp16's subnormal range, where a tenth of the folded weights round to zero and the
-    branch's output is off by some 10 %; scaling the fp16 output by a float32 scale instead keeps it to fp16's 0.05 %
-(the caller casts the result to its token stream's dtype).
+    branch's output is off by some 10 %. Under fp16 autocast, scaling the fp16 output by the float32 scale instead
+    keeps it to fp16's 0.05 % (the caller casts the result to its token stream's dtype); with fp16 parameters the
+    scale itself is an fp16 subnormal, and the branch stays a few % off, as in DINOv2's fp16 FSDP training.
     """
     if out_scale is None:
         return linear(x)
@@ -52,4 +53,6 @@ def _matmul_in_fp16(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if weight.dtype == torch.float16:
         return True
     device = x.device.type
+    if not torch.amp.is_autocast_available(device):  # the meta device, say: no autocast to ask about
+        return False
     return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
