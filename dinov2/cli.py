@@ -60,7 +60,7 @@ def check_file_writable(path: Path) -> None:
     written in (see :func:`dinov2.files.check_folder_writable`; the folders it makes are removed again)."""
     if os.path.isdir(path):
         raise ValueError(f"cannot write {path}: it is a folder; name a file")
-    check_folder_writable(path.parent, f"cannot write {path}")
+    check_folder_writable(path.parent, f"cannot write {path}", subject_names_it=False)
 
 
 def raised_outside_the_project(err: BaseException) -> str | None:

@@ -82,20 +82,25 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
-def check_folder_writable(folder: str | os.PathLike[str], subject: str) -> None:
+def check_folder_writable(folder: str | os.PathLike[str], subject: str, *, subject_names_it: bool = True) -> None:
     """Raise a ValueError starting with ``subject``, before any work, unless ``folder`` can be made and written in:
     a file in the way, no permission, or a folder that cannot be made or takes no new file (a read-only or special
     file system such as /proc, which permissions do not show: a file is written and removed to find out). The
     folders made for the test are removed again (the writers make them when they write), so a command that fails
-    later leaves none behind."""
+    later leaves none behind. ``subject_names_it``: the subject names ``folder``, which the message then calls "it"
+    (else by its path)."""
     folder = Path(folder).absolute()
+
+    def shown(path: Path) -> str:
+        return "it" if subject_names_it and path == folder else str(path)
+
     blocking = file_in_the_way(folder)
     if blocking is not None:
-        raise ValueError(f"{subject}: {blocking} is a file, not a folder")
+        raise ValueError(f"{subject}: {shown(blocking)} is a file, not a folder")
     # (os.path's tests answer False where a folder cannot be searched; Path's raise there before Python 3.12)
     existing = next((path for path in (folder, *folder.parents) if os.path.exists(path)), None)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{subject}: no permission to write in {existing}")
+        raise ValueError(f"{subject}: no permission to write in {shown(existing)}")
     made = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]  # deepest first
     try:
         try:

@@ -409,7 +409,7 @@ def test_an_output_dir_without_write_permission_is_one_error(tmp_path: Path, mon
         return False
 
     monkeypatch.setattr(files.os, "access", refused)
-    message = f"--output-dir {tmp_path}: no permission to write in {tmp_path}"
+    message = f"--output-dir {tmp_path}: no permission to write in it"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         reports.prepare_output_dir(tmp_path)
     new = tmp_path / "new" / "out"  # not there yet: the folder it would be made in is named

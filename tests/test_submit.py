@@ -321,9 +321,9 @@ def test_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                                 f"train.dataset_path=HemaStandardDataset:root={tmp_path}:shufle=1"])  # fmt: skip
     blocker = tmp_path / "results"
     blocker.write_text("a file")
-    for flag, folder, message in (("--output-dir", blocker, f"{blocker}: {blocker}"),
+    for flag, folder, message in (("--output-dir", blocker, f"{blocker}: it"),
                                   ("--output-dir", blocker / "run", f"{blocker / 'run'}: {blocker}"),
-                                  ("--job-dir", blocker / "%j", f"{blocker}: {blocker}")):  # fmt: skip
+                                  ("--job-dir", blocker / "%j", f"{blocker}: it")):  # fmt: skip
         extra = ["--output-dir", str(tmp_path / "run")] if flag == "--job-dir" else []
         with pytest.raises(launcher.LaunchError, match=f"^{re.escape(f'{flag} {message} is a file, not a folder')}$"):
             launcher.parse_request(["--config-file", str(DEMO_CONFIG), *extra, flag, str(folder)])
