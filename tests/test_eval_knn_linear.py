@@ -702,6 +702,13 @@ def test_an_option_out_of_range_is_refused_before_any_features_are_read(
     with pytest.raises(SystemExit):
         main(["--config", str(config), "--features", str(tmp_path / "absent.h5"), "--output-dir", str(tmp_path / "o")])
     assert "is not a valid value (must be" in capsys.readouterr().err
+    # null is the option's default, as if the key were not there
+    config.write_text(f"{option[2:].replace('-', '_')}: null\n")
+    build_parser = {"knn": knn.build_parser, "linear": linear.build_parser}[command]
+    required = ["--config", str(config), "--features", "f.h5", "--output-dir", "o"]
+    args = protocol.parse_args_with_config(build_parser(), required)
+    dest = option[2:].replace("-", "_")
+    assert getattr(args, dest) == build_parser().get_default(dest)
 
 
 def test_test_features_from_the_same_images_are_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -488,6 +488,8 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
                 hint = f"; did you mean {close!r}?" if close else ""
                 parser.error(f"{path}: unknown key {key!r}{hint} (valid: {sorted(actions)})")
             action = actions[dest]
+            if value is None and action.nargs != "+":  # null: the option's own default (rule), as if it were not set
+                continue
             many = action.nargs in ("+", "*")
             values = list(value) if many and isinstance(value, (list, tuple)) else [value]
             if action.nargs == "+" and (not values or None in values):
@@ -501,8 +503,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
                 except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
                     parser.error(f"{path}: {key}={value!r} is not a valid value ({err})")
             for v in values:
-                unset = v is None and action.default is None  # null: the option's own default rule
-                if action.choices is not None and v not in action.choices and not unset:
+                if action.choices is not None and v not in action.choices:
                     parser.error(f"{path}: {key}={v!r} is not one of {list(action.choices)}")
             action.required = False
             defaults[dest] = values if many else values[0]
