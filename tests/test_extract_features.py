@@ -470,7 +470,7 @@ def test_images_beside_class_folders_are_named_and_kept_unlabelled(
     _image(root / "neutrophil" / "a.png", 0)
     for i in range(7):
         _image(root / f"stray_{i}.png", i + 1)
-    with caplog.at_level(logging.WARNING, logger="dinov2.eval.extract_features"):
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.image_list"):
         images = image_list.list_images(root)
     assert images.labels == [0] + [-1] * 7 and images.class_names == ["neutrophil"]
     assert (f"{root}: 7 image(s) lie directly in the folder, beside its class folders: stray_0.png, stray_1.png, "
@@ -478,7 +478,7 @@ def test_images_beside_class_folders_are_named_and_kept_unlabelled(
             ) in caplog.text  # fmt: skip
     caplog.clear()
     shutil.rmtree(root / "neutrophil")
-    with caplog.at_level(logging.WARNING, logger="dinov2.eval.extract_features"):
+    with caplog.at_level(logging.WARNING, logger="dinov2.eval.image_list"):
         assert image_list.list_images(root).labels == [-1] * 7
     assert caplog.text == ""
 
