@@ -41,10 +41,10 @@ from dinov2.configs import TRAIN_CONFIG_DIR, load_config  # noqa: E402
 from dinov2.data import FileListDataset, SampleKey, load_image  # noqa: E402
 from dinov2.data.photometric import finish_crops  # noqa: E402
 from dinov2.eval.protocol import resolve_device  # noqa: E402
+from dinov2.logs import setup_logging  # noqa: E402
 from dinov2.parallel import dtype_from_name  # noqa: E402
 from dinov2.train.data import build_train_collate, build_train_dataset, build_train_loader  # noqa: E402
 
-logger = logging.getLogger("benchmark_data")
 
 #: Overrides of DinoBloom's training config that give each recipe.
 RECIPES: dict[str, list[str]] = {
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     args = build_parser().parse_args(argv)
+    setup_logging(logging.WARNING)  # the figures are printed; the log only says what went wrong (unreadable images)
     device = resolve_device(args.device)  # a device this machine lacks is refused before any work
     colour = args.colour or ("device" if device.type == "cuda" else "workers")
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
