@@ -976,6 +976,7 @@ def test_eval_only_exports_the_teacher_of_the_newest_checkpoint(tmp_path: Path, 
     assert load_backbone(None, other / "eval" / "manual_3" / "teacher_checkpoint.pth").num_heads == 2
     with pytest.raises(ConfigError, match=r"--eval-only: .* holds no complete checkpoint and MODEL.WEIGHTS is empty"):
         _train(tmp_path / "empty", demo.lists_dir, "--eval-only")
+    assert not (tmp_path / "empty").exists()  # a mistyped folder is not made
     # another head count fits every tensor but computes something else: refused as a resume refuses it, and the
     # new folder gets no config.yaml that would mislabel an export
     mislabelled = tmp_path / "mislabelled"
@@ -1319,6 +1320,21 @@ def test_only_rank_0_warns_of_a_stop_signal(caplog: pytest.LogCaptureFixture) ->
         (logging.INFO, "received SIGTERM: checkpointing at the end of this iteration"),
         (logging.WARNING, "3 other process(es) received SIGTERM: checkpointing at the end of this iteration"),
     ]
+
+
+def test_the_second_ctrl_c_is_offered_only_where_it_stops_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    """Alone, a second Ctrl-C stops at once, and the log says so; under torchrun, which turns it into SIGTERM (a
+    checkpoint all the same), the log does not offer it."""
+    alone, under_torchrun = PreemptionHandler(), PreemptionHandler(offer_second_ctrl_c=False)
+    with caplog.at_level(logging.INFO, logger="dinov2"):
+        alone._handle(signal.SIGINT, None)
+        under_torchrun._handle(signal.SIGINT, None)
+    assert [r.getMessage() for r in caplog.records] == [
+        "received SIGINT: checkpointing at the end of this iteration (Ctrl-C again to stop at once, without it)",
+        "received SIGINT: checkpointing at the end of this iteration",
+    ]
+    with pytest.raises(KeyboardInterrupt):
+        alone._handle(signal.SIGINT, None)
 
 
 @pytest.mark.parametrize("command", [

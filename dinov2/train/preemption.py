@@ -20,15 +20,17 @@ class PreemptionHandler:
     second Ctrl-C stops at once, without the checkpoint. Data-loader workers ignore the signals
     (``dinov2.data.loaders.init_worker``; a process forked with these handlers ignores them too): a scheduler
     or a terminal that signals every process of the job must neither kill them (the step would fail before the
-    checkpoint) nor have them report a checkpoint they do not write.
+    checkpoint) nor have them report a checkpoint they do not write. Torchrun turns a second Ctrl-C into SIGTERM,
+    which checkpoints as the first did: under it (``offer_second_ctrl_c=False``) the log does not offer one.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
-    def __init__(self, is_main: bool = True) -> None:
+    def __init__(self, is_main: bool = True, offer_second_ctrl_c: bool = True) -> None:
         # Rank 0 tells the user; other ranks (whose log shows warnings only) say it at INFO, so that a signal to
         # every process of a 64-rank job is one line, not 64.
         self.level = logging.WARNING if is_main else logging.INFO
+        self.offer_second_ctrl_c = offer_second_ctrl_c
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
         self._pid = os.getpid()
@@ -54,7 +56,8 @@ class PreemptionHandler:
             return
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
-        hint = " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else ""
+        offer = signum == signal.SIGINT and self.offer_second_ctrl_c
+        hint = " (Ctrl-C again to stop at once, without it)" if offer else ""
         logger.log(self.level, "received %s: checkpointing at the end of this iteration%s", signal.Signals(signum).name,
                    hint)  # fmt: skip
         if self.received is None:

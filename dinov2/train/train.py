@@ -447,7 +447,7 @@ def train(
     rankme = RankMeMonitor.from_config(cfg)
     if rankme is not None:
         rankme.continue_window(rankme_window, start_iter, info.rank)
-    preemption = PreemptionHandler(info.is_main_process)
+    preemption = PreemptionHandler(info.is_main_process, offer_second_ctrl_c=info.launcher != "torchrun")
     # Small per-step host values (stop votes, bad-image counts) travel over gloo, never through the GPU.
     host_group = dist.new_group(backend="gloo") if info.is_distributed else None
     preemption.install()
@@ -529,13 +529,9 @@ def train(
     return last
 
 
-def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distributed.DistInfo) -> Path:
-    """``--eval-only``: the teacher of the newest checkpoint (else ``MODEL.WEIGHTS``) as a release-format file.
-
-    It goes to ``eval/manual_<steps completed>/teacher_checkpoint.pth`` (DINOv2's name) and, when
-    ``evaluation.knn_data`` is set, is scored like the end of a training (``knn_monitor.json``, stage "manual").
-    Every rank must call it (the model is sharded as in training).
-    """
+def checkpoint_to_export(cfg: DictConfig, output_dir: Path) -> Path:
+    """``--eval-only``'s checkpoint: the newest in ``output_dir`` (else ``MODEL.WEIGHTS``); a :class:`ConfigError`
+    when there is none. Asked before the folder is claimed, so that a mistyped folder is not made."""
     latest = find_latest_checkpoint(output_dir / "checkpoints")
     if latest is None and cfg.MODEL.WEIGHTS:
         latest = Path(cfg.MODEL.WEIGHTS)
@@ -544,6 +540,17 @@ def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distribut
             f"--eval-only: {output_dir / 'checkpoints'} holds no complete checkpoint and MODEL.WEIGHTS is empty; "
             "pass the run's --output-dir, or MODEL.WEIGHTS=<checkpoints/NNNNNNNNN>"
         )
+    return latest
+
+
+def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distributed.DistInfo, latest: Path) -> Path:
+    """``--eval-only``: the teacher of checkpoint ``latest`` (see :func:`checkpoint_to_export`) as a release-format
+    file.
+
+    It goes to ``eval/manual_<steps completed>/teacher_checkpoint.pth`` (DINOv2's name) and, when
+    ``evaluation.knn_data`` is set, is scored like the end of a training (``knn_monitor.json``, stage "manual").
+    Every rank must call it (the model is sharded as in training).
+    """
     monitor = KnnMonitor.from_config(cfg, output_dir, info.device, resume=True)
     model = build_sharded_model(cfg, info.device)
     state = load_checkpoint(latest, model, restore_rng=False)  # strict: every tensor is loaded
@@ -607,14 +614,15 @@ def open_run_folder(
 
 
 def run_command(
-    args: argparse.Namespace, cfg: DictConfig, output_dir: Path, info: distributed.DistInfo, previous: str | None
+    args: argparse.Namespace, cfg: DictConfig, output_dir: Path, info: distributed.DistInfo, previous: str | None,
+    to_export: Path | None,
 ) -> None:
-    """Train (or, with ``--eval-only``, export and score) in the claimed ``output_dir``; ``previous``: the text of
-    its earlier config.yaml."""
+    """Train (or, with ``--eval-only``, export checkpoint ``to_export`` and score it) in the claimed ``output_dir``;
+    ``previous``: the text of its earlier config.yaml."""
     apply_scaling_rules_to_cfg(cfg, info.world_size)
     check_compile_settings(cfg, info.device, info.world_size)
-    if args.eval_only:
-        export_checkpoint_teacher(cfg, output_dir, info)
+    if to_export is not None:
+        export_checkpoint_teacher(cfg, output_dir, info, to_export)
         return
     starts_over = args.no_resume or not cfg.train.resume
     if starts_over and info.is_main_process:
@@ -628,6 +636,7 @@ def _main(args: argparse.Namespace, held: HeldRecords) -> int:
     output_dir = Path(cfg.train.output_dir).expanduser().resolve()
     cfg.train.output_dir = str(output_dir)
     anchor_data_paths(cfg)
+    to_export = checkpoint_to_export(cfg, output_dir) if args.eval_only else None
     info = start_processes(cfg)
     # FSDP2 warns that the backbone returns views (its CLS and patch tokens); the loss never modifies them in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -642,7 +651,7 @@ def _main(args: argparse.Namespace, held: HeldRecords) -> int:
         torch.manual_seed(cfg.train.seed + info.rank)
         logger.info("rank %d/%d on %s (%s)", info.rank, info.world_size, info.device, info.launcher)
         try:
-            run_command(args, cfg, output_dir, info, previous)
+            run_command(args, cfg, output_dir, info, previous, to_export)
         except SystemExit as stop:  # a stop all ranks agreed on (preemption): they all leave here
             distributed.barrier()
             handler_error = getattr(stop, "handler_error", None)
