@@ -160,8 +160,17 @@ def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
 
     pickled = tmp_path / "object.pth"
     torch.save({"teacher": NotATensor()}, pickled)
-    with pytest.raises(CheckpointError, match=r"object\.pth contains pickled Python objects.*weights_only"):
+    with pytest.raises(CheckpointError, match=r"object\.pth contains pickled Python objects other than tensors and "
+                                              r"plain containers \(test_hub_loader\.NotATensor\).*weights_only"):
         load_pretrained_backbone_state(pickled)
+    # a damaged file of the format before PyTorch 1.6 (one pickle, no archive) is not mistaken for one of objects
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 8)}}, legacy, _use_new_zipfile_serialization=False)
+    data = bytearray(legacy.read_bytes())
+    data[12:40] = b"\x07" * 28
+    legacy.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"legacy\.pth cannot be read: a truncated or damaged checkpoint"):
+        load_pretrained_backbone_state(legacy)
 
     fake_st = tmp_path / "fake.safetensors"
     fake_st.write_bytes(b"\x00" * 16)

@@ -41,6 +41,9 @@ _PICKLE_MAGIC = b"\x80"  # legacy torch.save: a pickle, protocol 2+
 _CHECKSUM_CHUNK = 1 << 24
 _CHUNKED_KEY = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
 _FLAT_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# weights_only unpickling's words for a class or function it refuses (a damaged stream gives other words, or a
+# "global" whose name is no Python name)
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+) was not an allowed global")
 
 
 class CheckpointError(RuntimeError):
@@ -111,17 +114,20 @@ def _read_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused:
             raise CheckpointError(
-                f"{path} contains pickled Python objects other than tensors and plain containers, which "
-                "weights_only=True refuses to load; if you trust the file, re-save its state dict with "
+                f"{path} contains pickled Python objects other than tensors and plain containers ({refused[1]}), "
+                "which weights_only=True refuses to load; if you trust the file, re-save its state dict with "
                 "torch.save(state_dict, new_path)"
             ) from err
-        raise CheckpointError(f"{path} cannot be read: a truncated or damaged checkpoint ({err})") from err
-    except Exception as err:  # torch.load reports corrupt files with many exception types
         raise CheckpointError(
-            f"{path} cannot be read: a truncated or damaged checkpoint (is the download complete?) "
-            f"({type(err).__name__}: {err})"
+            f"{path} cannot be read: a truncated or damaged checkpoint (is the download complete?)"
+        ) from err
+    except Exception as err:  # torch.load reports corrupt files with many exception types
+        cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{path} cannot be read: a truncated or damaged checkpoint (is the download complete?) ({cause})"
         ) from err
 
 
