@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dinov2.distributed import barrier, get_rank, get_world_size
-from dinov2.files import atomic_write, atomic_write_text
+from dinov2.files import atomic_write, atomic_write_text, nearly_full_note
 # One error type for every checkpoint or weights file that cannot be loaded (the CLIs end it in one line).
 from dinov2.hub.loader import CheckpointError
 
@@ -59,6 +59,10 @@ EXTRA_STATE_FILE = "extra_state.pt"
 LATEST_FILE = "latest"
 TEACHER_PARTS = ("backbone", "dino_head", "ibot_head")
 _CHECKPOINT_NAME = re.compile(r"^\d{9}$")
+
+
+class CheckpointSaveError(OSError):
+    """A training checkpoint that could not be written (a full disk, say); the checkpoints before it are kept."""
 
 
 def _no_dist() -> bool:
@@ -192,18 +196,21 @@ def save_checkpoint(
     try:
         with _single_process_is_intended():
             dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
-    except CheckpointException as err:  # (a BaseException: `except Exception` would let it pass unsaid)
-        errors = [error for _, error in _failures(err)]
-        if any(isinstance(error, KeyboardInterrupt) for error in errors):
+        _save_durably(_rng_state(), tmp / _rng_file(rank))
+        if rank == 0:
+            record = {"iteration": iteration, "world_size": get_world_size(), "extra_state": dict(extra_state or {})}
+            _save_durably(record, tmp / EXTRA_STATE_FILE)
+    except (CheckpointException, OSError, RuntimeError) as err:  # (DCP's is a BaseException)
+        failures = _failures(err) if isinstance(err, CheckpointException) else [(rank, err)]
+        if any(isinstance(error, KeyboardInterrupt) for _, error in failures):
             raise KeyboardInterrupt from None
-        raise OSError(
-            f"cannot save the checkpoint of iteration {iteration} in {ckpt_dir}: {_describe_failures(err)} (the "
-            "checkpoints saved before it are kept)"
+        full = nearly_full_note(ckpt_dir)  # (before the partial checkpoint's room is given back)
+        if rank == 0 or not isinstance(err, CheckpointException):  # (DCP's failures reach every rank)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(
+            f"cannot save the checkpoint of iteration {iteration} in {ckpt_dir}: {full}{_describe(failures)} (the "
+            "checkpoints saved before it are kept: the same command resumes from the newest)"
         ) from None
-    _save_durably(_rng_state(), tmp / _rng_file(rank))
-    if rank == 0:
-        record = {"iteration": iteration, "world_size": get_world_size(), "extra_state": dict(extra_state or {})}
-        _save_durably(record, tmp / EXTRA_STATE_FILE)
     barrier()
     if rank == 0:
         if final.exists():  # saving the same iteration again, e.g. right after a resume
@@ -226,9 +233,9 @@ def _failures(err: CheckpointException) -> list[tuple[int, BaseException]]:
     return [(rank, failure[0] if isinstance(failure, tuple) else failure) for rank, failure in err.failures.items()]
 
 
-def _describe_failures(err: CheckpointException) -> str:
-    """``rank <r>: <type>: <message>`` for each failure of ``err`` (the type too: ``str(EOFError())`` is empty)."""
-    return "; ".join(f"rank {rank}: {type(error).__name__}: {error}" for rank, error in _failures(err))
+def _describe(failures: list[tuple[int, BaseException]]) -> str:
+    """``rank <r>: <type>: <message>`` for each (rank, exception) (the type too: ``str(EOFError())`` is empty)."""
+    return "; ".join(f"rank {rank}: {type(error).__name__}: {error}" for rank, error in failures)
 
 
 def _remove_unfinished(ckpt_dir: Path) -> None:
@@ -290,7 +297,7 @@ def load_checkpoint(
             dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
     except CheckpointException as err:
         raise CheckpointError(
-            f"{path}: cannot load into this model/optimizer: {_describe_failures(err)} (if the folder is damaged, "
+            f"{path}: cannot load into this model/optimizer: {_describe(_failures(err))} (if the folder is damaged, "
             "remove it to resume from the checkpoint before it)"
         ) from None
     if optimizer is None:
@@ -391,7 +398,12 @@ def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         # The run's lock keeps other writers away: any temporary copy here is a killed export's, full-size, and goes.
-        written = atomic_write(path, lambda tmp: torch.save({"teacher": ordered}, tmp), sole_writer=True)
+        try:
+            written = atomic_write(path, lambda tmp: torch.save({"teacher": ordered}, tmp), sole_writer=True)
+        except (OSError, RuntimeError) as err:  # (PyTorch's archive writer reports a full disk as a RuntimeError)
+            raise CheckpointSaveError(
+                f"cannot write the teacher export {path}: {nearly_full_note(path.parent)}{type(err).__name__}: {err}"
+            ) from None
         logger.info("exported the teacher (%d tensors) to %s", len(ordered), path)
     barrier()
     return written

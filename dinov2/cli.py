@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dinov2.files import check_folder_writable
+from dinov2.files import check_folder_writable, out_of_space
 from dinov2.hub.loader import CheckpointError
 
 #: What a mistake in a CLI's input raises (a missing file, a bad value, a checkpoint of the wrong model, a path that
@@ -77,8 +77,8 @@ def raised_outside_the_project(err: BaseException) -> str | None:
 
 
 def run_cli(main: Callable[[], object], errors: tuple[type[BaseException], ...] = USER_ERRORS) -> None:
-    """Run ``main``; one of ``errors`` ends in one ``error:`` line on stderr and exit status 2, Ctrl-C in one
-    ``interrupted`` line and status 130 (what a shell reports for SIGINT).
+    """Run ``main``; one of ``errors``, or a full disk, ends in one ``error:`` line on stderr and exit status 2,
+    Ctrl-C in one ``interrupted`` line and status 130 (what a shell reports for SIGINT).
 
     ``DINOBLOOM_TRACEBACK=1`` in the environment shows the traceback instead; an error that a library raised
     (not this project's own check) says where it came from and how to see the traceback.
@@ -98,3 +98,10 @@ def run_cli(main: Callable[[], object], errors: tuple[type[BaseException], ...] 
             raise
         print("interrupted", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
+    except Exception as err:
+        ran_out = out_of_space(err)
+        if os.environ.get("DINOBLOOM_TRACEBACK") or ran_out is None:
+            raise
+        print(f"error: {ran_out}; free some space and run the command again (training and feature extraction go on "
+              "from what they saved)", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2) from None

@@ -3,9 +3,11 @@ checking, before any work, that an output can be written at all."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import suppress
@@ -44,7 +46,8 @@ def remove_stale_temporaries(path: str | os.PathLike[str], sole_writer: bool = F
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, sole_writer: bool = False) -> Path:
     """Call ``write(tmp)`` to write a temporary file beside ``path``, flush it to disk and rename it over ``path``:
-    a reader finds the old content or the new, never a part of either; returns ``path``.
+    a reader finds the old content or the new, never a part of either; returns ``path``. An OSError that names no
+    file (a full disk) is given ``path``'s name.
 
     The temporary, ``.<name>.tmp-<pid><suffix>``, keeps ``path``'s suffix (``np.savez`` would append ``.npz`` to a
     name without it) and is removed if ``write`` fails; copies that killed writers left are removed first
@@ -58,6 +61,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
         with open(tmp, "rb+") as f:  # (writable: Windows cannot flush a read-only handle)
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None and err.strerror is not None:  # a failed write (a full disk) names no file
+            err.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -126,3 +133,42 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         while piece := handle.read(16 << 20):
             digest.update(piece)
     return digest.hexdigest()
+
+
+#: Where a file system has this little room left, a write that failed there most likely failed for want of room.
+_NEARLY_FULL_BYTES = 64 << 20
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# (libraries that wrap the system's error in one of their own, as HDF5 does, keep its words)
+_OUT_OF_SPACE_WORDS = ("No space left on device", "Disk quota exceeded")
+
+
+def out_of_space(err: BaseException) -> str | None:
+    """When ``err``, or an error it was raised from or while handling, is a full disk or a used-up quota: what
+    ran out, and for which file where that is known (``"/runs/a/config.yaml: No space left on device"``); else
+    None."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        words = next((words for words in _OUT_OF_SPACE_WORDS if words in str(current)), None)
+        if isinstance(current, OSError) and current.errno in _OUT_OF_SPACE:
+            words = os.strerror(current.errno)
+        if words is not None:
+            filename = current.filename if isinstance(current, OSError) else None
+            return f"{filename}: {words}" if filename else words
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def nearly_full_note(folder: str | os.PathLike[str]) -> str:
+    """``"its file system is full (<n> MB free); "`` when the file system holding ``folder`` has under 64 MiB free,
+    else ``""``: a prefix for the message of a write that failed there without saying why (PyTorch's archive
+    writer reports a full disk as an "unexpected pos")."""
+    existing = next((path for path in (Path(folder), *Path(folder).parents) if path.exists()), None)
+    if existing is None:
+        return ""
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return ""
+    return f"its file system is full ({free / 1e6:.1f} MB free); " if free < _NEARLY_FULL_BYTES else ""

@@ -14,6 +14,8 @@ import re
 import signal
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,13 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import dinov2.checkpoint as checkpoint_module
+import dinov2.files
 from conftest import spawn_ranks
 from dinov2 import distributed
 from dinov2.cli import run_cli
 from dinov2.checkpoint import (
     CheckpointError,
+    CheckpointSaveError,
     export_teacher,
     find_latest_checkpoint,
     load_checkpoint,
@@ -511,26 +515,48 @@ def test_unfinished_saves_are_ignored(tmp_path: Path) -> None:
     assert not (tmp_path / "tmp-000000030").exists()  # the next save removes the leftovers
 
 
+@contextmanager
+def _files_limited_to(size: int) -> Iterator[None]:
+    """Writing a file past ``size`` bytes fails in this process, as on a full disk (the size limit of ulimit -f)."""
+    resource = pytest.importorskip("resource", reason="file size limits are POSIX's")
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    on_excess = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of ending the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, on_excess)
+
+
 def test_a_save_that_fails_is_an_error_naming_the_cause_and_keeps_the_earlier_checkpoints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """DCP reports a failed write as a CheckpointException, a BaseException that `except Exception` (the trainer's
-    "stopped" record, the one-line error) would let pass: it becomes an OSError naming the cause, or, for a Ctrl-C
-    during the write, the KeyboardInterrupt it was."""
+    """A write that fails (here past a file size limit) ends the save in one CheckpointSaveError naming the cause
+    (DCP's CheckpointException is a BaseException, which `except Exception` would let pass), and saying when the
+    disk is full, which PyTorch's archive writer does not; the partial checkpoint is removed, giving its room
+    back, and the earlier ones stay. A Ctrl-C during the write is the KeyboardInterrupt it was."""
     from torch.distributed.checkpoint import FileSystemWriter
 
     model, optimizer = _ckpt_model()
     save_checkpoint(tmp_path, 10, model, optimizer, {"i": 10})
+    largest = max(path.stat().st_size for path in (tmp_path / "000000010").iterdir())
+    with _files_limited_to(largest // 2), pytest.raises(CheckpointSaveError, match=re.escape(
+        f"cannot save the checkpoint of iteration 20 in {tmp_path}: rank 0: RuntimeError: "
+    )) as raised:  # fmt: skip
+        save_checkpoint(tmp_path, 20, model, optimizer, {"i": 20})
+    assert str(raised.value).endswith("(the checkpoints saved before it are kept: the same command resumes from the "
+                                      "newest)")  # fmt: skip
+    assert "file system is full" not in str(raised.value)  # (this disk has room)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["000000010", "latest"]
 
-    def full_disk(*args: object, **kwargs: object) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
-    with pytest.raises(OSError, match=re.escape(
-        f"cannot save the checkpoint of iteration 20 in {tmp_path}: rank 0: OSError: [Errno 28] No space left on "
-        "device (the checkpoints saved before it are kept)"
+    full = shutil.disk_usage(tmp_path)._replace(free=3 << 20)
+    monkeypatch.setattr(dinov2.files.shutil, "disk_usage", lambda path: full)
+    with _files_limited_to(largest // 2), pytest.raises(CheckpointSaveError, match=re.escape(
+        f"in {tmp_path}: its file system is full (3.1 MB free); rank 0: RuntimeError: "
     )):  # fmt: skip
         save_checkpoint(tmp_path, 20, model, optimizer, {"i": 20})
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["000000010", "latest"]
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -540,6 +566,21 @@ def test_a_save_that_fails_is_an_error_naming_the_cause_and_keeps_the_earlier_ch
         save_checkpoint(tmp_path, 20, model, optimizer, {"i": 20})
     assert find_latest_checkpoint(tmp_path) == tmp_path / "000000010"
     assert load_checkpoint(tmp_path / "000000010", model, optimizer)["i"] == 10
+
+
+def test_an_export_that_cannot_be_written_is_one_error_and_keeps_the_earlier_file(tmp_path: Path) -> None:
+    """A teacher export that fails to write (a full disk) is a CheckpointSaveError naming the file; the export
+    there before stays whole, and no temporary copy is left."""
+    teacher = _parts(seed=0, with_ibot=False)
+    path = tmp_path / "teacher_checkpoint.pth"
+    export_teacher(path, teacher)
+    before = path.read_bytes()
+    with _files_limited_to(len(before) // 2), pytest.raises(CheckpointSaveError, match=re.escape(
+        f"cannot write the teacher export {path}: RuntimeError: "
+    )):  # fmt: skip
+        export_teacher(path, teacher)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_a_damaged_checkpoint_file_is_named_with_the_way_out(tmp_path: Path) -> None:

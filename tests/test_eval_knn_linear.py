@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from threadpoolctl import threadpool_limits
 from dinov2.cli import run_cli
 from dinov2.eval import knn, linear, metrics, protocol
 from dinov2.eval.features_io import FeatureSet, save_features
+from dinov2.files import atomic_write
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -920,6 +922,38 @@ def test_a_library_error_says_where_it_came_from(capsys: pytest.CaptureFixture, 
         run_cli(lambda: next(StratifiedKFold(n_splits=5).split(np.zeros((3, 1)), [0, 1, 2])))
     lines = capsys.readouterr().err.splitlines()
     assert lines[1].startswith("(raised in sklearn.model_selection")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, whose writes fail as on a full disk")
+def test_a_full_disk_is_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that finds the disk full (here /dev/full's, which fails as a full disk does) ends any command in one
+    line that names the file being written, whatever error a library wrapped it in; no temporary copy is left."""
+    monkeypatch.delenv("DINOBLOOM_TRACEBACK", raising=False)
+    target = tmp_path / "results.json"
+
+    def write_on_a_full_disk() -> None:
+        atomic_write(target, lambda tmp: Path("/dev/full").write_text("{}"))
+
+    def wrapped_by_a_library() -> None:
+        try:
+            write_on_a_full_disk()
+        except OSError as err:
+            raise RuntimeError("the library's own words") from err
+
+    for main in (write_on_a_full_disk, wrapped_by_a_library):
+        with pytest.raises(SystemExit) as exited:
+            run_cli(main)
+        assert exited.value.code == 2
+        assert capsys.readouterr().err == (
+            f"error: {target}: No space left on device; free some space and run the command again (training and "
+            "feature extraction go on from what they saved)\n"
+        )
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("DINOBLOOM_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="the library's own words"):
+        run_cli(wrapped_by_a_library)
 
 
 def test_temperature_weighting_votes_over_cosine_neighbours(tmp_path: Path) -> None:

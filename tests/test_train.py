@@ -1377,12 +1377,32 @@ def test_logging_prints_each_line_once(tmp_path: Path, capsys: pytest.CaptureFix
     root.addHandler(console)
     try:
         handlers = setup_run_logging(tmp_path, is_main=True)
-        assert [type(h) for h in handlers] == [logging.FileHandler]
+        assert len(handlers) == 1 and isinstance(handlers[0], logging.FileHandler)
     finally:
         for handler in handlers:
             root.removeHandler(handler)
             handler.close()
         root.removeHandler(console)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, whose writes fail as on a full disk")
+def test_a_log_file_on_a_full_disk_is_told_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """log.txt that cannot be written (a full disk: here a link to /dev/full) is one warning on stderr, not a
+    traceback per record; the run's records still reach the console, and closing the file raises nothing."""
+    (tmp_path / "log.txt").symlink_to("/dev/full")
+    root = logging.getLogger()
+    handlers = setup_run_logging(tmp_path, is_main=True)
+    try:
+        for step in range(3):
+            logging.getLogger("dinov2.somewhere").info("step %d", step)
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    printed = capsys.readouterr()
+    assert all(f"step {step}" in printed.out for step in range(3))
+    assert printed.err == (f"warning: cannot write {tmp_path / 'log.txt'} ([Errno 28] No space left on device); the "
+                           "run goes on, its records only on the console\n")  # fmt: skip
 
 
 def test_the_log_says_which_network_trains(tmp_path: Path, demo) -> None:

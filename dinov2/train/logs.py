@@ -36,6 +36,33 @@ class _NotPrintedElsewhere(logging.Filter):
         return True
 
 
+class _RunLogFile(logging.FileHandler):
+    """A log file whose failed writes (a full disk) are told once, in one line on stderr, not with a traceback per
+    record; later records are still tried, so that the file goes on once there is room again."""
+
+    def __init__(self, path: Path, delay: bool) -> None:
+        super().__init__(path, delay=delay)
+        self.failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Say once that the file cannot be written, and why."""
+        self._tell(sys.exc_info()[1])
+
+    def close(self) -> None:
+        """Close the file; what could not be written to it is told as a failed record is, not raised."""
+        try:
+            super().close()
+        except OSError as err:
+            self._tell(err)
+
+    def _tell(self, err: BaseException | None) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        print(f"warning: cannot write {self.baseFilename} ({err}); the run goes on, its records only on the console",
+              file=sys.stderr)  # fmt: skip
+
+
 #: Where a run's warnings are written (named in errors that send the user to them).
 LOG_FILES = "log.txt (and log_rank<N>.txt of the other ranks)"
 
@@ -59,7 +86,7 @@ def setup_run_logging(output_dir: Path, is_main: bool, rank: int = 0) -> list[lo
         console.addFilter(_NotPrintedElsewhere())
         console.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
         handlers.append(console)
-    log_file = logging.FileHandler(output_dir / ("log.txt" if is_main else f"log_rank{rank}.txt"), delay=not is_main)
+    log_file = _RunLogFile(output_dir / ("log.txt" if is_main else f"log_rank{rank}.txt"), delay=not is_main)
     log_file.setFormatter(logging.Formatter(FORMAT, "%Y-%m-%d %H:%M:%S"))  # dated: a resume appends, days later
     handlers.append(log_file)
     for handler in handlers:

@@ -33,12 +33,13 @@ from omegaconf import DictConfig
 
 from dinov2 import distributed
 from dinov2.checkpoint import (
-    export_teacher, find_latest_checkpoint, load_checkpoint, save_checkpoint, tidy_checkpoints,
+    CheckpointSaveError, export_teacher, find_latest_checkpoint, load_checkpoint, save_checkpoint, tidy_checkpoints,
 )
 from dinov2.configs import ConfigError, apply_scaling_rules_to_cfg, load_config, resolve_arch, write_config
 from dinov2.data import DatasetError
 from dinov2.data.loaders import batches
 from dinov2.data.photometric import finish_crops
+from dinov2.files import out_of_space
 from dinov2.hub.loader import CheckpointError, conventional_num_heads
 from dinov2.models import ARCH_SIZES
 from dinov2.parallel import (
@@ -70,7 +71,7 @@ logger = logging.getLogger("dinov2")
 
 #: What ends the training command in one ``error:`` line (see ``dinov2.cli.run_cli``): mistakes in the config,
 #: data or files, and a loss that is no longer finite. Anything else keeps its traceback.
-CLI_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError, FloatingPointError)
+CLI_ERRORS = (ConfigError, DatasetError, CheckpointError, CheckpointSaveError, FileNotFoundError, FloatingPointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -659,7 +660,7 @@ def _main(args: argparse.Namespace, held: HeldRecords) -> int:
                 raise handler_error from None
             raise
         except Exception as err:
-            if isinstance(err, CLI_ERRORS):  # log.txt says why the run ended; the command line says it on stderr
+            if isinstance(err, CLI_ERRORS) or out_of_space(err) is not None:  # log.txt says why; the command line, on stderr
                 logger.error("stopped: %s", err, extra=LOG_FILE_ONLY)
             else:  # its traceback follows on stderr
                 logger.error("stopped by an unexpected error: %s: %s", type(err).__name__, err)
