@@ -220,6 +220,17 @@ def test_evaluation_batches_bags_of_like_size_and_answers_in_the_bags_order() ->
         assert attention[i].shape == (sizes[i],)
 
 
+def test_a_bag_without_cells_is_refused_not_scored_nan() -> None:
+    """Through the API a bag may hold no cell (the CLI drops such patients): its attention would be a softmax over
+    nothing, its class probabilities NaN; it is named instead."""
+    from dinov2.eval.mil.train import predict_bags
+
+    model = AttentionMIL(in_dim=8, num_classes=2, hidden_dim=16, attention_dim=8).eval()
+    cells = Bag("P1", 0, np.ones((3, 8), dtype=np.float32), ["a"] * 3)
+    with pytest.raises(ValueError, match=r"bag\(s\) without cells: P2; a patient needs at least one cell"):
+        predict_bags(model, [cells, Bag("P2", 1, np.zeros((0, 8), dtype=np.float32), [])])
+
+
 def test_a_validation_fraction_that_leaves_a_class_no_training_patient_is_refused() -> None:
     from dinov2.eval.mil.train import _validation_split
 
@@ -299,6 +310,9 @@ def test_bags_from_csv_matches_paths_by_tail(tmp_path: Path, caplog: pytest.LogC
     ]
     with pytest.raises(ValueError, match=r"missing columns \['patient'\]"):
         bags_from_csv(fs, table, ("patient", "bag_label", "file"))
+    table.write_text("")
+    with pytest.raises(ValueError, match=r"bags\.csv is empty: a bag list needs a header row naming its columns$"):
+        bags_from_csv(fs, table)
     # two cohorts' patients P1 in the CSV, features of one cohort only: both tails fall back to the same cells
     table.write_text("patient,label,path\nA_P1,pos,cohortA/APL/P1/a.jpg\nB_P1,pos,cohortB/APL/P1/a.jpg\n")
     with pytest.raises(ValueError, match=r"\(patient 'B_P1'\) and 'cohortA/APL/P1/a.jpg' \(patient 'A_P1'\) match the same"):

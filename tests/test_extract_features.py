@@ -597,6 +597,28 @@ def test_csv_list_repeating_an_image_is_refused(tmp_path: Path, monkeypatch: pyt
         image_list.list_images("cells.csv")
 
 
+def test_csv_rows_without_a_label_and_an_empty_csv_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A row whose label cell is empty is kept unlabelled (-1), which the probes refuse only later, after the
+    extraction: the list's lines are named when it is read. A list without a label column says nothing."""
+    csv_path = tmp_path / "cells.csv"
+    csv_path.write_text("path,label\na.png,neutrophil\nb.png,\nc.png, \nd.png,basophil\n")
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        listed = image_list.list_images(csv_path)
+    assert listed.labels == [1, -1, -1, 0]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{csv_path}: 2 row(s) have an empty 'label': lines 3, 4; they are kept unlabelled (label -1), which the kNN "
+        "and linear probes refuse"
+    ]
+    caplog.clear()
+    csv_path.write_text("path\na.png\nb.png\n")
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        assert image_list.list_images(csv_path).labels == [-1, -1]
+    assert caplog.records == []
+    csv_path.write_text("")
+    with pytest.raises(DatasetError, match=r"cells\.csv is empty: a CSV image list needs a header row naming its "):
+        image_list.list_images(csv_path)
+
+
 def test_lists_with_a_byte_order_mark(tmp_path: Path) -> None:
     """Excel and Notepad start UTF-8 files with a BOM; it is not part of the first column name or path."""
     csv_path = tmp_path / "excel.csv"

@@ -68,9 +68,12 @@ def _read_list(
     paths: list[str] = []
     labels: list[str | None] = []
     first_line: dict[str, int] = {}  # normalised path -> the line that listed it
+    unlabelled: list[int] = []  # the lines with an empty label
     with data.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
         reader = csv.DictReader(f)
         found = reader.fieldnames or []
+        if not found:
+            raise DatasetError(f"{data} is empty: a CSV image list needs a header row naming its columns")
         missing = [c for c in (path_column, label_column if columns else None) if c is not None and c not in found]
         if missing:
             how = f"; name its path and label columns with {columns_setting}, e.g. file,label" if columns_setting else ""
@@ -90,7 +93,16 @@ def _read_list(
                 )
             first_line[key] = reader.line_num
             paths.append(os.path.expanduser(path))
-            labels.append(((row.get(label_column) or "").strip() or None) if label_column else None)
+            label = ((row.get(label_column) or "").strip() or None) if label_column in found else None
+            labels.append(label)
+            if label is None and label_column in found:
+                unlabelled.append(reader.line_num)
+    if unlabelled:
+        more = f" and {len(unlabelled) - 5} more" if len(unlabelled) > 5 else ""
+        logger.warning(
+            "%s: %d row(s) have an empty %r: lines %s%s; they are kept unlabelled (label -1), which the kNN and linear "
+            "probes refuse", data, len(unlabelled), label_column, ", ".join(map(str, unlabelled[:5])), more,
+        )
     return _labelled(root, paths, labels)
 
 

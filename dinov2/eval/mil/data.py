@@ -151,7 +151,9 @@ def bags_from_csv(
         raise FileNotFoundError(f"bags CSV not found: {csv_path}")
     with csv_path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a BOM
         reader = csv.DictReader(handle)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if not reader.fieldnames:
+            raise ValueError(f"{csv_path} is empty: a bag list needs a header row naming its columns")
+        missing = [c for c in columns if c not in reader.fieldnames]
         if missing:
             raise ValueError(
                 f"{csv_path}: missing columns {missing} (found {reader.fieldnames}); name the patient, label and path "
@@ -227,7 +229,11 @@ def check_bags(bag_set: BagSet, n_splits: int, source: str) -> None:
 
 
 def collate(bags: Sequence[Bag], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad bags to (B, n_max, D) with a boolean mask of real cells; returns (x, mask, labels)."""
+    """Pad bags to (B, n_max, D) with a boolean mask of real cells; returns (x, mask, labels). A bag without cells
+    is a ValueError (its attention, a softmax over no cell, would be NaN)."""
+    empty = [bag.patient for bag in bags if bag.features.shape[0] == 0]
+    if empty:
+        raise ValueError(f"bag(s) without cells: {', '.join(empty[:5])}; a patient needs at least one cell")
     n_max = max(bag.features.shape[0] for bag in bags)
     dim = bags[0].features.shape[1]
     x = torch.zeros(len(bags), n_max, dim, dtype=torch.float32)
