@@ -8,6 +8,8 @@ Layout of `ckpt_dir` (normally `<output_dir>/checkpoints`)::
                                 number of ranks can load them (DCP reshards)
         extra_state.pt          rank 0's `extra_state` (must be the same on every rank) and the iteration
         rng_rank00000.pt ...    each rank's RNG states (python, numpy, torch, and the current CUDA device's)
+        checksums_rank00000.json ...  the CRC-32 of every file above, each rank recording a share of them;
+                                checked when the checkpoint is loaded (a flipped bit would otherwise resume silently)
     latest                  the name of the newest checkpoint folder, for people and scripts
 
 A checkpoint is written to `tmp-<iteration>` and renamed to its final name by rank 0 only after every rank has
@@ -21,6 +23,7 @@ Everything works with FSDP2-sharded and plain modules, with or without a process
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
@@ -28,6 +31,7 @@ import random
 import re
 import shutil
 import warnings
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from dinov2.distributed import barrier, get_rank, get_world_size
+from dinov2.distributed import all_gather_objects, barrier, get_rank, get_world_size
 from dinov2.files import atomic_write, atomic_write_text, nearly_full_note
 # One error type for every checkpoint or weights file that cannot be loaded (the CLIs end it in one line).
 from dinov2.hub.loader import CheckpointError
@@ -56,9 +60,15 @@ from dinov2.hub.loader import CheckpointError
 logger = logging.getLogger(__name__)
 
 EXTRA_STATE_FILE = "extra_state.pt"
+_CHECKSUMS_FILE = re.compile(r"^checksums_rank\d{5}\.json$")
+_CHECKSUM_CHUNK = 1 << 24
 LATEST_FILE = "latest"
 TEACHER_PARTS = ("backbone", "dino_head", "ibot_head")
 _CHECKPOINT_NAME = re.compile(r"^\d{9}$")
+
+
+class CheckpointDamagedError(CheckpointError):
+    """A training checkpoint with a file that is damaged or missing (the one before it may load)."""
 
 
 class CheckpointSaveError(OSError):
@@ -79,6 +89,58 @@ def _single_process_is_intended() -> Iterator[None]:
 
 def _rng_file(rank: int) -> str:
     return f"rng_rank{rank:05d}.pt"
+
+
+def _checksums_file(rank: int) -> str:
+    return f"checksums_rank{rank:05d}.json"
+
+
+def _crc32(path: Path) -> int:
+    """The CRC-32 of a file's bytes (about 2 GB/s)."""
+    crc = 0
+    with path.open("rb") as handle:
+        while piece := handle.read(_CHECKSUM_CHUNK):
+            crc = zlib.crc32(piece, crc)
+    return crc
+
+
+def _record_checksums(folder: Path, names: list[str], rank: int, world_size: int) -> None:
+    """Write this rank's share of the CRC-32s of the checkpoint files ``names`` (every ``world_size``-th one from
+    ``rank`` on, in name order) to ``checksums_rank<rank>.json``, durably."""
+    share = {name: _crc32(folder / name) for name in sorted(names)[rank::world_size]}
+    with (folder / _checksums_file(rank)).open("w", encoding="utf-8") as handle:
+        json.dump(share, handle, indent=0, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _verify_checksums(path: Path) -> None:
+    """Raise CheckpointError, on every rank alike, when a file of checkpoint ``path`` is missing or its CRC-32 is not
+    the one recorded when it was saved; each rank reads a share of the files. A checkpoint saved before checksums
+    were recorded (no checksums files) is loaded unchecked. Call on every rank."""
+    recorded: dict[str, int] = {}
+    for checksums in sorted(p for p in path.iterdir() if _CHECKSUMS_FILE.match(p.name)):
+        try:
+            recorded.update(json.loads(checksums.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as err:
+            raise CheckpointDamagedError(
+                f"{checksums} is damaged ({err}); remove the folder {path} to resume from the checkpoint before it"
+            ) from None
+    problems: list[str] = []
+    if recorded:
+        names = sorted(recorded)
+        for name in names[get_rank() :: get_world_size()]:
+            file = path / name
+            if not file.is_file():
+                problems.append(f"{file} is missing")
+            elif _crc32(file) != recorded[name]:
+                problems.append(f"{file} is damaged (its CRC-32 is not the one recorded when it was saved)")
+    found = sorted(problem for problems_of_a_rank in all_gather_objects(problems) for problem in problems_of_a_rank)
+    if found:
+        more = f" (and {len(found) - 1} more file(s))" if len(found) > 1 else ""
+        raise CheckpointDamagedError(
+            f"{found[0]}{more}; remove the folder {path} to resume from the checkpoint before it"
+        )
 
 
 def _is_complete(folder: Path) -> bool:
@@ -115,7 +177,7 @@ def _load_small_file(path: Path) -> Any:
     try:
         return torch.load(path, weights_only=True)
     except (EOFError, RuntimeError, pickle.UnpicklingError) as err:
-        raise CheckpointError(
+        raise CheckpointDamagedError(
             f"{path} is damaged ({type(err).__name__}: {err}); remove the folder {path.parent} to resume from the "
             "checkpoint before it"
         ) from None
@@ -195,11 +257,15 @@ def save_checkpoint(
         state = {"model": model_state, "optimizer": optim_state}
     try:
         with _single_process_is_intended():
-            dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
+            metadata = dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
         _save_durably(_rng_state(), tmp / _rng_file(rank))
         if rank == 0:
             record = {"iteration": iteration, "world_size": get_world_size(), "extra_state": dict(extra_state or {})}
             _save_durably(record, tmp / EXTRA_STATE_FILE)
+        barrier()  # every file is written
+        shards = {info.relative_path for info in metadata.storage_data.values()}
+        names = [*shards, ".metadata", EXTRA_STATE_FILE, *map(_rng_file, range(get_world_size()))]
+        _record_checksums(tmp, names, rank, get_world_size())
     except (CheckpointException, OSError, RuntimeError) as err:  # (DCP's is a BaseException)
         failures = _failures(err) if isinstance(err, CheckpointException) else [(rank, err)]
         if any(isinstance(error, KeyboardInterrupt) for _, error in failures):
@@ -286,6 +352,7 @@ def load_checkpoint(
     """
     path = Path(path)
     _check_is_checkpoint(path)
+    _verify_checksums(path)
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
     else:
@@ -350,7 +417,7 @@ def _check_model_keys(path: Path, model_state: Mapping[str, Any]) -> None:
     try:
         metadata = FileSystemReader(path).read_metadata()
     except Exception as err:  # a damaged pickle raises almost anything (TypeError, ModuleNotFoundError, ...)
-        raise CheckpointError(
+        raise CheckpointDamagedError(
             f"{path / '.metadata'} cannot be read: damaged, or written by an incompatible PyTorch "
             f"({type(err).__name__}: {err}); if it is damaged, remove the folder {path} to resume from the "
             "checkpoint before it"

@@ -236,6 +236,19 @@ def _checkpoint_worker(rank: int, port: int, ckpt_dir: str) -> None:
         _train_step(model["student"], optimizer, _images(1).chunk(WORLD)[rank])
         _train_step(loaded_model["student"], loaded_optimizer, _images(1).chunk(WORLD)[rank])
         torch.testing.assert_close(_full_state(loaded_model)["model"], _full_state(model)["model"], atol=0, rtol=0)
+        # One flipped bit in a shard that rank 0 checks: both ranks refuse the checkpoint alike (none waits for the
+        # other in DCP's load), with the same message.
+        shard = saved / "__1_0.distcp"
+        intact = shard.read_bytes()
+        distributed.barrier()
+        if rank == 0:
+            shard.write_bytes(intact[:100] + bytes([intact[100] ^ 1]) + intact[101:])
+        distributed.barrier()
+        with pytest.raises(CheckpointError, match=re.escape(f"{shard} is damaged (its CRC-32 is not the one")):
+            load_checkpoint(saved, loaded_model, loaded_optimizer)
+        distributed.barrier()
+        if rank == 0:
+            shard.write_bytes(intact)
         distributed.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         distributed.destroy()
@@ -584,25 +597,49 @@ def test_an_export_that_cannot_be_written_is_one_error_and_keeps_the_earlier_fil
 
 
 def test_a_damaged_checkpoint_file_is_named_with_the_way_out(tmp_path: Path) -> None:
-    """A checkpoint file emptied or cut short by a failing disk: the error names the file and says how to resume
-    from the checkpoint before it (which then loads)."""
+    """A checkpoint file with one bit flipped (which DCP and torch.load would read unsaid), cut short or gone: the
+    error names the file and says how to resume from the checkpoint before it (which then loads)."""
     model, optimizer = _ckpt_model()
     save_checkpoint(tmp_path, 10, model, optimizer)
     damaged = save_checkpoint(tmp_path, 20, model, optimizer)
-    for name, cut in (("extra_state.pt", 0), ("rng_rank00000.pt", 40), (".metadata", 100)):
+    way_out = f"; remove the folder {damaged} to resume from the checkpoint before it"
+    names = sorted(path.name for path in damaged.iterdir() if not path.name.startswith("checksums_"))
+    assert names == [".metadata", "__0_0.distcp", "extra_state.pt", "rng_rank00000.pt"]
+    for name in names:
         data = (damaged / name).read_bytes()
-        (damaged / name).write_bytes(data[:cut])
-        start = f"{damaged / name} cannot be read: damaged" if name == ".metadata" else f"{damaged / name} is damaged ("
-        with pytest.raises(CheckpointError, match=re.escape(start)) as raised:
-            load_checkpoint(damaged, model, optimizer)
-        assert str(raised.value).endswith(f"remove the folder {damaged} to resume from the checkpoint before it")
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0x10
+        for changed in (bytes(flipped), data[: len(data) // 2]):
+            (damaged / name).write_bytes(changed)
+            with pytest.raises(CheckpointError) as raised:
+                load_checkpoint(damaged, model, optimizer)
+            assert str(raised.value) == (f"{damaged / name} is damaged (its CRC-32 is not the one recorded when it was "
+                                         f"saved){way_out}")  # fmt: skip
         (damaged / name).write_bytes(data)
-    shard = next(damaged.glob("*.distcp"))
+    (damaged / "rng_rank00000.pt").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(f"{damaged / 'rng_rank00000.pt'} is missing{way_out}")):
+        load_checkpoint(damaged, model, optimizer)
+
+    # A checkpoint saved without checksums (before they were recorded) still loads, and its damage is still named.
+    legacy = save_checkpoint(tmp_path, 30, model, optimizer)
+    for checksums in legacy.glob("checksums_*.json"):
+        checksums.unlink()
+    assert load_checkpoint(legacy, model, optimizer)["iteration"] == 30
+    for name, cut in (("extra_state.pt", 0), ("rng_rank00000.pt", 40), (".metadata", 100)):
+        data = (legacy / name).read_bytes()
+        (legacy / name).write_bytes(data[:cut])
+        start = f"{legacy / name} cannot be read: damaged" if name == ".metadata" else f"{legacy / name} is damaged ("
+        with pytest.raises(CheckpointError, match=re.escape(start)) as raised:
+            load_checkpoint(legacy, model, optimizer)
+        assert str(raised.value).endswith(f"remove the folder {legacy} to resume from the checkpoint before it")
+        (legacy / name).write_bytes(data)
+    shard = next(legacy.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="remove it to resume from the checkpoint before it") as raised:
-        load_checkpoint(damaged, model, optimizer)
+        load_checkpoint(legacy, model, optimizer)
     assert "FrameSummary" not in str(raised.value)  # the cause, not the repr of its traceback
     assert re.search(r"rank 0: \w+(Error|Exception)", str(raised.value))  # its type, too: str(EOFError()) is ''
+    shutil.rmtree(legacy)
     shutil.rmtree(damaged)
     assert load_checkpoint(find_latest_checkpoint(tmp_path), model, optimizer)["iteration"] == 10
 

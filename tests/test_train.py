@@ -953,6 +953,21 @@ def test_a_schedule_shorter_than_the_checkpoint_is_refused_and_changes_nothing(t
                epochs=1, epoch_length=3)  # fmt: skip
 
 
+def test_a_damaged_checkpoint_stops_the_resume_naming_the_file_only(tmp_path: Path, demo) -> None:
+    """A checkpoint with one flipped bit is not resumed from; the error names the file and the way out, and not the
+    settings this run changed (here a longer schedule), which damaged nothing."""
+    out = tmp_path / "run"
+    _train(out, demo.lists_dir, "train.checkpoint_period=2", epochs=1, epoch_length=2)
+    shard = out / "checkpoints" / "000000001" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as raised:
+        _train(out, demo.lists_dir, "train.checkpoint_period=2", epochs=2, epoch_length=2)
+    assert str(raised.value) == (f"{shard} is damaged (its CRC-32 is not the one recorded when it was saved); remove "
+                                 f"the folder {shard.parent} to resume from the checkpoint before it")  # fmt: skip
+
+
 def test_eval_only_exports_the_teacher_of_the_newest_checkpoint(tmp_path: Path, demo) -> None:
     """--eval-only trains nothing: it writes the newest checkpoint's teacher (equal to the periodic export of the
     same step) as eval/manual_<steps>/, scores it with kNN, and names the problem when there is no checkpoint."""

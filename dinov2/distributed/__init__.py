@@ -326,6 +326,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return result
 
 
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's (picklable) ``value``, in rank order; ``[value]`` without a process group. Call on every rank."""
+    if get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def raise_rank_0s_error(error: Exception | None) -> None:
     """Call on every rank after work that rank 0 alone did (``error``: what it raised there, or None): rank 0 raises
     its error, and every other rank one of the same type and message, instead of waiting at the next collective for

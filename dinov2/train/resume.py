@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dinov2 import distributed
-from dinov2.checkpoint import load_checkpoint
+from dinov2.checkpoint import CheckpointDamagedError, load_checkpoint
 from dinov2.configs import ConfigError, config_differences
 from dinov2.hub.loader import CheckpointError
 from dinov2.train.data import anchor_data_paths
@@ -58,7 +58,7 @@ def resume_from_checkpoint(
     try:
         state = load_checkpoint(checkpoint, model, optimizer)
     except CheckpointError as err:  # a setting that renames or reshapes tensors (block_chunks, ffn_layer, ...)
-        if not run_changes:
+        if not run_changes or isinstance(err, CheckpointDamagedError):  # (no setting damages a file)
             raise
         raise CheckpointError(
             f"{err}\nSettings that differ from the checkpointed run's config.yaml: {'; '.join(run_changes[:12])}. "
