@@ -36,7 +36,7 @@ import dinov2  # noqa: E402, F401  before torch: it sets OpenMP's wait policy, a
 
 import torch  # noqa: E402
 
-from dinov2.cli import positive_int  # noqa: E402
+from dinov2.cli import check_file_writable, positive_int  # noqa: E402
 from dinov2.hub import load_backbone  # noqa: E402
 from dinov2.hub.loader import flatten_block_chunks, mlp_ratio_for  # noqa: E402
 from dinov2.layers import LayerScale  # noqa: E402
@@ -139,6 +139,7 @@ def export_timm(
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ValueError(f"the export must be a .safetensors file, got {output}")
+    check_file_writable(output)  # before the weights are read
     backbone = load_backbone(model, weights, img_size, **({"num_heads": num_heads} if num_heads else {}))
     name, kwargs = timm_model_config(backbone)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinov2.data.datasets import IMAGE_EXTENSIONS, find_images  # noqa: E402
 from dinov2.data.transforms import IMAGE_LOAD_ERRORS, load_image  # noqa: E402
+from dinov2.files import check_folder_writable  # noqa: E402
 from dinov2.logs import setup_logging  # noqa: E402
 
 logger = logging.getLogger("make_file_lists")
@@ -56,6 +57,7 @@ def make_file_lists(
     sources: list[Path], output: Path, relative: bool = False, verify: bool = False
 ) -> dict[Path, int]:
     """Write one list per source folder into ``output``; returns the number of images in each list."""
+    check_folder_writable(output, f"--output {output}")  # before the sources are searched
     names: dict[str, Path] = {}
     for source in sources:
         if not source.is_dir():

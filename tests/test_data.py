@@ -756,6 +756,9 @@ def test_make_file_lists_script(
     assert len(dataset) == 7 and dataset[6] is not None
     with pytest.raises(ValueError, match="would both write tree.txt"):
         script.main([str(image_tree), str(image_tree), "--output", str(out)])
+    (tmp_path / "a_file").touch()  # an --output that cannot be a folder: said before any source is searched
+    with pytest.raises(ValueError, match=f"--output {tmp_path / 'a_file'}: it is a file, not a folder$"):
+        script.main([str(image_tree), "--output", str(tmp_path / "a_file")])
     # a source without images is an error that writes no list, not half a set of lists
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no readable images .* found under .*empty"):
@@ -837,6 +840,27 @@ def test_image_folder_surprises_are_explained(image_tree: Path) -> None:
     (image_tree / "notes.txt").write_text("stained on Monday\n")
     with pytest.raises(ValueError, match=r"(?s)is not an image path.*read as a folder of file lists"):
         FileListDataset(image_tree)
+
+
+def test_a_list_beside_more_images_than_it_names_is_said(image_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A folder of images with one valid .txt list trains on that list only (it is a folder of lists): the log says
+    that more images lie there. Lists that name every image beside them, or live apart from them, say nothing."""
+    (image_tree / "val.txt").write_text("lymphocyte/l0.png\n")
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        assert len(FileListDataset(image_tree)) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{image_tree} holds .txt file lists, so it is read as a folder of lists, which name 1 image(s); more images "
+        "lie under it, and only listed ones are used (for a folder of images, move its .txt files elsewhere)"
+    ]
+    caplog.clear()
+    every = sorted(p.relative_to(image_tree).as_posix() for p in image_tree.rglob("*") if p.suffix in (".png", ".jpg"))
+    (image_tree / "val.txt").write_text("\n".join(every) + "\n")
+    lists = image_tree.parent / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text(f"{image_tree / 'lymphocyte' / 'l0.png'}\n")
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        assert len(FileListDataset(image_tree)) == 6 and len(FileListDataset(lists)) == 1
+    assert caplog.records == []
 
 
 # --------------------------------------------------------------------------- augmentation geometry

@@ -829,6 +829,10 @@ def test_timm_export_takes_the_head_count_the_weights_cannot_tell(
             name, timm_kwargs = f.metadata()["timm_model"], json.loads(f.metadata()["timm_kwargs"])
         assert timm_kwargs["num_heads"] == expected
     assert "head count cannot be read from its weights; assuming 2" in caplog.text
+    in_the_way = tmp_path / "a_file"
+    in_the_way.touch()
+    with pytest.raises(ValueError, match=f"cannot write {in_the_way}/x.safetensors: {in_the_way} is a file, not a "):
+        export_timm.main(["--weights", str(weights), "--output", str(in_the_way / "x.safetensors")])
     timm = pytest.importorskip("timm")
     overlay = dict(file=str(output), **export_timm.timm_preprocessing(28))
     timm_model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs).eval()

@@ -328,7 +328,10 @@ class FileListDataset(torch.utils.data.Dataset):
                         "images, move its .txt files elsewhere)"
                     ) from err
             _warn_of_repeated_paths(root, listed)
-            return [path for _, entries in listed for path in entries]
+            paths = [path for _, entries in listed for path in entries]
+            if _looks_like_image_folder(root):
+                _warn_of_images_beside_lists(root, len(paths))
+            return paths
         paths = find_images(root)
         if not paths:
             deeper = sorted(str(p.parent) for p in root.glob("*/*.txt") if not p.name.startswith("."))
@@ -383,6 +386,23 @@ class FileListDataset(torch.utils.data.Dataset):
             f"FileListDataset(root={str(self.root)!r}, {len(self)} images, "
             f"resize={self.resize}, transform={self.transform!r})"
         )
+
+
+def _warn_of_images_beside_lists(root: Path, listed: int) -> None:
+    """Warn when the folder of lists ``root`` holds more images (symlinked folders not followed) than its lists name
+    (``listed``): a folder of images with a stray ``.txt`` file trains on that file's images only. The search stops
+    once it has found more."""
+    found = 0
+    for _, folders, files in os.walk(root):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += sum(1 for name in files if not name.startswith(".") and _is_image_name(name))
+        if found > listed:
+            logger.warning(
+                "%s holds .txt file lists, so it is read as a folder of lists, which name %d image(s); more images "
+                "lie under it, and only listed ones are used (for a folder of images, move its .txt files elsewhere)",
+                root, listed,
+            )  # fmt: skip
+            return
 
 
 def _looks_like_image_folder(root: Path) -> bool:
