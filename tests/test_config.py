@@ -177,10 +177,19 @@ def test_bad_sources_are_named(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match=r"is a folder; name a .yaml file in it"):
         load_config(tmp_path)
-    with pytest.raises(ConfigError, match=r"'optim.base_lr' is not of the form key=value"):
+    with pytest.raises(ConfigError, match=r"'optim.base_lr' is not of the form key=value$"):
         load_config(None, ["optim.base_lr"])
-    with pytest.raises(ConfigError, match=r"cannot parse the YAML"):
+    # `key value`, as other tools spell it: the fix is offered (not for a key followed by an override)
+    with pytest.raises(ConfigError, match=r"'optim.base_lr' is not of the form key=value; did you mean "
+                                          r"optim.base_lr=1e-3\?$"):  # fmt: skip
+        load_config(None, ["train.seed=1", "optim.base_lr", "1e-3"])
+    with pytest.raises(ConfigError, match=r"'optim.base_lr' is not of the form key=value$"):
+        load_config(None, ["optim.base_lr", "train.seed=1"])
+    with pytest.raises(ConfigError, match=r"cannot parse the YAML") as raised:
         load_config(_write(tmp_path, "train: [unclosed\n"))
+    assert "tabs" not in str(raised.value)
+    with pytest.raises(ConfigError, match=r"(?s)cannot parse the YAML: .*; YAML indents with spaces, not tabs$"):
+        load_config(_write(tmp_path, "optim:\n\tbase_lr: 0.1\n"))
     with pytest.raises(ConfigError, match=r"override 'crops.blur_probabilities=\[0.9,0.9' cannot be parsed: while"):
         load_config(None, ["train.seed=1", "crops.blur_probabilities=[0.9,0.9"])
 

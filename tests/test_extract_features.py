@@ -719,6 +719,9 @@ def test_output_suffix_is_checked_before_any_work(monkeypatch: pytest.MonkeyPatc
     (tmp_path / "folder.h5").mkdir()
     with pytest.raises(ValueError, match=r"cannot write .*folder\.h5: it is a folder; name a file ending in \.h5"):
         ef.extract_features(image_folder, tmp_path / "folder.h5", weights="w.pth", img_size=IMG, device="cpu")
+    (tmp_path / "features").mkdir()  # a folder named for the output, not a file's name
+    with pytest.raises(ValueError, match=r"cannot write .*features: it is a folder; name a file ending in \.h5"):
+        ef.extract_features(image_folder, tmp_path / "features", weights="w.pth", img_size=IMG, device="cpu")
     assert loaded == []
 
 

@@ -89,6 +89,14 @@ def default_config() -> DictConfig:
     return OmegaConf.load(DEFAULT_CONFIG_FILE)
 
 
+def _read_text_or_empty(path: Path) -> str:
+    """The text of ``path``, or "" when it cannot be read as text."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), resolve: bool = True) -> DictConfig:
     """Defaults, then `config_file` (if given), then dotted `key=value` overrides; strict and type-checked.
 
@@ -109,19 +117,22 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
         try:
             file_cfg = OmegaConf.load(path)
         except (OmegaConfBaseException, OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot parse the YAML: {err}") from err
+            tab = "; YAML indents with spaces, not tabs" if "\t" in _read_text_or_empty(path) else ""
+            raise ConfigError(f"{path}: cannot parse the YAML: {err}{tab}") from err
         if not isinstance(file_cfg, DictConfig):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level, got a list")
         layers.append(_checked_layer(file_cfg, default_tree, valid_keys, str(path)))
     if overrides:
-        for item in overrides:
+        for position, item in enumerate(overrides):
             if item.startswith(("+", "~")):  # Hydra's spellings: add a key, delete one
                 raise ConfigError(
                     f"command-line override {item!r}: +key and ~key (Hydra's) are not supported here; every setting "
                     "exists in the default config: set it with key=value, or key=null"
                 )
             if "=" not in item:
-                raise ConfigError(f"command-line override {item!r} is not of the form key=value")
+                after = overrides[position + 1] if position + 1 < len(overrides) else None
+                hint = f"; did you mean {item}={after}?" if after is not None and "=" not in after else ""
+                raise ConfigError(f"command-line override {item!r} is not of the form key=value{hint}")
             try:
                 item_cfg = OmegaConf.from_dotlist([item])
             except (OmegaConfBaseException, yaml.YAMLError) as err:

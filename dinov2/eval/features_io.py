@@ -52,9 +52,9 @@ def _check_suffix(path: Path, hint: bool = False) -> str:
 
 def check_writable(path: Path) -> str:
     """The format of an output features file (its suffix), once its name and folder are known to be usable."""
-    suffix = _check_suffix(path)
-    if path.is_dir():
+    if path.is_dir():  # (said first: a folder's name has no suffix, or not a features file's)
         raise ValueError(f"cannot write {path}: it is a folder; name a file ending in {' or '.join(_SUFFIXES)}")
+    suffix = _check_suffix(path)
     check_file_writable(path)
     return suffix
 

@@ -149,9 +149,11 @@ def _check_zip_checksums(path: Path) -> None:
                         pass
             except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError, zlib.error) as err:
                 cause = str(err) or type(err).__name__
+                # (the archive's top folder is named after the file as it was written: a temporary name, say)
+                record_name = record.filename.split("/", 1)[-1]
                 raise CheckpointError(
-                    f"{path} cannot be read: a damaged checkpoint ({record.filename}: {cause}); download or copy it "
-                    "again"
+                    f"{path} cannot be read: a damaged checkpoint (its record {record_name}: {cause}); download or "
+                    "copy it again"
                 ) from None
 
 
