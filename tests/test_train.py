@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,17 @@ def _train(output_dir: Path, dataset: Path | str, *overrides: str, epochs: int =
         ["--config-file", str(DEMO_CONFIG), "--output-dir", str(output_dir), f"train.dataset_path={dataset}", *TINY,
          f"optim.epochs={epochs}", f"train.OFFICIAL_EPOCH_LENGTH={epoch_length}", *overrides]
     )  # fmt: skip
+
+
+@contextmanager
+def _as_an_earlier_version(checkpoint: Path) -> Iterator[dict]:
+    """Edit the record of ``checkpoint`` (its extra_state.pt) into one that an earlier version wrote, which also
+    recorded no checksums."""
+    record = torch.load(checkpoint / EXTRA_STATE_FILE, weights_only=True)
+    yield record
+    torch.save(record, checkpoint / EXTRA_STATE_FILE)
+    for checksums in checkpoint.glob("checksums_rank*.json"):
+        checksums.unlink()
 
 
 def _metrics(output_dir: Path) -> list[dict]:
@@ -458,11 +469,9 @@ def test_the_augmentation_used_is_recorded_and_a_change_on_resume_is_said(tmp_pa
 
     # A checkpoint of an earlier version recorded only the blur, and its hematology recipe had no grayscale and
     # no solarisation: a resume says so
-    latest = find_latest_checkpoint(out / "checkpoints") / EXTRA_STATE_FILE
-    record = torch.load(latest, weights_only=True)
-    del record["extra_state"]["augmentation"]
-    record["extra_state"]["blur"] = [0.9, 0.9, 0.5]
-    torch.save(record, latest)
+    with _as_an_earlier_version(find_latest_checkpoint(out / "checkpoints")) as record:
+        del record["extra_state"]["augmentation"]
+        record["extra_state"]["blur"] = [0.9, 0.9, 0.5]
     _train(out, demo.lists_dir, epochs=4, epoch_length=2)
     log = (out / "log.txt").read_text().split("was trained with another augmentation")
     assert len(log) == 3 and "blur [0.9, 0.9, 0.5] -> [0.0, 0.9, 0.5]" in log[2].splitlines()[0]
@@ -470,10 +479,8 @@ def test_the_augmentation_used_is_recorded_and_a_change_on_resume_is_said(tmp_pa
         log[1]
     )
     # and a checkpoint older still records nothing of its augmentation
-    latest = find_latest_checkpoint(out / "checkpoints") / EXTRA_STATE_FILE
-    record = torch.load(latest, weights_only=True)
-    del record["extra_state"]["augmentation"]
-    torch.save(record, latest)
+    with _as_an_earlier_version(find_latest_checkpoint(out / "checkpoints")) as record:
+        del record["extra_state"]["augmentation"]
     _train(out, demo.lists_dir, epochs=5, epoch_length=2)
     log = (out / "log.txt").read_text()
     assert log.count("records no augmentation recipe") == 2 and log.count("was trained with another augmentation") == 2
@@ -511,10 +518,8 @@ def test_settings_changed_on_resume_are_said_and_used(tmp_path: Path, demo) -> N
     assert "optim.epochs: 3 -> 4" in resumed and "train.output_dir" not in resumed
     assert "this run takes" not in resumed
     # A checkpoint of an earlier version, which did not record its batch: inferred from the images it saw
-    latest = find_latest_checkpoint(moved / "checkpoints") / EXTRA_STATE_FILE
-    record = torch.load(latest, weights_only=True)
-    del record["extra_state"]["global_batch"]
-    torch.save(record, latest)
+    with _as_an_earlier_version(find_latest_checkpoint(moved / "checkpoints")) as record:
+        del record["extra_state"]["global_batch"]
     _train(moved, demo.lists_dir, "train.batch_size_per_gpu=4", "optim.layerwise_decay=0.9",
            "optim.adamw_beta2=0.95", epochs=5, epoch_length=2)  # fmt: skip
     resumed = (moved / "log.txt").read_text().split("resuming at iteration")[-2]
