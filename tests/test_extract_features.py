@@ -81,11 +81,12 @@ def test_folder_extraction_cli(
 ) -> None:
     weights, model = tiny_weights
     output = tmp_path / "features.h5"
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         ef.main(["--weights", str(weights), "--data", str(image_folder), "--output", str(output),
                  "--img-size", str(IMG), "--num-workers", "0", "--batch-size", "2", "--device", "cpu"])
     assert f"skipping unreadable image {image_folder / 'basophil' / 'broken.jpg'}" in caplog.text
     assert "skipped 1 of 5 images" in caplog.text
+    assert "2 classes: basophil, neutrophil" in caplog.messages  # (a nested folder's labels show before the work)
 
     result = load_features(output)
     assert result.paths == ["basophil/c.JPG", "loose.png", "neutrophil/b.png", "neutrophil/patient1/a.jpg"]

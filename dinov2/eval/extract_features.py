@@ -400,6 +400,9 @@ def extract_features(
     check_image_size(backbone, img_size)
     used_precision = precision if device.type in BF16_DEVICE_TYPES else "fp32"
     logger.info("embedding %d images from %s with %s on %s", len(image_list.paths), data, model_name, device)
+    if image_list.class_names:  # (a folder's classes are its first folder level, whatever lies deeper)
+        more = f" and {len(image_list.class_names) - 10} more" if len(image_list.class_names) > 10 else ""
+        logger.info("%d classes: %s%s", len(image_list.class_names), ", ".join(image_list.class_names[:10]), more)
     weights_file = Path(weights).expanduser() if weights is not None and Path(weights).expanduser().is_file() else None
     partial = None
     if output is not None and not isinstance(model, nn.Module):  # (a module's weights have no name to check)
