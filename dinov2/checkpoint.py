@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from dinov2.distributed import all_gather_objects, barrier, get_rank, get_world_size
+from dinov2.distributed import all_gather_objects, barrier, get_rank, get_world_size, raise_rank_0s_error
 from dinov2.files import atomic_write, atomic_write_text, nearly_full_note
 # One error type for every checkpoint or weights file that cannot be loaded (the CLIs end it in one line).
 from dinov2.hub.loader import CheckpointError
@@ -104,38 +104,45 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _record_checksums(folder: Path, names: list[str], rank: int, world_size: int) -> None:
-    """Write this rank's share of the CRC-32s of the checkpoint files ``names`` (every ``world_size``-th one from
-    ``rank`` on, in name order) to ``checksums_rank<rank>.json``, durably."""
-    share = {name: _crc32(folder / name) for name in sorted(names)[rank::world_size]}
+def _record_checksums(folder: Path, names: set[str], rank: int) -> None:
+    """Write the CRC-32s of the checkpoint files ``names`` (those this rank wrote) to ``checksums_rank<rank>.json``,
+    durably."""
+    crcs = {name: _crc32(folder / name) for name in sorted(names)}
     with (folder / _checksums_file(rank)).open("w", encoding="utf-8") as handle:
-        json.dump(share, handle, indent=0, sort_keys=True)
+        json.dump(crcs, handle, indent=0, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
 
 
 def _verify_checksums(path: Path) -> None:
-    """Raise CheckpointError, on every rank alike, when a file of checkpoint ``path`` is missing or its CRC-32 is not
-    the one recorded when it was saved; each rank reads a share of the files. A checkpoint saved before checksums
-    were recorded (no checksums files) is loaded unchecked. Call on every rank."""
-    recorded: dict[str, int] = {}
-    for checksums in sorted(p for p in path.iterdir() if _CHECKSUMS_FILE.match(p.name)):
-        try:
-            recorded.update(json.loads(checksums.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as err:
-            raise CheckpointDamagedError(
-                f"{checksums} is damaged ({err}); remove the folder {path} to resume from the checkpoint before it"
-            ) from None
+    """Raise CheckpointDamagedError, on every rank alike, when a file of checkpoint ``path`` is missing, unreadable,
+    without a recorded checksum or with another CRC-32 than the one recorded when it was saved; each rank reads a
+    share of the files. A checkpoint saved before checksums were recorded (no checksums files) is loaded unchecked.
+    Call on every rank."""
+    present = sorted(p.name for p in path.iterdir() if p.is_file())
+    checksums_files = [name for name in present if _CHECKSUMS_FILE.match(name)]
+    if not checksums_files:  # (every rank sees the same folder: all of them leave here, or none)
+        return
     problems: list[str] = []
-    if recorded:
-        names = sorted(recorded)
-        for name in names[get_rank() :: get_world_size()]:
-            file = path / name
-            if not file.is_file():
-                problems.append(f"{file} is missing")
-            elif _crc32(file) != recorded[name]:
+    recorded: dict[str, int] = {}
+    for name in checksums_files:
+        try:
+            recorded.update(json.loads((path / name).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as err:
+            problems.append(f"{path / name} cannot be read ({err})")
+    if not problems:
+        unrecorded = [name for name in present if name not in recorded and name not in checksums_files]
+        problems += [f"{path / name} has no recorded checksum (a checksums file is missing)" for name in unrecorded]
+    for name in sorted(recorded)[get_rank() :: get_world_size()]:
+        file = path / name
+        try:
+            if _crc32(file) != recorded[name]:
                 problems.append(f"{file} is damaged (its CRC-32 is not the one recorded when it was saved)")
-    found = sorted(problem for problems_of_a_rank in all_gather_objects(problems) for problem in problems_of_a_rank)
+        except FileNotFoundError:
+            problems.append(f"{file} is missing")
+        except OSError as err:
+            problems.append(f"{file} cannot be read ({err.strerror or err})")
+    found = sorted({problem for of_a_rank in all_gather_objects(problems) for problem in of_a_rank})
     if found:
         more = f" (and {len(found) - 1} more file(s))" if len(found) > 1 else ""
         raise CheckpointDamagedError(
@@ -258,25 +265,27 @@ def save_checkpoint(
     try:
         with _single_process_is_intended():
             metadata = dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
-        _save_durably(_rng_state(), tmp / _rng_file(rank))
-        if rank == 0:
-            record = {"iteration": iteration, "world_size": get_world_size(), "extra_state": dict(extra_state or {})}
-            _save_durably(record, tmp / EXTRA_STATE_FILE)
-        barrier()  # every file is written
-        shards = {info.relative_path for info in metadata.storage_data.values()}
-        names = [*shards, ".metadata", EXTRA_STATE_FILE, *map(_rng_file, range(get_world_size()))]
-        _record_checksums(tmp, names, rank, get_world_size())
-    except (CheckpointException, OSError, RuntimeError) as err:  # (DCP's is a BaseException)
-        failures = _failures(err) if isinstance(err, CheckpointException) else [(rank, err)]
-        if any(isinstance(error, KeyboardInterrupt) for _, error in failures):
+    except CheckpointException as err:  # (a BaseException), raised on every rank with every rank's failures
+        if any(isinstance(error, KeyboardInterrupt) for _, error in _failures(err)):
             raise KeyboardInterrupt from None
+        failures = _describe(_failures(err))
+    else:
+        record = {"iteration": iteration, "world_size": get_world_size(), "extra_state": dict(extra_state or {})}
+        try:
+            _write_own_files(tmp, metadata, record)
+            failed = None
+        except (OSError, RuntimeError) as err:  # (PyTorch's archive writer reports a full disk as a RuntimeError)
+            failed = _describe([(rank, err)])
+        failures = "; ".join(f for f in all_gather_objects(failed) if f is not None)  # every rank learns of any
+    if failures:
         full = nearly_full_note(ckpt_dir)  # (before the partial checkpoint's room is given back)
-        if rank == 0 or not isinstance(err, CheckpointException):  # (DCP's failures reach every rank)
+        barrier()
+        if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointSaveError(
-            f"cannot save the checkpoint of iteration {iteration} in {ckpt_dir}: {full}{_describe(failures)} (the "
-            "checkpoints saved before it are kept: the same command resumes from the newest)"
-        ) from None
+            f"cannot save the checkpoint of iteration {iteration} in {ckpt_dir}: {full}{failures} (the checkpoints "
+            "saved before it are kept: the same command resumes from the newest)"
+        )
     barrier()
     if rank == 0:
         if final.exists():  # saving the same iteration again, e.g. right after a resume
@@ -291,6 +300,21 @@ def save_checkpoint(
         logger.info("saved checkpoint %s", final)
     barrier()
     return final
+
+
+def _write_own_files(tmp: Path, metadata: Any, record: dict[str, Any]) -> None:
+    """After DCP's save into ``tmp``: this rank's RNG states (rank 0: also ``record``, as extra_state.pt) and the
+    CRC-32s of the files this rank wrote (its DCP shards, ``__<rank>_*``; rank 0 also .metadata, extra_state.pt
+    and any shard of a name that says no rank)."""
+    rank = get_rank()
+    _save_durably(_rng_state(), tmp / _rng_file(rank))
+    shards = {info.relative_path for info in metadata.storage_data.values()}
+    own = {shard for shard in shards if shard.startswith(f"__{rank}_")} | {_rng_file(rank)}
+    if rank == 0:
+        _save_durably(record, tmp / EXTRA_STATE_FILE)
+        prefixes = tuple(f"__{other}_" for other in range(get_world_size()))
+        own |= {".metadata", EXTRA_STATE_FILE} | {shard for shard in shards if not shard.startswith(prefixes)}
+    _record_checksums(tmp, own, rank)
 
 
 def _failures(err: CheckpointException) -> list[tuple[int, BaseException]]:
@@ -455,7 +479,7 @@ def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
     if stray:
         raise ValueError(f"the teacher must hold only {', '.join(TEACHER_PARTS)}; unexpected keys {stray[:10]}")
     state = get_model_state_dict(teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    written = None
+    written, error = None, None
     if get_rank() == 0:
         ordered = {
             key: (value.detach().to("cpu", torch.float32) if value.is_floating_point() else value.detach().cpu())
@@ -463,14 +487,14 @@ def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
             for key, value in state.items()
             if key.split(".", 1)[0] == part
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
         # The run's lock keeps other writers away: any temporary copy here is a killed export's, full-size, and goes.
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             written = atomic_write(path, lambda tmp: torch.save({"teacher": ordered}, tmp), sole_writer=True)
+            logger.info("exported the teacher (%d tensors) to %s", len(ordered), path)
         except (OSError, RuntimeError) as err:  # (PyTorch's archive writer reports a full disk as a RuntimeError)
-            raise CheckpointSaveError(
+            error = CheckpointSaveError(
                 f"cannot write the teacher export {path}: {nearly_full_note(path.parent)}{type(err).__name__}: {err}"
-            ) from None
-        logger.info("exported the teacher (%d tensors) to %s", len(ordered), path)
-    barrier()
+            )
+    raise_rank_0s_error(error)  # (the other ranks raise it too, instead of waiting for rank 0)
     return written

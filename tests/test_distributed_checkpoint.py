@@ -249,6 +249,26 @@ def _checkpoint_worker(rank: int, port: int, ckpt_dir: str) -> None:
         distributed.barrier()
         if rank == 0:
             shard.write_bytes(intact)
+        # A write that fails on one rank only (its RNG file, on a full disk): every rank ends in the same error, none
+        # waits for the others, and the partial checkpoint is removed.
+        save_durably = checkpoint_module._save_durably
+
+        def full_on_rank_1(obj: object, path: Path) -> None:
+            if rank == 1:
+                raise OSError(28, "No space left on device")
+            save_durably(obj, path)
+
+        checkpoint_module._save_durably = full_on_rank_1
+        try:
+            with pytest.raises(CheckpointSaveError, match=re.escape(
+                "cannot save the checkpoint of iteration 9 in " f"{ckpt_dir}: rank 1: OSError: [Errno 28] No space "
+                "left on device (the checkpoints saved before it"
+            )):  # fmt: skip
+                save_checkpoint(ckpt_dir, 9, model, optimizer, keep_last=2)
+        finally:
+            checkpoint_module._save_durably = save_durably
+        distributed.barrier()
+        assert sorted(path.name for path in Path(ckpt_dir).iterdir() if path.is_dir()) == ["000000007"]
         distributed.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         distributed.destroy()
@@ -282,6 +302,37 @@ def test_two_rank_checkpoint_loads_on_one_rank(two_rank_checkpoint: Path, monkey
     plain = _model(seed=4)
     load_checkpoint(two_rank_checkpoint / "000000007", plain, restore_rng=False)
     assert torch.equal(plain["dino_loss"].center, torch.full((1, 24), 0.25))
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_missing_a_ranks_checksums_or_unreadable_is_refused(
+    two_rank_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank records the checksums of the files it wrote: without rank 1's record, its files are unchecked,
+    which is refused, not skipped; a file that cannot be read while it is checked (a failing disk) is named."""
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    copy = tmp_path / "000000007"
+    shutil.copytree(two_rank_checkpoint / "000000007", copy)
+    model, optimizer = _build(load_config(None, FP32), seed=3)
+    (copy / "checksums_rank00001.json").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(
+        f"{copy / '__1_0.distcp'} has no recorded checksum (a checksums file is missing) (and 1 more file(s)); "
+        f"remove the folder {copy} to resume"
+    )):  # fmt: skip
+        load_checkpoint(copy, model, optimizer)
+    shutil.copy(two_rank_checkpoint / "000000007" / "checksums_rank00001.json", copy)
+    crc32 = checkpoint_module._crc32
+
+    def failing_disk(path: Path) -> int:
+        if path.name == "extra_state.pt":
+            raise OSError(5, "Input/output error")
+        return crc32(path)
+
+    monkeypatch.setattr(checkpoint_module, "_crc32", failing_disk)
+    with pytest.raises(CheckpointError, match=re.escape(f"{copy / 'extra_state.pt'} cannot be read (Input/output "
+                                                        "error); remove the folder")):  # fmt: skip
+        load_checkpoint(copy, model, optimizer)
 
 
 @pytest.mark.slow
