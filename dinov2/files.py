@@ -143,20 +143,21 @@ _OUT_OF_SPACE_WORDS = ("No space left on device", "Disk quota exceeded")
 
 
 def out_of_space(err: BaseException) -> str | None:
-    """When ``err``, or an error it was raised from or while handling, is a full disk or a used-up quota: what
-    ran out, and for which file where that is known (``"/runs/a/config.yaml: No space left on device"``); else
-    None."""
+    """When ``err`` (an OSError or a library's RuntimeError), or an error it was raised from, is a full disk or a
+    used-up quota: its message (``"/runs/a/config.yaml: No space left on device"`` for a system error); else None.
+    Any other kind of error (a bug raised while a full disk was handled, say) is None: it keeps its traceback."""
+    if not isinstance(err, (OSError, RuntimeError)):
+        return None
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        words = next((words for words in _OUT_OF_SPACE_WORDS if words in str(current)), None)
         if isinstance(current, OSError) and current.errno in _OUT_OF_SPACE:
-            words = os.strerror(current.errno)
-        if words is not None:
-            filename = current.filename if isinstance(current, OSError) else None
-            return f"{filename}: {words}" if filename else words
-        current = current.__cause__ or current.__context__
+            where = f"{current.filename}: " if current.filename else ""
+            return f"{where}{os.strerror(current.errno)}" if current.strerror else str(current)
+        if any(words in str(current) for words in _OUT_OF_SPACE_WORDS):
+            return str(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return None
 
 

@@ -186,7 +186,7 @@ def test_bad_sources_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'optim.base_lr' is not of the form key=value$"):
         load_config(None, ["optim.base_lr", "train.seed=1"])
     with pytest.raises(ConfigError, match=r"cannot parse the YAML") as raised:
-        load_config(_write(tmp_path, "train: [unclosed\n"))
+        load_config(_write(tmp_path, "train: [unclosed\t# a tab, not in an indentation\n"))
     assert "tabs" not in str(raised.value)
     with pytest.raises(ConfigError, match=r"(?s)cannot parse the YAML: .*; YAML indents with spaces, not tabs$"):
         load_config(_write(tmp_path, "optim:\n\tbase_lr: 0.1\n"))

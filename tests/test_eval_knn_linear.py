@@ -951,6 +951,21 @@ def test_a_full_disk_is_one_line_naming_the_file(
             "feature extraction go on from what they saved)\n"
         )
     assert list(tmp_path.iterdir()) == []
+    # A library's own error that says the disk is full is shown whole (here PyTorch's, for /dev/shm).
+    shm = "unable to write to file </torch_1_2_3>: No space left on device (28)"
+    with pytest.raises(SystemExit):
+        run_cli(lambda: (_ for _ in ()).throw(RuntimeError(shm)))
+    assert capsys.readouterr().err.startswith(f"error: {shm}; free some space")
+    # A bug met while a full disk was being handled is the bug, with its traceback.
+
+    def bug_while_handling() -> None:
+        try:
+            write_on_a_full_disk()
+        except OSError:
+            raise AttributeError("a bug") from None
+
+    with pytest.raises(AttributeError, match="a bug"):
+        run_cli(bug_while_handling)
     monkeypatch.setenv("DINOBLOOM_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="the library's own words"):
         run_cli(wrapped_by_a_library)

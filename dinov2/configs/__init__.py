@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,8 @@ def load_config(config_file: str | Path | None, overrides: Sequence[str] = (), r
         try:
             file_cfg = OmegaConf.load(path)
         except (OmegaConfBaseException, OSError, yaml.YAMLError) as err:
-            tab = "; YAML indents with spaces, not tabs" if "\t" in _read_text_or_empty(path) else ""
+            indented_with_tab = re.search(r"^ *\t", _read_text_or_empty(path), re.MULTILINE)
+            tab = "; YAML indents with spaces, not tabs" if indented_with_tab else ""
             raise ConfigError(f"{path}: cannot parse the YAML: {err}{tab}") from err
         if not isinstance(file_cfg, DictConfig):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level, got a list")

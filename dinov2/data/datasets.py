@@ -330,7 +330,7 @@ class FileListDataset(torch.utils.data.Dataset):
             _warn_of_repeated_paths(root, listed)
             paths = [path for _, entries in listed for path in entries]
             if _looks_like_image_folder(root):
-                _warn_of_images_beside_lists(root, len(paths))
+                _warn_of_images_beside_lists(root, len({os.path.normpath(path) for path in paths}))
             return paths
         paths = find_images(root)
         if not paths:

@@ -43,7 +43,10 @@ _CHUNKED_KEY = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
 _FLAT_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # weights_only unpickling's words for a class or function it refuses (a damaged stream gives other words, or a
 # "global" whose name is no Python name)
-_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+) was not an allowed global")
+_FIRST_SENTENCE = re.compile(r"\s{2,}|\. (?=[A-Z])")  # where the first sentence of a message ends
+_REFUSED_GLOBAL = re.compile(
+    r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?: was not an| whose module)"
+)
 
 
 class CheckpointError(RuntimeError):
@@ -121,8 +124,10 @@ def _read_file(path: Path) -> Any:
                 "which weights_only=True refuses to load; if you trust the file, re-save its state dict with "
                 "torch.save(state_dict, new_path)"
             ) from err
+        cause = re.search(r"WeightsUnpickler error: (.+)", str(err).replace("\n", "  "))
+        shown = f" ({_FIRST_SENTENCE.split(cause[1].strip())[0]})" if cause else ""
         raise CheckpointError(
-            f"{path} cannot be read: a truncated or damaged checkpoint (is the download complete?)"
+            f"{path} cannot be read: a truncated or damaged checkpoint (is the download complete?){shown}"
         ) from err
     except Exception as err:  # torch.load reports corrupt files with many exception types
         cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__

@@ -45,8 +45,13 @@ class _RunLogFile(logging.FileHandler):
         self.failed = False
 
     def handleError(self, record: logging.LogRecord) -> None:
-        """Say once that the file cannot be written, and why."""
-        self._tell(sys.exc_info()[1])
+        """Say once that the file cannot be written, and why; another error (a record that cannot be formatted) is
+        reported as logging reports it."""
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            self._tell(err)
+        else:
+            super().handleError(record)
 
     def close(self) -> None:
         """Close the file; what could not be written to it is told as a failed record is, not raised."""

@@ -536,6 +536,8 @@ def checkpoint_to_export(cfg: DictConfig, output_dir: Path) -> Path:
     latest = find_latest_checkpoint(output_dir / "checkpoints")
     if latest is None and cfg.MODEL.WEIGHTS:
         latest = Path(cfg.MODEL.WEIGHTS)
+        if not latest.exists():
+            raise CheckpointError(f"--eval-only: MODEL.WEIGHTS={latest}: no such checkpoint")
     if latest is None:
         raise ConfigError(
             f"--eval-only: {output_dir / 'checkpoints'} holds no complete checkpoint and MODEL.WEIGHTS is empty; "
