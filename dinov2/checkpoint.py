@@ -8,7 +8,7 @@ Layout of `ckpt_dir` (normally `<output_dir>/checkpoints`)::
                                 number of ranks can load them (DCP reshards)
         extra_state.pt          rank 0's `extra_state` (must be the same on every rank) and the iteration
         rng_rank00000.pt ...    each rank's RNG states (python, numpy, torch, and the current CUDA device's)
-        checksums_rank00000.json ...  the CRC-32 of every file above, each rank recording a share of them;
+        checksums_rank00000.json ...  the CRC-32 of every file above, each rank recording the files it wrote;
                                 checked when the checkpoint is loaded (a flipped bit would otherwise resume silently)
     latest                  the name of the newest checkpoint folder, for people and scripts
 
