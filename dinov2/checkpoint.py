@@ -53,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dinov2.distributed import all_gather_objects, barrier, get_rank, get_world_size, raise_rank_0s_error
-from dinov2.files import atomic_write, atomic_write_text, nearly_full_note
+from dinov2.files import atomic_write, atomic_write_text, naming_the_file, nearly_full_note
 # One error type for every checkpoint or weights file that cannot be loaded (the CLIs end it in one line).
 from dinov2.hub.loader import CheckpointError
 
@@ -108,7 +108,8 @@ def _record_checksums(folder: Path, names: set[str], rank: int) -> None:
     """Write the CRC-32s of the checkpoint files ``names`` (those this rank wrote) to ``checksums_rank<rank>.json``,
     durably."""
     crcs = {name: _crc32(folder / name) for name in sorted(names)}
-    with (folder / _checksums_file(rank)).open("w", encoding="utf-8") as handle:
+    path = folder / _checksums_file(rank)
+    with naming_the_file(path), path.open("w", encoding="utf-8") as handle:
         json.dump(crcs, handle, indent=0, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
@@ -173,7 +174,7 @@ def _fsync_dir(folder: Path) -> None:
 
 def _save_durably(obj: Any, path: Path) -> None:
     """``torch.save`` and fsync, so that the file is on disk before its folder is renamed into place."""
-    with open(path, "wb") as f:
+    with naming_the_file(path), open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())

@@ -9,8 +9,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -44,6 +44,17 @@ def remove_stale_temporaries(path: str | os.PathLike[str], sole_writer: bool = F
             stale.unlink(missing_ok=True)
 
 
+@contextmanager
+def naming_the_file(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Give an OSError raised inside that names no file (a failed write: a full disk) the name of ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.strerror is not None:
+            err.filename = str(path)
+        raise
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, sole_writer: bool = False) -> Path:
     """Call ``write(tmp)`` to write a temporary file beside ``path``, flush it to disk and rename it over ``path``:
     a reader finds the old content or the new, never a part of either; returns ``path``. An OSError that names no
@@ -57,14 +68,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
     remove_stale_temporaries(path, sole_writer=sole_writer)
     tmp = path.with_name(f".{path.name}{_TEMPORARY_MARKER}{os.getpid()}{path.suffix}")
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # (writable: Windows cannot flush a read-only handle)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if err.filename is None and err.strerror is not None:  # a failed write (a full disk) names no file
-            err.filename = str(path)
-        raise
+        with naming_the_file(path):
+            write(tmp)
+            with open(tmp, "rb+") as f:  # (writable: Windows cannot flush a read-only handle)
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -162,14 +170,15 @@ def out_of_space(err: BaseException) -> str | None:
 
 
 def nearly_full_note(folder: str | os.PathLike[str]) -> str:
-    """``"its file system is full (<n> MB free); "`` when the file system holding ``folder`` has under 64 MiB free,
-    else ``""``: a prefix for the message of a write that failed there without saying why (PyTorch's archive
-    writer reports a full disk as an "unexpected pos")."""
+    """``"its file system is full (<n> MB free); "`` when the file system holding ``folder`` has under 64 MiB free
+    (or under 2 % of a smaller one), else ``""``: a prefix for the message of a write that failed there without
+    saying why (PyTorch's archive writer reports a full disk as an "unexpected pos")."""
     existing = next((path for path in (Path(folder), *Path(folder).parents) if path.exists()), None)
     if existing is None:
         return ""
     try:
-        free = shutil.disk_usage(existing).free
+        usage = shutil.disk_usage(existing)
     except OSError:
         return ""
-    return f"its file system is full ({free / 1e6:.1f} MB free); " if free < _NEARLY_FULL_BYTES else ""
+    nearly_full = min(_NEARLY_FULL_BYTES, usage.total // 50)
+    return f"its file system is full ({usage.free / 1e6:.1f} MB free); " if usage.free < nearly_full else ""
