@@ -898,10 +898,13 @@ def test_bad_data_paths_fail_before_any_model_is_built(
     assert "stopped: " not in capsys.readouterr().out  # the console: the command line's one error line says it
 
 
-def test_knn_monitor_scores_initialisation_and_end(tmp_path: Path, demo) -> None:
+def test_knn_monitor_scores_initialisation_and_end(
+    tmp_path: Path, demo, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     _train(out, demo.lists_dir, f"evaluation.knn_data={demo.images_dir}", "evaluation.knn_max_images=0",
            "evaluation.eval_period_iterations=3", epochs=1, epoch_length=3)  # fmt: skip
+    assert "extracting features" not in capsys.readouterr().err  # no progress bar in a log that is not a terminal
     records = json.loads((out / "knn_monitor.json").read_text())
     assert [(r["stage"], r["iteration"]) for r in records] == [("initialisation", 0), ("end of training", 3)]
     # Each score is scikit-learn's 20-NN balanced accuracy over seeded stratified 5-fold CV of the exported

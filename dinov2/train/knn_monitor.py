@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -146,7 +147,8 @@ class KnnMonitor:
         try:
             features, kept = embed_images(
                 _NoGradForward(backbone, self.cuda_graphs), self.images, batch_size=64, img_size=self.img_size,
-                device=self.device, progress=is_main_process(),
+                # a bar on a terminal only: in a job's log file its redraws would come between the log's lines
+                device=self.device, progress=is_main_process() and sys.stderr.isatty(),
             )
         finally:
             backbone.train(was_training)
