@@ -61,6 +61,9 @@ logger = logging.getLogger(__name__)
 
 EXTRA_STATE_FILE = "extra_state.pt"
 _CHECKSUMS_FILE = re.compile(r"^checksums_rank\d{5}\.json$")
+_RNG_FILE = re.compile(r"^rng_rank(\d{5})\.pt$")
+# the files a checkpoint writes, whose checksums it records (DCP's shards: __<rank>_<n>.distcp)
+_CHECKPOINT_FILE = re.compile(r"^(\.metadata|extra_state\.pt|rng_rank\d{5}\.pt|__\d+_\d+\.distcp)$")
 _CHECKSUM_CHUNK = 1 << 24
 LATEST_FILE = "latest"
 TEACHER_PARTS = ("backbone", "dino_head", "ibot_head")
@@ -118,22 +121,49 @@ def _record_checksums(folder: Path, names: set[str], rank: int) -> None:
 def _verify_checksums(path: Path) -> None:
     """Raise CheckpointDamagedError, on every rank alike, when a file of checkpoint ``path`` is missing, unreadable,
     without a recorded checksum or with another CRC-32 than the one recorded when it was saved; each rank reads a
-    share of the files. A checkpoint saved before checksums were recorded (no checksums files) is loaded unchecked.
-    Call on every rank."""
+    share of the files. A checkpoint saved before checksums were recorded (no checksums files) is loaded unchecked;
+    files the checkpoint does not write (a user's note) are left alone. Call on every rank."""
+    try:
+        problems = _checksum_problems(path)
+    except OSError as err:  # (a folder that cannot be listed: said on every rank, none left waiting for this one)
+        problems = [f"{path} cannot be read ({err.strerror or err})"]
+    found = sorted({problem for of_a_rank in all_gather_objects(problems) for problem in of_a_rank})
+    if found:
+        more = f" (and {len(found) - 1} more file(s))" if len(found) > 1 else ""
+        raise CheckpointDamagedError(
+            f"{found[0]}{more}; remove the folder {path} to resume from the checkpoint before it"
+        )
+
+
+def _checksum_problems(path: Path) -> list[str]:
+    """What is wrong with the files of checkpoint ``path`` by their recorded checksums, as far as this rank checks
+    them (its share); ``[]`` for a checkpoint without checksums."""
     present = sorted(p.name for p in path.iterdir() if p.is_file())
     checksums_files = [name for name in present if _CHECKSUMS_FILE.match(name)]
-    if not checksums_files:  # (every rank sees the same folder: all of them leave here, or none)
-        return
+    if not checksums_files:
+        return []
     problems: list[str] = []
     recorded: dict[str, int] = {}
     for name in checksums_files:
         try:
-            recorded.update(json.loads((path / name).read_text(encoding="utf-8")))
-        except (OSError, ValueError) as err:
-            problems.append(f"{path / name} cannot be read ({err})")
-    if not problems:
-        unrecorded = [name for name in present if name not in recorded and name not in checksums_files]
-        problems += [f"{path / name} has no recorded checksum (a checksums file is missing)" for name in unrecorded]
+            crcs = json.loads((path / name).read_text(encoding="utf-8"))
+        except OSError as err:
+            problems.append(f"{path / name} cannot be read ({err.strerror or err})")
+            continue
+        except ValueError as err:
+            crcs = f"not JSON: {err}"
+        if not isinstance(crcs, dict) or not all(isinstance(crc, int) for crc in crcs.values()):
+            problems.append(f"{path / name} is damaged ({crcs if isinstance(crcs, str) else 'not a record of CRCs'})")
+            continue
+        recorded.update(crcs)
+    for rank_file in (name for name in present if _RNG_FILE.match(name)):
+        record = _checksums_file(int(_RNG_FILE.match(rank_file)[1]))
+        if record not in checksums_files:  # each rank records the files it wrote, its RNG states among them
+            problems.append(f"{path / record} is missing")
+    if problems:
+        return problems
+    ours = [name for name in present if _CHECKPOINT_FILE.match(name)]
+    problems += [f"{path / name} has no recorded checksum" for name in ours if name not in recorded]
     for name in sorted(recorded)[get_rank() :: get_world_size()]:
         file = path / name
         try:
@@ -143,12 +173,7 @@ def _verify_checksums(path: Path) -> None:
             problems.append(f"{file} is missing")
         except OSError as err:
             problems.append(f"{file} cannot be read ({err.strerror or err})")
-    found = sorted({problem for of_a_rank in all_gather_objects(problems) for problem in of_a_rank})
-    if found:
-        more = f" (and {len(found) - 1} more file(s))" if len(found) > 1 else ""
-        raise CheckpointDamagedError(
-            f"{found[0]}{more}; remove the folder {path} to resume from the checkpoint before it"
-        )
+    return problems
 
 
 def _is_complete(folder: Path) -> bool:
@@ -252,12 +277,16 @@ def save_checkpoint(
     name = f"{iteration:09d}"
     final, tmp = ckpt_dir / name, ckpt_dir / f"tmp-{name}"
     rank = get_rank()
+    error = None
     if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as err:
+            error = CheckpointSaveError(f"cannot save the checkpoint of iteration {iteration} in {ckpt_dir}: {err}")
+    raise_rank_0s_error(error)  # (every rank raises it, none waits for rank 0)
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
     else:
@@ -275,7 +304,7 @@ def save_checkpoint(
         try:
             _write_own_files(tmp, metadata, record)
             failed = None
-        except (OSError, RuntimeError) as err:  # (PyTorch's archive writer reports a full disk as a RuntimeError)
+        except Exception as err:  # (a full disk: an OSError, or PyTorch's archive writer's RuntimeError)
             failed = _describe([(rank, err)])
         failures = "; ".join(f for f in all_gather_objects(failed) if f is not None)  # every rank learns of any
     if failures:
@@ -289,18 +318,28 @@ def save_checkpoint(
         )
     barrier()
     if rank == 0:
-        if final.exists():  # saving the same iteration again, e.g. right after a resume
-            _remove(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        atomic_write_text(ckpt_dir / LATEST_FILE, name + "\n")
-        others = [p for p in _checkpoints(ckpt_dir) if p != final]  # the new one is kept even if not the highest
-        for old in others[: max(len(others) - (keep_last - 1), 0)]:
-            _remove(old)
-        _remove_unfinished(ckpt_dir)
-        logger.info("saved checkpoint %s", final)
-    barrier()
+        try:
+            _put_in_place(tmp, final, keep_last)
+        except OSError as err:
+            error = CheckpointSaveError(f"cannot put the checkpoint of iteration {iteration} in place: {err}")
+    raise_rank_0s_error(error)
     return final
+
+
+def _put_in_place(tmp: Path, final: Path, keep_last: int) -> None:
+    """Rank 0, once every rank has written its part: rename the complete checkpoint ``tmp`` to ``final``, point
+    ``latest`` at it and remove the checkpoints beyond the newest ``keep_last`` and any unfinished folders."""
+    ckpt_dir = final.parent
+    if final.exists():  # saving the same iteration again, e.g. right after a resume
+        _remove(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    atomic_write_text(ckpt_dir / LATEST_FILE, final.name + "\n")
+    others = [p for p in _checkpoints(ckpt_dir) if p != final]  # the new one is kept even if not the highest
+    for old in others[: max(len(others) - (keep_last - 1), 0)]:
+        _remove(old)
+    _remove_unfinished(ckpt_dir)
+    logger.info("saved checkpoint %s", final)
 
 
 def _write_own_files(tmp: Path, metadata: Any, record: dict[str, Any]) -> None:
@@ -480,22 +519,33 @@ def export_teacher(path: str | Path, teacher: nn.Module) -> Path | None:
     if stray:
         raise ValueError(f"the teacher must hold only {', '.join(TEACHER_PARTS)}; unexpected keys {stray[:10]}")
     state = get_model_state_dict(teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    written, error = None, None
+    written: Path | None = None
+    error: Exception | None = None
     if get_rank() == 0:
-        ordered = {
-            key: (value.detach().to("cpu", torch.float32) if value.is_floating_point() else value.detach().cpu())
-            for part in TEACHER_PARTS
-            for key, value in state.items()
-            if key.split(".", 1)[0] == part
-        }
-        # The run's lock keeps other writers away: any temporary copy here is a killed export's, full-size, and goes.
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            written = atomic_write(path, lambda tmp: torch.save({"teacher": ordered}, tmp), sole_writer=True)
-            logger.info("exported the teacher (%d tensors) to %s", len(ordered), path)
+            written = _write_export(path, state)
         except (OSError, RuntimeError) as err:  # (PyTorch's archive writer reports a full disk as a RuntimeError)
+            cause = err.strerror if isinstance(err, OSError) and err.filename == str(path) else err  # (path once)
             error = CheckpointSaveError(
-                f"cannot write the teacher export {path}: {nearly_full_note(path.parent)}{type(err).__name__}: {err}"
+                f"cannot write the teacher export {path}: {nearly_full_note(path.parent)}{type(err).__name__}: {cause}"
             )
+        except Exception as err:  # (any other: raised on every rank alike)
+            error = err
     raise_rank_0s_error(error)  # (the other ranks raise it too, instead of waiting for rank 0)
+    return written
+
+
+def _write_export(path: Path, state: Mapping[str, torch.Tensor]) -> Path:
+    """Rank 0: write the gathered teacher ``state`` as the release file ``path`` (float32 on the CPU, parts in
+    order)."""
+    ordered = {
+        key: (value.detach().to("cpu", torch.float32) if value.is_floating_point() else value.detach().cpu())
+        for part in TEACHER_PARTS
+        for key, value in state.items()
+        if key.split(".", 1)[0] == part
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The run's lock keeps other writers away: any temporary copy here is a killed export's, full-size, and goes.
+    written = atomic_write(path, lambda tmp: torch.save({"teacher": ordered}, tmp), sole_writer=True)
+    logger.info("exported the teacher (%d tensors) to %s", len(ordered), path)
     return written

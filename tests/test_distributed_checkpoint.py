@@ -7,6 +7,7 @@ with that rank's traceback.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import random
@@ -269,6 +270,24 @@ def _checkpoint_worker(rank: int, port: int, ckpt_dir: str) -> None:
             checkpoint_module._save_durably = save_durably
         distributed.barrier()
         assert sorted(path.name for path in Path(ckpt_dir).iterdir() if path.is_dir()) == ["000000007"]
+        # What rank 0 does alone at the end (here: `latest` on a full disk) ends every rank alike, too.
+        write_text = checkpoint_module.atomic_write_text
+
+        def full_for_latest(path: Path, text: str) -> Path:
+            raise OSError(28, "No space left on device", str(path))
+
+        checkpoint_module.atomic_write_text = full_for_latest
+        try:
+            with pytest.raises(CheckpointSaveError, match=re.escape(
+                f"cannot put the checkpoint of iteration 9 in place: [Errno 28] No space left on device: "
+                f"'{Path(ckpt_dir) / 'latest'}'"
+            )):  # fmt: skip
+                save_checkpoint(ckpt_dir, 9, model, optimizer, keep_last=2)
+        finally:
+            checkpoint_module.atomic_write_text = write_text
+        distributed.barrier()
+        if rank == 0:
+            shutil.rmtree(Path(ckpt_dir) / "000000009")  # (complete, but left out of the later tests)
         distributed.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         distributed.destroy()
@@ -315,12 +334,23 @@ def test_a_two_rank_checkpoint_missing_a_ranks_checksums_or_unreadable_is_refuse
     copy = tmp_path / "000000007"
     shutil.copytree(two_rank_checkpoint / "000000007", copy)
     model, optimizer = _build(load_config(None, FP32), seed=3)
+    (copy / "notes.txt").write_text("a user's note: not part of the checkpoint, left alone")
+    assert load_checkpoint(copy, model, optimizer)["iteration"] == 7
     (copy / "checksums_rank00001.json").unlink()
     with pytest.raises(CheckpointError, match=re.escape(
-        f"{copy / '__1_0.distcp'} has no recorded checksum (a checksums file is missing) (and 1 more file(s)); "
-        f"remove the folder {copy} to resume"
+        f"{copy / 'checksums_rank00001.json'} is missing; remove the folder {copy} to resume"
     )):  # fmt: skip
         load_checkpoint(copy, model, optimizer)
+    (copy / "checksums_rank00001.json").write_text('{"__1_0.distcp": 12, "rng_rank00001.pt": "not a CRC"}')
+    with pytest.raises(CheckpointError, match=re.escape(
+        f"{copy / 'checksums_rank00001.json'} is damaged (not a record of CRCs); remove the folder"
+    )):  # fmt: skip
+        load_checkpoint(copy, model, optimizer)
+    shutil.copy(two_rank_checkpoint / "000000007" / "checksums_rank00001.json", copy)
+    recorded = json.loads((copy / "checksums_rank00001.json").read_text())
+    (copy / "checksums_rank00001.json").write_text(json.dumps({"rng_rank00001.pt": recorded["rng_rank00001.pt"]}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{copy / '__1_0.distcp'} has no recorded checksum; remove")):
+        load_checkpoint(copy, model, optimizer)  # (a record whose line was lost: its shard is not left unchecked)
     shutil.copy(two_rank_checkpoint / "000000007" / "checksums_rank00001.json", copy)
     crc32 = checkpoint_module._crc32
 
@@ -616,6 +646,11 @@ def test_a_save_that_fails_is_an_error_naming_the_cause_and_keeps_the_earlier_ch
 
     full = shutil.disk_usage(tmp_path)._replace(free=3 << 20)
     monkeypatch.setattr(dinov2.files.shutil, "disk_usage", lambda path: full)
+    small = full._replace(total=60 << 20, free=10 << 20)  # a 60 MiB file system with 10 MiB free: not full
+    assert dinov2.files.nearly_full_note(tmp_path) == "its file system is full (3.1 MB free); "
+    with monkeypatch.context() as patch:
+        patch.setattr(dinov2.files.shutil, "disk_usage", lambda path: small)
+        assert dinov2.files.nearly_full_note(tmp_path) == ""
     with _files_limited_to(largest // 2), pytest.raises(CheckpointSaveError, match=re.escape(
         f"in {tmp_path}: its file system is full (3.1 MB free); rank 0: RuntimeError: "
     )):  # fmt: skip
@@ -630,6 +665,13 @@ def test_a_save_that_fails_is_an_error_naming_the_cause_and_keeps_the_earlier_ch
         save_checkpoint(tmp_path, 20, model, optimizer, {"i": 20})
     assert find_latest_checkpoint(tmp_path) == tmp_path / "000000010"
     assert load_checkpoint(tmp_path / "000000010", model, optimizer)["i"] == 10
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, whose writes fail as on a full disk")
+def test_a_checkpoint_file_that_cannot_be_written_is_named() -> None:
+    """A write that fails on a full disk names no file; the checkpoint's own writes name theirs."""
+    with pytest.raises(OSError, match=re.escape("[Errno 28] No space left on device: '/dev/full'")):
+        checkpoint_module._save_durably({"iteration": 3}, Path("/dev/full"))
 
 
 def test_an_export_that_cannot_be_written_is_one_error_and_keeps_the_earlier_file(tmp_path: Path) -> None:
@@ -738,7 +780,7 @@ def _killed_saver(ckpt_dir: str) -> None:
     barriers = iter(range(100))
 
     def barrier_then_die() -> None:
-        if next(barriers) == 1:  # the barrier after every rank has written its files
+        if next(barriers) == 0:  # the barrier after every rank has written its files
             os.kill(os.getpid(), signal.SIGKILL)
 
     checkpoint_module.barrier = barrier_then_die
