@@ -322,6 +322,8 @@ def save_checkpoint(
             _put_in_place(tmp, final, keep_last)
         except OSError as err:
             error = CheckpointSaveError(f"cannot put the checkpoint of iteration {iteration} in place: {err}")
+        except Exception as err:  # (any other: raised on every rank alike)
+            error = err
     raise_rank_0s_error(error)
     return final
 
