@@ -41,9 +41,9 @@ _PICKLE_MAGIC = b"\x80"  # legacy torch.save: a pickle, protocol 2+
 _CHECKSUM_CHUNK = 1 << 24
 _CHUNKED_KEY = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
 _FLAT_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_FIRST_SENTENCE = re.compile(r"\s{2,}|\. (?=[A-Z])")  # where the first sentence of a message ends
 # weights_only unpickling's words for a class or function it refuses (a damaged stream gives other words, or a
 # "global" whose name is no Python name)
-_FIRST_SENTENCE = re.compile(r"\s{2,}|\. (?=[A-Z])")  # where the first sentence of a message ends
 _REFUSED_GLOBAL = re.compile(
     r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?: was not an| whose module)"
 )
