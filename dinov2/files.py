@@ -85,6 +85,12 @@ def file_in_the_way(folder: Path) -> Path | None:
     return next((path for path in (folder, *folder.parents) if os.path.exists(path) and not os.path.isdir(path)), None)
 
 
+def _nearest_existing(folder: Path) -> Path | None:
+    """``folder`` or its nearest parent that exists; None when none does."""
+    # (os.path's tests answer False where a folder cannot be searched; Path's raise there before Python 3.12)
+    return next((path for path in (folder, *folder.parents) if os.path.exists(path)), None)
+
+
 def shown_name(text: str) -> str:
     """``text`` with the bytes of a file name that is not UTF-8 (read with ``surrogateescape``, as Python reads such
     names) shown as ``\\xNN`` escapes: what a figure or a message can display."""
@@ -112,8 +118,7 @@ def check_folder_writable(folder: str | os.PathLike[str], subject: str, *, subje
     blocking = file_in_the_way(folder)
     if blocking is not None:
         raise ValueError(f"{subject}: {shown(blocking)} is a file, not a folder")
-    # (os.path's tests answer False where a folder cannot be searched; Path's raise there before Python 3.12)
-    existing = next((path for path in (folder, *folder.parents) if os.path.exists(path)), None)
+    existing = _nearest_existing(folder)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{subject}: no permission to write in {shown(existing)}")
     made = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]  # deepest first
@@ -173,7 +178,7 @@ def nearly_full_note(folder: str | os.PathLike[str]) -> str:
     """``"its file system is full (<n> MB free); "`` when the file system holding ``folder`` has under 64 MiB free
     (or under 2 % of a smaller one), else ``""``: a prefix for the message of a write that failed there without
     saying why (PyTorch's archive writer reports a full disk as an "unexpected pos")."""
-    existing = next((path for path in (Path(folder), *Path(folder).parents) if path.exists()), None)
+    existing = _nearest_existing(Path(folder))
     if existing is None:
         return ""
     try:
