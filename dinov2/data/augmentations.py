@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
-from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from dinov2.data.photometric import BLUR_SIGMA, FACTORS, GRAYSCALE, JITTER, ORDER, SOLARIZE, neutral_params
@@ -82,23 +81,18 @@ class CropView:
     def __call__(self, image: torch.Tensor, jitter: ColorJitter) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw one view of a uint8 (3, H, W) image: its uint8 (3, size, size) crop and its colour parameters."""
         top, left, height, width = RandomResizedCrop.get_params(image, list(self.scale), list(_RATIO))
-        crop = F.resized_crop(
-            image,
-            top,
-            left,
-            height,
-            width,
-            [self.size, self.size],
-            interpolation=InterpolationMode.BICUBIC,
-            antialias=True,
-        )
-        if _coin(0.5):
-            crop = crop.flip(-1)
+        crop = _resized_crop(image, top, left, height, width, self.size)
+        # The flips and the counter-clockwise quarter turn, in this order, as one flip of a (transposed) view.
+        flipped = {-1} if _coin(0.5) else set()
         if self.dihedral:
             if _coin(0.5):
-                crop = crop.flip(-2)
-            if _coin(0.5):
-                crop = torch.rot90(crop, 1, (-2, -1))
+                flipped ^= {-2}
+            if _coin(0.5):  # rot90(x) == x.transpose(-2, -1).flip(-2), and a transpose swaps the flipped axes
+                crop = crop.transpose(-2, -1)
+                flipped = {-3 - axis for axis in flipped} ^ {-2}
+        crop = crop.contiguous()
+        if flipped:
+            crop = crop.flip(sorted(flipped))
         params = neutral_params()
         if _coin(self.color_jitter_p):
             jitter.draw(params)
@@ -108,7 +102,16 @@ class CropView:
             params[BLUR_SIGMA] = _uniform(*_BLUR_SIGMA)
         if _coin(self.solarize_p):
             params[SOLARIZE] = 1.0
-        return crop.contiguous(), params
+        return crop, params
+
+
+def _resized_crop(image: torch.Tensor, top: int, left: int, height: int, width: int, size: int) -> torch.Tensor:
+    """torchvision's ``resized_crop`` of a uint8 (3, H, W) image to (3, size, size), bicubic and antialiased, to the
+    bit; computed channels-last, where PyTorch's uint8 resampling kernel works (a third faster on a CPU)."""
+    region = image[:, top : top + height, left : left + width].unsqueeze(0)
+    region = region.contiguous(memory_format=torch.channels_last)
+    crop = torch.nn.functional.interpolate(region, size=(size, size), mode="bicubic", antialias=True)
+    return crop[0]
 
 
 class DataAugmentationDINO:
