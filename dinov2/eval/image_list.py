@@ -197,5 +197,5 @@ def add_list_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--root", default=None,
-        help="folder that relative paths in a .txt or .csv --data list are relative to (default: the list's folder)",
+        help="folder that relative paths in a --data list are relative to (default: the list's folder)",
     )

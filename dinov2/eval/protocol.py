@@ -458,7 +458,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --test-features: train and test on only the classes both files hold (by name), "
                         "dropping the others' samples from each side (default: every test class must be a training "
                         "class)")
-    parser.add_argument("--output-dir", required=True, help="folder for results.json, results.md and figures")
+    parser.add_argument(
+        "--output-dir", required=True, help="folder for results.json, results.md, predictions.csv and figures"
+    )
     add_fold_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-figures", action="store_true", help="write results.json and results.md only")

@@ -170,7 +170,9 @@ def load_backbone(
         if "num_heads" not in from_run and "num_heads" not in kwargs and arch_of_width(config["embed_dim"]) is None:
             logger.warning(
                 "%s: a %d-wide backbone's head count cannot be read from its weights; assuming %d (%d per head). "
-                "Pass num_heads=... if it was trained with another", weights, config["embed_dim"], config["num_heads"],
+                "If it was trained with another, keep the file in its run (<run>/eval/<name>/, where the run's "
+                "config.yaml gives the count) or pass num_heads=... to load_backbone",
+                weights, config["embed_dim"], config["num_heads"],
                 config["embed_dim"] // config["num_heads"],
             )
         _warn_if_register_interpolation_is_a_guess(weights, config, {**from_run, **kwargs})
