@@ -292,6 +292,7 @@ def save_checkpoint(
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
+    own_error: BaseException | None = None  # (the cause of the error raised, for its traceback)
     try:
         with _single_process_is_intended():
             metadata = dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
@@ -299,13 +300,15 @@ def save_checkpoint(
         if any(isinstance(error, KeyboardInterrupt) for _, error in _failures(err)):
             raise KeyboardInterrupt from None
         failures = _describe(_failures(err))
+        own_error = err
     else:
         record = {"iteration": iteration, "world_size": get_world_size(), "extra_state": dict(extra_state or {})}
         try:
             _write_own_files(tmp, metadata, record)
             failed = None
-        except Exception as err:  # (a full disk: an OSError, or PyTorch's archive writer's RuntimeError)
-            failed = _describe([(rank, err)])
+        except Exception as err:  # (a full disk: an OSError, or PyTorch's archive writer's RuntimeError; any other
+            failed = _describe([(rank, err)])  # error too, so that no rank waits for this one)
+            own_error = err
         failures = "; ".join(f for f in all_gather_objects(failed) if f is not None)  # every rank learns of any
     if failures:
         full = nearly_full_note(ckpt_dir)  # (before the partial checkpoint's room is given back)
@@ -315,7 +318,7 @@ def save_checkpoint(
         raise CheckpointSaveError(
             f"cannot save the checkpoint of iteration {iteration} in {ckpt_dir}: {full}{failures} (the checkpoints "
             "saved before it are kept: the same command resumes from the newest)"
-        )
+        ) from own_error
     barrier()
     if rank == 0:
         try:

@@ -667,6 +667,22 @@ def test_a_save_that_fails_is_an_error_naming_the_cause_and_keeps_the_earlier_ch
     assert load_checkpoint(tmp_path / "000000010", model, optimizer)["i"] == 10
 
 
+def test_a_bug_while_saving_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any error while a rank writes its files ends the save on every rank alike (a CheckpointSaveError), and the
+    error itself is its cause, so that DINOBLOOM_TRACEBACK=1 shows where a bug was raised."""
+    model, optimizer = _ckpt_model()
+    save_checkpoint(tmp_path, 10, model, optimizer, {"i": 10})
+
+    def buggy(*args: object, **kwargs: object) -> None:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(checkpoint_module, "_write_own_files", buggy)
+    with pytest.raises(CheckpointSaveError, match="rank 0: TypeError: a bug") as raised:
+        save_checkpoint(tmp_path, 20, model, optimizer, {"i": 20})
+    assert isinstance(raised.value.__cause__, TypeError) and raised.value.__cause__.__traceback__ is not None
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["000000010", "latest"]
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, whose writes fail as on a full disk")
 def test_a_checkpoint_file_that_cannot_be_written_is_named() -> None:
     """A write that fails on a full disk names no file; the checkpoint's own writes name theirs."""
