@@ -103,12 +103,13 @@ def time_per_worker(
 
 
 def time_loader(
-    cfg: DictConfig, dataset: FileListDataset, batches: int, dtype: torch.dtype, defer_colour: bool
+    cfg: DictConfig, dataset: FileListDataset, batches: int, dtype: torch.dtype, defer_colour: bool,
+    device: torch.device,
 ) -> float:
     """Images/s of the training loader (``train.num_workers`` workers) over ``batches`` batches, and at least two per
     worker (fewer would time the workers' start rather than their steady state), after one warm-up batch per worker."""
-    loader = build_train_loader(cfg, dataset, start=0, rank=0, world_size=1, dtype=dtype,
-                                defer_colour=defer_colour)  # fmt: skip
+    loader = build_train_loader(cfg, dataset, start=0, rank=0, world_size=1, dtype=dtype, defer_colour=defer_colour,
+                                pin_memory=device.type == "cuda")  # fmt: skip
     workers = int(cfg.train.num_workers)
     batches = max(batches, 2 * workers)
     iterator = iter(loader)
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{recipe:<10} {'colour on ' + str(device):<24} {'batch':>7} {rate:>10.1f}")
         for workers in sorted(args.workers):
             cfg.train.num_workers = workers
-            rate = time_loader(cfg, dataset, args.batches, dtype, defer)
+            rate = time_loader(cfg, dataset, args.batches, dtype, defer, device)
             print(f"{recipe:<10} {'loader':<24} {workers:>7} {rate:>10.1f}")
             if recipe == args.recipes[0]:
                 headline = rate

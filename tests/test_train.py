@@ -203,6 +203,28 @@ def test_demo_run_writes_its_outputs_and_learns(tmp_path: Path, demo) -> None:
         torch.testing.assert_close(load_backbone(None, copy, num_heads=2)(x), trained(x), rtol=0, atol=1e-6)
 
 
+def test_a_cpu_run_on_a_machine_with_a_gpu_does_not_pin_its_batches(
+    tmp_path: Path, demo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Page-locked batches are for a copy to a CUDA device: with ``train.device=cpu`` the loader does not pin them,
+    also where CUDA is available (pinning would start a CUDA context for a run that never uses it)."""
+    pinned, build = [], train_module.build_train_loader
+
+    class Built(Exception):
+        pass
+
+    def recording_loader(*args, **kwargs):
+        pinned.append(build(*args, **kwargs).pin_memory)
+        raise Built
+
+    monkeypatch.setattr(train_module, "build_train_loader", recording_loader)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (a machine with a GPU, as the loader sees it)
+    with pytest.raises(Built):
+        _train(tmp_path / "run", demo.lists_dir, "train.device=cpu", "evaluation.eval_period_iterations=0",
+               "evaluation.knn_data=null", epochs=1, epoch_length=2)  # fmt: skip
+    assert pinned == [False]
+
+
 def _interrupt_at(monkeypatch: pytest.MonkeyPatch, call: int, how: str) -> None:
     """Make training step number ``call`` (counted from 0 in this run) be preempted by SIGUSR1 or crash."""
     original = train_module.training_step

@@ -97,7 +97,7 @@ def make_data_loader(
     sampler: Sampler | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     drop_last: bool = True,
-    pin_memory: bool | None = None,
+    pin_memory: bool = False,
     seed: int = 0,
     timeout_s: float = 0.0,
 ) -> DataLoader:
@@ -111,7 +111,7 @@ def make_data_loader(
         collate_fn: batch collation, e.g. the trainer's :class:`dinov2.train.data.TrainCollate`, which drops
             unreadable images (``None``); default torch's.
         drop_last: drop a last incomplete batch (irrelevant for infinite samplers).
-        pin_memory: page-locked batches; default when CUDA is available.
+        pin_memory: page-locked batches, for a faster copy to a CUDA device (only when the run uses one).
         seed: seed of the loader's worker base seeds (see :func:`seed_worker`).
         timeout_s: with workers, the longest wait for one batch (0: no limit); see :func:`batches`.
 
@@ -121,8 +121,6 @@ def make_data_loader(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
     logger.info(
         "data loader: batch %d, %d workers, sampler %r, pin_memory=%s", batch_size, num_workers, sampler, pin_memory
     )

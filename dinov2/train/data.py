@@ -153,13 +153,14 @@ def build_train_loader(
     world_size: int,
     dtype: torch.dtype = torch.float32,
     defer_colour: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """An endless loader for this rank that starts at global draw ``start`` (a resumed run's position).
 
     Crops come as ``dtype``, the run's compute dtype (``autocast_dtype``): bf16 or fp16 halve what workers hand
     over and what is copied to the GPU, and the first layer gets the same input as from float32 under autocast.
     With ``defer_colour`` they come as uint8 with the parameters of their colour operations, which
-    :func:`dinov2.data.photometric.finish_crops` applies on the device.
+    :func:`dinov2.data.photometric.finish_crops` applies on the device. ``pin_memory`` for a run on a CUDA device.
     """
     batch_size = int(cfg.train.batch_size_per_gpu)
     sampler = InfiniteSampler(
@@ -175,6 +176,7 @@ def build_train_loader(
         collate_fn=build_train_collate(cfg, dtype, defer_colour, substitutes=keyed),
         seed=derive_seed(cfg.train.seed, rank),
         timeout_s=float(cfg.train.data_timeout_s),
+        pin_memory=pin_memory,
     )
 
 

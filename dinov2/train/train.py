@@ -460,7 +460,7 @@ def train(
         compute_dtype = autocast_dtype(cfg, device)
         loader = build_train_loader(
             cfg, dataset, start=images_seen, rank=info.rank, world_size=info.world_size,
-            dtype=compute_dtype, defer_colour=colour_on_device,
+            dtype=compute_dtype, defer_colour=colour_on_device, pin_memory=device.type == "cuda",
         )
         autocast = make_autocast(cfg, device)
         logger.info(
