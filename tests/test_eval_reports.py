@@ -305,6 +305,15 @@ def test_checkpoints_cli_continues_an_interrupted_sweep_and_skips_a_damaged_expo
     embedded[:] = []
     checkpoints.main([*argv, "--k", "3"])  # other settings: every checkpoint is scored anew
     assert embedded == ["training_init", "training_1", "training_3", "training_5"]
+    summary = tmp_path / "out" / "checkpoints.json"
+    for damage in (summary.read_text()[:100], "[]"):  # a cut file, a file of another shape: said, and scored anew
+        summary.write_text(damage)
+        embedded[:] = []
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            checkpoints.main([*argv, "--k", "3"])
+        assert embedded == ["training_init", "training_1", "training_3", "training_5"]
+        assert f"{summary} " in caplog.text and "every checkpoint is scored again" in caplog.text
 
 
 def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Path) -> None:

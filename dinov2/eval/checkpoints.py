@@ -212,12 +212,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _earlier_rows(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The rows, by checkpoint path, of a checkpoints.json written by this command with the same ``settings`` (an
-    interrupted sweep, or one run again after new exports appeared); none otherwise."""
+    interrupted sweep, or one run again after new exports appeared); none otherwise, with a warning when the file
+    cannot be read or is not this command's."""
     try:
         earlier = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        logger.warning("%s cannot be read (%s): every checkpoint is scored again", path, err)
+        return {}
+    try:
         same = {key: earlier["meta"].get(key) for key in settings} == json.loads(json.dumps(settings))
         return {row["checkpoint"]: row for row in earlier["checkpoints"] if "weights_sha256" in row} if same else {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
+        logger.warning("%s is not a summary this command wrote: every checkpoint is scored again", path)
         return {}
 
 

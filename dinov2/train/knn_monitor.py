@@ -1,4 +1,5 @@
-"""A 20-NN score of the teacher on a labelled image folder, at initialisation and at the end of training."""
+"""A 20-NN score of the teacher on a labelled image folder (fewer neighbours on a small folder): at initialisation,
+at the end of training and for an ``--eval-only`` export."""
 
 from __future__ import annotations
 
