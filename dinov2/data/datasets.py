@@ -108,6 +108,11 @@ def _one_intra_op_thread() -> Iterator[None]:
 LIST_SPOT_CHECKS = 20
 
 
+def spot_checks(paths: list[str]) -> list[str]:
+    """The :data:`LIST_SPOT_CHECKS` evenly spaced entries of a list's ``paths`` that are looked up when it is read."""
+    return paths[:: max(len(paths) // LIST_SPOT_CHECKS, 1)][:LIST_SPOT_CHECKS]
+
+
 def _read_file_list(list_file: Path) -> list[str]:
     """Image paths of one ``.txt`` list, relative entries resolved against the list's folder.
 
@@ -117,7 +122,7 @@ def _read_file_list(list_file: Path) -> list[str]:
     """
     base = list_file.parent
     paths = [path if os.path.isabs(path) else os.path.join(base, path) for path in read_list_entries(list_file)]
-    sample = paths[:: max(len(paths) // LIST_SPOT_CHECKS, 1)][:LIST_SPOT_CHECKS]
+    sample = spot_checks(paths)
     if not any(os.path.isfile(path) for path in sample):
         raise DatasetError(
             f"{list_file}: none of the {len(sample)} images looked up exists, e.g. {sample[0]} (a relative path is "

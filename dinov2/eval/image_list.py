@@ -17,11 +17,11 @@ from pathlib import Path
 
 from dinov2.data.datasets import (
     IMAGE_EXTENSIONS,
-    LIST_SPOT_CHECKS,
     DatasetError,
     check_image_path,
     find_images,
     read_list_entries,
+    spot_checks,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def check_list_paths(data: str | os.PathLike[str], image_list: ImageList, root_s
     paths = image_list.paths
     if data.is_dir() or not paths:
         return
-    sample = paths[:: max(len(paths) // LIST_SPOT_CHECKS, 1)][:LIST_SPOT_CHECKS]
+    sample = spot_checks(paths)
     if any(os.path.isfile(image_list.root / path) for path in sample):
         return
     if image_list.root == data.parent:
