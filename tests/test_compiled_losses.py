@@ -10,6 +10,7 @@ from types import ModuleType
 import pytest
 import torch
 from omegaconf import DictConfig
+from torch.profiler import ProfilerActivity, profile
 
 from dinov2.configs import TRAIN_CONFIG_DIR, load_config
 from dinov2.loss import DINOLoss, centering, iBOTPatchLoss, sinkhorn_knopp
@@ -78,10 +79,11 @@ def test_compiled_sinkhorn_knopp_matches_stored_targets() -> None:
         torch.testing.assert_close(compiled, stored, rtol=1e-5, atol=1e-12)
         if rows:
             torch.testing.assert_close(compiled.sum(dim=1), torch.ones(rows), rtol=1e-5, atol=0)
-    # Another row count and temperature (the teacher's warm-up) reuse the kernels compiled above.
+    # Another row count and temperature (the teacher's warm-up) reuse the kernels compiled above, compiled code.
     logits = (2 * torch.rand(45, 640, generator=generator) - 1).to(torch.bfloat16)
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch._dynamo.config.patch(error_on_recompile=True), profile(activities=[ProfilerActivity.CPU]) as prof:
         compiled = sinkhorn_knopp(logits, 0.06, n_samples=45, compiled=True)
+    assert any("Torch-Compiled Region" in event.name for event in prof.events())
     torch.testing.assert_close(compiled, sinkhorn_knopp(logits, 0.06, n_samples=45), rtol=1e-5, atol=1e-12)
     # Both dtypes and the 0, 1 and many row counts fit each function's variants, none left uncompiled.
     with torch._dynamo.config.patch(recompile_limit=6, fail_on_recompile_limit_hit=True):
@@ -130,8 +132,6 @@ def test_train_compile_takes_both_losses_sinkhorn_knopp_to_the_compiled_passes(m
 def test_benchmark_flop_count_leaves_compiled_code_compiled(load_script: Callable[[str], ModuleType]) -> None:
     """``benchmark_train.count_step_flops`` counts a compiled step eagerly and leaves it compiled afterwards
     (PyTorch 2.11 ran compiled code under the FLOP counter and never again: its --compile figures were eager)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from dinov2.layers import Block
 
     benchmark = load_script("benchmark_train")

@@ -1002,13 +1002,18 @@ def test_compiled_extraction_gives_the_eager_features(
     image_folder: Path, tiny_weights: tuple[Path, DinoVisionTransformer], tmp_path: Path
 ) -> None:
     """`--compile` with a batch size that leaves a short last batch (4 readable images of 5, batches of 3): the
-    padded batch's extra rows are dropped and every image keeps its own features."""
+    features come from compiled code, the padded batch's extra rows are dropped and every image keeps its own
+    features."""
+    from torch.profiler import ProfilerActivity, profile
+
     weights, model = tiny_weights
     output = tmp_path / "compiled.h5"
     torch._dynamo.reset()  # forget other tests' compilations of the same code (e.g. under bf16 autocast)
-    with torch._dynamo.config.patch(error_on_recompile=True):  # one compilation for batches of 3 and of 1
+    with torch._dynamo.config.patch(error_on_recompile=True), profile(activities=[ProfilerActivity.CPU]) as prof:
+        # (one compilation for batches of 3 and of 1)
         ef.main(["--weights", str(weights), "--data", str(image_folder), "--output", str(output), "--img-size",
                  str(IMG), "--num-workers", "0", "--device", "cpu", "--batch-size", "3", "--compile"])  # fmt: skip
+    assert any("Torch-Compiled Region" in event.name for event in prof.events())
     result = load_features(output)
     assert len(result) == 4 and result.meta["compiled"] is True
     for row, rel in zip(result.features, result.paths):
