@@ -103,6 +103,7 @@ def test_test_patients_never_reach_training_or_model_selection(monkeypatch: pyte
     everyone = {b.patient for b in bag_set.bags}
     assert sorted(p for fold in tested.values() for p in fold) == sorted(everyone)  # each tested once
     labels = {b.patient: b.label for b in bag_set.bags}
+    assert len(seen) == len(tested) == 3  # (one training per fold)
     for fold, (train, val) in enumerate(seen):
         test = tested[fold]
         assert not train & val and not (train | val) & test and train | val | test == everyone

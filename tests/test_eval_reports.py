@@ -388,6 +388,7 @@ def test_checkpoints_cli_scores_each_checkpoint_in_iteration_order(tmp_path: Pat
     from_manifest = checkpoints.main(["--run-dir", str(run), "--data", str(manifest), "--csv-columns", "file,label",
                                       "--root", str(tmp_path), "--output-dir", str(tmp_path / "manifest"), "--n-splits",
                                       "3", "--k", "1", "3", "--device", "cpu", "--seed", "1"])  # fmt: skip
+    assert len(from_manifest["checkpoints"]) == len(saved["checkpoints"]) == 3
     for row, reference in zip(from_manifest["checkpoints"], saved["checkpoints"]):
         assert row["results"]["knn_1"]["balanced_accuracy"] == reference["results"]["knn_1"]["balanced_accuracy"]
 

@@ -867,15 +867,27 @@ def test_timm_export_of_the_vit_small_layout(load_script: Callable[[str], Module
 
 
 def test_benchmark_runs_and_checks_agreement(
-    capsys: pytest.CaptureFixture[str], load_script: Callable[[str], ModuleType]
+    capsys: pytest.CaptureFixture[str], load_script: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The benchmark times our backbone and timm's holding the same weights, and refuses to time models whose
+    features differ (here timm's final norm is moved off by 0.01)."""
     pytest.importorskip("timm")
     benchmark = load_script("benchmark_features")
+    args = ["--batch-size", "1", "--img-size", "28", "--iters", "1", "--warmup", "0"]
     with pytest.warns(UserWarning, match="dinobloom_s is randomly initialised"):  # no --weights: random, and said
-        results = benchmark.main(["--batch-size", "1", "--img-size", "28", "--iters", "1", "--warmup", "0"])
+        results = benchmark.main(args)
     assert len(results) == 2 and all(math.isfinite(t) and t > 0 for t in results.values())
     table = capsys.readouterr().out
     assert "dinov2 (ours)" in table and "timm vit_small_patch14_dinov2" in table and "images / s" in table
+    same_weights = benchmark.timm_state_dict
+
+    def other_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        state = same_weights(model)
+        return {**state, "norm.bias": state["norm.bias"] + 0.01}
+
+    monkeypatch.setattr(benchmark, "timm_state_dict", other_weights)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="our features and timm's differ by 1.00e-02"):
+        benchmark.main(args)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler (g++)")
