@@ -883,19 +883,24 @@ def _torchvision_view(size: int, scale: tuple[float, float], hematology: bool) -
 
 def _assert_views_crop_as_torchvision(augmentation: DataAugmentationDINO, scales: dict[str, tuple[float, float]],
                                       sizes: dict[str, int], seeds: int = 24) -> None:
-    """Each view's crop, seed for seed, equals torchvision's transforms drawing from the same generator state."""
-    image = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (3, 50, 62), dtype=np.uint8))
-    for name in ("global_view1", "global_view2", "local_view"):
-        kind = "local" if name == "local_view" else "global"
-        reference = _torchvision_view(sizes[kind], scales[kind], augmentation.hematology)
-        view = getattr(augmentation, name)
-        for seed in range(seeds):
-            with seeded_rng(seed):
-                crop, _ = view(image, augmentation.jitter)
-            with seeded_rng(seed):
-                expected = reference(image)
-            same = torch.equal(crop, expected)
-            assert same, f"{name}, seed {seed}: crop differs from torchvision's"
+    """Each view's crop, seed for seed, equals torchvision's transforms drawing from the same generator state, for an
+    image laid out (3, H, W) and one laid out (H, W, 3) in memory, as ``pil_to_tensor`` hands a decoded image over."""
+    pixels = np.random.default_rng(5).integers(0, 256, (50, 62, 3), dtype=np.uint8)
+    images = {"(3, H, W)": torch.from_numpy(pixels.transpose(2, 0, 1).copy()),
+              "pil_to_tensor": tvf.pil_to_tensor(Image.fromarray(pixels))}  # fmt: skip
+    assert torch.equal(*images.values()) and images["pil_to_tensor"].stride() == (1, 62 * 3, 3)
+    for layout, image in images.items():
+        for name in ("global_view1", "global_view2", "local_view"):
+            kind = "local" if name == "local_view" else "global"
+            reference = _torchvision_view(sizes[kind], scales[kind], augmentation.hematology)
+            view = getattr(augmentation, name)
+            for seed in range(seeds):
+                with seeded_rng(seed):
+                    crop, _ = view(image, augmentation.jitter)
+                with seeded_rng(seed):
+                    expected = reference(image)
+                same = torch.equal(crop, expected)
+                assert same, f"{name}, {layout}, seed {seed}: crop differs from torchvision's"
 
 
 @pytest.mark.parametrize("hematology", [True, False])

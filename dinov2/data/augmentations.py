@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from dinov2.data.photometric import BLUR_SIGMA, FACTORS, GRAYSCALE, JITTER, ORDER, SOLARIZE, neutral_params
@@ -107,7 +108,11 @@ class CropView:
 
 def _resized_crop(image: torch.Tensor, top: int, left: int, height: int, width: int, size: int) -> torch.Tensor:
     """torchvision's ``resized_crop`` of a uint8 (3, H, W) image to (3, size, size), bicubic and antialiased, to the
-    bit; computed channels-last, where PyTorch's uint8 resampling kernel works (a third faster on a CPU)."""
+    bit; on a CPU (the data-loader workers) computed channels-last, where PyTorch's uint8 resampling kernel works (a
+    third faster). Other devices have no uint8 kernel: torchvision resamples there in float."""
+    if image.device.type != "cpu":
+        return F.resized_crop(image, top, left, height, width, [size, size], interpolation=InterpolationMode.BICUBIC,
+                              antialias=True)  # fmt: skip
     region = image[:, top : top + height, left : left + width].unsqueeze(0)
     region = region.contiguous(memory_format=torch.channels_last)
     crop = torch.nn.functional.interpolate(region, size=(size, size), mode="bicubic", antialias=True)
