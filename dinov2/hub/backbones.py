@@ -170,8 +170,9 @@ def load_backbone(
         if "num_heads" not in from_run and "num_heads" not in kwargs and arch_of_width(config["embed_dim"]) is None:
             logger.warning(
                 "%s: a %d-wide backbone's head count cannot be read from its weights; assuming %d (%d per head). "
-                "If it was trained with another, keep the file in its run (<run>/eval/<name>/, where the run's "
-                "config.yaml gives the count) or pass num_heads=... to load_backbone",
+                "If it was trained with another, keep the file where its run wrote it "
+                "(<run>/eval/<name>/teacher_checkpoint.pth, whose run's config.yaml gives the count) or pass "
+                "num_heads=... to load_backbone",
                 weights, config["embed_dim"], config["num_heads"],
                 config["embed_dim"] // config["num_heads"],
             )
