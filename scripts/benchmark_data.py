@@ -107,7 +107,8 @@ def time_loader(
     device: torch.device,
 ) -> float:
     """Images/s of the training loader (``train.num_workers`` workers) over ``batches`` batches, and at least two per
-    worker (fewer would time the workers' start rather than their steady state), after one warm-up batch per worker."""
+    worker (fewer would time the workers' start rather than their steady state), after one warm-up batch per worker;
+    its batches pinned for a CUDA ``device``, as a training run's are."""
     loader = build_train_loader(cfg, dataset, start=0, rank=0, world_size=1, dtype=dtype, defer_colour=defer_colour,
                                 pin_memory=device.type == "cuda")  # fmt: skip
     workers = int(cfg.train.num_workers)

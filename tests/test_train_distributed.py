@@ -11,10 +11,10 @@ images each cannot compute them like 1 rank with 2B images:
 * stochastic depth (``student.drop_path_rate=0``, demo.yaml's value): each rank draws its own random numbers.
 
 Sinkhorn-Knopp and softmax centering reduce over all ranks and stay on (both are compared, with LayerScale 1 so that
-one rank's rows and all rows give different statistics: without either reduction the comparison fails). The data are the same:
-the sampler gives 1 rank with batch 2B exactly [rank 0's B, rank 1's B] and every sample's augmentation is seeded by
-the sample, and the DINO loss pairs each image's student crop with the teacher's other crop of the same image
-(a mean over rows, so the row order does not matter).
+one rank's rows and all rows give different statistics: without either reduction the comparison fails). The data
+are the same: the sampler gives 1 rank with batch 2B exactly [rank 0's B, rank 1's B] and every sample's augmentation
+is seeded by the sample, and the DINO loss pairs each image's student crop with the teacher's other crop of the same
+image (a mean over rows, so the row order does not matter).
 """
 
 from __future__ import annotations

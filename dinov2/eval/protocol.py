@@ -463,7 +463,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_fold_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--no-figures", action="store_true", help="no figures: results.json, results.md and predictions.csv only")
+    parser.add_argument(
+        "--no-figures", action="store_true", help="no figures: results.json, results.md and predictions.csv only"
+    )
 
 
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
