@@ -532,7 +532,8 @@ def train(
 
 def checkpoint_to_export(cfg: DictConfig, output_dir: Path) -> Path:
     """``--eval-only``'s checkpoint: the newest in ``output_dir`` (else ``MODEL.WEIGHTS``); a :class:`ConfigError`
-    when there is none. Asked before the folder is claimed, so that a mistyped folder is not made."""
+    when there is none, a :class:`CheckpointError` when ``MODEL.WEIGHTS`` names none. Asked before the folder is
+    claimed, so that a mistyped folder is not made."""
     latest = find_latest_checkpoint(output_dir / "checkpoints")
     if latest is None and cfg.MODEL.WEIGHTS:
         latest = Path(cfg.MODEL.WEIGHTS)
