@@ -452,7 +452,9 @@ def load_checkpoint(
         if rng_file.is_file():
             _set_rng_state(_load_small_file(rng_file))
         else:
-            logger.warning("%s has no RNG state for rank %d (saved by %d ranks)", path, get_rank(), record["world_size"])
+            logger.warning(
+                "%s has no RNG state for rank %d (saved by %d ranks)", path, get_rank(), record["world_size"]
+            )
     logger.info("loaded %s (iteration %d, saved by %d ranks)", path, record["iteration"], record["world_size"])
     return {**record["extra_state"], "iteration": record["iteration"]}
 
@@ -491,7 +493,9 @@ def _check_model_keys(path: Path, model_state: Mapping[str, Any]) -> None:
             f"({type(err).__name__}: {err}); if it is damaged, remove the folder {path} to resume from the "
             "checkpoint before it"
         ) from None
-    saved = {key[len("model.") :]: meta for key, meta in metadata.state_dict_metadata.items() if key.startswith("model.")}
+    saved = {
+        key[len("model.") :]: meta for key, meta in metadata.state_dict_metadata.items() if key.startswith("model.")
+    }
     problems = []
     missing = sorted(set(model_state) - set(saved))
     if missing:

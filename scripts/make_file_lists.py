@@ -85,7 +85,8 @@ def make_file_lists(
         counts[list_file] = len(lines)
         logger.info("%s: %d images", list_file, len(lines))
     others = sorted(  # (as training reads them: .TXT too, hidden ones not)
-        p.name for p in output.iterdir() if p.suffix.lower() == ".txt" and not p.name.startswith(".") and p not in counts
+        p.name for p in output.iterdir()
+        if p.suffix.lower() == ".txt" and not p.name.startswith(".") and p not in counts
     )
     if others:  # training reads every list of the folder: a stale one would add images no one asked for
         logger.warning(

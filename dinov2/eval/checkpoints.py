@@ -4,10 +4,10 @@ training checkpoints are :mod:`dinov2.checkpoint`'s).
     python -m dinov2.eval.checkpoints --run-dir RUN --data cells/ --output-dir RUN/eval_curve
 
 For each ``RUN/eval/training_<iter>/teacher_checkpoint.pth`` (and ``RUN/eval/training_init/``, the teacher
-before the first step) the features of ``--data`` are extracted (architecture inferred from the checkpoint) and scored with the kNN
-protocol (k = 1, 20 by default; 5-fold stratified CV) and, with ``--methods knn logreg``, the
-linear probe. Writes checkpoints.json, checkpoints.md and checkpoints.png (balanced
-accuracy against iteration) after each checkpoint. Iterations are counted as steps completed: ``training_<i>`` was
+before the first step) the features of ``--data`` are extracted (architecture inferred from the checkpoint) and
+scored with the kNN protocol (k = 1, 20 by default; 5-fold stratified CV) and, with ``--methods knn logreg``, the
+linear probe. Writes checkpoints.json, checkpoints.md and checkpoints.png (balanced accuracy against iteration)
+after each checkpoint. Iterations are counted as steps completed: ``training_<i>`` was
 exported after step ``i`` (counted from 0), so it is reported as iteration ``i + 1``, and ``training_init`` as
 iteration 0. Run again with the same settings (after an interruption, or once a run still training has exported
 more), the command keeps the scores of the checkpoints it scored already (the same file, by its SHA-256) and scores
@@ -30,6 +30,7 @@ from dinov2.cli import non_negative_int, positive_int
 from dinov2.data.transforms import EVAL_RESIZES
 from dinov2.eval import knn, linear, metrics, protocol, reports
 from dinov2.files import atomic_write_text
+from dinov2.hub.loader import EXPORT_FILE_NAME
 from dinov2.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,9 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     if eval_dir.is_dir():
         for child in eval_dir.iterdir():
             match = _CHECKPOINT.match(child.name)
-            if match and (child / "teacher_checkpoint.pth").is_file():
+            if match and (child / EXPORT_FILE_NAME).is_file():
                 step = 0 if match.group(1) == "init" else int(match.group(1)) + 1
-                found.append((step, child / "teacher_checkpoint.pth"))
+                found.append((step, child / EXPORT_FILE_NAME))
     if not found:
         raise FileNotFoundError(f"no eval/training_<iteration>/teacher_checkpoint.pth under {run_dir}")
     return sorted(found)

@@ -76,7 +76,9 @@ def _read_list(
             raise DatasetError(f"{data} is empty: a CSV image list needs a header row naming its columns")
         missing = [c for c in (path_column, label_column if columns else None) if c is not None and c not in found]
         if missing:
-            how = f"; name its path and label columns with {columns_setting}, e.g. file,label" if columns_setting else ""
+            how = (
+                f"; name its path and label columns with {columns_setting}, e.g. file,label" if columns_setting else ""
+            )
             raise DatasetError(
                 f"{data}: a CSV image list needs a {missing[0]!r} column (found {reader.fieldnames}){how}"
             )

@@ -151,10 +151,10 @@ def _neighbour_sets(
     """For each k, the indices (b, k) of the k nearest training samples of every query.
 
     ``train64`` is the training set in float64, ``train_unit`` its rows normalised and
-    ``train_sq_norms`` its squared row norms. Distances are float64: scikit-learn's ``(|x|^2 + (-2 x.y)) + |y|^2`` (clipped at 0) for
-    Euclidean, ``1 - cos`` for cosine. A row whose samples tie across the k-th distance is
-    resolved on its full distance row: Euclidean replays scikit-learn's heap, cosine takes
-    the smaller index (scikit-learn's cosine search leaves that order to ``np.argpartition``).
+    ``train_sq_norms`` its squared row norms. Distances are float64: scikit-learn's
+    ``(|x|^2 + (-2 x.y)) + |y|^2`` (clipped at 0) for Euclidean, ``1 - cos`` for cosine. A row whose samples tie
+    across the k-th distance is resolved on its full distance row: Euclidean replays scikit-learn's heap, cosine
+    takes the smaller index (scikit-learn's cosine search leaves that order to ``np.argpartition``).
     """
     n_train = train64.shape[0]
     q64 = queries.to(torch.float64)

@@ -129,7 +129,9 @@ def _shared_images(train_set: FeatureSet, test_set: FeatureSet) -> int:
     return len(locations(train_set) & locations(test_set))
 
 
-def align_test_set(train_set: FeatureSet, test_set: FeatureSet, train_path: str | Path, test_path: str | Path) -> np.ndarray:
+def align_test_set(
+    train_set: FeatureSet, test_set: FeatureSet, train_path: str | Path, test_path: str | Path
+) -> np.ndarray:
     """Check that the test file fits the training file; return its labels in the training class order."""
     train_dim, test_dim = train_set.features.shape[1], test_set.features.shape[1]
     if train_dim != test_dim:
@@ -359,7 +361,9 @@ def score_folds(
     for fold, (y_true, y_pred, n_train) in enumerate(zip(y_true_per_fold, y_pred_per_fold, n_train_per_fold)):
         cm = metrics.confusion_matrix(y_true, y_pred, num_classes)
         pooled += cm
-        per_fold.append({"fold": fold, "n_train": int(n_train), "n_test": int(cm.sum()), **metrics.summary_from_confusion(cm)})
+        per_fold.append(
+            {"fold": fold, "n_train": int(n_train), "n_test": int(cm.sum()), **metrics.summary_from_confusion(cm)}
+        )
     result: dict[str, Any] = {name: metrics.mean_std([f[name] for f in per_fold]) for name in metrics.SUMMARY_METRICS}
     scores = metrics.per_class_scores(pooled)
     result["per_class"] = {
@@ -417,7 +421,9 @@ def run_protocol(
                 preds.setdefault(method, []).append(prediction)
                 pooled.setdefault(method, np.full(eval_y.size, -1, dtype=np.int64))[fold.test_index] = prediction
     n_train = [fold.train_index.size for fold in folds]
-    results = {method: score_folds(truths, method_preds, class_names, n_train) for method, method_preds in preds.items()}
+    results = {
+        method: score_folds(truths, method_preds, class_names, n_train) for method, method_preds in preds.items()
+    }
     test_folds = None
     if test_x is None:
         test_folds = np.empty(eval_y.size, dtype=np.int64)

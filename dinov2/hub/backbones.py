@@ -21,8 +21,9 @@ from dinov2.models import HUB_MODELS, DinoVisionTransformer, arch_of_width, buil
 
 from .loader import (
     CheckpointError,
-    is_url,
     infer_backbone_config,
+    is_export_path,
+    is_url,
     load_backbone_state,
     load_pretrained_backbone_state,
     release_pos_embed_grid,
@@ -53,7 +54,7 @@ def _run_config_of(weights: str | os.PathLike[str]) -> tuple[Path, Any] | None:
     if is_url(weights):
         return None
     path = Path(weights).expanduser().resolve()
-    if path.name != "teacher_checkpoint.pth" or path.parent.parent.name != "eval":
+    if not is_export_path(path):
         return None
     config_file = path.parents[2] / "config.yaml"
     cfg = _read_run_config(config_file, weights) if config_file.is_file() else None

@@ -78,6 +78,21 @@ def _download(url: str) -> Path:
     return target
 
 
+#: The file name of a training run's teacher exports, ``<run>/eval/<name>/teacher_checkpoint.pth`` (DINOv2's layout).
+EXPORT_FILE_NAME = "teacher_checkpoint.pth"
+
+
+def export_path(run_dir: str | os.PathLike[str], name: str) -> Path:
+    """Where a run writes its teacher export ``name`` (``training_<iteration>``, ``training_init``,
+    ``manual_<steps>``): ``<run_dir>/eval/<name>/teacher_checkpoint.pth``."""
+    return Path(run_dir) / "eval" / name / EXPORT_FILE_NAME
+
+
+def is_export_path(path: Path) -> bool:
+    """Whether ``path`` is laid out as a run's teacher export, ``<run>/eval/<name>/teacher_checkpoint.pth``."""
+    return path.name == EXPORT_FILE_NAME and path.parent.parent.name == "eval"
+
+
 _TRAINING_EXPORT_HINT = (
     "a training run's backbone is in <run>/eval/training_<it>/teacher_checkpoint.pth (checkpoint folders hold the "
     "full training state; `python dinov2/train/train.py --config-file <run>/config.yaml --output-dir <run> "

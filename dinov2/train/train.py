@@ -40,7 +40,7 @@ from dinov2.data import DatasetError
 from dinov2.data.loaders import batches
 from dinov2.data.photometric import finish_crops
 from dinov2.files import out_of_space
-from dinov2.hub.loader import CheckpointError, conventional_num_heads
+from dinov2.hub.loader import CheckpointError, conventional_num_heads, export_path
 from dinov2.models import ARCH_SIZES
 from dinov2.parallel import (
     allow_tf32_matmul,
@@ -360,7 +360,7 @@ def record_the_starting_point(
 ) -> None:
     """The untrained teacher, the start of the run's score-against-iteration curve: exported and scored."""
     if cfg.evaluation.eval_period_iterations:
-        export_teacher(output_dir / "eval" / "training_init" / "teacher_checkpoint.pth", model.teacher)
+        export_teacher(export_path(output_dir, "training_init"), model.teacher)
     if monitor is not None:
         score = monitor.evaluate(model.teacher.backbone, "initialisation", 0)
         metrics.log({"iteration": 0, "knn_balanced_accuracy": score}, to_file=False)  # knn_monitor.json has it
@@ -509,7 +509,7 @@ def train(
 
             saving_since = time.perf_counter()
             if outputs.export:
-                export_teacher(output_dir / "eval" / f"training_{iteration}" / "teacher_checkpoint.pth", model.teacher)
+                export_teacher(export_path(output_dir, f"training_{iteration}"), model.teacher)
             if outputs.save:
                 checkpoint(iteration, images_seen, bad_images)
             window_start += time.perf_counter() - saving_since  # img/s and eta are of training steps, not of saves
@@ -563,7 +563,7 @@ def export_checkpoint_teacher(cfg: DictConfig, output_dir: Path, info: distribut
     steps = state["iteration"] + 1
     if info.is_main_process and not (output_dir / "config.yaml").is_file():
         write_config(cfg, output_dir)  # the export's architecture (head count) is read from it when it is loaded
-    path = output_dir / "eval" / f"manual_{steps}" / "teacher_checkpoint.pth"
+    path = export_path(output_dir, f"manual_{steps}")
     export_teacher(path, model.teacher)
     if monitor is not None:
         monitor.evaluate(model.teacher.backbone, "manual", steps)
@@ -663,7 +663,8 @@ def _main(args: argparse.Namespace, held: HeldRecords) -> int:
                 raise handler_error from None
             raise
         except Exception as err:
-            if isinstance(err, CLI_ERRORS) or out_of_space(err) is not None:  # log.txt says why; the command line, on stderr
+            # log.txt says why; the command line, on stderr
+            if isinstance(err, CLI_ERRORS) or out_of_space(err) is not None:
                 logger.error("stopped: %s", err, extra=LOG_FILE_ONLY)
             else:  # its traceback follows on stderr
                 logger.error("stopped by an unexpected error: %s: %s", type(err).__name__, err)

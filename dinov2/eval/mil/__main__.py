@@ -79,7 +79,8 @@ def write_attention(output_dir: Path, records: list[dict[str, Any]]) -> None:
     attention_csv = output_dir / "attention.csv"
     with attention_csv.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["patient", "label", "prediction", "fold", *[f"p_{c}" for c in class_names], "path", "attention"])
+        probabilities = [f"p_{c}" for c in class_names]
+        writer.writerow(["patient", "label", "prediction", "fold", *probabilities, "path", "attention"])
         for record in records:
             probs = [repr(float(record["probabilities"][c])) for c in class_names]
             for cell in record["cells"]:

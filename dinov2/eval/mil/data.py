@@ -225,7 +225,10 @@ def check_bags(bag_set: BagSet, n_splits: int, source: str) -> None:
         raise ValueError(f"{source}: MIL needs at least 2 classes, found only {only!r}")
     small = [f"{name!r} ({count})" for name, count in zip(bag_set.class_names, counts) if count < n_splits]
     if small:
-        raise ValueError(f"{source}: {n_splits}-fold CV over patients needs {n_splits} patients per class; too few in {', '.join(small)}")
+        raise ValueError(
+            f"{source}: {n_splits}-fold CV over patients needs {n_splits} patients per class; too few in "
+            f"{', '.join(small)}"
+        )
 
 
 def collate(bags: Sequence[Bag], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
