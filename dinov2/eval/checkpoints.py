@@ -7,11 +7,11 @@ For each ``RUN/eval/training_<iter>/teacher_checkpoint.pth`` (and ``RUN/eval/tra
 before the first step) the features of ``--data`` are extracted (architecture inferred from the checkpoint) and
 scored with the kNN protocol (k = 1, 20 by default; 5-fold stratified CV) and, with ``--methods knn logreg``, the
 linear probe. Writes checkpoints.json, checkpoints.md and checkpoints.png (balanced accuracy against iteration)
-after each checkpoint. Iterations are counted as steps completed: ``training_<i>`` was
-exported after step ``i`` (counted from 0), so it is reported as iteration ``i + 1``, and ``training_init`` as
-iteration 0. Run again with the same settings (after an interruption, or once a run still training has exported
-more), the command keeps the scores of the checkpoints it scored already (the same file, by its SHA-256) and scores
-the others. A damaged export is skipped with a warning and named in the results' ``skipped_checkpoints``.
+after each checkpoint. Iterations are counted as steps completed: ``training_<i>`` was exported after step ``i``
+(counted from 0), so it is reported as iteration ``i + 1``, and ``training_init`` as iteration 0. Run again with
+the same settings (after an interruption, or once a run still training has exported more), the command keeps the
+scores of the checkpoints it scored already (the same file, by its SHA-256) and scores the others. A damaged
+export is skipped with a warning and named in the results' ``skipped_checkpoints``.
 """
 
 from __future__ import annotations

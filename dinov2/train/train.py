@@ -663,7 +663,7 @@ def _main(args: argparse.Namespace, held: HeldRecords) -> int:
                 raise handler_error from None
             raise
         except Exception as err:
-            # log.txt says why; the command line, on stderr
+            # log.txt says why the run ended; the command line says it on stderr
             if isinstance(err, CLI_ERRORS) or out_of_space(err) is not None:
                 logger.error("stopped: %s", err, extra=LOG_FILE_ONLY)
             else:  # its traceback follows on stderr
